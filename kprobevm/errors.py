@@ -1,0 +1,306 @@
+"""The one error tree of kprobevm; every error carries the facts that explain it.
+
+Modelled on ``qemu.qmp.error``: catch :class:`KprobeVMError` for anything kprobevm
+raises, or a narrower class for one failure. Lower-level causes are chained with
+``raise ... from``. ``KeyboardInterrupt`` is never wrapped.
+
+::
+
+    KprobeVMError
+     +-- ImageError                   building the guest image failed (step, command, output)
+     +-- VMError                      a guest could not be started, reached or kept
+     |    +-- VMLaunchFailure          QEMU failed to start or died (exit code, command line, log tail)
+     |    |    +-- QEMUNotFound        the QEMU binary is missing
+     |    |    +-- GuestNotReady       the guest never answered SSH within the timeout
+     |    +-- VMLost                   QEMU went away while we used it
+     +-- GuestCommandError            ``vm.run(check=True)`` saw a non-zero status
+     +-- GuestCommandTimeout          ``vm.run`` did not finish in time
+     +-- GdbError                     the gdbstub conversation failed (packet sent, reply received)
+     |    +-- GdbProtocolError         malformed, oversized or unexpected packet
+     |    +-- GdbErrorReply            the stub answered ``Exx``
+     |    +-- GdbTimeout               no reply in time
+     |    +-- GdbConnectionClosed      the stub closed the connection
+     +-- GuestMemoryError             guest memory could not be accessed
+     |    +-- GuestFaultError          an address is not mapped (address, and why)
+     +-- SymbolError                  kernel symbols
+     |    +-- SymbolNotFound           no such symbol (also a ``KeyError``)
+     |    +-- AmbiguousSymbol          a name that several symbols share
+     +-- VmlinuxError                 the vmlinux ELF could not be read or extracted
+     +-- KaslrError                   the kernel's slide could not be found
+     +-- KprobeError                  a probe cannot be placed, armed or removed (symbol, address)
+     |    +-- ProbeRefused             a safety check refused the probe (kernel error name)
+     |    +-- ProbeTextChanged         the guest changed bytes we own
+     |    +-- SlotExhausted            no instruction slot could be had
+     +-- ProbeSyntaxError             a kprobe_events definition is invalid (code, position)
+     +-- JournalError                 the write journal is unreadable or does not match the guest
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousSymbol",
+    "GdbConnectionClosed",
+    "GdbError",
+    "GdbErrorReply",
+    "GdbProtocolError",
+    "GdbTimeout",
+    "GuestCommandError",
+    "GuestCommandTimeout",
+    "GuestFaultError",
+    "GuestMemoryError",
+    "GuestNotReady",
+    "ImageError",
+    "JournalError",
+    "KaslrError",
+    "KprobeError",
+    "KprobeVMError",
+    "ProbeRefused",
+    "ProbeSyntaxError",
+    "ProbeTextChanged",
+    "QEMUNotFound",
+    "SlotExhausted",
+    "SymbolError",
+    "SymbolNotFound",
+    "VMError",
+    "VMLaunchFailure",
+    "VMLost",
+    "VmlinuxError",
+]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class KprobeVMError(Exception):
+    """Root of every error kprobevm raises."""
+
+
+class ImageError(KprobeVMError):
+    """Building the guest image failed at ``step``."""
+
+    def __init__(self, message: str, *, step: str = "", command: str = "", output: str = ""):
+        self.step = step
+        self.command = command
+        self.output = output
+        text = message
+        if step:
+            text += f" (step: {step})"
+        if command:
+            text += f"\n  command: {command}"
+        if output:
+            text += "\n  output:\n" + _tail(output)
+        super().__init__(text)
+
+
+class VMError(KprobeVMError):
+    """A guest could not be started, reached or kept."""
+
+
+class VMLaunchFailure(VMError):
+    """QEMU failed to start or to bring the guest up; carries its command line and log tail."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        command: list[str] | None = None,
+        output: str = "",
+        serial_log: str = "",
+    ):
+        self.exitcode = exitcode
+        self.command = list(command or [])
+        self.output = output
+        self.serial_log = serial_log
+        text = message
+        if exitcode is not None:
+            text += f"\n  exit code: {exitcode}"
+        if self.command:
+            text += "\n  command: " + " ".join(self.command)
+        if output.strip():
+            text += "\n  qemu output:\n" + _tail(output)
+        if serial_log.strip():
+            text += "\n  serial log tail:\n" + _tail(serial_log)
+        super().__init__(text)
+
+
+class QEMUNotFound(VMLaunchFailure):
+    """The QEMU binary named by the launcher does not exist."""
+
+
+class GuestNotReady(VMLaunchFailure):
+    """The guest did not answer over SSH before the timeout."""
+
+
+class VMLost(VMError):
+    """QEMU went away (or its gdbstub or SSH did) while kprobevm was using it."""
+
+
+class GuestCommandError(KprobeVMError):
+    """A guest command run with ``check=True`` exited non-zero."""
+
+    def __init__(self, command: str, returncode: int, stdout: str, stderr: str):
+        self.command = command
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"guest command {command!r} exited with status {returncode}"
+            + (f"\n  stderr:\n{_tail(stderr)}" if stderr.strip() else "")
+        )
+
+
+class GuestCommandTimeout(KprobeVMError):
+    """A guest command did not finish within its timeout."""
+
+    def __init__(self, command: str, timeout: float):
+        self.command = command
+        self.timeout = timeout
+        super().__init__(f"guest command {command!r} did not finish within {timeout:g} s")
+
+
+class GdbError(KprobeVMError):
+    """The conversation with the gdbstub failed; ``sent`` and ``received`` are raw packets."""
+
+    def __init__(self, message: str, *, sent: bytes | None = None, received: bytes | None = None):
+        self.sent = sent
+        self.received = received
+        text = message
+        if sent is not None:
+            text += f"\n  sent: {sent[:200]!r}"
+        if received is not None:
+            text += f"\n  received: {received[:200]!r}"
+        super().__init__(text)
+
+
+class GdbProtocolError(GdbError):
+    """A malformed, oversized or unexpected packet."""
+
+
+class GdbErrorReply(GdbError):
+    """The stub answered ``Exx``; ``code`` is the number."""
+
+    def __init__(self, code: int, *, sent: bytes | None = None, received: bytes | None = None):
+        self.code = code
+        super().__init__(f"gdbstub error reply E{code:02x}", sent=sent, received=received)
+
+
+class GdbTimeout(GdbError):
+    """No reply arrived in time."""
+
+
+class GdbConnectionClosed(GdbError):
+    """The stub closed the connection."""
+
+
+class GuestMemoryError(KprobeVMError):
+    """Guest memory could not be read or written."""
+
+
+class GuestFaultError(GuestMemoryError):
+    """``address`` is not mapped; ``reason`` says where the translation stopped."""
+
+    def __init__(self, address: int, reason: str = "not mapped", *, level: int | None = None):
+        self.address = address
+        self.reason = reason
+        self.level = level
+        super().__init__(f"guest fault at {address:#x}: {reason}")
+
+
+class SymbolError(KprobeVMError):
+    """A kernel symbol lookup failed."""
+
+
+class SymbolNotFound(SymbolError, KeyError):
+    """No symbol of that name (a ``KeyError``, so ``symbols.get`` idioms work)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"no kernel symbol named {name!r}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AmbiguousSymbol(SymbolError):
+    """A name several symbols share (static functions); ``addresses`` lists them."""
+
+    def __init__(self, name: str, addresses: list[int]):
+        self.name = name
+        self.addresses = list(addresses)
+        where = ", ".join(f"{a:#x}" for a in self.addresses)
+        super().__init__(f"symbol {name!r} is ambiguous: {len(self.addresses)} at {where}")
+
+
+class VmlinuxError(KprobeVMError):
+    """The vmlinux ELF could not be extracted or read."""
+
+
+class KaslrError(KprobeVMError):
+    """The kernel's KASLR slide could not be determined."""
+
+
+class KprobeError(KprobeVMError):
+    """A probe could not be placed, armed or removed."""
+
+    def __init__(self, message: str, *, address: int | None = None, symbol: str | None = None):
+        self.address = address
+        self.symbol = symbol
+        where = []
+        if symbol:
+            where.append(symbol)
+        if address is not None:
+            where.append(f"{address:#x}")
+        super().__init__(message + (f" ({' at '.join(where)})" if where else ""))
+
+
+class ProbeRefused(KprobeError):
+    """A safety check refused the probe; ``code`` is the kernel's name for the reason."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        address: int | None = None,
+        symbol: str | None = None,
+    ):
+        self.code = code
+        super().__init__(f"{code}: {message}", address=address, symbol=symbol)
+
+
+class ProbeTextChanged(KprobeError):
+    """Bytes we wrote (or are about to write over) are not what we expect."""
+
+    def __init__(self, address: int, expected: bytes, found: bytes):
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"guest text changed under us: expected {expected.hex()} found {found.hex()}",
+            address=address,
+        )
+
+
+class SlotExhausted(KprobeError):
+    """No instruction slot is free, even after garbage collection."""
+
+
+class ProbeSyntaxError(KprobeVMError, ValueError):
+    """A kprobe_events definition the kernel would reject; ``code`` and ``position`` as its error_log."""
+
+    def __init__(self, code: str, position: int, text: str, message: str = ""):
+        self.code = code
+        self.position = position
+        self.text = text
+        caret = " " * position + "^"
+        detail = f": {message}" if message else ""
+        super().__init__(f"{code}{detail}\n  {text}\n  {caret}")
+
+
+class JournalError(KprobeVMError):
+    """The write journal cannot be read or does not match the guest."""
+
+    def __init__(self, message: str, *, path: str = ""):
+        self.path = path
+        super().__init__(message + (f" (journal: {path})" if path else ""))
