@@ -9,7 +9,7 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
     KprobeVMError
      +-- ImageError                   building the guest image failed (step, command, output)
      +-- VMError                      a guest could not be started, reached or kept
-     |    +-- VMLaunchFailure          QEMU failed to start or died (exit code, command line, log tail)
+     |    +-- VMLaunchFailure          QEMU failed to start (exit code, command line, log tail)
      |    |    +-- QEMUNotFound        the QEMU binary is missing
      |    |    +-- GuestNotReady       the guest never answered SSH within the timeout
      |    +-- VMLost                   QEMU went away while we used it
@@ -287,7 +287,7 @@ class SlotExhausted(KprobeError):
 
 
 class ProbeSyntaxError(KprobeVMError, ValueError):
-    """A kprobe_events definition the kernel would reject; ``code`` and ``position`` as its error_log."""
+    """A kprobe_events definition the kernel rejects; ``code``/``position`` as its error_log."""
 
     def __init__(self, code: str, position: int, text: str, message: str = ""):
         self.code = code

@@ -103,7 +103,8 @@ class VM:
         path = self.endpoints.serial_log
         if path is None or not path.exists():
             return ""
-        return path.read_text(errors="replace")
+        text: str = path.read_text(errors="replace")
+        return text
 
     # -- lifetime ----------------------------------------------------------------------
 
