@@ -1,0 +1,229 @@
+"""Out-of-line code for an instruction slot: the probed instruction, run somewhere else.
+
+A slot holds ``movb $1, mailbox(%rip)`` (the "pre" store: the host's write watchpoint
+on the mailbox stops the vCPU right there, every register as at the probe) and then a
+sequence equivalent to the original instruction at its own address, ending in a jump
+back. Like the kernel's ``__copy_instruction`` plus ``prepare_boost``, but branches get
+an equivalent sequence instead of single-stepping, since nothing in the guest traps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kprobevm.errors import KprobeError, ProbeRefused
+from kprobevm.x86 import asm
+from kprobevm.x86.insn import Insn, InsnKind
+
+__all__ = [
+    "POST_VALUE",
+    "PRE_VALUE",
+    "SLOT_SIZE",
+    "SlotCode",
+    "make_slot_code",
+    "relocate",
+]
+
+SLOT_SIZE = 64
+#: The byte the pre store writes to the mailbox (tells a reader which store it saw).
+PRE_VALUE = 1
+#: The byte the post store writes.
+POST_VALUE = 2
+_MOVB_LEN = 7
+
+#: Kinds whose post-instruction state the slot can reach with a store after them.
+#: Returns and indirect branches leave the slot by the instruction itself; a probe
+#: with a post_handler on them is emulated on the host (:mod:`kprobevm.x86.emulate`).
+POST_STORE_KINDS = frozenset(
+    {InsnKind.PLAIN, InsnKind.JMP_REL, InsnKind.JCC_REL, InsnKind.CALL_REL, InsnKind.LOOP,
+     InsnKind.JCXZ}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlotCode:
+    """The bytes for one slot and the addresses the host sees while they run."""
+
+    slot_addr: int
+    bytes: bytes
+    #: RIP right after the pre store (the watchpoint stop's RIP), or None without one.
+    pre_store_end: int | None
+    #: RIP right after the (first) post store, or None without one.
+    post_store_end: int | None
+    #: Every post store's end, each with the RIP the original instruction would have
+    #: left (the ``regs.ip`` a post_handler sees). Two for conditional branches.
+    post_exits: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        """The number of bytes used in the slot."""
+        return len(self.bytes)
+
+    def resume_ip(self, stop_rip: int) -> int | None:
+        """The original-context RIP for a post stop at ``stop_rip``; None if not a post stop."""
+        for end, ip in self.post_exits:
+            if end == stop_rip:
+                return ip
+        return None
+
+
+def relocate(insn: Insn, new_addr: int) -> bytes:
+    """``insn``'s bytes for running at ``new_addr``: the RIP-relative disp32 rewritten.
+
+    Raises :class:`ProbeRefused` (``EINVAL``) when the new displacement does not fit in
+    32 bits, as ``__copy_instruction`` refuses it.
+    """
+    target = insn.rip_target
+    if target is None or insn.rip_disp_offset is None:
+        return insn.bytes
+    try:
+        disp = asm.rip_disp32(new_addr + insn.length, target)
+    except KprobeError as exc:
+        raise ProbeRefused(
+            "EINVAL",
+            f"the RIP-relative operand ({target:#x}) is out of reach from the slot at"
+            f" {new_addr:#x}",
+            address=insn.addr,
+        ) from exc
+    off = insn.rip_disp_offset
+    return insn.bytes[:off] + disp + insn.bytes[off + 4 :]
+
+
+def _jmp_reg(reg: str) -> bytes:
+    """``jmp *%reg`` (``[41] ff e0+r``)."""
+    r = asm.REG64[reg]
+    return (b"\x41" if r >= 8 else b"") + bytes((0xFF, 0xE0 | (r & 7)))
+
+
+def make_slot_code(
+    insn: Insn,
+    slot_addr: int,
+    *,
+    mailbox: int,
+    pre_store: bool = True,
+    post_store: bool = False,
+    slot_size: int = SLOT_SIZE,
+) -> SlotCode:
+    """Generate the slot's code for ``insn`` placed at ``slot_addr``.
+
+    The code after the pre store behaves as ``insn`` executing at ``insn.addr`` and then
+    continuing; ``post_store`` adds a watched store after the instruction's effect (on
+    each exit path) for the post_handler. Raises :class:`ProbeRefused` for REFUSED
+    instructions and for forms that cannot be rebuilt, :class:`KprobeError` when a
+    target is out of rel32 reach or the code does not fit the slot.
+    """
+    insn.check_probeable()
+    if post_store and insn.kind not in POST_STORE_KINDS:
+        raise ProbeRefused(
+            "EOPNOTSUPP",
+            f"no post store after `{insn.mnemonic}` ({insn.kind.value}): its exit is the"
+            " instruction itself; emulate it on the host for a post_handler",
+            address=insn.addr,
+        )
+    a = asm.Assembler(slot_addr)
+    pre_end: int | None = None
+    exits: list[tuple[int, int]] = []
+
+    def post(resume: int) -> None:
+        if post_store:
+            a.emit(asm.movb_store_rip(a.here, mailbox, POST_VALUE))
+            exits.append((a.here, resume))
+
+    def jmp(dst: int) -> None:
+        a.emit(asm.jmp_rel32(a.here, dst))
+
+    if pre_store:
+        a.emit(asm.movb_store_rip(a.here, mailbox, PRE_VALUE))
+        pre_end = a.here
+
+    kind = insn.kind
+    nxt = insn.next_addr
+    if kind is InsnKind.PLAIN:
+        a.emit(relocate(insn, a.here))
+        post(nxt)
+        jmp(nxt)
+    elif kind is InsnKind.JMP_REL:
+        assert insn.target is not None
+        post(insn.target)
+        jmp(insn.target)
+    elif kind is InsnKind.JCC_REL:
+        assert insn.target is not None and insn.cc is not None
+        if post_store:
+            a.jcc(insn.cc, "taken")
+            post(nxt)
+            jmp(nxt)
+            a.label("taken")
+            post(insn.target)
+            jmp(insn.target)
+        else:
+            a.emit(asm.jcc_rel32(insn.cc, a.here, insn.target))
+            jmp(nxt)
+    elif kind is InsnKind.CALL_REL:
+        assert insn.target is not None
+        a.emit(asm.push_u64(nxt))
+        post(insn.target)
+        jmp(insn.target)
+    elif kind in (InsnKind.LOOP, InsnKind.JCXZ):
+        # loop/jrcxz only have rel8: branch over the fall-through jump to a far jump.
+        assert insn.target is not None
+        prefix = b"\x67" if insn.address_size32 else b""
+        a.rel8_branch(prefix + bytes((insn.opcode,)), "taken")
+        post(nxt)
+        jmp(nxt)
+        a.label("taken")
+        post(insn.target)
+        jmp(insn.target)
+    elif kind in (InsnKind.RET, InsnKind.RET_IMM, InsnKind.JMP_INDIRECT_REG):
+        a.emit(insn.bytes)  # position-independent: the copy is exact
+    elif kind is InsnKind.JMP_INDIRECT_MEM:
+        a.emit(relocate(insn, a.here))
+    elif kind is InsnKind.CALL_INDIRECT_REG:
+        assert insn.reg is not None
+        if insn.reg not in asm.REG64 or insn.reg == "rsp":
+            raise ProbeRefused(
+                "EOPNOTSUPP", f"cannot rebuild `call *%{insn.reg}`", address=insn.addr
+            )
+        a.emit(asm.push_u64(nxt))
+        a.emit(_jmp_reg(insn.reg))
+    elif kind is InsnKind.CALL_INDIRECT_MEM:
+        a.emit(asm.push_u64(nxt))
+        a.emit(_call_mem_as_jmp(insn, a.here))
+    else:  # pragma: no cover - every kind is handled above
+        raise ProbeRefused("EOPNOTSUPP", f"unhandled kind {kind}", address=insn.addr)
+
+    code = a.finish()
+    if len(code) > slot_size:
+        raise KprobeError(
+            f"slot code for `{insn.mnemonic} {insn.op_str}` takes {len(code)} bytes,"
+            f" more than the {slot_size}-byte slot",
+            address=insn.addr,
+        )
+    return SlotCode(
+        slot_addr=slot_addr,
+        bytes=code,
+        pre_store_end=pre_end,
+        post_store_end=exits[0][0] if exits else None,
+        post_exits=tuple(exits),
+    )
+
+
+def _call_mem_as_jmp(insn: Insn, at: int) -> bytes:
+    """``call *mem`` re-encoded as ``jmp *mem`` (``ff /2`` -> ``ff /4``) to run at ``at``.
+
+    Runs after the return address was pushed, so an operand based on %rsp would read
+    8 bytes off: such forms are refused (the kernel's text has none; retpolines call
+    thunks directly).
+    """
+    mem = insn.mem
+    assert mem is not None and insn.modrm_offset is not None
+    if mem.base == "rsp" or mem.index == "rsp" or mem.base == "esp":
+        raise ProbeRefused(
+            "EOPNOTSUPP",
+            f"cannot rebuild `{insn.mnemonic} {insn.op_str}`: its operand moves with the push",
+            address=insn.addr,
+        )
+    raw = bytearray(insn.bytes)
+    raw[insn.modrm_offset] = (raw[insn.modrm_offset] & ~0x38) | (4 << 3)
+    # Same length, same operand: relocate() keeps the original RIP-relative target.
+    return relocate(dataclasses.replace(insn, bytes=bytes(raw)), at)
