@@ -292,8 +292,7 @@ def _rip_disp_offset(
     disp = int(rip_mem[0].mem.disp)
     if not 0 < off <= len(raw) - 4 or struct.unpack_from("<i", raw, off)[0] != disp:
         raise KprobeError(
-            f"capstone's displacement offset {off} does not match disp {disp:#x} in"
-            f" {raw.hex(' ')}",
+            f"capstone's displacement offset {off} does not match disp {disp:#x} in {raw.hex(' ')}",
             address=addr,
         )
     return off
@@ -343,8 +342,10 @@ def _classify(
 
     b0 = raw[op]
     b1 = raw[op + 1] if op + 1 < len(raw) else None
-    is_near_branch = b0 in (0xE8, 0xE9, 0xEB, 0xC2, 0xC3, 0xFF) or 0x70 <= b0 <= 0x7F or (
-        b0 == 0x0F and b1 is not None and 0x80 <= b1 <= 0x8F
+    is_near_branch = (
+        b0 in (0xE8, 0xE9, 0xEB, 0xC2, 0xC3, 0xFF)
+        or 0x70 <= b0 <= 0x7F
+        or (b0 == 0x0F and b1 is not None and 0x80 <= b1 <= 0x8F)
     )
     if b0 in (0xC4, 0xC5, 0x62):  # VEX / EVEX in 64-bit mode: never a branch
         return {"kind": InsnKind.PLAIN}
