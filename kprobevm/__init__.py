@@ -1,0 +1,23 @@
+"""kprobevm: Linux kprobes for a QEMU x86_64 guest, driven from the host.
+
+``with kprobevm.boot() as vm: vm.run("uname -r")`` boots the default guest image.
+"""
+
+from __future__ import annotations
+
+from kprobevm.errors import *  # noqa: F403 (the error tree is part of the public API)
+from kprobevm.errors import __all__ as _errors_all
+from kprobevm.image import Image, default_image
+from kprobevm.launcher import boot
+from kprobevm.shell import RunResult
+from kprobevm.vm import VM, GuestEndpoints
+
+__all__ = [
+    "VM",
+    "GuestEndpoints",
+    "Image",
+    "RunResult",
+    "boot",
+    "default_image",
+    *_errors_all,
+]
