@@ -1,0 +1,434 @@
+"""GDB Remote Serial Protocol codec: framing, checksums, escapes, RLE, stop replies (no I/O).
+
+Everything here works on ``bytes`` and never touches a socket, so the codec is tested apart
+from the process. Malformed input ends in :class:`~kprobevm.errors.GdbProtocolError`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from dataclasses import dataclass
+
+from kprobevm.errors import GdbProtocolError
+
+__all__ = [
+    "ACK",
+    "DEFAULT_MAX_PACKET",
+    "NAK",
+    "Ack",
+    "BadChecksum",
+    "Event",
+    "Nak",
+    "Notification",
+    "Packet",
+    "PacketReader",
+    "StopReply",
+    "WatchHit",
+    "checksum",
+    "decode_console_output",
+    "decode_hex",
+    "decode_payload",
+    "encode_packet",
+    "escape",
+    "is_console_output",
+    "is_stop_reply",
+    "parse_error_reply",
+    "parse_memory_request",
+    "parse_stop_reply",
+    "parse_thread_id",
+    "run_length_decode",
+    "unescape",
+]
+
+DEFAULT_MAX_PACKET = 1 << 20
+"""Largest packet (payload, before RLE expansion) a reader accepts before it gives up."""
+
+_ESCAPE_NEEDED = re.compile(rb"[#$}*]")
+_ESCAPED = re.compile(rb"\}(.)", re.DOTALL)
+_START = re.compile(rb"[$%+\-]")
+_STOP_REPLY = re.compile(rb"[TSWX][0-9a-fA-F]{2}")
+_ERROR_REPLY = re.compile(rb"E([0-9a-fA-F]{2})\Z")
+_HEX = re.compile(rb"[0-9a-fA-F]*\Z")
+_MEMORY_REQUEST = re.compile(rb"[mM]([0-9a-fA-F]+),([0-9a-fA-F]+)")
+
+
+def checksum(payload: bytes) -> int:
+    """The RSP checksum: the sum of the payload's bytes modulo 256."""
+    return sum(payload) & 0xFF
+
+
+def escape(data: bytes) -> bytes:
+    """Escape ``#``, ``$``, ``}`` and ``*`` as ``}`` followed by the byte XOR 0x20."""
+    if _ESCAPE_NEEDED.search(data) is None:
+        return data
+    return _ESCAPE_NEEDED.sub(lambda m: b"}" + bytes((m[0][0] ^ 0x20,)), data)
+
+
+def unescape(data: bytes) -> bytes:
+    """Undo :func:`escape`; a trailing lone ``}`` is a protocol error."""
+    if b"}" not in data:
+        return data
+    if data.endswith(b"}") and (len(data) - len(data.rstrip(b"}"))) % 2 == 1:
+        raise GdbProtocolError("escape character '}' at end of packet", received=data)
+    return _ESCAPED.sub(lambda m: bytes((m[1][0] ^ 0x20,)), data)
+
+
+def run_length_decode(data: bytes, *, limit: int = DEFAULT_MAX_PACKET * 64) -> bytes:
+    """Expand ``X*n`` runs: the byte before ``*`` repeats ``ord(n) - 29`` more times."""
+    if b"*" not in data:
+        return data
+    return decode_payload(data, limit=limit)
+
+
+def decode_payload(raw: bytes, *, limit: int = DEFAULT_MAX_PACKET * 64) -> bytes:
+    """Decode a packet body as received: ``}`` escapes and ``*`` runs in one pass.
+
+    The stub applies RLE to the escaped text, so a run repeats the last *decoded* byte
+    (gdb's ``read_frame`` does the same). ``limit`` bounds the expanded size.
+    """
+    if b"*" not in raw:
+        return unescape(raw)
+    out = bytearray()
+    i = 0
+    n = len(raw)
+    while i < n:
+        star = raw.find(b"*", i)
+        end = n if star < 0 else star
+        out += unescape(raw[i:end])
+        if star < 0:
+            break
+        if not out or star + 1 >= n:
+            raise GdbProtocolError("run-length '*' without a byte to repeat or a count",
+                                   received=raw)
+        count = raw[star + 1] - 29  # printable counts: ' ' (32) repeats 3 more times
+        if count < 0:
+            raise GdbProtocolError(f"bad run-length count {raw[star + 1]!r}", received=raw)
+        out += bytes((out[-1],)) * count
+        if len(out) > limit:
+            raise GdbProtocolError(f"run-length expansion beyond {limit} bytes",
+                                   received=raw[:200])
+        i = star + 2
+    return bytes(out)
+
+
+def encode_packet(payload: bytes) -> bytes:
+    """Frame an (already escaped) payload as ``$payload#xx``."""
+    return b"$%s#%02x" % (payload, sum(payload) & 0xFF)
+
+
+def decode_hex(text: bytes | str) -> bytes:
+    """Hex text to bytes (either case); malformed hex is a protocol error."""
+    try:
+        return binascii.unhexlify(text)
+    except (binascii.Error, ValueError) as exc:
+        raw = text.encode() if isinstance(text, str) else text
+        raise GdbProtocolError("malformed hex in reply", received=raw) from exc
+
+
+def parse_error_reply(payload: bytes) -> int | None:
+    """The number of an ``Exx`` reply, or None when the payload is not one."""
+    m = _ERROR_REPLY.match(payload)
+    return int(m[1], 16) if m else None
+
+
+def parse_memory_request(payload: bytes) -> tuple[int, int]:
+    """(address, length) of an ``m``/``M`` request payload."""
+    m = _MEMORY_REQUEST.match(payload)
+    if m is None:
+        raise GdbProtocolError("not a memory request", sent=payload)
+    return int(m[1], 16), int(m[2], 16)
+
+
+def parse_thread_id(text: str | bytes) -> tuple[int | None, int]:
+    """``p01.02`` -> (1, 2); ``02`` -> (None, 2); ``-1`` means all, ``0`` any."""
+    s = text.decode("ascii", "replace") if isinstance(text, bytes) else text
+    try:
+        if s.startswith("p"):
+            pid, dot, tid = s[1:].partition(".")
+            return _thread_number(pid), (_thread_number(tid) if dot else -1)
+        return None, _thread_number(s)
+    except ValueError as exc:
+        raise GdbProtocolError(f"bad thread id {s!r}", received=s.encode()) from exc
+
+
+def _thread_number(s: str) -> int:
+    return -1 if s == "-1" else int(s, 16)
+
+
+def is_stop_reply(payload: bytes) -> bool:
+    """True for ``T``/``S``/``W``/``X`` stop replies (``Text=`` of qOffsets is not one)."""
+    return _STOP_REPLY.match(payload) is not None
+
+
+def is_console_output(payload: bytes) -> bool:
+    """True for an ``O`` packet carrying hex console text (``OK`` is not one)."""
+    return (
+        len(payload) > 1
+        and payload[0] == 0x4F
+        and len(payload) % 2 == 1
+        and _HEX.match(payload, 1) is not None
+    )
+
+
+def decode_console_output(payload: bytes) -> bytes:
+    """The text of an ``O`` console-output packet."""
+    if not is_console_output(payload):
+        raise GdbProtocolError("not an 'O' console-output packet", received=payload)
+    return binascii.unhexlify(payload[1:])
+
+
+# -- stop replies ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchHit:
+    """The watchpoint that stopped the target: ``watch``, ``rwatch`` or ``awatch``."""
+
+    kind: str
+    address: int
+
+
+@dataclass(frozen=True)
+class StopReply:
+    """Why the target stopped (``T``/``S``), or that it exited (``W``/``X``)."""
+
+    kind: str
+    """``T``, ``S``, ``W`` (exited, ``exit_status``) or ``X`` (killed by ``signal``)."""
+    signal: int | None = None
+    exit_status: int | None = None
+    thread: str | None = None
+    core: int | None = None
+    watch: WatchHit | None = None
+    swbreak: bool = False
+    hwbreak: bool = False
+    process: int | None = None
+    info: tuple[tuple[str, str], ...] = ()
+    """Other ``key:value`` pairs, in order (register numbers included)."""
+    raw: bytes = b""
+
+    @property
+    def exited(self) -> bool:
+        """True when the target (process) is gone: ``W`` or ``X``."""
+        return self.kind in ("W", "X")
+
+    def get(self, key: str) -> str | None:
+        """The value of another ``key:value`` pair, or None."""
+        for k, v in self.info:
+            if k == key:
+                return v
+        return None
+
+
+_WATCH_KINDS = ("watch", "rwatch", "awatch")
+
+
+def parse_stop_reply(payload: bytes) -> StopReply:
+    """Parse a ``T``/``S``/``W``/``X`` payload; anything malformed is a protocol error."""
+    if not is_stop_reply(payload):
+        raise GdbProtocolError("not a stop reply", received=payload)
+    kind = chr(payload[0])
+    number = int(payload[1:3], 16)
+    try:
+        rest = payload[3:].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise GdbProtocolError("non-ASCII stop reply", received=payload) from exc
+    if kind == "S":
+        if rest:
+            raise GdbProtocolError("trailing text after S stop reply", received=payload)
+        return StopReply(kind, signal=number, raw=payload)
+    if kind in ("W", "X"):
+        process = None
+        if rest:
+            key, _, value = rest.partition(":")
+            if not rest.startswith(";") or not key.endswith("process"):
+                raise GdbProtocolError("bad W/X stop reply", received=payload)
+            process = _hex_field(value, payload)
+        if kind == "W":
+            return StopReply(kind, exit_status=number, process=process, raw=payload)
+        return StopReply(kind, signal=number, process=process, raw=payload)
+    thread: str | None = None
+    core: int | None = None
+    watch: WatchHit | None = None
+    swbreak = hwbreak = False
+    info: list[tuple[str, str]] = []
+    for field in rest.split(";"):
+        if not field:
+            continue
+        key, colon, value = field.partition(":")
+        if not colon:
+            raise GdbProtocolError(f"stop-reply field without ':' ({field!r})",
+                                   received=payload)
+        if key == "thread":
+            parse_thread_id(value)  # validate
+            thread = value
+        elif key == "core":
+            core = _hex_field(value, payload)
+        elif key in _WATCH_KINDS:
+            watch = WatchHit(key, _hex_field(value, payload))
+        elif key == "swbreak":
+            swbreak = True
+        elif key == "hwbreak":
+            hwbreak = True
+        else:
+            info.append((key, value))
+    return StopReply(
+        kind,
+        signal=number,
+        thread=thread,
+        core=core,
+        watch=watch,
+        swbreak=swbreak,
+        hwbreak=hwbreak,
+        info=tuple(info),
+        raw=payload,
+    )
+
+
+def _hex_field(value: str, payload: bytes) -> int:
+    try:
+        return int(value, 16)
+    except ValueError as exc:
+        raise GdbProtocolError(f"bad hex field {value!r}", received=payload) from exc
+
+
+# -- incremental reader ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ack:
+    """``+``: the peer received our packet."""
+
+
+@dataclass(frozen=True)
+class Nak:
+    """``-``: the peer wants our last packet again."""
+
+
+ACK = Ack()
+NAK = Nak()
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A well-formed ``$...#xx`` packet; ``payload`` is decoded (escapes, RLE)."""
+
+    payload: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A ``%name:data#xx`` asynchronous notification (non-stop mode)."""
+
+    payload: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class BadChecksum:
+    """A framed packet whose checksum did not match (the client NAKs it)."""
+
+    raw: bytes
+    expected: int
+    got: int | None
+
+
+Event = Ack | Nak | Packet | Notification | BadChecksum
+
+
+class PacketReader:
+    """Incremental RSP decoder: feed bytes, get events; the buffer never exceeds the bound.
+
+    Bytes outside a packet that are not ``+``/``-`` are skipped (counted in ``garbage``).
+    A ``$`` inside an unfinished packet restarts framing there (the earlier start was a
+    truncated packet). A packet longer than ``max_packet`` raises GdbProtocolError and
+    the reader drops it.
+    """
+
+    __slots__ = ("_buf", "garbage", "max_packet")
+
+    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
+        self.max_packet = max_packet
+        self._buf = bytearray()
+        self.garbage = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for an unfinished packet."""
+        return len(self._buf)
+
+    def reset(self) -> None:
+        """Forget any partial packet."""
+        self._buf.clear()
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add received bytes; return the complete events they finish, in order."""
+        buf = self._buf
+        buf += data
+        events: list[Event] = []
+        pos = 0
+        n = len(buf)
+        try:
+            while pos < n:
+                c = buf[pos]
+                if c == 0x2B:  # '+'
+                    events.append(ACK)
+                    pos += 1
+                    continue
+                if c == 0x2D:  # '-'
+                    events.append(NAK)
+                    pos += 1
+                    continue
+                if c != 0x24 and c != 0x25:  # not '$' / '%'
+                    m = _START.search(buf, pos)
+                    skip = (m.start() if m else n) - pos
+                    self.garbage += skip
+                    pos += skip
+                    continue
+                hash_at = buf.find(b"#", pos + 1)
+                if hash_at < 0:
+                    restart = buf.find(b"$", pos + 1)
+                    if restart > 0:
+                        self.garbage += restart - pos
+                        pos = restart
+                        continue
+                    if n - pos > self.max_packet + 3:
+                        raise GdbProtocolError(
+                            f"packet longer than {self.max_packet} bytes",
+                            received=bytes(buf[pos:pos + 200]),
+                        )
+                    break
+                restart = buf.find(b"$", pos + 1, hash_at)
+                if restart > 0:  # truncated packet: start over at the newer '$'
+                    self.garbage += restart - pos
+                    pos = restart
+                    continue
+                if hash_at - pos - 1 > self.max_packet:
+                    raise GdbProtocolError(
+                        f"packet longer than {self.max_packet} bytes",
+                        received=bytes(buf[pos:pos + 200]),
+                    )
+                if hash_at + 3 > n:
+                    break
+                body = bytes(buf[pos + 1:hash_at])
+                raw = bytes(buf[pos:hash_at + 3])
+                pos = hash_at + 3
+                expected = sum(body) & 0xFF
+                try:
+                    got: int | None = int(raw[-2:], 16)
+                except ValueError:
+                    got = None
+                if got != expected:
+                    events.append(BadChecksum(raw, expected, got))
+                    continue
+                payload = decode_payload(body, limit=self.max_packet * 64)
+                if c == 0x24:
+                    events.append(Packet(payload, raw))
+                else:
+                    events.append(Notification(payload, raw))
+        except GdbProtocolError:
+            buf.clear()
+            raise
+        del buf[:pos]
+        return events
