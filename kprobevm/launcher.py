@@ -194,7 +194,7 @@ def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str
     command = [
         qemu,
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-machine", "pc", "-accel", accel,
+        "-machine", "pc", "-accel", accel, "-cpu", "qemu64,+rdrand",
         "-m", memory, "-smp", str(smp),
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-serial", f"file:{private_dir / 'serial.log'}",
