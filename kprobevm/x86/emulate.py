@@ -54,6 +54,13 @@ class Emulation:
     #: The new rcx for loop/loope/loopne, else None (unchanged).
     rcx: int | None = None
 
+    @property
+    def write(self) -> tuple[int, bytes] | None:
+        """The one memory write of a call, as ``(address, data)``; None for other branches."""
+        if not self.writes:
+            return None
+        return self.writes[0].addr, self.writes[0].data
+
     def registers(self) -> dict[str, int]:
         """The registers to write back, by gdb name."""
         regs = {"rip": self.rip, "rsp": self.rsp}
