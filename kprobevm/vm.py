@@ -8,15 +8,29 @@ created lazily on first use.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from kprobevm.errors import VMError
+
 if TYPE_CHECKING:
+    from kprobevm.blacklist import Blacklist
+    from kprobevm.journal import Journal
+    from kprobevm.kallsyms import KernelSymbols
+    from kprobevm.kprobes import Kprobe, KprobeManager
+    from kprobevm.memory import GuestMemory
+    from kprobevm.patchsites import PatchSites
     from kprobevm.shell import GuestShell, RunResult
+    from kprobevm.slotmap import Reserve
+    from kprobevm.target import Target
+    from kprobevm.vmlinux import Vmlinux
 
 
 class Machine(Protocol):
@@ -66,6 +80,10 @@ class VM:
         self.log = logging.getLogger(f"kprobevm.vm.{name}")
         self._lock = threading.RLock()
         self._shell: GuestShell | None = None
+        self._target: Target | None = None
+        self._kprobes: KprobeManager | None = None
+        self._journal: Journal | None = None
+        self.journal_path: Path | None = None
         self._closed = False
 
     # -- shell -------------------------------------------------------------------------
@@ -106,6 +124,180 @@ class VM:
         text: str = path.read_text(errors="replace")
         return text
 
+    # -- the gdbstub ------------------------------------------------------------------
+
+    @property
+    def target(self) -> Target:
+        """Run control over the gdbstub (connected on first use; the guest keeps running)."""
+        with self._lock:
+            if self._target is None:
+                from kprobevm.gdb.client import GdbClient
+                from kprobevm.target import Target
+
+                if self.endpoints.gdb is None:
+                    raise VMError(f"{self.name}: no gdbstub address for this guest")
+                client = GdbClient.connect(self.endpoints.gdb)
+                # connecting stopped the VM (FACTS.md): let it run on
+                client.cont()
+                self._target = Target(client, name=self.name)
+            return self._target
+
+    @functools.cached_property
+    def memory(self) -> GuestMemory:
+        """Raw guest memory: only for code that already holds the VM stopped."""
+        from kprobevm.memory import GuestMemory
+
+        return GuestMemory(self.target.client)
+
+    def read(self, address: int, size: int) -> bytes:
+        """``size`` bytes of guest virtual memory (kernel addresses: any vCPU's view)."""
+        with self.target.stopped():
+            return self.memory.read(address, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        """Write guest virtual memory (read-only pages too: the gdbstub writes physically)."""
+        with self.target.stopped():
+            self.memory.write(address, data)
+
+    def read_phys(self, address: int, size: int) -> bytes:
+        with self.target.stopped():
+            return self.memory.read_phys(address, size)
+
+    def write_phys(self, address: int, data: bytes) -> None:
+        with self.target.stopped():
+            self.memory.write_phys(address, data)
+
+    def translate(self, vaddr: int) -> int:
+        """Guest physical address of ``vaddr``, by walking the page tables on the host."""
+        from kprobevm.pagetable import translate
+
+        with self.target.stopped() as client:
+            regs = client.read_registers()
+            t = translate(client.read_phys, regs["cr3"], vaddr, la57=bool(regs["cr4"] >> 12 & 1))
+            return t.paddr
+
+    # -- the kernel's symbols and image ------------------------------------------------
+
+    @functools.cached_property
+    def symbols(self) -> KernelSymbols:
+        """Kernel symbols: the given kallsyms file, else the guest's /proc/kallsyms."""
+        from kprobevm.kallsyms import KernelSymbols
+
+        if self.kallsyms_path is not None:
+            return KernelSymbols.from_file(self.kallsyms_path)
+        return KernelSymbols.from_text(self.read_file("/proc/kallsyms"))
+
+    @functools.cached_property
+    def kaslr_slide(self) -> int:
+        """How far the running kernel's text moved from its link address (0: nokaslr)."""
+        from kprobevm.kaslr import find_kaslr_slide
+
+        elf = self._unslid_vmlinux
+        if elf is None:
+            return self.symbols["_text"] - 0xFFFFFFFF81000000
+        return find_kaslr_slide(self.read, elf)
+
+    @functools.cached_property
+    def _unslid_vmlinux(self) -> Vmlinux | None:
+        from kprobevm.vmlinux import Vmlinux
+
+        return Vmlinux(self.vmlinux_path) if self.vmlinux_path is not None else None
+
+    @functools.cached_property
+    def vmlinux(self) -> Vmlinux | None:
+        """The vmlinux ELF view at the running kernel's addresses (None when not given)."""
+        elf = self._unslid_vmlinux
+        if elf is None:
+            return None
+        slide = self.kaslr_slide
+        return elf.with_slide(slide) if slide else elf
+
+    @functools.cached_property
+    def blacklist(self) -> Blacklist:
+        """Where probes are refused (the kernel's kprobe blacklist and ours)."""
+        from kprobevm.blacklist import Blacklist
+
+        return Blacklist.build(self.symbols, self.vmlinux)
+
+    @functools.cached_property
+    def patch_sites(self) -> PatchSites:
+        """Text the guest kernel rewrites at run time (jump labels, alternatives, ...)."""
+        from kprobevm.patchsites import PatchSites
+
+        return PatchSites.build(self.symbols, self.vmlinux, self.read)
+
+    @functools.cached_property
+    def slot_reserve(self) -> Reserve | None:
+        """The reserved physical range (``memmap=SIZE$BASE``) where slots live."""
+        from kprobevm.slotmap import parse_memmap_reserve
+
+        cmdline = self.kernel_cmdline
+        if cmdline is None:
+            cmdline = self.read_file("/proc/cmdline") if self.endpoints.ssh else ""
+        return parse_memmap_reserve(cmdline)
+
+    @property
+    def journal(self) -> Journal:
+        """The write journal of this session (a file on the host)."""
+        with self._lock:
+            if self._journal is None:
+                from kprobevm.journal import Journal
+
+                if self.journal_path is None:
+                    directory = Path(os.environ.get("KPROBEVM_JOURNAL_DIR", tempfile.gettempdir()))
+                    directory.mkdir(parents=True, exist_ok=True)
+                    self.journal_path = directory / f"kprobevm-{self.name}-{os.getpid()}.journal"
+                gdb = self.endpoints.gdb
+                self._journal = Journal(
+                    self.journal_path,
+                    gdb=gdb if isinstance(gdb, str) else f"{gdb[0]}:{gdb[1]}" if gdb else "",
+                )
+            return self._journal
+
+    # -- kprobes -------------------------------------------------------------------------
+
+    @property
+    def kprobes(self) -> KprobeManager:
+        with self._lock:
+            if self._kprobes is None:
+                from kprobevm.kprobes import KprobeManager
+
+                self._kprobes = KprobeManager(self)
+            return self._kprobes
+
+    def register_kprobe(self, kp: Kprobe) -> None:
+        """Place a probe; its handlers run on the host at every hit."""
+        self.kprobes.register_kprobe(kp)
+
+    def unregister_kprobe(self, kp: Kprobe) -> None:
+        self.kprobes.unregister_kprobe(kp)
+
+    def enable_kprobe(self, kp: Kprobe) -> None:
+        self.kprobes.enable_kprobe(kp)
+
+    def disable_kprobe(self, kp: Kprobe) -> None:
+        self.kprobes.disable_kprobe(kp)
+
+    def arm_all_kprobes(self) -> None:
+        self.kprobes.arm_all_kprobes()
+
+    def disarm_all_kprobes(self) -> None:
+        self.kprobes.disarm_all_kprobes()
+
+    def get_kprobe(self, addr: int) -> Kprobe | None:
+        return self.kprobes.get_kprobe(addr)
+
+    def list_kprobes(self) -> str:
+        """Registered probes in the debugfs ``kprobes/list`` format."""
+        return self.kprobes.list_kprobes()
+
+    @property
+    def trap_channel(self) -> str:
+        """Which trap channel is in use: ``watchpoint`` (fast), ``breakpoint``, or ``none``."""
+        manager = self._kprobes
+        channel = manager._channel if manager is not None else None
+        return channel.name if channel is not None else "none"
+
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
@@ -115,11 +307,30 @@ class VM:
                 return
             self._closed = True
             try:
-                if self._shell is not None:
-                    self._shell.close()
+                self._restore_guest()
             finally:
-                if self.machine is not None:
-                    self.machine.shutdown()
+                try:
+                    if self._shell is not None:
+                        self._shell.close()
+                finally:
+                    if self.machine is not None:
+                        self.machine.shutdown()
+
+    def _restore_guest(self) -> None:
+        """Unregister every probe, take the trap channel out, close the journal."""
+        clean = True
+        try:
+            if self._kprobes is not None:
+                self._kprobes.close()
+        except BaseException:
+            clean = False
+            raise
+        finally:
+            if self._target is not None:
+                self._target.close()
+                self._target.client.close()
+            if self._journal is not None:
+                self._journal.close(clean=clean)
 
     def __enter__(self) -> VM:
         return self

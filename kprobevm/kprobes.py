@@ -1,0 +1,336 @@
+"""Kprobes: the probe table and its policy, after the kernel's ``kernel/kprobes.c``.
+
+A :class:`Kprobe` names a place (``symbol_name`` + ``offset``, or ``addr``) and handlers.
+Probes at one address share one :class:`ProbeSite` (the kernel's aggregate probe): one
+int3, one instruction slot, handlers run in registration order. The table is a dict
+keyed by address (``kprobe_table``). How traps reach the host and how the displaced
+instruction runs is the trap channel's business (:mod:`kprobevm.trap`); this module
+decides what may be probed and keeps the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kprobevm.errors import KprobeError, ProbeRefused, ProbeTextChanged, SymbolError
+from kprobevm.ptregs import PtRegs
+
+if TYPE_CHECKING:
+    from kprobevm.slots import Slot
+    from kprobevm.trap import TrapChannel
+    from kprobevm.vm import VM
+    from kprobevm.x86.insn import Insn
+
+__all__ = ["Kprobe", "KprobeManager", "PostHandler", "PreHandler", "ProbeSite"]
+
+log = logging.getLogger(__name__)
+
+PreHandler = Callable[["Kprobe", PtRegs], Any]
+"""pre_handler(kp, regs): a true return means "regs.ip was changed: skip the insn"."""
+PostHandler = Callable[["Kprobe", PtRegs], Any]
+"""post_handler(kp, regs): runs after the displaced instruction."""
+
+MAX_KEPT_ERRORS = 8
+
+
+@dataclass(eq=False)
+class Kprobe:
+    """One probe (``struct kprobe``): where, which handlers, and its counters."""
+
+    symbol_name: str | None = None
+    offset: int = 0
+    addr: int | None = None
+    pre_handler: PreHandler | None = None
+    post_handler: PostHandler | None = None
+    nhit: int = field(default=0, init=False)
+    nmissed: int = field(default=0, init=False)
+    nerrors: int = field(default=0, init=False)
+    """Handler exceptions caught (the handler's hit still counts in nhit)."""
+    errors: list[str] = field(default_factory=list, init=False, repr=False)
+    """The last few handler exceptions, formatted."""
+    disabled: bool = field(default=False, init=False)
+    registered: bool = field(default=False, init=False)
+    _given_addr: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.symbol_name is None and self.addr is None:
+            raise ValueError("a Kprobe needs symbol_name or addr")
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.nerrors += 1
+        self.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        del self.errors[:-MAX_KEPT_ERRORS]
+
+    def where(self) -> str:
+        if self.symbol_name is not None:
+            return f"{self.symbol_name}+{self.offset:#x}" if self.offset else self.symbol_name
+        return f"{self.addr:#x}" if self.addr is not None else "?"
+
+
+@dataclass(eq=False)
+class ProbeSite:
+    """The aggregate probe at one address: one int3, one slot, several Kprobes."""
+
+    addr: int
+    insn: Insn
+    slot: Slot
+    probes: list[Kprobe] = field(default_factory=list)
+    armed: bool = False
+    int3_seq: int | None = None
+    """Journal sequence of the armed int3 write."""
+    pre_rip: int = 0
+    """RIP at the pre-handler stop (just after the slot's first watched store)."""
+    post_rip: int | None = None
+    """RIP at the post-handler stop, when the slot has a second watched store."""
+
+    @property
+    def enabled(self) -> bool:
+        return any(not p.disabled for p in self.probes)
+
+    @property
+    def wants_post(self) -> bool:
+        return any(p.post_handler is not None for p in self.probes)
+
+
+class KprobeManager:
+    """The probe table of one guest and the kernel's register/unregister policy."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.table: dict[int, ProbeSite] = {}
+        self.all_disarmed = False
+        self._mutex = threading.RLock()  # the kernel's kprobe_mutex
+        self._channel: TrapChannel | None = None
+        self.handler_errors = 0
+
+    # -- the channel -----------------------------------------------------------------
+
+    @property
+    def channel(self) -> TrapChannel:
+        """The trap channel, installed on first use (fast when possible, else fallback)."""
+        if self._channel is None:
+            from kprobevm.trap import install_channel
+
+            self._channel = install_channel(self.vm, self)
+        return self._channel
+
+    # -- address resolution and checks -----------------------------------------------
+
+    def resolve(self, kp: Kprobe) -> int:
+        """The probe's address (the kernel's ``_kprobe_addr``)."""
+        if kp.symbol_name is not None and kp.addr is not None:
+            raise ProbeRefused(
+                "EINVAL", "give symbol_name or addr, not both",
+                symbol=kp.symbol_name, address=kp.addr,
+            )  # fmt: skip
+        if kp.offset < 0:
+            raise ProbeRefused("EINVAL", f"negative offset {kp.offset}", symbol=kp.symbol_name)
+        if kp.symbol_name is not None:
+            try:
+                base = self.vm.symbols[kp.symbol_name]
+            except SymbolError as exc:
+                raise ProbeRefused(
+                    "BAD_PROBE_ADDR", str(exc), symbol=kp.symbol_name
+                ) from exc
+            return base + kp.offset
+        assert kp.addr is not None
+        return kp.addr + kp.offset
+
+    def check_probe_address(self, addr: int, kp: Kprobe) -> None:
+        """Refuse what the kernel refuses, and what a host-side kprobe must refuse too."""
+        from kprobevm.x86 import insn as x86
+
+        syms = self.vm.symbols
+        sym = syms.lookup(addr)
+        if sym is None or sym.type not in "Tt":
+            raise ProbeRefused(
+                "BAD_PROBE_ADDR", "not in kernel text", address=addr, symbol=kp.symbol_name
+            )
+        entry = self.vm.blacklist.within_kprobe_blacklist(addr)
+        if entry is not None:
+            raise ProbeRefused(
+                "EINVAL", f"{addr:#x} is blacklisted ({entry})",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
+        reason = self.vm.patch_sites.reserved(addr)
+        if reason is not None:
+            raise ProbeRefused(
+                "EBUSY", f"the guest kernel rewrites this site ({reason})",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
+        # The kernel's can_probe(): decode from the function's start up to addr.
+        code = self.vm.read(sym.address, addr - sym.address + 16)
+        if addr != sym.address:
+            starts = x86.boundaries(code[: addr - sym.address + 1], sym.address)
+            if addr not in starts:
+                raise ProbeRefused(
+                    "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
+
+    # -- the API ---------------------------------------------------------------------
+
+    def register_kprobe(self, kp: Kprobe) -> None:
+        """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
+        with self._mutex:
+            if kp.registered:
+                raise KprobeError("probe is already registered", symbol=kp.symbol_name)
+            addr = self.resolve(kp)
+            site = self.table.get(addr)
+            if site is None:
+                self.check_probe_address(addr, kp)
+                with self.vm.target.stopped():
+                    site = self.channel.prepare_site(addr)
+                    site.probes.append(kp)
+                    self.table[addr] = site
+                    try:
+                        self.channel.commit_site(site)
+                        if not self.all_disarmed:
+                            self.channel.arm(site)
+                    except BaseException:
+                        del self.table[addr]
+                        self.channel.discard_site(site)
+                        raise
+            else:
+                with self.vm.target.stopped():
+                    had_post = site.wants_post
+                    site.probes.append(kp)
+                    if site.wants_post and not had_post:
+                        # an aggregate gaining a post_handler needs a slot with a post stop
+                        self.channel.rebuild_site(site)
+            kp._given_addr = kp.addr
+            kp.addr = addr
+            kp.registered = True
+            self.channel.ensure_running()
+
+    def unregister_kprobe(self, kp: Kprobe) -> None:
+        """Remove ``kp``; the int3 goes when the last probe at its address goes."""
+        with self._mutex:
+            site = self._site_of(kp)
+            with self.vm.target.stopped():
+                site.probes.remove(kp)
+                if not site.probes:
+                    if site.armed:
+                        self.channel.disarm(site)
+                    del self.table[site.addr]
+                    self.channel.discard_site(site)
+                elif not site.enabled and site.armed:
+                    self.channel.disarm(site)
+            kp.registered = False
+            kp.addr = kp._given_addr
+
+    def enable_kprobe(self, kp: Kprobe) -> None:
+        with self._mutex:
+            site = self._site_of(kp)
+            kp.disabled = False
+            if not site.armed and not self.all_disarmed:
+                with self.vm.target.stopped():
+                    self.channel.arm(site)
+
+    def disable_kprobe(self, kp: Kprobe) -> None:
+        with self._mutex:
+            site = self._site_of(kp)
+            kp.disabled = True
+            if site.armed and not site.enabled:
+                with self.vm.target.stopped():
+                    self.channel.disarm(site)
+
+    def arm_all_kprobes(self) -> None:
+        """Write every enabled probe's int3 (the debugfs ``kprobes/enabled`` = 1)."""
+        with self._mutex, self.vm.target.stopped():
+            self.all_disarmed = False
+            for site in self.table.values():
+                if site.enabled and not site.armed:
+                    self.channel.arm(site)
+
+    def disarm_all_kprobes(self) -> None:
+        """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
+        with self._mutex, self.vm.target.stopped():
+            self.all_disarmed = True
+            for site in self.table.values():
+                if site.armed:
+                    self.channel.disarm(site)
+
+    def get_kprobe(self, addr: int) -> Kprobe | None:
+        """The first probe at ``addr`` (the kernel returns the aggregate)."""
+        site = self.table.get(addr)
+        return site.probes[0] if site and site.probes else None
+
+    def unregister_all(self) -> None:
+        with self._mutex:
+            for site in list(self.table.values()):
+                for kp in list(site.probes):
+                    self.unregister_kprobe(kp)
+
+    def close(self) -> None:
+        """Unregister everything and take the trap channel out of the guest."""
+        with self._mutex:
+            self.unregister_all()
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def _site_of(self, kp: Kprobe) -> ProbeSite:
+        if not kp.registered:
+            raise KprobeError("probe is not registered", symbol=kp.symbol_name)
+        for site in self.table.values():
+            if kp in site.probes:
+                return site
+        raise KprobeError("probe is not in the table", symbol=kp.symbol_name)
+
+    # -- running handlers (trap thread, VM stopped) ----------------------------------
+
+    def run_pre_handlers(self, site: ProbeSite, regs: PtRegs) -> bool:
+        """Run the aggregate's pre_handlers; True when one asked to skip the insn."""
+        skip = False
+        for kp in site.probes:
+            if kp.disabled:
+                continue
+            kp.nhit += 1
+            if kp.pre_handler is None:
+                continue
+            try:
+                if kp.pre_handler(kp, regs):
+                    skip = True
+            except Exception as exc:  # a handler's bug never stops the engine
+                kp._record_error(exc)
+                self.handler_errors += 1
+                log.warning("pre_handler of %s raised %r", kp.where(), exc)
+        return skip
+
+    def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
+        for kp in site.probes:
+            if kp.disabled or kp.post_handler is None:
+                continue
+            try:
+                kp.post_handler(kp, regs)
+            except Exception as exc:
+                kp._record_error(exc)
+                self.handler_errors += 1
+                log.warning("post_handler of %s raised %r", kp.where(), exc)
+
+    # -- listing ---------------------------------------------------------------------
+
+    def list_kprobes(self) -> str:
+        """The probes in the debugfs ``kprobes/list`` format."""
+        lines = []
+        for addr in sorted(self.table):
+            site = self.table[addr]
+            desc = self.vm.symbols.describe(addr).split("/")[0]
+            for kp in site.probes:
+                flags = ""
+                if kp.disabled or not site.armed:
+                    flags = "  [DISABLED]"
+                lines.append(f"{addr:016x}  k  {desc}{flags}")
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    def verify_unchanged(self, addr: int, expected: bytes) -> None:
+        """Raise ProbeTextChanged unless the guest holds ``expected`` at ``addr``."""
+        found = self.vm.read(addr, len(expected))
+        if found != expected:
+            raise ProbeTextChanged(addr, expected, found)

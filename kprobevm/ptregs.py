@@ -1,0 +1,94 @@
+"""PtRegs: a vCPU's registers as a kprobe handler sees them (the kernel's ``struct pt_regs``).
+
+Names follow the kernel's x86-64 ``pt_regs`` (``ax``, ``di``, ``ip``, ``flags``, ...);
+values come from the gdbstub's names (``rax``, ``rdi``, ``rip``, ``eflags``, ...). A
+handler may assign to any of them; :meth:`PtRegs.changes` tells the engine which to
+write back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kprobevm.memory import GuestMemory
+
+__all__ = ["GDB_NAMES", "PtRegs"]
+
+# pt_regs name -> gdbstub register name (QEMU's i386-64bit.xml).
+GDB_NAMES: dict[str, str] = {
+    "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
+    "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp",
+    "r8": "r8", "r9": "r9", "r10": "r10", "r11": "r11",
+    "r12": "r12", "r13": "r13", "r14": "r14", "r15": "r15",
+    "ip": "rip", "flags": "eflags", "cs": "cs", "ss": "ss",
+    "ds": "ds", "es": "es", "fs": "fs", "gs": "gs",
+    "fs_base": "fs_base", "gs_base": "gs_base",
+}  # fmt: skip
+
+_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+
+
+class PtRegs:
+    """Registers of one vCPU at a probe, plus the vCPU and the guest's memory."""
+
+    __slots__ = ("_orig", "_values", "cpu", "memory")
+    _values: dict[str, int]
+    _orig: dict[str, int]
+    cpu: int
+    memory: GuestMemory | None
+
+    def __init__(self, values: dict[str, int], *, cpu: int, memory: GuestMemory | None) -> None:
+        # values are keyed by pt_regs name; _orig remembers them to find what changed
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_orig", dict(values))
+        object.__setattr__(self, "cpu", cpu)
+        object.__setattr__(self, "memory", memory)
+
+    @classmethod
+    def from_gdb(
+        cls, gdb_values: dict[str, int], *, cpu: int, memory: GuestMemory | None = None
+    ) -> PtRegs:
+        """Build from a decoded ``g`` packet (gdb register names)."""
+        values = {name: gdb_values[g] for name, g in GDB_NAMES.items() if g in gdb_values}
+        return cls(values, cpu=cpu, memory=memory)
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            value: int = self._values[name]
+        except KeyError:
+            raise AttributeError(f"pt_regs has no register {name!r}") from None
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("cpu", "memory"):
+            object.__setattr__(self, name, value)
+            return
+        if name not in self._values:
+            raise AttributeError(f"pt_regs has no register {name!r}")
+        if not isinstance(value, int):
+            raise TypeError(f"register {name} must be an int, not {type(value).__name__}")
+        self._values[name] = value & 0xFFFFFFFFFFFFFFFF
+
+    def __getitem__(self, name: str) -> int:
+        return self.__getattr__(name)
+
+    def arg(self, n: int) -> int:
+        """The n-th (1-based) integer argument at a function's entry (x86-64 SysV ABI)."""
+        if 1 <= n <= len(_ARG_REGS):
+            return self._values[_ARG_REGS[n - 1]]
+        if self.memory is None:
+            raise ValueError(f"argument {n} is on the stack and no guest memory is attached")
+        # the return address is at sp; stack arguments follow it
+        return self.memory.u64(self._values["sp"] + 8 * (n - len(_ARG_REGS)))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self._values)
+
+    def changes(self) -> dict[str, int]:
+        """Registers a handler assigned a new value, by pt_regs name."""
+        return {k: v for k, v in self._values.items() if self._orig.get(k) != v}
+
+    def __repr__(self) -> str:
+        body = " ".join(f"{k}={v:#x}" for k, v in self._values.items() if k in GDB_NAMES)
+        return f"<PtRegs cpu={self.cpu} {body}>"

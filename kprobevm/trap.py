@@ -1,0 +1,485 @@
+"""The trap path: how a guest int3 reaches the host, and how the guest goes on after it.
+
+Fast channel (:class:`WatchpointChannel`, see docs/design.md): the host points IDT
+vector 3 at a stub in a slot page. The stub finds the probe's slot in a hash table and
+``iretq``s into it; the slot's first instruction stores to a mailbox that carries a
+gdbstub write watchpoint, so the VM stops with every register as at the probe. QEMU
+flushes its whole TCG cache at a *breakpoint* stop, not at a watchpoint stop
+(FACTS.md), which is why the trap arrives this way. One hit costs one stop, one ``g``
+and, when a handler changed registers, one ``G``; then ``c``. The slot then runs the
+displaced instruction and jumps back. Without a host (killed), the watched stores are
+plain stores and every probe still runs its instruction: the guest never sees an
+unknown int3.
+
+Fallback (:class:`BreakpointChannel`): a gdbstub breakpoint on the guest's own #BP
+vector, for guests where no slot memory can be mapped; see its docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
+from kprobevm.kprobes import ProbeSite
+from kprobevm.ptregs import PtRegs
+from kprobevm.slotmap import SlotArea
+from kprobevm.slots import SlotCache
+from kprobevm.x86 import insn as x86insn
+from kprobevm.x86 import ooline
+from kprobevm.x86.stub import build_int3_stub, stub_hash
+
+if TYPE_CHECKING:
+    from kprobevm.gdb.client import GdbClient
+    from kprobevm.gdb.packet import StopReply
+    from kprobevm.kprobes import KprobeManager
+    from kprobevm.vm import VM
+
+__all__ = ["TrapChannel", "WatchpointChannel", "install_channel"]
+
+log = logging.getLogger(__name__)
+
+INT3 = b"\xcc"
+TABLE_SLOTS = 4096  # open-addressing table: 64 KiB, good for 2,048 probes at half load
+TABLE_PAGES = TABLE_SLOTS * 16 // 4096
+EMPTY, TOMBSTONE = 0, 1
+WATCH_WRITE = 2  # gdbstub Z2
+
+
+def decode_idt_gate(gate: bytes) -> int:
+    """The handler address of a 64-bit IDT gate descriptor."""
+    lo, _sel, _ist, mid, hi, _ = struct.unpack("<HHHHII", gate)
+    handler: int = (hi << 32) | (mid << 16) | lo
+    return handler
+
+
+def encode_idt_gate(gate: bytes, handler: int) -> bytes:
+    """``gate`` with its handler address replaced (selector, IST, type kept)."""
+    _lo, sel, ist, _mid, _hi, rsv = struct.unpack("<HHHHII", gate)
+    return struct.pack(
+        "<HHHHII", handler & 0xFFFF, sel, ist, (handler >> 16) & 0xFFFF, handler >> 32, rsv
+    )
+
+
+def cpu_of_thread(thread: str | None) -> int:
+    """vCPU index of a gdbstub thread id (``p01.02`` -> 1)."""
+    if not thread:
+        return 0
+    tid = thread.rsplit(".", 1)[-1]
+    return max(int(tid, 16) - 1, 0)
+
+
+class TrapChannel:
+    """What the probe table needs from a channel: sites, arming, and the trap handler."""
+
+    name = "none"
+
+    def __init__(self, vm: VM, manager: KprobeManager) -> None:
+        self.vm = vm
+        self.manager = manager
+        self.unknown_stops = 0
+        self.hits = 0
+
+    def read_insn(self, addr: int) -> x86insn.Insn:
+        insn = x86insn.decode(self.vm.read(addr, x86insn.MAX_INSN_SIZE), addr)
+        insn.check_probeable()
+        return insn
+
+    def prepare_site(self, addr: int) -> ProbeSite:
+        raise NotImplementedError
+
+    def commit_site(self, site: ProbeSite) -> None:
+        raise NotImplementedError
+
+    def rebuild_site(self, site: ProbeSite) -> None:
+        raise NotImplementedError
+
+    def discard_site(self, site: ProbeSite) -> None:
+        raise NotImplementedError
+
+    def arm(self, site: ProbeSite) -> None:
+        """Write the int3 (journal first; refuse if the guest changed the bytes)."""
+        current = self.vm.memory.read(site.addr, site.insn.length)
+        if current != site.insn.bytes:
+            raise ProbeTextChanged(site.addr, site.insn.bytes, current)
+        site.int3_seq = self.vm.journal.record(
+            "virt", site.addr, site.insn.bytes[:1], INT3,
+            f"int3 at {self.vm.symbols.describe(site.addr)}",
+        )  # fmt: skip
+        self.vm.memory.write(site.addr, INT3)
+        site.armed = True
+
+    def disarm(self, site: ProbeSite) -> None:
+        """Put the original byte back, unless the guest changed it under us."""
+        current = self.vm.memory.read(site.addr, 1)
+        if current != INT3:
+            raise ProbeTextChanged(site.addr, INT3, current)
+        self.vm.memory.write(site.addr, site.insn.bytes[:1])
+        if site.int3_seq is not None:
+            self.vm.journal.undone(site.int3_seq)
+        site.int3_seq = None
+        site.armed = False
+
+    def ensure_running(self) -> None:
+        """The trap thread runs while any probe is registered."""
+        target = self.vm.target
+        target.on_stop = self.on_stop
+        target.start()
+
+    def on_stop(self, stop: StopReply) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class WatchpointChannel(TrapChannel):
+    """The fast channel: IDT vector 3 -> stub -> slot whose first store is watched."""
+
+    name = "watchpoint"
+
+    def __init__(self, vm: VM, manager: KprobeManager) -> None:
+        super().__init__(vm, manager)
+        self.area: SlotArea | None = None
+        self.slots: SlotCache | None = None
+        self.mailbox = 0
+        self.table = 0
+        self.table_keys = [EMPTY] * TABLE_SLOTS
+        self.idt_gate_addr = 0
+        self.idt_seq: int | None = None
+        self.orig_gate = b""
+        self.new_gate = b""
+        self.real_handler = 0
+        self.stub = 0
+        # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
+        self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
+        self.watchdog: subprocess.Popen[bytes] | None = None
+
+    # -- installation ----------------------------------------------------------------
+
+    def install(self) -> None:
+        vm = self.vm
+        reserve = vm.slot_reserve
+        if reserve is None:
+            raise KprobeError("the guest has no reserved memory (memmap=SIZE$BASE) for slots")
+        with vm.target.stopped() as client:
+            cr3 = client.read_registers()["cr3"]
+            area = SlotArea(vm.memory, vm.journal, reserve, cr3)
+            area.setup()
+            self.area = area
+            self.stub = area.map_page(executable=True)
+            self.mailbox = area.map_page(executable=False, writable=True)
+            table_pages = [area.map_page(executable=False) for _ in range(TABLE_PAGES)]
+            if table_pages != [table_pages[0] + i * 4096 for i in range(TABLE_PAGES)]:
+                raise KprobeError("slot area: hash table pages are not contiguous")
+            self.table = table_pages[0]
+            self.slots = SlotCache(_SlotPages(area), slot_size=ooline.SLOT_SIZE)
+            self.slots.in_use = self._slot_in_use
+
+            idt = vm.symbols["idt_table"]
+            self.idt_gate_addr = idt + 3 * 16
+            self.orig_gate = vm.memory.read(self.idt_gate_addr, 16)
+            self.real_handler = decode_idt_gate(self.orig_gate)
+            expected = vm.symbols.get("asm_exc_int3")
+            if expected is not None and expected != self.real_handler:
+                raise KprobeError(
+                    f"IDT vector 3 points at {vm.symbols.describe(self.real_handler)},"
+                    " not asm_exc_int3: someone else owns the #BP vector",
+                    address=self.real_handler,
+                )
+            stub = build_int3_stub(
+                self.stub, table=self.table, table_slots=TABLE_SLOTS,
+                real_handler=self.real_handler,
+            )  # fmt: skip
+            vm.memory.write_phys(area.phys(self.stub), stub.code)
+            client.insert_breakpoint(WATCH_WRITE, self.mailbox, 1)
+            self.new_gate = encode_idt_gate(self.orig_gate, self.stub + stub.offsets["entry"])
+            self.idt_seq = vm.journal.record(
+                "virt", self.idt_gate_addr, self.orig_gate, self.new_gate, "IDT vector 3 -> stub"
+            )
+            vm.memory.write(self.idt_gate_addr, self.new_gate)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """A child that sends ``D`` (detach) on our gdbstub connection if we die.
+
+        QEMU keeps a gdbstub watchpoint after its client vanishes, and a hit would then
+        stop the VM with nobody to continue it; a detach removes every breakpoint and
+        continues. The child shares our socket, so the hot path pays nothing for it.
+        """
+        fd = self.vm.target.client.fileno()
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(fd)],
+            stdin=subprocess.PIPE, pass_fds=(fd,), close_fds=True,
+        )  # fmt: skip
+
+    # -- the hash table the stub reads -----------------------------------------------
+
+    def _table_write(self, index: int, key: int, value: int) -> None:
+        assert self.area is not None
+        self.vm.memory.write_phys(
+            self.area.phys(self.table + 16 * index), struct.pack("<QQ", key, value)
+        )
+        self.table_keys[index] = key
+
+    def _table_insert(self, addr: int, slot_entry: int) -> None:
+        index = stub_hash(addr, TABLE_SLOTS)
+        free = None
+        for _ in range(TABLE_SLOTS):
+            key = self.table_keys[index]
+            if key == addr:
+                free = index
+                break
+            if key == TOMBSTONE and free is None:
+                free = index
+            if key == EMPTY:
+                if free is None:
+                    free = index
+                break
+            index = (index + 1) % TABLE_SLOTS
+        if free is None:
+            raise KprobeError("the stub's probe table is full", address=addr)
+        self._table_write(free, addr, slot_entry)
+
+    def _table_remove(self, addr: int) -> None:
+        index = stub_hash(addr, TABLE_SLOTS)
+        for _ in range(TABLE_SLOTS):
+            key = self.table_keys[index]
+            if key == addr:
+                self._table_write(index, TOMBSTONE, 0)
+                return
+            if key == EMPTY:
+                return
+            index = (index + 1) % TABLE_SLOTS
+
+    # -- sites -----------------------------------------------------------------------
+
+    def prepare_site(self, addr: int) -> ProbeSite:
+        assert self.slots is not None
+        insn = self.read_insn(addr)
+        slot = self.slots.get_insn_slot()
+        return ProbeSite(addr=addr, insn=insn, slot=slot)
+
+    def _write_slot_code(self, site: ProbeSite) -> None:
+        assert self.area is not None
+        post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
+        code = ooline.make_slot_code(
+            site.insn, site.slot.address, mailbox=self.mailbox, post_store=post
+        )
+        self.vm.memory.write_phys(self.area.phys(site.slot.address), code.bytes)
+        assert code.pre_store_end is not None
+        site.pre_rip = code.pre_store_end
+        site.post_rip = code.post_store_end
+        self.rip_map[code.pre_store_end] = (site, None)
+        for end, resume in code.post_exits:
+            self.rip_map[end] = (site, resume)
+
+    def _forget_rips(self, site: ProbeSite) -> None:
+        for rip in [r for r, (s, _) in self.rip_map.items() if s is site]:
+            del self.rip_map[rip]
+
+    def commit_site(self, site: ProbeSite) -> None:
+        self._write_slot_code(site)
+        self._table_insert(site.addr, site.slot.address)
+
+    def rebuild_site(self, site: ProbeSite) -> None:
+        """Move a site to a fresh slot (the old one may be running: it goes DIRTY)."""
+        assert self.slots is not None
+        old = site.slot
+        site.slot = self.slots.get_insn_slot()
+        self._forget_rips(site)
+        self._write_slot_code(site)
+        self._table_insert(site.addr, site.slot.address)
+        self.slots.free_insn_slot(old)
+
+    def discard_site(self, site: ProbeSite) -> None:
+        assert self.slots is not None
+        self._table_remove(site.addr)
+        self._forget_rips(site)
+        self.slots.free_insn_slot(site.slot)
+
+    def _slot_in_use(self, start: int, end: int) -> bool:
+        return any(start <= rip < end for rip in self.vcpu_rips())
+
+    def vcpu_rips(self) -> list[int]:
+        """Every vCPU's RIP (VM stopped)."""
+        client = self.vm.target.client
+        rips = []
+        for thread in client.threads():
+            client.select_thread("g", thread)
+            rips.append(client.read_register("rip"))
+        return rips
+
+    # -- the hot path (trap thread, VM stopped) --------------------------------------
+
+    def on_stop(self, stop: StopReply) -> None:
+        watch = stop.watch
+        if watch is None or watch.address != self.mailbox:
+            return
+        client: GdbClient = self.vm.target.client
+        gregs = client.read_registers()
+        hit = self.rip_map.get(gregs["rip"])
+        if hit is None:
+            # a slot we have since discarded: it runs on by itself
+            self.unknown_stops += 1
+            return
+        self.hits += 1
+        site, resume = hit
+        cpu = cpu_of_thread(stop.thread)
+        if resume is None:
+            self._pre(client, site, gregs, cpu)
+        else:
+            self._post(client, site, gregs, cpu, resume)
+
+    def _pre(self, client: GdbClient, site: ProbeSite, gregs: dict[str, int], cpu: int) -> None:
+        slot_rip = gregs["rip"]
+        gregs["rip"] = site.addr  # as at the probed instruction
+        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
+        skip = self.manager.run_pre_handlers(site, regs)
+        changes = regs.changes()
+        if skip:
+            # the handler moved regs.ip itself: the instruction is not run
+            self._write_back(client, changes, rip=regs.ip)
+            return
+        if site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
+            self._emulate_with_post(client, site, regs)
+            return
+        changes.pop("ip", None)
+        if changes:
+            self._write_back(client, changes, rip=slot_rip)
+
+    def _post(
+        self, client: GdbClient, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int
+    ) -> None:
+        slot_rip = gregs["rip"]
+        gregs["rip"] = resume
+        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
+        self.manager.run_post_handlers(site, regs)
+        changes = regs.changes()
+        if changes:
+            moved = changes.pop("ip", None)
+            self._write_back(client, changes, rip=moved if moved is not None else slot_rip)
+
+    def _emulate_with_post(self, client: GdbClient, site: ProbeSite, regs: PtRegs) -> None:
+        """A return or indirect branch with a post_handler: run it on the host."""
+        from kprobevm.x86.emulate import emulate
+
+        result = emulate(site.insn, _gdb_view(regs), self.vm.memory.u64)
+        for write in result.writes:
+            self.vm.memory.write(write.addr, write.data)
+        regs.ip = result.rip
+        regs.sp = result.rsp
+        if result.rcx is not None:
+            regs.cx = result.rcx
+        self.manager.run_post_handlers(site, regs)
+        changes = regs.changes()
+        self._write_back(client, changes, rip=regs.ip)
+
+    def _write_back(self, client: GdbClient, changes: dict[str, int], *, rip: int) -> None:
+        from kprobevm.ptregs import GDB_NAMES
+
+        values = {GDB_NAMES[k]: v for k, v in changes.items() if k != "ip"}
+        values["rip"] = rip
+        # sent with the resume, in one write: no round trip of its own
+        self.vm.target.before_resume.extend(client.register_write_packets(values))
+
+    # -- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Restore the IDT, drop the watchpoint, wait for vCPUs to leave, unmap."""
+        vm = self.vm
+        target = vm.target
+        target.stop()
+        with target.stopped() as client:
+            if self.idt_seq is not None:
+                current = vm.memory.read(self.idt_gate_addr, 16)
+                if current != self.new_gate:
+                    raise ProbeTextChanged(self.idt_gate_addr, self.new_gate, current)
+                vm.memory.write(self.idt_gate_addr, self.orig_gate)
+                vm.journal.undone(self.idt_seq)
+                self.idt_seq = None
+            client.remove_breakpoint(WATCH_WRITE, self.mailbox, 1)
+        self._wait_until_out_of_area()
+        with target.stopped() as client:
+            if self.area is not None:
+                self.area.teardown()
+                for thread in client.threads():
+                    client.select_thread("g", thread)
+                    client.write_register("cr3", client.read_register("cr3"))
+        self._stop_watchdog()
+
+    def _wait_until_out_of_area(self, timeout: float = 10.0) -> None:
+        """Let the guest run until no vCPU is inside the stub, a slot or a table walk."""
+        if self.area is None:
+            return
+        area = self.area
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.vm.target.stopped():
+                inside = [r for r in self.vcpu_rips() if area.contains(r)]
+            if not inside:
+                return
+            if time.monotonic() > deadline:
+                raise KprobeError(
+                    "vCPUs stay inside the slot area: " + ", ".join(f"{r:#x}" for r in inside)
+                )
+            self.vm.target.resume()
+            time.sleep(0.02)
+
+    def _stop_watchdog(self) -> None:
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            self.watchdog.stdin.write(b"q")
+            self.watchdog.stdin.close()
+            self.watchdog.wait(timeout=5)
+            self.watchdog = None
+
+
+def _gdb_view(regs: PtRegs) -> dict[str, int]:
+    from kprobevm.ptregs import GDB_NAMES
+
+    values = regs.as_dict()
+    return {GDB_NAMES[k]: v for k, v in values.items() if k in GDB_NAMES}
+
+
+class _SlotPages:
+    """Slot pages come from the slot area: executable, read-only to the guest."""
+
+    def __init__(self, area: SlotArea) -> None:
+        self.area = area
+
+    def map_page(self) -> int:
+        return self.area.map_page(executable=True)
+
+    def unmap_page(self, address: int) -> None:
+        self.area.unmap_page(address)
+
+
+# The watchdog child: wait for our death (stdin EOF) or a quiet exit ("q"), and on death
+# detach the gdbstub so QEMU drops our watchpoint and continues the VM.
+_WATCHDOG = """
+import os, sys, time
+fd = int(sys.argv[1])
+if sys.stdin.buffer.read(1) != b"q":
+    for _ in range(3):
+        try:
+            os.write(fd, b"$D#44")
+        except OSError:
+            break
+        time.sleep(0.05)
+"""
+
+
+def install_channel(vm: VM, manager: KprobeManager) -> TrapChannel:
+    """The fast channel when the guest allows it, else the breakpoint fallback."""
+    channel = WatchpointChannel(vm, manager)
+    try:
+        channel.install()
+    except KprobeVMError as exc:
+        log.warning("%s: fast trap channel unavailable (%s); using breakpoints", vm.name, exc)
+        raise
+    vm.log.info("trap channel: %s (slot area %#x)", channel.name, channel.stub)
+    return channel
