@@ -203,6 +203,8 @@ class GdbClient:
         if "PhyMemMode" in self.qemu_features:
             # QEMU keeps the mode across connections: a previous client may have left it on.
             self.set_phys_mode(False, force=True)
+        if self.features.get("qXfer:features:read") == "+":
+            _ = self.layout  # learn the registers now, not on the first probe hit
 
     def fileno(self) -> int:
         """The socket's descriptor, to select() on together with a wake-up pipe.

@@ -1,0 +1,304 @@
+"""GdbClient against a scripted fake stub (error paths), and against a paused QEMU (vm)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kprobevm.errors import (
+    GdbConnectionClosed,
+    GdbError,
+    GdbErrorReply,
+    GdbProtocolError,
+    GdbTimeout,
+)
+from kprobevm.gdb.client import BreakpointKind, GdbClient
+from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
+
+
+def make(target: QemuLike | None = None, *, timeout: float = 1.0,
+         **kw: object) -> tuple[GdbClient, FakeStub, QemuLike]:
+    target = target or QemuLike()
+    stub = FakeStub(target)
+    client = GdbClient(stub.client_sock, timeout=timeout, **kw)  # type: ignore[arg-type]
+    client.handshake()
+    return client, stub, target
+
+
+def test_handshake_and_layout_from_chunked_xml_with_include() -> None:
+    c, stub, _ = make()
+    assert c.packet_size == 0x1000 and "multiprocess" in c.features
+    assert "PhyMemMode" in c.qemu_features and c.phys_mode is False
+    lay = c.layout
+    assert lay.names == ("rax", "rbx", "rip", "eflags", "cs", "cr3", "st0", "xmm0")
+    assert lay["cr3"].offset == 8 + 8 + 8 + 4 + 4 and lay["cr3"].regnum == 5
+    assert sum(1 for p in stub.received if p.startswith(b"qXfer")) > 3  # m...l chunks
+
+
+def test_registers_read_and_write_only_changed() -> None:
+    c, stub, t = make()
+    regs = c.read_registers()
+    assert regs["rip"] == 0xFFF0 and regs["cs"] == 0xF000 and regs["cr3"] == 0x5000
+    before = len(stub.received)
+    assert c.write_registers({**regs, "rax": 0xDEAD}) == 1
+    assert stub.received[before:] == [b"P0=adde000000000000"]
+    assert t.regs[0] == 0xDEAD
+    assert c.read_register("rax") == 0xDEAD
+    c.write_register("eflags", 0x246)
+    assert t.regs[3] == 0x246
+
+
+def test_memory_chunks_are_pipelined_and_aligned() -> None:
+    c, stub, t = make()
+    t.ram[0x100:0x100 + 5] = b"hello"
+    data = c.read_memory(RAM_BASE + 0x100, 5000)
+    assert data[:5] == b"hello" and len(data) == 5000
+    reads = [p for p in stub.received if p.startswith(b"m")]
+    assert reads[0] == b"m1100,300"  # first chunk stops at a chunk boundary
+    assert all(int(p.split(b",")[1], 16) <= c.read_chunk for p in reads)
+    c.write_memory(RAM_BASE + 10, bytes(range(256)) * 10)
+    assert bytes(t.ram[10:10 + 2560]) == bytes(range(256)) * 10
+
+
+def test_error_reply_carries_sent_and_received() -> None:
+    c, _, _ = make()
+    with pytest.raises(GdbErrorReply) as exc:
+        c.read_memory(0x90000000, 8)
+    assert exc.value.code == 0x14 and exc.value.sent == b"m90000000,8"
+    assert exc.value.received == b"E14"
+    # The connection is still in step afterwards.
+    assert c.read_registers()["rip"] == 0xFFF0
+
+
+def test_phys_mode_switches_only_when_needed_in_the_same_pipeline() -> None:
+    c, stub, t = make()
+    before = len(stub.received)
+    c.read_phys(RAM_BASE, 8)
+    c.read_phys(RAM_BASE, 8)
+    c.read_memory(RAM_BASE, 8)
+    assert stub.received[before:] == [b"Qqemu.PhyMemMode:1", b"m1000,8", b"m1000,8",
+                                      b"Qqemu.PhyMemMode:0", b"m1000,8"]
+    assert t.phys is False
+
+
+def test_connect_time_stop_is_not_paired_with_a_request() -> None:
+    t = QemuLike()
+    t.stop_on_connect = True
+    c, _, _ = make(t)
+    assert c.stats.stale_stops == 1 and c.poll_stop() is None
+    assert c.threads() == ["p01.01", "p01.02"]
+
+
+def test_late_connect_stop_after_first_reply_is_dropped() -> None:
+    t = QemuLike()
+    t.hooks[b"qqemu.Supported"] = lambda p: [frame(b"sstepbits;sstep;PhyMemMode"),
+                                             frame(b"T02thread:01;")]
+    c, _, _ = make(t)
+    assert c.current_thread() == "p01.01"
+    assert c.stats.stale_stops == 1
+
+
+def test_cont_poll_interrupt_and_stop_events() -> None:
+    c, stub, t = make()
+    regs = c.read_registers()
+    c.cont(before=c.register_write_packets({**regs, "rbx": 7}))
+    assert t.regs[1] == 7 and c.running
+    assert c.poll_stop() is None
+    stop = c.interrupt()
+    assert stop is not None and stop.signal == 2 and stop.thread == "p01.01"
+    assert not c.running and stub.interrupts == 1
+    assert c.interrupt() is None and stub.interrupts == 1  # stopped: no \x03 sent
+    with pytest.raises(GdbError):
+        c.wait_stop(0.1)
+
+
+def test_stop_arriving_during_a_reply_wait_is_queued() -> None:
+    c, stub, t = make()
+    c.cont()
+    stub.send_raw(frame(b"T05watch:1234;thread:p01.02;"))
+    time.sleep(0.05)
+    stop = c.wait_stop(1.0)
+    assert stop.watch is not None and stop.watch.address == 0x1234
+    # QEMU makes the stopped vCPU current, so no Hg is needed for it.
+    before = len(stub.received)
+    c.read_registers(thread="p01.02")
+    assert stub.received[before:] == [b"g"]
+    c.read_registers(thread="p01.01")
+    assert stub.received[before + 1:] == [b"Hgp01.01", b"g"]
+
+
+def test_step_uses_vcont() -> None:
+    c, stub, _ = make()
+    stop = c.step("p01.02")
+    assert stop is not None and stop.thread == "p01.02"
+    assert stub.received[-1] == b"vCont;s:p01.02"
+
+
+def test_breakpoints_and_monitor() -> None:
+    c, _, t = make()
+    c.insert_breakpoint(BreakpointKind.WRITE_WATCH, 0x1234, 1)
+    assert (2, 0x1234) in t.breakpoints
+    c.remove_breakpoint(BreakpointKind.WRITE_WATCH, 0x1234, 1)
+    assert not t.breakpoints
+    assert c.monitor("info registers") == "you said: info registers\n"
+    assert c.console == []
+
+
+def test_nak_makes_the_client_retransmit() -> None:
+    t = QemuLike()
+    stub = FakeStub(t, ack=False)
+    seen: list[bytes] = []
+
+    def flaky(p: bytes) -> bytes:
+        seen.append(p)
+        return b"-" if len(seen) == 1 else b"+" + frame(b"QCp01.01")
+
+    c = GdbClient(stub.client_sock, timeout=1.0)
+    t.hooks[b"qC"] = flaky
+    assert c.current_thread() == "p01.01"
+    assert seen == [b"qC", b"qC"] and c.stats.retransmits == 1
+
+
+def test_bad_checksum_is_naked_and_retransmission_accepted() -> None:
+    t = QemuLike()
+    sent = []
+
+    def bad_then_good(p: bytes) -> bytes:
+        sent.append(p)
+        return b"$QCp01.01#00"
+
+    t.hooks[b"qC"] = bad_then_good
+    c, stub, _ = make(t)
+    c.send_packet(b"qC")
+    time.sleep(0.05)
+    stub.send_raw(frame(b"QCp01.01"))  # the stub's retransmission
+    assert c.recv_reply() == b"QCp01.01"
+    assert c.stats.bad_checksums == 1 and b"-" in stub.raw_received
+
+
+def test_stall_times_out_and_late_reply_is_discarded() -> None:
+    t = QemuLike()
+    late: list[bytes] = []
+    t.hooks[b"qC"] = lambda p: late.append(p)  # type: ignore[func-returns-value]
+    c, stub, _ = make(t, timeout=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(GdbTimeout) as exc:
+        c.current_thread()
+    assert time.monotonic() - t0 < 1.0 and exc.value.sent == b"qC"
+    stub.send_raw(frame(b"QCp01.07"))  # the stalled reply arrives late
+    assert c.threads() == ["p01.01", "p01.02"]  # not paired with the late QC
+    assert c.stats.abandoned_replies == 1
+
+
+def test_closed_connection() -> None:
+    t = QemuLike()
+    t.hooks[b"qC"] = lambda p: None
+    c, stub, _ = make(t)
+    c.send_packet(b"qC")
+    stub.close()
+    with pytest.raises(GdbConnectionClosed):
+        c.recv_reply()
+    assert c.closed
+
+
+def test_garbage_and_huge_packets() -> None:
+    t = QemuLike()
+    t.hooks[b"qC"] = lambda p: b"\x00garbage\xff" + frame(b"QCp01.01")
+    t.hooks[b"qfThreadInfo"] = lambda p: b"$" + b"a" * 5000
+    c, _, _ = make(t, max_packet=4096)
+    assert c.current_thread() == "p01.01"
+    with pytest.raises(GdbProtocolError):
+        c.threads()
+
+
+def test_unexpected_reply_shape_is_a_protocol_error() -> None:
+    t = QemuLike()
+    t.hooks[b"g"] = lambda p: frame(b"zz")
+    c, _, _ = make(t)
+    regs = c.read_registers()  # unparseable hex: registers left out, not garbage values
+    assert regs == {}
+    t.hooks[b"qC"] = lambda p: frame(b"nope")
+    with pytest.raises(GdbProtocolError):
+        c.current_thread()
+
+
+# -- real QEMU (BIOS only, paused) -------------------------------------------------------
+
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+@pytest.fixture(scope="module")
+def qemu_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    sock = tmp_path_factory.mktemp("gdb") / "g.sock"
+    proc = subprocess.Popen(
+        [QEMU, "-nodefaults", "-display", "none", "-S", "-smp", "2", "-m", "64M",
+         "-gdb", f"unix:{sock},server,nowait"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.vm
+def test_qemu_registers_memory_breakpoints(qemu_sock: Path) -> None:
+    with GdbClient.connect(qemu_sock) as c:
+        assert c.packet_size == 0x1000 and "PhyMemMode" in c.qemu_features
+        assert c.threads() == ["p01.01", "p01.02"]
+        regs = c.read_registers()
+        assert regs["rip"] == 0xFFF0 and regs["cs"] == 0xF000
+        assert c.layout["fs_base"].offset == 164 and c.layout["cr3"].offset == 204
+        assert c.layout.g_size == 608
+        assert c.read_register("rip") == 0xFFF0
+        pattern = bytes(range(256)) * 16 + b"tail"
+        c.write_memory(0x20000, pattern)
+        assert c.read_memory(0x20000, len(pattern)) == pattern
+        assert c.read_phys(0x20000, 16) == pattern[:16]
+        assert c.read_memory(0x20000, 4) == pattern[:4]
+        t0 = time.perf_counter()
+        assert len(c.read_memory(0, 1 << 20)) == 1 << 20
+        assert time.perf_counter() - t0 < 1.0
+        with pytest.raises(GdbErrorReply) as exc:
+            c.read_memory(0x10000000, 8)  # beyond 64M of RAM
+        assert exc.value.code == 0x14
+        c.insert_breakpoint(BreakpointKind.SOFTWARE, 0xFFFF0)
+        c.remove_breakpoint(BreakpointKind.SOFTWARE, 0xFFFF0)
+        out = c.monitor("info registers")
+        assert "EIP=" in out or "RIP=" in out
+        c.write_register("rax", 0x1234_5678)
+        assert c.read_registers()["rax"] == 0x1234_5678
+        c.write_register("rax", 0)
+        c.cont()
+        time.sleep(0.05)
+        stop = c.interrupt()
+        assert stop is not None and stop.signal == 2 and not c.running
+        ap = c.read_registers(thread="p01.02")
+        bsp = c.read_registers(thread="p01.01")
+        assert ap != bsp  # two vCPUs, two register files
+        assert c.read_register("rip", thread="p01.02") == ap["rip"]
+
+
+@pytest.mark.vm
+def test_qemu_reconnect_and_connect_time_stop(qemu_sock: Path) -> None:
+    with GdbClient.connect(qemu_sock) as c:
+        c.set_phys_mode(True)
+        c.cont()  # leave the VM running and phys mode on
+    with GdbClient.connect(qemu_sock) as c:
+        # The connect stopped the VM and the handshake reset phys mode.
+        assert c.phys_mode is False and not c.running
+        assert c.poll_stop() is None
+        assert c.read_memory(0x20000, 2) == c.read_phys(0x20000, 2)
+        assert c.current_thread().startswith("p01.")
