@@ -9,6 +9,7 @@ handshake, ``g``/``p``/``P``, ``m``/``M`` over a small RAM, ``Z``/``z``, ``c`` a
 from __future__ import annotations
 
 import binascii
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -88,18 +89,14 @@ class FakeStub:
 
     def send_raw(self, data: bytes) -> None:
         """Put bytes on the wire as they are."""
-        try:
+        with contextlib.suppress(OSError):
             self._sock.sendall(data)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Hang up."""
         self._stop = True
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
 
 
@@ -161,8 +158,8 @@ class QemuLike:
             n = int(p[1:], 16)
             return frame(binascii.hexlify(self.regs[n].to_bytes(REG_SIZES[n], "little")))
         if p.startswith(b"P"):
-            n, _, v = p[1:].partition(b"=")
-            self.regs[int(n, 16)] = int.from_bytes(binascii.unhexlify(v), "little")
+            num, _, v = p[1:].partition(b"=")
+            self.regs[int(num, 16)] = int.from_bytes(binascii.unhexlify(v), "little")
             return frame(b"OK")
         if p.startswith(b"m"):
             addr, n = (int(x, 16) for x in p[1:].split(b","))
@@ -179,8 +176,8 @@ class QemuLike:
             self.ram[addr - RAM_BASE:addr - RAM_BASE + n] = binascii.unhexlify(data)
             return frame(b"OK")
         if p[:1] in (b"Z", b"z"):
-            kind, addr, _ = p[1:].split(b",")
-            key = (int(kind), int(addr, 16))
+            kind, where, _ = p[1:].split(b",")
+            key = (int(kind.decode()), int(where, 16))
             if p[:1] == b"Z":
                 self.breakpoints.add(key)
             else:

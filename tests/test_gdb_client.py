@@ -118,7 +118,7 @@ def test_cont_poll_interrupt_and_stop_events() -> None:
 
 
 def test_stop_arriving_during_a_reply_wait_is_queued() -> None:
-    c, stub, t = make()
+    c, stub, _t = make()
     c.cont()
     stub.send_raw(frame(b"T05watch:1234;thread:p01.02;"))
     time.sleep(0.05)
@@ -184,7 +184,7 @@ def test_bad_checksum_is_naked_and_retransmission_accepted() -> None:
 def test_stall_times_out_and_late_reply_is_discarded() -> None:
     t = QemuLike()
     late: list[bytes] = []
-    t.hooks[b"qC"] = lambda p: late.append(p)  # type: ignore[func-returns-value]
+    t.hooks[b"qC"] = lambda p: late.append(p)
     c, stub, _ = make(t, timeout=0.2)
     t0 = time.monotonic()
     with pytest.raises(GdbTimeout) as exc:

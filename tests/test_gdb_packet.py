@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -192,10 +194,8 @@ def test_fuzz_reader_only_protocol_errors_and_bounded(chunks: list[bytes]) -> No
         assert r.pending <= 128 + 3
         for ev in events:
             if isinstance(ev, Packet) and is_stop_reply(ev.payload):
-                try:
+                with contextlib.suppress(GdbProtocolError):
                     parse_stop_reply(ev.payload)
-                except GdbProtocolError:
-                    pass
 
 
 _packet_alphabet = st.sampled_from([b"$", b"#", b"+", b"-", b"}", b"*", b"T05", b"thread:",

@@ -206,7 +206,7 @@ def _mi_error(cmd: str, msg: str) -> GdbError:
 
 
 def _stop_from_mi(payload: dict[str, Any]) -> StopReply:
-    signal = _SIGNALS.get(str(payload.get("signal-name", "")), None)
+    signal = _SIGNALS.get(str(payload.get("signal-name", "")))
     reason = str(payload.get("reason", ""))
     if signal is None and reason in ("breakpoint-hit", "watchpoint-trigger", "end-stepping-range"):
         signal = 5
