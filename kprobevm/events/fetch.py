@@ -1,0 +1,537 @@
+"""Fetch arguments: what a kprobe event records at each hit, and how it is read.
+
+The kernel compiles each argument into ``fetch_insn`` ops (kernel/trace/trace_probe.c)
+and runs them per hit (``process_fetch_insn``). Here an argument is a small tree
+(:data:`FetchSource`) plus a type, compiled once into a chain of closures, evaluated
+against a :class:`FetchContext` (registers and memory of the stopped guest).
+
+Values (see :meth:`FetchArg.fetch`): ``int`` for number types (signed ones already
+signed), ``bytes`` for strings, :class:`Symbolic` for ``symbol``, ``str`` for ``symstr``,
+``None`` for a read that faulted, a ``tuple`` of those for arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kprobevm.errors import GuestFaultError
+
+__all__ = [
+    "DEFAULT_TYPE",
+    "FETCH_TYPES",
+    "MAX_STRING_SIZE",
+    "X86_64_ARG_REGS",
+    "X86_64_REGISTERS",
+    "Arg",
+    "ArgValue",
+    "Bitfield",
+    "Comm",
+    "Deref",
+    "FetchArg",
+    "FetchContext",
+    "FetchSource",
+    "FetchType",
+    "Imm",
+    "ImmString",
+    "Reg",
+    "Retval",
+    "Stack",
+    "StackPointer",
+    "SymbolAddress",
+    "Symbolic",
+    "format_value",
+    "kernel_read_allowed",
+    "user_read_allowed",
+]
+
+# regoffset_table in arch/x86/kernel/ptrace.c: the only names %REG accepts on x86_64
+# (so "%ax" works and "%rax" is BAD_REG_NAME).
+X86_64_REGISTERS = frozenset(
+    {
+        "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8",
+        "bx", "cx", "dx", "si", "di", "bp", "ax",
+        "orig_ax", "ip", "cs", "flags", "sp", "ss",
+    }
+)  # fmt: skip
+
+# regs_get_kernel_argument(): the SysV ABI registers, then the stack above the return address.
+X86_64_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+
+MAX_STRING_SIZE = 4096  # PATH_MAX: a fetched string keeps at most 4095 bytes
+_PAGE = 4096
+# x86-64 copy_from_kernel_nofault_allowed(): only canonical kernel-half addresses
+# (4-level paging, 48-bit virtual addresses), so a plain deref of a user pointer faults.
+_KERNEL_HALF = 0xFFFF_8000_0000_0000
+# access_ok() for the user half: below TASK_SIZE_MAX (1 << 47) - PAGE_SIZE.
+_TASK_SIZE_MAX = (1 << 47) - _PAGE
+_U64 = (1 << 64) - 1
+
+
+def kernel_read_allowed(address: int) -> bool:
+    """Whether x86-64 6.1 lets a probe read kernel memory at ``address`` (else it faults)."""
+    return address >= _KERNEL_HALF
+
+
+def user_read_allowed(address: int, size: int) -> bool:
+    """Whether ``access_ok`` passes a user read of ``size`` bytes at ``address``."""
+    return address + size <= _TASK_SIZE_MAX
+
+
+class FetchContext(Protocol):
+    """The stopped guest as fetch arguments see it (one hit, one vCPU)."""
+
+    def reg(self, name: str) -> int:
+        """A pt_regs field by its kernel name (``ax``, ``si``, ``ip``, ``flags``...)."""
+        ...
+
+    def read(self, address: int, size: int) -> bytes:
+        """Kernel memory; raises :class:`~kprobevm.errors.GuestFaultError` when unmapped."""
+        ...
+
+    def read_user(self, address: int, size: int) -> bytes:
+        """User memory of the current task; raises ``GuestFaultError`` when unmapped."""
+        ...
+
+    def symbol_address(self, name: str) -> int:
+        """The address of a kernel symbol (``KeyError`` when unknown)."""
+        ...
+
+    def describe(self, address: int) -> str:
+        """``address`` as the kernel's ``%pS`` prints it (``sym+0x10/0x80 [mod]`` or ``0x...``)."""
+        ...
+
+    def comm(self) -> str:
+        """``current->comm``."""
+        ...
+
+    def retval(self) -> int:
+        """The return value at a return probe (``regs->ax``)."""
+        ...
+
+    def stack(self, n: int) -> int:
+        """The n-th word above the stack pointer, 0 outside the task's stack (as the kernel)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FetchType:
+    """One of the kernel's fetch types (``probe_fetch_types[]``)."""
+
+    name: str
+    size: int  # bytes stored in the event record (strings store a 4-byte data_loc)
+    signed: bool = False
+    kind: str = "int"  # int | hex | string | ustring | symstr | symbol
+
+    @property
+    def is_string(self) -> bool:
+        """string, ustring and symstr are stored as dynamic data."""
+        return self.kind in ("string", "ustring", "symstr")
+
+
+FETCH_TYPES: dict[str, FetchType] = {
+    t.name: t
+    for t in [
+        FetchType("string", 4, True, "string"),
+        FetchType("ustring", 4, True, "ustring"),
+        FetchType("symstr", 4, True, "symstr"),
+        FetchType("u8", 1),
+        FetchType("u16", 2),
+        FetchType("u32", 4),
+        FetchType("u64", 8),
+        FetchType("s8", 1, True),
+        FetchType("s16", 2, True),
+        FetchType("s32", 4, True),
+        FetchType("s64", 8, True),
+        FetchType("x8", 1, False, "hex"),
+        FetchType("x16", 2, False, "hex"),
+        FetchType("x32", 4, False, "hex"),
+        FetchType("x64", 8, False, "hex"),
+        FetchType("symbol", 8, False, "symbol"),
+    ]
+}
+DEFAULT_TYPE = FETCH_TYPES["x64"]  # DEFAULT_FETCH_TYPE is x##BITS_PER_LONG
+
+
+@dataclass(frozen=True)
+class Bitfield:
+    """``b<width>@<offset>/<container>``: keep ``width`` bits from ``offset`` of the container."""
+
+    width: int
+    offset: int
+    container: int  # bits: 8, 16, 32 or 64
+
+    def apply(self, value: int) -> int:
+        """The kernel's shift-left-then-right inside the container (FETCH_OP_MOD_BF)."""
+        mask = (1 << self.container) - 1
+        lshift = self.container - (self.width + self.offset)
+        rshift = self.container - self.width
+        return ((value << lshift) & mask) >> rshift
+
+    def __str__(self) -> str:
+        return f"b{self.width}@{self.offset}/{self.container}"
+
+
+@dataclass(frozen=True)
+class Symbolic:
+    """A ``symbol``-typed value: the address and how ``%pS`` printed it."""
+
+    address: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+ArgValue = int | bytes | str | Symbolic | None | tuple["ArgValue", ...]
+
+
+# --- The fetch tree -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reg:
+    """``%REG``: a pt_regs field."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Stack:
+    """``$stackN``: the N-th word on the stack."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class StackPointer:
+    """``$stack``: the stack pointer itself."""
+
+
+@dataclass(frozen=True)
+class Retval:
+    """``$retval`` (return probes only)."""
+
+
+@dataclass(frozen=True)
+class Comm:
+    """``$comm``: the current task's name (a string)."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """``$argN`` (1-based), through the x86-64 calling convention."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class Imm:
+    """``\\IMM`` or ``@ADDR``'s address: a constant."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class ImmString:
+    """``\\"text"``: a constant string."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SymbolAddress:
+    """The address of ``@SYM[+|-offs]``, resolved when the event is placed."""
+
+    expr: str  # as written after '@', e.g. "jiffies+8"
+    name: str | None  # expr split at its first '+'/'-' (None: the offset does not parse)
+    offset: int = 0
+    address: int | None = None  # name's address + offset, once resolved
+
+
+@dataclass(frozen=True)
+class Deref:
+    """``+|-[u]OFFS(inner)`` and the load of ``@ADDR``: read a word at ``inner + offset``."""
+
+    offset: int
+    inner: FetchSource
+    user: bool = False
+
+
+FetchSource = (
+    Reg | Stack | StackPointer | Retval | Comm | Arg | Imm | ImmString | SymbolAddress | Deref
+)
+
+_Getter = Callable[[FetchContext], int]
+_Fetcher = Callable[[FetchContext], ArgValue]
+
+
+class _Fault(Exception):
+    """A read failed: the argument's value is ``None`` (printed ``(fault)``)."""
+
+
+def _read_word(ctx: FetchContext, address: int, user: bool) -> int:
+    return int.from_bytes(_read(ctx, address, 8, user), "little")
+
+
+def _read(ctx: FetchContext, address: int, size: int, user: bool) -> bytes:
+    address &= _U64
+    try:
+        if user:
+            if not user_read_allowed(address, size):
+                raise _Fault
+            data = ctx.read_user(address, size)
+        else:
+            if not kernel_read_allowed(address):
+                raise _Fault
+            data = ctx.read(address, size)
+    except GuestFaultError as exc:
+        raise _Fault from exc
+    if len(data) != size:
+        raise _Fault
+    return data
+
+
+def _read_string(ctx: FetchContext, address: int, user: bool) -> bytes:
+    """A NUL-terminated string, at most 4095 bytes; faults anywhere before the NUL fault it."""
+    out = bytearray()
+    address &= _U64
+    while len(out) < MAX_STRING_SIZE:
+        # Read up to the page end at most: a fault past the NUL must not count.
+        chunk = min(256, _PAGE - (address % _PAGE), MAX_STRING_SIZE - len(out))
+        data = _read(ctx, address, chunk, user)
+        nul = data.find(b"\0")
+        if nul >= 0:
+            out += data[:nul]
+            return bytes(out)
+        out += data
+        address = (address + chunk) & _U64
+    return bytes(out[: MAX_STRING_SIZE - 1])
+
+
+def _compile_source(src: FetchSource) -> _Getter:
+    """Stage 1 and 2 of process_fetch_insn: the value before it is stored."""
+    match src:
+        case Reg(name):
+            return lambda ctx: ctx.reg(name) & _U64
+        case Stack(n):
+            return lambda ctx: ctx.stack(n) & _U64
+        case StackPointer():
+            return lambda ctx: ctx.reg("sp") & _U64
+        case Retval():
+            return lambda ctx: ctx.retval() & _U64
+        case Arg(n):
+            if n <= len(X86_64_ARG_REGS):
+                reg = X86_64_ARG_REGS[n - 1]
+                return lambda ctx: ctx.reg(reg) & _U64
+            # Argument 7 is the first word above the return address: $stack1.
+            slot = n - len(X86_64_ARG_REGS)
+            return lambda ctx: ctx.stack(slot) & _U64
+        case Imm(value):
+            imm = value & _U64
+            return lambda ctx: imm
+        case SymbolAddress(_, sym, sym_offset, address):
+            if address is not None:
+                resolved = address & _U64
+                return lambda ctx: resolved
+            return lambda ctx: _lookup_symbol(ctx, sym, sym_offset)
+        case Deref(offset, inner, user):
+            get = _compile_source(inner)
+            return lambda ctx: _read_word(ctx, get(ctx) + offset, user)
+        case Comm() | ImmString():
+            raise TypeError(f"{src!r} is a string and has no numeric value")
+    raise TypeError(f"unknown fetch source {src!r}")
+
+
+def _lookup_symbol(ctx: FetchContext, name: str | None, offset: int) -> int:
+    if name is None:
+        raise _Fault
+    try:
+        return (ctx.symbol_address(name) + offset) & _U64
+    except KeyError as exc:
+        raise _Fault from exc
+
+
+def _to_int(data: bytes, ftype: FetchType) -> int:
+    return int.from_bytes(data, "little", signed=ftype.signed)
+
+
+def _store_number(value: int, ftype: FetchType, bitfield: Bitfield | None) -> int:
+    value &= (1 << (8 * ftype.size)) - 1
+    if bitfield is not None:
+        value = bitfield.apply(value)
+    if ftype.signed and value >= 1 << (8 * ftype.size - 1):
+        value -= 1 << (8 * ftype.size)
+    return value
+
+
+@dataclass(frozen=True)
+class FetchArg:
+    """One ``NAME=FETCHARG[:TYPE]`` of an event, parsed; :meth:`fetch` reads it at a hit."""
+
+    name: str
+    comm: str  # the argument as written after NAME= (kprobe_events shows it)
+    source: FetchSource
+    type: FetchType = DEFAULT_TYPE
+    count: int = 0  # array length, 0 for a scalar
+    bitfield: Bitfield | None = None
+    _compiled: list[_Fetcher] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    @property
+    def type_name(self) -> str:
+        """The type as written (``u32``, ``b4@4/32``, ``string[2]``)."""
+        base = str(self.bitfield) if self.bitfield else self.type.name
+        return f"{base}[{self.count}]" if self.count else base
+
+    def fetch(self, ctx: FetchContext) -> ArgValue:
+        """This argument's value at the current hit; faults give ``None``."""
+        if not self._compiled:
+            self._compiled.append(self._compile())
+        return self._compiled[0](ctx)
+
+    def format(self, value: ArgValue) -> str:
+        """``value`` as the kernel prints this argument (``0x1f``, ``"name"``, ``{1,2}``)."""
+        return format_value(self.type, value)
+
+    def _compile(self) -> _Fetcher:
+        one = self._compile_element()
+        if not self.count:
+            return one
+        return self._compile_array()
+
+    def _compile_element(self) -> _Fetcher:
+        ftype, src, bitfield = self.type, self.source, self.bitfield
+        if ftype.kind in ("string", "ustring"):
+            return _guard(self._string_fetcher())
+        if ftype.kind == "symstr":
+            get = _compile_source(src)
+            return _guard(lambda ctx: ctx.describe(get(ctx)))
+        if isinstance(src, Deref):
+            # The last dereference becomes the store itself: read type.size bytes (ST_MEM).
+            inner = _compile_source(src.inner)
+            off, user, size = src.offset, src.user, ftype.size
+
+            def load(ctx: FetchContext) -> int:
+                return _to_int(_read(ctx, inner(ctx) + off, size, user), ftype)
+
+            number: _Getter = load
+        else:
+            number = _compile_source(src)
+        if ftype.kind == "symbol":
+            return _guard(lambda ctx: _symbolic(ctx, number(ctx)))
+        return _guard(lambda ctx: _store_number(number(ctx), ftype, bitfield))
+
+    def _string_fetcher(self) -> _Fetcher:
+        user_type = self.type.kind == "ustring"
+        src = self.source
+        if isinstance(src, Comm):
+            return lambda ctx: ctx.comm().encode("utf-8", "surrogateescape")[:15]
+        if isinstance(src, ImmString):
+            data = src.data
+            return lambda ctx: data
+        if isinstance(src, Deref):
+            inner = _compile_source(src.inner)
+            off, user = src.offset, src.user or user_type
+            return lambda ctx: _read_string(ctx, inner(ctx) + off, user)
+        # An immediate (\IMM, never dereferenced) is the string's address.
+        addr = _compile_source(src)
+        return lambda ctx: _read_string(ctx, addr(ctx), user_type)
+
+    def _compile_array(self) -> _Fetcher:
+        count, ftype, src, bitfield = self.count, self.type, self.source, self.bitfield
+        if ftype.is_string:
+            # An array of char pointers: element i is the string at *(base + off + 8*i).
+            if not isinstance(src, Deref):
+                first = self._compile_element()
+                return lambda ctx: (first(ctx),) + (None,) * (count - 1)
+            base = _compile_source(src.inner)
+            off, user = src.offset, src.user
+            str_user = user or ftype.kind == "ustring"
+
+            def strings(ctx: FetchContext) -> ArgValue:
+                try:
+                    start = base(ctx)
+                except _Fault:
+                    return (None,) * count
+                out: list[ArgValue] = []
+                for i in range(count):
+                    try:
+                        ptr = _read_word(ctx, start + 8 * i + off, user)
+                        out.append(_read_string(ctx, ptr, str_user))
+                    except _Fault:
+                        out.append(None)
+                return tuple(out)
+
+            return strings
+        assert isinstance(src, Deref)  # the parser allows arrays of memory only
+        base = _compile_source(src.inner)
+        off, size = src.offset, ftype.size
+
+        def numbers(ctx: FetchContext) -> ArgValue:
+            try:
+                start = base(ctx) + off
+            except _Fault:
+                return (None,) * count
+            out: list[ArgValue] = []
+            for i in range(count):
+                try:
+                    raw = _to_int(_read(ctx, start + i * size, size, False), ftype)
+                except _Fault:
+                    out.append(None)
+                    continue
+                if ftype.kind == "symbol":
+                    out.append(_symbolic(ctx, raw))
+                else:
+                    out.append(_store_number(raw, ftype, bitfield))
+            return tuple(out)
+
+        return numbers
+
+
+def _symbolic(ctx: FetchContext, value: int) -> Symbolic:
+    value &= _U64
+    return Symbolic(value, ctx.describe(value))
+
+
+def _guard(fetch: Callable[[FetchContext], ArgValue]) -> _Fetcher:
+    def guarded(ctx: FetchContext) -> ArgValue:
+        try:
+            return fetch(ctx)
+        except _Fault:
+            return None
+
+    return guarded
+
+
+FAULT_TEXT = "(fault)"
+
+
+def format_value(ftype: FetchType, value: ArgValue) -> str:
+    """A value as print_probe_args() prints it for ``ftype``."""
+    if isinstance(value, tuple):
+        return "{" + ",".join(format_value(ftype, v) for v in value) + "}"
+    if value is None:
+        # Strings print (fault) in the kernel; for numbers the kernel leaves the ring
+        # buffer's old bytes (undefined), and we say fault instead of inventing a number.
+        return FAULT_TEXT
+    return _formatter(ftype.name)(value)
+
+
+@functools.cache
+def _formatter(name: str) -> Callable[[ArgValue], str]:
+    ftype = FETCH_TYPES[name]
+    if ftype.kind in ("string", "ustring", "symstr"):
+
+        def string(value: ArgValue) -> str:
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "backslashreplace")
+            return f'"{value}"'
+
+        return string
+    if ftype.kind == "symbol":
+        return str
+    if ftype.kind == "hex":
+        return lambda value: f"0x{value:x}"  # type: ignore[str-bytes-safe]
+    return str
