@@ -8,15 +8,18 @@ from __future__ import annotations
 from kprobevm.errors import *  # noqa: F403 (the error tree is part of the public API)
 from kprobevm.errors import __all__ as _errors_all
 from kprobevm.image import Image, default_image
+from kprobevm.kprobes import Kprobe
 from kprobevm.launcher import boot
 from kprobevm.shell import RunResult
-from kprobevm.vm import VM, GuestEndpoints
+from kprobevm.vm import VM, GuestEndpoints, attach
 
 __all__ = [
     "VM",
     "GuestEndpoints",
     "Image",
+    "Kprobe",
     "RunResult",
+    "attach",
     "boot",
     "default_image",
     *_errors_all,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.image import DEFAULT_MEMORY
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -38,7 +39,8 @@ def _add_boot_options(parser: argparse.ArgumentParser) -> None:
     """The guest options shared by every sub-command that boots a VM."""
     group = parser.add_argument_group("guest")
     group.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    group.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
+    group.add_argument("--memory", default=DEFAULT_MEMORY,
+                       help=f"guest RAM (default {DEFAULT_MEMORY})")
     group.add_argument("--kernel", type=Path, help="a bzImage instead of the default image's")
     group.add_argument("--initrd", type=Path, help="an initramfs instead of the default one")
     group.add_argument("--append", default="", help="extra kernel command-line words")

@@ -32,6 +32,7 @@ from kprobevm.errors import ImageError, VmlinuxError
 __all__ = [
     "BUILD_VERSION",
     "DEFAULT_CMDLINE",
+    "DEFAULT_MEMORY",
     "KERNEL_METAPACKAGE",
     "READY_MARKER",
     "RECIPE_DIR",
@@ -51,7 +52,12 @@ READY_MARKER = "KPROBEVM-READY"
 
 SLOT_RESERVE: tuple[int, int] = (0x1F000000, 16 << 20)
 """Guest-physical range (start, size) the guest kernel never uses (``memmap=SIZE$START``):
-the place where kprobevm's instruction slots live. It is the top 16 MiB of 512 MiB of RAM."""
+the place where kprobevm's instruction slots live (496 MiB to 512 MiB)."""
+
+DEFAULT_MEMORY = "544M"
+"""Guest RAM. Not 512M: SeaBIOS keeps the top 128 KiB of low RAM for itself (e820
+reserved, ACPI tables), which at 512M would be the last 128 KiB of SLOT_RESERVE. With
+544M the whole reserve is plain RAM that only ``memmap=`` takes from the kernel."""
 
 DEFAULT_CMDLINE = (
     "console=ttyS0 panic=-1 oops=panic nokaslr nopti quiet "

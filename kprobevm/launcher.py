@@ -29,7 +29,7 @@ from kprobevm.errors import (
     VMError,
     VMLaunchFailure,
 )
-from kprobevm.image import READY_MARKER, SLOT_RESERVE, Image, default_image
+from kprobevm.image import DEFAULT_MEMORY, READY_MARKER, SLOT_RESERVE, Image, default_image
 from kprobevm.shell import GuestShell
 from kprobevm.vm import VM, GuestEndpoints
 
@@ -253,6 +253,19 @@ def _wait_ready(machine: QemuMachine, ssh_port: int, key: Path, deadline: float,
         time.sleep(0.05 if not marker_seen else 0.2)
 
 
+def _sweep_stale_dirs() -> None:
+    """Remove private directories left by a process that was killed (its QEMU died with it
+    through the parent-death signal, but nobody removed the sockets and logs)."""
+    for directory in Path(tempfile.gettempdir()).glob("kprobevm-*"):
+        try:
+            owner = int((directory / "owner").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
 def _hostfwd_failed(output: str) -> bool:
     return "hostfwd" in output or "host forwarding" in output
 
@@ -261,7 +274,9 @@ def _launch(qemu: str, *, name: str, kernel: Path, initrd: Path, cmdline: str, m
             smp: int, accel: str, gdb_tcp: bool | int, key: Path, timeout: float,
             expect_marker: bool) -> tuple[QemuMachine, GuestShell, int]:
     """One QEMU start; retried by the caller when the SSH port was taken meanwhile."""
+    _sweep_stale_dirs()
     private_dir = Path(tempfile.mkdtemp(prefix=f"kprobevm-{name}-"))  # mode 0700
+    (private_dir / "owner").write_text(f"{os.getpid()}\n")
     ssh_port = _free_port()
     command, gdb = _command(
         qemu, kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, smp=smp,
@@ -292,7 +307,7 @@ def boot(
     kernel: Path | str | None = None,
     initrd: Path | str | None = None,
     append: str = "",
-    memory: str = "512M",
+    memory: str = DEFAULT_MEMORY,
     smp: int = 1,
     accel: str = "tcg",
     kaslr: bool = False,

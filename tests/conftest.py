@@ -1,0 +1,85 @@
+"""Shared fixtures: one default guest for the whole session, checked for kernel trouble after
+every test that used it, and a check that no QEMU started by the tests outlives them."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+import pytest
+
+from kprobevm.vm import VM
+
+SESSION_TOKEN = f"KPROBEVM_TEST_SESSION={uuid.uuid4().hex}"
+"""Put in the environment of every process the tests start (QEMU inherits it), so the
+session can tell its own QEMUs from those of anyone else on the machine."""
+os.environ[SESSION_TOKEN.split("=")[0]] = SESSION_TOKEN.split("=")[1]
+
+# A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
+KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
+
+
+def session_qemus() -> list[int]:
+    """PIDs of live QEMU processes started by this test session (any depth of children)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "comm").read_text().startswith("qemu-system"):
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if SESSION_TOKEN.encode() in environ and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def wait_no_qemu(timeout: float = 10.0, *, keep: Collection[int] = ()) -> list[int]:
+    """Wait until the session has no QEMU left but those in ``keep`` (the shared guest, say);
+    return those still alive at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in session_qemus() if p not in keep]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def kernel_trouble(text: str) -> list[str]:
+    return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_qemu_left() -> Iterator[None]:
+    yield
+    left = wait_no_qemu()
+    assert not left, f"QEMU processes of this test session still running: {left}"
+
+
+@pytest.fixture(scope="session")
+def vm() -> Iterator[VM]:
+    """The default guest, booted once per session (other test modules share it)."""
+    from kprobevm.launcher import boot
+
+    with boot(name="session") as guest:
+        yield guest
+
+
+@pytest.fixture(autouse=True)
+def _guest_healthy(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the session guest, fail it if the console shows an oops,
+    a BUG, a general protection fault, an unhandled int3 or a panic."""
+    if "vm" not in request.fixturenames:
+        yield
+        return
+    guest: VM = request.getfixturevalue("vm")
+    start = len(guest.serial_log())
+    yield
+    trouble = kernel_trouble(guest.serial_log()[start:])
+    if trouble:
+        pytest.fail("guest kernel trouble on the serial console:\n" + "\n".join(trouble[:20]))

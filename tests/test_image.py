@@ -1,0 +1,162 @@
+"""The default image: the newc writer, the cache key, and (marked vm) a real build."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from kprobevm import image as image_mod
+from kprobevm.image import (
+    DEFAULT_CMDLINE,
+    DEFAULT_MEMORY,
+    SLOT_RESERVE,
+    Cpio,
+    KernelPackage,
+    build_image,
+    cache_dir,
+    cache_key,
+    default_image,
+    recipe_inputs,
+)
+
+
+def test_slot_reserve_is_the_memmap_on_the_default_cmdline() -> None:
+    start, size = SLOT_RESERVE
+    assert f"memmap={size >> 20}M${start:#x}" in DEFAULT_CMDLINE.split()
+    # Page aligned, and below the end of the default RAM with room for the firmware's
+    # reserved top 128 KiB above it.
+    assert start % 4096 == 0
+    assert start + size + (128 << 10) <= int(DEFAULT_MEMORY.removesuffix("M")) << 20
+    for word in ("console=ttyS0", "panic=-1", "oops=panic", "nokaslr", "nopti"):
+        assert word in DEFAULT_CMDLINE.split()
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.delenv("KPROBEVM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "kprobevm"
+    monkeypatch.setenv("KPROBEVM_CACHE", str(tmp_path / "explicit"))
+    assert cache_dir() == tmp_path / "explicit"
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
+def test_cpio_archive_unpacks_with_the_cpio_tool(tmp_path: Path) -> None:
+    archive = Cpio()
+    archive.file("init", b"#!/bin/sh\necho hi\n", 0o755)
+    archive.file("etc/deep/dir/file", b"x" * 5)  # parents are created
+    archive.symlink("bin/sh", "/bin/busybox")
+    archive.chardev("dev/console", 5, 1)
+    archive.directory("root/.ssh", 0o700)
+    data = archive.finish()
+    assert len(data) % 512 == 0
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True)
+    lines = listing.stdout.decode().splitlines()
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in lines]
+    assert names.index("etc") < names.index("etc/deep") < names.index("etc/deep/dir/file")
+    assert any(line.startswith("crw") and "5,   1" in line for line in lines)
+    assert any(line.startswith("lrwx") and "bin/sh -> /bin/busybox" in line for line in lines)
+    assert any(line.startswith("drwx------") and line.endswith("root/.ssh") for line in lines)
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames", "-D", str(out)],
+                   input=data, check=True)
+    assert (out / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert stat.S_IMODE((out / "init").stat().st_mode) == 0o755
+    assert (out / "etc/deep/dir/file").read_bytes() == b"xxxxx"
+
+
+def test_cpio_writes_a_name_once() -> None:
+    archive = Cpio()
+    archive.file("a", b"1")
+    archive.file("a", b"2")
+    assert archive.finish().count(b"a\0") == 1
+
+
+def _pinned_inputs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Recipe inputs without apt or dpkg: a copy of the recipe, a fixed kernel package."""
+    recipe = tmp_path / "recipe"
+    shutil.copytree(image_mod.RECIPE_DIR, recipe)
+    monkeypatch.setattr(image_mod, "RECIPE_DIR", recipe)
+    monkeypatch.setattr(image_mod, "resolve_kernel_package",
+                        lambda cache: KernelPackage("linux-image-6.1.0-99-cloud-amd64", "6.1.1-1"))
+    monkeypatch.setattr(image_mod, "_host_versions",
+                        lambda: {"busybox-static": "1", "dropbear-bin": "2"})
+    return recipe
+
+
+def test_cache_key_changes_with_every_input(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    recipe = _pinned_inputs(monkeypatch, tmp_path)
+    base = cache_key(recipe_inputs(tmp_path))
+    assert cache_key(recipe_inputs(tmp_path)) == base  # stable
+    (recipe / "init").write_text((recipe / "init").read_text() + "\n# changed\n")
+    changed_recipe = cache_key(recipe_inputs(tmp_path))
+    assert changed_recipe != base
+    monkeypatch.setattr(image_mod, "_host_versions",
+                        lambda: {"busybox-static": "1", "dropbear-bin": "3"})
+    assert cache_key(recipe_inputs(tmp_path)) not in (base, changed_recipe)
+    monkeypatch.setattr(image_mod, "BUILD_VERSION", image_mod.BUILD_VERSION + 1)
+    assert len({base, changed_recipe, cache_key(recipe_inputs(tmp_path))}) == 3
+
+
+def test_kernel_resolution_is_remembered_while_apt_lists_are_unchanged(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    packages = lists / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages.lz4"
+    packages.write_bytes(b"v1")
+    monkeypatch.setattr(image_mod, "_APT_LISTS", lists)
+    calls: list[str] = []
+
+    def query(metapackage: str) -> KernelPackage:
+        calls.append(metapackage)
+        return KernelPackage(f"linux-image-6.1.0-{len(calls)}-cloud-amd64", "1")
+
+    monkeypatch.setattr(image_mod, "_query_kernel_package", query)
+    first = image_mod.resolve_kernel_package(tmp_path)
+    assert image_mod.resolve_kernel_package(tmp_path) == first
+    assert len(calls) == 1
+    packages.write_bytes(b"v2, a newer list")  # apt-get update happened
+    assert image_mod.resolve_kernel_package(tmp_path) != first
+    assert len(calls) == 2
+
+
+# -- a real build (uses apt and the host's busybox/dropbear; no QEMU) -------------------------
+
+
+@pytest.mark.vm
+def test_default_image_has_every_artifact_and_a_manifest() -> None:
+    img = default_image()
+    for path in (img.kernel, img.initrd, img.vmlinux, img.config, img.ssh_key, img.manifest):
+        assert path.is_file(), path
+    assert stat.S_IMODE(img.ssh_key.stat().st_mode) == 0o600
+    manifest = json.loads(img.manifest.read_text())
+    assert manifest["kernel_release"] == img.kernel_release
+    assert img.kernel_release.endswith("-cloud-amd64")
+    assert manifest["slot_reserve"] == list(SLOT_RESERVE)
+    order = manifest["modules"]
+    # Dependencies first: the .modinfo "depends=" graph, not a hand-kept list.
+    assert order.index("virtio_ring") < order.index("virtio_pci")
+    assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
+    with img.vmlinux.open("rb") as f:
+        elf = ELFFile(f)
+        assert elf["e_machine"] == "EM_X86_64"
+        assert elf.get_section_by_name(".text") is not None
+
+
+@pytest.mark.vm
+def test_rebuild_with_nothing_changed_is_a_fast_no_op() -> None:
+    first = default_image()
+    started = time.monotonic()
+    again = build_image()
+    elapsed = time.monotonic() - started
+    assert again == first
+    assert elapsed < 1.0, f"no-op build took {elapsed:.2f} s"
