@@ -132,6 +132,32 @@ def test_user_and_writable_combine_over_levels() -> None:
 # -- a booted guest ----------------------------------------------------------------------
 
 
+def first_mapped_4k(rp: Callable[[int, int], bytes], cr3: int, start: int,
+                    end: int) -> int | None:
+    """The lowest address in [start, end) mapped by a 4K page (4-level paging)."""
+
+    def scan(table: int, level: int, base: int) -> int | None:
+        data = rp(table, 4096)
+        shift = 12 + 9 * (level - 1)
+        for i in range(512):
+            va = base | (i << shift)
+            if level == 4:
+                va = va | (0xFFFF << 48) if i >= 256 else va
+            if va + (1 << shift) <= start or va >= end:
+                continue
+            entry = int.from_bytes(data[8 * i:8 * i + 8], "little")
+            if not entry & PRESENT or (level in (2, 3) and entry & PS):
+                continue
+            if level == 1:
+                return va
+            found = scan(entry & ~0xFFF & ((1 << 52) - 1), level - 1, va)
+            if found is not None:
+                return found
+        return None
+
+    return scan(cr3 & ~0xFFF & ((1 << 52) - 1), 4, 0)
+
+
 @pytest.mark.vm
 def test_walk_agrees_with_the_gdbstub(vm: object) -> None:
     """Kernel text, the direct map and a vmalloc address: virtual read == physical read."""
@@ -156,14 +182,12 @@ def test_walk_agrees_with_the_gdbstub(vm: object) -> None:
         direct = translate(rp, cr3, 0xFFFF888000100000, la57=la57)
         assert direct.paddr == 0x100000
         assert c.read_phys(direct.paddr, 64) == c.read_memory(0xFFFF888000100000, 64)
-        # vmalloc: with VMAP_STACK the stopped vCPU's kernel stack lives there.
-        rsp = regs["rsp"]
-        if 0xFFFFC90000000000 <= rsp < 0xFFFFE90000000000:
-            stack = translate(rp, cr3, rsp, la57=la57)
-            assert stack.page_size == PAGE_SIZE_4K
-            assert c.read_phys(stack.paddr, 32) == c.read_memory(rsp, 32)
-        else:
-            pytest.fail(f"vCPU stopped with rsp {rsp:#x} outside vmalloc; pick another address")
+        # vmalloc: the first 4K page mapped in the vmalloc area, found by scanning tables.
+        va = first_mapped_4k(rp, cr3, 0xFFFFC90000000000, 0xFFFFE90000000000)
+        assert va is not None, "nothing mapped in the vmalloc area"
+        vmap = translate(rp, cr3, va + 0x10, la57=la57)
+        assert vmap.page_size == PAGE_SIZE_4K
+        assert c.read_phys(vmap.paddr, 32) == c.read_memory(va + 0x10, 32)
     finally:
         if mine:
             c.cont()
