@@ -8,6 +8,7 @@ where the kernel's error_log puts its caret.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -443,8 +444,9 @@ def test_parse_event_on_near_miss_syntax(text: str) -> None:
     except ProbeSyntaxError as exc:
         assert 0 <= exc.position <= len(exc.text.encode()) + 1
         return
-    if isinstance(event, ProbeEvent):
-        # What parses once parses again from its kprobe_events line.
+    # The kernel does not check the names it makes up ("p /" is named "p_/_0"), so only
+    # events with proper names must read back from their kprobe_events line.
+    if isinstance(event, ProbeEvent) and re.fullmatch(r"[A-Za-z_]\w*", event.event):
         again = parse_event(event.definition())
         assert isinstance(again, ProbeEvent)
         assert [a.comm for a in again.args] == [a.comm for a in event.args]
