@@ -202,3 +202,14 @@ def test_boundaries_agree_with_gas() -> None:
         code = lst.read_bytes()
     offsets = sorted(int(line.split()[0], 16) for line in syms.stdout.splitlines())
     assert boundaries(code, ADDR) == [ADDR + o for o in offsets]
+
+
+@pytest.mark.parametrize("hexcode", ["0f01e8", "0f01fe", "0f01ff", "f30f01fe"])
+def test_group7_register_forms_capstone_lacks_are_plain(hexcode: str) -> None:
+    # serialize, invlpgb, tlbsync: capstone 5 cannot decode them; the kernel uses them.
+    code = bytes.fromhex(hexcode)
+    insn = decode(code + b"\x41\x89\xc0", ADDR)
+    assert insn.kind is InsnKind.PLAIN and insn.length == len(code)
+    assert boundaries(code + b"\x41\x89\xc0", ADDR) == [ADDR, ADDR + len(code)]
+    with pytest.raises(ProbeRefused):
+        decode(bytes.fromhex("0f0105"), ADDR)  # sgdt disp32(%rip), cut off: no fallback

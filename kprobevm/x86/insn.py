@@ -218,6 +218,18 @@ def _modrm_length(code: builtins.bytes, pos: int) -> int:
     return length
 
 
+def _grp7_register_form_length(code: builtins.bytes, op: int) -> int | None:
+    """Length of a ``0f 01 /r`` register form capstone 5 does not know, else None.
+
+    Group 7 register forms (mod == 3) are three opcode bytes with no operand bytes;
+    capstone 5 lacks some that the kernel uses (``0f 01 e8`` serialize, ``0f 01 fe``
+    invlpgb, ``0f 01 ff`` tlbsync). Position-independent, so they run from a slot.
+    """
+    if code[op : op + 2] == b"\x0f\x01" and len(code) > op + 2 and code[op + 2] >> 6 == 3:
+        return op + 3
+    return None
+
+
 def _undecodable(code: builtins.bytes, addr: int) -> ProbeRefused:
     return ProbeRefused(
         "EILSEQ",
@@ -243,11 +255,24 @@ def decode(code: builtins.bytes, addr: int) -> Insn:
     Raises :class:`ProbeRefused` (``EILSEQ``) when the bytes do not decode.
     """
     md = _cs(True)
+    prefixes, op = _prefix_end(code)
     try:
         cs_insn = next(md.disasm(code[:MAX_INSN_SIZE], addr, 1))
     except StopIteration:
-        raise _undecodable(code, addr) from None
-    prefixes, op = _prefix_end(code)
+        length = _grp7_register_form_length(code, op)
+        if length is None:
+            raise _undecodable(code, addr) from None
+        return Insn(
+            addr=addr,
+            length=length,
+            bytes=builtins.bytes(code[:length]),
+            mnemonic=f"(0f 01 {code[op + 2]:02x})",
+            op_str="",
+            kind=InsnKind.PLAIN,
+            opcode_offset=op,
+            prefixes=prefixes,
+            modrm_offset=op + 2,
+        )
     try:
         length = _insn_length_fixup(code, op, cs_insn.mnemonic, cs_insn.size)
     except IndexError:
@@ -411,6 +436,18 @@ def _classify(
     return {"kind": InsnKind.PLAIN}
 
 
+def _sweep_length(md: capstone.Cs, window: builtins.bytes, addr: int) -> int | None:
+    """The length of the instruction opening ``window``, or None if it does not decode."""
+    _, op = _prefix_end(window)
+    decoded = next(md.disasm_lite(window, addr, 1), None)
+    if decoded is None:
+        return _grp7_register_form_length(window, op)
+    try:
+        return _insn_length_fixup(window, op, str(decoded[2]), int(decoded[1]))
+    except IndexError:
+        return None
+
+
 def boundaries(code: builtins.bytes, start: int) -> list[int]:
     """Instruction start addresses found by a linear sweep of ``code`` placed at ``start``.
 
@@ -423,19 +460,13 @@ def boundaries(code: builtins.bytes, start: int) -> list[int]:
     pos = 0
     while pos < len(code):
         window = code[pos : pos + MAX_INSN_SIZE]
-        decoded = next(md.disasm_lite(window, start + pos, 1), None)
-        if decoded is None:
+        size = _sweep_length(md, window, start + pos)
+        if size is None:
             raise ProbeRefused(
                 "EILSEQ",
                 f"undecodable bytes at offset {pos:#x}: {window.hex(' ')}",
                 address=start + pos,
             )
-        size = int(decoded[1])
-        try:
-            _, op = _prefix_end(window)
-            size = _insn_length_fixup(window, op, str(decoded[2]), size)
-        except IndexError:
-            size = MAX_INSN_SIZE + 1
         if pos + size > len(code):
             raise ProbeRefused(
                 "EILSEQ",
@@ -465,8 +496,8 @@ def check_boundary(code: builtins.bytes, start: int, addr: int, symbol: str | No
     while start + pos < addr:
         prev = pos
         window = code[pos : pos + MAX_INSN_SIZE]
-        decoded = next(md.disasm_lite(window, start + pos, 1), None)
-        if decoded is None:
+        size = _sweep_length(md, window, start + pos)
+        if size is None:
             raise ProbeRefused(
                 "EILSEQ",
                 f"undecodable bytes at offset {pos:#x}: {window.hex(' ')}",
@@ -480,11 +511,7 @@ def check_boundary(code: builtins.bytes, start: int, addr: int, symbol: str | No
                 address=start + pos,
                 symbol=symbol,
             )
-        _, op = _prefix_end(window)
-        try:
-            pos += _insn_length_fixup(window, op, str(decoded[2]), int(decoded[1]))
-        except IndexError:
-            raise _undecodable(window, start + pos) from None
+        pos += size
     if start + pos != addr:
         raise ProbeRefused(
             "BAD_INSN_BNDRY",
