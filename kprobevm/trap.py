@@ -458,18 +458,33 @@ class _SlotPages:
         self.area.unmap_page(address)
 
 
-# The watchdog child: wait for our death (stdin EOF) or a quiet exit ("q"), and on death
-# detach the gdbstub so QEMU drops our watchpoint and continues the VM.
+# The watchdog child: wait for our death (stdin EOF) or a quiet exit ("q"); on death,
+# detach the gdbstub so QEMU drops our watchpoint and continues the VM. QEMU only stops
+# a running VM on any byte it receives (it does not parse it), so: interrupt first, then
+# detach, and read until the OK. With multiprocess negotiated, a plain "D" gets E22.
 _WATCHDOG = """
-import os, sys, time
+import os, select, sys, time
 fd = int(sys.argv[1])
+def drain(seconds):
+    data, end = b"", time.monotonic() + seconds
+    while True:
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return data
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
 if sys.stdin.buffer.read(1) != b"q":
-    for _ in range(3):
+    for _ in range(5):
         try:
-            os.write(fd, b"$D#44")
+            os.write(fd, b"\\x03")
+            drain(0.2)
+            os.write(fd, b"$D;1#b0")
+            if b"$OK#9a" in drain(1.0):
+                break
         except OSError:
             break
-        time.sleep(0.05)
 """
 
 

@@ -345,3 +345,33 @@ class VM:
 
     def __repr__(self) -> str:
         return f"<VM {self.name} gdb={self.endpoints.gdb!r} ssh={self.endpoints.ssh!r}>"
+
+
+def attach(
+    gdb: GdbAddress,
+    *,
+    ssh: tuple[str, int] | None = None,
+    ssh_key: Path | str | None = None,
+    ssh_user: str = "root",
+    vmlinux: Path | str | None = None,
+    kallsyms: Path | str | None = None,
+    kernel_cmdline: str | None = None,
+    name: str = "attached",
+) -> VM:
+    """A `VM` for a QEMU that kprobevm did not start; closing it leaves QEMU running.
+
+    ``kallsyms`` (a file) saves reading /proc/kallsyms over SSH; ``kernel_cmdline``
+    tells where the reserved slot memory is when there is no SSH to read /proc/cmdline.
+    """
+    return VM(
+        GuestEndpoints(
+            gdb=gdb,
+            ssh=ssh,
+            ssh_key=Path(ssh_key) if ssh_key is not None else None,
+            ssh_user=ssh_user,
+        ),
+        name=name,
+        vmlinux=Path(vmlinux) if vmlinux is not None else None,
+        kallsyms=Path(kallsyms) if kallsyms is not None else None,
+        kernel_cmdline=kernel_cmdline,
+    )

@@ -1,0 +1,114 @@
+"""A host killed with probes armed leaves a guest that runs on; ``recover`` restores it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kprobevm.gdb.client import GdbClient
+from kprobevm.image import default_image
+from kprobevm.kallsyms import KernelSymbols
+from kprobevm.launcher import boot
+from kprobevm.recover import recover
+
+TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
+
+# The host that gets killed: attaches to the guest, arms a probe on a hot function.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+import kprobevm
+from kprobevm.kprobes import Kprobe
+gdb, kallsyms, cmdline, vmlinux, journal = sys.argv[1:6]
+vm = kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline, vmlinux=vmlinux)
+vm.journal_path = Path(journal)
+kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
+vm.register_kprobe(kp)
+print("armed", vm.trap_channel, flush=True)
+while True:
+    time.sleep(0.2)
+    print("hits", kp.nhit, flush=True)
+"""
+
+
+def _read_text(gdb: str, addr: int, size: int, idt_gate: int) -> tuple[bytes, bytes]:
+    client = GdbClient.connect(gdb)
+    try:
+        return client.read_memory(addr, size), client.read_memory(idt_gate, 16)
+    finally:
+        client.detach()
+
+
+def _trouble(log: str) -> list[str]:
+    return [line for line in log.splitlines() if any(t in line for t in TROUBLE)]
+
+
+@pytest.mark.vm
+def test_sigkill_with_armed_probe_then_recover(tmp_path: Path) -> None:
+    image = default_image()
+    with boot(name="recover") as vm:
+        kallsyms = tmp_path / "kallsyms"
+        kallsyms.write_text(vm.read_file("/proc/kallsyms"))
+        syms = KernelSymbols.from_file(kallsyms)
+        func, size = syms["do_sys_openat2"], syms.size("do_sys_openat2")
+        gate = syms["idt_table"] + 3 * 16
+        gdb = vm.endpoints.gdb
+        assert isinstance(gdb, str)
+        text_before, gate_before = _read_text(gdb, func, size, gate)
+        assert text_before[0] != 0xCC
+
+        journal = tmp_path / "session.journal"
+        cmdline = vm.read_file("/proc/cmdline").strip()
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, gdb, str(kallsyms), cmdline, str(image.vmlinux),
+             str(journal)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.startswith("armed watchpoint"), line
+            vm.run(
+                "(for i in $(seq 1500); do cat /proc/version; done >/tmp/out;"
+                " echo done >/tmp/fin) >/dev/null 2>&1 &"
+            )
+            # wait until the host has handled hits, then kill it in the middle of them
+            hits = 0
+            while hits < 50:
+                hits = int(child.stdout.readline().split()[1])
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+
+        # Nobody handles the probe now: the guest must run the workload to the end.
+        deadline = time.monotonic() + 120
+        while vm.run("cat /tmp/fin 2>/dev/null").stdout.strip() != "done":
+            assert time.monotonic() < deadline, "guest workload stalled after the host died"
+            time.sleep(0.5)
+        assert vm.run("wc -l </tmp/out").stdout.strip() == "1500"
+        assert _trouble(vm.serial_log()) == []
+
+        # The orphaned probe is still in the text (that is what made this a real test).
+        orphan, _ = _read_text(gdb, func, 1, gate)
+        assert orphan == b"\xcc"
+
+        report = recover(journal)
+        assert report.ok, report.summary()
+        whats = " ".join(e.what for e in report.restored)
+        assert "int3" in whats and "IDT" in whats and "PMD" in whats
+
+        text_after, gate_after = _read_text(gdb, func, size, gate)
+        assert text_after == text_before
+        assert gate_after == gate_before
+        assert vm.run("for i in $(seq 50); do cat /proc/version; done | wc -l").stdout.strip() \
+            == "50"
+        assert _trouble(vm.serial_log()) == []
+        # a second recovery finds nothing left to do
+        assert recover(journal).restored == []
