@@ -201,7 +201,8 @@ def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str
         "-qmp", f"unix:{private_dir / 'qmp.sock'},server=on,wait=off",
         "-gdb", gdb_arg,
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=n0",
+        # romfile= (empty): no iPXE option ROM for SeaBIOS to run; we boot with -kernel.
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
     return command, gdb
 
