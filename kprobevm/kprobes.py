@@ -163,15 +163,18 @@ class KprobeManager:
                 "EBUSY", f"the guest kernel rewrites this site ({reason})",
                 address=addr, symbol=kp.symbol_name,
             )  # fmt: skip
-        # The kernel's can_probe(): decode from the function's start up to addr.
-        code = self.vm.read(sym.address, addr - sym.address + 16)
-        if addr != sym.address:
-            starts = x86.boundaries(code[: addr - sym.address + 1], sym.address)
-            if addr not in starts:
-                raise ProbeRefused(
-                    "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
-                    address=addr, symbol=kp.symbol_name,
-                )  # fmt: skip
+        # The kernel's can_probe(): sweep the function from its start, reading our own
+        # int3s (earlier probes in it) as the bytes they replaced. The int3 padding after
+        # a `ret` (CONFIG_SLS) decodes as one-byte instructions, as in the 6.1 kernel.
+        code = bytearray(self.vm.read(sym.address, sym.size))
+        for other in self.table.values():
+            if sym.address <= other.addr < sym.address + sym.size:
+                code[other.addr - sym.address] = other.insn.bytes[0]
+        if addr not in x86.boundaries(bytes(code), sym.address):
+            raise ProbeRefused(
+                "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
 
     # -- the API ---------------------------------------------------------------------
 
