@@ -38,7 +38,7 @@ __all__ = ["SLOT_RESERVE", "QemuMachine", "boot", "kernel_cmdline"]
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_KVM_READY_TIMEOUT = 15.0
+_KVM_READY_TIMEOUT = 8.0
 """How long a KVM boot may take to print the ready marker before we call it hung
 (nested KVM on these machines hangs the guest rather than failing)."""
 
