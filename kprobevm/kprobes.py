@@ -211,6 +211,28 @@ class KprobeManager:
             kp.registered = True
             self.channel.ensure_running()
 
+    def register_kprobes(self, kps: list[Kprobe]) -> None:
+        """Register several probes with the VM stopped once (the kernel's register_kprobes).
+
+        All or nothing, as in the kernel: a probe that fails unregisters those before it.
+        """
+        done: list[Kprobe] = []
+        with self._mutex, self.vm.target.stopped():
+            try:
+                for kp in kps:
+                    self.register_kprobe(kp)
+                    done.append(kp)
+            except BaseException:
+                for kp in reversed(done):
+                    self.unregister_kprobe(kp)
+                raise
+
+    def unregister_kprobes(self, kps: list[Kprobe]) -> None:
+        """Unregister several probes with the VM stopped once."""
+        with self._mutex, self.vm.target.stopped():
+            for kp in kps:
+                self.unregister_kprobe(kp)
+
     def unregister_kprobe(self, kp: Kprobe) -> None:
         """Remove ``kp``; the int3 goes when the last probe at its address goes."""
         with self._mutex:

@@ -272,6 +272,13 @@ class VM:
     def unregister_kprobe(self, kp: Kprobe) -> None:
         self.kprobes.unregister_kprobe(kp)
 
+    def register_kprobes(self, kps: list[Kprobe]) -> None:
+        """Register a batch with the guest stopped once; all or nothing."""
+        self.kprobes.register_kprobes(kps)
+
+    def unregister_kprobes(self, kps: list[Kprobe]) -> None:
+        self.kprobes.unregister_kprobes(kps)
+
     def enable_kprobe(self, kp: Kprobe) -> None:
         self.kprobes.enable_kprobe(kp)
 
