@@ -11,6 +11,7 @@ kallsyms parses in about a tenth of a second; :class:`Symbol` values are made on
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,9 +141,11 @@ class KernelSymbols:
         first = dict(zip(reversed(names), range(n - 1, -1, -1), strict=True))
         by_name: dict[str, int | list[int]] = dict(first)
         if len(first) != n:
-            for i, j in enumerate(map(first.__getitem__, names)):
-                if i == j:
-                    continue
+            # Indices whose name was seen earlier, found with C-level iterators.
+            later = itertools.compress(
+                range(n), map(operator.ne, range(n), map(first.__getitem__, names))
+            )
+            for i in later:
                 prev = by_name[names[i]]
                 if isinstance(prev, list):
                     prev.append(i)

@@ -8,8 +8,8 @@ candidates fault at once) and keep the base whose bytes equal the ELF's ``.text`
 The ELF is not byte-for-byte what runs: boot rewrites alternatives, retpoline and return
 thunk sites, lock prefixes and paravirt calls (tables in the ELF say where), and with
 KASLR the decompressor relocates absolute addresses (no table survives for those). The
-windows compared are chosen clear of the ELF's patch tables, and a base wins when a clear
-majority of them match, which relocated bytes cannot fake.
+windows compared are chosen clear of the ELF's patch tables and of byte values that could
+be relocated immediates, and a base wins when a clear majority of them match.
 
 A second, independent method reads the #BP gate of the IDT through its fixed read-only
 alias in the CPU entry area and compares the handler with ``asm_exc_int3``'s link address.
@@ -18,12 +18,13 @@ alias in the CPU entry area and compares the handler with ``asm_exc_int3``'s lin
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import GuestMemoryError, KaslrError, VmlinuxError
+from kprobevm.errors import GuestMemoryError, KaslrError
 
 if TYPE_CHECKING:
     from kprobevm.vmlinux import Vmlinux
@@ -38,6 +39,7 @@ __all__ = [
     "boot_patched_ranges",
     "find_kaslr_slide",
     "idt_gate_handler",
+    "same_text",
     "slide_from_idt",
     "stable_windows",
 ]
@@ -57,7 +59,10 @@ CPU_ENTRY_AREA_RO_IDT = 0xFFFFFE0000000000
 """The read-only IDT alias the kernel loads into IDTR (``CPU_ENTRY_AREA_RO_IDT``); fixed,
 not randomised, on 6.1 (the per-CPU entry areas after it are randomised from 6.2)."""
 
-_WINDOW = 32
+_WINDOW = 16
+_COUNT = 48
+_REJECT_AFTER = 8
+_SCAN = 4096
 _MASK64 = (1 << 64) - 1
 
 
@@ -70,18 +75,38 @@ class PatchedRange:
     table: str
 
 
-def _s32_sites(
-    vm: Vmlinux, section: str, stride: int, length: Callable[[int], int]
-) -> Iterable[tuple[int, int]]:
-    """Entries of a table of ``s32`` self-relative offsets (first field of each ``stride``)."""
-    if not vm.has_section(section):
-        return
-    sec = vm.section(section)
-    data = vm.read_section(section)
-    for off in range(0, len(data) - stride + 1, stride):
-        (rel,) = struct.unpack_from("<i", data, off)
-        site = (sec.vaddr + off + rel) & _MASK64
-        yield site, length(site)
+def _patched_spans(vm: Vmlinux) -> list[tuple[int, int, str]]:
+    """``(start, end, table)`` of every boot patch site, sorted (see boot_patched_ranges)."""
+    out: list[tuple[int, int, str]] = []
+
+    def table(name: str, fmt: str) -> Iterator[tuple[int, tuple[int, ...]]]:
+        """(address of the entry, fields) of each entry of a table section."""
+        if not vm.has_section(name):
+            return
+        sec = vm.section(name)
+        data = vm.read_section(name)
+        size = struct.calcsize(fmt)
+        usable = len(data) - len(data) % size
+        for k, fields in enumerate(struct.iter_unpack(fmt, data[:usable])):
+            yield sec.vaddr + k * size, fields
+
+    # struct alt_instr {s32 instr_offset; s32 repl_offset; u16 cpuid; u8 instrlen; u8 replen;}
+    for entry, (rel, _repl, _cpuid, instrlen, _replen) in table(".altinstructions", "<iiHBB"):
+        site = (entry + rel) & _MASK64
+        out.append((site, site + max(instrlen, 1), ".altinstructions"))
+    # s32 self-relative sites: thunk calls/jumps (5 bytes, 6 for a jcc: taken as 6),
+    # `jmp __x86_return_thunk` (5) and `lock` prefixes (1).
+    for name, length in ((".retpoline_sites", 6), (".return_sites", 5), (".smp_locks", 1)):
+        for entry, (rel,) in table(name, "<i"):
+            site = (entry + rel) & _MASK64
+            out.append((site, site + length, name))
+    # struct paravirt_patch_site {u8 *instr; u8 type; u8 len;} (16 bytes with padding).
+    for _entry, (instr, _type, length) in table(".parainstructions", "<QBB6x"):
+        if instr >= 1 << 63:
+            instr = (instr + vm.slide) & _MASK64
+        out.append((instr, instr + max(length, 1), ".parainstructions"))
+    out.sort()
+    return out
 
 
 def boot_patched_ranges(vm: Vmlinux) -> list[PatchedRange]:
@@ -94,64 +119,65 @@ def boot_patched_ranges(vm: Vmlinux) -> list[PatchedRange]:
     type, length). Tables placed inside other sections (``__jump_table``, ``__mcount_loc``,
     ``.static_call_sites``) need kallsyms' start/stop symbols and are not read here.
     """
-    out: list[PatchedRange] = []
-
-    def text_byte(addr: int) -> int:
-        try:
-            return vm.read(addr, 1)[0]
-        except VmlinuxError:
-            return 0
-
-    if vm.has_section(".altinstructions"):
-        sec = vm.section(".altinstructions")
-        data = vm.read_section(".altinstructions")
-        for off in range(0, len(data) - 11, 12):
-            rel, _repl, _cpuid, instrlen, _replen = struct.unpack_from("<iiHBB", data, off)
-            site = (sec.vaddr + off + rel) & _MASK64
-            out.append(PatchedRange(site, site + max(instrlen, 1), ".altinstructions"))
-    for table, length in (
-        (".retpoline_sites", lambda a: 6 if text_byte(a) == 0x0F else 5),
-        (".return_sites", lambda a: 5),
-        (".smp_locks", lambda a: 1),
-    ):
-        for site, n in _s32_sites(vm, table, 4, length):
-            out.append(PatchedRange(site, site + n, table))
-    if vm.has_section(".parainstructions"):
-        data = vm.read_section(".parainstructions")
-        for off in range(0, len(data) - 15, 16):
-            instr, _type, length = struct.unpack_from("<QBB", data, off)
-            if instr >= 1 << 63:
-                instr = (instr + vm.slide) & _MASK64
-            out.append(PatchedRange(instr, instr + max(length, 1), ".parainstructions"))
-    out.sort(key=lambda r: r.start)
-    return out
+    return [PatchedRange(start, end, name) for start, end, name in _patched_spans(vm)]
 
 
-def stable_windows(vm: Vmlinux, count: int = 12, size: int = _WINDOW) -> list[int]:
-    """Link-time addresses of ``count`` ``size``-byte windows of ``.text`` that no boot patch
-    table touches, spread over the whole of ``.text`` (the first one at ``_text`` if clear)."""
-    patched = boot_patched_ranges(vm)
-    starts = [r.start for r in patched]
-    ends_max: list[int] = []
-    top = 0
-    for r in patched:
-        top = max(top, r.end)
-        ends_max.append(top)
+def stable_windows(vm: Vmlinux, count: int = _COUNT, size: int = _WINDOW) -> list[int]:
+    """Link-time addresses of up to ``count`` ``size``-byte windows of ``.text`` that should
+    read the same in the running kernel, spread over the whole of ``.text``.
 
-    def clear(addr: int) -> bool:
-        i = bisect.bisect_left(starts, addr + size)  # ranges starting before the window ends
-        return i == 0 or ends_max[i - 1] <= addr
-
+    A window is kept when no boot patch table touches it, when it is varied enough to be
+    found nowhere else (not ``int3`` or NOP padding: at least half its byte values
+    distinct), and when none of its bytes could be the top byte of a 32-bit absolute
+    address into the image (``0x81``..``0x83`` for an image at ``0xffffffff81000000``):
+    with KASLR the decompressor rewrites such immediates and no relocation table survives
+    in the vmlinux to say where. Other relocated values (physical addresses, addends) and
+    ftrace sites can still spoil a window; :func:`find_kaslr_slide` votes.
+    """
+    patched = _patched_spans(vm)
+    starts = [p[0] for p in patched]
+    reach = list(itertools.accumulate((p[1] for p in patched), max))
     start, end = vm.text_range
+    image_end = max(s.end for s in vm.sections() if s.is_alloc and s.vaddr >= start)
+    lo_top, hi_top = (start >> 24) & 0xFF, ((image_end - 1) >> 24) & 0xFF
+    absolute_tops = frozenset(range(lo_top, hi_top + 1))
+
+    def clear(addr: int, data: bytes) -> bool:
+        i = bisect.bisect_left(starts, addr + size)  # ranges starting before the window ends
+        if i and reach[i - 1] > addr:
+            return False
+        return len(set(data)) * 2 >= size and not absolute_tops.intersection(data)
+
     out: list[int] = []
     step = max((end - start - size) // count, size)
     for k in range(count):
-        addr = start + k * step
-        while addr + size <= end and not clear(addr):
-            addr += 16
-        if addr + size <= end:
-            out.append(addr)
+        slot = start + k * step
+        # Look for a clean window in the first few KiB of each slot (one file read).
+        slab = vm.read(slot, min(step, _SCAN, end - slot))
+        for off in range(0, len(slab) - size + 1, 8):
+            if clear(slot + off, slab[off : off + size]):
+                out.append(slot + off)
+                break
     return out
+
+
+_NOP5 = bytes.fromhex("0f1f440000")
+
+
+def same_text(guest: bytes, elf: bytes) -> bool:
+    """Whether guest text equals the ELF's, allowing ftrace's boot-time rewrite of a
+    ``call __fentry__`` (``e8`` rel32 in the ELF) into the 5-byte NOP ``0f 1f 44 00 00``."""
+    if guest == elf:
+        return True
+    if len(guest) != len(elf):
+        return False
+    fixed = bytearray(elf)
+    i = guest.find(_NOP5)
+    while i >= 0:
+        if fixed[i] == 0xE8:
+            fixed[i : i + 5] = _NOP5
+        i = guest.find(_NOP5, i + 1)
+    return guest == bytes(fixed)
 
 
 def find_kaslr_slide(
@@ -159,15 +185,19 @@ def find_kaslr_slide(
     vmlinux: Vmlinux,
     *,
     align: int = KASLR_ALIGN,
-    windows: int = 12,
+    windows: int = _COUNT,
 ) -> int:
     """The slide (running ``_text`` minus the ELF's) found by matching ``.text`` bytes.
 
-    ``vmlinux`` is the ELF at its link addresses (``slide`` 0). Candidates are tried with
-    slide 0 first (``nokaslr``), then every ``align`` step of the kernel image window. A
-    candidate wins when its first window matches and at least three quarters of the
-    others do (relocated absolute addresses may spoil a few). Raises KaslrError, with what
-    was seen, when no base matches.
+    ``vmlinux`` is the ELF at its link addresses (``slide`` 0). Slide 0 (``nokaslr``) is
+    tried first and accepted when three quarters of the windows match. Otherwise the
+    candidate bases are scored: every ``align`` step of the kernel image window (an
+    unmapped one costs one read), or, when the IDT's #BP gate is readable at its fixed
+    alias, only the bases that put its handler inside ``.text``. The best wins if at
+    least a third of the windows match and no other base comes close. Measured on
+    Debian's 6.1 with KASLR: the true base matched 33 of 37 windows (relocated immediates
+    spoil the rest) and other mapped bases none. Raises KaslrError, with the scores seen,
+    when no base qualifies.
     """
     if vmlinux.slide:
         raise KaslrError(
@@ -175,43 +205,64 @@ def find_kaslr_slide(
         )
     link_text = vmlinux.text_base
     offsets = [w - link_text for w in stable_windows(vmlinux, windows)]
-    if not offsets:
-        raise KaslrError(f"no stable .text window in {vmlinux.path}")
+    if len(offsets) < 4:
+        raise KaslrError(f"only {len(offsets)} stable .text windows in {vmlinux.path}")
     expected = [vmlinux.read(link_text + off, _WINDOW) for off in offsets]
+
+    def score(slide: int) -> int | None:
+        """Windows matching at ``slide``; None when unmapped. A base whose first
+        ``_REJECT_AFTER`` readable windows all differ is given up early (scored 0)."""
+        base = link_text + slide
+        total = tried = 0
+        for k, (off, want) in enumerate(zip(offsets, expected, strict=True)):
+            try:
+                got = read(base + off, _WINDOW)
+            except GuestMemoryError:
+                if k == 0:
+                    return None  # the image is not mapped there
+                continue
+            total += same_text(got, want)
+            tried += 1
+            if tried == _REJECT_AFTER and total == 0:
+                return 0
+        return total
+
+    n = len(offsets)
+    at_zero = score(0)
+    if at_zero is not None and 4 * at_zero >= 3 * n:
+        return 0
     lo = KERNEL_IMAGE_START - link_text
     hi = KERNEL_IMAGE_END - link_text
-    candidates = [0, *(s for s in range(lo - lo % align, hi, align) if s != 0)]
-    mapped = 0
-    best: tuple[int, int] = (-1, 0)
+    candidates = range(lo - lo % align, hi, align)
+    hint = _int3_handler(read)
+    text_size = vmlinux.text_range[1] - link_text
+    if hint is not None and KERNEL_IMAGE_START <= hint < KERNEL_IMAGE_END:
+        # The #BP handler is kernel text: only bases within .text's size below it qualify.
+        first = hint - text_size - link_text
+        candidates = range(first - first % align + align, hint - link_text + 1, align)
+    scores: dict[int, int] = {} if at_zero is None else {0: at_zero}
     for slide in candidates:
-        base = link_text + slide
-        try:
-            first = read(base + offsets[0], _WINDOW)
-        except GuestMemoryError:
-            continue
-        mapped += 1
-        if first != expected[0]:
-            continue
-        score = 1
-        for off, want in zip(offsets[1:], expected[1:], strict=True):
-            try:
-                if read(base + off, _WINDOW) == want:
-                    score += 1
-            except GuestMemoryError:
-                pass
-        if score > best[0]:
-            best = (score, slide)
-        if 4 * score >= 3 * len(offsets):
-            return slide
-    detail = (
-        f"best candidate slide {best[1]:#x} matched {best[0]}/{len(offsets)} windows"
-        if best[0] > 0
-        else "no candidate matched the first window"
-    )
+        if slide != 0 and (got := score(slide)) is not None:
+            scores[slide] = got
+    ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+    if ranked:
+        best, best_score = ranked[0]
+        runner_up = ranked[1][1] if len(ranked) > 1 else 0
+        if 3 * best_score >= n and best_score >= 2 * runner_up + 2:
+            return best
+    seen = ", ".join(f"{sl:#x}: {sc}/{n}" for sl, sc in ranked[:3]) or "nothing mapped"
     raise KaslrError(
-        f"kernel text of {vmlinux.path.name} not found in guest memory: {len(candidates)} "
-        f"candidate bases, {mapped} mapped; {detail}"
+        f"kernel text of {vmlinux.path.name} not found in guest memory: "
+        f"{len(scores)} of {len(candidates)} candidate bases mapped; best scores {seen}"
     )
+
+
+def _int3_handler(read: ReadFn) -> int | None:
+    """The #BP handler from the IDT's fixed read-only alias, or None when not readable."""
+    try:
+        return idt_gate_handler(read(CPU_ENTRY_AREA_RO_IDT + 3 * 16, 16))
+    except GuestMemoryError:
+        return None
 
 
 def idt_gate_handler(gate: bytes) -> int:

@@ -150,8 +150,9 @@ def test_parse_time_of_a_large_kallsyms() -> None:
         addr += rng.randint(0, 300)
     lines += [f"{0xFFFFFFFFC0000000 + 32 * i:016x} t m_{i}\t[mod{i // 100}]" for i in range(3000)]
     text = "\n".join(lines) + "\n"
-    start = time.perf_counter()
+    # CPU time of this process: the machine is shared, and wall time measures the neighbours.
+    start = time.process_time()
     syms = KernelSymbols.from_text(text)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(syms) == 158_000
-    assert elapsed < 0.5, f"parsing 158,000 kallsyms lines took {elapsed:.3f} s"
+    assert elapsed < 0.5, f"parsing 158,000 kallsyms lines took {elapsed:.3f} s of CPU"

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import random
+import struct
 from pathlib import Path
 
 import pytest
 
 from kprobevm.errors import VmlinuxError
+from kprobevm.kallsyms import KernelSymbols
+from kprobevm.kaslr import boot_patched_ranges
+from kprobevm.vm import VM
 from kprobevm.vmlinux import Vmlinux
 
 DATA = Path(__file__).parent / "data"
@@ -21,7 +28,7 @@ def test_sections_and_lookup() -> None:
     with Vmlinux(TINY) as vm:
         names = [s.name for s in vm.sections()]
         assert names[:2] == [".text", ".rodata"]
-        assert names[6:9] == [".data", ".bss", ".data..percpu"]
+        assert names[6:10] == [".data", ".bss", ".init.data", ".data..percpu"]
         text = vm.section(".text")
         assert (text.vaddr, text.is_exec, text.is_write) == (TEXT, True, False)
         assert vm.text_range == (TEXT, TEXT + 0x2023)
@@ -88,3 +95,68 @@ def test_not_an_elf(tmp_path: Path) -> None:
         Vmlinux(bogus)
     with pytest.raises(VmlinuxError, match="cannot open"):
         Vmlinux(tmp_path / "missing")
+
+
+def _runtime_patched(syms: KernelSymbols, elf: Vmlinux) -> list[tuple[int, int, str]]:
+    """Text ranges that boot or run time may rewrite, beyond the ELF's own tables
+    (kaslr.boot_patched_ranges): tables that sit inside .data/.init.data, found through
+    kallsyms' start/stop symbols, and static call trampolines."""
+    out = [(r.start, r.end, r.table) for r in boot_patched_ranges(elf)]
+
+    def table(name: str) -> tuple[int, bytes]:
+        start, stop = syms[f"__start_{name}"], syms[f"__stop_{name}"]
+        return start, elf.read(start, stop - start)
+
+    # struct jump_entry {s32 code; s32 target; long key;}: a 2- or 5-byte jmp/nop (jump label).
+    base, data = table("__jump_table")
+    for off in range(0, len(data), 16):
+        (rel,) = struct.unpack_from("<i", data, off)
+        out.append((base + off + rel, base + off + rel + 5, "__jump_table"))
+    # __mcount_loc: absolute addresses of the 5-byte `call __fentry__`/nop (ftrace sites).
+    base, data = table("mcount_loc")
+    for off in range(0, len(data), 8):
+        (site,) = struct.unpack_from("<Q", data, off)
+        out.append((site + elf.slide, site + elf.slide + 5, "__mcount_loc"))
+    # struct static_call_site {s32 addr; s32 key;}: 5-byte call/jmp to a static call target.
+    base, data = table("static_call_sites")
+    for off in range(0, len(data), 8):
+        (rel,) = struct.unpack_from("<i", data, off)
+        out.append((base + off + rel, base + off + rel + 5, ".static_call_sites"))
+    # Static call trampolines (__SCT__*) are rewritten whenever their target changes.
+    for sym in syms.functions():
+        if sym.name.startswith("__SCT__"):
+            out.append((sym.address, sym.address + max(sym.size, 8), "__SCT__"))
+    return sorted(out)
+
+
+@pytest.mark.vm
+def test_random_text_bytes_equal_the_elf(vm: VM) -> None:
+    """256 random 16-byte windows of kernel .text read through the gdbstub equal the ELF.
+
+    Skipped windows: any byte that a patch table names (alternatives, retpoline and return
+    thunk sites, lock prefixes, paravirt calls, jump labels, ftrace mcount sites, static
+    call sites and trampolines): boot rewrites those, so they may legitimately differ. The
+    default guest runs with nokaslr, so no relocation changed absolute addresses in code.
+    """
+    elf = vm.vmlinux
+    assert elf is not None
+    syms = vm.symbols
+    patched = _runtime_patched(syms, elf)
+    starts = [p[0] for p in patched]
+    reach = list(itertools.accumulate((p[1] for p in patched), max))
+    start, end = elf.text_range
+    rng = random.Random(0x6B70)
+    compared = skipped = 0
+    mismatches = []
+    while compared < 256:
+        addr = rng.randrange(start, end - 16)
+        i = bisect.bisect_left(starts, addr + 16)
+        if i and reach[i - 1] > addr:
+            skipped += 1
+            continue
+        compared += 1
+        want, got = elf.read(addr, 16), vm.read(addr, 16)
+        if want != got:
+            mismatches.append(f"{syms.describe(addr)}: elf {want.hex()} guest {got.hex()}")
+    assert not mismatches, "\n".join(mismatches[:10])
+    assert skipped < compared * 4  # patch sites are sparse: most windows are compared

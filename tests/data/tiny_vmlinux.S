@@ -36,6 +36,15 @@ para_site:	.byte 0xff, 0x14, 0x25, 0, 0, 0, 0
 	.size filler, . - filler
 	.globl _etext
 _etext:
+	.section .init.data, "aw"
+	/* The _kprobe_blacklist array: NOKPROBE_SYMBOL(do_thing), and a data address the
+	 * kernel skips because it is not text. */
+	.globl __start_kprobe_blacklist
+__start_kprobe_blacklist:
+	.quad do_thing
+	.quad counter
+	.globl __stop_kprobe_blacklist
+__stop_kprobe_blacklist:
 	.section .altinstructions, "a"
 	.long alt_site - .
 	.long alt_site - .
