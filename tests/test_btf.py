@@ -15,6 +15,7 @@ from kprobevm.btf import (
     current_task_location,
 )
 from kprobevm.kallsyms import KernelSymbols
+from kprobevm.vm import VM
 
 
 class BtfBuilder:
@@ -205,11 +206,9 @@ def test_unknown_kind_is_refused() -> None:
 
 
 def _default_vmlinux() -> Path | None:
-    try:
-        from kprobevm.image import cache_dir
-    except ImportError:
-        return None
-    found = sorted(cache_dir().glob("*/vmlinux"))
+    from kprobevm.image import cache_dir
+
+    found = sorted(cache_dir().glob("images/*/vmlinux"))
     return found[-1] if found else None
 
 
@@ -228,3 +227,32 @@ def test_real_vmlinux_task_struct() -> None:
     assert btf.type_size("task_struct") > comm.offset
     loc = current_task_location(None, btf)
     assert loc.variable in ("pcpu_hot", "current_task")
+
+
+@pytest.mark.vm
+def test_current_task_read_from_the_host(vm: VM) -> None:
+    """current_task_location() + GS base + task_struct offsets name the running task.
+
+    An idle guest stopped from outside is almost always in its idle task, ``swapper/0``
+    (pid 0); any other task must have a printable name and a positive pid.
+    """
+    assert vm.vmlinux is not None
+    btf = Btf.from_vmlinux(vm.vmlinux)
+    loc = current_task_location(vm.symbols, btf)
+    comm_off = btf.struct_member_offset("task_struct", "comm")
+    pid_off = btf.struct_member_offset("task_struct", "pid")
+    with vm.target.stopped() as client:
+        layout = client.layout
+        # QEMU 7.2's register XML has no IDTR/GDTR (why kaslr reads the IDT at its alias).
+        assert "idtr" not in layout.names
+        regs = client.read_registers()
+        # In user mode the kernel's GS base sits in KERNEL_GS_BASE until swapgs.
+        gs = regs["gs_base"] if regs["cs"] & 3 == 0 else regs["k_gs_base"]
+        task = int.from_bytes(vm.read(gs + loc.offset, 8), "little")
+        comm = vm.read(task + comm_off, 16).split(b"\0", 1)[0].decode()
+        pid = int.from_bytes(vm.read(task + pid_off, 4), "little", signed=True)
+    assert task >= 1 << 63, f"current task pointer {task:#x} is not a kernel address"
+    if pid == 0:
+        assert comm == "swapper/0"
+    else:
+        assert pid > 0 and comm.isprintable() and comm
