@@ -90,13 +90,26 @@ def _patched_spans(vm: Vmlinux) -> list[tuple[int, int, str]]:
         for k, fields in enumerate(struct.iter_unpack(fmt, data[:usable])):
             yield sec.vaddr + k * size, fields
 
-    # struct alt_instr {s32 instr_offset; s32 repl_offset; u16 cpuid; u8 instrlen; u8 replen;}
-    for entry, (rel, _repl, _cpuid, instrlen, _replen) in table(".altinstructions", "<iiHBB"):
+    # struct alt_instr {s32 instr_offset; s32 repl_offset; <feature word>; u8 instrlen;
+    # u8 replacementlen;}: the feature word is a u16 cpuid up to 6.2 (12 bytes), a u32
+    # ft_flags from 6.3 (14 bytes).
+    alt_fmt = _alt_instr_format(vm)
+    for entry, (rel, _repl, _feature, instrlen, _replen) in table(".altinstructions", alt_fmt):
         site = (entry + rel) & _MASK64
         out.append((site, site + max(instrlen, 1), ".altinstructions"))
     # s32 self-relative sites: thunk calls/jumps (5 bytes, 6 for a jcc: taken as 6),
-    # `jmp __x86_return_thunk` (5) and `lock` prefixes (1).
-    for name, length in ((".retpoline_sites", 6), (".return_sites", 5), (".smp_locks", 1)):
+    # `jmp __x86_return_thunk` (5), `lock` prefixes (1), call depth tracking call sites
+    # (5, 6.2+), sealed ENDBR64 (4, IBT kernels), and 6.11+ runtime constants (an 8-byte
+    # movabs immediate or a 1-byte shift count, taken whole).
+    simple = [
+        (".retpoline_sites", 6),
+        (".return_sites", 5),
+        (".smp_locks", 1),
+        (".call_sites", 5),
+        (".ibt_endbr_seal", 4),
+    ]
+    simple += [(sec.name, 10) for sec in vm.iter_sections_named("runtime_")]
+    for name, length in simple:
         for entry, (rel,) in table(name, "<i"):
             site = (entry + rel) & _MASK64
             out.append((site, site + length, name))
@@ -109,14 +122,38 @@ def _patched_spans(vm: Vmlinux) -> list[tuple[int, int, str]]:
     return out
 
 
+def _alt_instr_format(vm: Vmlinux) -> str:
+    """The struct layout of ``.altinstructions`` entries: the one whose decoded sites land
+    in executable sections (a wrong stride decodes garbage offsets)."""
+    if not vm.has_section(".altinstructions"):
+        return "<iiHBB"
+    sec = vm.section(".altinstructions")
+    data = vm.read_section(".altinstructions")
+    best, best_hits = "<iiHBB", -1
+    for fmt in ("<iiHBB", "<iiIBB"):
+        size = struct.calcsize(fmt)
+        hits = 0
+        for k in range(min(64, len(data) // size)):
+            rel, repl = struct.unpack_from("<ii", data, k * size)
+            entry = sec.vaddr + k * size
+            for target in ((entry + rel) & _MASK64, (entry + 4 + repl) & _MASK64):
+                found = vm.section_for(target)
+                hits += found is not None and found.is_exec
+        if hits > best_hits:
+            best, best_hits = fmt, hits
+    return best
+
+
 def boot_patched_ranges(vm: Vmlinux) -> list[PatchedRange]:
     """Text bytes that boot may rewrite, from the tables a vmlinux carries in its own sections.
 
-    ``.altinstructions`` (struct alt_instr, 12 bytes on 6.1: instr/repl offsets, cpuid,
-    lengths), ``.retpoline_sites`` (indirect call/jmp thunk calls, 5 bytes or 6 for a jcc),
-    ``.return_sites`` (``jmp __x86_return_thunk``, 5), ``.smp_locks`` (a ``lock`` prefix,
-    1) and ``.parainstructions`` (struct paravirt_patch_site, 16 bytes: absolute address,
-    type, length). Tables placed inside other sections (``__jump_table``, ``__mcount_loc``,
+    ``.altinstructions`` (struct alt_instr, 12 bytes on 6.1, 14 from 6.3: instr/repl
+    offsets, feature, lengths), ``.retpoline_sites`` (indirect call/jmp thunk calls, 5
+    bytes or 6 for a jcc), ``.return_sites`` (``jmp __x86_return_thunk``, 5),
+    ``.smp_locks`` (a ``lock`` prefix, 1), ``.call_sites`` and ``.ibt_endbr_seal`` (newer
+    kernels), ``runtime_*`` constants (6.11+) and ``.parainstructions`` (struct
+    paravirt_patch_site, 16 bytes: absolute address, type, length; before 6.8). Tables
+    placed inside other sections (``__jump_table``, ``__mcount_loc``,
     ``.static_call_sites``) need kallsyms' start/stop symbols and are not read here.
     """
     return [PatchedRange(start, end, name) for start, end, name in _patched_spans(vm)]
