@@ -165,10 +165,16 @@ class Target:
         sock = self.client.fileno()
         try:
             while not self._quit:
-                readable, _, _ = select.select([sock, self._wake_r], [], [], 1.0)
+                # A stop reply can come in the same read as the replies to the register
+                # writes sent with the last resume (GdbClient.cont reads those after the
+                # "c"): it then waits in the client's buffer and the socket stays quiet.
+                buffered = self.client.running and bool(self.client._stops or self.client._events)
+                readable, _, _ = select.select(
+                    [sock, self._wake_r], [], [], 0.0 if buffered else 1.0
+                )
                 if self._wake_r in readable:
                     os.read(self._wake_r, 64)
-                if sock in readable:
+                if sock in readable or buffered:
                     with self._lock:
                         stop = self.client.poll_stop()
                         if stop is not None:
