@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -436,16 +437,40 @@ def _classify(
     return {"kind": InsnKind.PLAIN}
 
 
-def _sweep_length(md: capstone.Cs, window: builtins.bytes, addr: int) -> int | None:
-    """The length of the instruction opening ``window``, or None if it does not decode."""
-    _, op = _prefix_end(window)
-    decoded = next(md.disasm_lite(window, addr, 1), None)
-    if decoded is None:
-        return _grp7_register_form_length(window, op)
-    try:
-        return _insn_length_fixup(window, op, str(decoded[2]), int(decoded[1]))
-    except IndexError:
-        return None
+def _sweep(code: builtins.bytes, start: int) -> Iterator[tuple[int, int | None]]:
+    """``(offset, length)`` of each instruction from the top of ``code``; length None at
+    bytes that do not decode (the sweep ends there).
+
+    One capstone call runs over as much of the buffer as it can (per-instruction calls
+    cost 5x more); it is restarted only after bytes capstone cannot decode or mis-sizes.
+    """
+    md = _cs(False)
+    pos = 0
+    while pos < len(code):
+        restart = False
+        for addr, size, mnemonic, _ in md.disasm_lite(code[pos:], start + pos):
+            off = addr - start
+            if mnemonic == "ud1":
+                window = code[off : off + MAX_INSN_SIZE]
+                try:
+                    fixed = _insn_length_fixup(window, _prefix_end(window)[1], mnemonic, size)
+                except IndexError:
+                    yield off, None
+                    return
+                if fixed != size:
+                    yield off, fixed
+                    pos, restart = off + fixed, True
+                    break
+            yield off, size
+            pos = off + size
+        if restart or pos >= len(code):
+            continue
+        window = code[pos : pos + MAX_INSN_SIZE]
+        length = _grp7_register_form_length(window, _prefix_end(window)[1])
+        yield pos, length
+        if length is None:
+            return
+        pos += length
 
 
 def boundaries(code: builtins.bytes, start: int) -> list[int]:
@@ -453,28 +478,17 @@ def boundaries(code: builtins.bytes, start: int) -> list[int]:
 
     ``code`` is a whole function (its size from kallsyms), with any probe int3s already
     replaced by the original bytes. Raises :class:`ProbeRefused` (``EILSEQ``) with the
-    offset of bytes that do not decode or an instruction cut off by the end.
+    offset of bytes that do not decode (an instruction cut off by the end included).
     """
-    md = _cs(False)
     starts: list[int] = []
-    pos = 0
-    while pos < len(code):
-        window = code[pos : pos + MAX_INSN_SIZE]
-        size = _sweep_length(md, window, start + pos)
-        if size is None:
+    for off, size in _sweep(code, start):
+        if size is None or off + size > len(code):
             raise ProbeRefused(
                 "EILSEQ",
-                f"undecodable bytes at offset {pos:#x}: {window.hex(' ')}",
-                address=start + pos,
+                f"undecodable bytes at offset {off:#x}: {code[off : off + MAX_INSN_SIZE].hex(' ')}",
+                address=start + off,
             )
-        if pos + size > len(code):
-            raise ProbeRefused(
-                "EILSEQ",
-                f"instruction at offset {pos:#x} runs past the end ({len(code):#x})",
-                address=start + pos,
-            )
-        starts.append(start + pos)
-        pos += size
+        starts.append(start + off)
     return starts
 
 
@@ -491,27 +505,25 @@ def check_boundary(code: builtins.bytes, start: int, addr: int, symbol: str | No
             address=addr,
             symbol=symbol,
         )
-    md = _cs(False)
     pos = prev = 0
-    while start + pos < addr:
-        prev = pos
-        window = code[pos : pos + MAX_INSN_SIZE]
-        size = _sweep_length(md, window, start + pos)
+    for off, size in _sweep(code[: addr - start + MAX_INSN_SIZE], start):
+        if off >= addr - start:
+            break
         if size is None:
             raise ProbeRefused(
                 "EILSEQ",
-                f"undecodable bytes at offset {pos:#x}: {window.hex(' ')}",
-                address=start + pos,
+                f"undecodable bytes at offset {off:#x}: {code[off : off + MAX_INSN_SIZE].hex(' ')}",
+                address=start + off,
                 symbol=symbol,
             )
-        if window[0] == 0xCC:
+        if code[off] == 0xCC:
             raise ProbeRefused(
                 "EILSEQ",
-                f"an int3 not ours at offset {pos:#x} hides the original instruction",
-                address=start + pos,
+                f"an int3 not ours at offset {off:#x} hides the original instruction",
+                address=start + off,
                 symbol=symbol,
             )
-        pos += size
+        prev, pos = off, off + size
     if start + pos != addr:
         raise ProbeRefused(
             "BAD_INSN_BNDRY",
