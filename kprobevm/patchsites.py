@@ -68,18 +68,46 @@ class PatchSites:
         sites: list[Site] = []
         ftrace: set[int] = set()
         if vmlinux is not None:
-            sites += _relative_table(vmlinux, "__jump_table", 16, "jump label", length=5)
-            sites += _relative_table(vmlinux, ".static_call_sites", 8, "static call", length=5)
-            sites += _alternatives(vmlinux)
-            sites += _relative_table(vmlinux, ".smp_locks", 4, "SMP lock prefix", length=1)
-            sites += _relative_table(vmlinux, "__ex_table", 12, "exception table", length=1)
-            if vmlinux.has_section(".static_call.text"):
-                sec = vmlinux.section(".static_call.text")
-                sites.append(Site(sec.vaddr, sec.end, "static call trampoline"))
-            if vmlinux.has_section("__mcount_loc"):
-                data = vmlinux.read_section("__mcount_loc")
+
+            def table(section: str, first: str, last: str) -> tuple[int, bytes] | None:
+                return _table(vmlinux, symbols, section, first, last)
+
+            sites += _relative(
+                table("__jump_table", "__start___jump_table", "__stop___jump_table"),
+                16,
+                "jump label",
+                5,
+            )
+            sites += _relative(
+                table(
+                    ".static_call_sites", "__start_static_call_sites", "__stop_static_call_sites"
+                ),
+                8,
+                "static call",
+                5,
+            )
+            sites += _alternatives(
+                table(".altinstructions", "__alt_instructions", "__alt_instructions_end")
+            )
+            sites += _relative(
+                table(".smp_locks", "__smp_locks", "__smp_locks_end"), 4, "SMP lock prefix", 1
+            )
+            sites += _relative(
+                table("__ex_table", "__start___ex_table", "__stop___ex_table"),
+                12,
+                "exception table",
+                1,
+            )
+            mcount = table("__mcount_loc", "__start_mcount_loc", "__stop_mcount_loc")
+            if mcount is not None:
                 # absolute addresses, relocated by the kernel at boot: slide them too
-                ftrace = {v + vmlinux.slide for (v,) in struct.iter_unpack("<Q", data) if v}
+                ftrace = {v + vmlinux.slide for (v,) in struct.iter_unpack("<Q", mcount[1]) if v}
+        # static call trampolines are rewritten whenever their target changes
+        sites += [
+            Site(sym.address, sym.address + max(sym.size, 8), "static call trampoline")
+            for sym in symbols.functions()
+            if sym.name.startswith("__SCT__")
+        ]  # fmt: skip
         return cls(sites, ftrace, read)
 
     def find(self, addr: int) -> Site | None:
@@ -104,31 +132,46 @@ class PatchSites:
         return None
 
 
-def _relative_table(
-    vmlinux: Vmlinux, section: str, entry_size: int, reason: str, *, length: int
+def _table(
+    vmlinux: Vmlinux, symbols: KernelSymbols, section: str, first: str, last: str
+) -> tuple[int, bytes] | None:
+    """A table's address and bytes: its own section, else kallsyms' start/stop symbols
+    (the Debian vmlinux has no section headers for __jump_table, __mcount_loc, ...)."""
+    if vmlinux.has_section(section):
+        sec = vmlinux.section(section)
+        return sec.vaddr, vmlinux.read_section(section)
+    start, stop = symbols.get(first), symbols.get(last)
+    if start is None or stop is None or stop <= start:
+        return None
+    return start, vmlinux.read(start, stop - start)
+
+
+def _relative(
+    table: tuple[int, bytes] | None, entry_size: int, reason: str, length: int
 ) -> list[Site]:
     """Entries whose first field is an s32 offset from the entry to the patched code."""
-    if not vmlinux.has_section(section):
+    if table is None:
         return []
-    sec = vmlinux.section(section)
-    data = vmlinux.read_section(section)
+    base, data = table
     out = []
     for pos in range(0, len(data) - entry_size + 1, entry_size):
         (rel,) = struct.unpack_from("<i", data, pos)
-        code = sec.vaddr + pos + rel
+        code = base + pos + rel
         out.append(Site(code, code + length, reason))
     return out
 
 
-def _alternatives(vmlinux: Vmlinux) -> list[Site]:
-    """``struct alt_instr`` (6.1: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replen)."""
-    if not vmlinux.has_section(".altinstructions"):
+def _alternatives(table: tuple[int, bytes] | None) -> list[Site]:
+    """``struct alt_instr``: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replen (12
+    bytes on 6.1; 6.3 made cpuid u32, 14 bytes)."""
+    if table is None:
         return []
-    sec = vmlinux.section(".altinstructions")
-    data = vmlinux.read_section(".altinstructions")
+    base, data = table
+    size = 12 if len(data) % 12 == 0 else 14
+    fmt = "<iiHBB" if size == 12 else "<iiIBB"
     out = []
-    for pos in range(0, len(data) - 11, 12):
-        rel, _repl, _cpuid, instrlen, _replen = struct.unpack_from("<iiHBB", data, pos)
-        code = sec.vaddr + pos + rel
+    for pos in range(0, len(data) - size + 1, size):
+        rel, _repl, _cpuid, instrlen, _replen = struct.unpack_from(fmt, data, pos)
+        code = base + pos + rel
         out.append(Site(code, code + max(instrlen, 1), "alternative"))
     return out
