@@ -141,6 +141,11 @@ class Target:
         os.write(self._wake_w, b"q")
         thread.join(timeout=30)
         self._thread = None
+        # The thread does not resume once told to quit: it may have stopped the VM (a
+        # trap, or a pause just served) right before. Resume, with any register writes.
+        with self._lock:
+            if self._owner is None and not self.running:
+                self._resume_vm()
 
     @contextlib.contextmanager
     def _borrow_from_trap_thread(self) -> Iterator[None]:
