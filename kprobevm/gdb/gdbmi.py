@@ -200,7 +200,7 @@ class GdbMiTransport:
 
 
 def _mi_error(cmd: str, msg: str) -> GdbError:
-    if "Cannot access memory" in msg:
+    if "Cannot access memory" in msg or "Unable to read memory" in msg:
         return GdbErrorReply(0x0E, sent=cmd.encode(), received=msg.encode())
     return GdbProtocolError(f"gdb refused: {msg}", sent=cmd.encode(), received=msg.encode())
 

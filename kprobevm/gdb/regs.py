@@ -52,6 +52,10 @@ class RegisterLayout:
         fmt = "<" + "".join(_STRUCT_CODES.get(r.size, f"{r.size}s") for r in regs)
         self._struct = struct.Struct(fmt)
         self._names = tuple(r.name for r in regs)
+        # The same without the wide registers: pad bytes ('x') skip them in C.
+        self._narrow = struct.Struct(
+            "<" + "".join(_STRUCT_CODES.get(r.size, f"{r.size}x") for r in regs))
+        self._narrow_names = tuple(r.name for r in regs if r.size in _STRUCT_CODES)
         self._wide = tuple(i for i, r in enumerate(regs) if r.size not in _STRUCT_CODES)
         self._ends = tuple(r.offset + r.size for r in regs)
 
@@ -135,21 +139,29 @@ class RegisterLayout:
 
     # -- codec -------------------------------------------------------------------------
 
-    def decode(self, g_reply: bytes | str) -> dict[str, int]:
-        """Decode a ``g`` reply (hex) to name -> value; registers it lacks are left out."""
+    def decode(self, g_reply: bytes | str, *, wide: bool = True) -> dict[str, int]:
+        """Decode a ``g`` reply (hex) to name -> value; registers it lacks are left out.
+
+        ``wide=False`` leaves out registers wider than 8 bytes (x87, xmm): half the cost,
+        for a probe handler that wants the general-purpose and control registers.
+        """
         try:
             data = binascii.unhexlify(g_reply)
         except (binascii.Error, ValueError):
             return self._decode_with_unavailable(g_reply)
-        return self.decode_bytes(data)
+        return self.decode_bytes(data, wide=wide)
 
-    def decode_bytes(self, data: bytes) -> dict[str, int]:
+    def decode_bytes(self, data: bytes, *, wide: bool = True) -> dict[str, int]:
         """Decode the binary ``g`` contents (little-endian registers)."""
         if len(data) >= self.g_size:
-            values = list(self._struct.unpack_from(data))
+            if not wide:
+                return dict(zip(self._narrow_names, self._narrow.unpack_from(data),
+                                strict=True))
+            values = self._struct.unpack_from(data)
+            full = dict(zip(self._names, values, strict=True))
             for i in self._wide:
-                values[i] = int.from_bytes(values[i], "little")
-            return dict(zip(self._names, values, strict=True))
+                full[self._names[i]] = int.from_bytes(values[i], "little")
+            return full
         out: dict[str, int] = {}
         for r, end in zip(self.registers, self._ends, strict=True):
             if end > len(data):

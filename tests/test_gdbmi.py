@@ -1,0 +1,41 @@
+"""GdbMiTransport: a real gdb driven through pygdbmi, against a paused BIOS-only QEMU."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kprobevm.errors import GdbErrorReply
+from kprobevm.gdb.client import BreakpointKind, GdbClient
+from kprobevm.gdb.gdbmi import GdbMiTransport
+from tests.test_gdb_client import qemu_sock  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
+
+
+@pytest.mark.vm
+def test_gdbmi_matches_our_client(qemu_sock: Path) -> None:  # noqa: F811
+    with GdbClient.connect(qemu_sock) as c:
+        ours = c.read_registers()
+        c.write_memory(0x30000, b"gdb/mi sees this")
+    with GdbMiTransport(qemu_sock, timeout=10.0) as mi:
+        regs = mi.read_registers()
+        for name in ("rip", "rax", "rdx", "cr0"):
+            assert regs[name] == ours[name], name
+        assert mi.read_memory(0x30000, 16) == b"gdb/mi sees this"
+        mi.write_memory(0x30000, b"GDB")
+        assert mi.read_memory(0x30000, 6) == b"GDB/mi"
+        with pytest.raises(GdbErrorReply):
+            mi.read_memory(0x10000000, 8)
+        mi.insert_breakpoint(BreakpointKind.HARDWARE, 0xFFFF0)
+        mi.remove_breakpoint(BreakpointKind.HARDWARE, 0xFFFF0)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            mi.read_register("rip")
+        assert time.perf_counter() - t0 < 0.5  # pygdbmi's 0.2 s linger is not paid
+        mi.cont()
+        stop = mi.interrupt()
+        assert stop is not None and not mi.running
