@@ -321,7 +321,7 @@ class WatchpointChannel(TrapChannel):
         if watch is None or watch.address != self.mailbox:
             return
         client: GdbClient = self.vm.target.client
-        gregs = client.read_registers()
+        gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
         hit = self.rip_map.get(gregs["rip"])
         if hit is None:
             # a slot we have since discarded: it runs on by itself

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import session_qemus, wait_no_qemu
+from tests.conftest import session_qemus, wait_no_qemu
 
 from kprobevm.errors import (
     GuestCommandError,

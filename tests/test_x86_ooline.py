@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import capstone
 import pytest
-from _x86_unicorn import GPRS, Machine
+from tests._x86_unicorn import GPRS, Machine
 
 from kprobevm.errors import KprobeError, ProbeRefused
 from kprobevm.x86.insn import InsnKind, decode

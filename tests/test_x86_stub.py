@@ -11,7 +11,7 @@ from pathlib import Path
 
 import capstone
 import pytest
-from _x86_unicorn import GPRS, KERNEL_CS, KERNEL_SS, USER_CS, Machine
+from tests._x86_unicorn import GPRS, KERNEL_CS, KERNEL_SS, USER_CS, Machine
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86.stub import (
