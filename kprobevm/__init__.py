@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from kprobevm.errors import *  # noqa: F403 (the error tree is part of the public API)
 from kprobevm.errors import __all__ as _errors_all
-from kprobevm.image import Image, default_image
 from kprobevm.events import parse_event
+from kprobevm.image import Image, default_image
 from kprobevm.kprobes import Kprobe
 from kprobevm.launcher import boot
 from kprobevm.shell import RunResult

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import session_qemus, wait_no_qemu
 
 from kprobevm.errors import (
     GuestCommandError,
@@ -25,6 +24,7 @@ from kprobevm.errors import (
 from kprobevm.image import SLOT_RESERVE, default_image
 from kprobevm.launcher import QemuMachine, boot, kernel_cmdline
 from kprobevm.vm import VM
+from tests.conftest import session_qemus, wait_no_qemu
 
 
 def test_kernel_cmdline_kaslr_drops_nokaslr_and_append_comes_last() -> None:

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import capstone
 import pytest
-from tests._x86_unicorn import GPRS, Machine
 
 from kprobevm.errors import KprobeError, ProbeRefused
 from kprobevm.x86.insn import InsnKind, decode
 from kprobevm.x86.ooline import POST_VALUE, PRE_VALUE, SLOT_SIZE, make_slot_code, relocate
+from tests._x86_unicorn import GPRS, Machine
 
 
 @dataclass(frozen=True)

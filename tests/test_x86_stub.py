@@ -11,7 +11,6 @@ from pathlib import Path
 
 import capstone
 import pytest
-from tests._x86_unicorn import GPRS, KERNEL_CS, KERNEL_SS, USER_CS, Machine
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86.stub import (
@@ -23,6 +22,7 @@ from kprobevm.x86.stub import (
     stub_hash,
     table_image,
 )
+from tests._x86_unicorn import GPRS, KERNEL_CS, KERNEL_SS, USER_CS, Machine
 
 STUB = 0xFFFFFFFFA0100000
 TABLE = 0xFFFFFFFFA0102000
