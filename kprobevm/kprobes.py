@@ -151,7 +151,7 @@ class KprobeManager:
             raise ProbeRefused(
                 "BAD_PROBE_ADDR", "not in kernel text", address=addr, symbol=kp.symbol_name
             )
-        entry = self.vm.blacklist.within_kprobe_blacklist(addr)
+        entry = self.vm.kprobe_blacklist.within_kprobe_blacklist(addr)
         if entry is not None:
             raise ProbeRefused(
                 "EINVAL", f"{addr:#x} is blacklisted ({entry})",

@@ -213,11 +213,15 @@ class VM:
         return elf.with_slide(slide) if slide else elf
 
     @functools.cached_property
-    def blacklist(self) -> Blacklist:
+    def kprobe_blacklist(self) -> Blacklist:
         """Where probes are refused (the kernel's kprobe blacklist and ours)."""
         from kprobevm.blacklist import Blacklist
 
         return Blacklist.build(self.symbols, self.vmlinux)
+
+    def blacklist(self) -> str:
+        """The blacklist in the debugfs ``kprobes/blacklist`` format."""
+        return self.kprobe_blacklist.format_debugfs()
 
     @functools.cached_property
     def patch_sites(self) -> PatchSites:
