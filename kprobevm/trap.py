@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
@@ -73,6 +74,27 @@ def cpu_of_thread(thread: str | None) -> int:
     return max(int(tid, 16) - 1, 0)
 
 
+@dataclass
+class TrapStats:
+    """Where the host's time per hit goes (nanoseconds, summed over ``hits``)."""
+
+    hits: int = 0
+    regs_ns: int = 0
+    """Reading the vCPU's registers (one ``g`` round trip)."""
+    handler_ns: int = 0
+    """Running the handlers (memory reads they make included)."""
+    writeback_ns: int = 0
+    """Preparing register write-backs (they are sent with the resume)."""
+
+    def per_hit_us(self) -> dict[str, float]:
+        n = max(self.hits, 1)
+        return {
+            "regs": self.regs_ns / n / 1e3,
+            "handler": self.handler_ns / n / 1e3,
+            "writeback": self.writeback_ns / n / 1e3,
+        }
+
+
 class TrapChannel:
     """What the probe table needs from a channel: sites, arming, and the trap handler."""
 
@@ -82,7 +104,8 @@ class TrapChannel:
         self.vm = vm
         self.manager = manager
         self.unknown_stops = 0
-        self.hits = 0
+        self.stats = TrapStats()
+        self._handler_end = 0
 
     def read_insn(self, addr: int) -> x86insn.Insn:
         insn = x86insn.decode(self.vm.read(addr, x86insn.MAX_INSN_SIZE), addr)
@@ -321,25 +344,32 @@ class WatchpointChannel(TrapChannel):
         if watch is None or watch.address != self.mailbox:
             return
         client: GdbClient = self.vm.target.client
+        t0 = time.perf_counter_ns()
         gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
+        t1 = time.perf_counter_ns()
         hit = self.rip_map.get(gregs["rip"])
         if hit is None:
             # a slot we have since discarded: it runs on by itself
             self.unknown_stops += 1
             return
-        self.hits += 1
         site, resume = hit
         cpu = cpu_of_thread(stop.thread)
         if resume is None:
             self._pre(client, site, gregs, cpu)
         else:
             self._post(client, site, gregs, cpu, resume)
+        stats = self.stats
+        stats.hits += 1
+        stats.regs_ns += t1 - t0
+        stats.handler_ns += self._handler_end - t1
+        stats.writeback_ns += time.perf_counter_ns() - self._handler_end
 
     def _pre(self, client: GdbClient, site: ProbeSite, gregs: dict[str, int], cpu: int) -> None:
         slot_rip = gregs["rip"]
         gregs["rip"] = site.addr  # as at the probed instruction
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         skip = self.manager.run_pre_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
         changes = regs.changes()
         if skip:
             # the handler moved regs.ip itself: the instruction is not run
@@ -359,6 +389,7 @@ class WatchpointChannel(TrapChannel):
         gregs["rip"] = resume
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         self.manager.run_post_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
         changes = regs.changes()
         if changes:
             moved = changes.pop("ip", None)
@@ -376,6 +407,7 @@ class WatchpointChannel(TrapChannel):
         if result.rcx is not None:
             regs.cx = result.rcx
         self.manager.run_post_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
         changes = regs.changes()
         self._write_back(client, changes, rip=regs.ip)
 
