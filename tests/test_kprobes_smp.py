@@ -1,0 +1,154 @@
+"""The kprobes engine on guests with two and four vCPUs: hits from every vCPU, each
+handler told the right vCPU, per-vCPU pre/post pairing, and a healthy guest.
+
+These tests boot their own guests (one at a time), so they check the serial log for
+kernel trouble themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import pytest
+
+from kprobevm.errors import GuestFaultError
+from kprobevm.kprobes import Kprobe
+from kprobevm.launcher import boot
+from kprobevm.ptregs import PtRegs
+from kprobevm.vm import VM
+from kprobevm.x86 import insn as x86insn
+
+pytestmark = pytest.mark.vm
+
+KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
+OPENS_PER_CPU = 60
+TARGET = b"/tmp/kpt-smp"
+MIN_SEEN = 5
+"""Hits each vCPU must show (of OPENS_PER_CPU) while some hits are lost on SMP."""
+
+
+@dataclass
+class SmpRun:
+    """What the handlers saw while every vCPU ran the open loop."""
+
+    ncpus: int
+    names: dict[int, Counter[bytes]] = field(default_factory=lambda: defaultdict(Counter))
+    wrong_cpu: list[tuple[int, int]] = field(default_factory=list)
+    faults: int = 0
+    pairs: Counter[int] = field(default_factory=Counter)
+    """push probes whose post state matched the pre state of the same vCPU."""
+    mismatches: list[str] = field(default_factory=list)
+    lost: int = 0
+    """pre stops without their post, or posts without their pre."""
+    opens: Kprobe | None = None
+    pushes: Kprobe | None = None
+
+
+def run_on_every_cpu(vm: VM, ncpus: int) -> SmpRun:
+    """do_sys_openat2 (pre) and getname's ``push %rbx`` (pre+post) probed, while each vCPU
+    runs OPENS_PER_CPU opens pinned with taskset."""
+    syms = vm.symbols
+    # cpu_number is a per-CPU variable: its kallsyms value is the offset in the per-CPU
+    # area, which %gs points at in the kernel.
+    cpu_number = syms["cpu_number"]
+    run = SmpRun(ncpus)
+
+    def on_open(kp: Kprobe, regs: PtRegs) -> None:
+        assert regs.memory is not None
+        guest_cpu = regs.memory.u32(regs.gs_base + cpu_number)
+        if guest_cpu != regs.cpu:
+            run.wrong_cpu.append((regs.cpu, guest_cpu))
+        try:
+            run.names[regs.cpu][regs.memory.cstring(regs.si, 256)] += 1
+        except GuestFaultError:
+            run.faults += 1
+
+    getname = syms.symbol("getname")
+    code = vm.read(getname.address, getname.size)
+    push = next(
+        i
+        for a in x86insn.boundaries(code, getname.address)
+        if (i := x86insn.decode(code[a - getname.address :], a)).mnemonic == "push"
+    )
+    assert push.op_str == "rbx"
+    in_flight: dict[int, tuple[int, int]] = {}
+
+    def push_pre(kp: Kprobe, regs: PtRegs) -> None:
+        if regs.cpu in in_flight:
+            run.lost += 1  # the post of the previous hit on this vCPU never came
+        in_flight[regs.cpu] = (regs.sp, regs.bx)
+
+    def push_post(kp: Kprobe, regs: PtRegs) -> None:
+        assert regs.memory is not None
+        if regs.cpu not in in_flight:
+            run.lost += 1
+            return
+        sp, bx = in_flight.pop(regs.cpu)
+        pushed = regs.memory.u64(regs.sp)
+        if (regs.sp, pushed, regs.ip) != (sp - 8, bx, push.next_addr):
+            run.mismatches.append(f"cpu {regs.cpu}: sp={regs.sp:#x} [sp]={pushed:#x}")
+        else:
+            run.pairs[regs.cpu] += 1
+
+    run.opens = Kprobe(symbol_name="do_sys_openat2", pre_handler=on_open)
+    run.pushes = Kprobe(addr=push.addr, pre_handler=push_pre, post_handler=push_post)
+    vm.register_kprobe(run.opens)
+    vm.register_kprobe(run.pushes)
+    try:
+        vm.run(f"echo kpt-smp > {TARGET.decode()}", check=True)
+        loop = f"for i in $(seq {OPENS_PER_CPU}); do read x < {TARGET.decode()}; done; echo $x"
+        cpus = " ".join(str(c) for c in range(ncpus))
+        result = vm.run(
+            f"for c in {cpus}; do taskset -c $c sh -c '{loop}' & done; wait",
+            check=True, timeout=120,
+        )  # fmt: skip
+        assert result.stdout == "kpt-smp\n" * ncpus, result
+    finally:
+        vm.unregister_kprobe(run.opens)
+        vm.unregister_kprobe(run.pushes)
+    assert vm.run("nproc", check=True).stdout.strip() == str(ncpus)
+    trouble = [ln for ln in vm.serial_log().splitlines() if KERNEL_TROUBLE.search(ln)]
+    assert not trouble, trouble[:10]
+    return run
+
+
+@pytest.mark.parametrize("ncpus", [2, 4])
+def test_hits_on_every_vcpu(ncpus: int) -> None:
+    """Hits arrive from every vCPU, regs.cpu is the guest's own cpu_number, the file name
+    reads right through each vCPU's user mapping, and post states pair per vCPU."""
+    with boot(smp=ncpus, name=f"smp{ncpus}") as vm:
+        run = run_on_every_cpu(vm, ncpus)
+    assert run.opens is not None and run.pushes is not None
+    assert not run.wrong_cpu, f"regs.cpu is not the guest's cpu_number: {run.wrong_cpu[:5]}"
+    assert set(run.names) == set(range(ncpus))
+    # every vCPU, but not every hit: see test_no_hit_lost_on_two_vcpus
+    for cpu in range(ncpus):
+        assert run.names[cpu][TARGET] >= MIN_SEEN, (cpu, run.names[cpu].most_common(3))
+        assert run.pairs[cpu] >= MIN_SEEN, (cpu, run.pairs)
+    assert run.opens.nhit == sum(sum(c.values()) for c in run.names.values()) + run.faults
+    # a mismatch is only allowed where a lost stop made the pairing ambiguous
+    assert len(run.mismatches) <= run.lost, run.mismatches[:5]
+    assert run.opens.nerrors == 0 and run.pushes.nerrors == 0, run.opens.errors + run.pushes.errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "engine bug: with vCPUs hitting probes at once, QEMU 7.2 (MTTCG) reports some"
+        " mailbox watchpoint stops late: the stop names a vCPU whose RIP is already past"
+        " the slot (seen: do_sys_openat2+0x5 after the slot's nop and jmp back), so the"
+        " trap path counts it as unknown and the hit is lost. Measured: 2-8% of hits with"
+        " one probe on do_sys_openat2; with a pre+post probe added, 15-27 of 60 opens per"
+        " vCPU seen (not all of those losses are traced to late stops yet); a pre+post"
+        " probe gets a pre without its post or a post without its pre"
+    ),
+)
+def test_no_hit_lost_on_two_vcpus() -> None:
+    with boot(smp=2, name="smp2-lost") as vm:
+        run = run_on_every_cpu(vm, 2)
+    for cpu in range(2):
+        assert run.names[cpu][TARGET] >= OPENS_PER_CPU, (cpu, run.names[cpu].most_common(3))
+        assert run.pairs[cpu] >= OPENS_PER_CPU, (cpu, run.pairs)
+    assert run.lost == 0 and not run.mismatches
