@@ -70,8 +70,11 @@ class VM:
         vmlinux: Path | None = None,
         kallsyms: Path | None = None,
         kernel_cmdline: str | None = None,
+        transport: str = "rsp",
     ) -> None:
         self.endpoints = endpoints
+        self.transport = transport
+        """The gdbstub client: ``rsp`` (GdbClient) or ``gdbmi`` (a real gdb, for benchmarks)."""
         self.name = name
         self.machine = machine
         self.vmlinux_path = vmlinux
@@ -136,7 +139,15 @@ class VM:
 
                 if self.endpoints.gdb is None:
                     raise VMError(f"{self.name}: no gdbstub address for this guest")
-                client = GdbClient.connect(self.endpoints.gdb)
+                if self.transport == "gdbmi":
+                    from kprobevm.gdb.gdbmi_client import GdbMiClient
+
+                    # the same interface as far as the engine goes (see gdbmi_client.py)
+                    client: GdbClient = GdbMiClient.connect(  # type: ignore[assignment]
+                        self.endpoints.gdb
+                    )
+                else:
+                    client = GdbClient.connect(self.endpoints.gdb)
                 # connecting stopped the VM (FACTS.md): let it run on
                 client.cont()
                 self._target = Target(client, name=self.name)
