@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kprobevm.launcher import QemuMachine
 from kprobevm.vm import VM
 
 SESSION_TOKEN = f"KPROBEVM_TEST_SESSION={uuid.uuid4().hex}"
@@ -73,7 +74,8 @@ def vm() -> Iterator[VM]:
 @pytest.fixture(autouse=True)
 def _guest_healthy(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test that used the session guest, fail it if the console shows an oops,
-    a BUG, a general protection fault, an unhandled int3 or a panic."""
+    a BUG, a general protection fault, an unhandled int3 or a panic, or if it left the
+    guest stopped (then resume it, so the tests after it get a running guest)."""
     if "vm" not in request.fixturenames:
         yield
         return
@@ -83,3 +85,9 @@ def _guest_healthy(request: pytest.FixtureRequest) -> Iterator[None]:
     trouble = kernel_trouble(guest.serial_log()[start:])
     if trouble:
         pytest.fail("guest kernel trouble on the serial console:\n" + "\n".join(trouble[:20]))
+    machine = guest.machine
+    if isinstance(machine, QemuMachine) and machine.alive():
+        status = machine.status()
+        if status != "running":
+            machine.qmp("cont")
+            pytest.fail(f"the test left the shared guest {status!r} (resumed it)")
