@@ -68,6 +68,11 @@ class Journal:
             )
             return self._seq
 
+    def note(self, **facts: int | str) -> None:
+        """Record facts recovery needs (where the kretprobe table is, ...)."""
+        with self._lock:
+            self._append({"op": "note", **facts})
+
     def undone(self, seq: int) -> None:
         """Mark write ``seq`` as undone (its old bytes are back)."""
         with self._lock:
@@ -109,6 +114,15 @@ def journal_gdb_address(path: Path) -> str:
         if record.get("op") == "open":
             return str(record.get("gdb", ""))
     raise JournalError("journal has no 'open' record", path=str(path))
+
+
+def journal_notes(path: Path) -> dict[str, object]:
+    """Every fact the session noted (later notes win)."""
+    notes: dict[str, object] = {}
+    for record in _read(path):
+        if record.get("op") == "note":
+            notes.update({k: v for k, v in record.items() if k != "op"})
+    return notes
 
 
 def pending_writes(path: Path) -> list[JournalEntry]:

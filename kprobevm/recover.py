@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kprobevm.errors import JournalError, KprobeError
 from kprobevm.gdb.client import GdbClient
-from kprobevm.journal import JournalEntry, journal_gdb_address, pending_writes
+from kprobevm.journal import JournalEntry, journal_gdb_address, journal_notes, pending_writes
 
 __all__ = ["RecoveryReport", "recover"]
 
@@ -30,6 +31,8 @@ class RecoveryReport:
     """What recovery restored, found already restored, and had to leave alone."""
 
     restored: list[JournalEntry] = field(default_factory=list)
+    returns_restored: int = 0
+    """Calls in flight through the kretprobe trampoline given their return address back."""
     already: list[JournalEntry] = field(default_factory=list)
     conflicts: list[tuple[JournalEntry, bytes]] = field(default_factory=list)
 
@@ -86,6 +89,8 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
         for entry in entries:
             if entry.space == "virt":
                 _restore(client, entry, report)
+        if entries:
+            report.returns_restored = _unhijack_returns(client, journal_notes(journal))
         # vCPUs may be inside a slot or the stub: let them run out before unmapping
         deadline = time.monotonic() + timeout
         while any(a <= rip < a + AREA_SIZE for rip in _vcpu_rips(client) for a in areas):
@@ -109,6 +114,24 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
         finally:
             client.close()
     return report
+
+
+def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
+    """Give pending kretprobe returns their real return address back (VM stopped)."""
+    table, trampoline = notes.get("kretprobe_table"), notes.get("trampoline")
+    if not isinstance(table, int) or not isinstance(trampoline, int):
+        return 0
+    restored = 0
+    data = client.read_memory(table, 4096)
+    for pos in range(0, len(data), 16):
+        slot, ret = struct.unpack_from("<QQ", data, pos)
+        if not slot:
+            continue
+        if struct.unpack("<Q", client.read_memory(slot, 8))[0] == trampoline:
+            client.write_memory(slot, struct.pack("<Q", ret))
+            restored += 1
+        client.write_memory(table + pos, bytes(16))
+    return restored
 
 
 def _mark_undone(journal: Path, report: RecoveryReport) -> None:

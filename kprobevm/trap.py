@@ -180,6 +180,7 @@ class WatchpointChannel(TrapChannel):
         self.stub = 0
         # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
+        self.ret_store = -1  # RIP after the kretprobe trampoline's watched store
         self.watchdog: subprocess.Popen[bytes] | None = None
 
     # -- installation ----------------------------------------------------------------
@@ -189,6 +190,9 @@ class WatchpointChannel(TrapChannel):
         reserve = vm.slot_reserve
         if reserve is None:
             raise KprobeError("the guest has no reserved memory (memmap=SIZE$BASE) for slots")
+        # symbols come over SSH: never while the VM is held stopped
+        idt = vm.symbols["idt_table"]
+        expected = vm.symbols.get("asm_exc_int3")
         with vm.target.stopped() as client:
             cr3 = client.read_registers()["cr3"]
             area = SlotArea(vm.memory, vm.journal, reserve, cr3)
@@ -200,14 +204,19 @@ class WatchpointChannel(TrapChannel):
             if table_pages != [table_pages[0] + i * 4096 for i in range(TABLE_PAGES)]:
                 raise KprobeError("slot area: hash table pages are not contiguous")
             self.table = table_pages[0]
+            # the kretprobe trampoline and its instance table (the guest frees entries)
+            trampoline = area.map_page(executable=True)
+            ret_table = area.map_page(executable=False, writable=True)
+            code = vm.kretprobes.install(trampoline, ret_table, self.mailbox)
+            vm.memory.write_phys(area.phys(trampoline), code)
+            self.ret_store = vm.kretprobes.store_end
+            vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
             self.slots = SlotCache(_SlotPages(area), slot_size=ooline.SLOT_SIZE)
             self.slots.in_use = self._slot_in_use
 
-            idt = vm.symbols["idt_table"]
             self.idt_gate_addr = idt + 3 * 16
             self.orig_gate = vm.memory.read(self.idt_gate_addr, 16)
             self.real_handler = decode_idt_gate(self.orig_gate)
-            expected = vm.symbols.get("asm_exc_int3")
             if expected is not None and expected != self.real_handler:
                 raise KprobeError(
                     f"IDT vector 3 points at {vm.symbols.describe(self.real_handler)},"
@@ -347,6 +356,11 @@ class WatchpointChannel(TrapChannel):
         t0 = time.perf_counter_ns()
         gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
         t1 = time.perf_counter_ns()
+        if gregs["rip"] == self.ret_store:
+            changed = self.vm.kretprobes.on_return(gregs, cpu_of_thread(stop.thread))
+            if changed:
+                self.vm.target.before_resume.extend(client.register_write_packets(changed))
+            return
         hit = self.rip_map.get(gregs["rip"])
         if hit is None:
             # a slot we have since discarded: it runs on by itself
@@ -427,6 +441,8 @@ class WatchpointChannel(TrapChannel):
         target = vm.target
         target.stop()
         with target.stopped() as client:
+            # calls in flight return to their callers directly again
+            vm.kretprobes.unhijack_all()
             if self.idt_seq is not None:
                 current = vm.memory.read(self.idt_gate_addr, 16)
                 if current != self.new_gate:

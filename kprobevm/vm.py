@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kprobevm.journal import Journal
     from kprobevm.kallsyms import KernelSymbols
     from kprobevm.kprobes import Kprobe, KprobeManager
+    from kprobevm.kretprobes import Kretprobe, KretprobeManager
     from kprobevm.memory import GuestMemory
     from kprobevm.patchsites import PatchSites
     from kprobevm.shell import GuestShell, RunResult
@@ -85,6 +86,7 @@ class VM:
         self._shell: GuestShell | None = None
         self._target: Target | None = None
         self._kprobes: KprobeManager | None = None
+        self._kretprobes: KretprobeManager | None = None
         self._journal: Journal | None = None
         self.journal_path: Path | None = None
         self._closed = False
@@ -279,6 +281,23 @@ class VM:
 
                 self._kprobes = KprobeManager(self)
             return self._kprobes
+
+    @property
+    def kretprobes(self) -> KretprobeManager:
+        with self._lock:
+            if self._kretprobes is None:
+                from kprobevm.kretprobes import KretprobeManager
+
+                self._kretprobes = KretprobeManager(self)
+            return self._kretprobes
+
+    def register_kretprobe(self, rp: Kretprobe) -> None:
+        """Probe a function's returns: ``rp.handler(ri, regs)`` runs with ``regs.ax``."""
+        self.kprobes.channel  # noqa: B018 (the trampoline comes with the channel)
+        self.kretprobes.register_kretprobe(rp)
+
+    def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        self.kretprobes.unregister_kretprobe(rp)
 
     def register_kprobe(self, kp: Kprobe) -> None:
         """Place a probe; its handlers run on the host at every hit."""
