@@ -635,8 +635,9 @@ def test_refuse_data_symbol(vm: VM) -> None:
 )
 def test_refuse_blacklisted(vm: VM, name: str) -> None:
     addr = vm.symbols[name]
-    entry = vm.blacklist.within_kprobe_blacklist(addr)
-    assert entry is not None, f"{name} is not in vm.blacklist"
+    entry = vm.kprobe_blacklist.within_kprobe_blacklist(addr)
+    assert entry is not None, f"{name} is not in vm.kprobe_blacklist"
+    assert entry.format_debugfs() in vm.blacklist().splitlines()
     exc = refused(vm, Kprobe(symbol_name=name), function_range(vm, name))
     assert exc.code == "EINVAL" and "blacklisted" in str(exc)
 
@@ -649,7 +650,7 @@ def _patch_site_in_function(vm: VM, reason: str) -> int:
         sym = vm.symbols.lookup(site.start)
         if sym is None or sym.type not in "tT" or sym.address == site.start or sym.size > 4096:
             continue
-        if vm.blacklist.within_kprobe_blacklist(site.start) is not None:
+        if vm.kprobe_blacklist.within_kprobe_blacklist(site.start) is not None:
             continue
         code = vm.read(sym.address, sym.size)
         try:
