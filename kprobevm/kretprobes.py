@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kprobevm.errors import KprobeError, ProbeRefused
+from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.kprobes import Kprobe
 from kprobevm.ptregs import PtRegs
 from kprobevm.x86 import asm
 
 if TYPE_CHECKING:
     from kprobevm.gdb.client import GdbClient
+    from kprobevm.tasks import TaskLayout
     from kprobevm.vm import VM
 
 __all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager", "build_trampoline"]
@@ -57,6 +58,9 @@ class KretprobeInstance:
     data: bytearray
     """``data_size`` bytes the entry_handler may fill for the handler (the kernel's ri->data)."""
     index: int = -1
+    task: int = 0
+    """The calling task's ``task_struct *`` (0 when the kernel's BTF is not at hand)."""
+    task_stack: int = 0
 
 
 @dataclass(eq=False)
@@ -130,6 +134,8 @@ class KretprobeManager:
         self.entries: list[KretprobeInstance | None] = [None] * TABLE_ENTRIES
         self.by_slot: dict[int, KretprobeInstance] = {}
         self.stale_returns = 0
+        self.reclaimed = 0
+        self.layout: TaskLayout | None = None
 
     def install(self, trampoline: int, table: int, mailbox: int) -> bytes:
         """Place the trampoline at ``trampoline`` (mapped executable) over ``table``."""
@@ -158,6 +164,7 @@ class KretprobeManager:
             )
         if rp.maxactive <= 0:
             rp.maxactive = max(10, 2 * (os.cpu_count() or 1), 2 * self._vcpus())
+        self.layout = self.vm.task_layout  # BTF parsed now, not at the first hit
         self.vm.register_kprobe(kp)
         rp.kp = kp
         rp.registered = True
@@ -185,15 +192,22 @@ class KretprobeManager:
     def _entry(self, rp: Kretprobe, regs: PtRegs) -> None:
         if not rp.registered:
             return
-        if rp.active >= rp.maxactive:
+        if rp.active >= rp.maxactive and not self._reclaim(rp):
             rp.nmissed += 1
             return
-        memory = self.vm.memory
         slot = regs.sp
+        layout = self.layout
+        if layout is not None:
+            ret_addr, task = self._read_u64s(slot, regs.gs_base + layout.current)
+        else:
+            (ret_addr,) = self._read_u64s(slot)
+            task = 0
         ri = KretprobeInstance(
-            rp=rp, slot=slot, ret_addr=memory.u64(slot), cpu=regs.cpu,
-            data=bytearray(rp.data_size),
+            rp=rp, slot=slot, ret_addr=ret_addr, cpu=regs.cpu,
+            data=bytearray(rp.data_size), task=task,
         )  # fmt: skip
+        if layout is not None and task:
+            ri.task_stack = self.vm.memory.u64(task + layout.stack)
         if rp.entry_handler is not None:
             try:
                 if rp.entry_handler(ri, regs):
@@ -222,19 +236,58 @@ class KretprobeManager:
             client.set_phys_mode(False)
         self.vm.target.before_resume.extend(client.memory_write_packets(address, data))
 
-    def _alloc(self) -> int | None:
-        for i, ri in enumerate(self.entries):
-            if ri is None:
-                return i
-        # Reclaim calls that will never return here: their slot lost our address.
-        reclaimed = None
+    def _read_u64s(self, *addresses: int) -> tuple[int, ...]:
+        """Several u64 of guest virtual memory in one round trip."""
+        client: GdbClient = self.vm.target.client
+        if client.phys_mode:
+            client.set_phys_mode(False)
+        packets = [b"m%x,8" % a for a in addresses]
+        values = []
+        for address, reply in zip(addresses, client.pipeline(packets), strict=True):
+            if len(reply) != 16 or reply.startswith(b"E"):
+                raise GuestFaultError(address, f"gdbstub {reply[:3]!r}")
+            values.append(int.from_bytes(bytes.fromhex(reply.decode()), "little"))
+        return tuple(values)
+
+    def _dead(self, ri: KretprobeInstance) -> bool:
+        """A call that will never come back through the trampoline.
+
+        Its stack slot lost our address (the stack moved on), or its task has exited
+        (a function like do_exit that never returns) or is gone (stack pointer changed).
+        """
+        memory = self.vm.memory
+        if memory.u64(ri.slot) != self.trampoline:
+            return True
+        layout = self.layout
+        if layout is None or not ri.task:
+            return False
+        return (
+            memory.u64(ri.task + layout.stack) != ri.task_stack
+            or memory.s32(ri.task + layout.exit_state) != 0
+        )
+
+    def _reclaim(self, rp: Kretprobe | None = None) -> bool:
+        """Free the dead instances (of ``rp``, or all); True if any was freed."""
+        freed = False
         for ri in list(self.by_slot.values()):
-            if self.vm.memory.u64(ri.slot) != self.trampoline:
+            if rp is not None and ri.rp is not rp:
+                continue
+            if self._dead(ri):
                 self.by_slot.pop(ri.slot, None)
                 self._free(ri)
                 self.vm.memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
-                reclaimed = ri.index if reclaimed is None else reclaimed
-        return reclaimed
+                self.reclaimed += 1
+                freed = True
+        return freed
+
+    def _alloc(self) -> int | None:
+        for _ in range(2):
+            for i, ri in enumerate(self.entries):
+                if ri is None:
+                    return i
+            if not self._reclaim():
+                break
+        return None
 
     def _free(self, ri: KretprobeInstance) -> None:
         if 0 <= ri.index < len(self.entries) and self.entries[ri.index] is ri:

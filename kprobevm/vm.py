@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kprobevm.shell import GuestShell, RunResult
     from kprobevm.slotmap import Reserve
     from kprobevm.target import Target
+    from kprobevm.tasks import TaskLayout
     from kprobevm.vmlinux import Vmlinux
 
 
@@ -224,6 +225,20 @@ class VM:
             return None
         slide = self.kaslr_slide
         return elf.with_slide(slide) if slide else elf
+
+    @functools.cached_property
+    def task_layout(self) -> TaskLayout | None:
+        """Where ``current`` and its fields are (from the vmlinux BTF; None without it)."""
+        from kprobevm.errors import KprobeVMError
+        from kprobevm.tasks import TaskLayout
+
+        if self.vmlinux is None:
+            return None
+        try:
+            return TaskLayout.build(self.symbols, self.vmlinux)
+        except KprobeVMError as exc:
+            self.log.warning("no task layout: %s", exc)
+            return None
 
     @functools.cached_property
     def kprobe_blacklist(self) -> Blacklist:

@@ -1,0 +1,104 @@
+"""Return probes on a real guest: return values, entry data, maxactive, in-flight safety."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from kprobevm.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.ptregs import PtRegs
+from kprobevm.vm import VM
+
+pytestmark = pytest.mark.vm
+
+ENOENT = -2
+
+
+def signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+def test_return_value_of_a_failing_open_is_enoent(vm: VM) -> None:
+    values: list[int] = []
+    rp = Kretprobe(symbol_name="do_sys_openat2",
+                   handler=lambda ri, regs: values.append(signed(regs.ax)))  # fmt: skip
+    vm.register_kretprobe(rp)
+    try:
+        r = vm.run("cat /no/such/file; cat /proc/version >/dev/null; true")
+    finally:
+        vm.unregister_kretprobe(rp)
+    assert "No such file" in r.stderr
+    assert ENOENT in values
+    assert any(v >= 0 for v in values), "a successful open returns a file descriptor"
+    assert rp.nhit == len(values) and rp.active == 0
+
+
+def test_entry_handler_data_reaches_the_return_handler(vm: VM) -> None:
+    seen: list[tuple[bytes, int]] = []
+
+    def entry(ri: KretprobeInstance, regs: PtRegs) -> bool:
+        ri.data[:8] = struct.pack("<Q", regs.si)  # the filename pointer at entry
+        return False
+
+    def ret(ri: KretprobeInstance, regs: PtRegs) -> None:
+        (filename,) = struct.unpack("<Q", bytes(ri.data[:8]))
+        assert regs.memory is not None
+        seen.append((regs.memory.cstring(filename, 64), signed(regs.ax)))
+
+    rp = Kretprobe(symbol_name="do_sys_openat2", entry_handler=entry, handler=ret, data_size=8)
+    vm.register_kretprobe(rp)
+    try:
+        vm.run("cat /no/such/kretprobe-file 2>/dev/null; true")
+    finally:
+        vm.unregister_kretprobe(rp)
+    assert (b"/no/such/kretprobe-file", ENOENT) in seen
+
+
+def test_maxactive_exhaustion_counts_nmissed_and_inflight_unregister_is_safe(vm: VM) -> None:
+    # An open of a FIFO blocks inside do_sys_openat2 until a writer comes: one instance
+    # stays in flight, so with maxactive=1 every other open is missed.
+    vm.run("rm -f /tmp/kfifo; mkfifo /tmp/kfifo", check=True)
+    values: list[int] = []
+    rp = Kretprobe(symbol_name="do_sys_openat2", maxactive=1,
+                   handler=lambda ri, regs: values.append(signed(regs.ax)))  # fmt: skip
+    vm.register_kretprobe(rp)
+    unregistered = False
+    try:
+        vm.run("(cat /tmp/kfifo >/tmp/kfifo.out) >/dev/null 2>&1 &", check=True)
+        deadline = time.monotonic() + 30
+        while rp.active < 1:
+            assert time.monotonic() < deadline, "the FIFO reader never entered the open"
+            time.sleep(0.1)
+        vm.run("for i in 1 2 3 4 5; do cat /proc/version >/dev/null; done")
+        assert rp.nmissed >= 5
+        # Unregister with the reader's open still in flight, then let it return.
+        vm.unregister_kretprobe(rp)
+        unregistered = True
+        vm.run("echo released >/tmp/kfifo", check=True)
+        deadline = time.monotonic() + 30
+        while vm.run("cat /tmp/kfifo.out").stdout.strip() != "released":
+            assert time.monotonic() < deadline, "the in-flight open never returned"
+            time.sleep(0.2)
+    finally:
+        if not unregistered:
+            vm.unregister_kretprobe(rp)
+    assert vm.run("cat /proc/version").returncode == 0
+
+
+def test_do_exit_never_returns_and_does_not_leak(vm: VM) -> None:
+    rp = Kretprobe(symbol_name="do_exit", maxactive=2, handler=lambda ri, regs: None)
+    vm.register_kretprobe(rp)
+    reclaimed_before = vm.kretprobes.reclaimed
+    try:
+        vm.run("for i in $(seq 12); do /bin/true; done", check=True)
+        time.sleep(0.5)
+        vm.run("/bin/true", check=True)
+    finally:
+        vm.unregister_kretprobe(rp)
+    assert rp.nhit == 0  # do_exit does not return
+    assert rp.active <= rp.maxactive
+    # every exit after the first two found its instance reclaimed, none was missed
+    assert vm.kretprobes.reclaimed - reclaimed_before >= 10
+    assert rp.nmissed == 0
