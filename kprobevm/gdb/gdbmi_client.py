@@ -173,14 +173,17 @@ class GdbMiClient:
         """gdb's stdout pipe, to select() on (call :meth:`poll_stop` first)."""
         return self._fd
 
-    def _records(self, deadline: float | None, what: str) -> list[Record]:
-        """Wait until gdb writes something, then parse every complete line."""
+    def _records(self, deadline: float | None, what: str, *, wait: bool = True) -> list[Record]:
+        """Parse every complete line gdb wrote; with ``wait``, block until there is one
+        (or ``deadline`` passes: GdbTimeout)."""
         from pygdbmi.gdbmiparser import parse_response
 
-        while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._fd], [], [], wait)
+        while b"\n" not in self._buf:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._fd], [], [], left if wait else 0.0)
             if not ready:
+                if not wait:
+                    return []
                 raise GdbTimeout(f"gdb did not answer {what!r} in time", sent=what.encode())
             try:
                 data = os.read(self._fd, 1 << 16)
@@ -190,8 +193,6 @@ class GdbMiClient:
                 self._closed = True
                 raise GdbConnectionClosed("gdb exited", sent=what.encode())
             self._buf += data
-            if b"\n" in self._buf:
-                break
         *lines, self._buf = self._buf.split(b"\n")
         out: list[Record] = []
         for line in lines:
@@ -202,8 +203,11 @@ class GdbMiClient:
 
     def _drain(self) -> None:
         """Read what gdb has written so far, without waiting."""
-        while select.select([self._fd], [], [], 0)[0]:
-            for rec in self._records(time.monotonic(), "drain"):
+        while True:
+            records = self._records(None, "drain", wait=False)
+            if not records:
+                return
+            for rec in records:
                 self._note(rec)
 
     def _note(self, rec: Record) -> None:
@@ -450,7 +454,7 @@ class GdbMiClient:
             return
         flag = " -r" if kind is BreakpointKind.READ_WATCH else " -a"
         size = {1: "char", 2: "short", 4: "int", 8: "long"}.get(length, "char")
-        res = self.command(f"-break-watch{flag} *({size} *){addr:#x}")
+        res = self.command(f'-break-watch{flag} "*({size} *){addr:#x}"')
         wpt = res.get("wpt") or res.get("hw-awpt") or res.get("hw-rwpt") or {}
         number = str(wpt.get("number", ""))
         if not number:
