@@ -87,6 +87,8 @@ class ProbeSite:
     """RIP at the pre-handler stop (just after the slot's first watched store)."""
     post_rip: int | None = None
     """RIP at the post-handler stop, when the slot has a second watched store."""
+    cont_rip: int = 0
+    """Where a handled vCPU goes on: the slot's continuation copy, past the pre store."""
 
     @property
     def enabled(self) -> bool:

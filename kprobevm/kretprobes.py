@@ -119,6 +119,7 @@ def build_trampoline(base: int, *, table: int, entries: int, mailbox: int) -> tu
     a.emit(asm.popfq())
     a.emit(asm.movb_store_rip(a.here, mailbox, RETURN_VALUE))
     store_end = a.here
+    a.emit(b"\xeb\x00")  # jmp .+2: a late stop still lands here (see ooline.TB_BREAK)
     a.emit(b"\xc3")  # ret: to the caller, RSP as after the function's own ret
     return a.finish(), store_end
 
@@ -308,8 +309,11 @@ class KretprobeManager:
             return {}
         self._free(ri)
         rp = ri.rp
+        # the host does the trampoline's ret: the vCPU leaves the trampoline now, so a
+        # late report of this stop (SMP) cannot be taken for another return
+        leave = {"rip": ri.ret_addr, "rsp": slot + 8}
         if not rp.registered or rp.handler is None:
-            return {}
+            return leave
         gregs = dict(gregs)
         gregs["rip"] = ri.ret_addr
         gregs["rsp"] = slot + 8  # as right after the function's ret
@@ -322,7 +326,8 @@ class KretprobeManager:
             log.warning("kretprobe handler of %s raised %r", rp.symbol_name, exc)
         from kprobevm.ptregs import GDB_NAMES
 
-        return {GDB_NAMES[k]: v for k, v in regs.changes().items() if k not in ("ip", "sp")}
+        changed = {GDB_NAMES[k]: v for k, v in regs.changes().items() if k not in ("ip", "sp")}
+        return changed | leave
 
     # -- teardown ------------------------------------------------------------------------
 

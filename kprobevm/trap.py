@@ -45,6 +45,7 @@ __all__ = ["TrapChannel", "WatchpointChannel", "install_channel"]
 log = logging.getLogger(__name__)
 
 INT3 = b"\xcc"
+SLOT_SIZE = 128  # two halves: the entry code and its continuation copy
 TABLE_SLOTS = 4096  # open-addressing table: 64 KiB, good for 2,048 probes at half load
 TABLE_PAGES = TABLE_SLOTS * 16 // 4096
 EMPTY, TOMBSTONE = 0, 1
@@ -85,6 +86,8 @@ class TrapStats:
     """Running the handlers (memory reads they make included)."""
     writeback_ns: int = 0
     """Preparing register write-backs (they are sent with the resume)."""
+    caught_pending: int = 0
+    """Hits found on another vCPU than the one QEMU reported (SMP)."""
 
     def per_hit_us(self) -> dict[str, float]:
         n = max(self.hits, 1)
@@ -181,6 +184,7 @@ class WatchpointChannel(TrapChannel):
         # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         self.ret_store = -1  # RIP after the kretprobe trampoline's watched store
+        self.threads: list[str] = []
         self.watchdog: subprocess.Popen[bytes] | None = None
 
     # -- installation ----------------------------------------------------------------
@@ -211,7 +215,8 @@ class WatchpointChannel(TrapChannel):
             vm.memory.write_phys(area.phys(trampoline), code)
             self.ret_store = vm.kretprobes.store_end
             vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
-            self.slots = SlotCache(_SlotPages(area), slot_size=ooline.SLOT_SIZE)
+            self.slots = SlotCache(_SlotPages(area), slot_size=SLOT_SIZE)
+            self.threads = client.threads()
             self.slots.in_use = self._slot_in_use
 
             self.idt_gate_addr = idt + 3 * 16
@@ -297,18 +302,32 @@ class WatchpointChannel(TrapChannel):
         return ProbeSite(addr=addr, insn=insn, slot=slot)
 
     def _write_slot_code(self, site: ProbeSite) -> None:
+        """Two copies of the out-of-line code: the entry with the watched pre store, and
+        the continuation a handled vCPU is sent on through (see :meth:`on_stop`)."""
         assert self.area is not None
         post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
-        code = ooline.make_slot_code(
-            site.insn, site.slot.address, mailbox=self.mailbox, post_store=post
-        )
-        self.vm.memory.write_phys(self.area.phys(site.slot.address), code.bytes)
-        assert code.pre_store_end is not None
-        site.pre_rip = code.pre_store_end
-        site.post_rip = code.post_store_end
-        self.rip_map[code.pre_store_end] = (site, None)
-        for end, resume in code.post_exits:
+        half = SLOT_SIZE // 2
+        entry = ooline.make_slot_code(
+            site.insn, site.slot.address, mailbox=self.mailbox, post_store=post,
+            slot_size=half,
+        )  # fmt: skip
+        cont = ooline.make_slot_code(
+            site.insn, site.slot.address + half, mailbox=self.mailbox, pre_store=False,
+            post_store=post, slot_size=half,
+        )  # fmt: skip
+        code = entry.bytes.ljust(half, b"\xcc") + cont.bytes
+        self.vm.memory.write_phys(self.area.phys(site.slot.address), code)
+        assert entry.pre_store_end is not None
+        site.pre_rip = entry.pre_store_end
+        site.post_rip = entry.post_store_end
+        site.cont_rip = site.slot.address + half
+        # a stop lands right after a store, or after the TB break that follows it
+        brk = len(ooline.TB_BREAK)
+        self.rip_map[entry.pre_store_end] = (site, None)
+        self.rip_map[entry.pre_store_end + brk] = (site, None)
+        for end, resume in (*entry.post_exits, *cont.post_exits):
             self.rip_map[end] = (site, resume)
+            self.rip_map[end + brk] = (site, resume)
 
     def _forget_rips(self, site: ProbeSite) -> None:
         for rip in [r for r, (s, _) in self.rip_map.items() if s is site]:
@@ -349,6 +368,14 @@ class WatchpointChannel(TrapChannel):
     # -- the hot path (trap thread, VM stopped) --------------------------------------
 
     def on_stop(self, stop: StopReply) -> None:
+        """Handle the hit that stopped the VM, and any other vCPU sitting after a store.
+
+        Under SMP QEMU can report a vCPU's watchpoint stop late (after resuming, with its
+        RIP already past the slot) or fold two vCPUs' hits into one stop, so every vCPU
+        right after a watched store is handled now. A handled vCPU is sent on through the
+        slot's continuation copy (or past the probe): a late report of the same hit then
+        never sits at a store's end, so no hit is handled twice.
+        """
         watch = stop.watch
         if watch is None or watch.address != self.mailbox:
             return
@@ -356,30 +383,56 @@ class WatchpointChannel(TrapChannel):
         t0 = time.perf_counter_ns()
         gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
         t1 = time.perf_counter_ns()
-        if gregs["rip"] == self.ret_store:
-            changed = self.vm.kretprobes.on_return(gregs, cpu_of_thread(stop.thread))
-            if changed:
-                self.vm.target.before_resume.extend(client.register_write_packets(changed))
-            return
-        hit = self.rip_map.get(gregs["rip"])
-        if hit is None:
-            # a slot we have since discarded: it runs on by itself
-            self.unknown_stops += 1
-            return
-        site, resume = hit
-        cpu = cpu_of_thread(stop.thread)
-        if resume is None:
-            self._pre(client, site, gregs, cpu)
-        else:
-            self._post(client, site, gregs, cpu, resume)
+        thread = stop.thread or ""
+        writes = self._handle(thread, gregs)
+        if writes:
+            self.vm.target.before_resume.extend(client.register_write_packets(writes))
+        if len(self.threads) > 1:
+            self._handle_other_vcpus(client, thread)
         stats = self.stats
         stats.hits += 1
         stats.regs_ns += t1 - t0
         stats.handler_ns += self._handler_end - t1
         stats.writeback_ns += time.perf_counter_ns() - self._handler_end
 
-    def _pre(self, client: GdbClient, site: ProbeSite, gregs: dict[str, int], cpu: int) -> None:
-        slot_rip = gregs["rip"]
+    def _handle(self, thread: str, gregs: dict[str, int]) -> dict[str, int]:
+        """Run the handlers for a vCPU stopped after a watched store; its register writes."""
+        self._handler_end = time.perf_counter_ns()
+        # a copy: the client keeps the dict it returned to skip unchanged writes later
+        gregs = dict(gregs)
+        rip = gregs["rip"]
+        cpu = cpu_of_thread(thread)
+        if rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK)):
+            return self.vm.kretprobes.on_return(gregs, cpu)
+        hit = self.rip_map.get(rip)
+        if hit is None:
+            # a late report of a hit already handled, or a slot since discarded
+            self.unknown_stops += 1
+            return {}
+        site, resume = hit
+        if resume is None:
+            return self._pre(site, gregs, cpu)
+        return self._post(site, gregs, cpu, resume)
+
+    def _handle_other_vcpus(self, client: GdbClient, reported: str) -> None:
+        others = [t for t in self.threads if t != reported]
+        rip_reg = client.layout["rip"].regnum
+        packets = []
+        for t in others:
+            packets += [b"Hg" + t.encode(), b"p%x" % rip_reg]
+        replies = client.pipeline(packets)
+        for i, t in enumerate(others):
+            rip = int.from_bytes(bytes.fromhex(replies[2 * i + 1].decode()), "little")
+            if rip in (self.ret_store, self.ret_store + 2) or rip in self.rip_map:
+                self.stats.caught_pending += 1
+                writes = self._handle(t, client.read_registers(thread=t, wide=False))
+                if writes:
+                    client.write_registers(writes, thread=t)
+        # the reported vCPU's writes ride with the resume: select it again first
+        if self.vm.target.before_resume:
+            self.vm.target.before_resume.insert(0, b"Hg" + reported.encode())
+
+    def _pre(self, site: ProbeSite, gregs: dict[str, int], cpu: int) -> dict[str, int]:
         gregs["rip"] = site.addr  # as at the probed instruction
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         skip = self.manager.run_pre_handlers(site, regs)
@@ -387,29 +440,22 @@ class WatchpointChannel(TrapChannel):
         changes = regs.changes()
         if skip:
             # the handler moved regs.ip itself: the instruction is not run
-            self._write_back(client, changes, rip=regs.ip)
-            return
+            return _gdb_changes(changes, rip=regs.ip)
         if site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
-            self._emulate_with_post(client, site, regs)
-            return
-        changes.pop("ip", None)
-        if changes:
-            self._write_back(client, changes, rip=slot_rip)
+            return self._emulate_with_post(site, regs)
+        return _gdb_changes(changes, rip=site.cont_rip)
 
     def _post(
-        self, client: GdbClient, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int
-    ) -> None:
-        slot_rip = gregs["rip"]
+        self, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int
+    ) -> dict[str, int]:
         gregs["rip"] = resume
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         self.manager.run_post_handlers(site, regs)
         self._handler_end = time.perf_counter_ns()
-        changes = regs.changes()
-        if changes:
-            moved = changes.pop("ip", None)
-            self._write_back(client, changes, rip=moved if moved is not None else slot_rip)
+        # past the post store the slot only jumps to ``resume``: go there directly
+        return _gdb_changes(regs.changes(), rip=regs.ip)
 
-    def _emulate_with_post(self, client: GdbClient, site: ProbeSite, regs: PtRegs) -> None:
+    def _emulate_with_post(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
         """A return or indirect branch with a post_handler: run it on the host."""
         from kprobevm.x86.emulate import emulate
 
@@ -422,16 +468,7 @@ class WatchpointChannel(TrapChannel):
             regs.cx = result.rcx
         self.manager.run_post_handlers(site, regs)
         self._handler_end = time.perf_counter_ns()
-        changes = regs.changes()
-        self._write_back(client, changes, rip=regs.ip)
-
-    def _write_back(self, client: GdbClient, changes: dict[str, int], *, rip: int) -> None:
-        from kprobevm.ptregs import GDB_NAMES
-
-        values = {GDB_NAMES[k]: v for k, v in changes.items() if k != "ip"}
-        values["rip"] = rip
-        # sent with the resume, in one write: no round trip of its own
-        self.vm.target.before_resume.extend(client.register_write_packets(values))
+        return _gdb_changes(regs.changes(), rip=regs.ip)
 
     # -- teardown --------------------------------------------------------------------
 
@@ -484,6 +521,15 @@ class WatchpointChannel(TrapChannel):
             self.watchdog.stdin.close()
             self.watchdog.wait(timeout=5)
             self.watchdog = None
+
+
+def _gdb_changes(changes: dict[str, int], *, rip: int) -> dict[str, int]:
+    """Changed pt_regs values by gdb register name, with the RIP to resume at."""
+    from kprobevm.ptregs import GDB_NAMES
+
+    values = {GDB_NAMES[k]: v for k, v in changes.items() if k != "ip"}
+    values["rip"] = rip
+    return values
 
 
 def _gdb_view(regs: PtRegs) -> dict[str, int]:

@@ -20,6 +20,7 @@ __all__ = [
     "POST_VALUE",
     "PRE_VALUE",
     "SLOT_SIZE",
+    "TB_BREAK",
     "SlotCode",
     "make_slot_code",
     "relocate",
@@ -31,6 +32,12 @@ PRE_VALUE = 1
 #: The byte the post store writes.
 POST_VALUE = 2
 _MOVB_LEN = 7
+#: ``jmp .+2`` after every watched store. QEMU normally stops a vCPU right after the
+#: store; but a vCPU whose earlier hit QEMU folded into another vCPU's stop keeps a
+#: stale ``watchpoint_hit``, and its next hit is only raised at the next TB boundary.
+#: This jump ends the TB there, so that late stop still lands in the slot, 2 bytes on,
+#: with every register untouched (a jump changes no flag).
+TB_BREAK = b"\xeb\x00"
 
 #: Kinds whose post-instruction state the slot can reach with a store after them.
 #: Returns and indirect branches leave the slot by the instruction itself; a probe
@@ -129,6 +136,7 @@ def make_slot_code(
         if post_store:
             a.emit(asm.movb_store_rip(a.here, mailbox, POST_VALUE))
             exits.append((a.here, resume))
+            a.emit(TB_BREAK)
 
     def jmp(dst: int) -> None:
         a.emit(asm.jmp_rel32(a.here, dst))
@@ -136,6 +144,7 @@ def make_slot_code(
     if pre_store:
         a.emit(asm.movb_store_rip(a.here, mailbox, PRE_VALUE))
         pre_end = a.here
+        a.emit(TB_BREAK)
 
     kind = insn.kind
     nxt = insn.next_addr
