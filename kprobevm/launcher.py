@@ -191,12 +191,6 @@ def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str
         # Only when asked, and only on loopback: the gdbstub can write all guest memory.
         gdb = ("127.0.0.1", _free_port() if gdb_tcp is True else int(gdb_tcp))
         gdb_arg = f"tcp:{gdb[0]}:{gdb[1]},server=on,wait=off"
-    if accel == "tcg":
-        # One TCG thread runs the vCPUs in turn and leaves its loop at the first debug
-        # exception. With a thread per vCPU (MTTCG), two vCPUs can hit kprobevm's watched
-        # store at once, and QEMU then reports one stop for both or the second one late,
-        # with its RIP already past the slot: the hit is lost.
-        accel = "tcg,thread=single"
     command = [
         qemu,
         "-nodefaults", "-display", "none", "-no-reboot",
