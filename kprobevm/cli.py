@@ -1,26 +1,33 @@
 """The ``kprobevm`` command: one function per sub-command, progress on stderr, results on
-stdout. Exit codes: 0 ok, 1 usage, 2 a VM (or image) error; ``run`` exits with CMD's status.
+stdout. Exit codes: 0 ok, 1 usage (a bad probe definition included, printed as the
+kernel's error_log shows it), 2 a VM (or image) error; ``run`` exits with CMD's status.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from kprobevm.errors import KprobeVMError
+from kprobevm.errors import KprobeVMError, ProbeSyntaxError
 from kprobevm.image import DEFAULT_MEMORY
 
 if TYPE_CHECKING:
     from types import FrameType
 
-    from kprobevm.vm import VM
+    from kprobevm.events import EventHit, ProbeEvent
+    from kprobevm.shell import RunResult
+    from kprobevm.trace import TraceSession
+    from kprobevm.vm import VM, GdbAddress
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "EXIT_VM", "main"]
 
@@ -60,6 +67,59 @@ def _boot(args: argparse.Namespace) -> VM:
         kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
         smp=args.smp, accel=args.accel, kaslr=args.kaslr, timeout=args.timeout,
     )
+
+
+def _gdb_address(text: str) -> GdbAddress:
+    """``/path/to/socket``, ``HOST:PORT`` or ``:PORT`` (loopback)."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and not os.path.exists(text):
+        return (host or "127.0.0.1", int(port))
+    return text
+
+
+def _ssh_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _add_guest_options(parser: argparse.ArgumentParser) -> None:
+    """``--boot`` (with the boot options) or ``--attach`` to a running QEMU."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--boot", action="store_true",
+                       help="boot the default image (or --kernel/--initrd) for this run")
+    which.add_argument("--attach", type=_gdb_address, metavar="GDB_SOCKET",
+                       help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
+    attach = parser.add_argument_group("attach")
+    attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
+                        help="the attached guest's SSH address (runs CMD, reads kallsyms)")
+    attach.add_argument("--ssh-key", type=Path, metavar="K", help="private key for --ssh")
+    attach.add_argument("--vmlinux", type=Path, metavar="V",
+                        help="the attached guest's vmlinux (its BTF gives comm and pid)")
+    attach.add_argument("--kallsyms", type=Path, metavar="F",
+                        help="the attached guest's /proc/kallsyms as a file")
+    _add_boot_options(parser)
+
+
+def _guest(args: argparse.Namespace) -> VM:
+    """The VM these options name: booted, or attached to."""
+    if args.boot:
+        return _boot(args)
+    from kprobevm.vm import attach
+
+    _progress(f"attaching to {args.attach}")
+    return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
+                  kallsyms=args.kallsyms)
+
+
+def _probe_error(sub: str, exc: ProbeSyntaxError) -> int:
+    """A rejected definition as the kernel's error_log prints it; exit 1."""
+    message = str(exc).split("\n", 1)[0]
+    print(f"kprobevm {sub}: error: {message}", file=sys.stderr)
+    print(f"  Command: {exc.text}", file=sys.stderr)
+    print(" " * (len("  Command: ") + exc.position) + "^", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,6 +180,246 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _split_command(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """DEF... [-- CMD...] -> (definitions, command words)."""
+    words = list(words)
+    if "--" in words:
+        i = words.index("--")
+        return words[:i], words[i + 1 :]
+    return words, []
+
+
+def _count_definition(func: str) -> str:
+    """A ``count`` FUNC: a symbol (``vfs_read``, ``vfs_read+4``, ``vfs_read%return``) or a
+    full definition."""
+    word = func.strip()
+    if " " in word or (word[:1] in "pr" and ":" in word.split(" ", 1)[0]):
+        return word
+    return f"p {word}"
+
+
+def _count_key(func: str, event: ProbeEvent) -> str:
+    word = func.strip()
+    return word if word == _count_definition(word)[2:] else event.event
+
+
+def _print_hits(session: TraceSession, out: TextIO, as_json: bool) -> int:
+    n = 0
+    for hit in session.drain():
+        out.write(_hit_text(hit, as_json))
+        n += 1
+    if n:
+        out.flush()
+    return n
+
+
+def _hit_text(hit: EventHit, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(hit.to_json(), separators=(",", ":")) + "\n"
+    return hit.line() + "\n"
+
+
+def _run_in_guest(
+    vm: VM, command: list[str], timeout: float
+) -> tuple[threading.Thread, list[RunResult | BaseException]]:
+    """Run CMD in a thread: the main thread keeps printing hits meanwhile."""
+    line = command[0] if len(command) == 1 else shlex.join(command)
+    box: list[RunResult | BaseException] = []
+
+    def work() -> None:
+        try:
+            box.append(vm.run(line, timeout=timeout))
+        except BaseException as exc:  # handed to the main thread
+            box.append(exc)
+
+    thread = threading.Thread(target=work, name="kprobevm-cmd", daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bool) -> int:
+    """What trace and count share: parse, guest, plan, place, wait, unregister, close."""
+    from kprobevm import trace
+
+    sub = args.subcommand
+    try:
+        events, notes = trace.check_definitions(definitions)
+    except ProbeSyntaxError as exc:
+        return _probe_error(sub, exc)
+    for note in notes:
+        _progress(note)
+    if not events:
+        print(f"kprobevm {sub}: no probe definitions", file=sys.stderr)
+        return EXIT_USAGE
+    out = sys.stdout
+    with _guest(args) as vm:
+        try:
+            plan = trace.plan_events(vm, events)
+        except ProbeSyntaxError as exc:
+            return _probe_error(sub, exc)
+        if args.dry_run:
+            for p in plan:
+                print(p.describe())
+            return EXIT_OK
+        session = trace.TraceSession(vm, plan, count_only=count_only)
+        session.start()
+        reader_gone = False
+        try:
+            _progress(f"{len(plan)} probe(s) placed")
+            _wait(args, vm, session, out, count_only=count_only)
+        except BrokenPipeError:
+            reader_gone = True  # `| head`: stop tracing, no error
+        finally:
+            session.stop()
+            _progress("probes removed")
+        if reader_gone:
+            return EXIT_OK
+        if not count_only:
+            _print_hits(session, out, args.json)
+        missed = session.missed()
+        if missed:
+            _progress(f"{missed} hit(s) missed (kretprobe maxactive reached)")
+        for error in session.handler_errors():
+            _progress(f"handler error: {error}")
+        if count_only:
+            _print_counts(args, session)
+    return EXIT_OK
+
+
+def _wait(
+    args: argparse.Namespace, vm: VM, session: TraceSession, out: TextIO, *, count_only: bool
+) -> None:
+    """Until CMD ends, --duration passes or Ctrl-C; printing hits as they come."""
+    deadline = time.monotonic() + args.duration if args.duration else None
+    thread = None
+    box: list[RunResult | BaseException] = []
+    if args.command:
+        thread, box = _run_in_guest(vm, args.command, args.command_timeout)
+    elif deadline is None:
+        _progress("tracing; Ctrl-C stops")
+    try:
+        while True:
+            if not count_only:
+                _print_hits(session, out, args.json)
+            if thread is not None and not thread.is_alive():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        _progress("interrupted")
+    if thread is not None and box:
+        result = box[0]
+        if isinstance(result, BaseException):
+            raise result
+        sys.stderr.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if result.returncode:
+            _progress(f"command exited with status {result.returncode}")
+
+
+def _print_counts(args: argparse.Namespace, session: TraceSession) -> None:
+    by_plan = {id(p): key for key, p in zip(args.keys, session.plan, strict=True)}
+    rows = [(by_plan[id(p)], n) for p, n in session.counts()]
+    for key, n in sorted(rows, key=lambda r: (r[1], r[0])):  # bpftrace prints ascending
+        if args.json:
+            print(json.dumps({"probe": key, "count": n}, separators=(",", ":")))
+        else:
+            print(f"@[{key}]: {n}")
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Place kprobe_events definitions, run CMD (or wait), print one line per hit."""
+    definitions, command = _split_command(args.words)
+    args.command = command
+    if not definitions:
+        print("kprobevm trace: no probe definitions", file=sys.stderr)
+        return EXIT_USAGE
+    return _session(args, definitions, count_only=False)
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does."""
+    funcs, command = _split_command(args.words)
+    args.command = command
+    if not funcs:
+        print("kprobevm count: no functions", file=sys.stderr)
+        return EXIT_USAGE
+    from kprobevm.events import EventDeletion, parse_event
+
+    definitions = [_count_definition(f) for f in funcs]
+    keys = []
+    for func, text in zip(funcs, definitions, strict=True):
+        try:
+            event = parse_event(text)
+        except ProbeSyntaxError as exc:
+            return _probe_error("count", exc)
+        if isinstance(event, EventDeletion):
+            print(f"kprobevm count: {func!r} deletes; nothing to count", file=sys.stderr)
+            return EXIT_USAGE
+        keys.append(_count_key(func, event))
+    args.keys = keys
+    return _session(args, definitions, count_only=True)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the probes kprobevm has placed in the guest (debugfs ``kprobes/list`` format)."""
+    with _guest(args) as vm:
+        sys.stdout.write(vm.list_kprobes())
+    return EXIT_OK
+
+
+def cmd_blacklist(args: argparse.Namespace) -> int:
+    """Print the kprobe blacklist (debugfs format); with SYMBOL, its line or "not
+    blacklisted" (exit 0 when blacklisted, 1 when not, like grep)."""
+    with _guest(args) as vm:
+        if args.symbol is None:
+            sys.stdout.write(vm.blacklist())
+            return EXIT_OK
+        try:
+            address = vm.symbols[args.symbol]
+        except KeyError:
+            print(f"kprobevm blacklist: no symbol {args.symbol!r}", file=sys.stderr)
+            return EXIT_USAGE
+        entry = vm.kprobe_blacklist.within_kprobe_blacklist(address)
+        if entry is None:
+            print(f"{args.symbol}: not blacklisted")
+            return EXIT_USAGE
+        print(entry.format_debugfs())
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Undo what a dead session left in a guest, from its journal (exit 2 on conflicts)."""
+    from kprobevm.recover import recover
+
+    report = recover(args.journal, gdb=args.gdb)
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_VM
+
+
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per line (stable field names)")
+    parser.add_argument("--duration", type=float, metavar="S",
+                        help="trace for S seconds (default: until CMD ends, or Ctrl-C)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve and print what would be placed; write nothing")
+    parser.add_argument("--command-timeout", type=float, default=3600.0, metavar="S",
+                        help="seconds CMD may run (default 3600)")
+    _add_guest_options(parser)
+
+
+TRACE_EPILOG = """DEF is a kprobe_events definition, as tracefs takes it:
+  'p:open do_sys_openat2 dfd=%di:s32 filename=+0(%si):ustring'
+  'r:openret do_sys_openat2 ret=$retval:s32'
+CMD's output goes to stderr; stdout has one line per hit in the ftrace format
+(comm-pid [cpu] flags timestamp: event: (where) args). Timestamps are host monotonic
+time since the probes were placed: the guest's trace clock cannot be read from the host.
+On x86_64 a user pointer needs :ustring (or +u0(...)): a plain :string prints (fault),
+as the kernel does."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; later sub-commands (trace, count, list, ...) add themselves here."""
     parser = argparse.ArgumentParser(
@@ -139,6 +439,35 @@ def build_parser() -> argparse.ArgumentParser:
     boot = sub.add_parser("boot", help=cmd_boot.__doc__, description=cmd_boot.__doc__)
     _add_boot_options(boot)
     boot.set_defaults(func=cmd_boot)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    trace = sub.add_parser("trace", help=cmd_trace.__doc__, description=cmd_trace.__doc__,
+                           epilog=TRACE_EPILOG, formatter_class=raw)
+    _add_session_options(trace)
+    trace.add_argument("words", nargs=argparse.REMAINDER, metavar="DEF... [-- CMD...]")
+    trace.set_defaults(func=cmd_trace)
+
+    count = sub.add_parser("count", help=cmd_count.__doc__, description=cmd_count.__doc__,
+                           epilog="FUNC: a symbol (vfs_read, vfs_read%%return) or a definition.")
+    _add_session_options(count)
+    count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
+    count.set_defaults(func=cmd_count)
+
+    lst = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
+    _add_guest_options(lst)
+    lst.set_defaults(func=cmd_list)
+
+    bl = sub.add_parser("blacklist", help=cmd_blacklist.__doc__,
+                        description=cmd_blacklist.__doc__)
+    _add_guest_options(bl)
+    bl.add_argument("symbol", nargs="?", metavar="SYMBOL")
+    bl.set_defaults(func=cmd_blacklist)
+
+    rec = sub.add_parser("recover", help=cmd_recover.__doc__, description=cmd_recover.__doc__)
+    rec.add_argument("journal", type=Path, metavar="JOURNAL")
+    rec.add_argument("--gdb", metavar="ADDR",
+                     help="the gdbstub (default: the one the journal names)")
+    rec.set_defaults(func=cmd_recover)
     return parser
 
 
@@ -155,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
+    except ProbeSyntaxError as exc:
+        return _probe_error(args.subcommand, exc)
     except KprobeVMError as exc:
         print(f"kprobevm {args.subcommand}: {exc}", file=sys.stderr)
         return EXIT_VM

@@ -1,0 +1,490 @@
+"""A tracing session: kprobe_events definitions placed in a guest, one hit per line.
+
+What ``kprobevm trace`` and ``kprobevm count`` (and the pytest plugin's ``events``) run:
+:func:`plan_events` resolves parsed definitions against the guest's symbols and
+instruction boundaries with the kernel's registration checks, touching nothing;
+:class:`TraceSession` places them (kprobes for ``p``, kretprobes for ``r``), records
+each hit as an :class:`~kprobevm.events.EventHit` on the engine's trap thread and hands
+it over through a queue, so printing never holds the guest stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import AmbiguousSymbol, GuestFaultError, KprobeError
+from kprobevm.events import (
+    EventDeletion,
+    EventHit,
+    FetchArg,
+    ProbeEvent,
+    ResolvedEvent,
+    parse_event,
+    resolve_event,
+)
+from kprobevm.events.errors import probe_error
+from kprobevm.events.fetch import (
+    Arg,
+    ArgValue,
+    Comm,
+    Deref,
+    FetchSource,
+    Imm,
+    ImmString,
+    Reg,
+    Retval,
+    Stack,
+    StackPointer,
+    SymbolAddress,
+)
+from kprobevm.kprobes import Kprobe
+from kprobevm.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.tasks import TASK_COMM_LEN
+from kprobevm.x86.insn import Insn, InsnKind, check_boundary, decode
+
+if TYPE_CHECKING:
+    from kprobevm.kallsyms import KernelSymbols
+    from kprobevm.memory import GuestMemory
+    from kprobevm.ptregs import PtRegs
+    from kprobevm.tasks import TaskLayout
+    from kprobevm.vm import VM
+
+__all__ = [
+    "TIMESTAMP_NOTE",
+    "HitContext",
+    "PlannedProbe",
+    "TraceSession",
+    "args_of",
+    "check_definitions",
+    "fetch_plan",
+    "plan_events",
+]
+
+log = logging.getLogger(__name__)
+
+TIMESTAMP_NOTE = (
+    "timestamps are host monotonic time since the probes were placed: the guest's trace "
+    "clock (local_clock) cannot be read from the host"
+)
+
+THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
+MAX_INSN_SIZE = 15
+_U64 = (1 << 64) - 1
+_UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
+
+
+def args_of(hit: EventHit) -> dict[str, ArgValue]:
+    """A hit's argument values by name (``bytes`` for strings, ``None`` for a fault)."""
+    return {arg.name: value for arg, value in hit.args}
+
+
+# --- One hit: the FetchContext over a stopped vCPU -------------------------------------
+
+
+class HitContext:
+    """The stopped guest as fetch arguments see it: registers, memory, ``current``.
+
+    Only guest memory through the gdbstub (``regs.memory``): a handler runs with the VM
+    stopped on the trap thread, where SSH would deadlock.
+    """
+
+    __slots__ = ("_layout", "_memory", "_regs", "_symbols", "_task")
+
+    def __init__(
+        self, regs: PtRegs, symbols: KernelSymbols, layout: TaskLayout | None
+    ) -> None:
+        assert regs.memory is not None
+        self._regs = regs
+        self._memory: GuestMemory = regs.memory
+        self._symbols = symbols
+        self._layout = layout
+        self._task: tuple[str, int] | None = None
+
+    def reg(self, name: str) -> int:
+        if name == "orig_ax":
+            return _U64  # the int3 entry pushes -1: no system call number
+        return self._regs[name]
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._memory.read(address, size)
+
+    def read_user(self, address: int, size: int) -> bytes:
+        # In kernel mode the vCPU's CR3 maps the current task's user half (also with PTI:
+        # the kernel page tables keep the user mappings).
+        return self._memory.read(address, size)
+
+    def symbol_address(self, name: str) -> int:
+        try:
+            return self._symbols[name]
+        except AmbiguousSymbol as exc:
+            if not exc.addresses:
+                raise KeyError(name) from exc
+            return exc.addresses[0]
+
+    def describe(self, address: int) -> str:
+        return self._symbols.describe(address)
+
+    def comm(self) -> str:
+        return self.task()[0]
+
+    def retval(self) -> int:
+        return self._regs.ax
+
+    def stack(self, n: int) -> int:
+        """regs_get_kernel_stack_nth(): 0 when the word is off the task's stack."""
+        sp = self._regs.sp
+        address = (sp + 8 * n) & _U64
+        if address & ~(THREAD_SIZE - 1) != sp & ~(THREAD_SIZE - 1):
+            return 0
+        try:
+            return self._memory.u64(address)
+        except GuestFaultError:
+            return 0
+
+    def task(self) -> tuple[str, int]:
+        """``current``'s comm and pid (``<...>``, -1 without the kernel's BTF or on a fault)."""
+        if self._task is None:
+            self._task = self._read_task()
+        return self._task
+
+    def _read_task(self) -> tuple[str, int]:
+        layout = self._layout
+        if layout is None:
+            return _UNKNOWN_COMM, -1
+        try:
+            task = layout.current_task(self._memory, self._regs.gs_base)
+            # comm and pid in one read when they are close (one gdbstub round trip).
+            low = min(layout.pid, layout.comm)
+            high = max(layout.pid + 4, layout.comm + TASK_COMM_LEN)
+            if high - low <= 1024:
+                raw = self._memory.read(task + low, high - low)
+                pid = int.from_bytes(raw[layout.pid - low : layout.pid - low + 4], "little",
+                                     signed=True)
+                comm = raw[layout.comm - low : layout.comm - low + TASK_COMM_LEN]
+                return comm.split(b"\0", 1)[0].decode(errors="replace"), pid
+            return layout.comm_of(self._memory, task), layout.pid_of(self._memory, task)
+        except GuestFaultError:
+            return _UNKNOWN_COMM, -1
+
+
+# --- Planning: the kernel's checks, nothing written ------------------------------------
+
+
+def _source_plan(src: FetchSource) -> str:
+    """How a fetch source is read, innermost first (the kernel's fetch_insn chain)."""
+    match src:
+        case Reg(name):
+            return f"reg {name}"
+        case Stack(n):
+            return f"stack word {n}"
+        case StackPointer():
+            return "reg sp"
+        case Retval():
+            return "reg ax at return"
+        case Comm():
+            return "current->comm"
+        case Arg(n):
+            regs = ("di", "si", "dx", "cx", "r8", "r9")
+            return f"reg {regs[n - 1]}" if n <= len(regs) else f"stack word {n - len(regs)}"
+        case Imm(value):
+            return f"imm {value:#x}"
+        case ImmString(data):
+            return f"imm string {data!r}"
+        case SymbolAddress(expr, _, _, address):
+            where = f"{address:#x}" if address is not None else "unresolved"
+            return f"address of {expr} ({where})"
+        case Deref(offset, inner, user):
+            space = "user" if user else "kernel"
+            return f"{_source_plan(inner)} -> {space} load at {offset:+#x}"
+    return repr(src)
+
+
+def fetch_plan(arg: FetchArg) -> str:
+    """One argument's fetch plan in words (``reg si -> user string``)."""
+    src = arg.source
+    kind = arg.type.kind
+    if kind in ("string", "ustring") and isinstance(src, Deref):
+        space = "user" if src.user or kind == "ustring" else "kernel"
+        text = f"{_source_plan(src.inner)} -> {space} string at {src.offset:+#x}"
+    elif kind in ("string", "ustring") and not isinstance(src, Comm | ImmString):
+        space = "user" if kind == "ustring" else "kernel"
+        text = f"{_source_plan(src)} -> {space} string"
+    else:
+        text = _source_plan(src)
+        if isinstance(src, Deref):
+            text = text.rsplit(" -> ", 1)[0] + (
+                f" -> {'user' if src.user else 'kernel'} {arg.type.size}-byte load"
+                f" at {src.offset:+#x}"
+            )
+    if kind == "string" and "user string" not in text and isinstance(src, Deref):
+        # x86_64 6.1 refuses kernel reads of user addresses: a user pointer needs ustring.
+        text += " (a user pointer reads (fault): use :ustring or +u)"
+    return f"{arg.name}={arg.comm} [{arg.type_name}]: {text}"
+
+
+def _execution(insn: Insn) -> str:
+    """How the displaced instruction runs (copied to a slot, or an equivalent sequence)."""
+    if insn.kind is InsnKind.PLAIN:
+        fixup = ", rip-relative displacement fixed up" if insn.rip_disp_offset is not None else ""
+        return f"slot: copied{fixup}"
+    return f"slot: emulated ({insn.kind.value})"
+
+
+@dataclass(frozen=True)
+class PlannedProbe:
+    """One definition resolved against the guest: where it goes and how it would run."""
+
+    resolved: ResolvedEvent
+    insn: Insn
+
+    @property
+    def event(self) -> ProbeEvent:
+        return self.resolved.event
+
+    def describe(self) -> str:
+        """What ``trace --dry-run`` prints for this definition (several lines)."""
+        ev, res, insn = self.event, self.resolved, self.insn
+        kind = "kretprobe" if ev.is_return else "kprobe"
+        lines = [
+            f"{ev.group}/{ev.event}: {kind} at {res.address:#018x} ({res.where})",
+            f"  insn: {insn.bytes.hex(' ')}  {insn.mnemonic} {insn.op_str}".rstrip(),
+            f"  runs: {_execution(insn)}",
+        ]
+        if ev.is_return:
+            lines.append(f"  maxactive: {ev.maxactive or 'default'}")
+        lines += [f"  fetch {fetch_plan(arg)}" for arg in res.args]
+        return "\n".join(lines)
+
+
+def _position_of_place(event: ProbeEvent) -> int:
+    """Where the kernel's caret goes for a registration error: the probe point (word 1)."""
+    return len(event.command.split(" ", 1)[0]) + 1
+
+
+def _boundary_checker(vm: VM) -> Callable[[int], bool]:
+    def is_boundary(address: int) -> bool:
+        sym = vm.symbols.lookup(address)
+        if sym is None:
+            return False
+        code = vm.read(sym.address, min(sym.size, address - sym.address + MAX_INSN_SIZE))
+        try:
+            check_boundary(code, sym.address, address, sym.name)
+        except KprobeError:
+            return False
+        return True
+
+    return is_boundary
+
+
+def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
+    """Resolve every event with the kernel's checks; reads the guest, writes nothing.
+
+    Raises :class:`ProbeSyntaxError` as the kernel's ``error_log`` would: BAD_PROBE_ADDR,
+    NON_UNIQ_SYMBOL, BAD_RETPROBE, BAD_INSN_BNDRY, and FAIL_REG_PROBE for a blacklisted
+    address or an instruction that cannot be probed.
+    """
+    boundary = _boundary_checker(vm)
+    planned = []
+    for event in events:
+        resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary)
+        position = _position_of_place(event)
+        entry = vm.kprobe_blacklist.within_kprobe_blacklist(resolved.address)
+        if entry is not None:
+            raise probe_error(
+                "FAIL_REG_PROBE", position, event.command,
+                f"{resolved.where} is in the kprobe blacklist ({entry.symbol})",
+            )  # fmt: skip
+        try:
+            insn = decode(vm.read(resolved.address, MAX_INSN_SIZE), resolved.address)
+        except KprobeError as exc:
+            raise probe_error("FAIL_REG_PROBE", position, event.command, str(exc)) from exc
+        if insn.is_refused:
+            raise probe_error(
+                "FAIL_REG_PROBE", position, event.command,
+                f"cannot probe `{insn.mnemonic} {insn.op_str}`: {insn.refusal}",
+            )  # fmt: skip
+        planned.append(PlannedProbe(resolved, insn))
+    return planned
+
+
+# --- The session --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Placed:
+    """One planned event and the engine object that carries it."""
+
+    plan: PlannedProbe
+    probe: Kprobe | Kretprobe
+    hits: int = 0
+
+
+@dataclass(eq=False)
+class TraceSession:
+    """Planned events placed in ``vm``; hits are queued as :class:`EventHit` values.
+
+    ``count_only`` records nothing but the counts (no fetch, the cheapest handler).
+    ``on_hit``, when given, receives each hit on the trap thread (keep it short) instead
+    of the queue. Use as a context manager: leaving it unregisters everything.
+    """
+
+    vm: VM
+    plan: Sequence[PlannedProbe]
+    count_only: bool = False
+    on_hit: Callable[[EventHit], None] | None = None
+    clock: Callable[[], int] = time.monotonic_ns
+    hits: queue.SimpleQueue[EventHit] = field(default_factory=queue.SimpleQueue, init=False)
+    placed: list[_Placed] = field(default_factory=list, init=False)
+    finished: list[_Placed] = field(default_factory=list, init=False)
+    started_ns: int = field(default=0, init=False)
+
+    def start(self) -> None:
+        """Place every probe; on a failure, remove those already placed and re-raise."""
+        vm = self.vm
+        # Filled now, on this thread: the handlers must never reach for SSH.
+        symbols, layout = vm.symbols, vm.task_layout
+        if layout is None:
+            log.warning("no kernel BTF (vmlinux): comm and pid of hits are unknown")
+        placed = [self._place_for(p, symbols, layout) for p in self.plan]
+        self.started_ns = self.clock()
+        # One registration per probe: vm.register_kprobes() (one stop for the batch)
+        # fails on the 6.1 engine when the first probe installs the trap channel.
+        try:
+            for p in placed:
+                if isinstance(p.probe, Kretprobe):
+                    vm.register_kretprobe(p.probe)
+                else:
+                    vm.register_kprobe(p.probe)
+                self.placed.append(p)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Unregister everything placed (idempotent); calls in flight still return safely."""
+        placed, self.placed = self.placed, []
+        self.finished = placed
+        errors: list[BaseException] = []
+        for p in reversed(placed):
+            try:
+                if isinstance(p.probe, Kretprobe):
+                    if p.probe.registered:
+                        self.vm.unregister_kretprobe(p.probe)
+                elif p.probe.registered:
+                    self.vm.unregister_kprobe(p.probe)
+            except BaseException as exc:  # try the others, then report the first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def counts(self) -> list[tuple[PlannedProbe, int]]:
+        """Hits per planned event, in plan order."""
+        placed = self.placed or self.finished
+        return [(p.plan, p.hits) for p in placed]
+
+    def missed(self) -> int:
+        """Hits the engine could not record (kretprobe maxactive reached)."""
+        placed = self.placed or self.finished
+        return sum(p.probe.nmissed for p in placed)
+
+    def handler_errors(self) -> list[str]:
+        """Exceptions the handlers raised (the engine catches and keeps them)."""
+        placed = self.placed or self.finished
+        out: list[str] = []
+        for p in placed:
+            kp = p.probe if isinstance(p.probe, Kprobe) else p.probe.kp
+            if kp is not None:
+                out += kp.errors
+        return out
+
+    def drain(self) -> Iterator[EventHit]:
+        """The hits queued so far (without waiting)."""
+        while True:
+            try:
+                yield self.hits.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- handlers (trap thread, VM stopped) -------------------------------------------
+
+    def _place_for(
+        self, plan: PlannedProbe, symbols: KernelSymbols, layout: TaskLayout | None
+    ) -> _Placed:
+        res = plan.resolved
+        ev = res.event
+        args = res.args
+        sink = self.on_hit or self.hits.put
+        clock = self.clock
+        counter: list[_Placed] = []  # filled below: the handler counts on its _Placed
+
+        if ev.is_return:
+
+            def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
+                counter[0].hits += 1
+                if self.count_only:
+                    return
+                now = clock()
+                ctx = HitContext(regs, symbols, layout)
+                values = tuple((a, a.fetch(ctx)) for a in args)
+                comm, pid = ctx.task()
+                sink(EventHit(
+                    event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
+                    timestamp_ns=now - self.started_ns, where=symbols.describe(ri.ret_addr),
+                    args=values, function=res.where,
+                ))  # fmt: skip
+
+            probe: Kprobe | Kretprobe = Kretprobe(
+                addr=res.address, handler=ret_handler, maxactive=ev.maxactive
+            )
+        else:
+            where = res.where
+
+            def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
+                counter[0].hits += 1
+                if self.count_only:
+                    return
+                now = clock()
+                ctx = HitContext(regs, symbols, layout)
+                values = tuple((a, a.fetch(ctx)) for a in args)
+                comm, pid = ctx.task()
+                sink(EventHit(
+                    event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
+                    timestamp_ns=now - self.started_ns, where=where, args=values,
+                ))  # fmt: skip
+
+            probe = Kprobe(addr=res.address, pre_handler=pre_handler)
+        holder = _Placed(plan, probe)
+        counter.append(holder)
+        return holder
+
+    def __enter__(self) -> TraceSession:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def check_definitions(texts: Sequence[str]) -> tuple[list[ProbeEvent], list[str]]:
+    """Parse definitions without a guest; deletions (``-:``) come back as notes."""
+    events: list[ProbeEvent] = []
+    notes: list[str] = []
+    for text in texts:
+        parsed = parse_event(text)
+        if isinstance(parsed, EventDeletion):
+            notes.append(f"ignored {text!r}: a new session has no events to delete")
+            continue
+        events.append(parsed)
+    return events, notes
+
