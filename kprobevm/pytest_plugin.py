@@ -1,9 +1,269 @@
-"""The kprobevm pytest plugin (pytest11 entry point): the ``vm`` marker for guest tests."""
+"""The kprobevm pytest plugin (pytest11 entry point): a booted guest and a probe session.
+
+- ``kprobevm_vm`` (session): the guest, booted once (``--kprobevm-kernel``,
+  ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-smp`` choose what boots).
+- ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
+  test placed, checks the probed functions' text is as before and the serial console
+  shows no oops, and fails the test otherwise.
+- the ``vm`` marker: without QEMU on PATH the marked tests skip, saying why.
+- a failing test that used the guest gets the serial log's tail in its report.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pytest
+
+from kprobevm.errors import KprobeVMError
+
+if TYPE_CHECKING:
+    from kprobevm.events import ArgValue, EventHit
+    from kprobevm.kprobes import Kprobe
+    from kprobevm.kretprobes import Kretprobe
+    from kprobevm.shell import RunResult
+    from kprobevm.trace import PlannedProbe, TraceSession
+    from kprobevm.vm import VM
+
+__all__ = ["KERNEL_TROUBLE", "EventProbe", "ProbeSession", "kernel_trouble"]
+
+QEMU = "qemu-system-x86_64"
+SERIAL_TAIL_LINES = 40
+
+# A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
+KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
+
+_VM_KEY = pytest.StashKey["VM"]()
+
+
+def kernel_trouble(text: str) -> list[str]:
+    """Console lines that show an oops, a BUG, a GP fault, an unhandled int3 or a panic."""
+    return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
+
+
+def _qemu_missing() -> str | None:
+    if shutil.which(QEMU) is None:
+        return f"kprobevm: {QEMU} not found on PATH (install qemu-system-x86)"
+    return None
+
+
+# --- hooks ------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kprobevm", "kprobevm guest")
+    group.addoption("--kprobevm-kernel", type=Path, metavar="BZIMAGE",
+                    help="boot this kernel instead of the default image's")
+    group.addoption("--kprobevm-initrd", type=Path, metavar="INITRD",
+                    help="boot this initramfs instead of the default image's")
+    group.addoption("--kprobevm-image", type=Path, metavar="DIR",
+                    help="a built image directory (scripts/build-image) instead of the default")
+    group.addoption("--kprobevm-smp", type=int, default=1, metavar="N",
+                    help="vCPUs of the guest (default 1)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "vm: the test needs a real QEMU guest")
+    config.addinivalue_line("markers", "vm: the test needs a real QEMU guest (kprobevm)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _qemu_missing()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("vm") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.failed or "kprobevm_vm" not in getattr(item, "fixturenames", ()):
+        return
+    vm = item.config.stash.get(_VM_KEY, None)
+    if vm is None:
+        return
+    tail = vm.serial_log().splitlines()[-SERIAL_TAIL_LINES:]
+    report.sections.append(
+        (f"kprobevm serial log (last {len(tail)} lines)", "\n".join(tail))
+    )
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    """The guest, booted once per session (skips when QEMU is missing)."""
+    reason = _qemu_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    from kprobevm.image import Image
+    from kprobevm.launcher import boot
+
+    opt = request.config.getoption
+    image_dir: Path | None = opt("kprobevm_image")
+    image = Image.load(image_dir) if image_dir is not None else None
+    with boot(image, kernel=opt("kprobevm_kernel"), initrd=opt("kprobevm_initrd"),
+              smp=opt("kprobevm_smp"), name="session") as guest:
+        request.config.stash[_VM_KEY] = guest
+        try:
+            yield guest
+        finally:
+            del request.config.stash[_VM_KEY]
+
+
+@pytest.fixture
+def kprobes(kprobevm_vm: VM) -> Iterator[ProbeSession]:
+    """A probe session on the shared guest, checked and emptied at teardown."""
+    session = ProbeSession(kprobevm_vm)
+    yield session
+    problems = session.close()
+    if problems:
+        pytest.fail("kprobevm: " + "\n".join(problems), pytrace=False)
+
+
+# --- the probe session ---------------------------------------------------------------------
+
+
+class EventProbe:
+    """One kprobe_events definition placed by a test; its hits arrive in :attr:`hits`."""
+
+    def __init__(self, planned: PlannedProbe) -> None:
+        self.planned = planned
+        self.hits: list[EventHit] = []
+        """Every hit so far (appended on the trap thread; read after the guest command)."""
+
+    @property
+    def name(self) -> str:
+        return self.planned.event.event
+
+    def values(self, arg: str) -> list[ArgValue]:
+        """The value of argument ``arg`` at each hit (``bytes`` for strings)."""
+        from kprobevm.trace import args_of
+
+        return [args_of(hit)[arg] for hit in self.hits]
+
+    def lines(self) -> list[str]:
+        """The hits as ftrace-format lines."""
+        return [hit.line() for hit in self.hits]
+
+    def __repr__(self) -> str:
+        return f"<EventProbe {self.planned.event.definition()!r} hits={len(self.hits)}>"
+
+
+class ProbeSession:
+    """What the ``kprobes`` fixture gives a test: place probes, run commands, check hits.
+
+    Every function a probe goes into is hashed before the probe is placed, so
+    :meth:`close` can tell whether the guest's text came back as it was.
+    """
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self._kprobes: list[Kprobe] = []
+        self._kretprobes: list[Kretprobe] = []
+        self._traces: list[TraceSession] = []
+        self._text: dict[str, tuple[int, int, str]] = {}  # function -> (addr, size, sha256)
+        self._serial_start = len(vm.serial_log())
+
+    # -- placing ------------------------------------------------------------------------
+
+    def register(self, kp: Kprobe) -> Kprobe:
+        """``vm.register_kprobe(kp)``, undone at teardown."""
+        self._remember_text(self._address_of(kp.symbol_name, kp.offset, kp.addr))
+        self.vm.register_kprobe(kp)
+        self._kprobes.append(kp)
+        return kp
+
+    def kretprobe(self, rp: Kretprobe) -> Kretprobe:
+        """``vm.register_kretprobe(rp)``, undone at teardown."""
+        self._remember_text(self._address_of(rp.symbol_name, rp.offset, rp.addr))
+        self.vm.register_kretprobe(rp)
+        self._kretprobes.append(rp)
+        return rp
+
+    def event(self, definition: str) -> EventProbe:
+        """Place one kprobe_events definition (``p:open do_sys_openat2 f=+0(%si):ustring``)."""
+        return self.events(definition)[0]
+
+    def events(self, *definitions: str) -> list[EventProbe]:
+        """Place several definitions; raises ``ProbeSyntaxError`` as the kernel would."""
+        from kprobevm.trace import TraceSession, check_definitions, plan_events
+
+        events, notes = check_definitions(definitions)
+        if notes:
+            raise ValueError("; ".join(notes))
+        plan = plan_events(self.vm, events)
+        probes = [EventProbe(p) for p in plan]
+        for p in plan:
+            self._remember_text(p.resolved.address)
+        for planned, probe in zip(plan, probes, strict=True):
+            session = TraceSession(self.vm, [planned], on_hit=probe.hits.append)
+            session.start()
+            self._traces.append(session)
+        return probes
+
+    def run(self, command: str, *, timeout: float = 60.0, check: bool = False) -> RunResult:
+        """Run a shell command in the guest (the probes fire meanwhile)."""
+        return self.vm.run(command, timeout=timeout, check=check)
+
+    # -- teardown ----------------------------------------------------------------------
+
+    def close(self) -> list[str]:
+        """Unregister everything; return what is wrong (text not restored, oops lines)."""
+        problems: list[str] = []
+        for trace in reversed(self._traces):
+            problems += [f"handler error: {e}" for e in trace.handler_errors()]
+            self._undo(problems, trace.stop)
+        for rp in reversed(self._kretprobes):
+            if rp.registered:
+                self._undo(problems, functools.partial(self.vm.unregister_kretprobe, rp))
+        for kp in reversed(self._kprobes):
+            if kp.registered:
+                self._undo(problems, functools.partial(self.vm.unregister_kprobe, kp))
+        self._traces, self._kretprobes, self._kprobes = [], [], []
+        for name, (addr, size, digest) in self._text.items():
+            try:
+                now = hashlib.sha256(self.vm.read(addr, size)).hexdigest()
+            except KprobeVMError as exc:
+                problems.append(f"cannot read back {name}: {exc}")
+                continue
+            if now != digest:
+                problems.append(f"kernel text not restored: {name} ({addr:#x}, {size} bytes)")
+        trouble = kernel_trouble(self.vm.serial_log()[self._serial_start :])
+        if trouble:
+            problems.append(
+                "guest kernel trouble on the serial console:\n" + "\n".join(trouble[:20])
+            )
+        return problems
+
+    @staticmethod
+    def _undo(problems: list[str], undo: Callable[[], object]) -> None:
+        try:
+            undo()
+        except KprobeVMError as exc:
+            problems.append(f"unregister failed: {exc}")
+
+    def _address_of(self, symbol: str | None, offset: int, addr: int | None) -> int:
+        if addr is not None:
+            return addr
+        assert symbol is not None
+        return self.vm.symbols[symbol] + offset
+
+    def _remember_text(self, address: int) -> None:
+        sym = self.vm.symbols.lookup(address)
+        if sym is None or sym.name in self._text:
+            return
+        size = max(sym.size, 1)
+        digest = hashlib.sha256(self.vm.read(sym.address, size)).hexdigest()
+        self._text[sym.name] = (sym.address, size, digest)

@@ -225,7 +225,7 @@ def fetch_plan(arg: FetchArg) -> str:
     if kind == "string" and "user string" not in text and isinstance(src, Deref):
         # x86_64 6.1 refuses kernel reads of user addresses: a user pointer needs ustring.
         text += " (a user pointer reads (fault): use :ustring or +u)"
-    return f"{arg.name}={arg.comm} [{arg.type_name}]: {text}"
+    return f"{arg.name}={arg.comm}: {text}"
 
 
 def _execution(insn: Insn) -> str:

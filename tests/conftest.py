@@ -63,12 +63,10 @@ def _no_qemu_left() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def vm() -> Iterator[VM]:
-    """The default guest, booted once per session (other test modules share it)."""
-    from kprobevm.launcher import boot
-
-    with boot(name="session") as guest:
-        yield guest
+def vm(kprobevm_vm: VM) -> VM:
+    """The default guest, booted once per session by the kprobevm plugin (shared with
+    tests that use its ``kprobevm_vm`` and ``kprobes`` fixtures)."""
+    return kprobevm_vm
 
 
 @pytest.fixture(autouse=True)
