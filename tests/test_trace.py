@@ -72,7 +72,7 @@ def test_return_probe_shows_enoent(vm: VM) -> None:
     # the return address is in the caller: (caller+0x../0x.. <- do_sys_openat2)
     assert "(do_sys_openat2" not in line
     doc = hit.to_json()
-    assert doc["function"] == "do_sys_openat2" and doc["args"] == {  # type: ignore[comparison-overlap]
+    assert doc["function"] == "do_sys_openat2" and doc["args"] == {
         "arg1": 0xFFFFFFFFFFFFFFFE, "ret": -2}  # fmt: skip
     json.dumps(doc)
 
