@@ -1,0 +1,112 @@
+"""The ``kprobevm`` command: usage errors need no guest; one real ``trace --boot`` run and one
+``count --boot`` run check what users see."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kprobevm import cli
+from kprobevm.trace import check_definitions
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_definition_exits_1_with_the_kernel_error_and_caret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    started = time.monotonic()
+    code, out, err = run(
+        capsys, "trace", "--boot", "p:open do_sys_openat2 filename=+0(%si):strin", "--", "true"
+    )
+    assert time.monotonic() - started < 5, "parse errors come before any boot"
+    assert code == cli.EXIT_USAGE and out == ""
+    lines = err.splitlines()
+    assert lines[0] == "kprobevm trace: error: BAD_TYPE: Unknown type is specified"
+    assert lines[1] == "  Command: p:open do_sys_openat2 filename=+0(%si):strin"
+    # the kernel marks the type
+    assert lines[2].index("^") == lines[1].index("strin")
+
+
+def test_bad_fetch_arg(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "count", "--boot", "p:x vfs_read a=%rax")
+    assert code == cli.EXIT_USAGE
+    assert "BAD_REG_NAME" in err
+    lines = err.splitlines()
+    assert lines[2].index("^") == lines[1].index("%rax")
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "trace", "p vfs_read")[0] == cli.EXIT_USAGE  # no --boot/--attach
+    code, _, err = run(capsys, "trace", "--boot")
+    assert code == cli.EXIT_USAGE and "no probe definitions" in err
+    # a deletion means nothing to a new session: refused (as an unknown option when first)
+    assert run(capsys, "trace", "--boot", "-:myprobe")[0] == cli.EXIT_USAGE
+    events, notes = check_definitions(["p:a vfs_read", "-:myprobe"])
+    assert [e.event for e in events] == ["a"] and "no events to delete" in notes[0]
+    assert run(capsys, "--help")[0] == cli.EXIT_OK
+    code, out, _ = run(capsys, "trace", "--help")
+    assert code == cli.EXIT_OK and "host monotonic" in out and ":ustring" in out
+
+
+def test_recover_of_a_missing_journal_is_a_vm_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "recover", "/nonexistent/kprobevm.journal")
+    assert code == cli.EXIT_VM and "recover" in err
+
+
+def test_addresses_and_count_words() -> None:
+    assert cli._gdb_address("127.0.0.1:1234") == ("127.0.0.1", 1234)
+    assert cli._gdb_address(":1234") == ("127.0.0.1", 1234)
+    assert cli._gdb_address("/tmp/gdb.sock") == "/tmp/gdb.sock"
+    assert cli._count_definition("vfs_read") == "p vfs_read"
+    assert cli._count_definition("vfs_read%return") == "p vfs_read%return"
+    assert cli._count_definition("r:rd vfs_read") == "r:rd vfs_read"
+    assert cli._split_command(["p a", "--", "cat", "x"]) == (["p a"], ["cat", "x"])
+
+
+@pytest.mark.vm
+def test_trace_boot_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """The real thing, end to end: boot, place, run, print JSON lines, remove, power off."""
+    code, out, err = run(
+        capsys, "trace", "--boot", "--json",
+        "p:open do_sys_openat2 dfd=%di:s32 filename=+0(%si):ustring",
+        "r:openret do_sys_openat2 ret=$retval:s32",
+        "--", "cat /etc/hostname; cat /nonexistent; true",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert docs, err
+    opens = [d for d in docs if d["event"] == "open" and d["comm"] == "cat"]
+    assert {"/etc/hostname", "/nonexistent"} <= {d["args"]["filename"] for d in opens}, out
+    first = opens[0]
+    assert set(first) == {"event", "group", "probe", "comm", "pid", "cpu", "timestamp",
+                          "timestamp_ns", "args"}  # fmt: skip
+    assert first["group"] == "kprobes" and first["probe"].startswith("do_sys_openat2+0x0/0x")
+    rets = [d for d in docs if d["event"] == "openret" and d["comm"] == "cat"]
+    assert any(d["args"]["ret"] == -2 for d in rets) and rets[0]["function"] == "do_sys_openat2"
+    assert "No such file" in err  # CMD's output goes to stderr
+    assert "probes removed" in err
+
+
+@pytest.mark.vm
+def test_count_boot(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "count", "--boot", "do_sys_openat2", "r:rd vfs_read",
+        "--", "for i in 1 2 3 4 5; do cat /proc/version; done >/dev/null",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    counts = {}
+    for line in lines:
+        key, _, n = line.partition(": ")
+        assert key.startswith("@[") and key.endswith("]"), line
+        counts[key[2:-1]] = int(n)
+    assert counts["do_sys_openat2"] >= 5 and counts["rd"] >= 5
+    assert [int(line.split(": ")[1]) for line in lines] == sorted(counts.values())
