@@ -229,9 +229,13 @@ class GdbMiClient:
             raise GdbConnectionClosed(f"gdb stopped reading: {exc}", sent=cmd.encode()) from exc
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            for rec in self._records(deadline, cmd):
+            records = self._records(deadline, cmd)
+            while records:
+                rec = records.pop(0)
                 kind = rec.get("type")
                 if kind == "result" and rec.get("token") == token:
+                    for later in records:  # read in the same chunk: keep the stops
+                        self._note(later)
                     if rec.get("message") == "error":
                         msg = str((rec.get("payload") or {}).get("msg", ""))
                         raise _mi_error(cmd, msg)
