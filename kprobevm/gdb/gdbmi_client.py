@@ -46,7 +46,7 @@ from kprobevm.errors import (
 from kprobevm.gdb.client import BreakpointKind, GdbAddress
 from kprobevm.gdb.packet import StopReply, WatchHit, parse_error_reply
 
-__all__ = ["GdbMiClient", "MiStats"]
+__all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
 
 Record = dict[str, Any]
 
@@ -60,6 +60,11 @@ _NARROW = (
     "fs_base", "gs_base", "k_gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
 )  # fmt: skip
 """What ``read_registers(wide=False)`` returns: no x87/xmm (as GdbClient)."""
+BASE_SETTINGS = ("pagination off", "confirm off", "mi-async on", "architecture i386:x86-64")
+"""What any scripted gdb on a QEMU gdbstub sets (mi-async: commands while it runs)."""
+ENGINE_SETTINGS = (*BASE_SETTINGS, "breakpoint always-inserted on", "code-cache off",
+                   "stack-cache off", "can-use-hw-watchpoints 1")
+"""For the engine: see the module docstring."""
 _SIGNALS = {"SIGTRAP": 5, "SIGINT": 2, "0": 0}
 _WATCH_REASONS = {
     "watchpoint-trigger": "watch",
@@ -87,10 +92,12 @@ class GdbMiClient:
         *,
         gdb: str = "gdb",
         timeout: float = DEFAULT_TIMEOUT,
+        settings: Sequence[str] = ENGINE_SETTINGS,
     ) -> None:
         from pygdbmi.gdbcontroller import GdbController
 
         self.timeout = timeout
+        self._settings = tuple(settings)
         self.stats = MiStats()
         self.running = False
         self.last_stop: StopReply | None = None
@@ -133,11 +140,7 @@ class GdbMiClient:
         return cls(address, timeout=timeout, **kwargs)
 
     def _setup(self, address: GdbAddress) -> None:
-        for setting in (
-            "pagination off", "confirm off", "mi-async on", "architecture i386:x86-64",
-            "breakpoint always-inserted on", "code-cache off", "stack-cache off",
-            "can-use-hw-watchpoints 1",
-        ):  # fmt: skip
+        for setting in self._settings:
             self.command(f"-gdb-set {setting}")
         where = (f"{address[0]}:{address[1]}" if isinstance(address, tuple)
                  else os.fspath(Path(address)))
@@ -477,9 +480,14 @@ class GdbMiClient:
 
     # -- run control ----------------------------------------------------------------------------
 
-    def cont(self, *, before: Sequence[bytes] = (), thread: str | None = None) -> None:
-        """Run ``before`` packets (register writes first, through gdb), then continue all."""
-        del thread  # gdb continues every vCPU (scheduler-locking off)
+    def cont(self, *, before: Sequence[bytes] = (), thread: str | None = None,
+             defer: bool = False) -> None:
+        """Run ``before`` packets (register writes through gdb), then continue every vCPU.
+
+        ``defer`` (GdbClient: check the replies later) changes nothing here: gdb answers
+        each command before the next.
+        """
+        del thread, defer  # gdb continues every vCPU (scheduler-locking off)
         if self.running:
             raise GdbError("cont: the target is running (wait_stop or interrupt first)")
         for payload, reply in zip(before, self.pipeline(before), strict=True):
@@ -522,6 +530,17 @@ class GdbMiClient:
                 return stop
             for rec in self._records(deadline, "wait for *stopped"):
                 self._note(rec)
+
+    def next_stop(self, timeout: float) -> StopReply:
+        """The next ``*stopped`` gdb reports, whatever ``running`` says (for scripts whose
+        breakpoints stop and continue by themselves)."""
+        deadline = time.monotonic() + timeout
+        while not self._events:
+            for rec in self._records(deadline, "wait for *stopped"):
+                self._note(rec)
+        stop = self._take_stop()
+        assert stop is not None
+        return stop
 
     def _take_stop(self) -> StopReply | None:
         if not self._events:

@@ -1,0 +1,221 @@
+"""The benchmark's figures as values, and their two renderings: JSON and a markdown table.
+
+Ratios are the claims (absolute rates move 2x between runs on a shared machine), so every
+hit rate is also given relative to kprobevm's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kprobevm.bench.workload import Run
+
+__all__ = [
+    "REFERENCE",
+    "BenchReport",
+    "HitRate",
+    "IdlePoint",
+    "idle_slowdown",
+    "markdown",
+    "ratio",
+    "to_json",
+]
+
+REFERENCE = "kprobevm"
+"""The contender every other one is compared with."""
+REQUIRED = ("kprobevm", "kprobevm_gdbmi", "gdb_python", "gdb_commands", "guest_kprobe")
+"""Keys ``hits_per_s`` always holds (None when a contender could not run)."""
+
+
+@dataclass(frozen=True)
+class HitRate:
+    """One contender on the hot function: hits it handled while the workload ran."""
+
+    name: str
+    description: str
+    hits: int = 0
+    run: Run | None = None
+    """The workload run with the probe in place (None: the contender did not run)."""
+    reason: str = ""
+    """Why the contender is not available ('' when it ran)."""
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.run is not None and not self.reason
+
+    @property
+    def hits_per_s(self) -> float | None:
+        if self.run is None or self.run.seconds <= 0 or self.reason:
+            return None
+        return self.hits / self.run.seconds
+
+    @property
+    def ops_per_s(self) -> float | None:
+        return self.run.ops_per_s if self.run is not None and not self.reason else None
+
+
+@dataclass(frozen=True)
+class IdlePoint:
+    """The workload's rate with ``probes`` armed where it never goes (median of rounds)."""
+
+    kind: str
+    """``kprobevm`` or ``gdb_breakpoints``."""
+    probes: int
+    samples: tuple[float, ...]
+    """ops/s of each round."""
+    hits: int = 0
+    """Hits on the supposedly idle probes (should be 0)."""
+
+    @property
+    def ops_per_s(self) -> float:
+        return statistics.median(self.samples) if self.samples else 0.0
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Every figure of one run."""
+
+    environment: Mapping[str, Any]
+    baseline: Run
+    """The workload with no probe at all."""
+    hit_rates: Sequence[HitRate]
+    idle: Sequence[IdlePoint] = ()
+    registration: Mapping[str, float] = field(default_factory=dict)
+    """``register_N_s`` / ``unregister_N_s`` for each N."""
+    per_hit_us: Mapping[str, float] = field(default_factory=dict)
+    memory: Mapping[str, float] = field(default_factory=dict)
+    notes: Sequence[str] = ()
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def _reference_rate(report: BenchReport) -> float | None:
+    for hr in report.hit_rates:
+        if hr.name == REFERENCE:
+            return hr.hits_per_s
+    return None
+
+
+def idle_slowdown(points: Sequence[IdlePoint]) -> dict[str, dict[int, float]]:
+    """Per kind, the fraction of the workload's rate lost at each probe count, against the
+    same kind's 0-probe rate (0.05 = 5% slower)."""
+    out: dict[str, dict[int, float]] = {}
+    for kind in sorted({p.kind for p in points}):
+        mine = {p.probes: p.ops_per_s for p in points if p.kind == kind}
+        base = mine.get(0)
+        if not base:
+            continue
+        out[kind] = {n: 1.0 - rate / base for n, rate in sorted(mine.items())}
+    return out
+
+
+def to_json(report: BenchReport) -> dict[str, Any]:
+    """Everything, as plain JSON values."""
+    ref = _reference_rate(report)
+    contenders: dict[str, Any] = {}
+    for hr in report.hit_rates:
+        contenders[hr.name] = {
+            "description": hr.description,
+            "available": hr.available,
+            "reason": hr.reason or None,
+            "hits": hr.hits,
+            "seconds": hr.run.seconds if hr.run else None,
+            "workload_ops": hr.run.ops if hr.run else None,
+            "hits_per_s": hr.hits_per_s,
+            "workload_ops_per_s": hr.ops_per_s,
+            "workload_vs_baseline": ratio(hr.ops_per_s, report.baseline.ops_per_s),
+            "kprobevm_speedup": ratio(ref, hr.hits_per_s),
+            **dict(hr.extra),
+        }
+    hits_per_s: dict[str, float | None] = {name: None for name in REQUIRED}
+    hits_per_s.update({hr.name: hr.hits_per_s for hr in report.hit_rates})
+    return {
+        "environment": dict(report.environment),
+        "workload": {"command": "cat /proc/version x500 per process", "function": "do_sys_openat2",
+                     "baseline_ops": report.baseline.ops,
+                     "baseline_ops_per_s": report.baseline.ops_per_s},
+        "hits_per_s": hits_per_s,
+        "contenders": contenders,
+        "idle": {
+            "points": [{"kind": p.kind, "probes": p.probes, "ops_per_s": p.ops_per_s,
+                        "samples": list(p.samples), "hits": p.hits} for p in report.idle],
+            "slowdown": {k: {str(n): v for n, v in d.items()}
+                         for k, d in idle_slowdown(report.idle).items()},
+        },
+        "registration": dict(report.registration),
+        "per_hit_us": dict(report.per_hit_us),
+        "memory": dict(report.memory),
+        "notes": list(report.notes),
+    }
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _times(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}x" if value >= 10 else f"{value:.2f}x"
+
+
+def markdown(report: BenchReport) -> str:
+    """The README's tables: hit rates with ratios, idle cost, registration, one hit's time."""
+    env = report.environment
+    ref = _reference_rate(report)
+    lines = [
+        f"Run {env.get('date', '?')} on {env.get('cpu_model', '?')} ({env.get('cpus', '?')} cpus,"
+        f" load {env.get('loadavg_start', '?')}), QEMU {env.get('qemu_version', '?')}"
+        f" ({env.get('accel', '?')}), guest kernel {env.get('kernel_release', '?')}.",
+        f"Workload: opens of /proc/version, 500 per `cat`, hot function `do_sys_openat2`;"
+        f" unprobed {_num(report.baseline.ops_per_s)} opens/s.",
+        "",
+        "| contender | hits/s | workload opens/s | kprobevm is ... faster |",
+        "|---|---:|---:|---:|",
+    ]
+    for hr in report.hit_rates:
+        if hr.available:
+            lines.append(f"| {hr.description} | {_num(hr.hits_per_s, 1)} | {_num(hr.ops_per_s)} |"
+                         f" {_times(ratio(ref, hr.hits_per_s))} |")
+        else:
+            lines.append(f"| {hr.description} | not available: {hr.reason} | | |")
+    slow = idle_slowdown(report.idle)
+    if slow:
+        counts = sorted({p.probes for p in report.idle})
+        lines += ["", "Idle cost: the workload's rate with N probes on functions it never calls"
+                  " (median of rounds; slowdown against 0 probes).", "",
+                  "| armed | " + " | ".join(str(n) for n in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for kind, by_n in slow.items():
+            rates = {p.probes: p.ops_per_s for p in report.idle if p.kind == kind}
+            cells = [f"{_num(rates.get(n))} ({by_n[n]:+.1%})" if n in by_n else "n/a"
+                     for n in counts]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    if report.registration:
+        reg = report.registration
+        ns = sorted({int(k.split("_")[1]) for k in reg if k.startswith("register_")})
+        lines += ["", "| probes (batch) | " + " | ".join(str(n) for n in ns) + " |",
+                  "|---|" + "---:|" * len(ns)]
+        for verb in ("register", "unregister"):
+            cells = [_num(report.registration.get(f"{verb}_{n}_s"), 3) + " s" for n in ns]
+            lines.append(f"| {verb} | " + " | ".join(cells) + " |")
+    if report.per_hit_us:
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in report.per_hit_us.items())
+        lines += ["", f"One kprobevm hit, microseconds: {parts}."]
+    if report.memory:
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in report.memory.items())
+        lines += [f"At 1,000 probes: {parts}."]
+    lines += ["", "Ratios, not absolute times, are the claims: absolute rates on this shared"
+              " machine move up to 2x between runs."]
+    return "\n".join(lines) + "\n"
