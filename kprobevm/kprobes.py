@@ -180,8 +180,19 @@ class KprobeManager:
 
     # -- the API ---------------------------------------------------------------------
 
+    def _prepare(self) -> None:
+        """Load what comes over SSH (symbols, the kernel command line) and install the
+        channel, before anything holds the VM stopped: SSH cannot answer then."""
+        vm = self.vm
+        vm.symbols  # noqa: B018
+        vm.slot_reserve  # noqa: B018
+        vm.kprobe_blacklist  # noqa: B018
+        vm.patch_sites  # noqa: B018
+        self.channel  # noqa: B018
+
     def register_kprobe(self, kp: Kprobe) -> None:
         """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
+        self._prepare()
         with self._mutex:
             if kp.registered:
                 raise KprobeError("probe is already registered", symbol=kp.symbol_name)
@@ -219,6 +230,7 @@ class KprobeManager:
         All or nothing, as in the kernel: a probe that fails unregisters those before it.
         """
         done: list[Kprobe] = []
+        self._prepare()
         with self._mutex, self.vm.target.stopped():
             try:
                 for kp in kps:

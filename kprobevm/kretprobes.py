@@ -297,7 +297,7 @@ class KretprobeManager:
 
     # -- the return (trap thread, VM stopped) ------------------------------------------
 
-    def on_return(self, gregs: dict[str, int], cpu: int) -> dict[str, int]:
+    def on_return(self, gregs: dict[str, int], cpu: int, *, redirect: bool) -> dict[str, int]:
         """Run the handler of the return that stopped at the trampoline's store.
 
         Returns the registers (gdb names) the handler changed, to be written back.
@@ -309,9 +309,9 @@ class KretprobeManager:
             return {}
         self._free(ri)
         rp = ri.rp
-        # the host does the trampoline's ret: the vCPU leaves the trampoline now, so a
-        # late report of this stop (SMP) cannot be taken for another return
-        leave = {"rip": ri.ret_addr, "rsp": slot + 8}
+        # For a return QEMU did not report (SMP), the host does the trampoline's ret: the
+        # vCPU leaves the trampoline now, so a late report cannot pass for another return.
+        leave = {"rip": ri.ret_addr, "rsp": slot + 8} if redirect else {}
         if not rp.registered or rp.handler is None:
             return leave
         gregs = dict(gregs)

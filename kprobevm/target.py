@@ -36,6 +36,7 @@ class Target:
     def __init__(self, client: GdbClient, *, name: str = "vm") -> None:
         self.client = client
         self.name = name
+        self._start_when_released = False
         self.before_resume: list[bytes] = []
         """Packets (register writes) to send with the next resume, in the same write."""
         self.on_stop: StopHandler | None = None
@@ -76,8 +77,11 @@ class Target:
                 yield self.client
             finally:
                 self._owner = None
+                start, self._start_when_released = self._start_when_released, False
                 if was_running:
                     self._resume_vm()
+        if start:
+            self.start()
 
     @property
     def running(self) -> bool:
@@ -96,7 +100,7 @@ class Target:
 
     def _resume_vm(self) -> None:
         before, self.before_resume = self.before_resume, []
-        self.client.cont(before=before)
+        self.client.cont(before=before, defer=True)
 
     def _dispatch(self, stop: StopReply) -> None:
         if stop.kind in ("W", "X"):
@@ -119,8 +123,15 @@ class Target:
     # -- the trap thread ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the trap thread; the VM runs from now on."""
+        """Start the trap thread; the VM runs from now on.
+
+        Called by a thread that holds the VM stopped (a batch registration), it starts
+        when that hold ends: resuming now would pull the VM from under the holder.
+        """
         if self._thread is not None and self._thread.is_alive():
+            return
+        if self._owner == threading.get_ident():
+            self._start_when_released = True
             return
         self._quit = False
         self.error = None

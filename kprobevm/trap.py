@@ -384,7 +384,9 @@ class WatchpointChannel(TrapChannel):
         gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
         t1 = time.perf_counter_ns()
         thread = stop.thread or ""
-        writes = self._handle(thread, gregs)
+        # Under SMP a handled vCPU must leave the store's end: QEMU may report the same
+        # hit again, and a vCPU that has not run yet must not look like a new hit.
+        writes = self._handle(thread, gregs, redirect=len(self.threads) > 1)
         if writes:
             self.vm.target.before_resume.extend(client.register_write_packets(writes))
         if len(self.threads) > 1:
@@ -395,15 +397,20 @@ class WatchpointChannel(TrapChannel):
         stats.handler_ns += self._handler_end - t1
         stats.writeback_ns += time.perf_counter_ns() - self._handler_end
 
-    def _handle(self, thread: str, gregs: dict[str, int]) -> dict[str, int]:
-        """Run the handlers for a vCPU stopped after a watched store; its register writes."""
+    def _handle(self, thread: str, gregs: dict[str, int], *, redirect: bool) -> dict[str, int]:
+        """Run the handlers for a vCPU stopped after a watched store; its register writes.
+
+        ``redirect`` moves the vCPU on past the store (a hit found on a vCPU QEMU did not
+        report, which QEMU may still report later); a reported hit is never reported
+        again, so it stays put and costs no register write.
+        """
         self._handler_end = time.perf_counter_ns()
         # a copy: the client keeps the dict it returned to skip unchanged writes later
         gregs = dict(gregs)
         rip = gregs["rip"]
         cpu = cpu_of_thread(thread)
         if rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK)):
-            return self.vm.kretprobes.on_return(gregs, cpu)
+            return self.vm.kretprobes.on_return(gregs, cpu, redirect=redirect)
         hit = self.rip_map.get(rip)
         if hit is None:
             # a late report of a hit already handled, or a slot since discarded
@@ -411,8 +418,8 @@ class WatchpointChannel(TrapChannel):
             return {}
         site, resume = hit
         if resume is None:
-            return self._pre(site, gregs, cpu)
-        return self._post(site, gregs, cpu, resume)
+            return self._pre(site, gregs, cpu, redirect=redirect)
+        return self._post(site, gregs, cpu, resume, redirect=redirect)
 
     def _handle_other_vcpus(self, client: GdbClient, reported: str) -> None:
         others = [t for t in self.threads if t != reported]
@@ -425,14 +432,17 @@ class WatchpointChannel(TrapChannel):
             rip = int.from_bytes(bytes.fromhex(replies[2 * i + 1].decode()), "little")
             if rip in (self.ret_store, self.ret_store + 2) or rip in self.rip_map:
                 self.stats.caught_pending += 1
-                writes = self._handle(t, client.read_registers(thread=t, wide=False))
+                regs = client.read_registers(thread=t, wide=False)
+                writes = self._handle(t, regs, redirect=True)
                 if writes:
                     client.write_registers(writes, thread=t)
         # the reported vCPU's writes ride with the resume: select it again first
         if self.vm.target.before_resume:
             self.vm.target.before_resume.insert(0, b"Hg" + reported.encode())
 
-    def _pre(self, site: ProbeSite, gregs: dict[str, int], cpu: int) -> dict[str, int]:
+    def _pre(
+        self, site: ProbeSite, gregs: dict[str, int], cpu: int, *, redirect: bool
+    ) -> dict[str, int]:
         gregs["rip"] = site.addr  # as at the probed instruction
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         skip = self.manager.run_pre_handlers(site, regs)
@@ -443,17 +453,19 @@ class WatchpointChannel(TrapChannel):
             return _gdb_changes(changes, rip=regs.ip)
         if site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
             return self._emulate_with_post(site, regs)
-        return _gdb_changes(changes, rip=site.cont_rip)
+        return _gdb_changes(changes, rip=site.cont_rip if redirect else None)
 
     def _post(
-        self, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int
+        self, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int, *, redirect: bool
     ) -> dict[str, int]:
         gregs["rip"] = resume
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         self.manager.run_post_handlers(site, regs)
         self._handler_end = time.perf_counter_ns()
+        changes = regs.changes()
         # past the post store the slot only jumps to ``resume``: go there directly
-        return _gdb_changes(regs.changes(), rip=regs.ip)
+        moved = "ip" in changes or redirect
+        return _gdb_changes(changes, rip=regs.ip if moved else None)
 
     def _emulate_with_post(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
         """A return or indirect branch with a post_handler: run it on the host."""
@@ -523,12 +535,13 @@ class WatchpointChannel(TrapChannel):
             self.watchdog = None
 
 
-def _gdb_changes(changes: dict[str, int], *, rip: int) -> dict[str, int]:
-    """Changed pt_regs values by gdb register name, with the RIP to resume at."""
+def _gdb_changes(changes: dict[str, int], *, rip: int | None) -> dict[str, int]:
+    """Changed pt_regs values by gdb register name, with the RIP to resume at (if any)."""
     from kprobevm.ptregs import GDB_NAMES
 
     values = {GDB_NAMES[k]: v for k, v in changes.items() if k != "ip"}
-    values["rip"] = rip
+    if rip is not None:
+        values["rip"] = rip
     return values
 
 

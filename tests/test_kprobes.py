@@ -733,3 +733,16 @@ def test_close_restores_text_and_idt_then_reinstalls(vm: VM) -> None:
         hits = [kp.nhit for kp in kps]
         open_workload(vm, 10)
         assert [kp.nhit for kp in kps] == hits
+
+
+def test_batch_registration_as_the_first_one(vm: VM) -> None:
+    """register_kprobes() with no channel yet: the engine starts once the batch is placed."""
+    vm.kprobes.close()  # no channel, no trap thread
+    names = ["do_sys_openat2", "getname"]
+    kps = [Kprobe(symbol_name=n, pre_handler=lambda kp, regs: None) for n in names]
+    vm.register_kprobes(kps)
+    try:
+        vm.run("cat /proc/version >/dev/null", check=True)
+        assert all(kp.nhit > 0 for kp in kps), [kp.nhit for kp in kps]
+    finally:
+        vm.unregister_kprobes(kps)

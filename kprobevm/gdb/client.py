@@ -141,6 +141,7 @@ class GdbClient:
         self._outstanding: deque[_Request] = deque()
         self._unacked: deque[_Request] = deque()
         self._abandoned = 0
+        self._deferred = 0  # oldest outstanding requests whose OK is checked on arrival
         self._pending_ack = b""
         self._stops: deque[StopReply] = deque()
         self._closed = False
@@ -417,6 +418,11 @@ class GdbClient:
                     )
                 continue
             payload = pkt.payload
+            if self._deferred and not self._abandoned and not (
+                is_stop_reply(payload) or is_console_output(payload)
+            ):
+                self._take_deferred(payload)
+                continue
             if self._abandoned:
                 if is_stop_reply(payload) and not req.expects_stop:
                     self._dispatch_unrequested(payload)
@@ -439,6 +445,13 @@ class GdbClient:
             self._outstanding.popleft()
             self.stats.replies += 1
             return payload
+
+    def _take_deferred(self, payload: bytes) -> None:
+        """Check the reply to the oldest deferred request (sent with a resume)."""
+        req = self._outstanding.popleft()
+        self._deferred -= 1
+        self.stats.replies += 1
+        _check(req.payload, payload)
 
     def _abandon(self) -> None:
         # Replies still owed are discarded when they arrive, so they never pair with a
@@ -798,16 +811,23 @@ class GdbClient:
 
     # -- execution ---------------------------------------------------------------------
 
-    def cont(self, *, before: Sequence[bytes] = (), thread: str | None = None) -> None:
+    def cont(
+        self, *, before: Sequence[bytes] = (), thread: str | None = None, defer: bool = False
+    ) -> None:
         """Resume (``c``, or ``vCont;c:thread``); ``before`` packets go in the same send.
 
         The replies to ``before`` (say ``P`` writes) are read and checked after the
-        resume has been sent, so a probe hit costs no extra round trip for them.
+        resume has been sent, so a probe hit costs no extra round trip for them; with
+        ``defer`` they are not even waited for: each is checked when it arrives, ahead of
+        the next stop reply (an ``Exx`` then raises from ``wait_stop``/``poll_stop``).
         """
         self._require_stopped("cont")
         resume = b"c" if thread is None else b"vCont;c:%s" % thread.encode()
         self._send_many([*before, resume], no_reply=resume)
         self._resumed()
+        if defer:
+            self._deferred += len(before)
+            return
         for payload in before:
             reply = self.recv_reply()
             _check(payload, reply)
@@ -852,7 +872,7 @@ class GdbClient:
     def _wait_stop(self, timeout: float | None) -> StopReply:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stops:
-            if len(self._outstanding) > self._abandoned:
+            if len(self._outstanding) > self._abandoned + self._deferred:
                 raise GdbError("wait_stop: a reply to an earlier request is still unread")
             pkt = self._next_packet(deadline, None)
             if pkt is None:
@@ -863,8 +883,15 @@ class GdbClient:
                 self._outstanding.popleft()
                 self._abandoned -= 1
                 continue
-            self._dispatch_unrequested(pkt.payload)
+            self._dispatch_packet(pkt.payload)
         return self._stops.popleft()
+
+    def _dispatch_packet(self, payload: bytes) -> None:
+        """A packet while the target runs: a deferred reply, a stop, or console output."""
+        if self._deferred and not (is_stop_reply(payload) or is_console_output(payload)):
+            self._take_deferred(payload)
+        else:
+            self._dispatch_unrequested(payload)
 
     def poll_stop(self) -> StopReply | None:
         """A stop reply if one has arrived, without blocking."""
@@ -877,7 +904,7 @@ class GdbClient:
         while self._events and not self._stops:
             pkt = self._events.popleft()
             if isinstance(pkt, Packet):
-                self._dispatch_unrequested(pkt.payload)
+                self._dispatch_packet(pkt.payload)
         return self._stops.popleft() if self._stops else None
 
     def query_stop(self) -> StopReply:
