@@ -78,7 +78,8 @@ class ProbeSite:
 
     addr: int
     insn: Insn
-    slot: Slot
+    slot: Slot | None
+    """The instruction slot (None on the breakpoint channel, which single-steps)."""
     probes: list[Kprobe] = field(default_factory=list)
     armed: bool = False
     int3_seq: int | None = None

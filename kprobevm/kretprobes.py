@@ -151,6 +151,11 @@ class KretprobeManager:
     def register_kretprobe(self, rp: Kretprobe) -> None:
         if rp.registered:
             raise KprobeError("kretprobe is already registered", symbol=rp.symbol_name)
+        if not self.trampoline:
+            raise KprobeError(
+                "return probes need the watchpoint trap channel: its slot memory holds"
+                " the trampoline", symbol=rp.symbol_name,
+            )  # fmt: skip
         if rp.offset:
             raise ProbeRefused(
                 "BAD_RETPROBE", "a return probe goes on a function's entry (offset 0)",

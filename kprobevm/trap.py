@@ -29,7 +29,7 @@ from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.kprobes import ProbeSite
 from kprobevm.ptregs import PtRegs
 from kprobevm.slotmap import SlotArea
-from kprobevm.slots import SlotCache
+from kprobevm.slots import Slot, SlotCache
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86 import ooline
 from kprobevm.x86.stub import build_int3_stub, stub_hash
@@ -107,6 +107,7 @@ class TrapChannel:
         self.vm = vm
         self.manager = manager
         self.unknown_stops = 0
+        self.threads: list[str] = []
         self.stats = TrapStats()
         self._handler_end = 0
 
@@ -184,7 +185,6 @@ class WatchpointChannel(TrapChannel):
         # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         self.ret_store = -1  # RIP after the kretprobe trampoline's watched store
-        self.threads: list[str] = []
         self.watchdog: subprocess.Popen[bytes] | None = None
 
     # -- installation ----------------------------------------------------------------
@@ -301,26 +301,32 @@ class WatchpointChannel(TrapChannel):
         slot = self.slots.get_insn_slot()
         return ProbeSite(addr=addr, insn=insn, slot=slot)
 
+    @staticmethod
+    def _slot(site: ProbeSite) -> Slot:
+        assert site.slot is not None, "a watchpoint-channel site always has a slot"
+        return site.slot
+
     def _write_slot_code(self, site: ProbeSite) -> None:
         """Two copies of the out-of-line code: the entry with the watched pre store, and
         the continuation a handled vCPU is sent on through (see :meth:`on_stop`)."""
         assert self.area is not None
         post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
         half = SLOT_SIZE // 2
+        slot = self._slot(site)
         entry = ooline.make_slot_code(
-            site.insn, site.slot.address, mailbox=self.mailbox, post_store=post,
+            site.insn, slot.address, mailbox=self.mailbox, post_store=post,
             slot_size=half,
         )  # fmt: skip
         cont = ooline.make_slot_code(
-            site.insn, site.slot.address + half, mailbox=self.mailbox, pre_store=False,
+            site.insn, slot.address + half, mailbox=self.mailbox, pre_store=False,
             post_store=post, slot_size=half,
         )  # fmt: skip
         code = entry.bytes.ljust(half, b"\xcc") + cont.bytes
-        self.vm.memory.write_phys(self.area.phys(site.slot.address), code)
+        self.vm.memory.write_phys(self.area.phys(slot.address), code)
         assert entry.pre_store_end is not None
         site.pre_rip = entry.pre_store_end
         site.post_rip = entry.post_store_end
-        site.cont_rip = site.slot.address + half
+        site.cont_rip = slot.address + half
         # a stop lands right after a store, or after the TB break that follows it
         brk = len(ooline.TB_BREAK)
         self.rip_map[entry.pre_store_end] = (site, None)
@@ -335,12 +341,12 @@ class WatchpointChannel(TrapChannel):
 
     def commit_site(self, site: ProbeSite) -> None:
         self._write_slot_code(site)
-        self._table_insert(site.addr, site.slot.address)
+        self._table_insert(site.addr, self._slot(site).address)
 
     def rebuild_site(self, site: ProbeSite) -> None:
         """Move a site to a fresh slot (the old one may be running: it goes DIRTY)."""
         assert self.slots is not None
-        old = site.slot
+        old = self._slot(site)
         site.slot = self.slots.get_insn_slot()
         self._forget_rips(site)
         self._write_slot_code(site)
@@ -351,7 +357,7 @@ class WatchpointChannel(TrapChannel):
         assert self.slots is not None
         self._table_remove(site.addr)
         self._forget_rips(site)
-        self.slots.free_insn_slot(site.slot)
+        self.slots.free_insn_slot(self._slot(site))
 
     def _slot_in_use(self, start: int, end: int) -> bool:
         return any(start <= rip < end for rip in self.vcpu_rips())
@@ -595,13 +601,144 @@ if sys.stdin.buffer.read(1) != b"q":
 """
 
 
+class BreakpointChannel(TrapChannel):
+    """The fallback: a gdbstub breakpoint on the guest's own #BP vector entry.
+
+    Needs no guest memory of ours. At the stop the vCPU is at the vector's first
+    instruction with the exception frame on its stack. For a probe of ours the host
+    unwinds the exception (RIP, RSP, RFLAGS from the frame) and runs the handlers, then
+    emulates a branch, or puts the original byte back and single-steps that one vCPU
+    (``vCont;s``: the others stay stopped, so none can pass the unprobed instruction;
+    QEMU's default step flags mask interrupts), then writes the int3 again. Slow by
+    design: QEMU flushes its whole TCG cache at every breakpoint stop (FACTS.md).
+    """
+
+    name = "breakpoint"
+
+    def __init__(self, vm: VM, manager: KprobeManager) -> None:
+        super().__init__(vm, manager)
+        self.vector = 0
+        self.skip_to = 0
+        """Where a trap that is not ours resumes: past the vector's first instruction,
+        when that is a NOP (asm_exc_int3 starts with a patched-out clac), else 0."""
+
+    def install(self) -> None:
+        vm = self.vm
+        idt = vm.symbols["idt_table"]
+        with vm.target.stopped() as client:
+            self.vector = decode_idt_gate(vm.memory.read(idt + 3 * 16, 16))
+            first = x86insn.decode(vm.memory.read(self.vector, 16), self.vector)
+            if first.mnemonic.startswith("nop"):
+                self.skip_to = self.vector + first.length
+            client.insert_breakpoint(0, self.vector, 1)
+            self.threads = client.threads()
+
+    def prepare_site(self, addr: int) -> ProbeSite:
+        return ProbeSite(addr=addr, insn=self.read_insn(addr), slot=None)
+
+    def commit_site(self, site: ProbeSite) -> None:
+        pass
+
+    def rebuild_site(self, site: ProbeSite) -> None:
+        pass
+
+    def discard_site(self, site: ProbeSite) -> None:
+        pass
+
+    def on_stop(self, stop: StopReply) -> None:
+        client: GdbClient = self.vm.target.client
+        thread = stop.thread or ""
+        gregs = dict(client.read_registers(wide=False))
+        if gregs["rip"] != self.vector:
+            return
+        memory = self.vm.memory
+        frame_rip, cs, rflags, rsp, _ss = struct.unpack("<5Q", memory.read(gregs["rsp"], 40))
+        addr = frame_rip - 1
+        site = self.manager.table.get(addr)
+        if cs & 3 or site is None or not site.armed:
+            self._not_ours(client, thread, addr, cs, rsp, rflags)
+            return
+        self._handler_end = time.perf_counter_ns()
+        # the context the int3 interrupted, as the pre_handler must see it
+        gregs.update(rip=addr, rsp=rsp, eflags=rflags)
+        regs = PtRegs.from_gdb(gregs, cpu=cpu_of_thread(thread), memory=memory)
+        if self.manager.run_pre_handlers(site, regs):
+            client.write_registers(_gdb_changes(regs.changes(), rip=regs.ip) | _frame(rsp, rflags))
+            return
+        if site.insn.is_branch:
+            writes = self._emulate(site, regs)
+            client.write_registers(writes | {"eflags": regs.flags})
+            self.stats.hits += 1
+            return
+        client.write_registers(_gdb_changes(regs.changes(), rip=addr) | _frame(rsp, rflags))
+        memory.write(addr, site.insn.bytes[:1])
+        try:
+            client.step(thread)
+        finally:
+            memory.write(addr, INT3)
+        if site.wants_post:
+            after = dict(client.read_registers(thread=thread, wide=False))
+            post = PtRegs.from_gdb(after, cpu=cpu_of_thread(thread), memory=memory)
+            self.manager.run_post_handlers(site, post)
+            changes = post.changes()
+            if changes:
+                client.write_registers(_gdb_changes(changes, rip=post.ip), thread=thread)
+        self.stats.hits += 1
+
+    def _emulate(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
+        from kprobevm.x86.emulate import emulate
+
+        result = emulate(site.insn, _gdb_view(regs), self.vm.memory.u64)
+        for write in result.writes:
+            self.vm.memory.write(write.addr, write.data)
+        regs.ip, regs.sp = result.rip, result.rsp
+        if result.rcx is not None:
+            regs.cx = result.rcx
+        if site.wants_post:
+            self.manager.run_post_handlers(site, regs)
+        return _gdb_changes(regs.changes(), rip=regs.ip) | {"rsp": regs.sp}
+
+    def _not_ours(
+        self, client: GdbClient, thread: str, addr: int, cs: int, rsp: int, rflags: int
+    ) -> None:
+        """A trap of someone else's goes to the guest's handler; a vanished int3 retries."""
+        if not cs & 3 and self.vm.memory.read(addr, 1) != INT3:
+            # the kernel-mode int3 went away (a probe just removed): re-run the instruction
+            client.write_registers({"rip": addr} | _frame(rsp, rflags))
+            return
+        self.unknown_stops += 1
+        if self.skip_to:
+            client.write_register("rip", self.skip_to)
+        else:
+            client.step(thread)  # past the breakpoint; the guest's handler goes on
+
+    def close(self) -> None:
+        target = self.vm.target
+        target.stop()
+        with target.stopped() as client:
+            client.remove_breakpoint(0, self.vector, 1)
+
+
+def _frame(rsp: int, rflags: int) -> dict[str, int]:
+    """The stack pointer and flags an exception frame gives back (what iretq would)."""
+    return {"rsp": rsp, "eflags": rflags}
+
+
 def install_channel(vm: VM, manager: KprobeManager) -> TrapChannel:
-    """The fast channel when the guest allows it, else the breakpoint fallback."""
-    channel = WatchpointChannel(vm, manager)
-    try:
-        channel.install()
-    except KprobeVMError as exc:
-        log.warning("%s: fast trap channel unavailable (%s); using breakpoints", vm.name, exc)
-        raise
-    vm.log.info("trap channel: %s (slot area %#x)", channel.name, channel.stub)
+    """The fast channel when the guest allows it, else the breakpoint fallback.
+
+    ``vm.prefer_channel = "breakpoint"`` asks for the fallback outright.
+    """
+    if vm.prefer_channel != "breakpoint":
+        fast = WatchpointChannel(vm, manager)
+        try:
+            fast.install()
+        except KprobeVMError as exc:
+            vm.log.warning("fast trap channel unavailable (%s); using the #BP breakpoint", exc)
+        else:
+            vm.log.info("trap channel: watchpoint (slot area %#x)", fast.stub)
+            return fast
+    channel = BreakpointChannel(vm, manager)
+    channel.install()
+    vm.log.info("trap channel: breakpoint on the #BP vector %#x", channel.vector)
     return channel

@@ -91,6 +91,9 @@ class VM:
         self._journal: Journal | None = None
         self.journal_path: Path | None = None
         self._closed = False
+        self.prefer_channel = "watchpoint"
+        """The trap channel to install: ``watchpoint`` (fast, falls back by itself when it
+        cannot be set up) or ``breakpoint`` (the #BP-vector breakpoint, for comparison)."""
 
     # -- shell -------------------------------------------------------------------------
 

@@ -746,3 +746,46 @@ def test_batch_registration_as_the_first_one(vm: VM) -> None:
         assert all(kp.nhit > 0 for kp in kps), [kp.nhit for kp in kps]
     finally:
         vm.unregister_kprobes(kps)
+
+
+def test_breakpoint_fallback_channel(vm: VM) -> None:
+    """The #BP-vector breakpoint channel: a stepped instruction and an emulated call, with
+    pre and post handlers, and the text and IDT left as they were."""
+    vm.kprobes.close()
+    func = vm.symbols.symbol("do_sys_openat2")
+    before = vm.read(func.address, func.size)
+    gate = vm.read(vm.symbols["idt_table"] + 48, 16)
+    call = next(
+        i
+        for a in x86insn.boundaries(before, func.address)
+        if (i := x86insn.decode(before[a - func.address :], a)).kind is x86insn.InsnKind.CALL_REL
+    )
+    seen: list[tuple[str, int, int]] = []
+    entry = Kprobe(
+        symbol_name="do_sys_openat2",
+        pre_handler=lambda kp, r: seen.append(("pre", r.ip, r.sp)),
+        post_handler=lambda kp, r: seen.append(("post", r.ip, r.sp)),
+    )
+    at_call = Kprobe(
+        addr=call.addr,
+        pre_handler=lambda kp, r: seen.append(("call-pre", r.ip, r.sp)),
+        post_handler=lambda kp, r: seen.append(("call-post", r.ip, r.sp)),
+    )
+    vm.prefer_channel = "breakpoint"
+    try:
+        vm.register_kprobes([entry, at_call])
+        assert vm.trap_channel == "breakpoint"
+        vm.run("read x </proc/version", check=True)
+        vm.unregister_kprobes([entry, at_call])
+        vm.kprobes.close()
+    finally:
+        vm.prefer_channel = "watchpoint"
+    assert entry.nhit >= 1 and at_call.nhit >= 1
+    pre = next(s for s in seen if s[0] == "pre")
+    post = next(s for s in seen if s[0] == "post")
+    assert pre[1] == func.address and post[1] == func.address + 5 and post[2] == pre[2]
+    cpre = next(s for s in seen if s[0] == "call-pre")
+    cpost = next(s for s in seen if s[0] == "call-post")
+    assert cpre[1] == call.addr and cpost[1] == call.target and cpost[2] == cpre[2] - 8
+    assert vm.read(func.address, func.size) == before
+    assert vm.read(vm.symbols["idt_table"] + 48, 16) == gate
