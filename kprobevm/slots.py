@@ -4,7 +4,8 @@ Slots are fixed-size cells in executable slot pages. A slot is CLEAN (free), USE
 (holds a probe's out-of-line code) or DIRTY (freed, but a vCPU may still be executing
 it). Dirty slots become clean only in garbage collection, and only once the engine says
 no vCPU can be inside them (the kernel waits for an RCU-tasks grace period; we check
-every vCPU's RIP after a minimum age). Collection also frees empty pages but keeps one.
+every vCPU's RIP and waits for each vCPU's quiescent state, see kprobevm.trap). Collection
+also frees empty pages but keeps one.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class SlotCache:
         self.clock = clock
         self.pages: dict[int, SlotPage] = {}
         self.in_use: InUse = lambda start, end: False
+        self.grace_over: Callable[[float], bool] = lambda freed_at: True
+        """grace_over(freed_at): has every vCPU passed a quiescent state since then?"""
+        self.before_collect: Callable[[], None] = lambda: None
 
     # -- allocation ------------------------------------------------------------------
 
@@ -134,6 +138,7 @@ class SlotCache:
 
         Returns how many slots were collected. One page is always kept, as the kernel does.
         """
+        self.before_collect()
         now = self.clock()
         collected = 0
         for page in self.pages.values():
@@ -141,6 +146,8 @@ class SlotCache:
                 if state is not SlotState.DIRTY:
                     continue
                 if now - page.freed_at[i] < self.grace_seconds:
+                    continue
+                if not self.grace_over(page.freed_at[i]):
                     continue
                 start = page.address + i * self.slot_size
                 if self.in_use(start, start + self.slot_size):

@@ -185,6 +185,7 @@ class WatchpointChannel(TrapChannel):
         # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         self.ret_store = -1  # RIP after the kretprobe trampoline's watched store
+        self.last_quiescent: dict[str, float] = {}
         self.watchdog: subprocess.Popen[bytes] | None = None
 
     # -- installation ----------------------------------------------------------------
@@ -215,7 +216,9 @@ class WatchpointChannel(TrapChannel):
             vm.memory.write_phys(area.phys(trampoline), code)
             self.ret_store = vm.kretprobes.store_end
             vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
-            self.slots = SlotCache(_SlotPages(area), slot_size=SLOT_SIZE)
+            self.slots = SlotCache(_SlotPages(area), slot_size=SLOT_SIZE, grace_seconds=0.05)
+            self.slots.before_collect = self._observe_quiescence
+            self.slots.grace_over = self._grace_over
             self.threads = client.threads()
             self.slots.in_use = self._slot_in_use
 
@@ -358,6 +361,25 @@ class WatchpointChannel(TrapChannel):
         self._table_remove(site.addr)
         self._forget_rips(site)
         self.slots.free_insn_slot(self._slot(site))
+
+    def _observe_quiescence(self) -> None:
+        """Note which vCPUs are in a quiescent state now (VM stopped).
+
+        The host's stand-in for the kernel's RCU grace period before reusing a slot: a
+        vCPU seen in user mode, or halted in the idle loop (the byte before RIP is
+        ``hlt``), has no kernel context of its own left interrupted inside a slot (the
+        guest kernel does not preempt kernel code: PREEMPT_NONE/VOLUNTARY).
+        """
+        client = self.vm.target.client
+        now = time.monotonic()
+        for thread in self.threads:
+            regs = client.read_registers(thread=thread, wide=False)
+            user = regs["cs"] & 3
+            if user or self.vm.memory.read(regs["rip"] - 1, 1) == b"\xf4":
+                self.last_quiescent[thread] = now
+
+    def _grace_over(self, freed_at: float) -> bool:
+        return all(self.last_quiescent.get(t, 0.0) > freed_at for t in self.threads)
 
     def _slot_in_use(self, start: int, end: int) -> bool:
         return any(start <= rip < end for rip in self.vcpu_rips())

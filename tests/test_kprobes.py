@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -789,3 +790,28 @@ def test_breakpoint_fallback_channel(vm: VM) -> None:
     assert cpre[1] == call.addr and cpost[1] == call.target and cpost[2] == cpre[2] - 8
     assert vm.read(func.address, func.size) == before
     assert vm.read(vm.symbols["idt_table"] + 48, 16) == gate
+
+
+def test_freed_slots_are_collected_and_reused(vm: VM) -> None:
+    """More register/unregister cycles than a slot page holds: garbage collection gives
+    the dirty slots back (the idle guest passes its quiescent states), no page is added,
+    and probes on reused slots still work."""
+    kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
+    vm.register_kprobe(kp)  # the channel is installed now
+    vm.unregister_kprobe(kp)
+    slots = vm.kprobes.channel.slots
+    assert slots is not None
+    pages_before = slots.stats()["pages"]
+    for _ in range(40):  # 32 slots of 128 bytes in a page
+        kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
+        vm.register_kprobe(kp)
+        vm.unregister_kprobe(kp)
+        time.sleep(0.06)  # past the minimum age
+    assert slots.stats()["pages"] == pages_before
+    kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
+    vm.register_kprobe(kp)
+    try:
+        vm.run("read x </proc/version", check=True)
+        assert kp.nhit >= 1
+    finally:
+        vm.unregister_kprobe(kp)

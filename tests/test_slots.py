@@ -93,3 +93,15 @@ def test_double_free_is_an_error() -> None:
     cache.free_insn_slot(slot, dirty=False)
     with pytest.raises(ValueError):
         cache.free_insn_slot(slot)
+
+
+def test_no_reuse_before_every_vcpu_was_quiescent() -> None:
+    cache, _, clock = make(grace_seconds=0.0)
+    slot = cache.get_insn_slot()
+    cache.free_insn_slot(slot)
+    quiescent_at = {"cpu0": 0.0}
+    cache.grace_over = lambda freed: all(t > freed for t in quiescent_at.values())
+    clock.now += 1
+    assert cache.collect_garbage() == 0
+    quiescent_at["cpu0"] = clock.now
+    assert cache.collect_garbage() == 1
