@@ -21,7 +21,7 @@ from capstone import x86 as csx86
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.kprobes import Kprobe
 from kprobevm.ptregs import PtRegs
-from kprobevm.trap import decode_idt_gate
+from kprobevm.trap import WatchpointChannel, decode_idt_gate
 from kprobevm.vm import VM
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.emulate import condition_holds
@@ -799,8 +799,9 @@ def test_freed_slots_are_collected_and_reused(vm: VM) -> None:
     kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
     vm.register_kprobe(kp)  # the channel is installed now
     vm.unregister_kprobe(kp)
-    slots = vm.kprobes.channel.slots
-    assert slots is not None
+    channel = vm.kprobes.channel
+    assert isinstance(channel, WatchpointChannel) and channel.slots is not None
+    slots = channel.slots
     pages_before = slots.stats()["pages"]
     for _ in range(40):  # 32 slots of 128 bytes in a page
         kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
