@@ -8,11 +8,14 @@ created lazily on first use.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
+import signal
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -298,6 +301,7 @@ class VM:
                 from kprobevm.kprobes import KprobeManager
 
                 self._kprobes = KprobeManager(self)
+                _restore_at_exit(self)
             return self._kprobes
 
     @property
@@ -404,6 +408,36 @@ class VM:
 
     def __repr__(self) -> str:
         return f"<VM {self.name} gdb={self.endpoints.gdb!r} ssh={self.endpoints.ssh!r}>"
+
+
+_live: weakref.WeakSet[VM] = weakref.WeakSet()
+
+
+def _restore_at_exit(vm: VM) -> None:
+    """Guests with probes are restored at interpreter exit and on SIGTERM, not only on
+    close(): an int3 of ours must not outlive a host that simply ended."""
+    if not _live:
+        atexit.register(_close_all)
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            # SystemExit unwinds every ``with`` on the way out, then atexit runs
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _live.add(vm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _close_all() -> None:
+    for vm in list(_live):
+        try:
+            vm.close()
+        except Exception as exc:  # exiting anyway: say what was left behind
+            vm.log.error("could not restore %s at exit: %s (journal %s)",
+                         vm.name, exc, vm.journal_path)
 
 
 def attach(

@@ -112,3 +112,53 @@ def test_sigkill_with_armed_probe_then_recover(tmp_path: Path) -> None:
         assert _trouble(vm.serial_log()) == []
         # a second recovery finds nothing left to do
         assert recover(journal).restored == []
+
+
+# A host that places a probe, then either waits for SIGTERM or just ends without close().
+ENDING = r"""
+import sys, time
+from pathlib import Path
+import kprobevm
+from kprobevm.kprobes import Kprobe
+gdb, kallsyms, cmdline, vmlinux, journal, how = sys.argv[1:7]
+vm = kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline, vmlinux=vmlinux)
+vm.journal_path = Path(journal)
+vm.register_kprobe(Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None))
+print("armed", flush=True)
+if how == "sigterm":
+    while True:
+        time.sleep(0.1)
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("how", ["sigterm", "exit"])
+def test_sigterm_and_plain_exit_restore_the_guest(tmp_path: Path, how: str) -> None:
+    from kprobevm.journal import pending_writes
+
+    image = default_image()
+    with boot(name=f"ending-{how}") as vm:
+        kallsyms = tmp_path / "kallsyms"
+        kallsyms.write_text(vm.read_file("/proc/kallsyms"))
+        syms = KernelSymbols.from_file(kallsyms)
+        func, size = syms["do_sys_openat2"], syms.size("do_sys_openat2")
+        gate = syms["idt_table"] + 3 * 16
+        gdb = vm.endpoints.gdb
+        assert isinstance(gdb, str)
+        before = _read_text(gdb, func, size, gate)
+        journal = tmp_path / "j"
+        child = subprocess.Popen(
+            [sys.executable, "-c", ENDING, gdb, str(kallsyms),
+             vm.read_file("/proc/cmdline").strip(), str(image.vmlinux), str(journal), how],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "armed"
+        assert len(pending_writes(journal)) >= 3  # int3, IDT gate, PMD: really armed
+        if how == "sigterm":
+            child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == (128 + signal.SIGTERM if how == "sigterm" else 0)
+        assert _read_text(gdb, func, size, gate) == before
+        assert pending_writes(journal) == []
+        assert vm.run("cat /proc/version >/dev/null; echo ok").stdout.strip() == "ok"
+        assert _trouble(vm.serial_log()) == []
