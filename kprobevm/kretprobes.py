@@ -262,8 +262,11 @@ class KretprobeManager:
         (a function like do_exit that never returns) or is gone (stack pointer changed).
         """
         memory = self.vm.memory
-        if memory.u64(ri.slot) != self.trampoline:
-            return True
+        try:
+            if memory.u64(ri.slot) != self.trampoline:
+                return True
+        except GuestFaultError:
+            return True  # its stack is unmapped: the task is gone
         layout = self.layout
         if layout is None or not ri.task:
             return False
@@ -341,7 +344,11 @@ class KretprobeManager:
         memory = self.vm.memory
         restored = 0
         for ri in list(self.by_slot.values()):
-            if memory.u64(ri.slot) == self.trampoline:
+            try:
+                pending = memory.u64(ri.slot) == self.trampoline
+            except GuestFaultError:
+                pending = False  # the task and its (vmalloc'd) stack are gone
+            if pending:
                 memory.write(ri.slot, struct.pack("<Q", ri.ret_addr))
                 restored += 1
             memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))

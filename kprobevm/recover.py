@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kprobevm.errors import JournalError, KprobeError
+from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdb.client import GdbClient
 from kprobevm.journal import JournalEntry, journal_gdb_address, journal_notes, pending_writes
 
@@ -127,7 +127,11 @@ def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
         slot, ret = struct.unpack_from("<QQ", data, pos)
         if not slot:
             continue
-        if struct.unpack("<Q", client.read_memory(slot, 8))[0] == trampoline:
+        try:
+            pending = struct.unpack("<Q", client.read_memory(slot, 8))[0] == trampoline
+        except GdbErrorReply:
+            pending = False  # the task and its stack are gone
+        if pending:
             client.write_memory(slot, struct.pack("<Q", ret))
             restored += 1
         client.write_memory(table + pos, bytes(16))
