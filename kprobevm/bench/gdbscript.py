@@ -10,6 +10,7 @@ The VM's own gdbstub client must not be open: QEMU serves one gdb at a time.
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 import textwrap
 import time
@@ -63,8 +64,10 @@ def _gdb_run(vm: VM, name: str, description: str, opens: int, python: bool) -> H
                 if python:
                     hits = int(gdb.command("-data-evaluate-expression $bench_hits")["value"])
                 else:
-                    body = gdb.command(f"-break-info {number}")["BreakpointTable"]["body"]
-                    hits = int(body[0]["times"])
+                    # not -break-info: pygdbmi 0.11 loops forever parsing its script={...}
+                    listing = gdb.console(f"info breakpoints {number}")
+                    found = re.search(r"already hit (\d+) time", listing)
+                    hits = int(found[1]) if found else 0
                 gdb.command("-break-delete")
                 gdb.command("-target-detach")  # the VM runs on, no breakpoint left
             except GdbError as exc:

@@ -44,13 +44,13 @@ class BenchConfig:
     """gdb's breakpoints: about 12 hits/s, keep it small."""
     idle_counts: tuple[int, ...] = (0, 10, 100, 1000)
     idle_rounds: int = 3
-    idle_opens: int = 10000
+    idle_opens: int = 5000
     registration_counts: tuple[int, ...] = (1, 100, 1000)
 
 
 FULL = BenchConfig()
 QUICK = BenchConfig(opens=5000, hit_opens=2000, gdbmi_opens=500, gdb_opens=100,
-                    idle_rounds=1, idle_opens=4000)
+                    idle_rounds=1, idle_opens=2000)
 
 
 def _command_line_version(argv: list[str]) -> str:
