@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -114,3 +115,33 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path) -> None:
     assert {p["probes"] for p in out["idle"]["points"]} == {0, 10}
     assert all(p["hits"] == 0 for p in out["idle"]["points"])
     assert out["registration"]["register_10_s"] > 0
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
+def test_engine_over_gdbmi_client_gets_hits() -> None:
+    """VM(transport="gdbmi"): the engine's probe works through a real gdb, and the file
+    names its handler reads are the workload's."""
+    import kprobevm
+    from kprobevm.errors import GuestFaultError
+    from kprobevm.gdb.gdbmi_client import GdbMiClient
+    from kprobevm.kprobes import Kprobe
+    from kprobevm.ptregs import PtRegs
+
+    names: list[bytes] = []
+
+    def handler(kp: Kprobe, regs: PtRegs) -> None:
+        assert regs.memory is not None
+        with contextlib.suppress(GuestFaultError):  # a user page not faulted in yet
+            names.append(regs.memory.cstring(regs.si, 64))
+
+    with kprobevm.boot(name="gdbmi-test") as vm:
+        vm.transport = "gdbmi"
+        kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=handler)
+        vm.register_kprobe(kp)
+        assert isinstance(vm.target.client, GdbMiClient)
+        vm.run("for i in 1 2 3 4 5; do cat /proc/version >/dev/null; done", check=True)
+        vm.unregister_kprobe(kp)
+        assert kp.nhit >= 5
+        assert names.count(b"/proc/version") >= 5
+        assert "Linux" in vm.run("cat /proc/version", check=True).stdout  # guest healthy

@@ -9,8 +9,10 @@ The VM's own gdbstub client must not be open: QEMU serves one gdb at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import re
+import select
 import tempfile
 import textwrap
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kprobevm.bench.report import HitRate
-from kprobevm.bench.workload import HOT_FUNCTION, run_opens
+from kprobevm.bench.workload import HOT_FUNCTION, Run, run_opens
 from kprobevm.errors import GdbError, GdbTimeout
 from kprobevm.gdb.gdbmi_client import BASE_SETTINGS, GdbMiClient
 
@@ -59,7 +61,7 @@ def _gdb_run(vm: VM, name: str, description: str, opens: int, python: bool) -> H
                     number = gdb.command(f"-break-insert *{addr:#x}")["bkpt"]["number"]
                     gdb.command(f'-break-commands {number} "silent" "continue"')
                 gdb.cont()
-                run = run_opens(vm, opens)
+                run = _run_draining(gdb, vm, opens)
                 _interrupt(gdb)
                 if python:
                     hits = int(gdb.command("-data-evaluate-expression $bench_hits")["value"])
@@ -73,6 +75,17 @@ def _gdb_run(vm: VM, name: str, description: str, opens: int, python: bool) -> H
             except GdbError as exc:
                 return HitRate(name, description, reason=f"gdb failed: {exc}")
     return HitRate(name, description, hits, run)
+
+
+def _run_draining(gdb: GdbMiClient, vm: VM, opens: int) -> Run:
+    """The workload on a worker thread while this one reads gdb's output (each hit of a
+    ``commands`` breakpoint prints records; a full pipe would stall gdb and the VM)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run_opens, vm, opens)
+        while not job.done():
+            select.select([gdb.fileno()], [], [], 0.1)
+            gdb.drain()
+        return job.result()
 
 
 def _interrupt(gdb: GdbMiClient, tries: int = 20) -> None:

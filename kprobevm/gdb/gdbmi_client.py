@@ -204,6 +204,12 @@ class GdbMiClient:
                 out.append(parse_response(text))
         return out
 
+    def drain(self) -> None:
+        """Read what gdb has written so far, without waiting: a script whose breakpoints
+        continue by themselves must call it while the VM runs, or gdb blocks on a full
+        stdout pipe (a few records per hit) and the VM stays stopped."""
+        self._drain()
+
     def _drain(self) -> None:
         """Read what gdb has written so far, without waiting."""
         while True:
