@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -141,7 +140,9 @@ def test_malformed_lines_are_refused(line: str) -> None:
         KernelSymbols.from_text("ffffffff81000000 T _text\n" + line + "\n")
 
 
-def test_parse_time_of_a_large_kallsyms() -> None:
+def test_a_large_kallsyms_with_modules() -> None:
+    """155,000 core symbols and 3,000 module ones (a 6.12-sized file); its parse time is
+    measured by scripts/bench-symbols, not here: wall and CPU time depend on neighbours."""
     rng = random.Random(2)
     addr = 0xFFFFFFFF81000000
     lines = []
@@ -149,10 +150,6 @@ def test_parse_time_of_a_large_kallsyms() -> None:
         lines.append(f"{addr:016x} {'Tt'[i % 2]} sym_{i % 150_000}")
         addr += rng.randint(0, 300)
     lines += [f"{0xFFFFFFFFC0000000 + 32 * i:016x} t m_{i}\t[mod{i // 100}]" for i in range(3000)]
-    text = "\n".join(lines) + "\n"
-    # CPU time of this process: the machine is shared, and wall time measures the neighbours.
-    start = time.process_time()
-    syms = KernelSymbols.from_text(text)
-    elapsed = time.process_time() - start
+    syms = KernelSymbols.from_text("\n".join(lines) + "\n")
     assert len(syms) == 158_000
-    assert elapsed < 0.5, f"parsing 158,000 kallsyms lines took {elapsed:.3f} s of CPU"
+    assert syms.lookup(0xFFFFFFFFC0000000 + 32 * 2999 + 1).module == "mod29"
