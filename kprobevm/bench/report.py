@@ -106,15 +106,19 @@ def _reference_rate(report: BenchReport) -> float | None:
 
 
 def idle_slowdown(points: Sequence[IdlePoint]) -> dict[str, dict[int, float]]:
-    """Per kind, the fraction of the workload's rate lost at each probe count, against the
-    same kind's 0-probe rate (0.05 = 5% slower)."""
+    """Per kind, the fraction of the workload's rate lost at each probe count (0.05 = 5%
+    slower): the median over rounds of each round's rate against the same round's
+    0-probe rate, so that the machine's drift between rounds cancels out."""
     out: dict[str, dict[int, float]] = {}
     for kind in sorted({p.kind for p in points}):
-        mine = {p.probes: p.ops_per_s for p in points if p.kind == kind}
+        mine = {p.probes: p.samples for p in points if p.kind == kind}
         base = mine.get(0)
         if not base:
             continue
-        out[kind] = {n: 1.0 - rate / base for n, rate in sorted(mine.items())}
+        out[kind] = {
+            n: statistics.median(1.0 - s / z for s, z in zip(samples, base, strict=False) if z)
+            for n, samples in sorted(mine.items())
+        }
     return out
 
 
@@ -193,8 +197,9 @@ def markdown(report: BenchReport) -> str:
     slow = idle_slowdown(report.idle)
     if slow:
         counts = sorted({p.probes for p in report.idle})
-        lines += ["", "Idle cost: the workload's rate with N probes on functions it never calls"
-                  " (median of rounds; slowdown against 0 probes).", "",
+        lines += ["", "Idle cost: the workload's opens/s with N probes on functions it never calls"
+                  " (median of rounds), and the slowdown against 0 probes (median of each"
+                  " round's own ratio).", "",
                   "| armed | " + " | ".join(str(n) for n in counts) + " |",
                   "|---|" + "---:|" * len(counts)]
         for kind, by_n in slow.items():
