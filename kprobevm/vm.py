@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from kprobevm.errors import VMError
+from kprobevm.errors import VMError, VMLost
 
 if TYPE_CHECKING:
     from kprobevm.blacklist import Blacklist
@@ -142,6 +142,8 @@ class VM:
     def target(self) -> Target:
         """Run control over the gdbstub (connected on first use; the guest keeps running)."""
         with self._lock:
+            if self._target is not None and self._target.client.closed and not self._closed:
+                raise VMLost(f"{self.name}: the gdbstub connection is gone; {self._qemu_state()}")
             if self._target is None:
                 from kprobevm.gdb.client import GdbClient
                 from kprobevm.target import Target
@@ -161,6 +163,17 @@ class VM:
                 client.cont()
                 self._target = Target(client, name=self.name)
             return self._target
+
+    def _qemu_state(self) -> str:
+        """What we know of QEMU, for an error: alive, and its output when it died."""
+        machine = self.machine
+        alive = getattr(machine, "alive", None)
+        if machine is None or alive is None:
+            return "QEMU was not started by us"
+        if alive():
+            return "QEMU is still running"
+        output = getattr(machine, "output", lambda: "")()
+        return "QEMU has exited:\n" + "\n".join(output.splitlines()[-10:])
 
     @functools.cached_property
     def memory(self) -> GuestMemory:
