@@ -151,6 +151,24 @@ class TrapChannel:
         site.int3_seq = None
         site.armed = False
 
+    def emulate(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
+        """Run a branch on the host, then the post_handlers; the registers to write back.
+
+        For a probe whose instruction the slot cannot follow with a post store (returns,
+        indirect branches), and for every branch on the breakpoint channel.
+        """
+        from kprobevm.x86.emulate import emulate
+
+        result = emulate(site.insn, _gdb_view(regs), self.vm.memory.u64)
+        for write in result.writes:
+            self.vm.memory.write(write.addr, write.data)
+        regs.ip, regs.sp = result.rip, result.rsp
+        if result.rcx is not None:
+            regs.cx = result.rcx
+        self.manager.run_post_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
+        return _gdb_changes(regs.changes(), rip=regs.ip)
+
     def ensure_running(self) -> None:
         """The trap thread runs while any probe is registered."""
         target = self.vm.target
@@ -480,7 +498,7 @@ class WatchpointChannel(TrapChannel):
             # the handler moved regs.ip itself: the instruction is not run
             return _gdb_changes(changes, rip=regs.ip)
         if site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
-            return self._emulate_with_post(site, regs)
+            return self.emulate(site, regs)
         return _gdb_changes(changes, rip=site.cont_rip if redirect else None)
 
     def _post(
@@ -494,21 +512,6 @@ class WatchpointChannel(TrapChannel):
         # past the post store the slot only jumps to ``resume``: go there directly
         moved = "ip" in changes or redirect
         return _gdb_changes(changes, rip=regs.ip if moved else None)
-
-    def _emulate_with_post(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
-        """A return or indirect branch with a post_handler: run it on the host."""
-        from kprobevm.x86.emulate import emulate
-
-        result = emulate(site.insn, _gdb_view(regs), self.vm.memory.u64)
-        for write in result.writes:
-            self.vm.memory.write(write.addr, write.data)
-        regs.ip = result.rip
-        regs.sp = result.rsp
-        if result.rcx is not None:
-            regs.cx = result.rcx
-        self.manager.run_post_handlers(site, regs)
-        self._handler_end = time.perf_counter_ns()
-        return _gdb_changes(regs.changes(), rip=regs.ip)
 
     # -- teardown --------------------------------------------------------------------
 
@@ -688,8 +691,9 @@ class BreakpointChannel(TrapChannel):
             client.write_registers(_gdb_changes(regs.changes(), rip=regs.ip) | _frame(rsp, rflags))
             return
         if site.insn.is_branch:
-            writes = self._emulate(site, regs)
-            client.write_registers(writes | {"eflags": regs.flags})
+            # the exception is unwound: RSP and flags come from the frame even when the
+            # branch leaves them as they were
+            client.write_registers(self.emulate(site, regs) | _frame(regs.sp, regs.flags))
             self.stats.hits += 1
             return
         client.write_registers(_gdb_changes(regs.changes(), rip=addr) | _frame(rsp, rflags))
@@ -706,19 +710,6 @@ class BreakpointChannel(TrapChannel):
             if changes:
                 client.write_registers(_gdb_changes(changes, rip=post.ip), thread=thread)
         self.stats.hits += 1
-
-    def _emulate(self, site: ProbeSite, regs: PtRegs) -> dict[str, int]:
-        from kprobevm.x86.emulate import emulate
-
-        result = emulate(site.insn, _gdb_view(regs), self.vm.memory.u64)
-        for write in result.writes:
-            self.vm.memory.write(write.addr, write.data)
-        regs.ip, regs.sp = result.rip, result.rsp
-        if result.rcx is not None:
-            regs.cx = result.rcx
-        if site.wants_post:
-            self.manager.run_post_handlers(site, regs)
-        return _gdb_changes(regs.changes(), rip=regs.ip) | {"rsp": regs.sp}
 
     def _not_ours(
         self, client: GdbClient, thread: str, addr: int, cs: int, rsp: int, rflags: int
