@@ -76,14 +76,25 @@ def _tail(path: Path, limit: int = 8192) -> str:
 async def _qmp_execute(path: str, command: str, args: dict[str, Any] | None,
                        timeout: float) -> Any:
     from qemu.qmp import QMPClient
+    from qemu.qmp.protocol import ConnectError
+    from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
-    client = QMPClient(f"kprobevm-{os.path.basename(os.path.dirname(path))}")
-    try:
-        await asyncio.wait_for(client.connect(path), timeout)
-        return await asyncio.wait_for(client.execute(command, args), timeout)
-    finally:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
+    # QEMU's monitor keeps one output buffer across connections: events queued for the
+    # last client (a STOP/RESUME pair per probe hit) can reach the next one ahead of its
+    # greeting or in its capabilities negotiation. The failed attempt drains them; the
+    # next connection starts clean.
+    for attempt in range(3):
+        client = QMPClient(f"kprobevm-{os.path.basename(os.path.dirname(path))}")
+        try:
+            await asyncio.wait_for(client.connect(path), timeout)
+            return await asyncio.wait_for(client.execute(command, args), timeout)
+        except ConnectError as exc:
+            if not isinstance(exc.exc, GreetingError | NegotiationError) or attempt == 2:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+    raise AssertionError("unreachable")
 
 
 def _kill_group(proc: subprocess.Popen[bytes], private_dir: str) -> None:
