@@ -19,6 +19,7 @@ from pathlib import Path
 from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdb.client import GdbClient
 from kprobevm.journal import JournalEntry, journal_gdb_address, journal_notes, pending_writes
+from kprobevm.trap import vcpu_rips
 
 __all__ = ["RecoveryReport", "recover"]
 
@@ -69,13 +70,6 @@ def _restore(client: GdbClient, entry: JournalEntry, report: RecoveryReport) -> 
     return False
 
 
-def _vcpu_rips(client: GdbClient) -> list[int]:
-    rips = []
-    for thread in client.threads():
-        rips.append(client.read_register("rip", thread=thread))
-    return rips
-
-
 def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> RecoveryReport:
     """Restore the guest behind ``journal`` (gdbstub address from the journal unless given)."""
     entries = pending_writes(journal)
@@ -93,7 +87,7 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
             report.returns_restored = _unhijack_returns(client, journal_notes(journal))
         # vCPUs may be inside a slot or the stub: let them run out before unmapping
         deadline = time.monotonic() + timeout
-        while any(a <= rip < a + AREA_SIZE for rip in _vcpu_rips(client) for a in areas):
+        while any(a <= rip < a + AREA_SIZE for rip in vcpu_rips(client) for a in areas):
             if time.monotonic() > deadline:
                 raise KprobeError("vCPUs stay inside the slot area; not unmapping it")
             client.cont()

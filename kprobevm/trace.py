@@ -423,21 +423,25 @@ class TraceSession:
         clock = self.clock
         counter: list[_Placed] = []  # filled below: the handler counts on its _Placed
 
+        def hit(regs: PtRegs, where: str, function: str | None) -> None:
+            """One hit of this event: count it, and unless counting only, fetch its args."""
+            counter[0].hits += 1
+            if self.count_only:
+                return
+            now = clock()
+            ctx = HitContext(regs, symbols, layout)
+            values = tuple((a, a.fetch(ctx)) for a in args)
+            comm, pid = ctx.task()
+            sink(EventHit(
+                event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
+                timestamp_ns=now - self.started_ns, where=where, args=values,
+                function=function,
+            ))  # fmt: skip
+
         if ev.is_return:
 
             def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
-                counter[0].hits += 1
-                if self.count_only:
-                    return
-                now = clock()
-                ctx = HitContext(regs, symbols, layout)
-                values = tuple((a, a.fetch(ctx)) for a in args)
-                comm, pid = ctx.task()
-                sink(EventHit(
-                    event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
-                    timestamp_ns=now - self.started_ns, where=symbols.describe(ri.ret_addr),
-                    args=values, function=res.where,
-                ))  # fmt: skip
+                hit(regs, symbols.describe(ri.ret_addr), res.where)
 
             probe: Kprobe | Kretprobe = Kretprobe(
                 addr=res.address, handler=ret_handler, maxactive=ev.maxactive
@@ -446,17 +450,7 @@ class TraceSession:
             where = res.where
 
             def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
-                counter[0].hits += 1
-                if self.count_only:
-                    return
-                now = clock()
-                ctx = HitContext(regs, symbols, layout)
-                values = tuple((a, a.fetch(ctx)) for a in args)
-                comm, pid = ctx.task()
-                sink(EventHit(
-                    event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
-                    timestamp_ns=now - self.started_ns, where=where, args=values,
-                ))  # fmt: skip
+                hit(regs, where, None)
 
             probe = Kprobe(addr=res.address, pre_handler=pre_handler)
         holder = _Placed(plan, probe)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
+from kprobevm.gdb.packet import parse_thread_id
 from kprobevm.kprobes import ProbeSite
 from kprobevm.ptregs import PtRegs
 from kprobevm.slotmap import SlotArea
@@ -71,8 +72,12 @@ def cpu_of_thread(thread: str | None) -> int:
     """vCPU index of a gdbstub thread id (``p01.02`` -> 1)."""
     if not thread:
         return 0
-    tid = thread.rsplit(".", 1)[-1]
-    return max(int(tid, 16) - 1, 0)
+    return max(parse_thread_id(thread)[1] - 1, 0)
+
+
+def vcpu_rips(client: GdbClient) -> list[int]:
+    """Every vCPU's RIP (VM stopped)."""
+    return [client.read_register("rip", thread=t) for t in client.threads()]
 
 
 @dataclass
@@ -404,12 +409,7 @@ class WatchpointChannel(TrapChannel):
 
     def vcpu_rips(self) -> list[int]:
         """Every vCPU's RIP (VM stopped)."""
-        client = self.vm.target.client
-        rips = []
-        for thread in client.threads():
-            client.select_thread("g", thread)
-            rips.append(client.read_register("rip"))
-        return rips
+        return vcpu_rips(self.vm.target.client)
 
     # -- the hot path (trap thread, VM stopped) --------------------------------------
 
