@@ -90,6 +90,8 @@ class ProbeSite:
     """RIP at the post-handler stop, when the slot has a second watched store."""
     cont_rip: int = 0
     """Where a handled vCPU goes on: the slot's continuation copy, past the pre store."""
+    pre_watch: int | None = None
+    """The mailbox byte of this site's pre store, watched on its own: a stop names it."""
 
     @property
     def enabled(self) -> bool:

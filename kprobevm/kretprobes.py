@@ -233,14 +233,9 @@ class KretprobeManager:
         self.by_slot[slot] = ri
         rp.active += 1
         # Both writes ride with the resume: the table entry first, then the hijack.
-        self._queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
-        self._queue_write(slot, struct.pack("<Q", self.trampoline))
-
-    def _queue_write(self, address: int, data: bytes) -> None:
-        client: GdbClient = self.vm.target.client
-        if client.phys_mode:
-            client.set_phys_mode(False)
-        self.vm.target.before_resume.extend(client.memory_write_packets(address, data))
+        target = self.vm.target
+        target.queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
+        target.queue_write(slot, struct.pack("<Q", self.trampoline))
 
     def _read_u64s(self, *addresses: int) -> tuple[int, ...]:
         """Several u64 of guest virtual memory in one round trip."""

@@ -8,7 +8,10 @@ write back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from kprobevm.errors import KprobeError
 
 if TYPE_CHECKING:
     from kprobevm.memory import GuestMemory
@@ -29,12 +32,21 @@ GDB_NAMES: dict[str, str] = {
 _ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
 
 
-class PtRegs:
-    """Registers of one vCPU at a probe, plus the vCPU and the guest's memory."""
+def _pt_names(gdb_values: dict[str, int]) -> dict[str, int]:
+    return {name: gdb_values[g] for name, g in GDB_NAMES.items() if g in gdb_values}
 
-    __slots__ = ("_orig", "_values", "cpu", "memory")
+
+class PtRegs:
+    """Registers of one vCPU at a probe, plus the vCPU and the guest's memory.
+
+    Built :meth:`lazy`, the registers are read from the vCPU on first use: a handler
+    that reads none (a counter) costs the hit no ``g`` round trip.
+    """
+
+    __slots__ = ("_load", "_orig", "_values", "cpu", "memory")
     _values: dict[str, int]
     _orig: dict[str, int]
+    _load: Callable[[], dict[str, int]] | None
     cpu: int
     memory: GuestMemory | None
 
@@ -42,6 +54,7 @@ class PtRegs:
         # values are keyed by pt_regs name; _orig remembers them to find what changed
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_orig", dict(values))
+        object.__setattr__(self, "_load", None)
         object.__setattr__(self, "cpu", cpu)
         object.__setattr__(self, "memory", memory)
 
@@ -50,20 +63,66 @@ class PtRegs:
         cls, gdb_values: dict[str, int], *, cpu: int, memory: GuestMemory | None = None
     ) -> PtRegs:
         """Build from a decoded ``g`` packet (gdb register names)."""
-        values = {name: gdb_values[g] for name, g in GDB_NAMES.items() if g in gdb_values}
-        return cls(values, cpu=cpu, memory=memory)
+        return cls(_pt_names(gdb_values), cpu=cpu, memory=memory)
+
+    @classmethod
+    def lazy(
+        cls,
+        load: Callable[[], dict[str, int]],
+        *,
+        known: dict[str, int],
+        cpu: int,
+        memory: GuestMemory | None = None,
+    ) -> PtRegs:
+        """Registers that ``load`` (a ``g`` read, gdb names) fetches on first use.
+
+        ``known`` (pt_regs names, e.g. the probe's ``ip``) is served without a read and
+        overrides what ``load`` returns.
+        """
+        regs = cls(dict(known), cpu=cpu, memory=memory)
+        object.__setattr__(regs, "_load", load)
+        return regs
+
+    @property
+    def loaded(self) -> bool:
+        """False while the registers of a lazy PtRegs have not been read."""
+        return self._load is None
+
+    def _materialise(self) -> None:
+        load = self._load
+        if load is None:
+            return
+        values = _pt_names(load())
+        values.update(self._values)
+        object.__setattr__(self, "_load", None)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_orig", dict(values))
+
+    def expire(self, why: str) -> None:
+        """After the hit: an unread lazy PtRegs raises instead of reading a running vCPU."""
+        if self._load is not None:
+
+            def gone() -> dict[str, int]:
+                object.__setattr__(self, "_load", gone)  # stays expired
+                raise KprobeError(why)
+
+            object.__setattr__(self, "_load", gone)
 
     def __getattr__(self, name: str) -> int:
         try:
             value: int = self._values[name]
         except KeyError:
-            raise AttributeError(f"pt_regs has no register {name!r}") from None
+            if self._load is None:
+                raise AttributeError(f"pt_regs has no register {name!r}") from None
+            self._materialise()
+            return self.__getattr__(name)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("cpu", "memory"):
             object.__setattr__(self, name, value)
             return
+        self._materialise()
         if name not in self._values:
             raise AttributeError(f"pt_regs has no register {name!r}")
         if not isinstance(value, int):
@@ -76,19 +135,22 @@ class PtRegs:
     def arg(self, n: int) -> int:
         """The n-th (1-based) integer argument at a function's entry (x86-64 SysV ABI)."""
         if 1 <= n <= len(_ARG_REGS):
-            return self._values[_ARG_REGS[n - 1]]
+            return self.__getattr__(_ARG_REGS[n - 1])
         if self.memory is None:
             raise ValueError(f"argument {n} is on the stack and no guest memory is attached")
         # the return address is at sp; stack arguments follow it
-        return self.memory.u64(self._values["sp"] + 8 * (n - len(_ARG_REGS)))
+        return self.memory.u64(self.__getattr__("sp") + 8 * (n - len(_ARG_REGS)))
 
     def as_dict(self) -> dict[str, int]:
+        self._materialise()
         return dict(self._values)
 
     def changes(self) -> dict[str, int]:
-        """Registers a handler assigned a new value, by pt_regs name."""
+        """Registers a handler assigned a new value, by pt_regs name (none if unread)."""
         return {k: v for k, v in self._values.items() if self._orig.get(k) != v}
 
     def __repr__(self) -> str:
+        if self._load is not None:
+            return f"<PtRegs cpu={self.cpu} (not read yet)>"
         body = " ".join(f"{k}={v:#x}" for k, v in self._values.items() if k in GDB_NAMES)
         return f"<PtRegs cpu={self.cpu} {body}>"

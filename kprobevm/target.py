@@ -39,6 +39,7 @@ class Target:
         self._start_when_released = False
         self.before_resume: list[bytes] = []
         """Packets (register writes) to send with the next resume, in the same write."""
+        self._writes_before_resume: list[tuple[int, bytes]] = []
         self.on_stop: StopHandler | None = None
         self._lock = threading.RLock()  # held by whoever talks to the stub
         self._owner: int | None = None  # thread ident that holds the VM stopped
@@ -93,14 +94,30 @@ class Target:
         if stop is not None:
             self._dispatch(stop)
             # the caller may switch threads before we resume: write back now
-            before, self.before_resume = self.before_resume, []
+            before = self._take_before_resume()
             for payload, reply in zip(before, self.client.pipeline(before), strict=True):
                 if reply != b"OK":
                     raise GdbError("register write failed", sent=payload, received=reply)
 
+    def queue_write(self, address: int, data: bytes) -> None:
+        """Write guest virtual memory with the next resume (trap thread, VM stopped)."""
+        self._writes_before_resume.append((address, data))
+
+    def _take_before_resume(self) -> list[bytes]:
+        """The queued writes as packets; the memory mode is settled now, at sending time
+        (a physical write in between must not turn them physical)."""
+        packets: list[bytes] = []
+        if self._writes_before_resume:
+            packets += self.client.mode_packets(False)
+            for address, data in self._writes_before_resume:
+                packets += self.client.memory_write_packets(address, data)
+            self._writes_before_resume = []
+        packets += self.before_resume
+        self.before_resume = []
+        return packets
+
     def _resume_vm(self) -> None:
-        before, self.before_resume = self.before_resume, []
-        self.client.cont(before=before, defer=True)
+        self.client.cont(before=self._take_before_resume(), defer=True)
 
     def _dispatch(self, stop: StopReply) -> None:
         if stop.kind in ("W", "X"):

@@ -5,8 +5,10 @@ vector 3 at a stub in a slot page. The stub finds the probe's slot in a hash tab
 ``iretq``s into it; the slot's first instruction stores to a mailbox that carries a
 gdbstub write watchpoint, so the VM stops with every register as at the probe. QEMU
 flushes its whole TCG cache at a *breakpoint* stop, not at a watchpoint stop
-(FACTS.md), which is why the trap arrives this way. One hit costs one stop, one ``g``
-and, when a handler changed registers, one ``G``; then ``c``. The slot then runs the
+(FACTS.md), which is why the trap arrives this way. A hot site's store has a mailbox
+byte and watchpoint of its own, so on one vCPU its hit costs one stop and one ``c``:
+registers are read only when a handler asks (other sites cost a ``p`` of RIP too), and
+written back, with the ``c``, only when a handler changed them. The slot then runs the
 displaced instruction and jumps back. Without a host (killed), the watched stores are
 plain stores and every probe still runs its instruction: the guest never sees an
 unknown int3.
@@ -17,11 +19,13 @@ vector, for guests where no slot memory can be mapped; see its docstring.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +55,15 @@ TABLE_SLOTS = 4096  # open-addressing table: 64 KiB, good for 2,048 probes at ha
 TABLE_PAGES = TABLE_SLOTS * 16 // 4096
 EMPTY, TOMBSTONE = 0, 1
 WATCH_WRITE = 2  # gdbstub Z2
+# The mailbox page: byte 0 takes the pre and post stores of most sites, byte 1 the
+# kretprobe trampoline's; the others belong to hot sites, each with its own watchpoint,
+# so that their stop names them. Hot ones only: QEMU looks through every watchpoint at
+# each TLB fill, and 1,000 watchpoints cost an idle guest about 30% (100 cost nothing
+# measurable).
+MAILBOX_BYTES = 4096
+RETURN_WATCH = 1
+SITE_WATCHES = 64
+PROMOTE_AFTER = 8  # hits through the shared byte before a site gets its own
 
 
 def decode_idt_gate(gate: bytes) -> int:
@@ -68,6 +81,7 @@ def encode_idt_gate(gate: bytes, handler: int) -> bytes:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def cpu_of_thread(thread: str | None) -> int:
     """vCPU index of a gdbstub thread id (``p01.02`` -> 1)."""
     if not thread:
@@ -77,7 +91,7 @@ def cpu_of_thread(thread: str | None) -> int:
 
 def vcpu_rips(client: GdbClient) -> list[int]:
     """Every vCPU's RIP (VM stopped)."""
-    return [client.read_register("rip", thread=t) for t in client.threads()]
+    return list(client.read_register_each("rip", client.threads()).values())
 
 
 @dataclass
@@ -86,13 +100,15 @@ class TrapStats:
 
     hits: int = 0
     regs_ns: int = 0
-    """Reading the vCPU's registers (one ``g`` round trip)."""
+    """Reading the vCPU's RIP or registers, when the stop or a handler needs them."""
     handler_ns: int = 0
     """Running the handlers (memory reads they make included)."""
     writeback_ns: int = 0
     """Preparing register write-backs (they are sent with the resume)."""
     caught_pending: int = 0
     """Hits found on another vCPU than the one QEMU reported (SMP)."""
+    promoted: int = 0
+    """Hot sites given a watchpoint of their own."""
 
     def per_hit_us(self) -> dict[str, float]:
         n = max(self.hits, 1)
@@ -208,6 +224,12 @@ class WatchpointChannel(TrapChannel):
         # RIP at a watchpoint stop -> (site, resume ip for a post stop or None for pre)
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         self.ret_store = -1  # RIP after the kretprobe trampoline's watched store
+        # mailbox byte -> the hot site whose pre store writes it (its own watchpoint)
+        self.watch_sites: dict[int, ProbeSite] = {}
+        self._next_watch = 0
+        self._shared_hits: dict[int, int] = {}  # site address -> hits via byte 0
+        self._regs_ns = 0
+        self._handler_end = 0
         self.last_quiescent: dict[str, float] = {}
         self.watchdog: subprocess.Popen[bytes] | None = None
 
@@ -235,7 +257,7 @@ class WatchpointChannel(TrapChannel):
             # the kretprobe trampoline and its instance table (the guest frees entries)
             trampoline = area.map_page(executable=True)
             ret_table = area.map_page(executable=False, writable=True)
-            code = vm.kretprobes.install(trampoline, ret_table, self.mailbox)
+            code = vm.kretprobes.install(trampoline, ret_table, self.mailbox + RETURN_WATCH)
             vm.memory.write_phys(area.phys(trampoline), code)
             self.ret_store = vm.kretprobes.store_end
             vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
@@ -260,6 +282,7 @@ class WatchpointChannel(TrapChannel):
             )  # fmt: skip
             vm.memory.write_phys(area.phys(self.stub), stub.code)
             client.insert_breakpoint(WATCH_WRITE, self.mailbox, 1)
+            client.insert_breakpoint(WATCH_WRITE, self.mailbox + RETURN_WATCH, 1)
             self.new_gate = encode_idt_gate(self.orig_gate, self.stub + stub.offsets["entry"])
             self.idt_seq = vm.journal.record(
                 "virt", self.idt_gate_addr, self.orig_gate, self.new_gate, "IDT vector 3 -> stub"
@@ -340,8 +363,8 @@ class WatchpointChannel(TrapChannel):
         half = SLOT_SIZE // 2
         slot = self._slot(site)
         entry = ooline.make_slot_code(
-            site.insn, slot.address, mailbox=self.mailbox, post_store=post,
-            slot_size=half,
+            site.insn, slot.address, mailbox=self.mailbox, pre_mailbox=site.pre_watch,
+            post_store=post, slot_size=half,
         )  # fmt: skip
         cont = ooline.make_slot_code(
             site.insn, slot.address + half, mailbox=self.mailbox, pre_store=False,
@@ -360,6 +383,36 @@ class WatchpointChannel(TrapChannel):
         for end, resume in (*entry.post_exits, *cont.post_exits):
             self.rip_map[end] = (site, resume)
             self.rip_map[end + brk] = (site, resume)
+
+    def _promote(self, site: ProbeSite) -> None:
+        """Give a hot site a mailbox byte and a watchpoint of its own (VM stopped).
+
+        The site moves to a fresh slot whose pre store writes that byte; a vCPU still in
+        the old slot finishes there (it goes DIRTY). Bytes are handed out round robin, so
+        one comes back into use only after the others: a stale report has been seen by
+        then. Sites with a post store stay on byte 0 (their old slot's post stop must
+        still be found by its RIP).
+        """
+        self._shared_hits.pop(site.addr, None)
+        if site.wants_post or len(self.watch_sites) >= SITE_WATCHES:
+            return
+        span = MAILBOX_BYTES - RETURN_WATCH - 1
+        for _ in range(span):
+            addr = self.mailbox + RETURN_WATCH + 1 + self._next_watch
+            self._next_watch = (self._next_watch + 1) % span
+            if addr not in self.watch_sites:
+                break
+        self.vm.target.client.insert_breakpoint(WATCH_WRITE, addr, 1)
+        self.watch_sites[addr] = site
+        site.pre_watch = addr
+        self.rebuild_site(site)
+        self.stats.promoted += 1
+
+    def _unwatch_site(self, site: ProbeSite) -> None:
+        if site.pre_watch is not None:
+            self.vm.target.client.remove_breakpoint(WATCH_WRITE, site.pre_watch, 1)
+            del self.watch_sites[site.pre_watch]
+            site.pre_watch = None
 
     def _forget_rips(self, site: ProbeSite) -> None:
         for rip in [r for r, (s, _) in self.rip_map.items() if s is site]:
@@ -383,6 +436,8 @@ class WatchpointChannel(TrapChannel):
         assert self.slots is not None
         self._table_remove(site.addr)
         self._forget_rips(site)
+        self._unwatch_site(site)
+        self._shared_hits.pop(site.addr, None)
         self.slots.free_insn_slot(self._slot(site))
 
     def _observe_quiescence(self) -> None:
@@ -414,49 +469,85 @@ class WatchpointChannel(TrapChannel):
     # -- the hot path (trap thread, VM stopped) --------------------------------------
 
     def on_stop(self, stop: StopReply) -> None:
-        """Handle the hit that stopped the VM, and any other vCPU sitting after a store.
+        """Handle the hit that stopped the VM (and, under SMP, every other pending one).
 
-        Under SMP QEMU can report a vCPU's watchpoint stop late (after resuming, with its
-        RIP already past the slot) or fold two vCPUs' hits into one stop, so every vCPU
-        right after a watched store is handled now. A handled vCPU is sent on through the
-        slot's continuation copy (or past the probe): a late report of the same hit then
-        never sits at a store's end, so no hit is handled twice.
+        With one vCPU each hit is reported at once, and the watchpoint that fired names
+        the site (every site's pre store has a mailbox byte and a watchpoint of its
+        own): no register is read unless a handler asks. Under SMP QEMU can report a
+        vCPU's stop late (its RIP already past the slot), fold two vCPUs' hits into one
+        stop, or name a stale watchpoint, so each vCPU's RIP says what it hit. A handled
+        vCPU is then sent on through the slot's continuation copy (or past the probe): a
+        late report of the same hit never sits at a store's end, so no hit runs twice.
         """
         watch = stop.watch
-        if watch is None or watch.address != self.mailbox:
+        if watch is None:
+            return
+        site = self.watch_sites.get(watch.address)
+        if site is None and watch.address not in (self.mailbox, self.mailbox + RETURN_WATCH):
             return
         client: GdbClient = self.vm.target.client
         t0 = time.perf_counter_ns()
-        gregs = client.read_registers(wide=False)  # no x87/xmm decoding on the hot path
-        t1 = time.perf_counter_ns()
+        self._regs_ns = 0
         thread = stop.thread or ""
-        # Under SMP a handled vCPU must leave the store's end: QEMU may report the same
-        # hit again, and a vCPU that has not run yet must not look like a new hit.
-        writes = self._handle(thread, gregs, redirect=len(self.threads) > 1)
-        if writes:
-            self.vm.target.before_resume.extend(client.register_write_packets(writes))
         if len(self.threads) > 1:
-            self._handle_other_vcpus(client, thread)
+            self._handle_every_vcpu(client, thread)
+        else:
+            load = self._loader(client, None)
+            if site is not None:
+                writes = self._pre(site, self._lazy(load, site, thread), redirect=False)
+            elif watch.address == self.mailbox:  # byte 0: the RIP tells which store
+                t = time.perf_counter_ns()
+                rip = client.read_register("rip")
+                self._regs_ns += time.perf_counter_ns() - t
+                writes = self._handle(thread, rip, load, redirect=False, promote=True)
+            else:
+                writes = self._handle(thread, load()["rip"], load, redirect=False)
+            if writes:
+                self.vm.target.before_resume.extend(client.register_write_packets(writes))
         stats = self.stats
         stats.hits += 1
-        stats.regs_ns += t1 - t0
-        stats.handler_ns += self._handler_end - t1
+        stats.regs_ns += self._regs_ns
+        stats.handler_ns += self._handler_end - t0 - self._regs_ns
         stats.writeback_ns += time.perf_counter_ns() - self._handler_end
 
-    def _handle(self, thread: str, gregs: dict[str, int], *, redirect: bool) -> dict[str, int]:
-        """Run the handlers for a vCPU stopped after a watched store; its register writes.
+    def _loader(self, client: GdbClient, thread: str | None) -> Callable[[], dict[str, int]]:
+        """A once-only, timed ``g`` of ``thread`` (no x87/xmm decoding on the hot path)."""
+        cache: list[dict[str, int]] = []
+
+        def load() -> dict[str, int]:
+            if not cache:
+                t = time.perf_counter_ns()
+                cache.append(client.read_registers(thread=thread, wide=False))
+                self._regs_ns += time.perf_counter_ns() - t
+            return cache[0]
+
+        return load
+
+    def _lazy(self, load: Callable[[], dict[str, int]], site: ProbeSite, thread: str) -> PtRegs:
+        return PtRegs.lazy(
+            load, known={"ip": site.addr}, cpu=cpu_of_thread(thread), memory=self.vm.memory
+        )
+
+    def _handle(
+        self,
+        thread: str,
+        rip: int,
+        load: Callable[[], dict[str, int]],
+        *,
+        redirect: bool,
+        promote: bool = False,
+    ) -> dict[str, int]:
+        """Run the handlers for a vCPU stopped at ``rip``, after a watched store.
 
         ``redirect`` moves the vCPU on past the store (a hit found on a vCPU QEMU did not
         report, which QEMU may still report later); a reported hit is never reported
         again, so it stays put and costs no register write.
         """
         self._handler_end = time.perf_counter_ns()
-        # a copy: the client keeps the dict it returned to skip unchanged writes later
-        gregs = dict(gregs)
-        rip = gregs["rip"]
-        cpu = cpu_of_thread(thread)
         if rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK)):
-            return self.vm.kretprobes.on_return(gregs, cpu, redirect=redirect)
+            # a copy: the client keeps the dict it returned to skip unchanged writes
+            gregs = dict(load())
+            return self.vm.kretprobes.on_return(gregs, cpu_of_thread(thread), redirect=redirect)
         hit = self.rip_map.get(rip)
         if hit is None:
             # a late report of a hit already handled, or a slot since discarded
@@ -464,48 +555,58 @@ class WatchpointChannel(TrapChannel):
             return {}
         site, resume = hit
         if resume is None:
-            return self._pre(site, gregs, cpu, redirect=redirect)
-        return self._post(site, gregs, cpu, resume, redirect=redirect)
+            writes = self._pre(site, self._lazy(load, site, thread), redirect=redirect)
+            if promote:
+                hits = self._shared_hits.get(site.addr, 0) + 1
+                self._shared_hits[site.addr] = hits
+                if hits >= PROMOTE_AFTER:
+                    try:
+                        self._promote(site)
+                    except KprobeVMError as exc:  # it stays on byte 0, which works
+                        log.warning("could not promote the probe at %#x: %s", site.addr, exc)
+            return writes
+        gregs = dict(load())
+        gregs["rip"] = resume
+        regs = PtRegs.from_gdb(gregs, cpu=cpu_of_thread(thread), memory=self.vm.memory)
+        return self._post(site, regs, resume, redirect=redirect)
 
-    def _handle_other_vcpus(self, client: GdbClient, reported: str) -> None:
-        others = [t for t in self.threads if t != reported]
-        rip_reg = client.layout["rip"].regnum
-        packets = []
-        for t in others:
-            packets += [b"Hg" + t.encode(), b"p%x" % rip_reg]
-        replies = client.pipeline(packets)
-        for i, t in enumerate(others):
-            rip = int.from_bytes(bytes.fromhex(replies[2 * i + 1].decode()), "little")
-            if rip in (self.ret_store, self.ret_store + 2) or rip in self.rip_map:
+    def _handle_every_vcpu(self, client: GdbClient, reported: str) -> None:
+        """SMP: every vCPU sitting after a watched store is a hit to handle now."""
+        rips = client.read_register_each("rip", self.threads)
+        resume_writes: dict[str, int] = {}
+        for t, rip in rips.items():
+            if rip not in self.rip_map and rip not in (self.ret_store, self.ret_store + 2):
+                continue
+            if t != reported:
                 self.stats.caught_pending += 1
-                regs = client.read_registers(thread=t, wide=False)
-                writes = self._handle(t, regs, redirect=True)
-                if writes:
-                    client.write_registers(writes, thread=t)
-        # the reported vCPU's writes ride with the resume: select it again first
-        if self.vm.target.before_resume:
-            self.vm.target.before_resume.insert(0, b"Hg" + reported.encode())
+            writes = self._handle(t, rip, self._loader(client, t), redirect=True)
+            if t == reported:
+                resume_writes = writes
+            elif writes:
+                client.write_registers(writes, thread=t)
+        # The reported vCPU's writes ride with the resume. Queued last: their Hg must be
+        # the last thread selection before the resume goes out.
+        if resume_writes:
+            self.vm.target.before_resume.extend(
+                client.register_write_packets(resume_writes, reported)
+            )
 
-    def _pre(
-        self, site: ProbeSite, gregs: dict[str, int], cpu: int, *, redirect: bool
-    ) -> dict[str, int]:
-        gregs["rip"] = site.addr  # as at the probed instruction
-        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
+    def _pre(self, site: ProbeSite, regs: PtRegs, *, redirect: bool) -> dict[str, int]:
         skip = self.manager.run_pre_handlers(site, regs)
         self._handler_end = time.perf_counter_ns()
-        changes = regs.changes()
         if skip:
             # the handler moved regs.ip itself: the instruction is not run
-            return _gdb_changes(changes, rip=regs.ip)
-        if site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
-            return self.emulate(site, regs)
-        return _gdb_changes(changes, rip=site.cont_rip if redirect else None)
+            writes = _gdb_changes(regs.changes(), rip=regs.ip)
+        elif site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
+            writes = self.emulate(site, regs)
+        else:
+            writes = _gdb_changes(regs.changes(), rip=site.cont_rip if redirect else None)
+        regs.expire("pt_regs of a finished hit: read registers inside the handler")
+        return writes
 
     def _post(
-        self, site: ProbeSite, gregs: dict[str, int], cpu: int, resume: int, *, redirect: bool
+        self, site: ProbeSite, regs: PtRegs, resume: int, *, redirect: bool
     ) -> dict[str, int]:
-        gregs["rip"] = resume
-        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
         self.manager.run_post_handlers(site, regs)
         self._handler_end = time.perf_counter_ns()
         changes = regs.changes()
@@ -531,6 +632,9 @@ class WatchpointChannel(TrapChannel):
                 vm.journal.undone(self.idt_seq)
                 self.idt_seq = None
             client.remove_breakpoint(WATCH_WRITE, self.mailbox, 1)
+            client.remove_breakpoint(WATCH_WRITE, self.mailbox + RETURN_WATCH, 1)
+            for site in list(self.watch_sites.values()):
+                self._unwatch_site(site)
         self._wait_until_out_of_area()
         with target.stopped() as client:
             if self.area is not None:

@@ -134,6 +134,39 @@ def test_openat2_hits_and_file_names(vm: VM) -> None:
     assert kp.nhit == sum(names.values()) + faults
 
 
+def test_hot_site_reads_no_register_unless_asked(vm: VM) -> None:
+    """A hot site gets a watchpoint of its own: its stop names it, so a counting handler
+    costs no register read; pt_regs kept past the hit refuse to read a running vCPU."""
+    kept: list[PtRegs] = []
+
+    def pre(kp: Kprobe, regs: PtRegs) -> None:
+        if not kept:
+            kept.append(regs)
+
+    kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=pre)
+    vm.register_kprobe(kp)
+    channel = vm.kprobes.channel
+    assert isinstance(channel, WatchpointChannel)
+    stats = channel.stats
+    try:
+        promoted = stats.promoted
+        open_workload(vm, 30)
+        assert stats.promoted == promoted + 1
+        assert kp.addr is not None
+        site = vm.kprobes.table[kp.addr]
+        assert site.pre_watch is not None and channel.watch_sites[site.pre_watch] is site
+        hits, regs_ns = stats.hits, stats.regs_ns
+        open_workload(vm, 100)
+        assert stats.hits - hits >= 100
+        assert stats.regs_ns == regs_ns, "registers were read for handlers that read none"
+    finally:
+        vm.unregister_kprobe(kp)
+    assert kp.nhit >= 130
+    assert not channel.watch_sites
+    with pytest.raises(KprobeError, match="finished hit"):
+        _ = kept[0].di
+
+
 # -- 2. instruction classes mid-function ---------------------------------------------------
 
 CLASS_FUNCTIONS = ["do_sys_openat2", "getname", "getname_flags.part.0", "do_filp_open"]

@@ -651,12 +651,41 @@ class GdbClient:
         data = _unhex(payload, reply)
         return int.from_bytes(data[:reg.size], "little")
 
-    def register_write_packets(self, values: dict[str, int]) -> list[bytes]:
-        """``P`` packets for the registers in ``values`` that differ from the last read."""
+    def read_register_each(self, name: str, threads: Sequence[str]) -> dict[str, int]:
+        """One register of every thread in ``threads``, in one round trip (``Hg`` + ``p``)."""
+        if not threads:
+            return {}
+        reg = self.layout[name]
+        payload = b"p%x" % reg.regnum
+        packets: list[bytes] = []
+        for t in threads:
+            packets += [b"Hg" + t.encode(), payload]
+        replies = self.pipeline(packets)
+        self._thread["g"] = threads[-1]
+        self._reg_cache = None
+        values = {}
+        for i, t in enumerate(threads):
+            _check(packets[2 * i], replies[2 * i])
+            data = _unhex(payload, replies[2 * i + 1])
+            values[t] = int.from_bytes(data[: reg.size], "little")
+        return values
+
+    def register_write_packets(
+        self, values: dict[str, int], thread: str | None = None
+    ) -> list[bytes]:
+        """``P`` packets for the registers in ``values`` that differ from the last read.
+
+        With ``thread`` (other than the selected one) an ``Hg`` leads, and the client
+        takes it as selected: the caller must send these packets before any other.
+        """
         layout = self.layout
+        select = self._select_packets("g", thread)
+        if select:
+            self._thread["g"] = thread
+            self._reg_cache = None
         cached = self._reg_cache[1] if self._reg_cache is not None and (
             self._reg_cache[0] == self._thread["g"]) else None
-        return [
+        return select + [
             layout.p_packet(name, value)
             for name, value in values.items()
             if cached is None or cached.get(name) != value
@@ -793,6 +822,16 @@ class GdbClient:
             return
         self.request_ok(b"Qqemu.PhyMemMode:%d" % int(on))
         self._phys_mode = on
+
+    def mode_packets(self, phys: bool) -> list[bytes]:
+        """The ``PhyMemMode`` switch (if any) for packets queued to go out next.
+
+        The client takes the mode as switched: the caller must send them before any other.
+        """
+        if self._phys_mode == phys:
+            return []
+        self._phys_mode = phys
+        return [b"Qqemu.PhyMemMode:%d" % int(phys)]
 
     @property
     def phys_mode(self) -> bool | None:

@@ -108,6 +108,7 @@ def make_slot_code(
     slot_addr: int,
     *,
     mailbox: int,
+    pre_mailbox: int | None = None,
     pre_store: bool = True,
     post_store: bool = False,
     slot_size: int = SLOT_SIZE,
@@ -115,10 +116,11 @@ def make_slot_code(
     """Generate the slot's code for ``insn`` placed at ``slot_addr``.
 
     The code after the pre store behaves as ``insn`` executing at ``insn.addr`` and then
-    continuing; ``post_store`` adds a watched store after the instruction's effect (on
-    each exit path) for the post_handler. Raises :class:`ProbeRefused` for REFUSED
-    instructions and for forms that cannot be rebuilt, :class:`KprobeError` when a
-    target is out of rel32 reach or the code does not fit the slot.
+    continuing; ``pre_mailbox`` (default ``mailbox``) is where the pre store writes, so
+    that a watchpoint of the site's own can name it; ``post_store`` adds a watched store
+    after the instruction's effect (on each exit path) for the post_handler. Raises
+    :class:`ProbeRefused` for REFUSED instructions and for forms that cannot be rebuilt,
+    :class:`KprobeError` when a target is out of rel32 reach or the code does not fit.
     """
     insn.check_probeable()
     if post_store and insn.kind not in POST_STORE_KINDS:
@@ -142,7 +144,7 @@ def make_slot_code(
         a.emit(asm.jmp_rel32(a.here, dst))
 
     if pre_store:
-        a.emit(asm.movb_store_rip(a.here, mailbox, PRE_VALUE))
+        a.emit(asm.movb_store_rip(a.here, pre_mailbox or mailbox, PRE_VALUE))
         pre_end = a.here
         a.emit(TB_BREAK)
 
