@@ -8,6 +8,7 @@ write back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,10 @@ GDB_NAMES: dict[str, str] = {
 }  # fmt: skip
 
 _ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+
+
+def _expired(why: str) -> dict[str, int]:
+    raise KprobeError(why)
 
 
 def _pt_names(gdb_values: dict[str, int]) -> dict[str, int]:
@@ -101,12 +106,8 @@ class PtRegs:
     def expire(self, why: str) -> None:
         """After the hit: an unread lazy PtRegs raises instead of reading a running vCPU."""
         if self._load is not None:
-
-            def gone() -> dict[str, int]:
-                object.__setattr__(self, "_load", gone)  # stays expired
-                raise KprobeError(why)
-
-            object.__setattr__(self, "_load", gone)
+            # a partial, not a closure over self: no reference cycle for the GC per hit
+            object.__setattr__(self, "_load", functools.partial(_expired, why))
 
     def __getattr__(self, name: str) -> int:
         try:

@@ -341,8 +341,19 @@ class GdbMiClient:
             self.command(f"-data-write-register-values{self._thread_opt(thread)} x {pairs}")
         return len(values)
 
-    def register_write_packets(self, values: dict[str, int]) -> list[bytes]:
-        """``P`` packets (remote numbering) for :meth:`cont`'s ``before``."""
+    def read_register_each(self, name: str, threads: Sequence[str]) -> dict[str, int]:
+        """One register of each thread (one MI command each: gdb has no pipelining)."""
+        return {t: self.read_register(name, thread=t) for t in threads}
+
+    def register_write_packets(
+        self, values: dict[str, int], thread: str | None = None
+    ) -> list[bytes]:
+        """``P`` packets (remote numbering) for :meth:`cont`'s ``before``.
+
+        gdb applies them to its current thread: ``thread`` is selected now.
+        """
+        if thread is not None:
+            self.select_thread("g", thread)
         by_gdb = {g: r for r, g in self._remote_num.items()}
         out = []
         for name, value in values.items():
@@ -417,6 +428,12 @@ class GdbMiClient:
         payload = b"Qqemu.PhyMemMode:%d" % int(on)
         _check(payload, self.packet(payload))
         self._phys_mode = on
+
+    def mode_packets(self, phys: bool) -> list[bytes]:
+        """Nothing to queue: outside :meth:`_phys` gdb's stub is never in phys mode."""
+        if phys:
+            raise GdbError("gdbmi transport: physical-mode packets cannot be queued")
+        return []
 
     @property
     def phys_mode(self) -> bool:

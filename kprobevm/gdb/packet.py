@@ -7,6 +7,7 @@ from the process. Malformed input ends in :class:`~kprobevm.errors.GdbProtocolEr
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -230,8 +231,12 @@ class StopReply:
 _WATCH_KINDS = ("watch", "rwatch", "awatch")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_stop_reply(payload: bytes) -> StopReply:
-    """Parse a ``T``/``S``/``W``/``X`` payload; anything malformed is a protocol error."""
+    """Parse a ``T``/``S``/``W``/``X`` payload; anything malformed is a protocol error.
+
+    Cached: a probe's stops repeat byte for byte, and a StopReply is immutable.
+    """
     if not is_stop_reply(payload):
         raise GdbProtocolError("not a stop reply", received=payload)
     kind = chr(payload[0])
