@@ -43,6 +43,7 @@ from kprobevm.events.fetch import (
     StackPointer,
     SymbolAddress,
 )
+from kprobevm.events.registry import EventRegistry
 from kprobevm.kprobes import Kprobe
 from kprobevm.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.tasks import TASK_COMM_LEN
@@ -282,17 +283,39 @@ def _boundary_checker(vm: VM) -> Callable[[int], bool]:
     return is_boundary
 
 
+def guest_event_names(vm: VM, events: Sequence[ProbeEvent]) -> set[tuple[str, str]]:
+    """Which of the events' GROUP/EVENT names the guest's tracefs already has."""
+    names = sorted({f"{e.group}/{e.event}" for e in events})
+    if not names:
+        return set()
+    # names are C identifiers (parse_event checked them): safe in a shell word
+    found = vm.run(
+        "cd /sys/kernel/tracing/events 2>/dev/null || exit 0;"
+        f" for e in {' '.join(names)}; do [ -d $e ] && echo $e; done; true"
+    ).stdout.split()
+    return {(g, e) for g, _, e in (name.partition("/") for name in found)}
+
+
 def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
     """Resolve every event with the kernel's checks; reads the guest, writes nothing.
 
     Raises :class:`ProbeSyntaxError` as the kernel's ``error_log`` would: BAD_PROBE_ADDR,
-    NON_UNIQ_SYMBOL, BAD_RETPROBE, BAD_INSN_BNDRY, and FAIL_REG_PROBE for a blacklisted
-    address or an instruction that cannot be probed.
+    NON_UNIQ_SYMBOL, BAD_RETPROBE, BAD_INSN_BNDRY, FAIL_REG_PROBE for a blacklisted
+    address or an instruction that cannot be probed, and the registry's EVENT_EXIST,
+    DIFF_PROBE_TYPE, DIFF_ARG_TYPE and SAME_PROBE (:mod:`kprobevm.events.registry`).
     """
     boundary = _boundary_checker(vm)
+    registry = EventRegistry(existing=guest_event_names(vm, events))
     planned = []
     for event in events:
+        # the kernel checks a join with an existing event before the address, and a
+        # new name against the guest's events after it (register_trace_kprobe)
+        joins = (event.group, event.event) in registry.events
+        if joins:
+            registry.add(event)
         resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary)
+        if not joins:
+            registry.add(event)
         position = _position_of_place(event)
         entry = vm.kprobe_blacklist.within_kprobe_blacklist(resolved.address)
         if entry is not None:

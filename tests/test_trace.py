@@ -124,3 +124,19 @@ def test_registration_errors_as_the_kernel_logs_them(vm: VM) -> None:
     entry = vm.blacklist().splitlines()[0].split("\t")[1]
     err = _error(vm, f"p:x {entry}")
     assert err.code == "FAIL_REG_PROBE", err
+
+
+def test_event_registry_as_the_kernel_keeps_it(vm: VM) -> None:
+    """A tracepoint's name is taken (EVENT_EXIST); two places under one name make one
+    multi-probe event whose lines carry each place."""
+    err = _error(vm, "p:sched/sched_switch do_sys_openat2")
+    assert (err.code, err.position) == ("EVENT_EXIST", 0)
+    with pytest.raises(ProbeSyntaxError) as info:
+        plan_events(vm, events("p:g/e do_sys_openat2", "r:g/e do_sys_openat2"))
+    assert info.value.code == "DIFF_PROBE_TYPE"
+    hits = trace(
+        vm, "cat /proc/version >/dev/null",
+        "p:g/open do_sys_openat2 dfd=%di:s32", "p:g/open do_filp_open dfd=%di:s32",
+    )  # fmt: skip
+    places = {h.where.split("+")[0] for h in hits if h.event == "open" and h.comm == "cat"}
+    assert places == {"do_sys_openat2", "do_filp_open"}, [h.line() for h in hits]

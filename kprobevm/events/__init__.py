@@ -27,6 +27,7 @@ from kprobevm.events.parse import (
     parse_events,
     resolve_event,
 )
+from kprobevm.events.registry import EventRegistry
 
 __all__ = [
     "FETCH_TYPES",
@@ -34,6 +35,7 @@ __all__ = [
     "Bitfield",
     "EventDeletion",
     "EventHit",
+    "EventRegistry",
     "FetchArg",
     "FetchContext",
     "FetchType",
