@@ -9,7 +9,7 @@ write back.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kprobevm.errors import KprobeError
@@ -32,6 +32,9 @@ GDB_NAMES: dict[str, str] = {
 
 _ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
 
+ReadAlong = Callable[[Sequence[bytes]], tuple[dict[str, int], list[bytes]]]
+"""Registers (gdb names) and the replies to other packets, in one round trip."""
+
 
 def _expired(why: str) -> dict[str, int]:
     raise KprobeError(why)
@@ -48,10 +51,11 @@ class PtRegs:
     that reads none (a counter) costs the hit no ``g`` round trip.
     """
 
-    __slots__ = ("_load", "_orig", "_values", "cpu", "memory")
+    __slots__ = ("_along", "_load", "_orig", "_values", "cpu", "memory")
     _values: dict[str, int]
     _orig: dict[str, int]
     _load: Callable[[], dict[str, int]] | None
+    _along: ReadAlong | None
     cpu: int
     memory: GuestMemory | None
 
@@ -60,6 +64,7 @@ class PtRegs:
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_orig", dict(values))
         object.__setattr__(self, "_load", None)
+        object.__setattr__(self, "_along", None)
         object.__setattr__(self, "cpu", cpu)
         object.__setattr__(self, "memory", memory)
 
@@ -78,15 +83,32 @@ class PtRegs:
         known: dict[str, int],
         cpu: int,
         memory: GuestMemory | None = None,
+        along: ReadAlong | None = None,
     ) -> PtRegs:
         """Registers that ``load`` (a ``g`` read, gdb names) fetches on first use.
 
         ``known`` (pt_regs names, e.g. the probe's ``ip``) is served without a read and
-        overrides what ``load`` returns.
+        overrides what ``load`` returns. ``along`` does the same read with other packets
+        in its round trip (:meth:`read_along`).
         """
         regs = cls(dict(known), cpu=cpu, memory=memory)
         object.__setattr__(regs, "_load", load)
+        object.__setattr__(regs, "_along", along)
         return regs
+
+    def read_along(self, packets: Sequence[bytes]) -> list[bytes] | None:
+        """Read the registers now, with ``packets`` in the same round trip; their replies.
+
+        None when that is not possible (the registers were read already, or they do not
+        come from a vCPU read): the caller reads as usual.
+        """
+        along = self._along
+        if along is None or self._load is None:
+            return None
+        values, replies = along(packets)
+        object.__setattr__(self, "_load", lambda: values)
+        self._materialise()
+        return replies
 
     @property
     def loaded(self) -> bool:

@@ -46,6 +46,7 @@ from kprobevm.events.fetch import (
 from kprobevm.events.registry import EventRegistry
 from kprobevm.kprobes import Kprobe
 from kprobevm.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.readahead import HitReader, ReadPredictor
 from kprobevm.tasks import TASK_COMM_LEN
 from kprobevm.x86.insn import Insn, InsnKind, check_boundary, decode
 
@@ -98,11 +99,15 @@ class HitContext:
     __slots__ = ("_layout", "_memory", "_regs", "_symbols", "_task")
 
     def __init__(
-        self, regs: PtRegs, symbols: KernelSymbols, layout: TaskLayout | None
+        self,
+        regs: PtRegs,
+        symbols: KernelSymbols,
+        layout: TaskLayout | None,
+        memory: GuestMemory | None = None,
     ) -> None:
         assert regs.memory is not None
         self._regs = regs
-        self._memory: GuestMemory = regs.memory
+        self._memory: GuestMemory = memory or regs.memory
         self._symbols = symbols
         self._layout = layout
         self._task: tuple[str, int] | None = None
@@ -445,16 +450,22 @@ class TraceSession:
         sink = self.on_hit or self.hits.put
         clock = self.clock
         counter: list[_Placed] = []  # filled below: the handler counts on its _Placed
+        predictor = ReadPredictor()
 
         def hit(regs: PtRegs, where: str, function: str | None) -> None:
-            """One hit of this event: count it, and unless counting only, fetch its args."""
+            """One hit of this event: count it, and unless counting only, fetch its args
+            (with the reads the last hit on this vCPU made sent ahead with the ``g``)."""
             counter[0].hits += 1
             if self.count_only:
                 return
             now = clock()
-            ctx = HitContext(regs, symbols, layout)
+            assert regs.memory is not None
+            reader = HitReader(regs.memory)
+            reader.read_ahead(regs, predictor.guess(regs.cpu))
+            ctx = HitContext(regs, symbols, layout, memory=reader)
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
+            predictor.remember(regs.cpu, reader.reads)
             sink(EventHit(
                 event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
                 timestamp_ns=now - self.started_ns, where=where, args=values,

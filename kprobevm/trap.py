@@ -25,7 +25,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -510,29 +510,20 @@ class WatchpointChannel(TrapChannel):
         stats.handler_ns += self._handler_end - t0 - self._regs_ns
         stats.writeback_ns += time.perf_counter_ns() - self._handler_end
 
-    def _loader(self, client: GdbClient, thread: str | None) -> Callable[[], dict[str, int]]:
-        """A once-only, timed ``g`` of ``thread`` (no x87/xmm decoding on the hot path)."""
-        cache: list[dict[str, int]] = []
+    def _loader(self, client: GdbClient, thread: str | None) -> _VcpuRegs:
+        return _VcpuRegs(self, client, thread)
 
-        def load() -> dict[str, int]:
-            if not cache:
-                t = time.perf_counter_ns()
-                cache.append(client.read_registers(thread=thread, wide=False))
-                self._regs_ns += time.perf_counter_ns() - t
-            return cache[0]
-
-        return load
-
-    def _lazy(self, load: Callable[[], dict[str, int]], site: ProbeSite, thread: str) -> PtRegs:
+    def _lazy(self, load: _VcpuRegs, site: ProbeSite, thread: str) -> PtRegs:
         return PtRegs.lazy(
-            load, known={"ip": site.addr}, cpu=cpu_of_thread(thread), memory=self.vm.memory
-        )
+            load, known={"ip": site.addr}, cpu=cpu_of_thread(thread), memory=self.vm.memory,
+            along=load.along,
+        )  # fmt: skip
 
     def _handle(
         self,
         thread: str,
         rip: int,
-        load: Callable[[], dict[str, int]],
+        load: _VcpuRegs,
         *,
         redirect: bool,
         promote: bool = False,
@@ -668,6 +659,33 @@ class WatchpointChannel(TrapChannel):
             self.watchdog.stdin.close()
             self.watchdog.wait(timeout=5)
             self.watchdog = None
+
+
+class _VcpuRegs:
+    """One stopped vCPU's registers at a hit: one timed ``g`` at most (no x87/xmm
+    decoding on the hot path), alone or with other packets in its round trip."""
+
+    __slots__ = ("_channel", "_client", "_thread", "_values")
+
+    def __init__(self, channel: WatchpointChannel, client: GdbClient, thread: str | None):
+        self._channel, self._client, self._thread = channel, client, thread
+        self._values: dict[str, int] | None = None
+
+    def __call__(self) -> dict[str, int]:
+        if self._values is None:
+            self.along(())
+        assert self._values is not None
+        return self._values
+
+    def along(self, packets: Sequence[bytes]) -> tuple[dict[str, int], list[bytes]]:
+        t = time.perf_counter_ns()
+        if packets:
+            values, replies = self._client.read_registers_along(packets, self._thread)
+        else:
+            values, replies = self._client.read_registers(self._thread, wide=False), []
+        self._channel._regs_ns += time.perf_counter_ns() - t
+        self._values = values
+        return values, replies
 
 
 def _gdb_changes(changes: dict[str, int], *, rip: int | None) -> dict[str, int]:

@@ -642,6 +642,22 @@ class GdbClient:
         self._reg_cache = (self._thread["g"], values)
         return values
 
+    def read_registers_along(
+        self, packets: Sequence[bytes], thread: str | None = None, *, wide: bool = False
+    ) -> tuple[dict[str, int], list[bytes]]:
+        """:meth:`read_registers` and ``packets`` (virtual-memory reads, say) in one
+        round trip; their replies come back as they are (``Exx`` included)."""
+        mode = self.mode_packets(False)
+        replies = self._with_thread(thread, [*mode, b"g", *packets])
+        for p, r in zip(mode, replies, strict=False):
+            _check(p, r)
+        reply = replies[len(mode)]
+        if reply[:1] == b"E":
+            _check(b"g", reply)
+        values = self.layout.decode(reply, wide=wide)
+        self._reg_cache = (self._thread["g"], values)
+        return values, replies[len(mode) + 1 :]
+
     def read_register(self, name: str, thread: str | None = None) -> int:
         """One register by name with ``p``."""
         reg = self.layout[name]
