@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.kprobes import Kprobe
 from kprobevm.ptregs import PtRegs
+from kprobevm.readahead import HitReader, ReadPredictor
 from kprobevm.x86 import asm
 
 if TYPE_CHECKING:
-    from kprobevm.gdb.client import GdbClient
     from kprobevm.tasks import TaskLayout
     from kprobevm.vm import VM
 
@@ -137,6 +137,7 @@ class KretprobeManager:
         self.stale_returns = 0
         self.reclaimed = 0
         self.layout: TaskLayout | None = None
+        self._entry_reads = ReadPredictor()
 
     def install(self, trampoline: int, table: int, mailbox: int) -> bytes:
         """Place the trampoline at ``trampoline`` (mapped executable) over ``table``."""
@@ -201,19 +202,21 @@ class KretprobeManager:
         if rp.active >= rp.maxactive and not self._reclaim(rp):
             rp.nmissed += 1
             return
+        # The stack slot, current and its stack repeat from call to call in a hot loop:
+        # the last entry's reads on this vCPU go out with the register read.
+        memory = HitReader(self.vm.memory)
+        memory.read_ahead(regs, self._entry_reads.guess(regs.cpu))
         slot = regs.sp
         layout = self.layout
-        if layout is not None:
-            ret_addr, task = self._read_u64s(slot, regs.gs_base + layout.current)
-        else:
-            (ret_addr,) = self._read_u64s(slot)
-            task = 0
+        ret_addr = memory.u64(slot)
+        task = memory.u64(regs.gs_base + layout.current) if layout is not None else 0
         ri = KretprobeInstance(
             rp=rp, slot=slot, ret_addr=ret_addr, cpu=regs.cpu,
             data=bytearray(rp.data_size), task=task,
         )  # fmt: skip
         if layout is not None and task:
-            ri.task_stack = self.vm.memory.u64(task + layout.stack)
+            ri.task_stack = memory.u64(task + layout.stack)
+        self._entry_reads.remember(regs.cpu, memory.reads)
         if rp.entry_handler is not None:
             try:
                 if rp.entry_handler(ri, regs):
@@ -236,19 +239,6 @@ class KretprobeManager:
         target = self.vm.target
         target.queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
         target.queue_write(slot, struct.pack("<Q", self.trampoline))
-
-    def _read_u64s(self, *addresses: int) -> tuple[int, ...]:
-        """Several u64 of guest virtual memory in one round trip."""
-        client: GdbClient = self.vm.target.client
-        if client.phys_mode:
-            client.set_phys_mode(False)
-        packets = [b"m%x,8" % a for a in addresses]
-        values = []
-        for address, reply in zip(addresses, client.pipeline(packets), strict=True):
-            if len(reply) != 16 or reply.startswith(b"E"):
-                raise GuestFaultError(address, f"gdbstub {reply[:3]!r}")
-            values.append(int.from_bytes(bytes.fromhex(reply.decode()), "little"))
-        return tuple(values)
 
     def _dead(self, ri: KretprobeInstance) -> bool:
         """A call that will never come back through the trampoline.
