@@ -115,6 +115,10 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path) -> None:
     assert {p["probes"] for p in out["idle"]["points"]} == {0, 10}
     assert all(p["hits"] == 0 for p in out["idle"]["points"])
     assert out["registration"]["register_10_s"] > 0
+    dense = out["dense"]
+    assert dense["function"] == "kmem_cache_alloc"
+    assert dense["hits_per_s"]["kprobevm"] > dense["hits_per_s"]["gdb_python"] > 0
+    assert dense["hits_per_open"]["kprobevm"] > 1  # denser than do_sys_openat2
 
 
 @pytest.mark.vm

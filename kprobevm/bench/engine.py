@@ -35,8 +35,9 @@ def _trap_counters(vm: VM) -> TrapSample:
 
 
 def _probe_run(vm: VM, name: str, description: str, opens: int,
-               handler: Callable[[Kprobe, PtRegs], object]) -> tuple[HitRate, TrapSample]:
-    kp = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=handler)
+               handler: Callable[[Kprobe, PtRegs], object],
+               function: str = HOT_FUNCTION) -> tuple[HitRate, TrapSample]:
+    kp = Kprobe(symbol_name=function, pre_handler=handler)
     try:
         vm.register_kprobe(kp)
     except KprobeVMError as exc:
@@ -56,9 +57,10 @@ def _probe_run(vm: VM, name: str, description: str, opens: int,
 
 
 def measure_empty(vm: VM, opens: int, *, name: str = "kprobevm",
-                  description: str = "kprobevm, empty handler") -> tuple[HitRate, TrapSample]:
+                  description: str = "kprobevm, empty handler",
+                  function: str = HOT_FUNCTION) -> tuple[HitRate, TrapSample]:
     """A kprobe with a handler that does nothing: the engine's own cost per hit."""
-    return _probe_run(vm, name, description, opens, lambda kp, regs: None)
+    return _probe_run(vm, name, description, opens, lambda kp, regs: None, function)
 
 
 def measure_args(vm: VM, opens: int) -> tuple[HitRate, TrapSample]:

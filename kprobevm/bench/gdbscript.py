@@ -46,10 +46,12 @@ CountingBreakpoint("*{addr:#x}")
 """
 
 
-def _gdb_run(vm: VM, name: str, description: str, opens: int, python: bool) -> HitRate:
+def _gdb_run(
+    vm: VM, name: str, description: str, opens: int, python: bool, function: str = HOT_FUNCTION
+) -> HitRate:
     if vm.endpoints.gdb is None:
         return HitRate(name, description, reason="no gdbstub address")
-    addr = vm.symbols[HOT_FUNCTION]
+    addr = vm.symbols[function]
     with tempfile.TemporaryDirectory(prefix="kprobevm-bench-") as tmp:
         script = Path(tmp) / "count.py"
         script.write_text(textwrap.dedent(_PYTHON_BREAKPOINT).format(addr=addr))
@@ -106,10 +108,12 @@ def _interrupt(gdb: GdbMiClient, tries: int = 20) -> None:
     raise GdbTimeout(f"gdb did not stop the VM after {tries} interrupts")
 
 
-def measure_gdb_python(vm: VM, opens: int) -> HitRate:
+def measure_gdb_python(
+    vm: VM, opens: int, *, function: str = HOT_FUNCTION, name: str = "gdb_python"
+) -> HitRate:
     """gdb's Python breakpoint that counts and never stops."""
-    return _gdb_run(vm, "gdb_python", "gdb 13, Python breakpoint (stop() -> False)", opens,
-                    python=True)
+    return _gdb_run(vm, name, "gdb 13, Python breakpoint (stop() -> False)", opens,
+                    python=True, function=function)
 
 
 def measure_gdb_commands(vm: VM, opens: int) -> HitRate:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kprobevm.bench import engine, gdbscript, guest, idle
 from kprobevm.bench.report import BenchReport, HitRate, markdown, to_json
-from kprobevm.bench.workload import Run, run_opens, unhit_functions
+from kprobevm.bench.workload import DENSE_FUNCTION, Run, run_opens, unhit_functions
 
 if TYPE_CHECKING:
     from kprobevm.vm import VM
@@ -129,6 +129,11 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
             hr = measure(vm, config.gdb_opens)
             say(f"{hr.name}: {hr.hits} hits, {hr.hits_per_s or 0:,.1f}/s {hr.reason}")
             hit_rates.append(hr)
+        gdb_dense = gdbscript.measure_gdb_python(
+            vm, max(config.gdb_opens // 4, 25), function=DENSE_FUNCTION
+        )
+        say(f"dense gdb_python: {gdb_dense.hits} hits, {gdb_dense.hits_per_s or 0:,.1f}/s"
+            f" {gdb_dense.reason}")
         hr = guest.measure_guest_kprobe(vm, config.hit_opens)
         say(f"{hr.name}: {hr.hits_per_s or 0:,.0f} hits/s {hr.reason}")
         hit_rates.append(hr)
@@ -139,6 +144,8 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
         say(f"kprobevm_args: {args.hits_per_s or 0:,.0f} hits/s")
         kret = engine.measure_kretprobe(vm, config.hit_opens)
         say(f"kprobevm_kretprobe: {kret.hits_per_s or 0:,.0f} hits/s {kret.reason}")
+        dense, _ = engine.measure_empty(vm, config.hit_opens, function=DENSE_FUNCTION)
+        say(f"dense kprobevm: {dense.hits_per_s or 0:,.0f} hits/s")
         baselines.append(run_opens(vm, config.opens))
         baseline = _median_run(baselines)
         per_hit = engine.per_hit_breakdown(sample, empty.run, baseline) if empty.run else {}
@@ -170,7 +177,8 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
     order = {"kprobevm": 0, "kprobevm_args": 1, "kprobevm_kretprobe": 2, "kprobevm_gdbmi": 3,
              "guest_kprobe": 4, "gdb_python": 5, "gdb_commands": 6}
     rates = sorted([empty, args, kret, gdbmi, *hit_rates], key=lambda h: order.get(h.name, 99))
-    return BenchReport(env, baseline, rates, idle_points, registration, per_hit, memory, notes)
+    return BenchReport(env, baseline, rates, idle_points, registration, per_hit, memory, notes,
+                       dense=(dense, gdb_dense))
 
 
 def _memory_at(vm: VM, names: Sequence[str]) -> dict[str, float]:
