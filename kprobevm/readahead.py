@@ -31,7 +31,8 @@ class ReadPredictor:
         return self._last.get(cpu, ())
 
     def remember(self, cpu: int, reads: Sequence[tuple[int, int]]) -> None:
-        self._last[cpu] = tuple(reads[:MAX_BATCH])
+        # each distinct read once: two arguments may read the same string
+        self._last[cpu] = tuple(dict.fromkeys(reads))[:MAX_BATCH]
 
 
 class HitReader(GuestMemory):

@@ -66,5 +66,5 @@ def test_no_batch_once_registers_are_read() -> None:
 
 def test_predictor_remembers_per_vcpu() -> None:
     p = ReadPredictor()
-    p.remember(1, [(0x10, 8)])
-    assert p.guess(1) == ((0x10, 8),) and p.guess(0) == ()
+    p.remember(1, [(0x10, 8), (0x20, 4), (0x10, 8)])
+    assert p.guess(1) == ((0x10, 8), (0x20, 4)) and p.guess(0) == ()

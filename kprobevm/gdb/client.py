@@ -467,53 +467,58 @@ class GdbClient:
         return reply
 
     def roundtrip(self, payload: bytes) -> bytes:
-        """One request, one reply (``Exx`` included), in one send and usually one recv.
+        """One request, one reply (``Exx`` included), in one send and usually one recv."""
+        replies = self._fast_exchange([payload])
+        return replies[0] if replies is not None else self.recv_reply()
 
-        The hot path: when nothing else is in flight and the reply arrives whole as
-        ``+$...#xx``, it is checked and returned without the general event machinery.
-        Anything else (a stop reply, console output, fragments, a bad checksum) goes
-        through the general path, which keeps every guarantee.
+    def _fast_exchange(self, payloads: Sequence[bytes]) -> list[bytes] | None:
+        """The hot path: send ``payloads`` in one write, read until every reply has ended.
+
+        When nothing else is in flight and the replies come back plain (``+$...#xx``
+        each, no escape, no run-length, no stop or console packet), they are checked
+        and returned without the general event machinery. Otherwise the requests are
+        left outstanding with whatever arrived fed to the reader, and None tells the
+        caller to collect the replies with :meth:`recv_reply`, which keeps every
+        guarantee.
         """
         if (self._outstanding or self._unacked or self._events or self._reader.pending
                 or self._closed or not self.lazy_acks):
-            return self._slow_roundtrip(payload, None)
-        req = _Request(payload, b"$%s#%02x" % (payload, checksum(payload)), False)
-        data = self._pending_ack + req.framed
+            self._send_many(payloads)
+            return None
+        reqs = [_Request(p, b"$%s#%02x" % (p, checksum(p)), False) for p in payloads]
+        data = self._pending_ack + b"".join(r.framed for r in reqs)
         self._pending_ack = b""
-        self.stats.packets_sent += 1
+        self.stats.packets_sent += len(reqs)
+        n = len(reqs)
         recv = self._sock.recv
         got = b""
         try:
             self._sock.sendall(data)
-            # QEMU writes the '+' and the reply separately: read until a packet ends.
-            for _ in range(64):
+            # QEMU writes each '+' and each reply separately: read until the n-th ends.
+            for _ in range(64 * n):
                 chunk = recv(_FAST_RECV_SIZE)
                 if not chunk:
                     self._hang_up()
-                    raise GdbConnectionClosed("the stub closed the connection", sent=payload)
+                    raise GdbConnectionClosed("the stub closed the connection",
+                                              sent=payloads[0])
                 got += chunk
-                if len(got) > 5 and got[-3] == 0x23:
-                    break
-                if got[:1] != b"+" or got[1:2] not in (b"", b"$"):
+                if len(got) > 5 and got[-3] == 0x23 and got.count(b"#") >= n:
                     break
         except (BlockingIOError, InterruptedError, TimeoutError):
             pass  # a stall: the general path waits out the deadline
         except OSError as exc:
             self._hang_up()
-            raise GdbConnectionClosed(f"socket error: {exc}", sent=payload) from exc
-        if (len(got) > 5 and got[0] == 0x2B and got[1] == 0x24 and got[-3] == 0x23
-                and got[2:3] not in _NOT_FAST):
-            body = got[2:-3]
-            if (body.find(b"#") < 0 and body.find(b"$") < 0 and body.find(b"}") < 0
-                    and body.find(b"*") < 0 and got[-2:] == b"%02x" % checksum(body)):
-                self._pending_ack = b"+"
-                self.stats.replies += 1
-                return body
-        self._unacked.append(req)
-        self._outstanding.append(req)
+            raise GdbConnectionClosed(f"socket error: {exc}", sent=payloads[0]) from exc
+        replies = _plain_replies(got, n)
+        if replies is not None:
+            self._pending_ack = b"+" * n
+            self.stats.replies += n
+            return replies
+        self._unacked.extend(reqs)
+        self._outstanding.extend(reqs)
         if got:
-            self._absorb(got, payload)
-        return self.recv_reply()
+            self._absorb(got, payloads[0])
+        return None
 
     def _slow_roundtrip(self, payload: bytes, timeout: float | None) -> bytes:
         self._send_many([payload])
@@ -531,8 +536,11 @@ class GdbClient:
         At most ``window`` requests are in flight, so neither side's socket buffer fills
         while the other waits (QEMU blocks writing replies nobody reads).
         """
-        if len(payloads) == 1:
-            return [self.roundtrip(payloads[0])]
+        if len(payloads) <= window // 2:
+            fast = self._fast_exchange(payloads)
+            if fast is not None:
+                return fast
+            return [self.recv_reply() for _ in payloads]
         replies: list[bytes] = []
         total = len(payloads)
         sent = 0
@@ -995,6 +1003,30 @@ class GdbClient:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _plain_replies(data: bytes, n: int) -> list[bytes] | None:
+    """``n`` plain replies (``+`` acks between them) that make up ``data`` exactly, each
+    with a good checksum and no escape, run-length, stop or console packet; else None."""
+    replies = []
+    pos = 0
+    end = len(data)
+    for _ in range(n):
+        while pos < end and data[pos] == 0x2B:  # '+'
+            pos += 1
+        if pos >= end or data[pos] != 0x24:  # '$'
+            return None
+        hash_at = data.find(b"#", pos + 1)
+        if hash_at < 0 or hash_at + 3 > end:
+            return None
+        body = data[pos + 1 : hash_at]
+        if (body[:1] in _NOT_FAST or body.find(b"$") >= 0 or body.find(b"}") >= 0
+                or body.find(b"*") >= 0 or data[hash_at + 1 : hash_at + 3]
+                != b"%02x" % checksum(body)):
+            return None
+        replies.append(body)
+        pos = hash_at + 3
+    return replies if pos == end else None
 
 
 def _check(sent: bytes, reply: bytes) -> None:
