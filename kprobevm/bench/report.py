@@ -184,6 +184,19 @@ def _times(value: float | None) -> str:
     return f"{value:,.0f}x" if value >= 10 else f"{value:.2f}x"
 
 
+def _rate_table(rates: Sequence[HitRate], ref: float | None) -> list[str]:
+    """Contenders' hits/s and workload rate, and how many times faster ``ref`` is."""
+    lines = ["", "| contender | hits/s | workload opens/s | kprobevm is ... faster |",
+             "|---|---:|---:|---:|"]
+    for hr in rates:
+        if hr.available:
+            lines.append(f"| {hr.description} | {_num(hr.hits_per_s, 1)} | {_num(hr.ops_per_s)} |"
+                         f" {_times(ratio(ref, hr.hits_per_s))} |")
+        else:
+            lines.append(f"| {hr.description} | not available: {hr.reason} | | |")
+    return lines
+
+
 def markdown(report: BenchReport) -> str:
     """The README's tables: hit rates with ratios, idle cost, registration, one hit's time."""
     env = report.environment
@@ -194,28 +207,13 @@ def markdown(report: BenchReport) -> str:
         f" ({env.get('accel', '?')}), guest kernel {env.get('kernel_release', '?')}.",
         f"Workload: opens of /proc/version, 500 per `cat`, hot function `do_sys_openat2`;"
         f" unprobed {_num(report.baseline.ops_per_s)} opens/s.",
-        "",
-        "| contender | hits/s | workload opens/s | kprobevm is ... faster |",
-        "|---|---:|---:|---:|",
     ]
-    for hr in report.hit_rates:
-        if hr.available:
-            lines.append(f"| {hr.description} | {_num(hr.hits_per_s, 1)} | {_num(hr.ops_per_s)} |"
-                         f" {_times(ratio(ref, hr.hits_per_s))} |")
-        else:
-            lines.append(f"| {hr.description} | not available: {hr.reason} | | |")
+    lines += _rate_table(report.hit_rates, ref)
     if report.dense:
         dense_ref = next((h.hits_per_s for h in report.dense if h.name == REFERENCE), None)
         lines += ["", f"The same on `{DENSE_FUNCTION}`, hit about 4 times per open (less of the"
-                  " guest's own work in each hit):", "",
-                  "| contender | hits/s | workload opens/s | kprobevm is ... faster |",
-                  "|---|---:|---:|---:|"]
-        for hr in report.dense:
-            if hr.available:
-                lines.append(f"| {hr.description} | {_num(hr.hits_per_s, 1)} |"
-                             f" {_num(hr.ops_per_s)} | {_times(ratio(dense_ref, hr.hits_per_s))} |")
-            else:
-                lines.append(f"| {hr.description} | not available: {hr.reason} | | |")
+                  " guest's own work in each hit):"]
+        lines += _rate_table(report.dense, dense_ref)
     slow = idle_slowdown(report.idle)
     if slow:
         counts = sorted({p.probes for p in report.idle})
