@@ -486,7 +486,8 @@ class GdbClient:
             self._send_many(payloads)
             return None
         reqs = [_Request(p, b"$%s#%02x" % (p, checksum(p)), False) for p in payloads]
-        data = self._pending_ack + b"".join(r.framed for r in reqs)
+        data = self._pending_ack + (reqs[0].framed if len(reqs) == 1 else
+                                    b"".join([r.framed for r in reqs]))
         self._pending_ack = b""
         self.stats.packets_sent += len(reqs)
         n = len(reqs)
@@ -1008,9 +1009,17 @@ class GdbClient:
 def _plain_replies(data: bytes, n: int) -> list[bytes] | None:
     """``n`` plain replies (``+`` acks between them) that make up ``data`` exactly, each
     with a good checksum and no escape, run-length, stop or console packet; else None."""
+    end = len(data)
+    if n == 1 and end > 5 and data[0] == 0x2B and data[1] == 0x24 and data[-3] == 0x23:
+        # the usual case, '+$body#xx', in as few steps as possible
+        body = data[2:-3]
+        if (body[:1] not in _NOT_FAST and body.find(b"#") < 0 and body.find(b"$") < 0
+                and body.find(b"}") < 0 and body.find(b"*") < 0
+                and data[-2:] == b"%02x" % checksum(body)):
+            return [body]
+        return None
     replies = []
     pos = 0
-    end = len(data)
     for _ in range(n):
         while pos < end and data[pos] == 0x2B:  # '+'
             pos += 1
