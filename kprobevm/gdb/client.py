@@ -74,6 +74,8 @@ _FAST_RECV_SIZE = 1 << 13
 _INTERRUPT = b"\x03"
 _NOT_FAST = (b"T", b"S", b"W", b"X", b"O", b"")
 _PLAIN_ONE = re.compile(rb"\+\$([^$#}*]*)#([0-9a-fA-F]{2})\Z")
+_PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2})\Z")
+"""A stop reply alone (after the '+' for our resume, perhaps): the trap path's packet."""
 """One ack and one plain reply: no escape, no run-length, nothing after it."""
 """First bytes of replies the fast path hands to the general one (stops, console)."""
 _FEATURES = b"qSupported:multiprocess+;swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386"
@@ -962,12 +964,45 @@ class GdbClient:
         else:
             self._dispatch_unrequested(payload)
 
+    def _recv_nowait(self) -> bytes | None:
+        """What has arrived, in one syscall; None if nothing has."""
+        try:
+            data = self._sock.recv(_FAST_RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._hang_up()
+            raise GdbConnectionClosed(f"receive failed: {exc}") from exc
+        if not data:
+            self._hang_up()
+            raise GdbConnectionClosed("the stub closed the connection")
+        return data
+
     def poll_stop(self) -> StopReply | None:
         """A stop reply if one has arrived, without blocking."""
         if self._stops:
             return self._stops.popleft()
         if not self.running:
             return None
+        if not (self._events or self._reader.pending or self._deferred or self._closed):
+            # The trap path's two wake-ups per hit: the '+' for our 'c', then the stop.
+            data = self._recv_nowait()
+            if data is None:
+                return None
+            if data == b"+":
+                if self._unacked:
+                    self._unacked.popleft().acked = True
+                return None
+            m = _PLAIN_STOP.match(data)
+            if m is not None and int(m[3], 16) == checksum(m[2]):
+                if m[1] and self._unacked:
+                    self._unacked.popleft().acked = True
+                self._pending_ack += b"+"
+                if not self.lazy_acks:
+                    self._flush_acks()
+                self._note_stop(parse_stop_reply(m[2]))
+                return self._stops.popleft() if self._stops else None
+            self._absorb(data, None)
         while self._fill(time.monotonic(), None):
             pass
         while self._events and not self._stops:
