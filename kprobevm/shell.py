@@ -15,6 +15,7 @@ from pathlib import Path
 
 import paramiko
 
+from kprobevm.closing import Closing
 from kprobevm.errors import GuestCommandError, GuestCommandTimeout, VMError, VMLost
 
 __all__ = ["GuestShell", "RunResult"]
@@ -42,7 +43,7 @@ class RunResult:
             raise GuestCommandError(self.args, self.returncode, self.stdout, self.stderr)
 
 
-class GuestShell:
+class GuestShell(Closing):
     """An SSH connection to the guest, opened at construction and reused by every run()."""
 
     def __init__(
@@ -140,9 +141,3 @@ class GuestShell:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> GuestShell:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -18,9 +18,9 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from kprobevm.closing import Closing
 from kprobevm.errors import VMError, VMLost
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class GuestEndpoints:
     serial_log: Path | None = None
 
 
-class VM:
+class VM(Closing):
     """One guest: run commands, read and write its memory, place kprobes in it."""
 
     def __init__(
@@ -407,17 +407,6 @@ class VM:
                 self._target.client.close()
             if self._journal is not None:
                 self._journal.close(clean=clean)
-
-    def __enter__(self) -> VM:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<VM {self.name} gdb={self.endpoints.gdb!r} ssh={self.endpoints.ssh!r}>"

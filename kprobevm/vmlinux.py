@@ -12,7 +12,6 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
@@ -20,6 +19,7 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from kprobevm.closing import Closing
 from kprobevm.errors import VmlinuxError
 from kprobevm.kallsyms import KernelSymbols
 
@@ -69,7 +69,7 @@ class Section:
         return isinstance(addr, int) and self.vaddr <= addr < self.end
 
 
-class Vmlinux:
+class Vmlinux(Closing):
     """The vmlinux ELF: sections by address, bytes at a virtual address, ``.symtab`` symbols.
 
     Use as a context manager (or call :meth:`close`): it keeps the file open for reads.
@@ -129,17 +129,6 @@ class Vmlinux:
     def close(self) -> None:
         """Close the ELF file."""
         self._file.close()
-
-    def __enter__(self) -> Vmlinux:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def with_slide(self, slide: int) -> Vmlinux:
         """The same ELF with kernel addresses moved by ``slide`` (a new, separately closed view)."""

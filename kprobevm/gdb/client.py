@@ -31,8 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from types import TracebackType
 
+from kprobevm.closing import Closing
 from kprobevm.errors import (
     GdbConnectionClosed,
     GdbError,
@@ -119,7 +119,7 @@ class _Request:
         self.tries = 1
 
 
-class GdbClient:
+class GdbClient(Closing):
     """A typed RSP client; :meth:`connect` is the usual way to get one."""
 
     def __init__(
@@ -244,17 +244,6 @@ class GdbClient:
     def closed(self) -> bool:
         """True once closed (by us, or because the stub hung up)."""
         return self._closed
-
-    def __enter__(self) -> GdbClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- raw I/O -----------------------------------------------------------------------
 

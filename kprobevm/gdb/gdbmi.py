@@ -14,9 +14,9 @@ import os
 import select
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from kprobevm.closing import Closing
 from kprobevm.errors import GdbError, GdbErrorReply, GdbProtocolError, GdbTimeout
 from kprobevm.gdb.client import BreakpointKind, GdbAddress
 from kprobevm.gdb.packet import StopReply
@@ -27,7 +27,7 @@ Record = dict[str, Any]
 _SIGNALS = {"SIGTRAP": 5, "SIGINT": 2, "0": 0}
 
 
-class GdbMiTransport:
+class GdbMiTransport(Closing):
     """Drive ``gdb`` over GDB/MI: registers, memory, breakpoints, continue and stop."""
 
     def __init__(
@@ -186,17 +186,6 @@ class GdbMiTransport:
     def close(self) -> None:
         """Detach-free exit: kill gdb (the stub sees the connection close)."""
         self._gdb.exit()
-
-    def __enter__(self) -> GdbMiTransport:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _mi_error(cmd: str, msg: str) -> GdbError:

@@ -33,9 +33,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from kprobevm.closing import Closing
 from kprobevm.errors import (
     GdbConnectionClosed,
     GdbError,
@@ -83,7 +83,7 @@ class MiStats:
     stops: int = 0
 
 
-class GdbMiClient:
+class GdbMiClient(Closing):
     """GdbClient's engine-facing interface over GDB/MI; :meth:`connect` makes one."""
 
     def __init__(
@@ -615,17 +615,6 @@ class GdbMiClient:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def __enter__(self) -> GdbMiClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _unquote(text: str) -> bytes:
