@@ -16,6 +16,7 @@ from kprobevm.image import default_image
 from kprobevm.kallsyms import KernelSymbols
 from kprobevm.launcher import boot
 from kprobevm.recover import recover
+from kprobevm.vm import VM
 
 TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
 
@@ -45,6 +46,18 @@ def _read_text(gdb: str, addr: int, size: int, idt_gate: int) -> tuple[bytes, by
         client.detach()
 
 
+def _probe_facts(vm: VM, tmp_path: Path) -> tuple[str, Path, int, int, int]:
+    """The gdbstub path, a kallsyms file for the child, do_sys_openat2 (address, size)
+    and the address of the #BP IDT gate: what both tests compare before and after."""
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text(vm.read_file("/proc/kallsyms"))
+    syms = KernelSymbols.from_file(kallsyms)
+    gdb = vm.endpoints.gdb
+    assert isinstance(gdb, str)
+    func = syms["do_sys_openat2"]
+    return gdb, kallsyms, func, syms.size("do_sys_openat2"), syms["idt_table"] + 3 * 16
+
+
 def _trouble(log: str) -> list[str]:
     return [line for line in log.splitlines() if any(t in line for t in TROUBLE)]
 
@@ -53,13 +66,7 @@ def _trouble(log: str) -> list[str]:
 def test_sigkill_with_armed_probe_then_recover(tmp_path: Path) -> None:
     image = default_image()
     with boot(name="recover") as vm:
-        kallsyms = tmp_path / "kallsyms"
-        kallsyms.write_text(vm.read_file("/proc/kallsyms"))
-        syms = KernelSymbols.from_file(kallsyms)
-        func, size = syms["do_sys_openat2"], syms.size("do_sys_openat2")
-        gate = syms["idt_table"] + 3 * 16
-        gdb = vm.endpoints.gdb
-        assert isinstance(gdb, str)
+        gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
         text_before, gate_before = _read_text(gdb, func, size, gate)
         assert text_before[0] != 0xCC
 
@@ -138,13 +145,7 @@ def test_sigterm_and_plain_exit_restore_the_guest(tmp_path: Path, how: str) -> N
 
     image = default_image()
     with boot(name=f"ending-{how}") as vm:
-        kallsyms = tmp_path / "kallsyms"
-        kallsyms.write_text(vm.read_file("/proc/kallsyms"))
-        syms = KernelSymbols.from_file(kallsyms)
-        func, size = syms["do_sys_openat2"], syms.size("do_sys_openat2")
-        gate = syms["idt_table"] + 3 * 16
-        gdb = vm.endpoints.gdb
-        assert isinstance(gdb, str)
+        gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
         before = _read_text(gdb, func, size, gate)
         journal = tmp_path / "j"
         child = subprocess.Popen(
