@@ -535,7 +535,7 @@ class WatchpointChannel(TrapChannel):
         again, so it stays put and costs no register write.
         """
         self._handler_end = time.perf_counter_ns()
-        if rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK)):
+        if self._at_return_store(rip):
             # a copy: the client keeps the dict it returned to skip unchanged writes
             gregs = dict(load())
             return self.vm.kretprobes.on_return(gregs, cpu_of_thread(thread), redirect=redirect)
@@ -561,12 +561,16 @@ class WatchpointChannel(TrapChannel):
         regs = PtRegs.from_gdb(gregs, cpu=cpu_of_thread(thread), memory=self.vm.memory)
         return self._post(site, regs, resume, redirect=redirect)
 
+    def _at_return_store(self, rip: int) -> bool:
+        """A vCPU stopped after the kretprobe trampoline's store (or its TB break)."""
+        return rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK))
+
     def _handle_every_vcpu(self, client: GdbClient, reported: str) -> None:
         """SMP: every vCPU sitting after a watched store is a hit to handle now."""
         rips = client.read_register_each("rip", self.threads)
         resume_writes: dict[str, int] = {}
         for t, rip in rips.items():
-            if rip not in self.rip_map and rip not in (self.ret_store, self.ret_store + 2):
+            if rip not in self.rip_map and not self._at_return_store(rip):
                 continue
             if t != reported:
                 self.stats.caught_pending += 1
@@ -679,10 +683,7 @@ class _VcpuRegs:
 
     def along(self, packets: Sequence[bytes]) -> tuple[dict[str, int], list[bytes]]:
         t = time.perf_counter_ns()
-        if packets:
-            values, replies = self._client.read_registers_along(packets, self._thread)
-        else:
-            values, replies = self._client.read_registers(self._thread, wide=False), []
+        values, replies = self._client.read_registers_along(packets, self._thread)
         self._channel._regs_ns += time.perf_counter_ns() - t
         self._values = values
         return values, replies

@@ -636,16 +636,8 @@ class GdbClient(Closing):
 
         ``wide=False`` skips x87/xmm registers (see :meth:`RegisterLayout.decode`).
         """
-        layout = self.layout
-        if thread is None or self._thread["g"] == thread:
-            reply = self.roundtrip(b"g")
-        else:
-            (reply,) = self._with_thread(thread, [b"g"])
-        if reply[:1] == b"E":
-            _check(b"g", reply)
-        values = layout.decode(reply, wide=wide)
-        self._reg_cache = (self._thread["g"], values)
-        return values
+        (reply,) = self._with_thread(thread, [b"g"])
+        return self._registers_from(reply, wide)
 
     def read_registers_along(
         self, packets: Sequence[bytes], thread: str | None = None, *, wide: bool = False
@@ -656,12 +648,16 @@ class GdbClient(Closing):
         replies = self._with_thread(thread, [*mode, b"g", *packets])
         for p, r in zip(mode, replies, strict=False):
             _check(p, r)
-        reply = replies[len(mode)]
+        values = self._registers_from(replies[len(mode)], wide)
+        return values, replies[len(mode) + 1 :]
+
+    def _registers_from(self, reply: bytes, wide: bool) -> dict[str, int]:
+        """Decode a ``g`` reply and remember it: register writes skip unchanged values."""
         if reply[:1] == b"E":
             _check(b"g", reply)
         values = self.layout.decode(reply, wide=wide)
         self._reg_cache = (self._thread["g"], values)
-        return values, replies[len(mode) + 1 :]
+        return values
 
     def read_register(self, name: str, thread: str | None = None) -> int:
         """One register by name with ``p``."""
