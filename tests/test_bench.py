@@ -148,4 +148,16 @@ def test_engine_over_gdbmi_client_gets_hits() -> None:
         vm.unregister_kprobe(kp)
         assert kp.nhit >= 5
         assert names.count(b"/proc/version") >= 5
+        # a trace event's reads ride along with gdb's register read (readahead)
+        from kprobevm.events import ProbeEvent, parse_event
+        from kprobevm.trace import TraceSession, args_of, plan_events
+
+        event = parse_event("p:open do_sys_openat2 filename=+0(%si):ustring")
+        assert isinstance(event, ProbeEvent)
+        session = TraceSession(vm, plan_events(vm, [event]))
+        with session:
+            vm.run("for i in 1 2 3 4 5; do cat /proc/version >/dev/null; done", check=True)
+        assert not session.handler_errors()
+        files = [args_of(h)["filename"] for h in session.drain() if h.comm == "cat"]
+        assert files.count(b"/proc/version") >= 5, files
         assert "Linux" in vm.run("cat /proc/version", check=True).stdout  # guest healthy

@@ -323,6 +323,15 @@ class GdbMiClient(Closing):
                 out[self._names[num]] = int(value, 16)
         return out
 
+    def read_registers_along(
+        self, packets: Sequence[bytes], thread: str | None = None, *, wide: bool = False
+    ) -> tuple[dict[str, int], list[bytes]]:
+        """:meth:`read_registers`, then ``packets`` in that thread (one command each: gdb
+        has no pipelining); their replies as they are (``Exx`` included)."""
+        if thread is not None:
+            self.select_thread("g", thread)
+        return self.read_registers(wide=wide), self.pipeline(packets)
+
     def read_register(self, name: str, thread: str | None = None) -> int:
         """One register by gdb name."""
         res = self.command(f"-data-list-register-values{self._thread_opt(thread)}"
