@@ -21,6 +21,7 @@ from kprobevm.errors import KprobeError, ProbeRefused, ProbeTextChanged, SymbolE
 from kprobevm.ptregs import PtRegs
 
 if TYPE_CHECKING:
+    from kprobevm.recorder import Record, RecordSpec
     from kprobevm.slots import Slot
     from kprobevm.trap import TrapChannel
     from kprobevm.vm import VM
@@ -47,6 +48,9 @@ class Kprobe:
     addr: int | None = None
     pre_handler: PreHandler | None = None
     post_handler: PostHandler | None = None
+    record: RecordSpec | None = None
+    """Record mode: the guest records each hit without stopping; ``pre_handler`` runs on
+    the host later, with the hit's registers and reads (:mod:`kprobevm.recorder`)."""
     nhit: int = field(default=0, init=False)
     nmissed: int = field(default=0, init=False)
     nerrors: int = field(default=0, init=False)
@@ -55,11 +59,15 @@ class Kprobe:
     """The last few handler exceptions, formatted."""
     disabled: bool = field(default=False, init=False)
     registered: bool = field(default=False, init=False)
+    record_id: int | None = field(default=None, init=False, repr=False)
+    """The tag of this probe's records in the guest's ring (recorded probes only)."""
     _given_addr: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.symbol_name is None and self.addr is None:
             raise ValueError("a Kprobe needs symbol_name or addr")
+        if self.record is not None and self.post_handler is not None:
+            raise ValueError("a recorded Kprobe has no post_handler: nothing stops after it")
 
     def _record_error(self, exc: BaseException) -> None:
         self.nerrors += 1
@@ -100,6 +108,11 @@ class ProbeSite:
     @property
     def wants_post(self) -> bool:
         return any(p.post_handler is not None for p in self.probes)
+
+    @property
+    def recorded(self) -> bool:
+        """Record mode: every probe here is recorded by the guest (no stop per hit)."""
+        return bool(self.probes) and self.probes[0].record is not None
 
 
 class KprobeManager:
@@ -200,6 +213,11 @@ class KprobeManager:
             if kp.registered:
                 raise KprobeError("probe is already registered", symbol=kp.symbol_name)
             addr = self.resolve(kp)
+            if kp.record is not None and not self.channel.records:
+                raise ProbeRefused(
+                    "EOPNOTSUPP", f"the {self.channel.name} channel cannot record probes",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
             site = self.table.get(addr)
             if site is None:
                 self.check_probe_address(addr, kp)
@@ -216,12 +234,22 @@ class KprobeManager:
                         self.channel.discard_site(site)
                         raise
             else:
+                if (kp.record is None) != (not site.recorded):
+                    raise ProbeRefused(
+                        "EBUSY", "recorded and stopping probes cannot share an address",
+                        address=addr, symbol=kp.symbol_name,
+                    )  # fmt: skip
                 with self.vm.target.stopped():
                     had_post = site.wants_post
                     site.probes.append(kp)
-                    if site.wants_post and not had_post:
-                        # an aggregate gaining a post_handler needs a slot with a post stop
-                        self.channel.rebuild_site(site)
+                    if site.recorded or (site.wants_post and not had_post):
+                        # a recorded aggregate records the newcomer too; one gaining a
+                        # post_handler needs a slot with a post stop
+                        try:
+                            self.channel.rebuild_site(site)
+                        except BaseException:
+                            site.probes.remove(kp)
+                            raise
             kp._given_addr = kp.addr
             kp.addr = addr
             kp.registered = True
@@ -255,14 +283,21 @@ class KprobeManager:
         with self._mutex:
             site = self._site_of(kp)
             with self.vm.target.stopped():
+                if kp.record is not None:
+                    self.channel.flush_records()  # its hits so far reach its handler
                 site.probes.remove(kp)
                 if not site.probes:
                     if site.armed:
                         self.channel.disarm(site)
                     del self.table[site.addr]
                     self.channel.discard_site(site)
-                elif not site.enabled and site.armed:
-                    self.channel.disarm(site)
+                else:
+                    if not site.enabled and site.armed:
+                        self.channel.disarm(site)
+                    if site.recorded:  # its program stops recording kp
+                        self.channel.rebuild_site(site)
+                if kp.record_id is not None:
+                    self.channel.release_record_id(kp)
             kp.registered = False
             kp.addr = kp._given_addr
 
@@ -297,6 +332,12 @@ class KprobeManager:
             for site in self.table.values():
                 if site.armed:
                     self.channel.disarm(site)
+
+    def flush_records(self) -> None:
+        """Run the handlers of every hit recorded in the guest so far (recorded probes)."""
+        if self._channel is not None and self._channel.records:
+            with self._mutex, self.vm.target.stopped():
+                self._channel.flush_records()
 
     def get_kprobe(self, addr: int) -> Kprobe | None:
         """The first probe at ``addr`` (the kernel returns the aggregate)."""
@@ -344,6 +385,28 @@ class KprobeManager:
                 self.handler_errors += 1
                 log.warning("pre_handler of %s raised %r", kp.where(), exc)
         return skip
+
+    def run_recorded(self, kp: Kprobe, record: Record) -> None:
+        """A recorded hit of ``kp``: its pre_handler, with the hit's registers and reads."""
+        from kprobevm.recorder import RecordedRegs
+
+        if kp.disabled or (kp.record is not None and kp.record.count_only):
+            return  # a counted probe's nhit is the guest's counter
+        kp.nhit += 1
+        if kp.pre_handler is None:
+            return
+        regs = RecordedRegs.of(record, self.vm.memory)
+        try:
+            kp.pre_handler(kp, regs)
+            if regs.changes():
+                raise KprobeError(
+                    "a recorded probe's handler changed registers: the hit is over",
+                    symbol=kp.symbol_name, address=kp.addr,
+                )  # fmt: skip
+        except Exception as exc:
+            kp._record_error(exc)
+            self.handler_errors += 1
+            log.warning("pre_handler of recorded %s raised %r", kp.where(), exc)
 
     def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
         for kp in site.probes:

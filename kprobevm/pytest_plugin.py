@@ -214,8 +214,12 @@ class ProbeSession:
         return probes
 
     def run(self, command: str, *, timeout: float = 60.0, check: bool = False) -> RunResult:
-        """Run a shell command in the guest (the probes fire meanwhile)."""
-        return self.vm.run(command, timeout=timeout, check=check)
+        """Run a shell command in the guest (the probes fire meanwhile); when it returns,
+        the hits the guest recorded are in the probes' ``hits``."""
+        try:
+            return self.vm.run(command, timeout=timeout, check=check)
+        finally:
+            self.vm.kprobes.flush_records()
 
     # -- teardown ----------------------------------------------------------------------
 

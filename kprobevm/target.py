@@ -41,6 +41,9 @@ class Target:
         """Packets (register writes) to send with the next resume, in the same write."""
         self._writes_before_resume: list[tuple[int, bytes]] = []
         self.on_stop: StopHandler | None = None
+        self.on_idle: Callable[[], None] | None = None
+        """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
+        self.idle_interval = 1.0
         self._lock = threading.RLock()  # held by whoever talks to the stub
         self._owner: int | None = None  # thread ident that holds the VM stopped
         self._depth = 0
@@ -202,9 +205,14 @@ class Target:
                 # writes sent with the last resume (GdbClient.cont reads those after the
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
                 buffered = self.client.running and bool(self.client._stops or self.client._events)
+                idle = self.on_idle
                 readable, _, _ = select.select(
-                    [sock, self._wake_r], [], [], 0.0 if buffered else 1.0
-                )
+                    [sock, self._wake_r], [], [],
+                    0.0 if buffered else (self.idle_interval if idle else 1.0),
+                )  # fmt: skip
+                if not readable and not buffered and idle is not None:
+                    self._serve_idle(idle)
+                    continue
                 if self._wake_r in readable:
                     os.read(self._wake_r, 64)
                 if sock in readable or buffered:
@@ -221,6 +229,20 @@ class Target:
             self.error = exc
             with self._cond:
                 self._cond.notify_all()
+
+    def _serve_idle(self, idle: Callable[[], None]) -> None:
+        """Stop the VM for the idle callback (a drain of recorded hits), then resume."""
+        with self._lock:
+            if self._quit or self._pause_requests or not self.running:
+                return
+            self._stop_vm()
+            owner, self._owner = self._owner, threading.get_ident()
+            try:
+                idle()
+            finally:
+                self._owner = owner
+            if not self._quit and not self._pause_requests:
+                self._resume_vm()
 
     def _serve_pause(self) -> None:
         with self._lock:

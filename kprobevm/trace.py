@@ -28,6 +28,7 @@ from kprobevm.events import (
     parse_event,
     resolve_event,
 )
+from kprobevm.events.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
 from kprobevm.events.errors import probe_error
 from kprobevm.events.fetch import (
     Arg,
@@ -47,6 +48,7 @@ from kprobevm.events.registry import EventRegistry
 from kprobevm.kprobes import Kprobe
 from kprobevm.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.readahead import HitReader, ReadPredictor
+from kprobevm.recorder import RecordedRegs, RecordSpec
 from kprobevm.tasks import TASK_COMM_LEN
 from kprobevm.x86.insn import Insn, InsnKind, check_boundary, decode
 
@@ -74,6 +76,13 @@ TIMESTAMP_NOTE = (
     "timestamps are host monotonic time since the probes were placed: the guest's trace "
     "clock (local_clock) cannot be read from the host"
 )
+RECORDED_TIMESTAMP_NOTE = (
+    "timestamps are the guest's TSC at each hit, in seconds since the TSC started (boot), "
+    "converted with the guest's tsc_khz"
+)
+MODES = ("auto", "record", "stop")
+"""How a session places its events: recorded by the guest (no stop per hit), stopping the
+guest at each hit, or recorded when every event can be (the default)."""
 
 THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
 MAX_INSN_SIZE = 15
@@ -104,13 +113,14 @@ class HitContext:
         symbols: KernelSymbols,
         layout: TaskLayout | None,
         memory: GuestMemory | None = None,
+        task: tuple[str, int] | None = None,
     ) -> None:
         assert regs.memory is not None
         self._regs = regs
         self._memory: GuestMemory = memory or regs.memory
         self._symbols = symbols
         self._layout = layout
-        self._task: tuple[str, int] | None = None
+        self._task = task
 
     def reg(self, name: str) -> int:
         if name == "orig_ax":
@@ -367,6 +377,13 @@ class TraceSession:
     count_only: bool = False
     on_hit: Callable[[EventHit], None] | None = None
     clock: Callable[[], int] = time.monotonic_ns
+    mode: str = "auto"
+    string_size: int = DEFAULT_STRING_SIZE
+    """Bytes a recorded string keeps (its NUL included)."""
+    recorded: bool = field(default=False, init=False)
+    """Whether the events are recorded by the guest (decided in :meth:`start`)."""
+    _specs: list[RecordSpec | None] = field(default_factory=list, init=False, repr=False)
+    _tsc_khz: int = field(default=0, init=False, repr=False)
     hits: queue.SimpleQueue[EventHit] = field(default_factory=queue.SimpleQueue, init=False)
     placed: list[_Placed] = field(default_factory=list, init=False)
     finished: list[_Placed] = field(default_factory=list, init=False)
@@ -379,7 +396,11 @@ class TraceSession:
         symbols, layout = vm.symbols, vm.task_layout
         if layout is None:
             log.warning("no kernel BTF (vmlinux): comm and pid of hits are unknown")
-        placed = [self._place_for(p, symbols, layout) for p in self.plan]
+        self._choose_mode(layout is not None)
+        placed = [
+            self._place_for(p, symbols, layout, spec)
+            for p, spec in zip(self.plan, self._specs, strict=True)
+        ]
         self.started_ns = self.clock()
         # One registration per probe: vm.register_kprobes() (one stop for the batch)
         # fails on the 6.1 engine when the first probe installs the trap channel.
@@ -393,6 +414,48 @@ class TraceSession:
         except BaseException:
             self.stop()
             raise
+
+    def _choose_mode(self, have_btf: bool) -> None:
+        """Record every event when ``mode`` allows and each can be; else stop at each hit."""
+        if self.mode not in MODES:
+            raise KprobeError(f"trace mode {self.mode!r} is not one of {', '.join(MODES)}")
+        specs: list[RecordSpec | None] = []
+        why = ""
+        for p in self.plan:
+            ev = p.resolved.event
+            if ev.is_return:
+                why = f"{ev.group}/{ev.event} is a return probe"
+            elif not have_btf:
+                why = "the record program needs the kernel's BTF"
+            elif not self.vm.kprobes.channel.records:
+                why = f"the {self.vm.kprobes.channel.name} channel does not record"
+            else:
+                try:
+                    specs.append(
+                        RecordSpec(count_only=True) if self.count_only
+                        else record_spec(p.resolved.args, string_size=self.string_size)
+                    )  # fmt: skip
+                    continue
+                except Unrecordable as exc:
+                    why = f"{ev.group}/{ev.event}: {exc}"
+            break
+        if self.mode == "record" and why:
+            raise KprobeError(f"cannot record these events: {why}")
+        self.recorded = self.mode != "stop" and not why
+        self._specs = specs if self.recorded else [None] * len(self.plan)
+        if self.recorded and not self.count_only:
+            raw = self.vm.read(self.vm.symbols["tsc_khz"], 4)
+            self._tsc_khz = int.from_bytes(raw, "little")
+
+    @property
+    def timestamp_note(self) -> str:
+        """What this session's timestamps measure."""
+        return RECORDED_TIMESTAMP_NOTE if self.recorded else TIMESTAMP_NOTE
+
+    def flush(self) -> None:
+        """Bring every hit the guest has recorded so far into the queue."""
+        if self.recorded and self.placed:
+            self.vm.kprobes.flush_records()
 
     def stop(self) -> None:
         """Unregister everything placed (idempotent); calls in flight still return safely."""
@@ -414,10 +477,13 @@ class TraceSession:
     def counts(self) -> list[tuple[PlannedProbe, int]]:
         """Hits per planned event, in plan order."""
         placed = self.placed or self.finished
+        if self.recorded and self.count_only:  # counted by the guest
+            return [(p.plan, p.probe.nhit) for p in placed]
         return [(p.plan, p.hits) for p in placed]
 
     def missed(self) -> int:
-        """Hits the engine could not record (kretprobe maxactive reached)."""
+        """Hits the engine could not record (kretprobe maxactive reached, the record ring
+        full, or a recorded probe hit inside another record on the same CPU)."""
         placed = self.placed or self.finished
         return sum(p.probe.nmissed for p in placed)
 
@@ -442,7 +508,11 @@ class TraceSession:
     # -- handlers (trap thread, VM stopped) -------------------------------------------
 
     def _place_for(
-        self, plan: PlannedProbe, symbols: KernelSymbols, layout: TaskLayout | None
+        self,
+        plan: PlannedProbe,
+        symbols: KernelSymbols,
+        layout: TaskLayout | None,
+        spec: RecordSpec | None,
     ) -> _Placed:
         res = plan.resolved
         ev = res.event
@@ -471,6 +541,27 @@ class TraceSession:
                 timestamp_ns=now - self.started_ns, where=where, args=values,
                 function=function,
             ))  # fmt: skip
+
+        if spec is not None:
+            tsc_khz = self._tsc_khz
+            where = res.where
+
+            def recorded(kp: Kprobe, regs: PtRegs) -> None:
+                """A hit the guest recorded: the same fetch, against the record."""
+                assert isinstance(regs, RecordedRegs) and regs.memory is not None
+                counter[0].hits += 1
+                r = regs.record
+                ctx = HitContext(regs, symbols, layout, memory=regs.memory,
+                                 task=(r.comm, r.pid))  # fmt: skip
+                sink(EventHit(
+                    event=ev.event, group=ev.group, comm=r.comm, pid=r.pid, cpu=r.cpu,
+                    timestamp_ns=r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0,
+                    where=where, args=tuple((a, a.fetch(ctx)) for a in args),
+                ))  # fmt: skip
+
+            holder = _Placed(plan, Kprobe(addr=res.address, pre_handler=recorded, record=spec))
+            counter.append(holder)
+            return holder
 
         if ev.is_return:
 

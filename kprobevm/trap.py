@@ -33,16 +33,17 @@ from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.gdb.packet import parse_thread_id
 from kprobevm.kprobes import ProbeSite
 from kprobevm.ptregs import PtRegs
+from kprobevm.recorder import Recorder
 from kprobevm.slotmap import SlotArea
 from kprobevm.slots import Slot, SlotCache
+from kprobevm.x86 import asm, ooline
 from kprobevm.x86 import insn as x86insn
-from kprobevm.x86 import ooline
 from kprobevm.x86.stub import build_int3_stub, stub_hash
 
 if TYPE_CHECKING:
     from kprobevm.gdb.client import GdbClient
     from kprobevm.gdb.packet import StopReply
-    from kprobevm.kprobes import KprobeManager
+    from kprobevm.kprobes import Kprobe, KprobeManager
     from kprobevm.vm import VM
 
 __all__ = ["TrapChannel", "WatchpointChannel", "install_channel"]
@@ -149,6 +150,15 @@ class TrapChannel:
     def discard_site(self, site: ProbeSite) -> None:
         raise NotImplementedError
 
+    #: Whether probes with a RecordSpec (recorded in the guest) can be placed.
+    records = False
+
+    def flush_records(self) -> None:
+        """Hand every recorded hit in the guest to its handler now (VM stopped)."""
+
+    def release_record_id(self, kp: Kprobe) -> None:
+        """An unregistered recorded probe gives its id back."""
+
     def arm(self, site: ProbeSite) -> None:
         """Write the int3 (journal first; refuse if the guest changed the bytes)."""
         current = self.vm.memory.read(site.addr, site.insn.length)
@@ -207,9 +217,13 @@ class WatchpointChannel(TrapChannel):
     """The fast channel: IDT vector 3 -> stub -> slot whose first store is watched."""
 
     name = "watchpoint"
+    records = True
+    #: Seconds between drains of the record ring while recorded probes exist.
+    RECORD_DRAIN_INTERVAL = 0.1
 
     def __init__(self, vm: VM, manager: KprobeManager) -> None:
         super().__init__(vm, manager)
+        self.recorder: Recorder | None = None
         self.area: SlotArea | None = None
         self.slots: SlotCache | None = None
         self.mailbox = 0
@@ -362,6 +376,9 @@ class WatchpointChannel(TrapChannel):
         post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
         half = SLOT_SIZE // 2
         slot = self._slot(site)
+        if site.recorded:
+            self._write_recorded_slot(site, slot, half)
+            return
         entry = ooline.make_slot_code(
             site.insn, slot.address, mailbox=self.mailbox, pre_mailbox=site.pre_watch,
             post_store=post, slot_size=half,
@@ -383,6 +400,55 @@ class WatchpointChannel(TrapChannel):
         for end, resume in (*entry.post_exits, *cont.post_exits):
             self.rip_map[end] = (site, resume)
             self.rip_map[end + brk] = (site, resume)
+
+    def _write_recorded_slot(self, site: ProbeSite, slot: Slot, half: int) -> None:
+        """A recorded site's slot: a jump to its record program, which comes back to the
+        continuation copy of the instruction; nothing in it stops the guest."""
+        assert self.area is not None
+        recorder = self._recorder()
+        for kp in site.probes:
+            if kp.record_id is None:
+                assert kp.record is not None
+                kp.record_id = recorder.add(kp, kp.record)
+        cont = slot.address + half
+        program = recorder.write_program(site, cont)
+        code = ooline.make_slot_code(
+            site.insn, cont, mailbox=self.mailbox, pre_store=False, slot_size=half
+        )
+        entry = asm.jmp_rel32(slot.address, program).ljust(half, b"\xcc")
+        self.vm.memory.write_phys(self.area.phys(slot.address), entry + code.bytes)
+        site.pre_rip = 0
+        site.post_rip = None
+        site.cont_rip = cont
+
+    def _recorder(self) -> Recorder:
+        """The record ring, set up on the first recorded probe (VM stopped)."""
+        if self.recorder is None:
+            assert self.area is not None and self.slots is not None
+            recorder = Recorder(self.vm, self.area)
+            recorder.programs.before_collect = self._observe_quiescence
+            recorder.programs.grace_over = self._grace_over
+            recorder.programs.in_use = self._slot_in_use
+            self.vm.target.client.insert_breakpoint(WATCH_WRITE, recorder.layout.drain, 1)
+            self.recorder = recorder
+            self.vm.target.idle_interval = self.RECORD_DRAIN_INTERVAL
+        self.vm.target.on_idle = self.flush_records
+        return self.recorder
+
+    def flush_records(self) -> None:
+        recorder = self.recorder
+        if recorder is None or not recorder.probes:
+            return
+        run = self.manager.run_recorded
+        for kp, record in recorder.drain():
+            run(kp, record)
+
+    def release_record_id(self, kp: Kprobe) -> None:
+        if self.recorder is not None and kp.record_id is not None:
+            self.recorder.remove(kp.record_id)
+            if not self.recorder.probes:  # no idle stops for an empty ring
+                self.vm.target.on_idle = None
+        kp.record_id = None
 
     def _promote(self, site: ProbeSite) -> None:
         """Give a hot site a mailbox byte and a watchpoint of its own (VM stopped).
@@ -439,6 +505,8 @@ class WatchpointChannel(TrapChannel):
         self._unwatch_site(site)
         self._shared_hits.pop(site.addr, None)
         self.slots.free_insn_slot(self._slot(site))
+        if self.recorder is not None:
+            self.recorder.drop_program(site)
 
     def _observe_quiescence(self) -> None:
         """Note which vCPUs are in a quiescent state now (VM stopped).
@@ -481,6 +549,11 @@ class WatchpointChannel(TrapChannel):
         """
         watch = stop.watch
         if watch is None:
+            return
+        if self.recorder is not None and watch.address == self.recorder.layout.drain:
+            self.flush_records()
+            if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
+                self._handle_every_vcpu(self.vm.target.client, stop.thread or "")
             return
         site = self.watch_sites.get(watch.address)
         if site is None and watch.address not in (self.mailbox, self.mailbox + RETURN_WATCH):
@@ -628,6 +701,11 @@ class WatchpointChannel(TrapChannel):
                 self.idt_seq = None
             client.remove_breakpoint(WATCH_WRITE, self.mailbox, 1)
             client.remove_breakpoint(WATCH_WRITE, self.mailbox + RETURN_WATCH, 1)
+            if self.recorder is not None:
+                self.flush_records()
+                client.remove_breakpoint(WATCH_WRITE, self.recorder.layout.drain, 1)
+                target.on_idle = None
+                self.recorder = None
             for site in list(self.watch_sites.values()):
                 self._unwatch_site(site)
         self._wait_until_out_of_area()
