@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
+from kprobevm.events.capture import DEFAULT_STRING_SIZE, MODES
 from kprobevm.image import DEFAULT_MEMORY
 
 if TYPE_CHECKING:
@@ -251,6 +252,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
     if not events:
         print(f"kprobevm {sub}: no probe definitions", file=sys.stderr)
         return EXIT_USAGE
+    if not 1 <= args.string_size <= 4096:
+        print(f"kprobevm {sub}: --string-size {args.string_size} is not in 1..4096",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
         try:
@@ -261,7 +266,17 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
             for p in plan:
                 print(p.describe())
             return EXIT_OK
-        session = trace.TraceSession(vm, plan, count_only=count_only)
+        if args.mode == "record":
+            _, why = trace.record_specs(
+                vm, plan, count_only=count_only, string_size=args.string_size,
+                have_btf=vm.task_layout is not None,
+            )  # fmt: skip
+            if why:
+                print(f"kprobevm {sub}: --mode record: {why}", file=sys.stderr)
+                return EXIT_USAGE
+        session = trace.TraceSession(
+            vm, plan, count_only=count_only, mode=args.mode, string_size=args.string_size
+        )
         session.start()
         reader_gone = False
         try:
@@ -278,7 +293,7 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
             _print_hits(session, out, args.json)
         missed = session.missed()
         if missed:
-            _progress(f"{missed} hit(s) missed (kretprobe maxactive reached)")
+            _progress(f"{missed} hit(s) missed (kretprobe maxactive, full ring or re-entry)")
         for error in session.handler_errors():
             _progress(f"handler error: {error}")
         if count_only:
@@ -407,6 +422,13 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
                         help="resolve and print what would be placed; write nothing")
     parser.add_argument("--command-timeout", type=float, default=3600.0, metavar="S",
                         help="seconds CMD may run (default 3600)")
+    parser.add_argument("--mode", choices=MODES, default="auto",
+                        help="record: the guest records each hit, no stop (entry probes);"
+                             " stop: the guest stops at each hit; auto (default): record"
+                             " when every probe can be")
+    parser.add_argument("--string-size", type=int, default=DEFAULT_STRING_SIZE, metavar="N",
+                        help="bytes a recorded string keeps, NUL included (default"
+                             f" {DEFAULT_STRING_SIZE}; 1..4096)")
     _add_guest_options(parser)
 
 
@@ -414,8 +436,10 @@ TRACE_EPILOG = """DEF is a kprobe_events definition, as tracefs takes it:
   'p:open do_sys_openat2 dfd=%di:s32 filename=+0(%si):ustring'
   'r:openret do_sys_openat2 ret=$retval:s32'
 CMD's output goes to stderr; stdout has one line per hit in the ftrace format
-(comm-pid [cpu] flags timestamp: event: (where) args). Timestamps are host monotonic
-time since the probes were placed: the guest's trace clock cannot be read from the host.
+(comm-pid [cpu] flags timestamp: event: (where) args). Recorded events (--mode) are
+written by the guest at each hit without stopping it and printed in batches; their
+timestamps are the guest's TSC since boot. Events that stop the guest (return probes,
+--mode stop) are stamped with host monotonic time since the probes were placed.
 On x86_64 a user pointer needs :ustring (or +u0(...)): a plain :string prints (fault),
 as the kernel does."""
 

@@ -28,7 +28,7 @@ from kprobevm.events import (
     parse_event,
     resolve_event,
 )
-from kprobevm.events.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
+from kprobevm.events.capture import DEFAULT_STRING_SIZE, MODES, Unrecordable, record_spec
 from kprobevm.events.errors import probe_error
 from kprobevm.events.fetch import (
     Arg,
@@ -80,9 +80,7 @@ RECORDED_TIMESTAMP_NOTE = (
     "timestamps are the guest's TSC at each hit, in seconds since the TSC started (boot), "
     "converted with the guest's tsc_khz"
 )
-MODES = ("auto", "record", "stop")
-"""How a session places its events: recorded by the guest (no stop per hit), stopping the
-guest at each hit, or recorded when every event can be (the default)."""
+
 
 THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
 MAX_INSN_SIZE = 15
@@ -419,30 +417,14 @@ class TraceSession:
         """Record every event when ``mode`` allows and each can be; else stop at each hit."""
         if self.mode not in MODES:
             raise KprobeError(f"trace mode {self.mode!r} is not one of {', '.join(MODES)}")
-        specs: list[RecordSpec | None] = []
-        why = ""
-        for p in self.plan:
-            ev = p.resolved.event
-            if ev.is_return:
-                why = f"{ev.group}/{ev.event} is a return probe"
-            elif not have_btf:
-                why = "the record program needs the kernel's BTF"
-            elif not self.vm.kprobes.channel.records:
-                why = f"the {self.vm.kprobes.channel.name} channel does not record"
-            else:
-                try:
-                    specs.append(
-                        RecordSpec(count_only=True) if self.count_only
-                        else record_spec(p.resolved.args, string_size=self.string_size)
-                    )  # fmt: skip
-                    continue
-                except Unrecordable as exc:
-                    why = f"{ev.group}/{ev.event}: {exc}"
-            break
+        specs, why = record_specs(
+            self.vm, self.plan, count_only=self.count_only, string_size=self.string_size,
+            have_btf=have_btf,
+        )  # fmt: skip
         if self.mode == "record" and why:
             raise KprobeError(f"cannot record these events: {why}")
         self.recorded = self.mode != "stop" and not why
-        self._specs = specs if self.recorded else [None] * len(self.plan)
+        self._specs = [*specs] if self.recorded else [None] * len(self.plan)
         if self.recorded and not self.count_only:
             raw = self.vm.read(self.vm.symbols["tsc_khz"], 4)
             self._tsc_khz = int.from_bytes(raw, "little")
@@ -593,6 +575,34 @@ class TraceSession:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def record_specs(
+    vm: VM,
+    plan: Sequence[PlannedProbe],
+    *,
+    count_only: bool = False,
+    string_size: int = DEFAULT_STRING_SIZE,
+    have_btf: bool = True,
+) -> tuple[list[RecordSpec], str]:
+    """Each event's record spec, or why the events cannot all be recorded ("" if they can)."""
+    specs: list[RecordSpec] = []
+    for p in plan:
+        ev = p.resolved.event
+        if ev.is_return:
+            return specs, f"{ev.group}/{ev.event} is a return probe"
+        if not have_btf:
+            return specs, "the record program needs the kernel's BTF"
+        if not vm.kprobes.channel.records:
+            return specs, f"the {vm.kprobes.channel.name} channel does not record"
+        if count_only:
+            specs.append(RecordSpec(count_only=True))
+            continue
+        try:
+            specs.append(record_spec(p.resolved.args, string_size=string_size))
+        except Unrecordable as exc:
+            return specs, f"{ev.group}/{ev.event}: {exc}"
+    return specs, ""
 
 
 def check_definitions(texts: Sequence[str]) -> tuple[list[ProbeEvent], list[str]]:

@@ -53,6 +53,9 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "--help")[0] == cli.EXIT_OK
     code, out, _ = run(capsys, "trace", "--help")
     assert code == cli.EXIT_OK and "host monotonic" in out and ":ustring" in out
+    assert "guest's TSC" in out and "--mode" in out
+    code, _, err = run(capsys, "trace", "--boot", "--string-size", "0", "p vfs_read")
+    assert code == cli.EXIT_USAGE and "--string-size 0" in err
 
 
 def test_recover_of_a_missing_journal_is_a_vm_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -110,3 +113,18 @@ def test_count_boot(capsys: pytest.CaptureFixture[str]) -> None:
         counts[key[2:-1]] = int(n)
     assert counts["do_sys_openat2"] >= 5 and counts["rd"] >= 5
     assert [int(line.split(": ")[1]) for line in lines] == sorted(counts.values())
+
+
+@pytest.mark.vm
+def test_record_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """--mode record counts in the guest, and refuses a return probe as a usage error."""
+    code, out, err = run(
+        capsys, "count", "--boot", "--mode", "record", "do_sys_openat2",
+        "--", "for i in 1 2 3 4 5; do cat /proc/version; done >/dev/null",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    assert int(out.split(": ")[1]) >= 5, out
+    code, _, err = run(
+        capsys, "trace", "--boot", "--mode", "record", "r do_sys_openat2 $retval", "--", "true"
+    )
+    assert code == cli.EXIT_USAGE and "is a return probe" in err, err

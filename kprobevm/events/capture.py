@@ -32,8 +32,11 @@ from kprobevm.events.fetch import (
 from kprobevm.recorder import RecordSpec
 from kprobevm.x86.record import SNAPSHOT_REGS, Capture
 
-__all__ = ["DEFAULT_STRING_SIZE", "Unrecordable", "record_spec"]
+__all__ = ["DEFAULT_STRING_SIZE", "MODES", "Unrecordable", "record_spec"]
 
+MODES = ("auto", "record", "stop")
+"""How a trace session places its events: recorded by the guest (no stop per hit),
+stopping the guest at each hit, or recorded when every event can be (auto, the default)."""
 DEFAULT_STRING_SIZE = 256
 """Bytes a recorded string keeps, its NUL included (the kernel keeps up to 4,096)."""
 _U64 = (1 << 64) - 1
