@@ -1,8 +1,10 @@
 """kprobevm's contenders: empty handler, a handler that reads arguments and a string, a
-return probe, and the same engine over a real gdb (``VM.transport = "gdbmi"``)."""
+return probe, the same two handlers on recorded probes (the guest records each hit, the
+handler runs from the record), and the engine over a real gdb (``VM.transport = "gdbmi"``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,11 +14,23 @@ from kprobevm.bench.workload import HOT_FUNCTION, Run, run_opens
 from kprobevm.errors import GuestFaultError, KprobeVMError
 from kprobevm.kprobes import Kprobe
 from kprobevm.ptregs import PtRegs
+from kprobevm.recorder import RecordSpec
+from kprobevm.x86.record import Capture
 
 if TYPE_CHECKING:
     from kprobevm.vm import VM
 
-__all__ = ["TrapSample", "measure_args", "measure_empty", "measure_kretprobe", "per_hit_breakdown"]
+__all__ = [
+    "TrapSample",
+    "measure_args",
+    "measure_empty",
+    "measure_kretprobe",
+    "measure_recorded",
+    "per_hit_breakdown",
+]
+
+#: What the args handler reads from a recorded hit: the file name (user memory).
+FILE_NAME = RecordSpec(captures=(Capture(offset=0, size=256, reg="si", string=True, user=True),))
 
 
 @dataclass(frozen=True)
@@ -36,8 +50,9 @@ def _trap_counters(vm: VM) -> TrapSample:
 
 def _probe_run(vm: VM, name: str, description: str, opens: int,
                handler: Callable[[Kprobe, PtRegs], object],
-               function: str = HOT_FUNCTION) -> tuple[HitRate, TrapSample]:
-    kp = Kprobe(symbol_name=function, pre_handler=handler)
+               function: str = HOT_FUNCTION,
+               record: RecordSpec | None = None) -> tuple[HitRate, TrapSample]:
+    kp = Kprobe(symbol_name=function, pre_handler=handler, record=record)
     try:
         vm.register_kprobe(kp)
     except KprobeVMError as exc:
@@ -45,6 +60,10 @@ def _probe_run(vm: VM, name: str, description: str, opens: int,
     try:
         before = _trap_counters(vm)
         run = run_opens(vm, opens)
+        if record is not None:  # the clock runs until the last recorded hit is handled
+            start = time.perf_counter()
+            vm.kprobes.flush_records()
+            run = Run(run.ops, run.seconds + time.perf_counter() - start)
         after = _trap_counters(vm)
         hits = kp.nhit
     finally:
@@ -63,22 +82,38 @@ def measure_empty(vm: VM, opens: int, *, name: str = "kprobevm",
     return _probe_run(vm, name, description, opens, lambda kp, regs: None, function)
 
 
-def measure_args(vm: VM, opens: int) -> tuple[HitRate, TrapSample]:
-    """A handler that reads dfd, the open_how pointer, and the file name from user memory."""
-    faults = 0
+def measure_recorded(vm: VM, opens: int, *, args: bool = False) -> HitRate:
+    """A recorded probe: an empty handler, or (``args``) the args handler, fed from records."""
+    if args:
+        name, description = "kprobevm_recorded_args", "kprobevm recorded, 2 args + file name"
+        handler, spec = _args_handler()[0], FILE_NAME
+    else:
+        name, description = "kprobevm_recorded", "kprobevm recorded, empty handler"
+        handler, spec = (lambda kp, regs: None), RecordSpec()
+    return _probe_run(vm, name, description, opens, handler, record=spec)[0]
+
+
+def _args_handler() -> tuple[Callable[[Kprobe, PtRegs], None], list[int]]:
+    """Reads dfd, the open_how pointer and the file name; counts the reads that fault."""
+    faults = [0]
 
     def handler(kp: Kprobe, regs: PtRegs) -> None:
-        nonlocal faults
         _dfd, _how = regs.di, regs.dx
         assert regs.memory is not None
         try:
             regs.memory.cstring(regs.si, 256)
         except GuestFaultError:
-            faults += 1  # the user page is not mapped (yet): the kernel would fault it in
+            faults[0] += 1  # the user page is not mapped (yet): the kernel would fault it in
 
+    return handler, faults
+
+
+def measure_args(vm: VM, opens: int) -> tuple[HitRate, TrapSample]:
+    """A handler that reads dfd, the open_how pointer, and the file name from user memory."""
+    handler, faults = _args_handler()
     hr, sample = _probe_run(vm, "kprobevm_args", "kprobevm, reads 2 args + file name",
                             opens, handler)
-    extra = {**hr.extra, "user_string_faults": float(faults)}
+    extra = {**hr.extra, "user_string_faults": float(faults[0])}
     return HitRate(hr.name, hr.description, hr.hits, hr.run, hr.reason, extra), sample
 
 

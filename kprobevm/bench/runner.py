@@ -144,6 +144,9 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
         say(f"kprobevm_args: {args.hits_per_s or 0:,.0f} hits/s")
         kret = engine.measure_kretprobe(vm, config.hit_opens)
         say(f"kprobevm_kretprobe: {kret.hits_per_s or 0:,.0f} hits/s {kret.reason}")
+        recorded = [engine.measure_recorded(vm, config.hit_opens, args=a) for a in (False, True)]
+        for hr in recorded:
+            say(f"{hr.name}: {hr.hits_per_s or 0:,.0f} hits/s {hr.reason}")
         dense, _ = engine.measure_empty(vm, config.hit_opens, function=DENSE_FUNCTION)
         say(f"dense kprobevm: {dense.hits_per_s or 0:,.0f} hits/s")
         baselines.append(run_opens(vm, config.opens))
@@ -174,9 +177,11 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
     say(f"kprobevm_gdbmi: {gdbmi.hits_per_s or 0:,.1f} hits/s {gdbmi.reason}")
     env["loadavg_end"] = _loadavg()
     env["baseline_runs_ops_per_s"] = [round(r.ops_per_s, 1) for r in baselines]
-    order = {"kprobevm": 0, "kprobevm_args": 1, "kprobevm_kretprobe": 2, "kprobevm_gdbmi": 3,
-             "guest_kprobe": 4, "gdb_python": 5, "gdb_commands": 6}
-    rates = sorted([empty, args, kret, gdbmi, *hit_rates], key=lambda h: order.get(h.name, 99))
+    order = {"kprobevm": 0, "kprobevm_args": 1, "kprobevm_kretprobe": 2,
+             "kprobevm_recorded": 3, "kprobevm_recorded_args": 4, "kprobevm_gdbmi": 5,
+             "guest_kprobe": 6, "gdb_python": 7, "gdb_commands": 8}
+    rates = sorted([empty, args, kret, *recorded, gdbmi, *hit_rates],
+                   key=lambda h: order.get(h.name, 99))
     return BenchReport(env, baseline, rates, idle_points, registration, per_hit, memory, notes,
                        dense=(dense, gdb_dense))
 
