@@ -487,13 +487,11 @@ class GdbClient(Closing):
         caller to collect the replies with :meth:`recv_reply`, which keeps every
         guarantee.
         """
-        if (self._outstanding or self._unacked or self._events or self._reader.pending
-                or self._closed or not self.lazy_acks):
-            self._send_many(payloads)
-            return None
         framed = [encode_packet(p) for p in payloads]
         n = len(framed)
-        got = self._fast_io(framed[0] if n == 1 else b"".join(framed), n, payloads[0])
+        got = self._fast_io(payloads, framed[0] if n == 1 else b"".join(framed))
+        if got is None:
+            return None
         replies = _plain_replies(got, n)
         if replies is None:
             self._fast_fallback(payloads, framed, got)
@@ -510,12 +508,10 @@ class GdbClient(Closing):
         ``}``, ``*``, a stop, console output, ``Exx``). None when something else came or
         was in flight: the reply is then :meth:`recv_reply`'s, as in :meth:`_fast_exchange`.
         """
-        if (self._outstanding or self._unacked or self._events or self._reader.pending
-                or self._closed or not self.lazy_acks):
-            self._send_many([payload])
-            return None
         framed = _framed(payload)
-        got = self._fast_io(framed, 1, payload)
+        got = self._fast_io((payload,), framed)
+        if got is None:
+            return None
         if len(got) == 2 * size + 5 and got[:2] == b"+$" and got[-3] == 0x23:
             body = got[2:-3]
             try:
@@ -528,15 +524,21 @@ class GdbClient(Closing):
                     self._pending_ack = b"+"
                     self.stats.replies += 1
                     return data
-        self._fast_fallback([payload], [framed], got)
+        self._fast_fallback((payload,), (framed,), got)
         return None
 
-    def _fast_io(self, data: bytes, n: int, sent: bytes) -> bytes:
-        """Send ``data`` after the acks we owe and read until ``n`` packets have ended.
+    def _fast_io(self, payloads: Sequence[bytes], data: bytes) -> bytes | None:
+        """Send ``data`` (``payloads`` framed) after the acks we owe, and read until as
+        many packets have ended; what came, less after a stall or a stub trickling bytes.
 
-        Returns what came: less after a stall (or a stub trickling bytes), which the
-        general path then waits out against the deadline.
+        None when other requests are in flight or bytes half-read: ``payloads`` then go
+        out the general way, for :meth:`recv_reply`.
         """
+        if (self._outstanding or self._unacked or self._events or self._reader.buffer
+                or self._closed or not self.lazy_acks):
+            self._send_many(payloads)
+            return None
+        n = len(payloads)
         data = self._pending_ack + data
         self._pending_ack = b""
         self.stats.packets_sent += n
@@ -549,7 +551,8 @@ class GdbClient(Closing):
                 chunk = recv(_FAST_RECV_SIZE)
                 if not chunk:
                     self._hang_up()
-                    raise GdbConnectionClosed("the stub closed the connection", sent=sent)
+                    raise GdbConnectionClosed("the stub closed the connection",
+                                              sent=payloads[0])
                 got += chunk
                 if len(got) > 5 and got[-3] == 0x23 and (n == 1 or got.count(b"#") >= n):
                     break
@@ -557,7 +560,7 @@ class GdbClient(Closing):
             pass  # a stall: the general path waits out the deadline
         except OSError as exc:
             self._hang_up()
-            raise GdbConnectionClosed(f"socket error: {exc}", sent=sent) from exc
+            raise GdbConnectionClosed(f"socket error: {exc}", sent=payloads[0]) from exc
         return got
 
     def _fast_fallback(self, payloads: Sequence[bytes], framed: Sequence[bytes],
@@ -1027,7 +1030,7 @@ class GdbClient(Closing):
             return self._stops.popleft()
         if not self.running:
             return None
-        if not (self._events or self._reader.pending or self._deferred or self._closed):
+        if not (self._events or self._reader.buffer or self._deferred or self._closed):
             # The trap path's two wake-ups per hit: the '+' for our 'c', then the stop.
             data = self._recv_nowait()
             if data is None:

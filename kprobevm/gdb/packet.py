@@ -376,25 +376,27 @@ class PacketReader:
     the reader drops it.
     """
 
-    __slots__ = ("_buf", "garbage", "max_packet")
+    __slots__ = ("buffer", "garbage", "max_packet")
 
     def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
         self.max_packet = max_packet
-        self._buf = bytearray()
+        self.buffer = bytearray()
+        """Bytes held for an unfinished packet (read it, don't change it): a truth test
+        on it is the cheapest 'nothing half-read' check for the client's hot path."""
         self.garbage = 0
 
     @property
     def pending(self) -> int:
         """Bytes held for an unfinished packet."""
-        return len(self._buf)
+        return len(self.buffer)
 
     def reset(self) -> None:
         """Forget any partial packet."""
-        self._buf.clear()
+        self.buffer.clear()
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes; return the complete events they finish, in order."""
-        buf = self._buf
+        buf = self.buffer
         buf += data
         events: list[Event] = []
         pos = 0
