@@ -18,6 +18,7 @@ from kprobevm.errors import (
     GdbTimeout,
 )
 from kprobevm.gdb.client import BreakpointKind, GdbClient
+from kprobevm.gdb.packet import checksum
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 
@@ -184,6 +185,35 @@ def test_bad_checksum_is_naked_and_retransmission_accepted() -> None:
             break
         time.sleep(0.01)
     assert b"-" in stub.raw_received
+
+
+def test_hex_fast_path_hands_every_odd_reply_to_the_general_path() -> None:
+    t = QemuLike()
+    c, stub, _ = make(t)
+    data = b"\xab\xcd\xef\xff\xfe\xfd\xfc\x00"
+    t.ram[:8] = data
+    # a bad checksum is NAKed, and the retransmission is the answer
+    t.hooks[b"m1000,8"] = lambda p: [b"$ffffffffffffffff#00", frame(data.hex().encode())]
+    assert c.read_memory(RAM_BASE, 8) == data
+    assert c.stats.bad_checksums == 1 and c.stats.naks_sent == 1
+    # upper-case hex and checksum (1F); a reply trickled a byte per send
+    upper = data.hex().upper().encode()
+    t.hooks[b"m1000,8"] = lambda p: b"$%s#%02X" % (upper, checksum(upper))
+    assert c.read_memory(RAM_BASE, 8) == data
+    wide = frame(bytes(t.ram[:64]).hex().encode())
+    t.hooks[b"m1000,40"] = lambda p: [wide[i:i + 1] for i in range(len(wide))]
+    assert c.read_memory(RAM_BASE, 64) == bytes(t.ram[:64])
+    # 'xx' for a register the stub cannot read: left out
+    t.hooks[b"g"] = lambda p: frame(b"xx" * 8 + t.g_hex()[16:])
+    regs = c.read_registers()
+    assert "rax" not in regs and regs["rip"] == 0xFFF0
+    # a stale stop ahead of the reply is dropped, the reply still pairs
+    t.hooks[b"g"] = lambda p: [frame(b"T02thread:01;"), frame(t.g_hex())]
+    assert c.read_registers(wide=False)["rip"] == 0xFFF0
+    assert c.stats.stale_stops == 1
+    del t.hooks[b"g"]
+    assert c.read_registers(wide=False)["rip"] == 0xFFF0
+    assert stub.received.count(b"m1000,8") == 2  # each read sent its request once
 
 
 def test_stall_times_out_and_late_reply_is_discarded() -> None:

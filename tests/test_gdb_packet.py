@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from random import Random
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from kprobevm.gdb.packet import (
     decode_payload,
     encode_packet,
     escape,
+    hex_checksum,
     is_console_output,
     is_stop_reply,
     parse_error_reply,
@@ -46,6 +48,21 @@ def test_checksum_and_framing() -> None:
     assert encode_packet(b"g") == b"$g#67"
     assert encode_packet(b"") == b"$#00"
     assert encode_packet(b"?") == b"$?#3f"
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000))
+def test_checksum_is_the_byte_sum_at_every_length(data: bytes) -> None:
+    assert checksum(data) == sum(data) & 0xFF
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([0, 1, 641, 642, 643, 1216, 1284, 1285, 4096]),
+       st.sampled_from([b"0", b"f", b"0123456789abcdef", b"ABCDEF0f"]), st.randoms())
+def test_hex_checksum_matches_checksum(n: int, alphabet: bytes, rnd: Random) -> None:
+    # the adler32 short cut is exact only for hex digits: try the extremes ('f' * n)
+    text = bytes(rnd.choice(alphabet) for _ in range(n))
+    assert hex_checksum(text) == checksum(text) == sum(text) & 0xFF
 
 
 def test_recorded_packets_decode() -> None:

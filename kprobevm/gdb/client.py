@@ -19,6 +19,7 @@ Not thread-safe: one thread drives one client (the engine selects on :meth:`file
 from __future__ import annotations
 
 import binascii
+import functools
 import logging
 import os
 import re
@@ -52,6 +53,7 @@ from kprobevm.gdb.packet import (
     checksum,
     decode_console_output,
     encode_packet,
+    hex_checksum,
     is_console_output,
     is_stop_reply,
     parse_error_reply,
@@ -71,13 +73,17 @@ DEFAULT_TIMEOUT = 5.0
 _RECV_SIZE = 1 << 16
 _FAST_RECV_SIZE = 1 << 13
 """Small reads on the hot path: a large recv buffer costs an allocation per call."""
+_FAST_READS = 64
+"""Reads per reply the fast path makes before it hands over (a stub trickling bytes)."""
 _INTERRUPT = b"\x03"
 _NOT_FAST = (b"T", b"S", b"W", b"X", b"O", b"")
+"""First bytes of replies the fast path hands to the general one (stops, console)."""
 _PLAIN_ONE = re.compile(rb"\+\$([^$#}*]*)#([0-9a-fA-F]{2})\Z")
+"""One ack and one plain reply: no escape, no run-length, nothing after it."""
 _PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2})\Z")
 """A stop reply alone (after the '+' for our resume, perhaps): the trap path's packet."""
-"""One ack and one plain reply: no escape, no run-length, nothing after it."""
-"""First bytes of replies the fast path hands to the general one (stops, console)."""
+_HEX_BYTE = tuple(b"%02x" % i for i in range(256))
+"""Checksums as QEMU writes them: comparing bytes beats parsing them."""
 _FEATURES = b"qSupported:multiprocess+;swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386"
 
 
@@ -121,6 +127,12 @@ class _Request:
 
 class GdbClient(Closing):
     """A typed RSP client; :meth:`connect` is the usual way to get one."""
+
+    read_chunk: int
+    """Bytes per ``m`` packet: a power of two whose hex reply fits the packet size."""
+    write_chunk: int
+    """Bytes per ``M`` packet: header and hex data must fit the stub's buffer (QEMU drops
+    a packet that fills its 4096-byte line buffer without a reply)."""
 
     def __init__(
         self,
@@ -475,47 +487,92 @@ class GdbClient(Closing):
         caller to collect the replies with :meth:`recv_reply`, which keeps every
         guarantee.
         """
-        if (self._outstanding or self._unacked or self._events or self._reader.pending
+        framed = [encode_packet(p) for p in payloads]
+        n = len(framed)
+        got = self._fast_io(payloads, framed[0] if n == 1 else b"".join(framed))
+        if got is None:
+            return None
+        replies = _plain_replies(got, n)
+        if replies is None:
+            self._fast_fallback(payloads, framed, got)
+            return None
+        self._pending_ack = b"+" * n
+        self.stats.replies += n
+        return replies
+
+    def _hex_roundtrip(self, payload: bytes, size: int) -> bytes | None:
+        """One request whose good reply is ``size`` bytes in hex (``m``, ``g``): the bytes.
+
+        The shortest path there is: the reply is found by position in ``+$hex#xx``, and
+        unhexlify rejects every byte that would make it anything else (``$``, ``#``,
+        ``}``, ``*``, a stop, console output, ``Exx``). None when something else came or
+        was in flight: the reply is then :meth:`recv_reply`'s, as in :meth:`_fast_exchange`.
+        """
+        framed = _framed(payload)
+        got = self._fast_io((payload,), framed)
+        if got is None:
+            return None
+        if len(got) == 2 * size + 5 and got[:2] == b"+$" and got[-3] == 0x23:
+            body = got[2:-3]
+            try:
+                data = binascii.unhexlify(body)
+            except (binascii.Error, ValueError):
+                pass
+            else:
+                # hex digits only, so the short-cut checksum is exact
+                if _HEX_BYTE[hex_checksum(body)] == got[-2:]:
+                    self._pending_ack = b"+"
+                    self.stats.replies += 1
+                    return data
+        self._fast_fallback((payload,), (framed,), got)
+        return None
+
+    def _fast_io(self, payloads: Sequence[bytes], data: bytes) -> bytes | None:
+        """Send ``data`` (``payloads`` framed) after the acks we owe, and read until as
+        many packets have ended; what came, less after a stall or a stub trickling bytes.
+
+        None when other requests are in flight or bytes half-read: ``payloads`` then go
+        out the general way, for :meth:`recv_reply`.
+        """
+        if (self._outstanding or self._unacked or self._events or self._reader.buffer
                 or self._closed or not self.lazy_acks):
             self._send_many(payloads)
             return None
-        # Requests are built only if the fast path fails: every step here is paid with
-        # caches that QEMU's thread has just turned over.
-        framed = [b"$%s#%02x" % (p, checksum(p)) for p in payloads]
-        data = self._pending_ack + (framed[0] if len(framed) == 1 else b"".join(framed))
+        n = len(payloads)
+        data = self._pending_ack + data
         self._pending_ack = b""
-        n = len(framed)
         self.stats.packets_sent += n
         recv = self._sock.recv
         got = b""
         try:
             self._sock.sendall(data)
             # QEMU writes each '+' and each reply separately: read until the n-th ends.
-            for _ in range(64 * n):
+            for _ in range(_FAST_READS * n):
                 chunk = recv(_FAST_RECV_SIZE)
                 if not chunk:
                     self._hang_up()
                     raise GdbConnectionClosed("the stub closed the connection",
                                               sent=payloads[0])
                 got += chunk
-                if len(got) > 5 and got[-3] == 0x23 and got.count(b"#") >= n:
+                if len(got) > 5 and got[-3] == 0x23 and (n == 1 or got.count(b"#") >= n):
                     break
         except (BlockingIOError, InterruptedError, TimeoutError):
             pass  # a stall: the general path waits out the deadline
         except OSError as exc:
             self._hang_up()
             raise GdbConnectionClosed(f"socket error: {exc}", sent=payloads[0]) from exc
-        replies = _plain_replies(got, n)
-        if replies is not None:
-            self._pending_ack = b"+" * n
-            self.stats.replies += n
-            return replies
+        return got
+
+    def _fast_fallback(self, payloads: Sequence[bytes], framed: Sequence[bytes],
+                       got: bytes) -> None:
+        """Hand a fast exchange over to the general path: requests outstanding, bytes read."""
+        # Request records are built only now: every step on the fast path is paid with
+        # caches that QEMU's thread has just turned over.
         reqs = [_Request(p, f, False) for p, f in zip(payloads, framed, strict=True)]
         self._unacked.extend(reqs)
         self._outstanding.extend(reqs)
         if got:
             self._absorb(got, payloads[0])
-        return None
 
     def _slow_roundtrip(self, payload: bytes, timeout: float | None) -> bytes:
         self._send_many([payload])
@@ -636,7 +693,14 @@ class GdbClient(Closing):
 
         ``wide=False`` skips x87/xmm registers (see :meth:`RegisterLayout.decode`).
         """
-        (reply,) = self._with_thread(thread, [b"g"])
+        if thread is None or self._thread["g"] == thread:
+            layout = self.layout
+            data = self._hex_roundtrip(b"g", layout.g_size)
+            if data is not None:
+                return self._remember_registers(layout.decode_bytes(data, wide=wide))
+            reply = self.recv_reply()
+        else:
+            (reply,) = self._with_thread(thread, [b"g"])
         return self._registers_from(reply, wide)
 
     def read_registers_along(
@@ -655,7 +719,10 @@ class GdbClient(Closing):
         """Decode a ``g`` reply and remember it: register writes skip unchanged values."""
         if reply[:1] == b"E":
             _check(b"g", reply)
-        values = self.layout.decode(reply, wide=wide)
+        return self._remember_registers(self.layout.decode(reply, wide=wide))
+
+    def _remember_registers(self, values: dict[str, int]) -> dict[str, int]:
+        """Keep ``values`` as the selected thread's registers, for register writes."""
         self._reg_cache = (self._thread["g"], values)
         return values
 
@@ -737,17 +804,16 @@ class GdbClient(Closing):
     # -- memory ------------------------------------------------------------------------
 
     @property
-    def read_chunk(self) -> int:
-        """Bytes per ``m`` packet: a power of two whose hex reply fits the packet size."""
-        return _pow2_floor(min(0x800, (self.packet_size - 8) // 2))
+    def packet_size(self) -> int:
+        """The stub's ``PacketSize``; setting it sizes :attr:`read_chunk`/:attr:`write_chunk`."""
+        return self._packet_size
 
-    @property
-    def write_chunk(self) -> int:
-        """Bytes per ``M`` packet: header and hex data must fit the stub's buffer.
-
-        QEMU drops a packet that fills its 4096-byte line buffer without a reply.
-        """
-        return _pow2_floor((self.packet_size - 40) // 2)
+    @packet_size.setter
+    def packet_size(self, size: int) -> None:
+        # Plain attributes, not properties: read_memory checks read_chunk on every call.
+        self._packet_size = size
+        self.read_chunk = _pow2_floor(min(0x800, (size - 8) // 2))
+        self.write_chunk = _pow2_floor((size - 40) // 2)
 
     def memory_read_packets(self, addr: int, n: int) -> list[bytes]:
         """``m`` packets covering [addr, addr+n), split at multiples of the chunk size."""
@@ -801,13 +867,8 @@ class GdbClient(Closing):
                 and (thread is None or self._thread["g"] == thread)):
             # One packet, nothing to switch: the probe handler's common case.
             payload = b"m%x,%x" % (addr, n)
-            reply = self.roundtrip(payload)
-            if len(reply) == 2 * n:
-                try:
-                    return binascii.unhexlify(reply)
-                except (binascii.Error, ValueError):
-                    pass
-            return _join_memory([payload], [reply])
+            data = self._hex_roundtrip(payload, n)
+            return data if data is not None else _join_memory([payload], [self.recv_reply()])
         packets = self.memory_read_packets(addr, n)
         return _join_memory(packets, self._memory_op(False, thread, packets))
 
@@ -969,7 +1030,7 @@ class GdbClient(Closing):
             return self._stops.popleft()
         if not self.running:
             return None
-        if not (self._events or self._reader.pending or self._deferred or self._closed):
+        if not (self._events or self._reader.buffer or self._deferred or self._closed):
             # The trap path's two wake-ups per hit: the '+' for our 'c', then the stop.
             data = self._recv_nowait()
             if data is None:
@@ -1059,6 +1120,13 @@ def _plain_replies(data: bytes, n: int) -> list[bytes] | None:
         replies.append(body)
         pos = hash_at + 3
     return replies if pos == end else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _framed(payload: bytes) -> bytes:
+    """``$payload#xx`` for :meth:`GdbClient._hex_roundtrip`, cached: a probe handler
+    sends the same few short ``m`` and ``g`` requests over and over."""
+    return encode_packet(payload)
 
 
 def _check(sent: bytes, reply: bytes) -> None:
