@@ -119,6 +119,8 @@ SYNTAX_ERRORS = [
     ("p vfs_read ^" + "+1234567(" * 6 + "@1234" + ")" * 6, "ARG_TOO_LONG"),
     ("p vfs_read arg1=^", "NO_ARG_BODY"),
     ("p vfs_read^%hoge", "BAD_ADDR_SUFFIX"),
+    ("p ^%return", "BAD_PROBE_ADDR"),  # no symbol left: the kernel's lookup of "" fails
+    ("p ^+4%return", "BAD_PROBE_ADDR"),
 ]
 
 # The ones that need the guest's symbols: checked when placed (or parse with symbols).

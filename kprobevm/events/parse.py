@@ -421,6 +421,8 @@ def _parse_probe(argv: list[str], symbols: SymbolTable | None) -> ProbeEvent:
         if split is None or not 0 <= split[1] <= _UINT_MAX:
             log.fail("BAD_PROBE_ADDR", 0)
         symbol, offset = split
+        if not symbol:  # "%return" alone: the kernel's lookup of "" fails (-ENOENT)
+            log.fail("BAD_PROBE_ADDR", 0)
         if is_return:
             flags |= _FL_RETURN
         if symbols is None:
