@@ -13,6 +13,7 @@ from kprobevm.bench.report import (
     BenchReport,
     HitRate,
     IdlePoint,
+    PairedIdle,
     idle_slowdown,
     markdown,
     ratio,
@@ -86,6 +87,21 @@ def test_markdown_table_rows() -> None:
     assert "Ratios, not absolute times, are the claims" in text
 
 
+def test_paired_idle_median_and_interval() -> None:
+    paired = PairedIdle(1000, (0.02, -0.01, 0.0, 0.01, 0.03, -0.02, 0.01))
+    assert paired.median == pytest.approx(0.01)
+    lo, hi = paired.interval()
+    assert -0.02 <= lo <= paired.median <= hi <= 0.03
+    assert paired.interval() == (lo, hi)  # seeded: the same rounds, the same interval
+    report = _report()
+    text = markdown(BenchReport(report.environment, report.baseline, report.hit_rates,
+                                paired_idle=paired))  # fmt: skip
+    assert "idle cost at 1,000 armed probes, by 7 paired rounds" in text
+    assert "median slowdown +1.0%" in text
+    assert to_json(BenchReport(report.environment, report.baseline, report.hit_rates,
+                               paired_idle=paired))["idle_paired"]["rounds"] == 7  # fmt: skip
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from kprobevm.bench.plot import save_plot
@@ -103,7 +119,7 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path) -> None:
 
     tiny = QUICK.__class__(opens=500, hit_opens=300, gdbmi_opens=100, gdb_opens=10,
                            idle_counts=(0, 10), idle_rounds=1, idle_opens=300,
-                           registration_counts=(1, 10))
+                           registration_counts=(1, 10), paired_rounds=2, paired_opens=300)
     report = run(tiny)
     out = to_json(report)
     for name, figures in out["contenders"].items():
@@ -112,6 +128,11 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path) -> None:
         assert figures["available"], (name, figures["reason"])
         assert figures["hits"] > 0, name
     assert out["hits_per_s"]["kprobevm"] > out["hits_per_s"]["gdb_python"]
+    assert out["hits_per_s"]["kprobevm_recorded"] > out["hits_per_s"]["gdb_python"]
+    assert out["contenders"]["gdb_python"]["kprobevm_recorded_speedup"] > 1
+    paired = out["idle_paired"]
+    assert paired["probes"] == 10 and len(paired["slowdown_rounds"]) == 2
+    assert paired["hits"] == 0
     assert {p["probes"] for p in out["idle"]["points"]} == {0, 10}
     assert all(p["hits"] == 0 for p in out["idle"]["points"])
     assert out["registration"]["register_10_s"] > 0

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kprobevm.bench.report import IdlePoint
+from kprobevm.bench.report import IdlePoint, PairedIdle
 from kprobevm.bench.workload import run_opens
 from kprobevm.errors import KprobeVMError
 from kprobevm.gdb.client import BreakpointKind
@@ -21,7 +21,16 @@ from kprobevm.kprobes import Kprobe
 if TYPE_CHECKING:
     from kprobevm.vm import VM
 
-__all__ = ["host_rss_kib", "measure_idle", "measure_registration", "probeable"]
+__all__ = [
+    "host_rss_kib",
+    "measure_idle",
+    "measure_idle_paired",
+    "measure_registration",
+    "probeable",
+]
+
+SETTLE_OPENS = 500
+"""A short untimed run after arming or disarming: QEMU retranslates the changed pages."""
 
 
 def _nothing(kp: Kprobe, regs: object) -> None:
@@ -132,3 +141,24 @@ def measure_idle(vm: VM, names: Sequence[str], counts: Sequence[int], *, rounds:
                 samples.setdefault((kind, n), []).append(rate)
                 hits[(kind, n)] = hits.get((kind, n), 0) + hit
     return [IdlePoint(kind, n, tuple(s), hits[(kind, n)]) for (kind, n), s in samples.items()]
+
+
+def measure_idle_paired(vm: VM, names: Sequence[str], *, rounds: int, opens: int) -> PairedIdle:
+    """``len(names)`` probes registered once; each round times the workload disarmed and
+    armed (the order alternating), each run after a short settling run."""
+    kps = _kprobes(names)
+    vm.register_kprobes(kps)
+    vm.disarm_all_kprobes()
+    ratios: list[float] = []
+    try:
+        for r in range(rounds):
+            rates: dict[bool, float] = {}
+            for armed in (False, True) if r % 2 == 0 else (True, False):
+                (vm.arm_all_kprobes if armed else vm.disarm_all_kprobes)()
+                run_opens(vm, SETTLE_OPENS)
+                rates[armed] = run_opens(vm, opens).ops_per_s
+            ratios.append(1.0 - rates[True] / rates[False])
+    finally:
+        vm.unregister_kprobes(kps)
+        vm.arm_all_kprobes()  # later registrations are armed again
+    return PairedIdle(len(kps), tuple(ratios), sum(kp.nhit for kp in kps))

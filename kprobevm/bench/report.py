@@ -6,6 +6,7 @@ hit rate is also given relative to kprobevm's, measured in the same run.
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,36 @@ class HitRate:
 
 
 @dataclass(frozen=True)
+class PairedIdle:
+    """kprobevm's idle cost by paired rounds: ``probes`` armed, then disarmed (or the other
+    way round), the workload timed each way; each round's own slowdown, 1 - armed/disarmed.
+
+    Pairing adjacent runs cancels the machine's slow drift; the median of the rounds and a
+    bootstrap interval say how much of the figure the remaining noise leaves.
+    """
+
+    probes: int
+    ratios: tuple[float, ...]
+    hits: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else float("nan")
+
+    def interval(self, level: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
+        """Bootstrap interval of the median (seeded: the same rounds give the same interval)."""
+        if not self.ratios:
+            return float("nan"), float("nan")
+        rng = random.Random(1)
+        k = len(self.ratios)
+        boots = sorted(
+            statistics.median(rng.choices(self.ratios, k=k)) for _ in range(resamples)
+        )
+        tail = (1 - level) / 2
+        return boots[int(tail * resamples)], boots[int((1 - tail) * resamples) - 1]
+
+
+@dataclass(frozen=True)
 class IdlePoint:
     """The workload's rate with ``probes`` armed where it never goes (median of rounds)."""
 
@@ -93,6 +124,7 @@ class BenchReport:
     notes: Sequence[str] = ()
     dense: Sequence[HitRate] = ()
     """kprobevm and gdb's Python breakpoint on DENSE_FUNCTION (same workload)."""
+    paired_idle: PairedIdle | None = None
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -169,11 +201,21 @@ def to_json(report: BenchReport) -> dict[str, Any]:
             "slowdown": {k: {str(n): v for n, v in d.items()}
                          for k, d in idle_slowdown(report.idle).items()},
         },
+        "idle_paired": _paired_json(report.paired_idle),
         "registration": dict(report.registration),
         "per_hit_us": dict(report.per_hit_us),
         "memory": dict(report.memory),
         "notes": list(report.notes),
     }
+
+
+def _paired_json(paired: PairedIdle | None) -> dict[str, Any] | None:
+    if paired is None:
+        return None
+    lo, hi = paired.interval()
+    return {"probes": paired.probes, "rounds": len(paired.ratios),
+            "slowdown_median": paired.median, "slowdown_95": [lo, hi],
+            "slowdown_rounds": list(paired.ratios), "hits": paired.hits}
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -239,6 +281,13 @@ def markdown(report: BenchReport) -> str:
             cells = [f"{_num(rates.get(n))} ({by_n[n]:+.1%})" if n in by_n else "n/a"
                      for n in counts]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    paired = report.paired_idle
+    if paired is not None and paired.ratios:
+        lo, hi = paired.interval()
+        lines += ["", f"kprobevm's idle cost at {paired.probes:,} armed probes, by"
+                  f" {len(paired.ratios)} paired rounds (armed and disarmed back to back, in"
+                  f" alternating order): median slowdown {paired.median:+.1%}, 95% bootstrap"
+                  f" interval {lo:+.1%} to {hi:+.1%}."]
     if report.registration:
         reg = report.registration
         ns = sorted({int(k.split("_")[1]) for k in reg if k.startswith("register_")})

@@ -47,11 +47,14 @@ class BenchConfig:
     """The guest's speed drifts up to 2x within minutes here: many short rounds."""
     idle_opens: int = 3000
     registration_counts: tuple[int, ...] = (1, 100, 1000)
+    paired_rounds: int = 60
+    """kprobevm's idle cost at the largest count, by paired armed/disarmed rounds."""
+    paired_opens: int = 2000
 
 
 FULL = BenchConfig()
 QUICK = BenchConfig(opens=5000, hit_opens=2000, gdbmi_opens=500, gdb_opens=100,
-                    idle_rounds=1, idle_opens=2000)
+                    idle_rounds=1, idle_opens=2000, paired_rounds=6, paired_opens=1000)
 
 
 def _command_line_version(argv: list[str]) -> str:
@@ -165,6 +168,12 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
             rounds=config.idle_rounds, opens=config.idle_opens,
         )  # fmt: skip
         say("idle " + ", ".join(f"{p.kind}/{p.probes}: {p.ops_per_s:,.0f}" for p in idle_points))
+        paired = idle.measure_idle_paired(
+            vm, names[: max(config.idle_counts)], rounds=config.paired_rounds,
+            opens=config.paired_opens,
+        )  # fmt: skip
+        lo, hi = paired.interval()
+        say(f"paired idle, {paired.probes} probes: {paired.median:+.1%} ({lo:+.1%}..{hi:+.1%})")
         registration = idle.measure_registration(
             vm, names, [n for n in config.registration_counts if n <= len(names)])
         say(f"registration {registration}")
@@ -183,7 +192,7 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
     rates = sorted([empty, args, kret, *recorded, gdbmi, *hit_rates],
                    key=lambda h: order.get(h.name, 99))
     return BenchReport(env, baseline, rates, idle_points, registration, per_hit, memory, notes,
-                       dense=(dense, gdb_dense))
+                       dense=(dense, gdb_dense), paired_idle=paired)
 
 
 def _memory_at(vm: VM, names: Sequence[str]) -> dict[str, float]:
