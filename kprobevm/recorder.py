@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.memory import GuestMemory
 from kprobevm.ptregs import PtRegs
+from kprobevm.slotmap import ExecutablePages
 from kprobevm.slots import Slot, SlotCache
 from kprobevm.x86 import record as rec
 
@@ -155,19 +156,6 @@ class _RecordedProbe:
     layout: rec.RecordLayout
 
 
-class _ProgramPages:
-    """Executable pages for record programs, from the slot area."""
-
-    def __init__(self, area: SlotArea) -> None:
-        self.area = area
-
-    def map_page(self) -> int:
-        return self.area.map_page(executable=True)
-
-    def unmap_page(self, address: int) -> None:
-        self.area.unmap_page(address)
-
-
 class Recorder:
     """The ring buffer, the ids and programs of recorded probes, and the drain (VM stopped)."""
 
@@ -184,7 +172,7 @@ class Recorder:
             ring=ring, ring_size=size, high_water=size // 2,
         )  # fmt: skip
         self.helpers = _copy_helpers(vm)
-        self.programs = programs or SlotCache(_ProgramPages(area), slot_size=PROGRAM_SIZE)
+        self.programs = programs or SlotCache(ExecutablePages(area), slot_size=PROGRAM_SIZE)
         self.probes: dict[int, _RecordedProbe] = {}
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kprobevm.journal import Journal
     from kprobevm.memory import GuestMemory
 
-__all__ = ["Reserve", "SlotArea", "parse_memmap_reserve"]
+__all__ = ["ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
 
 PAGE = 4096
 PMD_SPAN = 2 << 20
@@ -150,3 +150,17 @@ class SlotArea:
             self.journal.undone(self.pmd_seq)
         self.pmd_seq = None
         self._mapped.clear()
+
+
+class ExecutablePages:
+    """A slot area as a SlotCache's page provider: executable pages, read-only to the guest
+    (instruction slots, record programs)."""
+
+    def __init__(self, area: SlotArea) -> None:
+        self.area = area
+
+    def map_page(self) -> int:
+        return self.area.map_page(executable=True)
+
+    def unmap_page(self, address: int) -> None:
+        self.area.unmap_page(address)

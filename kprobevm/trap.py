@@ -34,7 +34,7 @@ from kprobevm.gdb.packet import parse_thread_id
 from kprobevm.kprobes import ProbeSite
 from kprobevm.ptregs import PtRegs
 from kprobevm.recorder import Recorder
-from kprobevm.slotmap import SlotArea
+from kprobevm.slotmap import ExecutablePages, SlotArea
 from kprobevm.slots import Slot, SlotCache
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86 import insn as x86insn
@@ -275,7 +275,7 @@ class WatchpointChannel(TrapChannel):
             vm.memory.write_phys(area.phys(trampoline), code)
             self.ret_store = vm.kretprobes.store_end
             vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
-            self.slots = SlotCache(_SlotPages(area), slot_size=SLOT_SIZE, grace_seconds=0.05)
+            self.slots = SlotCache(ExecutablePages(area), slot_size=SLOT_SIZE, grace_seconds=0.05)
             self.slots.before_collect = self._observe_quiescence
             self.slots.grace_over = self._grace_over
             self.threads = client.threads()
@@ -782,19 +782,6 @@ def _gdb_view(regs: PtRegs) -> dict[str, int]:
 
     values = regs.as_dict()
     return {GDB_NAMES[k]: v for k, v in values.items() if k in GDB_NAMES}
-
-
-class _SlotPages:
-    """Slot pages come from the slot area: executable, read-only to the guest."""
-
-    def __init__(self, area: SlotArea) -> None:
-        self.area = area
-
-    def map_page(self) -> int:
-        return self.area.map_page(executable=True)
-
-    def unmap_page(self, address: int) -> None:
-        self.area.unmap_page(address)
 
 
 # The watchdog child: wait for our death (stdin EOF) or a quiet exit ("q"); on death,
