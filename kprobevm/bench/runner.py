@@ -47,7 +47,7 @@ class BenchConfig:
     """The guest's speed drifts up to 2x within minutes here: many short rounds."""
     idle_opens: int = 3000
     registration_counts: tuple[int, ...] = (1, 100, 1000)
-    paired_rounds: int = 60
+    paired_rounds: int = 120
     """kprobevm's idle cost at the largest count, by paired armed/disarmed rounds."""
     paired_opens: int = 2000
 
