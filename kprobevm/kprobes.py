@@ -184,11 +184,8 @@ class KprobeManager:
         # The kernel's can_probe(): sweep the function from its start, reading our own
         # int3s (earlier probes in it) as the bytes they replaced. The int3 padding after
         # a `ret` (CONFIG_SLS) decodes as one-byte instructions, as in the 6.1 kernel.
-        code = bytearray(self.vm.read(sym.address, sym.size))
-        for other in self.table.values():
-            if sym.address <= other.addr < sym.address + sym.size:
-                code[other.addr - sym.address] = other.insn.bytes[0]
-        if addr not in x86.boundaries(bytes(code), sym.address):
+        code = self.original_text(sym.address, sym.size)
+        if addr not in x86.boundaries(code, sym.address):
             raise ProbeRefused(
                 "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
                 address=addr, symbol=kp.symbol_name,
@@ -433,6 +430,16 @@ class KprobeManager:
                     flags = "  [DISABLED]"
                 lines.append(f"{addr:016x}  k  {desc}{flags}")
         return "\n".join(lines) + ("\n" if lines else "")
+
+    def original_text(self, addr: int, n: int) -> bytes:
+        """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the
+        bytes they replaced."""
+        code = bytearray(self.vm.read(addr, n))
+        for site in self.table.values():
+            for i, byte in enumerate(site.insn.bytes):
+                if 0 <= site.addr + i - addr < n:
+                    code[site.addr + i - addr] = byte
+        return bytes(code)
 
     def verify_unchanged(self, addr: int, expected: bytes) -> None:
         """Raise ProbeTextChanged unless the guest holds ``expected`` at ``addr``."""

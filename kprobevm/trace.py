@@ -286,7 +286,10 @@ def _boundary_checker(vm: VM) -> Callable[[int], bool]:
         sym = vm.symbols.lookup(address)
         if sym is None:
             return False
-        code = vm.read(sym.address, min(sym.size, address - sym.address + MAX_INSN_SIZE))
+        # probes placed already read as the bytes they replaced
+        code = vm.kprobes.original_text(
+            sym.address, min(sym.size, address - sym.address + MAX_INSN_SIZE)
+        )
         try:
             check_boundary(code, sym.address, address, sym.name)
         except KprobeError:

@@ -140,3 +140,20 @@ def test_event_registry_as_the_kernel_keeps_it(vm: VM) -> None:
     )  # fmt: skip
     places = {h.where.split("+")[0] for h in hits if h.event == "open" and h.comm == "cat"}
     assert places == {"do_sys_openat2", "do_filp_open"}, [h.line() for h in hits]
+
+
+def test_boundary_check_reads_through_placed_probes(vm: VM) -> None:
+    """A probe at a function's entry (an int3 over its 5-byte NOP) does not hide the
+    instruction boundaries after it from the next definition's check."""
+    from kprobevm.kprobes import Kprobe
+
+    entry = Kprobe(symbol_name="do_sys_openat2")
+    vm.register_kprobe(entry)
+    try:
+        assert vm.read(vm.symbols["do_sys_openat2"], 1) == b"\xcc"
+        [planned] = plan_events(vm, events("p:after do_sys_openat2+5"))
+        assert planned.resolved.address == vm.symbols["do_sys_openat2"] + 5
+        with pytest.raises(ProbeSyntaxError, match="BAD_INSN_BNDRY"):
+            plan_events(vm, events("p:inside do_sys_openat2+2"))
+    finally:
+        vm.unregister_kprobe(entry)
