@@ -85,7 +85,12 @@ def _guest_healthy(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail("guest kernel trouble on the serial console:\n" + "\n".join(trouble[:20]))
     machine = guest.machine
     if isinstance(machine, QemuMachine) and machine.alive():
-        status = machine.status()
+        # A stop of a few milliseconds is the trap thread at work (a kretprobe call that
+        # was in flight when its probe went still returns through the trampoline): only
+        # a guest that stays stopped was left stopped.
+        deadline = time.monotonic() + 2.0
+        while (status := machine.status()) != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
         if status != "running":
             machine.qmp("cont")
             pytest.fail(f"the test left the shared guest {status!r} (resumed it)")

@@ -179,3 +179,4 @@ def test_hits_arrive_without_a_flush(vm: VM) -> None:
         assert "cat" in seen
     finally:
         vm.unregister_kprobe(kp)
+    assert vm.target.on_idle is None  # no recorded probe left: no idle stops either
