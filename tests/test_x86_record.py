@@ -1,0 +1,227 @@
+"""The record program run in unicorn: a record and its reads, the ring's wrap, a full
+ring and a busy CPU, each leaving every register as the probe found it."""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+
+from kprobevm.errors import KprobeError
+from kprobevm.recorder import decode_record
+from kprobevm.x86 import record as rec
+from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
+from tests._x86_unicorn import GPRS, Machine, unicorn
+
+PROGRAM = 0xFFFFFFFFA0100000
+CONTROL = 0xFFFFFFFFA0102000
+COUNTERS = 0xFFFFFFFFA0103000
+RING = 0xFFFFFFFFA0104000
+RING_SIZE = 0x1000
+HELPERS = 0xFFFFFFFF81100000
+CONT = 0xFFFFFFFFA0200000
+PERCPU = 0xFFFF888000200000
+TASK = 0xFFFF888000300000
+KDATA = 0xFFFF888000400000
+USER = 0x0000000000601000
+STACK = 0xFFFFC90000004000
+GDT = 0xFFFFFFFFFF000000
+PROBE_IP = 0xFFFFFFFF81234560
+CPU = 3
+PROBE_ID = 7
+EFAULT = 14
+
+RING_LAYOUT = RingLayout(
+    head=CONTROL, tail=CONTROL + 64, drain=CONTROL + 128, busy=CONTROL + 256, max_cpus=256,
+    counters=COUNTERS, ring=RING, ring_size=RING_SIZE, high_water=RING_SIZE // 2,
+)  # fmt: skip
+HELPER_ADDRS = CopyHelpers(
+    copy_from_kernel=HELPERS, copy_from_user=HELPERS + 0x10, strncpy_from_kernel=HELPERS + 0x20,
+    strncpy_from_user=HELPERS + 0x30, cpu_number=0x40, current_task=0x48, task_pid=0x10,
+    task_comm=0x20,
+)  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One hit through the program: the machine after it and the helper calls made."""
+
+    m: Machine
+    before: dict[str, int]
+    after: dict[str, int] = field(default_factory=dict)
+    calls: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def _machine(layout: RecordLayout) -> tuple[Machine, int]:
+    m = Machine()
+    code = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+        helpers=HELPER_ADDRS, cont=CONT,
+    )  # fmt: skip
+    m.map(PROGRAM, 0x2000, b"\xcc")
+    m.write(PROGRAM, code)
+    for va, size in ((CONTROL, 0x1000), (COUNTERS, 0x1000), (RING, RING_SIZE), (PERCPU, 0x1000),
+                     (TASK, 0x1000), (KDATA, 0x1000), (USER, 0x1000), (STACK - 0x3000, 0x4000)):
+        m.map(va, size)  # fmt: skip
+    m.map(HELPERS, 0x1000, b"\xcc")
+    m.map(CONT, 0x1000, b"\xf4")
+    m.write(PERCPU + 0x40, struct.pack("<I", CPU))
+    m.write(PERCPU + 0x48, struct.pack("<Q", TASK))
+    m.write(TASK + 0x10, struct.pack("<i", 4242))
+    m.write(TASK + 0x20, b"workload\0".ljust(16, b"\0"))
+    m.write(KDATA, struct.pack("<Q", KDATA + 0x100) + b"kernel text\0")
+    m.write(KDATA + 0x100, b"nested\0")
+    m.write(USER, b"/etc/passwd\0")
+    m.start_paging(GDT)
+    m.uc.msr_write(0xC0000101, PERCPU)  # IA32_GS_BASE: the per-CPU area
+    return m, len(code)
+
+
+def _copy(m: Machine, dst: int, src: int, n: int, *, string: bool) -> int:
+    """The kernel's copy helpers, host side: -EFAULT off the mapped test pages."""
+    try:
+        data = m.read(src, n)
+    except KeyError:
+        return -EFAULT
+    if not string:
+        m.write(dst, data)
+        return 0
+    nul = data.find(b"\0")
+    if nul < 0:
+        m.write(dst, data[: n - 1] + b"\0")
+        return n
+    m.write(dst, data[: nul + 1])
+    return nul + 1
+
+
+def _run(m: Machine, length: int, seed: int = 1) -> Run:
+    rng = random.Random(seed)
+    regs = {r: rng.getrandbits(64) for r in GPRS if r != "rsp"}
+    regs.update(rsi=USER, rdi=KDATA, rsp=STACK - 0x100, eflags=0x246)
+    m.set_regs(regs)
+    run = Run(m, m.regs())
+    uc = m.uc
+
+    def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
+        if HELPERS <= addr < HELPERS + 0x40:
+            which = (addr - HELPERS) // 0x10
+            r = m.regs()
+            run.calls.append((which, r["rsi"], r["rdx"]))
+            result = _copy(m, r["rdi"], r["rsi"], r["rdx"], string=which >= 2)
+            ret = m.u64(r["rsp"])
+            m.set_regs({"rax": result & (2**64 - 1), "rsp": r["rsp"] + 8, "rip": ret})
+        elif not PROGRAM <= addr < PROGRAM + length:
+            uc.emu_stop()
+
+    handle = uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+    try:
+        uc.emu_start(PROGRAM, 0, count=5000)
+    finally:
+        uc.hook_del(handle)
+    run.after = m.regs()
+    return run
+
+
+def _untouched(run: Run) -> None:
+    """The program leaves for the instruction's copy with every register as it came."""
+    assert run.after["rip"] == CONT
+    for name in (*GPRS, "eflags"):
+        if name != "rip":
+            assert run.after[name] == run.before[name], name
+
+
+def _counters(m: Machine) -> tuple[int, int]:
+    hits, missed = struct.unpack("<QQ", m.read(COUNTERS + 16 * PROBE_ID, 16))
+    return hits, missed
+
+
+LAYOUT = RecordLayout((
+    Capture(0, 256, reg="si", string=True, user=True),  # a user string
+    Capture(0, 8, reg="di"),  # a kernel word: a pointer
+    Capture(0, 32, from_capture=1, string=True),  # the string it points at
+    Capture(0, 8, reg="r8"),  # r8 is random: the read faults
+    Capture(0, 8, from_capture=3),  # based on a failed read: fails without a call
+))  # fmt: skip
+
+
+def test_a_record_with_its_reads() -> None:
+    m, length = _machine(LAYOUT)
+    run = _run(m, length)
+    _untouched(run)
+    raw = m.read(RING, LAYOUT.size)
+    record = decode_record(raw, LAYOUT)
+    assert struct.unpack_from("<QI", raw) == (1, LAYOUT.size)  # stamp: position 0 + 1
+    assert (record.probe_id, record.cpu, record.pid, record.comm) == (PROBE_ID, CPU, 4242,
+                                                                      "workload")  # fmt: skip
+    for pt, gdb in (("ax", "rax"), ("bx", "rbx"), ("r15", "r15"), ("di", "rdi"), ("si", "rsi")):
+        assert record.regs[pt] == run.before[gdb], pt
+    assert record.regs["ip"] == PROBE_IP and record.regs["flags"] == 0x246
+    assert record.regs["sp"] == run.before["rsp"]
+    name, word, text, fault, after_fault = record.reads
+    assert (name.address, name.status, name.data) == (USER, 12, b"/etc/passwd\0")
+    assert (word.status, word.data) == (8, struct.pack("<Q", KDATA + 0x100))
+    assert (text.address, text.data) == (KDATA + 0x100, b"nested\0")
+    assert fault.status == -EFAULT and after_fault.status == -EFAULT
+    # the kernel helpers each read once; the read based on a failed one is not tried
+    assert [c[0] for c in run.calls] == [3, 0, 2, 0]
+    assert struct.unpack("<QQ", m.read(CONTROL, 8) + m.read(CONTROL + 64, 8)) == (LAYOUT.size, 0)
+    assert _counters(m) == (1, 0)
+    assert m.read(CONTROL + 256 + CPU, 1) == b"\0"  # the busy byte is released
+
+
+def test_a_record_that_would_cross_the_end_wraps_after_a_pad() -> None:
+    m, length = _machine(LAYOUT)
+    start = 3 * RING_SIZE - 64  # 64 bytes before the end, the third time round
+    m.write(CONTROL, struct.pack("<Q", start))
+    m.write(CONTROL + 64, struct.pack("<Q", start - 1500))  # unread: over half once it lands
+    _untouched(_run(m, length))
+    pad = struct.unpack("<Q", m.read(RING + RING_SIZE - 64, 8))[0]
+    assert pad == (start + 1) | rec.PAD_BIT
+    record_at = 3 * RING_SIZE
+    assert struct.unpack("<Q", m.read(RING, 8))[0] == record_at + 1
+    assert struct.unpack("<Q", m.read(CONTROL, 8))[0] == record_at + LAYOUT.size
+    # past the high-water mark: the program asked the host to drain
+    assert m.read(CONTROL + 128, 1) == b"\1"
+
+
+def test_a_full_ring_counts_a_miss_and_asks_for_a_drain() -> None:
+    m, length = _machine(LAYOUT)
+    m.write(CONTROL, struct.pack("<Q", RING_SIZE - 16))  # the host has read nothing yet
+    _untouched(_run(m, length))
+    assert _counters(m) == (0, 1)
+    assert struct.unpack("<Q", m.read(CONTROL, 8))[0] == RING_SIZE - 16  # nothing reserved
+    assert m.read(CONTROL + 128, 1) == b"\1"
+    assert m.read(CONTROL + 256 + CPU, 1) == b"\0"
+
+
+def test_a_busy_cpu_counts_a_miss_and_writes_nothing() -> None:
+    m, length = _machine(LAYOUT)
+    m.write(CONTROL + 256 + CPU, b"\1")  # this CPU is inside a record program already
+    run = _run(m, length)
+    _untouched(run)
+    assert _counters(m) == (0, 1) and not run.calls
+    assert m.read(RING, 8) == bytes(8) and m.read(CONTROL, 8) == bytes(8)
+    assert m.read(CONTROL + 256 + CPU, 1) == b"\1"  # still the outer program's
+
+
+def test_count_program_only_counts() -> None:
+    m = Machine()
+    code = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
+    m.map(PROGRAM, 0x1000, b"\xcc")
+    m.write(PROGRAM, code)
+    m.map(COUNTERS, 0x1000)
+    m.map(CONT, 0x1000, b"\xf4")
+    m.map(STACK - 0x1000, 0x1000)
+    m.start_paging(GDT)
+    m.set_regs({"rsp": STACK - 0x100, "eflags": 0x8D7})  # CF PF AF ZF SF OF set
+    executed = m.run(PROGRAM, inside=(PROGRAM, PROGRAM + len(code)))
+    assert m.regs()["rip"] == CONT and m.regs()["eflags"] == 0x8D7 and len(executed) == 5
+    assert struct.unpack("<QQQ", m.read(COUNTERS, 24)) == (1, 0, 1)
+
+
+def test_program_fits_its_cell() -> None:
+    with pytest.raises(KprobeError, match="over 16"):
+        rec.check_program_fits(b"\x90" * 17, 16, "somewhere")
+    rec.check_program_fits(b"\x90" * 16, 16, "somewhere")
