@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.memory import GuestMemory
 from kprobevm.ptregs import PtRegs
-from kprobevm.slotmap import ExecutablePages
 from kprobevm.slots import Slot, SlotCache
 from kprobevm.x86 import record as rec
 
@@ -159,7 +158,8 @@ class _RecordedProbe:
 class Recorder:
     """The ring buffer, the ids and programs of recorded probes, and the drain (VM stopped)."""
 
-    def __init__(self, vm: VM, area: SlotArea, programs: SlotCache | None = None) -> None:
+    def __init__(self, vm: VM, area: SlotArea, programs: SlotCache) -> None:
+        """``programs``: cells of PROGRAM_SIZE bytes in executable slot pages."""
         self.vm = vm
         self.area = area
         control = area.map_page(executable=False, writable=True)
@@ -172,7 +172,7 @@ class Recorder:
             ring=ring, ring_size=size, high_water=size // 2,
         )  # fmt: skip
         self.helpers = _copy_helpers(vm)
-        self.programs = programs or SlotCache(ExecutablePages(area), slot_size=PROGRAM_SIZE)
+        self.programs = programs
         self.probes: dict[int, _RecordedProbe] = {}
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
@@ -239,9 +239,6 @@ class Recorder:
         if cell is not None:
             self.programs.free_insn_slot(cell)
 
-    def in_program(self, rip: int) -> bool:
-        return self.programs.contains(rip)
-
     # -- the drain -------------------------------------------------------------------
 
     def drain(self) -> list[tuple[Kprobe, Record]]:
@@ -266,8 +263,7 @@ class Recorder:
             at = pos - tail
             stamp = _U64.unpack_from(data, at)[0]
             if stamp == pos + 1:
-                size = struct.unpack_from("<I", data, at + 8)[0]
-                probe_id = struct.unpack_from("<H", data, at + 12)[0]
+                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack_from(data, at)
                 probe = self.probes.get(probe_id)
                 if probe is None:
                     self.late += 1

@@ -33,7 +33,7 @@ from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.gdb.packet import parse_thread_id
 from kprobevm.kprobes import ProbeSite
 from kprobevm.ptregs import PtRegs
-from kprobevm.recorder import Recorder
+from kprobevm.recorder import PROGRAM_SIZE, Recorder
 from kprobevm.slotmap import ExecutablePages, SlotArea
 from kprobevm.slots import Slot, SlotCache
 from kprobevm.x86 import asm, ooline
@@ -275,11 +275,8 @@ class WatchpointChannel(TrapChannel):
             vm.memory.write_phys(area.phys(trampoline), code)
             self.ret_store = vm.kretprobes.store_end
             vm.journal.note(kretprobe_table=ret_table, trampoline=trampoline)
-            self.slots = SlotCache(ExecutablePages(area), slot_size=SLOT_SIZE, grace_seconds=0.05)
-            self.slots.before_collect = self._observe_quiescence
-            self.slots.grace_over = self._grace_over
             self.threads = client.threads()
-            self.slots.in_use = self._slot_in_use
+            self.slots = self._slot_cache(SLOT_SIZE, grace_seconds=0.05)
 
             self.idt_gate_addr = idt + 3 * 16
             self.orig_gate = vm.memory.read(self.idt_gate_addr, 16)
@@ -318,6 +315,18 @@ class WatchpointChannel(TrapChannel):
         )  # fmt: skip
 
     # -- the hash table the stub reads -----------------------------------------------
+
+    def _slot_cache(self, slot_size: int, grace_seconds: float) -> SlotCache:
+        """Cells of executable slot pages (instruction slots, record programs), freed
+        only once no vCPU can be inside them (see :meth:`_observe_quiescence`)."""
+        assert self.area is not None
+        cache = SlotCache(
+            ExecutablePages(self.area), slot_size=slot_size, grace_seconds=grace_seconds
+        )
+        cache.before_collect = self._observe_quiescence
+        cache.grace_over = self._grace_over
+        cache.in_use = self._slot_in_use
+        return cache
 
     def _table_write(self, index: int, key: int, value: int) -> None:
         assert self.area is not None
@@ -370,29 +379,38 @@ class WatchpointChannel(TrapChannel):
         return site.slot
 
     def _write_slot_code(self, site: ProbeSite) -> None:
-        """Two copies of the out-of-line code: the entry with the watched pre store, and
-        the continuation a handled vCPU is sent on through (see :meth:`on_stop`)."""
+        """Two copies of the out-of-line code: the entry (the watched pre store, or for a
+        recorded site a jump to its record program), and the continuation a handled vCPU
+        (or the record program) goes on through (see :meth:`on_stop`)."""
         assert self.area is not None
         post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
         half = SLOT_SIZE // 2
         slot = self._slot(site)
+        cont_addr = slot.address + half
+        cont = ooline.make_slot_code(
+            site.insn, cont_addr, mailbox=self.mailbox, pre_store=False,
+            post_store=post, slot_size=half,
+        )  # fmt: skip
+        site.cont_rip = cont_addr
+        area = self.area
+
+        def write(entry_code: bytes) -> None:
+            code = entry_code.ljust(half, b"\xcc") + cont.bytes
+            self.vm.memory.write_phys(area.phys(slot.address), code)
+
         if site.recorded:
-            self._write_recorded_slot(site, slot, half)
+            # nothing here stops the guest: the program comes back to the continuation
+            write(asm.jmp_rel32(slot.address, self._record_program(site, cont_addr)))
+            site.pre_rip, site.post_rip = 0, None
             return
         entry = ooline.make_slot_code(
             site.insn, slot.address, mailbox=self.mailbox, pre_mailbox=site.pre_watch,
             post_store=post, slot_size=half,
         )  # fmt: skip
-        cont = ooline.make_slot_code(
-            site.insn, slot.address + half, mailbox=self.mailbox, pre_store=False,
-            post_store=post, slot_size=half,
-        )  # fmt: skip
-        code = entry.bytes.ljust(half, b"\xcc") + cont.bytes
-        self.vm.memory.write_phys(self.area.phys(slot.address), code)
+        write(entry.bytes)
         assert entry.pre_store_end is not None
         site.pre_rip = entry.pre_store_end
         site.post_rip = entry.post_store_end
-        site.cont_rip = slot.address + half
         # a stop lands right after a store, or after the TB break that follows it
         brk = len(ooline.TB_BREAK)
         self.rip_map[entry.pre_store_end] = (site, None)
@@ -401,34 +419,22 @@ class WatchpointChannel(TrapChannel):
             self.rip_map[end] = (site, resume)
             self.rip_map[end + brk] = (site, resume)
 
-    def _write_recorded_slot(self, site: ProbeSite, slot: Slot, half: int) -> None:
-        """A recorded site's slot: a jump to its record program, which comes back to the
-        continuation copy of the instruction; nothing in it stops the guest."""
-        assert self.area is not None
+    def _record_program(self, site: ProbeSite, cont: int) -> int:
+        """Ids for the site's new recorded probes, and its record program (returning to
+        ``cont``); the program's address."""
         recorder = self._recorder()
         for kp in site.probes:
             if kp.record_id is None:
                 assert kp.record is not None
                 kp.record_id = recorder.add(kp, kp.record)
-        cont = slot.address + half
-        program = recorder.write_program(site, cont)
-        code = ooline.make_slot_code(
-            site.insn, cont, mailbox=self.mailbox, pre_store=False, slot_size=half
-        )
-        entry = asm.jmp_rel32(slot.address, program).ljust(half, b"\xcc")
-        self.vm.memory.write_phys(self.area.phys(slot.address), entry + code.bytes)
-        site.pre_rip = 0
-        site.post_rip = None
-        site.cont_rip = cont
+        return recorder.write_program(site, cont)
 
     def _recorder(self) -> Recorder:
         """The record ring, set up on the first recorded probe (VM stopped)."""
         if self.recorder is None:
             assert self.area is not None and self.slots is not None
-            recorder = Recorder(self.vm, self.area)
-            recorder.programs.before_collect = self._observe_quiescence
-            recorder.programs.grace_over = self._grace_over
-            recorder.programs.in_use = self._slot_in_use
+            programs = self._slot_cache(PROGRAM_SIZE, grace_seconds=1.0)
+            recorder = Recorder(self.vm, self.area, programs)
             self.vm.target.client.insert_breakpoint(WATCH_WRITE, recorder.layout.drain, 1)
             self.recorder = recorder
             self.vm.target.idle_interval = self.RECORD_DRAIN_INTERVAL

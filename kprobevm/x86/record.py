@@ -35,6 +35,7 @@ __all__ = [
     "RingLayout",
     "build_count_program",
     "build_record_program",
+    "check_program_fits",
 ]
 
 #: pt_regs names in the record's register snapshot, in ``struct pt_regs`` order.
@@ -313,7 +314,6 @@ def _one_record(
     offsets = layout.capture_offsets
     for i, cap in enumerate(layout.captures):
         here = offsets[i]
-        done = f"{name}_c{i}_done"
         if cap.reg is not None:
             reg_at = REGS_OFFSET + 8 * SNAPSHOT_REGS.index(cap.reg)
             a.emit(b"\x48\x8b\xb3" + _d32(reg_at))  # mov reg(%rbx),%rsi
@@ -337,7 +337,6 @@ def _one_record(
             a.emit(b"\xb8" + _d32(cap.size))  # mov $size,%eax
         a.label(f"{name}_c{i}_status")
         a.emit(b"\x48\x89\x83" + _d32(here + 8))  # mov %rax,status(%rbx)
-        a.label(done)
 
     # complete: the stamp goes last (x86 keeps stores in order for the host's reader)
     a.emit(b"\x49\x8d\x44\x24\x01\x48\x89\x03")  # lea 1(%r12),%rax; mov %rax,(%rbx)
