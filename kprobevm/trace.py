@@ -76,11 +76,6 @@ TIMESTAMP_NOTE = (
     "timestamps are host monotonic time since the probes were placed: the guest's trace "
     "clock (local_clock) cannot be read from the host"
 )
-RECORDED_TIMESTAMP_NOTE = (
-    "timestamps are the guest's TSC at each hit, in seconds since the TSC started (boot), "
-    "converted with the guest's tsc_khz"
-)
-
 
 THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
 MAX_INSN_SIZE = 15
@@ -432,11 +427,6 @@ class TraceSession:
             raw = self.vm.read(self.vm.symbols["tsc_khz"], 4)
             self._tsc_khz = int.from_bytes(raw, "little")
 
-    @property
-    def timestamp_note(self) -> str:
-        """What this session's timestamps measure."""
-        return RECORDED_TIMESTAMP_NOTE if self.recorded else TIMESTAMP_NOTE
-
     def flush(self) -> None:
         """Bring every hit the guest has recorded so far into the queue."""
         if self.recorded and self.placed:
@@ -507,6 +497,15 @@ class TraceSession:
         counter: list[_Placed] = []  # filled below: the handler counts on its _Placed
         predictor = ReadPredictor()
 
+        def emit(
+            values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
+            timestamp_ns: int, where: str, function: str | None,
+        ) -> None:
+            sink(EventHit(
+                event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
+                timestamp_ns=timestamp_ns, where=where, args=values, function=function,
+            ))  # fmt: skip
+
         def hit(regs: PtRegs, where: str, function: str | None) -> None:
             """One hit of this event: count it, and unless counting only, fetch its args
             (with the reads the last hit on this vCPU made sent ahead with the ``g``)."""
@@ -521,15 +520,11 @@ class TraceSession:
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
             predictor.remember(regs.cpu, reader.reads)
-            sink(EventHit(
-                event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=regs.cpu,
-                timestamp_ns=now - self.started_ns, where=where, args=values,
-                function=function,
-            ))  # fmt: skip
+            emit(values, comm, pid, regs.cpu, now - self.started_ns, where, function)
 
+        probe: Kprobe | Kretprobe
         if spec is not None:
             tsc_khz = self._tsc_khz
-            where = res.where
 
             def recorded(kp: Kprobe, regs: PtRegs) -> None:
                 """A hit the guest recorded: the same fetch, against the record."""
@@ -538,24 +533,17 @@ class TraceSession:
                 r = regs.record
                 ctx = HitContext(regs, symbols, layout, memory=regs.memory,
                                  task=(r.comm, r.pid))  # fmt: skip
-                sink(EventHit(
-                    event=ev.event, group=ev.group, comm=r.comm, pid=r.pid, cpu=r.cpu,
-                    timestamp_ns=r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0,
-                    where=where, args=tuple((a, a.fetch(ctx)) for a in args),
-                ))  # fmt: skip
+                values = tuple((a, a.fetch(ctx)) for a in args)
+                timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
+                emit(values, r.comm, r.pid, r.cpu, timestamp, res.where, None)
 
-            holder = _Placed(plan, Kprobe(addr=res.address, pre_handler=recorded, record=spec))
-            counter.append(holder)
-            return holder
-
-        if ev.is_return:
+            probe = Kprobe(addr=res.address, pre_handler=recorded, record=spec)
+        elif ev.is_return:
 
             def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
                 hit(regs, symbols.describe(ri.ret_addr), res.where)
 
-            probe: Kprobe | Kretprobe = Kretprobe(
-                addr=res.address, handler=ret_handler, maxactive=ev.maxactive
-            )
+            probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=ev.maxactive)
         else:
             where = res.where
 
