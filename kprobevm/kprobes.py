@@ -378,10 +378,14 @@ class KprobeManager:
                 if kp.pre_handler(kp, regs):
                     skip = True
             except Exception as exc:  # a handler's bug never stops the engine
-                kp._record_error(exc)
-                self.handler_errors += 1
-                log.warning("pre_handler of %s raised %r", kp.where(), exc)
+                self._handler_failed(kp, exc, "pre_handler of")
         return skip
+
+    def _handler_failed(self, kp: Kprobe, exc: Exception, which: str) -> None:
+        """Keep a handler's exception on its probe and count it; the engine goes on."""
+        kp._record_error(exc)
+        self.handler_errors += 1
+        log.warning("%s %s raised %r", which, kp.where(), exc)
 
     def run_recorded(self, kp: Kprobe, record: Record) -> None:
         """A recorded hit of ``kp``: its pre_handler, with the hit's registers and reads."""
@@ -401,9 +405,7 @@ class KprobeManager:
                     symbol=kp.symbol_name, address=kp.addr,
                 )  # fmt: skip
         except Exception as exc:
-            kp._record_error(exc)
-            self.handler_errors += 1
-            log.warning("pre_handler of recorded %s raised %r", kp.where(), exc)
+            self._handler_failed(kp, exc, "pre_handler of recorded")
 
     def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
         for kp in site.probes:
@@ -412,9 +414,7 @@ class KprobeManager:
             try:
                 kp.post_handler(kp, regs)
             except Exception as exc:
-                kp._record_error(exc)
-                self.handler_errors += 1
-                log.warning("post_handler of %s raised %r", kp.where(), exc)
+                self._handler_failed(kp, exc, "post_handler of")
 
     # -- listing ---------------------------------------------------------------------
 
