@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from kprobevm.errors import *  # noqa: F403 (the error tree is part of the public API)
 from kprobevm.errors import __all__ as _errors_all
-from kprobevm.events import parse_event
-from kprobevm.image import Image, default_image
-from kprobevm.kprobes import Kprobe
-from kprobevm.launcher import boot
-from kprobevm.shell import RunResult
-from kprobevm.vm import VM, GuestEndpoints, attach
+from kprobevm.guest.image import Image, default_image
+from kprobevm.guest.launcher import boot
+from kprobevm.guest.shell import RunResult
+from kprobevm.guest.vm import VM, GuestEndpoints, attach
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.tracing import parse_event
 
 __all__ = [
     "VM",

@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
-from kprobevm.events.capture import DEFAULT_STRING_SIZE, MODES
-from kprobevm.image import DEFAULT_MEMORY
+from kprobevm.guest.image import DEFAULT_MEMORY
+from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 
 if TYPE_CHECKING:
     from types import FrameType
 
-    from kprobevm.events import EventHit, ProbeEvent
-    from kprobevm.shell import RunResult
-    from kprobevm.trace import TraceSession
-    from kprobevm.vm import VM, GdbAddress
+    from kprobevm.guest.shell import RunResult
+    from kprobevm.guest.vm import VM, GdbAddress
+    from kprobevm.tracing import EventHit, ProbeEvent
+    from kprobevm.tracing.session import TraceSession
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "EXIT_VM", "main"]
 
@@ -61,7 +61,7 @@ def _add_boot_options(parser: argparse.ArgumentParser) -> None:
 
 def _boot(args: argparse.Namespace) -> VM:
     """Boot from the parsed options (imported late: ``kprobevm --help`` stays fast)."""
-    from kprobevm.launcher import boot
+    from kprobevm.guest.launcher import boot
 
     _progress("booting the guest")
     return boot(
@@ -107,7 +107,7 @@ def _guest(args: argparse.Namespace) -> VM:
     """The VM these options name: booted, or attached to."""
     if args.boot:
         return _boot(args)
-    from kprobevm.vm import attach
+    from kprobevm.guest.vm import attach
 
     _progress(f"attaching to {args.attach}")
     return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
@@ -151,7 +151,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     """Boot and stay up until Ctrl-C (or SIGTERM), printing how to reach the guest."""
-    from kprobevm.launcher import QemuMachine
+    from kprobevm.guest.launcher import QemuMachine
 
     with _boot(args) as vm:
         ep = vm.endpoints
@@ -240,7 +240,7 @@ def _run_in_guest(
 
 def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bool) -> int:
     """What trace and count share: parse, guest, plan, place, wait, unregister, close."""
-    from kprobevm import trace
+    from kprobevm.tracing import session as trace
 
     sub = args.subcommand
     try:
@@ -360,7 +360,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     if not funcs:
         print("kprobevm count: no functions", file=sys.stderr)
         return EXIT_USAGE
-    from kprobevm.events import EventDeletion, parse_event
+    from kprobevm.tracing import EventDeletion, parse_event
 
     definitions = [_count_definition(f) for f in funcs]
     keys = []
@@ -406,7 +406,7 @@ def cmd_blacklist(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Undo what a dead session left in a guest, from its journal (exit 2 on conflicts)."""
-    from kprobevm.recover import recover
+    from kprobevm.kprobes.recover import recover
 
     report = recover(args.journal, gdb=args.gdb)
     print(report.summary())

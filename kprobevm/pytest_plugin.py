@@ -24,12 +24,12 @@ import pytest
 from kprobevm.errors import KprobeVMError
 
 if TYPE_CHECKING:
-    from kprobevm.events import ArgValue, EventHit
-    from kprobevm.kprobes import Kprobe
-    from kprobevm.kretprobes import Kretprobe
-    from kprobevm.shell import RunResult
-    from kprobevm.trace import PlannedProbe, TraceSession
-    from kprobevm.vm import VM
+    from kprobevm.guest.shell import RunResult
+    from kprobevm.guest.vm import VM
+    from kprobevm.kprobes.core import Kprobe
+    from kprobevm.kprobes.kretprobes import Kretprobe
+    from kprobevm.tracing import ArgValue, EventHit
+    from kprobevm.tracing.session import PlannedProbe, TraceSession
 
 __all__ = ["KERNEL_TROUBLE", "EventProbe", "ProbeSession", "kernel_trouble"]
 
@@ -107,8 +107,8 @@ def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     reason = _qemu_missing()
     if reason is not None:
         pytest.skip(reason)
-    from kprobevm.image import Image
-    from kprobevm.launcher import boot
+    from kprobevm.guest.image import Image
+    from kprobevm.guest.launcher import boot
 
     opt = request.config.getoption
     image_dir: Path | None = opt("kprobevm_image")
@@ -149,7 +149,7 @@ class EventProbe:
 
     def values(self, arg: str) -> list[ArgValue]:
         """The value of argument ``arg`` at each hit (``bytes`` for strings)."""
-        from kprobevm.trace import args_of
+        from kprobevm.tracing.session import args_of
 
         return [args_of(hit)[arg] for hit in self.hits]
 
@@ -198,7 +198,7 @@ class ProbeSession:
 
     def events(self, *definitions: str) -> list[EventProbe]:
         """Place several definitions; raises ``ProbeSyntaxError`` as the kernel would."""
-        from kprobevm.trace import TraceSession, check_definitions, plan_events
+        from kprobevm.tracing.session import TraceSession, check_definitions, plan_events
 
         events, notes = check_definitions(definitions)
         if notes:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kprobevm.launcher import QemuMachine
-from kprobevm.vm import VM
+from kprobevm.guest.launcher import QemuMachine
+from kprobevm.guest.vm import VM
 
 SESSION_TOKEN = f"KPROBEVM_TEST_SESSION={uuid.uuid4().hex}"
 """Put in the environment of every process the tests start (QEMU inherits it), so the

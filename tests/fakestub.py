@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from kprobevm.gdb.packet import Packet, PacketReader, encode_packet
+from kprobevm.gdbstub.packet import Packet, PacketReader, encode_packet
 
 TARGET_XML = (
     '<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd">'

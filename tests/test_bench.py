@@ -149,9 +149,9 @@ def test_engine_over_gdbmi_client_gets_hits() -> None:
     names its handler reads are the workload's."""
     import kprobevm
     from kprobevm.errors import GuestFaultError
-    from kprobevm.gdb.gdbmi_client import GdbMiClient
-    from kprobevm.kprobes import Kprobe
-    from kprobevm.ptregs import PtRegs
+    from kprobevm.gdbstub.gdbmi_client import GdbMiClient
+    from kprobevm.kprobes.core import Kprobe
+    from kprobevm.x86.ptregs import PtRegs
 
     names: list[bytes] = []
 
@@ -170,8 +170,8 @@ def test_engine_over_gdbmi_client_gets_hits() -> None:
         assert kp.nhit >= 5
         assert names.count(b"/proc/version") >= 5
         # a trace event's reads ride along with gdb's register read (readahead)
-        from kprobevm.events import ProbeEvent, parse_event
-        from kprobevm.trace import TraceSession, args_of, plan_events
+        from kprobevm.tracing import ProbeEvent, parse_event
+        from kprobevm.tracing.session import TraceSession, args_of, plan_events
 
         event = parse_event("p:open do_sys_openat2 filename=+0(%si):ustring")
         assert isinstance(event, ProbeEvent)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kprobevm.blacklist import Blacklist, BlacklistEntry
-from kprobevm.kallsyms import KernelSymbols
-from kprobevm.vm import VM
-from kprobevm.vmlinux import Vmlinux
+from kprobevm.guest.vm import VM
+from kprobevm.kernel.blacklist import Blacklist, BlacklistEntry
+from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kernel.vmlinux import Vmlinux
 
 TINY = Path(__file__).parent / "data" / "tiny_vmlinux.elf"
 T = 0xFFFFFFFF81000000

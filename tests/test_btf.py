@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from kprobevm.btf import (
+from kprobevm.guest.vm import VM
+from kprobevm.kernel.btf import (
     BTF_MAGIC,
     Btf,
     BtfError,
     BtfKind,
     current_task_location,
 )
-from kprobevm.kallsyms import KernelSymbols
-from kprobevm.vm import VM
+from kprobevm.kernel.kallsyms import KernelSymbols
 
 
 class BtfBuilder:
@@ -206,7 +206,7 @@ def test_unknown_kind_is_refused() -> None:
 
 
 def _default_vmlinux() -> Path | None:
-    from kprobevm.image import cache_dir
+    from kprobevm.guest.image import cache_dir
 
     found = sorted(cache_dir().glob("images/*/vmlinux"))
     return found[-1] if found else None
@@ -214,7 +214,7 @@ def _default_vmlinux() -> Path | None:
 
 @pytest.mark.skipif(_default_vmlinux() is None, reason="default guest image not built")
 def test_real_vmlinux_task_struct() -> None:
-    from kprobevm.vmlinux import Vmlinux
+    from kprobevm.kernel.vmlinux import Vmlinux
 
     path = _default_vmlinux()
     assert path is not None

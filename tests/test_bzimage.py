@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from kprobevm.bzimage import COMPRESSIONS, extract_vmlinux, find_payload
 from kprobevm.errors import VmlinuxError
+from kprobevm.guest.bzimage import COMPRESSIONS, extract_vmlinux, find_payload
 
 
 def fake_elf(body: bytes = b"") -> bytes:

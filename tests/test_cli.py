@@ -9,7 +9,7 @@ import time
 import pytest
 
 from kprobevm import cli
-from kprobevm.trace import check_definitions
+from kprobevm.tracing.session import check_definitions
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -59,7 +59,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_recover_of_a_missing_journal_is_a_vm_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "recover", "/nonexistent/kprobevm.journal")
+    code, _, err = run(capsys, "recover", "/nonexistent/kprobevm.kprobes.journal")
     assert code == cli.EXIT_VM and "recover" in err
 
 

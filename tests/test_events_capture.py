@@ -8,10 +8,10 @@ import struct
 import pytest
 
 from kprobevm.errors import GuestFaultError, KprobeError
-from kprobevm.events import ProbeEvent, parse_event
-from kprobevm.events.capture import Unrecordable, record_spec
-from kprobevm.memory import GuestMemory
-from kprobevm.recorder import CapturedRead, RecordedMemory, decode_record
+from kprobevm.gdbstub.memory import GuestMemory
+from kprobevm.kprobes.recorder import CapturedRead, RecordedMemory, decode_record
+from kprobevm.tracing import ProbeEvent, parse_event
+from kprobevm.tracing.capture import Unrecordable, record_spec
 from kprobevm.x86 import record as rec
 from kprobevm.x86.record import Capture
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from kprobevm.errors import GuestFaultError
-from kprobevm.events import ProbeEvent, parse_event
-from kprobevm.events.fetch import FetchArg, Symbolic, kernel_read_allowed
+from kprobevm.tracing import ProbeEvent, parse_event
+from kprobevm.tracing.fetch import FetchArg, Symbolic, kernel_read_allowed
 
 KBASE = 0xFFFF_8880_0000_0000
 UBASE = 0x7FFD_0000_0000

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from kprobevm.events import EventHit, ProbeEvent, format_event_line, parse_event
-from kprobevm.events.fetch import FetchArg, Symbolic
-from kprobevm.events.format import format_timestamp, without_offset
+from kprobevm.tracing import EventHit, ProbeEvent, format_event_line, parse_event
+from kprobevm.tracing.fetch import FetchArg, Symbolic
+from kprobevm.tracing.format import format_timestamp, without_offset
 
 
 def args_of(text: str) -> tuple[FetchArg, ...]:

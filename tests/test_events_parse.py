@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kprobevm.errors import AmbiguousSymbol, ProbeSyntaxError
-from kprobevm.events import EventDeletion, ProbeEvent, parse_event, parse_events, resolve_event
-from kprobevm.events.fetch import (
+from kprobevm.tracing import EventDeletion, ProbeEvent, parse_event, parse_events, resolve_event
+from kprobevm.tracing.fetch import (
     Arg,
     Comm,
     Deref,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.errors import ProbeSyntaxError
-from kprobevm.events import EventRegistry, ProbeEvent, parse_event
+from kprobevm.tracing import EventRegistry, ProbeEvent, parse_event
 
 
 def ev(text: str) -> ProbeEvent:

@@ -17,8 +17,8 @@ from kprobevm.errors import (
     GdbProtocolError,
     GdbTimeout,
 )
-from kprobevm.gdb.client import BreakpointKind, GdbClient
-from kprobevm.gdb.packet import checksum
+from kprobevm.gdbstub.client import BreakpointKind, GdbClient
+from kprobevm.gdbstub.packet import checksum
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 

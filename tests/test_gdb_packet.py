@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kprobevm.errors import GdbProtocolError
-from kprobevm.gdb.packet import (
+from kprobevm.gdbstub.packet import (
     ACK,
     NAK,
     BadChecksum,

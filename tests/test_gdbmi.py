@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import GdbErrorReply
-from kprobevm.gdb.client import BreakpointKind, GdbClient
-from kprobevm.gdb.gdbmi import GdbMiTransport
+from kprobevm.gdbstub.client import BreakpointKind, GdbClient
+from kprobevm.gdbstub.gdbmi import GdbMiTransport
 from tests.test_gdb_client import qemu_sock  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")

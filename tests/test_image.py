@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from kprobevm import image as image_mod
-from kprobevm.image import (
+from kprobevm.guest import image as image_mod
+from kprobevm.guest.image import (
     DEFAULT_CMDLINE,
     DEFAULT_MEMORY,
     SLOT_RESERVE,

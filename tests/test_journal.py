@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import JournalError
-from kprobevm.journal import Journal, journal_gdb_address, pending_writes
+from kprobevm.kprobes.journal import Journal, journal_gdb_address, pending_writes
 
 
 def test_pending_writes_are_newest_first_and_skip_undone(tmp_path: Path) -> None:

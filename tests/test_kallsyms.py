@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kprobevm.errors import AmbiguousSymbol, SymbolError, SymbolNotFound
-from kprobevm.kallsyms import KernelSymbols, Symbol
+from kprobevm.kernel.kallsyms import KernelSymbols, Symbol
 
 # A slice shaped like a 6.1 kallsyms: per-CPU offsets first, aliases (_text/startup_64),
 # a static function twice (ambiguous), weak text, data, and two modules at the end.

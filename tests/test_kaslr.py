@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import GuestFaultError, KaslrError
-from kprobevm.kaslr import (
+from kprobevm.kernel.kaslr import (
     CPU_ENTRY_AREA_RO_IDT,
     boot_patched_ranges,
     find_kaslr_slide,
@@ -18,7 +18,7 @@ from kprobevm.kaslr import (
     slide_from_idt,
     stable_windows,
 )
-from kprobevm.vmlinux import Vmlinux
+from kprobevm.kernel.vmlinux import Vmlinux
 
 TINY = Path(__file__).parent / "data" / "tiny_vmlinux.elf"
 TEXT = 0xFFFFFFFF81000000
@@ -179,8 +179,8 @@ def test_idt_gate_decoding_and_slide() -> None:
 def test_kaslr_guest_slide_matches_kallsyms() -> None:
     """A guest booted with KASLR: the slide found from guest memory alone equals kallsyms'
     ``_text`` minus the link address, and the IDT's #BP gate agrees."""
-    from kprobevm.image import default_image
-    from kprobevm.launcher import boot
+    from kprobevm.guest.image import default_image
+    from kprobevm.guest.launcher import boot
 
     image = default_image()
     with boot(kaslr=True, name="kaslr") as guest, Vmlinux(image.vmlinux) as link:

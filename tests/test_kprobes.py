@@ -19,13 +19,13 @@ import pytest
 from capstone import x86 as csx86
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
-from kprobevm.kprobes import Kprobe
-from kprobevm.ptregs import PtRegs
-from kprobevm.trap import WatchpointChannel, decode_idt_gate
-from kprobevm.vm import VM
+from kprobevm.guest.vm import VM
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.trap.channel import WatchpointChannel, decode_idt_gate
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.emulate import condition_holds
 from kprobevm.x86.insn import Insn, InsnKind
+from kprobevm.x86.ptregs import PtRegs
 
 pytestmark = pytest.mark.vm
 

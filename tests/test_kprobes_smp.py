@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from kprobevm.errors import GuestFaultError
-from kprobevm.kprobes import Kprobe
-from kprobevm.launcher import boot
-from kprobevm.ptregs import PtRegs
-from kprobevm.vm import VM
+from kprobevm.guest.launcher import boot
+from kprobevm.guest.vm import VM
+from kprobevm.kprobes.core import Kprobe
 from kprobevm.x86 import insn as x86insn
+from kprobevm.x86.ptregs import PtRegs
 
 pytestmark = pytest.mark.vm
 
@@ -135,8 +135,8 @@ def test_hits_on_every_vcpu(ncpus: int) -> None:
 def test_recorded_hits_on_every_vcpu() -> None:
     """Recorded probes under SMP: two vCPUs reserve records in one ring at once; every
     open arrives once, tagged with the vCPU its (pinned) process ran on."""
-    from kprobevm.events import ProbeEvent, parse_event
-    from kprobevm.trace import TraceSession, args_of, plan_events
+    from kprobevm.tracing import ProbeEvent, parse_event
+    from kprobevm.tracing.session import TraceSession, args_of, plan_events
 
     ncpus, n = 2, 400
     event = parse_event("p:o do_sys_openat2 name=+0(%si):ustring comm=$comm")

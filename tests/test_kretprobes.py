@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from kprobevm.kretprobes import Kretprobe, KretprobeInstance
-from kprobevm.ptregs import PtRegs
-from kprobevm.vm import VM
+from kprobevm.guest.vm import VM
+from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.x86.ptregs import PtRegs
 
 pytestmark = pytest.mark.vm
 

@@ -21,9 +21,9 @@ from kprobevm.errors import (
     QEMUNotFound,
     VMLaunchFailure,
 )
-from kprobevm.image import SLOT_RESERVE, default_image
-from kprobevm.launcher import QemuMachine, boot, kernel_cmdline
-from kprobevm.vm import VM
+from kprobevm.guest.image import SLOT_RESERVE, default_image
+from kprobevm.guest.launcher import QemuMachine, boot, kernel_cmdline
+from kprobevm.guest.vm import VM
 from tests.conftest import session_qemus, wait_no_qemu
 
 
@@ -178,7 +178,7 @@ def test_a_guest_that_never_answers_is_guest_not_ready_within_the_timeout() -> N
 
 CHILD = """
 import sys, time
-from kprobevm.launcher import boot
+from kprobevm.guest.launcher import boot
 vm = boot(name="orphan")
 print(vm.machine.pid, vm.machine.private_dir, flush=True)
 time.sleep(600)

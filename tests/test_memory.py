@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.errors import GuestFaultError
-from kprobevm.gdb.client import GdbClient
-from kprobevm.memory import GuestMemory
+from kprobevm.gdbstub.client import GdbClient
+from kprobevm.gdbstub.memory import GuestMemory
 from tests.fakestub import RAM_BASE, RAM_SIZE, FakeStub, QemuLike
 
 

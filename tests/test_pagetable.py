@@ -7,7 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from kprobevm.errors import GuestFaultError
-from kprobevm.pagetable import (
+from kprobevm.guest.vm import VM
+from kprobevm.x86.pagetable import (
     GLOBAL,
     NX,
     PAGE_SIZE_1G,
@@ -22,7 +23,6 @@ from kprobevm.pagetable import (
     translate,
     walk,
 )
-from kprobevm.vm import VM
 
 
 class Image:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from kprobevm.image import cache_dir
+from kprobevm.guest.image import cache_dir
 
 pytest_plugins = ["pytester"]
 
 GUEST_TESTS = '''
 import pytest
-from kprobevm.trace import args_of
+from kprobevm.tracing.session import args_of
 
 
 def test_open_is_seen(kprobes):

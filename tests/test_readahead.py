@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kprobevm.memory import GuestMemory
-from kprobevm.ptregs import PtRegs
-from kprobevm.readahead import HitReader, ReadPredictor
+from kprobevm.gdbstub.memory import GuestMemory
+from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
+from kprobevm.x86.ptregs import PtRegs
 
 RAM = {0x1000 + i: (i * 7) & 0xFF for i in range(0x100)}
 

@@ -9,12 +9,12 @@ import time
 import pytest
 
 from kprobevm.errors import KprobeError, ProbeRefused
-from kprobevm.events import EventHit, ProbeEvent, parse_event
-from kprobevm.kprobes import Kprobe
-from kprobevm.ptregs import PtRegs
-from kprobevm.recorder import RecordedRegs, RecordSpec
-from kprobevm.trace import TraceSession, args_of, plan_events
-from kprobevm.vm import VM
+from kprobevm.guest.vm import VM
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec
+from kprobevm.tracing import EventHit, ProbeEvent, parse_event
+from kprobevm.tracing.session import TraceSession, args_of, plan_events
+from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.record import Capture
 
 pytestmark = pytest.mark.vm

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kprobevm.gdb.client import GdbClient
-from kprobevm.image import default_image
-from kprobevm.kallsyms import KernelSymbols
-from kprobevm.launcher import boot
-from kprobevm.recover import recover
-from kprobevm.vm import VM
+from kprobevm.gdbstub.client import GdbClient
+from kprobevm.guest.image import default_image
+from kprobevm.guest.launcher import boot
+from kprobevm.guest.vm import VM
+from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kprobes.recover import recover
 
 TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
 
@@ -25,7 +25,7 @@ CHILD = r"""
 import sys, time
 from pathlib import Path
 import kprobevm
-from kprobevm.kprobes import Kprobe
+from kprobevm.kprobes.core import Kprobe
 gdb, kallsyms, cmdline, vmlinux, journal = sys.argv[1:6]
 vm = kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline, vmlinux=vmlinux)
 vm.journal_path = Path(journal)
@@ -126,7 +126,7 @@ ENDING = r"""
 import sys, time
 from pathlib import Path
 import kprobevm
-from kprobevm.kprobes import Kprobe
+from kprobevm.kprobes.core import Kprobe
 gdb, kallsyms, cmdline, vmlinux, journal, how = sys.argv[1:7]
 vm = kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline, vmlinux=vmlinux)
 vm.journal_path = Path(journal)
@@ -141,7 +141,7 @@ if how == "sigterm":
 @pytest.mark.vm
 @pytest.mark.parametrize("how", ["sigterm", "exit"])
 def test_sigterm_and_plain_exit_restore_the_guest(tmp_path: Path, how: str) -> None:
-    from kprobevm.journal import pending_writes
+    from kprobevm.kprobes.journal import pending_writes
 
     image = default_image()
     with boot(name=f"ending-{how}") as vm:

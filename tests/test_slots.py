@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.errors import SlotExhausted
-from kprobevm.slots import PAGE_SIZE, SlotCache, SlotState
+from kprobevm.kprobes.slots import PAGE_SIZE, SlotCache, SlotState
 
 
 class Pages:

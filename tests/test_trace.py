@@ -8,9 +8,9 @@ import json
 import pytest
 
 from kprobevm.errors import ProbeSyntaxError
-from kprobevm.events import EventHit, ProbeEvent, parse_event
-from kprobevm.trace import TraceSession, args_of, plan_events
-from kprobevm.vm import VM
+from kprobevm.guest.vm import VM
+from kprobevm.tracing import EventHit, ProbeEvent, parse_event
+from kprobevm.tracing.session import TraceSession, args_of, plan_events
 
 pytestmark = pytest.mark.vm
 
@@ -145,7 +145,7 @@ def test_event_registry_as_the_kernel_keeps_it(vm: VM) -> None:
 def test_boundary_check_reads_through_placed_probes(vm: VM) -> None:
     """A probe at a function's entry (an int3 over its 5-byte NOP) does not hide the
     instruction boundaries after it from the next definition's check."""
-    from kprobevm.kprobes import Kprobe
+    from kprobevm.kprobes.core import Kprobe
 
     entry = Kprobe(symbol_name="do_sys_openat2")
     vm.register_kprobe(entry)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import VmlinuxError
-from kprobevm.kallsyms import KernelSymbols
-from kprobevm.kaslr import boot_patched_ranges
-from kprobevm.vm import VM
-from kprobevm.vmlinux import Vmlinux
+from kprobevm.guest.vm import VM
+from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kernel.kaslr import boot_patched_ranges
+from kprobevm.kernel.vmlinux import Vmlinux
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "tiny_vmlinux.elf"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from kprobevm.errors import KprobeError
-from kprobevm.recorder import decode_record
+from kprobevm.kprobes.recorder import decode_record
 from kprobevm.x86 import record as rec
 from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
 from tests._x86_unicorn import GPRS, Machine, unicorn

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, Run, run_opens
 from kprobevm.errors import GuestFaultError, KprobeVMError
-from kprobevm.kprobes import Kprobe
-from kprobevm.ptregs import PtRegs
-from kprobevm.recorder import RecordSpec
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recorder import RecordSpec
+from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.record import Capture
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = [
     "TrapSample",
@@ -118,12 +118,12 @@ def measure_args(vm: VM, opens: int) -> tuple[HitRate, TrapSample]:
 
 
 def measure_kretprobe(vm: VM, opens: int) -> HitRate:
-    """A return probe with an empty handler (the lead's kprobevm.kretprobes)."""
+    """A return probe with an empty handler (the lead's kprobevm.kprobes.kretprobes)."""
     name, description = "kprobevm_kretprobe", "kprobevm, return probe"
     try:
-        from kprobevm.kretprobes import Kretprobe
+        from kprobevm.kprobes.kretprobes import Kretprobe
     except ImportError as exc:
-        return HitRate(name, description, reason=f"kprobevm.kretprobes missing ({exc})")
+        return HitRate(name, description, reason=f"kprobevm.kprobes.kretprobes missing ({exc})")
     rp = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None, maxactive=16)
     try:
         vm.register_kretprobe(rp)

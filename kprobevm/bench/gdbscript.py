@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, Run, run_opens
 from kprobevm.errors import GdbError, GdbTimeout
-from kprobevm.gdb.gdbmi_client import BASE_SETTINGS, GdbMiClient
+from kprobevm.gdbstub.gdbmi_client import BASE_SETTINGS, GdbMiClient
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = ["measure_gdb_commands", "measure_gdb_python"]
 

@@ -8,7 +8,7 @@ from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = ["measure_guest_kprobe"]
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 from kprobevm.bench.report import IdlePoint, PairedIdle
 from kprobevm.bench.workload import run_opens
 from kprobevm.errors import KprobeVMError
-from kprobevm.gdb.client import BreakpointKind
-from kprobevm.kprobes import Kprobe
+from kprobevm.gdbstub.client import BreakpointKind
+from kprobevm.kprobes.core import Kprobe
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = [
     "host_rss_kib",

@@ -24,7 +24,7 @@ from kprobevm.bench.report import BenchReport, HitRate, markdown, to_json
 from kprobevm.bench.workload import DENSE_FUNCTION, Run, run_opens, unhit_functions
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = ["FULL", "QUICK", "BenchConfig", "main", "run"]
 
@@ -197,7 +197,7 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
 
 def _memory_at(vm: VM, names: Sequence[str]) -> dict[str, float]:
     """Host RSS and slot pages with 1,000 probes (or as many as found) registered."""
-    from kprobevm.kprobes import Kprobe
+    from kprobevm.kprobes.core import Kprobe
 
     kps = [Kprobe(symbol_name=n, pre_handler=lambda kp, regs: None) for n in names[:1000]]
     rss_before = idle.host_rss_kib()

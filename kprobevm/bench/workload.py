@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kprobevm.vm import VM
+    from kprobevm.guest.vm import VM
 
 __all__ = [
     "DENSE_FUNCTION",

@@ -1,0 +1,264 @@
+"""Run control of one guest through its gdbstub: who may talk to the stub, and when.
+
+The gdbstub is one socket and QEMU answers nothing but an interrupt while the VM runs,
+so exactly one party talks to it at a time. While probes are armed a trap thread owns
+it: it waits for stop replies and hands each to the trap handler with the VM stopped.
+Any other thread that must touch the guest (register a probe, read memory) calls
+:meth:`Target.stopped`: the trap thread stops the VM, lends the client, and continues
+the VM when the caller is done. Handlers run on the trap thread, where ``stopped()``
+is reentrant. This is the role of the kernel's ``kprobe_mutex`` plus ``stop_machine``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+
+from kprobevm.errors import GdbError, VMLost
+from kprobevm.gdbstub.client import GdbClient
+from kprobevm.gdbstub.packet import StopReply
+
+__all__ = ["StopHandler", "Target"]
+
+log = logging.getLogger(__name__)
+
+StopHandler = Callable[[StopReply], None]
+"""Called on the trap thread, VM stopped, for every stop the trap thread sees."""
+
+
+class Target:
+    """Serialises access to a gdbstub client and runs the trap thread."""
+
+    def __init__(self, client: GdbClient, *, name: str = "vm") -> None:
+        self.client = client
+        self.name = name
+        self._start_when_released = False
+        self.before_resume: list[bytes] = []
+        """Packets (register writes) to send with the next resume, in the same write."""
+        self._writes_before_resume: list[tuple[int, bytes]] = []
+        self.on_stop: StopHandler | None = None
+        self.on_idle: Callable[[], None] | None = None
+        """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
+        self.idle_interval = 1.0
+        self._lock = threading.RLock()  # held by whoever talks to the stub
+        self._owner: int | None = None  # thread ident that holds the VM stopped
+        self._depth = 0
+        self._thread: threading.Thread | None = None
+        self._quit = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._pause_requests = 0
+        self._cond = threading.Condition()
+        self._paused = False
+        self.error: BaseException | None = None
+
+    # -- stopping the VM for a caller --------------------------------------------------
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[GdbClient]:
+        """The VM is stopped for the body, which may use the yielded client."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self._depth += 1
+            try:
+                yield self.client
+            finally:
+                self._depth -= 1
+            return
+        if self._thread is not None and self._thread.is_alive():
+            with self._borrow_from_trap_thread():
+                yield self.client
+            return
+        with self._lock:
+            was_running = self.running
+            if was_running:
+                self._stop_vm()
+            self._owner = me
+            try:
+                yield self.client
+            finally:
+                self._owner = None
+                start, self._start_when_released = self._start_when_released, False
+                if was_running:
+                    self._resume_vm()
+        if start:
+            self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.client.running
+
+    def _stop_vm(self) -> None:
+        """Interrupt the running VM; a trap that raced the interrupt is handled first."""
+        stop = self.client.interrupt(timeout=10.0)
+        if stop is not None:
+            self._dispatch(stop)
+            # the caller may switch threads before we resume: write back now
+            before = self._take_before_resume()
+            for payload, reply in zip(before, self.client.pipeline(before), strict=True):
+                if reply != b"OK":
+                    raise GdbError("register write failed", sent=payload, received=reply)
+
+    def queue_write(self, address: int, data: bytes) -> None:
+        """Write guest virtual memory with the next resume (trap thread, VM stopped)."""
+        self._writes_before_resume.append((address, data))
+
+    def _take_before_resume(self) -> list[bytes]:
+        """The queued writes as packets; the memory mode is settled now, at sending time
+        (a physical write in between must not turn them physical)."""
+        packets: list[bytes] = []
+        if self._writes_before_resume:
+            packets += self.client.mode_packets(False)
+            for address, data in self._writes_before_resume:
+                packets += self.client.memory_write_packets(address, data)
+            self._writes_before_resume = []
+        packets += self.before_resume
+        self.before_resume = []
+        return packets
+
+    def _resume_vm(self) -> None:
+        self.client.cont(before=self._take_before_resume(), defer=True)
+
+    def _dispatch(self, stop: StopReply) -> None:
+        if stop.kind in ("W", "X"):
+            raise VMLost(f"{self.name}: the guest exited ({stop.kind}{stop.signal:02x})")
+        handler = self.on_stop
+        if handler is None:
+            return
+        owner, self._owner = self._owner, threading.get_ident()
+        try:
+            handler(stop)
+        finally:
+            self._owner = owner
+
+    def resume(self) -> None:
+        """Let a stopped VM run (when nobody holds it stopped)."""
+        with self._lock:
+            if not self.running:
+                self._resume_vm()
+
+    # -- the trap thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the trap thread; the VM runs from now on.
+
+        Called by a thread that holds the VM stopped (a batch registration), it starts
+        when that hold ends: resuming now would pull the VM from under the holder.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            return
+        if self._owner == threading.get_ident():
+            self._start_when_released = True
+            return
+        self._quit = False
+        self.error = None
+        self._thread = threading.Thread(
+            target=self._loop, name=f"kprobevm-trap-{self.name}", daemon=True
+        )
+        with self._lock:
+            if not self.running:
+                self._resume_vm()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the trap thread, leaving the VM running under nobody's watch."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._quit = True
+        os.write(self._wake_w, b"q")
+        thread.join(timeout=30)
+        self._thread = None
+        # The thread does not resume once told to quit: it may have stopped the VM (a
+        # trap, or a pause just served) right before. Resume, with any register writes.
+        with self._lock:
+            if self._owner is None and not self.running:
+                self._resume_vm()
+
+    @contextlib.contextmanager
+    def _borrow_from_trap_thread(self) -> Iterator[None]:
+        with self._cond:
+            self._pause_requests += 1
+            os.write(self._wake_w, b"p")
+            while not self._paused:
+                if self.error is not None:
+                    self._pause_requests -= 1
+                    raise VMLost(f"{self.name}: trap thread died") from self.error
+                self._cond.wait(timeout=1.0)
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            with self._cond:
+                self._pause_requests -= 1
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        sock = self.client.fileno()
+        try:
+            while not self._quit:
+                # A stop reply can come in the same read as the replies to the register
+                # writes sent with the last resume (GdbClient.cont reads those after the
+                # "c"): it then waits in the client's buffer and the socket stays quiet.
+                buffered = self.client.running and bool(self.client._stops or self.client._events)
+                idle = self.on_idle
+                readable, _, _ = select.select(
+                    [sock, self._wake_r], [], [],
+                    0.0 if buffered else (self.idle_interval if idle else 1.0),
+                )  # fmt: skip
+                if not readable and not buffered and idle is not None:
+                    self._serve_idle(idle)
+                    continue
+                if self._wake_r in readable:
+                    os.read(self._wake_r, 64)
+                if sock in readable or buffered:
+                    with self._lock:
+                        stop = self.client.poll_stop()
+                        if stop is not None:
+                            self._dispatch(stop)
+                            if not self._quit and not self._pause_requests:
+                                self._resume_vm()
+                if self._pause_requests:
+                    self._serve_pause()
+        except (GdbError, VMLost, OSError) as exc:
+            log.error("%s: trap thread stopped: %s", self.name, exc)
+            self.error = exc
+            with self._cond:
+                self._cond.notify_all()
+
+    def _serve_idle(self, idle: Callable[[], None]) -> None:
+        """Stop the VM for the idle callback (a drain of recorded hits), then resume."""
+        with self._lock:
+            if self._quit or self._pause_requests or not self.running:
+                return
+            self._stop_vm()
+            owner, self._owner = self._owner, threading.get_ident()
+            try:
+                idle()
+            finally:
+                self._owner = owner
+            if not self._quit and not self._pause_requests:
+                self._resume_vm()
+
+    def _serve_pause(self) -> None:
+        with self._lock:
+            if self.running:
+                self._stop_vm()
+            with self._cond:
+                self._paused = True
+                self._cond.notify_all()
+                while self._pause_requests:
+                    self._cond.wait()
+                self._paused = False
+            if not self._quit:
+                self._resume_vm()
+
+    def close(self) -> None:
+        self.stop()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,583 @@
+"""The default guest image: recipe inputs, cache key, build, and the `Image` it yields.
+
+The recipe lives in ``vm-images/`` (init script, inittab, module list, passwd); the
+binaries come from Debian packages: the bookworm cloud kernel (``apt-get download``,
+``dpkg -x``), ``busybox-static`` and ``dropbear-bin`` from the host. Built artifacts go to
+``$KPROBEVM_CACHE`` (default ``$XDG_CACHE_HOME/kprobevm``) under ``images/<key>/``, where
+the key hashes every input, so an unchanged recipe is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kprobevm.errors import ImageError, VmlinuxError
+from kprobevm.guest.bzimage import extract_vmlinux
+
+__all__ = [
+    "BUILD_VERSION",
+    "DEFAULT_CMDLINE",
+    "DEFAULT_MEMORY",
+    "KERNEL_METAPACKAGE",
+    "READY_MARKER",
+    "RECIPE_DIR",
+    "SLOT_RESERVE",
+    "Image",
+    "build_image",
+    "cache_dir",
+    "default_image",
+]
+
+BUILD_VERSION = 1
+"""Bumped whenever this builder changes what it puts in an image (part of the cache key)."""
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "vm-images"
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+READY_MARKER = "KPROBEVM-READY"
+
+SLOT_RESERVE: tuple[int, int] = (0x1F000000, 16 << 20)
+"""Guest-physical range (start, size) the guest kernel never uses (``memmap=SIZE$START``):
+the place where kprobevm's instruction slots live (496 MiB to 512 MiB)."""
+
+DEFAULT_MEMORY = "544M"
+"""Guest RAM. Not 512M: SeaBIOS keeps the top 128 KiB of low RAM for itself (e820
+reserved, ACPI tables), which at 512M would be the last 128 KiB of SLOT_RESERVE. With
+544M the whole reserve is plain RAM that only ``memmap=`` takes from the kernel."""
+
+DEFAULT_CMDLINE = (
+    "console=ttyS0 panic=-1 oops=panic nokaslr nopti quiet "
+    f"memmap={SLOT_RESERVE[1] >> 20}M${SLOT_RESERVE[0]:#x}"
+)
+"""``nopti``: the trap path relies on one set of page tables (no PTI user/kernel split)."""
+
+_APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def cache_dir() -> Path:
+    """``$KPROBEVM_CACHE``, else ``$XDG_CACHE_HOME/kprobevm``, else ``~/.cache/kprobevm``."""
+    explicit = os.environ.get("KPROBEVM_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "kprobevm"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image: the files QEMU boots and what kprobevm knows about them."""
+
+    directory: Path
+    key: str
+    kernel: Path
+    initrd: Path
+    vmlinux: Path
+    config: Path
+    ssh_key: Path
+    manifest: Path
+    kernel_package: str
+    kernel_version: str
+    kernel_release: str
+    cmdline: str = DEFAULT_CMDLINE
+    slot_reserve: tuple[int, int] = SLOT_RESERVE
+
+    @classmethod
+    def load(cls, directory: Path) -> Image:
+        """The image whose manifest is in ``directory``."""
+        manifest = directory / "manifest.json"
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"unreadable image manifest {manifest}", step="load") from exc
+        start, size = data["slot_reserve"]
+        return cls(
+            directory=directory,
+            key=data["key"],
+            kernel=directory / "vmlinuz",
+            initrd=directory / "initrd.cpio",
+            vmlinux=directory / "vmlinux",
+            config=directory / "config",
+            ssh_key=directory / "id_ed25519",
+            manifest=manifest,
+            kernel_package=data["kernel_package"],
+            kernel_version=data["kernel_version"],
+            kernel_release=data["kernel_release"],
+            cmdline=data["cmdline"],
+            slot_reserve=(int(start), int(size)),
+        )
+
+
+# -- running host tools ---------------------------------------------------------------------
+
+
+def _run(step: str, args: Sequence[str], *, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            list(args), cwd=cwd, capture_output=True, text=True, check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise ImageError(f"{args[0]} is not installed", step=step, command=" ".join(args)) from exc
+    if proc.returncode != 0:
+        raise ImageError(
+            f"{args[0]} failed with status {proc.returncode}",
+            step=step, command=" ".join(args), output=proc.stdout + proc.stderr,
+        )
+    return proc.stdout
+
+
+def _log(message: str) -> None:
+    print(f"kprobevm: {message}", file=sys.stderr, flush=True)
+
+
+# -- recipe inputs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelPackage:
+    """The kernel package the recipe resolves to (``apt-cache`` names the current one)."""
+
+    name: str
+    version: str
+
+
+def _apt_lists_fingerprint() -> str:
+    """Names, sizes and mtimes of apt's package lists: what ``apt-cache`` answers from."""
+    h = hashlib.sha256()
+    try:
+        entries = sorted(_APT_LISTS.iterdir())
+    except OSError:
+        return ""
+    for entry in entries:
+        if "Packages" in entry.name:
+            st = entry.stat()
+            h.update(f"{entry.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _query_kernel_package(metapackage: str) -> KernelPackage | None:
+    proc = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", metapackage],
+        capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+    )
+    match = re.search(r"^Depends:.*?(linux-image-[^\s,(]+) \(= ([^)]+)\)", proc.stdout, re.M)
+    if proc.returncode != 0 or match is None:
+        return None
+    return KernelPackage(match.group(1), match.group(2))
+
+
+def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -> KernelPackage:
+    """The kernel package behind ``metapackage``, remembered per state of apt's lists.
+
+    ``apt-cache`` takes over a second here (no binary package cache), so its answer is
+    kept in the cache and reused while the lists are unchanged; this keeps a no-op build
+    well under a second.
+    """
+    memo = cache / "kernel-package.json"
+    fingerprint = _apt_lists_fingerprint()
+    try:
+        data = json.loads(memo.read_text())
+        if data["fingerprint"] == fingerprint and data["metapackage"] == metapackage:
+            return KernelPackage(data["name"], data["version"])
+    except (OSError, ValueError, KeyError):
+        pass
+    found = _query_kernel_package(metapackage)
+    if found is None and os.geteuid() == 0 and not _apt_lists_fingerprint():
+        _log("apt has no package lists: running apt-get update")
+        _run("apt-get update", ["apt-get", "update"])
+        fingerprint = _apt_lists_fingerprint()
+        found = _query_kernel_package(metapackage)
+    if found is None:
+        offline = _newest_cached_deb(cache)
+        if offline is None:
+            raise ImageError(
+                f"apt-cache does not know {metapackage} (run apt-get update as root)",
+                step="resolve kernel", command=f"apt-cache show {metapackage}",
+            )
+        _log(f"apt-cache does not know {metapackage}: using the cached {offline.name}")
+        return offline
+    cache.mkdir(parents=True, exist_ok=True)
+    _atomic_write(memo, json.dumps({
+        "fingerprint": fingerprint, "metapackage": metapackage,
+        "name": found.name, "version": found.version,
+    }).encode())
+    return found
+
+
+def _newest_cached_deb(cache: Path) -> KernelPackage | None:
+    debs = sorted((cache / "debs").glob("linux-image-*-cloud-amd64_*.deb"),
+                  key=lambda p: p.stat().st_mtime)
+    if not debs:
+        return None
+    name, version = debs[-1].name.split("_")[:2]
+    return KernelPackage(name, version.replace("%3a", ":"))
+
+
+def _host_versions() -> dict[str, str]:
+    out = _run("host packages", ["dpkg-query", "-W", "-f", "${Package} ${Version}\n",
+                                 "busybox-static", "dropbear-bin"])
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def _recipe_files() -> list[Path]:
+    if not RECIPE_DIR.is_dir():
+        raise ImageError(f"the image recipe directory {RECIPE_DIR} is missing", step="recipe")
+    return sorted(p for p in RECIPE_DIR.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def recipe_inputs(cache: Path) -> dict[str, object]:
+    """Everything an image is made from; its hash is the cache key."""
+    kernel = resolve_kernel_package(cache)
+    return {
+        "build_version": BUILD_VERSION,
+        "kernel_package": kernel.name,
+        "kernel_version": kernel.version,
+        "host_packages": _host_versions(),
+        "recipe": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _recipe_files()},
+    }
+
+
+def cache_key(inputs: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- initramfs (newc cpio, written here so no root or fakeroot is needed) -------------------
+
+
+class Cpio:
+    """A newc ("070701") archive in memory: the initramfs format the kernel unpacks."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._ino = 1
+        self._names: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0),
+               nlink: int = 1) -> None:
+        name = name.lstrip("/")
+        if name in self._names:
+            return
+        self._names.add(name)
+        encoded = name.encode() + b"\0"
+        fields = (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
+                  len(encoded), 0)
+        self._ino += 1
+        out = self._out
+        out.write(b"070701" + b"".join(b"%08x" % f for f in fields))
+        out.write(encoded)
+        out.write(b"\0" * (-out.tell() % 4))
+        out.write(data)
+        out.write(b"\0" * (-out.tell() % 4))
+
+    def directory(self, name: str, mode: int = 0o755) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            self._entry("/".join(parts[:i]), stat.S_IFDIR | (mode if i == len(parts) else 0o755),
+                        nlink=2)
+
+    def _parent(self, name: str) -> None:
+        parent = os.path.dirname(name.strip("/"))
+        if parent:
+            self.directory(parent)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._parent(name)
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._parent(name)
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, nlink=1)
+        out = self._out
+        out.write(b"\0" * (-out.tell() % 512))
+        return out.getvalue()
+
+
+# -- build steps ------------------------------------------------------------------------------
+
+
+def _download_kernel(cache: Path, kernel: KernelPackage) -> Path:
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    pattern = f"{kernel.name}_{kernel.version.replace(':', '%3a')}_*.deb"
+    found = sorted(debs.glob(pattern))
+    if found:
+        return found[0]
+    _log(f"downloading {kernel.name} {kernel.version}")
+    # apt-get download writes into the current directory; _apt cannot enter a root-owned
+    # cache, which only makes apt warn that it downloads unsandboxed.
+    with tempfile.TemporaryDirectory(dir=debs, prefix=".download-") as tmp:
+        _run("download kernel", ["apt-get", "download", f"{kernel.name}={kernel.version}"],
+             cwd=Path(tmp))
+        got = sorted(Path(tmp).glob("*.deb"))
+        if not got:
+            raise ImageError("apt-get download produced no .deb", step="download kernel")
+        target = debs / got[0].name
+        os.replace(got[0], target)
+    return target
+
+
+def _modinfo(ko: bytes) -> dict[str, str]:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        section = ELFFile(io.BytesIO(ko)).get_section_by_name(".modinfo")
+    except ELFError as exc:
+        raise ImageError(f"unreadable kernel module: {exc}", step="modules") from exc
+    info: dict[str, str] = {}
+    if section is not None:
+        for item in section.data().split(b"\0"):
+            key, _, value = item.decode(errors="replace").partition("=")
+            if key and key not in info:
+                info[key] = value
+    return info
+
+
+def _read_module(path: Path) -> bytes:
+    """A module's ELF bytes; Debian may ship them as .ko.xz or .ko.zst."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        import lzma
+
+        return lzma.decompress(data)
+    if path.name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc"], input=data, capture_output=True,
+                              check=True).stdout
+    return data
+
+
+def _module_order(moddir: Path, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Modules to load, dependencies first (from ``.modinfo`` ``depends=``; no modules.dep)."""
+    index: dict[str, Path] = {}
+    for path in moddir.rglob("*.ko*"):
+        base = path.name.split(".ko")[0].replace("-", "_")
+        index.setdefault(base, path)
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        if name in chain:
+            raise ImageError(f"module dependency cycle: {' -> '.join((*chain, name))}",
+                             step="modules")
+        if name not in index:
+            raise ImageError(f"kernel module {name} not found in {moddir}", step="modules")
+        data = _read_module(index[name])
+        for dep in filter(None, _modinfo(data).get("depends", "").split(",")):
+            visit(dep, (*chain, name))
+        seen.add(name)
+        order.append((name, data))
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+def _shared_libraries(binary: str) -> list[Path]:
+    """The shared objects ``binary`` links, loader included, as ``ldd`` resolves them."""
+    out = _run("ldd", ["ldd", binary])
+    libs: list[Path] = []
+    for line in out.splitlines():
+        match = re.search(r"(/\S+) \(0x", line)
+        if match:
+            libs.append(Path(match.group(1)))
+    return libs
+
+
+def _recipe_list(name: str) -> list[str]:
+    text = (RECIPE_DIR / name).read_text()
+    return [w for line in text.splitlines() if (w := line.split("#")[0].strip())]
+
+
+def _keys(out: Path) -> tuple[bytes, bytes]:
+    """A client key pair (OpenSSH format, kept next to the image) and a dropbear host key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    fd = os.open(out / "id_ed25519", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    (out / "id_ed25519.pub").write_bytes(public + b" kprobevm\n")
+    host = out / "dropbear_ed25519_host_key"
+    _run("host key", ["dropbearkey", "-t", "ed25519", "-f", str(host)])
+    return public + b" kprobevm\n", host.read_bytes()
+
+
+def _initramfs(extracted: Path, release: str, out: Path) -> tuple[bytes, list[str]]:
+    cpio = Cpio()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "proc", "sys", "dev",
+              "run", "tmp", "var/log", "lib/modules", "mnt"):
+        cpio.directory(d)
+    cpio.directory("root", 0o700)
+    cpio.directory("root/.ssh", 0o700)
+    # The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
+    cpio.chardev("dev/console", 5, 1)
+    cpio.file("init", (RECIPE_DIR / "init").read_bytes(), 0o755)
+    for name in ("inittab", "passwd", "group", "shells"):
+        cpio.file(f"etc/{name}", (RECIPE_DIR / name).read_bytes())
+
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    cpio.file("bin/busybox", Path(busybox).read_bytes(), 0o755)
+    for applet in _run("busybox applets", [busybox, "--list-full"]).split():
+        if applet != "bin/busybox":
+            cpio.symlink(applet, "/bin/busybox")
+
+    dropbear = shutil.which("dropbear") or "/usr/sbin/dropbear"
+    cpio.file("usr/sbin/dropbear", Path(dropbear).read_bytes(), 0o755)
+    for lib in _shared_libraries(dropbear):
+        cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
+
+    authorized, host_key = _keys(out)
+    cpio.file("root/.ssh/authorized_keys", authorized, 0o600)
+    cpio.file("etc/dropbear/dropbear_ed25519_host_key", host_key, 0o600)
+
+    moddir = extracted / "lib" / "modules" / release
+    modules = _module_order(moddir, _recipe_list("modules"))
+    for name, data in modules:
+        cpio.file(f"lib/modules/{name}.ko", data)
+    cpio.file("etc/modules.order", "".join(f"{n}\n" for n, _ in modules).encode())
+    return cpio.finish(), [n for n, _ in modules]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> None:
+    started = time.monotonic()
+    kernel = KernelPackage(str(inputs["kernel_package"]), str(inputs["kernel_version"]))
+    deb = _download_kernel(cache, kernel)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=target.parent))
+    try:
+        extracted = work / "deb"
+        _log(f"unpacking {deb.name}")
+        _run("unpack kernel", ["dpkg-deb", "-x", str(deb), str(extracted)])
+        vmlinuz = sorted((extracted / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise ImageError(f"{deb.name} holds no boot/vmlinuz-*", step="unpack kernel")
+        release = vmlinuz[0].name.removeprefix("vmlinuz-")
+        out = work / "image"
+        out.mkdir()
+        shutil.copyfile(vmlinuz[0], out / "vmlinuz")
+        shutil.copyfile(extracted / "boot" / f"config-{release}", out / "config")
+        _log("extracting vmlinux from the bzImage")
+        try:
+            (out / "vmlinux").write_bytes(extract_vmlinux((out / "vmlinuz").read_bytes()))
+        except VmlinuxError as exc:
+            raise ImageError(str(exc), step="extract vmlinux") from exc
+        _log("writing the initramfs")
+        initrd, modules = _initramfs(extracted, release, out)
+        (out / "initrd.cpio").write_bytes(initrd)
+        manifest = {
+            "key": key,
+            "inputs": inputs,
+            "kernel_package": kernel.name,
+            "kernel_version": kernel.version,
+            "kernel_release": release,
+            "modules": modules,
+            "cmdline": DEFAULT_CMDLINE,
+            "slot_reserve": list(SLOT_RESERVE),
+            "ready_marker": READY_MARKER,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.monotonic() - started, 2),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"image {key} built in {time.monotonic() - started:.1f} s: {target}")
+
+
+def build_image(*, force: bool = False, cache: Path | None = None) -> Image:
+    """Build the default image unless an identical one is cached; return it."""
+    cache = cache or cache_dir()
+    inputs = recipe_inputs(cache)
+    key = cache_key(inputs)
+    images = cache / "images"
+    target = images / key
+    if not force and (target / "manifest.json").is_file():
+        return Image.load(target)
+    images.mkdir(parents=True, exist_ok=True)
+    with _locked(images / ".lock"):
+        # Someone else may have built it while we waited for the lock.
+        if (target / "manifest.json").is_file():
+            if not force:
+                return Image.load(target)
+            shutil.rmtree(target)
+        _build(cache, key, inputs, target)
+    return Image.load(target)
+
+
+class _locked:
+    """An exclusive ``flock`` on a file, so two processes never build the same image."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def default_image() -> Image:
+    """The default guest image, built on first use (and whenever the recipe changes)."""
+    return build_image()
+
+
+def iter_images(cache: Path | None = None) -> Iterator[Image]:
+    """Every image in the cache (newest recipes and old ones alike)."""
+    for manifest in sorted((cache or cache_dir()).glob("images/*/manifest.json")):
+        yield Image.load(manifest.parent)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/build-image``: build (or find) the default image and print its directory."""
+    parser = argparse.ArgumentParser(prog="build-image", description=main.__doc__)
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--json", action="store_true", help="print the manifest")
+    args = parser.parse_args(argv)
+    try:
+        image = build_image(force=args.force)
+    except ImageError as exc:
+        print(f"build-image: {exc}", file=sys.stderr)
+        return 2
+    print(image.manifest.read_text() if args.json else image.directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

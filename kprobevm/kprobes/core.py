@@ -1,0 +1,448 @@
+"""Kprobes: the probe table and its policy, after the kernel's ``kernel/kprobes.c``.
+
+A :class:`Kprobe` names a place (``symbol_name`` + ``offset``, or ``addr``) and handlers.
+Probes at one address share one :class:`ProbeSite` (the kernel's aggregate probe): one
+int3, one instruction slot, handlers run in registration order. The table is a dict
+keyed by address (``kprobe_table``). How traps reach the host and how the displaced
+instruction runs is the trap channel's business (:mod:`kprobevm.trap.channel`); this module
+decides what may be probed and keeps the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kprobevm.errors import KprobeError, ProbeRefused, ProbeTextChanged, SymbolError
+from kprobevm.x86.ptregs import PtRegs
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+    from kprobevm.kprobes.recorder import Record, RecordSpec
+    from kprobevm.kprobes.slots import Slot
+    from kprobevm.trap.channel import TrapChannel
+    from kprobevm.x86.insn import Insn
+
+__all__ = ["Kprobe", "KprobeManager", "PostHandler", "PreHandler", "ProbeSite"]
+
+log = logging.getLogger(__name__)
+
+PreHandler = Callable[["Kprobe", PtRegs], Any]
+"""pre_handler(kp, regs): a true return means "regs.ip was changed: skip the insn"."""
+PostHandler = Callable[["Kprobe", PtRegs], Any]
+"""post_handler(kp, regs): runs after the displaced instruction."""
+
+MAX_KEPT_ERRORS = 8
+
+
+@dataclass(eq=False)
+class Kprobe:
+    """One probe (``struct kprobe``): where, which handlers, and its counters."""
+
+    symbol_name: str | None = None
+    offset: int = 0
+    addr: int | None = None
+    pre_handler: PreHandler | None = None
+    post_handler: PostHandler | None = None
+    record: RecordSpec | None = None
+    """Record mode: the guest records each hit without stopping; ``pre_handler`` runs on
+    the host later, with the hit's registers and reads (:mod:`kprobevm.kprobes.recorder`)."""
+    nhit: int = field(default=0, init=False)
+    nmissed: int = field(default=0, init=False)
+    nerrors: int = field(default=0, init=False)
+    """Handler exceptions caught (the handler's hit still counts in nhit)."""
+    errors: list[str] = field(default_factory=list, init=False, repr=False)
+    """The last few handler exceptions, formatted."""
+    disabled: bool = field(default=False, init=False)
+    registered: bool = field(default=False, init=False)
+    record_id: int | None = field(default=None, init=False, repr=False)
+    """The tag of this probe's records in the guest's ring (recorded probes only)."""
+    _given_addr: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.symbol_name is None and self.addr is None:
+            raise ValueError("a Kprobe needs symbol_name or addr")
+        if self.record is not None and self.post_handler is not None:
+            raise ValueError("a recorded Kprobe has no post_handler: nothing stops after it")
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.nerrors += 1
+        self.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        del self.errors[:-MAX_KEPT_ERRORS]
+
+    def where(self) -> str:
+        if self.symbol_name is not None:
+            return f"{self.symbol_name}+{self.offset:#x}" if self.offset else self.symbol_name
+        return f"{self.addr:#x}" if self.addr is not None else "?"
+
+
+@dataclass(eq=False)
+class ProbeSite:
+    """The aggregate probe at one address: one int3, one slot, several Kprobes."""
+
+    addr: int
+    insn: Insn
+    slot: Slot | None
+    """The instruction slot (None on the breakpoint channel, which single-steps)."""
+    probes: list[Kprobe] = field(default_factory=list)
+    armed: bool = False
+    int3_seq: int | None = None
+    """Journal sequence of the armed int3 write."""
+    pre_rip: int = 0
+    """RIP at the pre-handler stop (just after the slot's first watched store)."""
+    post_rip: int | None = None
+    """RIP at the post-handler stop, when the slot has a second watched store."""
+    cont_rip: int = 0
+    """Where a handled vCPU goes on: the slot's continuation copy, past the pre store."""
+    pre_watch: int | None = None
+    """The mailbox byte of this site's pre store, watched on its own: a stop names it."""
+
+    @property
+    def enabled(self) -> bool:
+        return any(not p.disabled for p in self.probes)
+
+    @property
+    def wants_post(self) -> bool:
+        return any(p.post_handler is not None for p in self.probes)
+
+    @property
+    def recorded(self) -> bool:
+        """Record mode: every probe here is recorded by the guest (no stop per hit)."""
+        return bool(self.probes) and self.probes[0].record is not None
+
+
+class KprobeManager:
+    """The probe table of one guest and the kernel's register/unregister policy."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.table: dict[int, ProbeSite] = {}
+        self.all_disarmed = False
+        self._mutex = threading.RLock()  # the kernel's kprobe_mutex
+        self._channel: TrapChannel | None = None
+        self.handler_errors = 0
+
+    # -- the channel -----------------------------------------------------------------
+
+    @property
+    def channel(self) -> TrapChannel:
+        """The trap channel, installed on first use (fast when possible, else fallback)."""
+        if self._channel is None:
+            from kprobevm.trap.channel import install_channel
+
+            self._channel = install_channel(self.vm, self)
+        return self._channel
+
+    # -- address resolution and checks -----------------------------------------------
+
+    def resolve(self, kp: Kprobe) -> int:
+        """The probe's address (the kernel's ``_kprobe_addr``)."""
+        if kp.symbol_name is not None and kp.addr is not None:
+            raise ProbeRefused(
+                "EINVAL", "give symbol_name or addr, not both",
+                symbol=kp.symbol_name, address=kp.addr,
+            )  # fmt: skip
+        if kp.offset < 0:
+            raise ProbeRefused("EINVAL", f"negative offset {kp.offset}", symbol=kp.symbol_name)
+        if kp.symbol_name is not None:
+            try:
+                base = self.vm.symbols[kp.symbol_name]
+            except SymbolError as exc:
+                raise ProbeRefused(
+                    "BAD_PROBE_ADDR", str(exc), symbol=kp.symbol_name
+                ) from exc
+            return base + kp.offset
+        assert kp.addr is not None
+        return kp.addr + kp.offset
+
+    def check_probe_address(self, addr: int, kp: Kprobe) -> None:
+        """Refuse what the kernel refuses, and what a host-side kprobe must refuse too."""
+        from kprobevm.x86 import insn as x86
+
+        syms = self.vm.symbols
+        sym = syms.lookup(addr)
+        if sym is None or sym.type not in "Tt":
+            raise ProbeRefused(
+                "BAD_PROBE_ADDR", "not in kernel text", address=addr, symbol=kp.symbol_name
+            )
+        entry = self.vm.kprobe_blacklist.within_kprobe_blacklist(addr)
+        if entry is not None:
+            raise ProbeRefused(
+                "EINVAL", f"{addr:#x} is blacklisted ({entry})",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
+        reason = self.vm.patch_sites.reserved(addr)
+        if reason is not None:
+            raise ProbeRefused(
+                "EBUSY", f"the guest kernel rewrites this site ({reason})",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
+        # The kernel's can_probe(): sweep the function from its start, reading our own
+        # int3s (earlier probes in it) as the bytes they replaced. The int3 padding after
+        # a `ret` (CONFIG_SLS) decodes as one-byte instructions, as in the 6.1 kernel.
+        code = self.original_text(sym.address, sym.size)
+        if addr not in x86.boundaries(code, sym.address):
+            raise ProbeRefused(
+                "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
+                address=addr, symbol=kp.symbol_name,
+            )  # fmt: skip
+
+    # -- the API ---------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Load what comes over SSH (symbols, the kernel command line) and install the
+        channel, before anything holds the VM stopped: SSH cannot answer then."""
+        vm = self.vm
+        vm.symbols  # noqa: B018
+        vm.slot_reserve  # noqa: B018
+        vm.kprobe_blacklist  # noqa: B018
+        vm.patch_sites  # noqa: B018
+        self.channel  # noqa: B018
+
+    def register_kprobe(self, kp: Kprobe) -> None:
+        """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
+        self._prepare()
+        with self._mutex:
+            if kp.registered:
+                raise KprobeError("probe is already registered", symbol=kp.symbol_name)
+            addr = self.resolve(kp)
+            if kp.record is not None and not self.channel.records:
+                raise ProbeRefused(
+                    "EOPNOTSUPP", f"the {self.channel.name} channel cannot record probes",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
+            site = self.table.get(addr)
+            if site is None:
+                self.check_probe_address(addr, kp)
+                with self.vm.target.stopped():
+                    site = self.channel.prepare_site(addr)
+                    site.probes.append(kp)
+                    self.table[addr] = site
+                    try:
+                        self.channel.commit_site(site)
+                        if not self.all_disarmed:
+                            self.channel.arm(site)
+                    except BaseException:
+                        del self.table[addr]
+                        self.channel.discard_site(site)
+                        raise
+            else:
+                if (kp.record is None) != (not site.recorded):
+                    raise ProbeRefused(
+                        "EBUSY", "recorded and stopping probes cannot share an address",
+                        address=addr, symbol=kp.symbol_name,
+                    )  # fmt: skip
+                with self.vm.target.stopped():
+                    had_post = site.wants_post
+                    site.probes.append(kp)
+                    if site.recorded or (site.wants_post and not had_post):
+                        # a recorded aggregate records the newcomer too; one gaining a
+                        # post_handler needs a slot with a post stop
+                        try:
+                            self.channel.rebuild_site(site)
+                        except BaseException:
+                            site.probes.remove(kp)
+                            raise
+            kp._given_addr = kp.addr
+            kp.addr = addr
+            kp.registered = True
+            self.channel.ensure_running()
+
+    def register_kprobes(self, kps: list[Kprobe]) -> None:
+        """Register several probes with the VM stopped once (the kernel's register_kprobes).
+
+        All or nothing, as in the kernel: a probe that fails unregisters those before it.
+        """
+        done: list[Kprobe] = []
+        self._prepare()
+        with self._mutex, self.vm.target.stopped():
+            try:
+                for kp in kps:
+                    self.register_kprobe(kp)
+                    done.append(kp)
+            except BaseException:
+                for kp in reversed(done):
+                    self.unregister_kprobe(kp)
+                raise
+
+    def unregister_kprobes(self, kps: list[Kprobe]) -> None:
+        """Unregister several probes with the VM stopped once."""
+        with self._mutex, self.vm.target.stopped():
+            for kp in kps:
+                self.unregister_kprobe(kp)
+
+    def unregister_kprobe(self, kp: Kprobe) -> None:
+        """Remove ``kp``; the int3 goes when the last probe at its address goes."""
+        with self._mutex:
+            site = self._site_of(kp)
+            with self.vm.target.stopped():
+                if kp.record is not None:
+                    self.channel.flush_records()  # its hits so far reach its handler
+                site.probes.remove(kp)
+                if not site.probes:
+                    if site.armed:
+                        self.channel.disarm(site)
+                    del self.table[site.addr]
+                    self.channel.discard_site(site)
+                else:
+                    if not site.enabled and site.armed:
+                        self.channel.disarm(site)
+                    if site.recorded:  # its program stops recording kp
+                        self.channel.rebuild_site(site)
+                if kp.record_id is not None:
+                    self.channel.release_record_id(kp)
+            kp.registered = False
+            kp.addr = kp._given_addr
+
+    def enable_kprobe(self, kp: Kprobe) -> None:
+        with self._mutex:
+            site = self._site_of(kp)
+            kp.disabled = False
+            if not site.armed and not self.all_disarmed:
+                with self.vm.target.stopped():
+                    self.channel.arm(site)
+
+    def disable_kprobe(self, kp: Kprobe) -> None:
+        with self._mutex:
+            site = self._site_of(kp)
+            kp.disabled = True
+            if site.armed and not site.enabled:
+                with self.vm.target.stopped():
+                    self.channel.disarm(site)
+
+    def arm_all_kprobes(self) -> None:
+        """Write every enabled probe's int3 (the debugfs ``kprobes/enabled`` = 1)."""
+        with self._mutex, self.vm.target.stopped():
+            self.all_disarmed = False
+            for site in self.table.values():
+                if site.enabled and not site.armed:
+                    self.channel.arm(site)
+
+    def disarm_all_kprobes(self) -> None:
+        """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
+        with self._mutex, self.vm.target.stopped():
+            self.all_disarmed = True
+            for site in self.table.values():
+                if site.armed:
+                    self.channel.disarm(site)
+
+    def flush_records(self) -> None:
+        """Run the handlers of every hit recorded in the guest so far (recorded probes)."""
+        if self._channel is not None and self._channel.records:
+            with self._mutex, self.vm.target.stopped():
+                self._channel.flush_records()
+
+    def get_kprobe(self, addr: int) -> Kprobe | None:
+        """The first probe at ``addr`` (the kernel returns the aggregate)."""
+        site = self.table.get(addr)
+        return site.probes[0] if site and site.probes else None
+
+    def unregister_all(self) -> None:
+        with self._mutex:
+            for site in list(self.table.values()):
+                for kp in list(site.probes):
+                    self.unregister_kprobe(kp)
+
+    def close(self) -> None:
+        """Unregister everything and take the trap channel out of the guest."""
+        with self._mutex:
+            self.unregister_all()
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def _site_of(self, kp: Kprobe) -> ProbeSite:
+        if not kp.registered:
+            raise KprobeError("probe is not registered", symbol=kp.symbol_name)
+        for site in self.table.values():
+            if kp in site.probes:
+                return site
+        raise KprobeError("probe is not in the table", symbol=kp.symbol_name)
+
+    # -- running handlers (trap thread, VM stopped) ----------------------------------
+
+    def run_pre_handlers(self, site: ProbeSite, regs: PtRegs) -> bool:
+        """Run the aggregate's pre_handlers; True when one asked to skip the insn."""
+        skip = False
+        for kp in site.probes:
+            if kp.disabled:
+                continue
+            kp.nhit += 1
+            if kp.pre_handler is None:
+                continue
+            try:
+                if kp.pre_handler(kp, regs):
+                    skip = True
+            except Exception as exc:  # a handler's bug never stops the engine
+                self._handler_failed(kp, exc, "pre_handler of")
+        return skip
+
+    def _handler_failed(self, kp: Kprobe, exc: Exception, which: str) -> None:
+        """Keep a handler's exception on its probe and count it; the engine goes on."""
+        kp._record_error(exc)
+        self.handler_errors += 1
+        log.warning("%s %s raised %r", which, kp.where(), exc)
+
+    def run_recorded(self, kp: Kprobe, record: Record) -> None:
+        """A recorded hit of ``kp``: its pre_handler, with the hit's registers and reads."""
+        from kprobevm.kprobes.recorder import RecordedRegs
+
+        if kp.disabled or (kp.record is not None and kp.record.count_only):
+            return  # a counted probe's nhit is the guest's counter
+        kp.nhit += 1
+        if kp.pre_handler is None:
+            return
+        regs = RecordedRegs.of(record, self.vm.memory)
+        try:
+            kp.pre_handler(kp, regs)
+            if regs.changes():
+                raise KprobeError(
+                    "a recorded probe's handler changed registers: the hit is over",
+                    symbol=kp.symbol_name, address=kp.addr,
+                )  # fmt: skip
+        except Exception as exc:
+            self._handler_failed(kp, exc, "pre_handler of recorded")
+
+    def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
+        for kp in site.probes:
+            if kp.disabled or kp.post_handler is None:
+                continue
+            try:
+                kp.post_handler(kp, regs)
+            except Exception as exc:
+                self._handler_failed(kp, exc, "post_handler of")
+
+    # -- listing ---------------------------------------------------------------------
+
+    def list_kprobes(self) -> str:
+        """The probes in the debugfs ``kprobes/list`` format."""
+        lines = []
+        for addr in sorted(self.table):
+            site = self.table[addr]
+            desc = self.vm.symbols.describe(addr).split("/")[0]
+            for kp in site.probes:
+                flags = ""
+                if kp.disabled or not site.armed:
+                    flags = "  [DISABLED]"
+                lines.append(f"{addr:016x}  k  {desc}{flags}")
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    def original_text(self, addr: int, n: int) -> bytes:
+        """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the
+        bytes they replaced."""
+        code = bytearray(self.vm.read(addr, n))
+        for site in self.table.values():
+            for i, byte in enumerate(site.insn.bytes):
+                if 0 <= site.addr + i - addr < n:
+                    code[site.addr + i - addr] = byte
+        return bytes(code)
+
+    def verify_unchanged(self, addr: int, expected: bytes) -> None:
+        """Raise ProbeTextChanged unless the guest holds ``expected`` at ``addr``."""
+        found = self.vm.read(addr, len(expected))
+        if found != expected:
+            raise ProbeTextChanged(addr, expected, found)

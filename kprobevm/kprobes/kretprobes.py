@@ -1,0 +1,342 @@
+"""Return probes (the kernel's kretprobes), with the return path kept in guest memory.
+
+At a function's entry (a Kprobe there) the host saves the return address of the call in
+an instance table in the slot area, keyed by the stack slot that holds it, and puts the
+trampoline's address in that slot. When the function returns into the trampoline, the
+trampoline (guest code) finds its entry by the stack pointer, puts the real return
+address back in the slot, frees the entry, does a watched store (the host runs
+``handler`` with ``regs.ax`` the return value) and returns to the caller. The guest needs
+no host for any of this: with the host gone, or the probe unregistered, a pending return
+still lands where it should.
+
+Instances live per stack slot, which is per (task stack, depth): the kernel's
+per-task instance list. ``maxactive`` bounds the instances of one kretprobe in flight; a
+hit past it counts in ``nmissed``. An instance whose stack slot no longer holds the
+trampoline (a function that never returned, like ``do_exit``) is reclaimed when the
+table needs room.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
+from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.x86 import asm
+from kprobevm.x86.ptregs import PtRegs
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+    from kprobevm.kernel.tasks import TaskLayout
+
+__all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager", "build_trampoline"]
+
+log = logging.getLogger(__name__)
+
+ENTRY = 16  # instance table entry: u64 stack slot (0 = free), u64 real return address
+TABLE_ENTRIES = 4096 // ENTRY
+RETURN_VALUE = 3  # the byte the trampoline's watched store writes
+
+RetHandler = Callable[["KretprobeInstance", PtRegs], Any]
+
+
+@dataclass(eq=False)
+class KretprobeInstance:
+    """One call in flight (``struct kretprobe_instance``): where it returns, and scratch."""
+
+    rp: Kretprobe
+    slot: int
+    """Address of the stack slot that held the return address."""
+    ret_addr: int
+    cpu: int
+    data: bytearray
+    """``data_size`` bytes the entry_handler may fill for the handler (the kernel's ri->data)."""
+    index: int = -1
+    task: int = 0
+    """The calling task's ``task_struct *`` (0 when the kernel's BTF is not at hand)."""
+    task_stack: int = 0
+
+
+@dataclass(eq=False)
+class Kretprobe:
+    """A return probe (``struct kretprobe``) on a function's entry."""
+
+    symbol_name: str | None = None
+    handler: RetHandler | None = None
+    entry_handler: RetHandler | None = None
+    """Runs at entry; a true return means "do not probe this call's return"."""
+    maxactive: int = 0
+    """Instances in flight at most (0: the kernel's default, max(10, 2 * vCPUs))."""
+    data_size: int = 0
+    addr: int | None = None
+    offset: int = 0
+    nhit: int = field(default=0, init=False)
+    """Returns handled."""
+    nmissed: int = field(default=0, init=False)
+    """Calls whose return could not be probed (maxactive reached or no table room)."""
+    nerrors: int = field(default=0, init=False)
+    registered: bool = field(default=False, init=False)
+    kp: Kprobe | None = field(default=None, init=False, repr=False)
+    active: int = field(default=0, init=False)
+
+
+def build_trampoline(base: int, *, table: int, entries: int, mailbox: int) -> tuple[bytes, int]:
+    """The return trampoline at ``base``; returns its code and the RIP after its watched store.
+
+    On entry RSP = slot + 8 (the ``ret`` popped our address from the slot) and every
+    register is as the function returned it. The trampoline saves what it uses, restores
+    it before the watched store, so the host sees the function's return registers.
+    """
+    a = asm.Assembler(base)
+    a.emit(b"\x48\x8d\x64\x24\xf8")  # lea -8(%rsp), %rsp: back onto the slot (flags kept)
+    a.emit(asm.pushfq())
+    for reg in ("rax", "rcx", "rdx"):
+        a.emit(asm.push_r64(reg))
+    a.emit(b"\x48\x8d\x44\x24\x20")  # lea 32(%rsp), %rax: the slot's address, our key
+    a.emit(b"\x48\xb9" + struct.pack("<Q", table))  # movabs $table, %rcx
+    a.emit(b"\xba" + struct.pack("<I", entries))  # mov $entries, %edx
+    a.label("loop")
+    a.emit(b"\x48\x39\x01")  # cmp %rax, (%rcx)
+    a.jcc(0x4, "found")  # je
+    a.emit(b"\x48\x83\xc1\x10")  # add $16, %rcx
+    a.emit(b"\xff\xca")  # dec %edx
+    a.jcc(0x5, "loop")  # jne
+    # No entry: impossible while the host frees only entries whose slot no longer holds
+    # this trampoline. Stop loudly rather than return to a wrong address.
+    a.emit(b"\x0f\x0b")  # ud2
+    a.label("found")
+    a.emit(b"\x48\x8b\x51\x08")  # mov 8(%rcx), %rdx: the real return address
+    a.emit(b"\x48\x89\x54\x24\x20")  # mov %rdx, 32(%rsp): back into the slot
+    a.emit(b"\x48\xc7\x01\x00\x00\x00\x00")  # movq $0, (%rcx): the entry is free
+    for reg in ("rdx", "rcx", "rax"):
+        a.emit(asm.pop_r64(reg))
+    a.emit(asm.popfq())
+    a.emit(asm.movb_store_rip(a.here, mailbox, RETURN_VALUE))
+    store_end = a.here
+    a.emit(b"\xeb\x00")  # jmp .+2: a late stop still lands here (see ooline.TB_BREAK)
+    a.emit(b"\xc3")  # ret: to the caller, RSP as after the function's own ret
+    return a.finish(), store_end
+
+
+class KretprobeManager:
+    """Registered return probes of one guest and the instances in flight."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.trampoline = 0
+        self.store_end = 0
+        self.table = 0
+        self.entries: list[KretprobeInstance | None] = [None] * TABLE_ENTRIES
+        self.by_slot: dict[int, KretprobeInstance] = {}
+        self.stale_returns = 0
+        self.reclaimed = 0
+        self.layout: TaskLayout | None = None
+        self._entry_reads = ReadPredictor()
+
+    def install(self, trampoline: int, table: int, mailbox: int) -> bytes:
+        """Place the trampoline at ``trampoline`` (mapped executable) over ``table``."""
+        code, self.store_end = build_trampoline(
+            trampoline, table=table, entries=TABLE_ENTRIES, mailbox=mailbox
+        )
+        self.trampoline, self.table = trampoline, table
+        return code
+
+    # -- registration ------------------------------------------------------------------
+
+    def register_kretprobe(self, rp: Kretprobe) -> None:
+        if rp.registered:
+            raise KprobeError("kretprobe is already registered", symbol=rp.symbol_name)
+        if not self.trampoline:
+            raise KprobeError(
+                "return probes need the watchpoint trap channel: its slot memory holds"
+                " the trampoline", symbol=rp.symbol_name,
+            )  # fmt: skip
+        if rp.offset:
+            raise ProbeRefused(
+                "BAD_RETPROBE", "a return probe goes on a function's entry (offset 0)",
+                symbol=rp.symbol_name,
+            )  # fmt: skip
+        kp = Kprobe(symbol_name=rp.symbol_name, addr=rp.addr, pre_handler=self._entry_for(rp))
+        addr = self.vm.kprobes.resolve(kp)
+        sym = self.vm.symbols.lookup(addr)
+        if sym is None or sym.address != addr:
+            raise ProbeRefused(
+                "BAD_RETPROBE", "not a function's entry", address=addr, symbol=rp.symbol_name
+            )
+        if rp.maxactive <= 0:
+            rp.maxactive = max(10, 2 * (os.cpu_count() or 1), 2 * self._vcpus())
+        self.layout = self.vm.task_layout  # BTF parsed now, not at the first hit
+        self.vm.register_kprobe(kp)
+        rp.kp = kp
+        rp.registered = True
+
+    def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        """Stop probing new calls; calls in flight still return through the trampoline."""
+        if not rp.registered or rp.kp is None:
+            raise KprobeError("kretprobe is not registered", symbol=rp.symbol_name)
+        self.vm.unregister_kprobe(rp.kp)
+        rp.kp = None
+        rp.registered = False
+
+    def _vcpus(self) -> int:
+        with self.vm.target.stopped() as client:
+            return len(client.threads())
+
+    # -- the entry (trap thread, VM stopped) -------------------------------------------
+
+    def _entry_for(self, rp: Kretprobe) -> Callable[[Kprobe, PtRegs], None]:
+        def entry(kp: Kprobe, regs: PtRegs) -> None:
+            self._entry(rp, regs)
+
+        return entry
+
+    def _entry(self, rp: Kretprobe, regs: PtRegs) -> None:
+        if not rp.registered:
+            return
+        if rp.active >= rp.maxactive and not self._reclaim(rp):
+            rp.nmissed += 1
+            return
+        # The stack slot, current and its stack repeat from call to call in a hot loop:
+        # the last entry's reads on this vCPU go out with the register read.
+        memory = HitReader(self.vm.memory)
+        memory.read_ahead(regs, self._entry_reads.guess(regs.cpu))
+        slot = regs.sp
+        layout = self.layout
+        ret_addr = memory.u64(slot)
+        task = memory.u64(regs.gs_base + layout.current) if layout is not None else 0
+        ri = KretprobeInstance(
+            rp=rp, slot=slot, ret_addr=ret_addr, cpu=regs.cpu,
+            data=bytearray(rp.data_size), task=task,
+        )  # fmt: skip
+        if layout is not None and task:
+            ri.task_stack = memory.u64(task + layout.stack)
+        self._entry_reads.remember(regs.cpu, memory.reads)
+        if rp.entry_handler is not None:
+            try:
+                if rp.entry_handler(ri, regs):
+                    return
+            except Exception as exc:
+                rp.nerrors += 1
+                log.warning("entry_handler of %s raised %r", rp.symbol_name, exc)
+        old = self.by_slot.pop(slot, None)
+        if old is not None:  # the call that used this slot before never came back
+            self._free(old)
+        index = self._alloc()
+        if index is None:
+            rp.nmissed += 1
+            return
+        ri.index = index
+        self.entries[index] = ri
+        self.by_slot[slot] = ri
+        rp.active += 1
+        # Both writes ride with the resume: the table entry first, then the hijack.
+        target = self.vm.target
+        target.queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
+        target.queue_write(slot, struct.pack("<Q", self.trampoline))
+
+    def _dead(self, ri: KretprobeInstance) -> bool:
+        """A call that will never come back through the trampoline.
+
+        Its stack slot lost our address (the stack moved on), or its task has exited
+        (a function like do_exit that never returns) or is gone (stack pointer changed).
+        """
+        memory = self.vm.memory
+        try:
+            if memory.u64(ri.slot) != self.trampoline:
+                return True
+        except GuestFaultError:
+            return True  # its stack is unmapped: the task is gone
+        layout = self.layout
+        if layout is None or not ri.task:
+            return False
+        return (
+            memory.u64(ri.task + layout.stack) != ri.task_stack
+            or memory.s32(ri.task + layout.exit_state) != 0
+        )
+
+    def _reclaim(self, rp: Kretprobe | None = None) -> bool:
+        """Free the dead instances (of ``rp``, or all); True if any was freed."""
+        freed = False
+        for ri in list(self.by_slot.values()):
+            if rp is not None and ri.rp is not rp:
+                continue
+            if self._dead(ri):
+                self.by_slot.pop(ri.slot, None)
+                self._free(ri)
+                self.vm.memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
+                self.reclaimed += 1
+                freed = True
+        return freed
+
+    def _alloc(self) -> int | None:
+        for _ in range(2):
+            for i, ri in enumerate(self.entries):
+                if ri is None:
+                    return i
+            if not self._reclaim():
+                break
+        return None
+
+    def _free(self, ri: KretprobeInstance) -> None:
+        if 0 <= ri.index < len(self.entries) and self.entries[ri.index] is ri:
+            self.entries[ri.index] = None
+        ri.rp.active -= 1
+
+    # -- the return (trap thread, VM stopped) ------------------------------------------
+
+    def on_return(self, gregs: dict[str, int], cpu: int, *, redirect: bool) -> dict[str, int]:
+        """Run the handler of the return that stopped at the trampoline's store.
+
+        Returns the registers (gdb names) the handler changed, to be written back.
+        """
+        slot = gregs["rsp"]
+        ri = self.by_slot.pop(slot, None)
+        if ri is None:
+            self.stale_returns += 1
+            return {}
+        self._free(ri)
+        rp = ri.rp
+        # For a return QEMU did not report (SMP), the host does the trampoline's ret: the
+        # vCPU leaves the trampoline now, so a late report cannot pass for another return.
+        leave = {"rip": ri.ret_addr, "rsp": slot + 8} if redirect else {}
+        if not rp.registered or rp.handler is None:
+            return leave
+        gregs = dict(gregs)
+        gregs["rip"] = ri.ret_addr
+        gregs["rsp"] = slot + 8  # as right after the function's ret
+        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
+        rp.nhit += 1
+        try:
+            rp.handler(ri, regs)
+        except Exception as exc:
+            rp.nerrors += 1
+            log.warning("kretprobe handler of %s raised %r", rp.symbol_name, exc)
+        from kprobevm.x86.ptregs import GDB_NAMES
+
+        changed = {GDB_NAMES[k]: v for k, v in regs.changes().items() if k not in ("ip", "sp")}
+        return changed | leave
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def unhijack_all(self) -> int:
+        """Put every pending call's return address back on its stack (VM stopped)."""
+        memory = self.vm.memory
+        restored = 0
+        for ri in list(self.by_slot.values()):
+            try:
+                pending = memory.u64(ri.slot) == self.trampoline
+            except GuestFaultError:
+                pending = False  # the task and its (vmalloc'd) stack are gone
+            if pending:
+                memory.write(ri.slot, struct.pack("<Q", ri.ret_addr))
+                restored += 1
+            memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
+            self._free(ri)
+        self.by_slot.clear()
+        return restored

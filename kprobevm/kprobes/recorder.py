@@ -1,0 +1,325 @@
+"""Recorded probes: hits the guest writes to a ring buffer, handled on the host later.
+
+A probe with a :class:`RecordSpec` never stops the guest per hit. Its slot jumps to a
+record program (:mod:`kprobevm.x86.record`) that writes the registers, ``current``'s pid
+and comm, the TSC and the probe's memory reads into a ring in slot memory, then runs the
+displaced instruction. The :class:`Recorder` owns that ring. It drains it when the guest
+asks (a watched store once the ring is half full), on the trap thread's idle tick, and
+before probes go; each :class:`Record` then reaches the probe's ``pre_handler`` with a
+:class:`RecordedRegs` snapshot whose memory answers from the record's reads. This is
+the kernel's trace-event model (record now, read later), bought with what a stop costs:
+the handlers cannot change registers, and a string is cut at its capture size.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
+from kprobevm.gdbstub.memory import GuestMemory
+from kprobevm.kprobes.slots import Slot, SlotCache
+from kprobevm.x86 import record as rec
+from kprobevm.x86.ptregs import PtRegs
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+    from kprobevm.kprobes.core import Kprobe, ProbeSite
+    from kprobevm.x86.slotmap import SlotArea
+
+__all__ = [
+    "CapturedRead",
+    "Record",
+    "RecordSpec",
+    "RecordedMemory",
+    "RecordedRegs",
+    "Recorder",
+    "decode_record",
+]
+
+RING_PAGES = 64  # 256 KiB
+MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
+MAX_CPUS = 256
+PROGRAM_SIZE = 2048
+_U64 = struct.Struct("<Q")
+_CONTROL_TAIL = 64  # head and tail on separate cache lines
+_CONTROL_DRAIN = 128
+_CONTROL_BUSY = 256
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """How a probe is recorded: its memory reads, or nothing but a count.
+
+    ``count_only`` probes cost the guest one ``lock incq`` and never reach a handler:
+    their ``nhit`` is read from the guest.
+    """
+
+    captures: tuple[rec.Capture, ...] = ()
+    count_only: bool = False
+
+
+@dataclass(frozen=True)
+class CapturedRead:
+    """One memory read the guest made at the hit: bytes read, or a negative errno."""
+
+    address: int
+    status: int
+    data: bytes
+    string: bool
+
+
+@dataclass(frozen=True)
+class Record:
+    """One recorded hit, decoded."""
+
+    probe_id: int
+    cpu: int
+    pid: int
+    comm: str
+    tsc: int
+    regs: dict[str, int]
+    reads: tuple[CapturedRead, ...]
+
+
+def decode_record(raw: bytes, layout: rec.RecordLayout) -> Record:
+    """A record's bytes (as the ring holds them) as a :class:`Record`."""
+    _, _, probe_id, cpu, tsc, pid, comm = rec.RECORD_HEADER.unpack_from(raw)
+    nregs = len(rec.SNAPSHOT_REGS)
+    values = struct.unpack_from(f"<{nregs}Q", raw, rec.REGS_OFFSET)
+    reads = []
+    for cap, at in zip(layout.captures, layout.capture_offsets, strict=True):
+        address, status = rec.CAPTURE_HEADER.unpack_from(raw, at)
+        start = at + rec.CAPTURE_HEADER.size
+        data = raw[start : start + max(0, min(status, cap.size))]
+        reads.append(CapturedRead(address, status, data, cap.string))
+    return Record(
+        probe_id=probe_id, cpu=cpu, pid=pid,
+        comm=comm.split(b"\0", 1)[0].decode(errors="replace"), tsc=tsc,
+        regs=dict(zip(rec.SNAPSHOT_REGS, values, strict=True)), reads=tuple(reads),
+    )  # fmt: skip
+
+
+class RecordedMemory(GuestMemory):
+    """Guest memory as it was at a recorded hit: only what the record's reads hold.
+
+    A read inside a successful capture is answered from it (a string capture answers
+    past its NUL with zeros, which is all a string reader looks at); a read the guest
+    tried and failed raises :class:`GuestFaultError`, as the live read would have. A read
+    the record program never made is a bug in the capture plan and raises KprobeError.
+    """
+
+    def __init__(self, memory: GuestMemory, reads: Sequence[CapturedRead]) -> None:
+        super().__init__(memory.transport)
+        self._reads = reads
+
+    def read(self, addr: int, n: int) -> bytes:
+        failed = False
+        for r in self._reads:
+            if r.status < 0:
+                failed = failed or r.address == addr
+                continue
+            offset = addr - r.address
+            if r.string:
+                text = r.data.split(b"\0", 1)[0] + b"\0"
+                if 0 <= offset < len(text):
+                    return text[offset : offset + n].ljust(n, b"\0")
+            elif offset >= 0 and offset + n <= len(r.data):
+                return r.data[offset : offset + n]
+        if failed:
+            raise GuestFaultError(addr, "the guest's read faulted at the hit")
+        raise KprobeError(f"{n} bytes at {addr:#x} were not recorded at the hit", address=addr)
+
+    def write(self, addr: int, data: bytes) -> None:
+        raise KprobeError("a recorded hit is in the past: its memory cannot be written")
+
+
+class RecordedRegs(PtRegs):
+    """A recorded hit's registers, with its record; changes cannot reach the guest."""
+
+    __slots__ = ("record",)
+    record: Record
+
+    @classmethod
+    def of(cls, record: Record, memory: GuestMemory) -> RecordedRegs:
+        regs = cls(dict(record.regs), cpu=record.cpu, memory=RecordedMemory(memory, record.reads))
+        object.__setattr__(regs, "record", record)
+        return regs
+
+
+@dataclass(eq=False)
+class _RecordedProbe:
+    kp: Kprobe
+    layout: rec.RecordLayout
+
+
+class Recorder:
+    """The ring buffer, the ids and programs of recorded probes, and the drain (VM stopped)."""
+
+    def __init__(self, vm: VM, area: SlotArea, programs: SlotCache) -> None:
+        """``programs``: cells of PROGRAM_SIZE bytes in executable slot pages."""
+        self.vm = vm
+        self.area = area
+        control = area.map_page(executable=False, writable=True)
+        counters = self._contiguous(MAX_RECORD_IDS * 16 // 4096, area)
+        ring = self._contiguous(RING_PAGES, area)
+        size = RING_PAGES * 4096
+        self.layout = rec.RingLayout(
+            head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
+            busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,
+            ring=ring, ring_size=size, high_water=size // 2,
+        )  # fmt: skip
+        self.helpers = _copy_helpers(vm)
+        self.programs = programs
+        self.probes: dict[int, _RecordedProbe] = {}
+        self._free_ids = list(range(MAX_RECORD_IDS))
+        self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
+        self.tail = 0
+        self.drains = 0
+        self.records = 0
+        self.late = 0
+        """Records of probes gone by the time they were drained."""
+
+    @staticmethod
+    def _contiguous(pages: int, area: SlotArea) -> int:
+        first = area.map_page(executable=False, writable=True)
+        for i in range(1, pages):
+            if area.map_page(executable=False, writable=True) != first + 4096 * i:
+                raise KprobeError("slot area: the record ring's pages are not contiguous")
+        return first
+
+    # -- probes and their programs ---------------------------------------------------
+
+    def add(self, kp: Kprobe, spec: RecordSpec) -> int:
+        """Give ``kp`` an id (its record's tag and counter index)."""
+        if not self._free_ids:
+            raise ProbeRefused("ENOSPC", f"more than {MAX_RECORD_IDS} recorded probes",
+                               symbol=kp.symbol_name)  # fmt: skip
+        probe_id = self._free_ids.pop(0)
+        layout = rec.RecordLayout(spec.captures)
+        if layout.size > self.layout.ring_size // 8:
+            raise ProbeRefused(
+                "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
+                symbol=kp.symbol_name,
+            )  # fmt: skip
+        self.probes[probe_id] = _RecordedProbe(kp, layout)
+        self.vm.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
+        return probe_id
+
+    def remove(self, probe_id: int) -> None:
+        """Forget an id; it is reused last (a record still being written is dropped)."""
+        del self.probes[probe_id]
+        self._free_ids.append(probe_id)
+
+    def write_program(self, site: ProbeSite, cont: int) -> int:
+        """Place the site's program (count or record) in a fresh cell; return its address."""
+        old = self.site_programs.pop(site.addr, None)
+        cell = self.programs.get_insn_slot()
+        ids = [kp.record_id for kp in site.probes if kp.record_id is not None]
+        if all(kp.record is not None and kp.record.count_only for kp in site.probes):
+            counters = tuple(self.layout.counters + 16 * i for i in ids)
+            code = rec.build_count_program(cell.address, counters=counters, cont=cont)
+        else:
+            probes = [(i, self.probes[i].layout) for i in ids]
+            code = rec.build_record_program(
+                cell.address, probes=tuple(probes), probe_ip=site.addr, ring=self.layout,
+                helpers=self.helpers, cont=cont,
+            )  # fmt: skip
+        rec.check_program_fits(code, PROGRAM_SIZE, self.vm.symbols.describe(site.addr))
+        self.vm.memory.write_phys(self.area.phys(cell.address), code)
+        self.site_programs[site.addr] = cell
+        if old is not None:
+            self.programs.free_insn_slot(old)
+        return cell.address
+
+    def drop_program(self, site: ProbeSite) -> None:
+        cell = self.site_programs.pop(site.addr, None)
+        if cell is not None:
+            self.programs.free_insn_slot(cell)
+
+    # -- the drain -------------------------------------------------------------------
+
+    def drain(self) -> list[tuple[Kprobe, Record]]:
+        """Take every complete record out of the ring (VM stopped); update the counters.
+
+        The new tail goes with the next resume. A record still being written (another
+        vCPU stopped inside a program) stays, with everything after it, for next time.
+        """
+        ring = self.layout
+        head = self.vm.memory.u64(ring.head)
+        # The host is the tail's only writer, and its last write may still be queued.
+        tail = self.tail
+        self._read_counters()
+        if head == tail:
+            return []
+        self.drains += 1
+        data = self._ring_bytes(tail, head)
+        out: list[tuple[Kprobe, Record]] = []
+        pos = tail
+        mask = ring.ring_size - 1
+        while pos < head:
+            at = pos - tail
+            stamp = _U64.unpack_from(data, at)[0]
+            if stamp == pos + 1:
+                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack_from(data, at)
+                probe = self.probes.get(probe_id)
+                if probe is None:
+                    self.late += 1
+                else:
+                    record = decode_record(data[at : at + size], probe.layout)
+                    out.append((probe.kp, record))
+                pos += size
+            elif stamp == (pos + 1) | rec.PAD_BIT:
+                pos = (pos | mask) + 1
+            else:
+                break
+        self.records += len(out)
+        if pos != tail:
+            self.tail = pos
+            self.vm.target.queue_write(ring.tail, _U64.pack(pos))
+        return out
+
+    def _ring_bytes(self, tail: int, head: int) -> bytes:
+        ring = self.layout
+        start = tail & (ring.ring_size - 1)
+        n = head - tail
+        first = min(n, ring.ring_size - start)
+        data = self.vm.memory.read(ring.ring + start, first)
+        if first < n:
+            data += self.vm.memory.read(ring.ring, n - first)
+        return data
+
+    def _read_counters(self) -> None:
+        if not self.probes:
+            return
+        top = max(self.probes) + 1
+        raw = self.vm.memory.read(self.layout.counters, 16 * top)
+        for probe_id, probe in self.probes.items():
+            hits, missed = struct.unpack_from("<QQ", raw, 16 * probe_id)
+            spec = probe.kp.record
+            if spec is not None and spec.count_only:
+                probe.kp.nhit = hits
+            probe.kp.nmissed = missed
+
+
+def _copy_helpers(vm: VM) -> rec.CopyHelpers:
+    """The kernel functions and per-CPU offsets the record program uses."""
+    syms = vm.symbols
+    layout = vm.task_layout
+    if layout is None:
+        raise KprobeError("recorded probes need the kernel's BTF (task_struct offsets)")
+    try:
+        return rec.CopyHelpers(
+            copy_from_kernel=syms["copy_from_kernel_nofault"],
+            copy_from_user=syms["copy_from_user_nofault"],
+            strncpy_from_kernel=syms["strncpy_from_kernel_nofault"],
+            strncpy_from_user=syms["strncpy_from_user_nofault"],
+            cpu_number=syms["cpu_number"],
+            current_task=layout.current,
+            task_pid=layout.pid,
+            task_comm=layout.comm,
+        )
+    except KeyError as exc:
+        raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc

@@ -1,0 +1,152 @@
+"""``kprobevm recover``: undo what a dead kprobevm session left in a guest.
+
+The journal lists every write the session made and did not undo. Recovery restores
+them newest first in two phases: kernel virtual memory first (probe int3s, the IDT
+gate), then, once no vCPU runs inside the slot area, the page-table entry that mapped
+it, with a TLB flush on every vCPU. A byte the guest changed since is left alone and
+reported, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
+from kprobevm.gdbstub.client import GdbClient
+from kprobevm.kprobes.journal import (
+    JournalEntry,
+    journal_gdb_address,
+    journal_notes,
+    pending_writes,
+)
+from kprobevm.trap.channel import vcpu_rips
+
+__all__ = ["RecoveryReport", "recover"]
+
+_AREA = re.compile(r"slot area (0x[0-9a-f]+)")
+AREA_SIZE = 2 << 20
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery restored, found already restored, and had to leave alone."""
+
+    restored: list[JournalEntry] = field(default_factory=list)
+    returns_restored: int = 0
+    """Calls in flight through the kretprobe trampoline given their return address back."""
+    already: list[JournalEntry] = field(default_factory=list)
+    conflicts: list[tuple[JournalEntry, bytes]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.conflicts
+
+    def summary(self) -> str:
+        lines = [
+            f"restored {len(self.restored)}, already restored {len(self.already)},"
+            f" conflicts {len(self.conflicts)}"
+        ]
+        for entry, found in self.conflicts:
+            lines.append(
+                f"  left alone: {entry.what} at {entry.address:#x}: expected"
+                f" {entry.new.hex()} or {entry.old.hex()}, found {found.hex()}"
+            )
+        return "\n".join(lines)
+
+
+def _restore(client: GdbClient, entry: JournalEntry, report: RecoveryReport) -> bool:
+    phys = entry.space == "phys"
+    read = client.read_phys if phys else client.read_memory
+    write = client.write_phys if phys else client.write_memory
+    current = read(entry.address, len(entry.new))
+    if current == entry.new:
+        write(entry.address, entry.old)
+        report.restored.append(entry)
+        return True
+    if current == entry.old:
+        report.already.append(entry)
+        return True
+    report.conflicts.append((entry, current))
+    return False
+
+
+def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> RecoveryReport:
+    """Restore the guest behind ``journal`` (gdbstub address from the journal unless given)."""
+    entries = pending_writes(journal)
+    address = gdb or journal_gdb_address(journal)
+    if not address:
+        raise JournalError("the journal names no gdbstub address: pass gdb=", path=str(journal))
+    report = RecoveryReport()
+    areas = [int(m[1], 16) for e in entries if (m := _AREA.search(e.what))]
+    client = GdbClient.connect(_parse_address(address))
+    try:
+        for entry in entries:
+            if entry.space == "virt":
+                _restore(client, entry, report)
+        if entries:
+            report.returns_restored = _unhijack_returns(client, journal_notes(journal))
+        # vCPUs may be inside a slot or the stub: let them run out before unmapping
+        deadline = time.monotonic() + timeout
+        while any(a <= rip < a + AREA_SIZE for rip in vcpu_rips(client) for a in areas):
+            if time.monotonic() > deadline:
+                raise KprobeError("vCPUs stay inside the slot area; not unmapping it")
+            client.cont()
+            time.sleep(0.02)
+            client.interrupt()
+        for entry in entries:
+            if entry.space == "phys":
+                _restore(client, entry, report)
+        if areas:
+            for thread in client.threads():
+                cr3 = client.read_register("cr3", thread=thread)
+                client.write_register("cr3", cr3, thread=thread)  # flushes the TLB
+        _mark_undone(journal, report)
+    finally:
+        # a detach removes any breakpoint left behind and lets the guest run
+        try:
+            client.detach()
+        finally:
+            client.close()
+    return report
+
+
+def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
+    """Give pending kretprobe returns their real return address back (VM stopped)."""
+    table, trampoline = notes.get("kretprobe_table"), notes.get("trampoline")
+    if not isinstance(table, int) or not isinstance(trampoline, int):
+        return 0
+    restored = 0
+    data = client.read_memory(table, 4096)
+    for pos in range(0, len(data), 16):
+        slot, ret = struct.unpack_from("<QQ", data, pos)
+        if not slot:
+            continue
+        try:
+            pending = struct.unpack("<Q", client.read_memory(slot, 8))[0] == trampoline
+        except GdbErrorReply:
+            pending = False  # the task and its stack are gone
+        if pending:
+            client.write_memory(slot, struct.pack("<Q", ret))
+            restored += 1
+        client.write_memory(table + pos, bytes(16))
+    return restored
+
+
+def _mark_undone(journal: Path, report: RecoveryReport) -> None:
+    with journal.open("a", encoding="utf-8") as f:
+        for entry in [*report.restored, *report.already]:
+            f.write(json.dumps({"op": "undone", "seq": entry.seq}) + "\n")
+        if report.ok:
+            f.write(json.dumps({"op": "close", "clean": True, "by": "recover"}) + "\n")
+
+
+def _parse_address(address: str) -> str | tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "/" not in address:
+        return (host, int(port))
+    return address

@@ -1,0 +1,166 @@
+"""Executable guest pages for slots: reserved physical memory mapped into the module area.
+
+The guest kernel never hands out the physical range reserved on its command line
+(``memmap=SIZE$BASE``). We take 4 KiB pages from it and map them through one page table
+of our own, hung in an empty PMD entry of the top PUD (PGD[511] -> PUD[511], the module
+and fixmap region, shared by every address space), so the pages sit within +-2 GiB of
+kernel text and rel32 jumps reach both ways. x86 caches no non-present entries, so a new
+mapping needs no TLB flush; removing one does (CR3 rewritten on every vCPU).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import GuestFaultError, KprobeError
+
+if TYPE_CHECKING:
+    from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.kprobes.journal import Journal
+
+__all__ = ["ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
+
+PAGE = 4096
+PMD_SPAN = 2 << 20
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+P_PRESENT, P_RW, P_ACCESSED, P_DIRTY = 1 << 0, 1 << 1, 1 << 5, 1 << 6
+P_PS, P_NX = 1 << 7, 1 << 63
+# The module area ends at 0xffffffffff000000 on x86-64; modules are loaded from its
+# bottom, so we search for an empty PMD from its top down.
+TOP_PMD_INDEXES = range(503, 479, -1)
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """A guest physical range the guest kernel does not use."""
+
+    base: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.base % PAGE or self.size % PAGE or self.size < 8 * PAGE:
+            raise ValueError(f"reserve {self.base:#x}+{self.size:#x} is not usable")
+
+
+_SIZE = r"(\d+|0x[0-9a-fA-F]+)([KMG]?)"
+
+
+def _size(number: str, unit: str) -> int:
+    value = int(number, 0)
+    return value << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+
+
+def parse_memmap_reserve(cmdline: str) -> Reserve | None:
+    """The first ``memmap=SIZE$BASE`` (reserved) range of a kernel command line."""
+    for m in re.finditer(rf"(?:^|\s)memmap={_SIZE}\${_SIZE}(?=\s|$)", cmdline):
+        return Reserve(base=_size(m[3], m[4]), size=_size(m[1], m[2]))
+    return None
+
+
+class SlotArea:
+    """2 MiB of kernel virtual space backed by reserved pages, mapped by the host."""
+
+    def __init__(self, memory: GuestMemory, journal: Journal, reserve: Reserve, cr3: int):
+        self.memory = memory
+        self.journal = journal
+        self.reserve = reserve
+        self.cr3 = cr3
+        self.base = 0
+        self.pmd_entry_phys = 0
+        self.pmd_seq: int | None = None
+        self.pte_table = reserve.base  # first reserved page holds our page table
+        self._free_phys = list(range(reserve.base + reserve.size - PAGE, reserve.base, -PAGE))
+        self._mapped: dict[int, int] = {}  # vaddr -> paddr
+        self._next_index = 0
+
+    def _entry(self, table_phys: int, index: int) -> int:
+        value: int = struct.unpack("<Q", self.memory.read_phys(table_phys + 8 * index, 8))[0]
+        return value
+
+    def setup(self) -> int:
+        """Find an empty PMD at the top of the module area and hang our page table there."""
+        pgd = self.cr3 & ADDR_MASK
+        pgd_e = self._entry(pgd, 511)
+        if not pgd_e & P_PRESENT:
+            raise GuestFaultError(0xFFFFFF8000000000, "PGD[511] not present", level=4)
+        pud_e = self._entry(pgd_e & ADDR_MASK, 511)
+        if not pud_e & P_PRESENT or pud_e & P_PS:
+            raise GuestFaultError(0xFFFFFFFFC0000000, "PUD[511] not a page table", level=3)
+        pmd_table = pud_e & ADDR_MASK
+        for index in TOP_PMD_INDEXES:
+            if self._entry(pmd_table, index) == 0:
+                break
+        else:
+            raise KprobeError("no empty PMD entry at the top of the module area")
+        self.base = 0xFFFFFFFFC0000000 + index * PMD_SPAN
+        self.pmd_entry_phys = pmd_table + 8 * index
+        self.memory.write_phys(self.pte_table, bytes(PAGE))
+        entry = self.pte_table | P_PRESENT | P_RW | P_ACCESSED
+        new = struct.pack("<Q", entry)
+        self.pmd_seq = self.journal.record(
+            "phys", self.pmd_entry_phys, bytes(8), new, f"PMD for slot area {self.base:#x}"
+        )
+        self.memory.write_phys(self.pmd_entry_phys, new)
+        return self.base
+
+    def map_page(self, *, executable: bool = True, writable: bool = False) -> int:
+        """Map one zeroed reserved page at the next free address; return its address."""
+        if not self._free_phys:
+            raise KprobeError(f"reserved memory {self.reserve.base:#x} is used up")
+        used = {(v - self.base) // PAGE for v in self._mapped}
+        index = next(i for i in range(512) if i not in used)
+        vaddr = self.base + index * PAGE
+        paddr = self._free_phys.pop()
+        self.memory.write_phys(paddr, bytes(PAGE))
+        pte = paddr | P_PRESENT | P_ACCESSED | P_DIRTY
+        if writable:
+            pte |= P_RW
+        if not executable:
+            pte |= P_NX
+        self.memory.write_phys(self.pte_table + 8 * index, struct.pack("<Q", pte))
+        self._mapped[vaddr] = paddr
+        return vaddr
+
+    def unmap_page(self, vaddr: int) -> None:
+        """Unmap a page; the caller guarantees no vCPU runs in it (TLB flushed at teardown)."""
+        paddr = self._mapped.pop(vaddr)
+        index = (vaddr - self.base) // PAGE
+        self.memory.write_phys(self.pte_table + 8 * index, bytes(8))
+        self._free_phys.append(paddr)
+
+    def phys(self, vaddr: int) -> int:
+        """The physical address behind a mapped address of ours."""
+        page = vaddr & ~(PAGE - 1)
+        return self._mapped[page] + (vaddr - page)
+
+    def contains(self, vaddr: int) -> bool:
+        return self.base <= vaddr < self.base + PMD_SPAN
+
+    def teardown(self) -> None:
+        """Remove the PMD entry (TLB flush is the caller's: it knows the vCPUs)."""
+        if self.pmd_seq is None:
+            return
+        current = self.memory.read_phys(self.pmd_entry_phys, 8)
+        expected = struct.pack("<Q", self.pte_table | P_PRESENT | P_RW | P_ACCESSED)
+        if current == expected:
+            self.memory.write_phys(self.pmd_entry_phys, bytes(8))
+            self.journal.undone(self.pmd_seq)
+        self.pmd_seq = None
+        self._mapped.clear()
+
+
+class ExecutablePages:
+    """A slot area as a SlotCache's page provider: executable pages, read-only to the guest
+    (instruction slots, record programs)."""
+
+    def __init__(self, area: SlotArea) -> None:
+        self.area = area
+
+    def map_page(self) -> int:
+        return self.area.map_page(executable=True)
+
+    def unmap_page(self, address: int) -> None:
+        self.area.unmap_page(address)
