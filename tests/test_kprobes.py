@@ -21,9 +21,10 @@ from capstone import x86 as csx86
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
-from kprobevm.trap.channel import WatchpointChannel, decode_idt_gate
+from kprobevm.trap.channel import WatchpointChannel
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.emulate import condition_holds
+from kprobevm.x86.idt import decode_idt_gate
 from kprobevm.x86.insn import Insn, InsnKind
 from kprobevm.x86.ptregs import PtRegs
 

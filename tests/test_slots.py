@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.errors import SlotExhausted
-from kprobevm.kprobes.slots import PAGE_SIZE, SlotCache, SlotState
+from kprobevm.kprobes.slots import SlotCache, SlotState
+from kprobevm.x86.constants import PAGE_SIZE
 
 
 class Pages:

@@ -45,6 +45,7 @@ from kprobevm.errors import (
 )
 from kprobevm.gdbstub.client import BreakpointKind, GdbAddress
 from kprobevm.gdbstub.packet import StopReply, WatchHit, parse_error_reply
+from kprobevm.x86.constants import MASK64
 
 __all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
 
@@ -368,7 +369,7 @@ class GdbMiClient(Closing):
         for name, value in values.items():
             remote = by_gdb[self._register_number(name)]
             out.append(b"P%x=%s" % (remote, binascii.hexlify(
-                (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))))
+                (value & MASK64).to_bytes(8, "little"))))
         return out
 
     def _register_number(self, name: str) -> int:

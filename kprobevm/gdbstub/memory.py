@@ -11,10 +11,10 @@ from typing import Protocol
 
 from kprobevm.errors import GdbErrorReply, GuestFaultError
 from kprobevm.gdbstub.packet import parse_memory_request
+from kprobevm.x86.constants import PAGE_SIZE
 
-__all__ = ["EFAULT", "PAGE_SIZE", "GuestMemory", "MemoryTransport"]
+__all__ = ["EFAULT", "GuestMemory", "MemoryTransport"]
 
-PAGE_SIZE = 4096
 EFAULT = 0x0E
 """The errno QEMU's gdbstub puts in ``Exx`` when guest memory cannot be accessed."""
 

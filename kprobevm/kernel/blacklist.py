@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import SymbolError, VmlinuxError
+from kprobevm.x86.constants import MASK64
 
 if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
@@ -55,7 +56,6 @@ _EXTRA_AREAS = (
     ("__softirqentry_text_start", "__softirqentry_text_end", KPROBEVM),
 )
 _KERNEL_HALF = 1 << 63
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def _nokprobe_entries(syms: KernelSymbols, vmlinux: Vmlinux) -> list[BlacklistEn
     for off in range(0, len(data), 8):
         link_addr = int.from_bytes(data[off : off + 8], "little")
         # The file holds link-time addresses; the kernel relocated them when it slid.
-        addr = (link_addr + vmlinux.slide) & _MASK64 if link_addr >= _KERNEL_HALF else link_addr
+        addr = (link_addr + vmlinux.slide) & MASK64 if link_addr >= _KERNEL_HALF else link_addr
         sec = vmlinux.section_for(addr)
         if sec is None or not sec.is_exec:
             continue  # not kernel text: the kernel skips it too (-EINVAL)

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import overload
 
 from kprobevm.errors import AmbiguousSymbol, SymbolError, SymbolNotFound
+from kprobevm.x86.constants import MASK64, PAGE_SIZE
 
 __all__ = ["TEXT_TYPES", "KernelSymbols", "Symbol"]
 
 TEXT_TYPES = frozenset("TtWw")
 """kallsyms type letters of code: global/local text and weak (functions) symbols."""
 
-_PAGE_SIZE = 0x1000
 _KERNEL_HALF = 1 << 63
 """x86-64 kernel addresses have the top bit set; per-CPU symbols (offsets from 0) do not."""
 
@@ -195,7 +195,7 @@ class KernelSymbols:
 
         Module and per-CPU addresses are not part of the kernel image and stay where they are.
         """
-        mask = (1 << 64) - 1
+        mask = MASK64
         entries = [
             (
                 (a + delta) & mask if m is None and a >= _KERNEL_HALF else a,
@@ -241,7 +241,7 @@ class KernelSymbols:
             elif area in (_CORE, _PERCPU):
                 last_end = addr  # the highest symbol of its area (see the docstring)
             else:
-                last_end = (addr + _PAGE_SIZE) & ~(_PAGE_SIZE - 1)
+                last_end = (addr + PAGE_SIZE) & ~(PAGE_SIZE - 1)
             ends[i] = last_end
             last_addr = addr
         return ends

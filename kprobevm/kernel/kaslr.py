@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestMemoryError, KaslrError
+from kprobevm.x86.constants import MASK64
 
 if TYPE_CHECKING:
     from kprobevm.kernel.vmlinux import Vmlinux
@@ -63,7 +64,6 @@ _WINDOW = 16
 _COUNT = 48
 _REJECT_AFTER = 8
 _SCAN = 4096
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _patched_spans(vm: Vmlinux) -> list[tuple[int, int, str]]:
     # ft_flags from 6.3 (14 bytes).
     alt_fmt = _alt_instr_format(vm)
     for entry, (rel, _repl, _feature, instrlen, _replen) in table(".altinstructions", alt_fmt):
-        site = (entry + rel) & _MASK64
+        site = (entry + rel) & MASK64
         out.append((site, site + max(instrlen, 1), ".altinstructions"))
     # s32 self-relative sites: thunk calls/jumps (5 bytes, 6 for a jcc: taken as 6),
     # `jmp __x86_return_thunk` (5), `lock` prefixes (1), call depth tracking call sites
@@ -111,12 +111,12 @@ def _patched_spans(vm: Vmlinux) -> list[tuple[int, int, str]]:
     simple += [(sec.name, 10) for sec in vm.iter_sections_named("runtime_")]
     for name, length in simple:
         for entry, (rel,) in table(name, "<i"):
-            site = (entry + rel) & _MASK64
+            site = (entry + rel) & MASK64
             out.append((site, site + length, name))
     # struct paravirt_patch_site {u8 *instr; u8 type; u8 len;} (16 bytes with padding).
     for _entry, (instr, _type, length) in table(".parainstructions", "<QBB6x"):
         if instr >= 1 << 63:
-            instr = (instr + vm.slide) & _MASK64
+            instr = (instr + vm.slide) & MASK64
         out.append((instr, instr + max(length, 1), ".parainstructions"))
     out.sort()
     return out
@@ -136,7 +136,7 @@ def _alt_instr_format(vm: Vmlinux) -> str:
         for k in range(min(64, len(data) // size)):
             rel, repl = struct.unpack_from("<ii", data, k * size)
             entry = sec.vaddr + k * size
-            for target in ((entry + rel) & _MASK64, (entry + 4 + repl) & _MASK64):
+            for target in ((entry + rel) & MASK64, (entry + 4 + repl) & MASK64):
                 found = vm.section_for(target)
                 hits += found is not None and found.is_exec
         if hits > best_hits:
@@ -328,7 +328,7 @@ def slide_from_idt(
     except GuestMemoryError as exc:
         raise KaslrError(f"the IDT is not readable at {idt:#x}") from exc
     handler = idt_gate_handler(gate)
-    slide = (handler - asm_exc_int3) & _MASK64
+    slide = (handler - asm_exc_int3) & MASK64
     if slide >= 1 << 63:
         slide -= 1 << 64
     if slide % align:

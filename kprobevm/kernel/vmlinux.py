@@ -22,11 +22,11 @@ from elftools.elf.sections import SymbolTableSection
 from kprobevm.closing import Closing
 from kprobevm.errors import VmlinuxError
 from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.x86.constants import MASK64
 
 __all__ = ["Section", "Vmlinux"]
 
 _KERNEL_HALF = 1 << 63
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Vmlinux(Closing):
                 continue
             vaddr = int(sec["sh_addr"])
             if vaddr >= _KERNEL_HALF:
-                vaddr = (vaddr + self.slide) & _MASK64
+                vaddr = (vaddr + self.slide) & MASK64
             out.append(
                 Section(
                     name=sec.name,
@@ -244,7 +244,7 @@ class Vmlinux(Closing):
                 continue
             value = int(sym["st_value"])
             if value >= _KERNEL_HALF:
-                value = (value + self.slide) & _MASK64
+                value = (value + self.slide) & MASK64
             letter = _nm_letter(self.section_for(value), kind, sym["st_info"]["bind"])
             entries.append((value, letter, sym.name, None))
         if not entries:

@@ -28,20 +28,18 @@ from typing import TYPE_CHECKING, Any
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
 from kprobevm.kprobes.core import Kprobe
-from kprobevm.x86 import asm
 from kprobevm.x86.ptregs import PtRegs
+from kprobevm.x86.rethook import ENTRY, build_trampoline
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
     from kprobevm.kernel.tasks import TaskLayout
 
-__all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager", "build_trampoline"]
+__all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager"]
 
 log = logging.getLogger(__name__)
 
-ENTRY = 16  # instance table entry: u64 stack slot (0 = free), u64 real return address
 TABLE_ENTRIES = 4096 // ENTRY
-RETURN_VALUE = 3  # the byte the trampoline's watched store writes
 
 RetHandler = Callable[["KretprobeInstance", PtRegs], Any]
 
@@ -84,44 +82,6 @@ class Kretprobe:
     registered: bool = field(default=False, init=False)
     kp: Kprobe | None = field(default=None, init=False, repr=False)
     active: int = field(default=0, init=False)
-
-
-def build_trampoline(base: int, *, table: int, entries: int, mailbox: int) -> tuple[bytes, int]:
-    """The return trampoline at ``base``; returns its code and the RIP after its watched store.
-
-    On entry RSP = slot + 8 (the ``ret`` popped our address from the slot) and every
-    register is as the function returned it. The trampoline saves what it uses, restores
-    it before the watched store, so the host sees the function's return registers.
-    """
-    a = asm.Assembler(base)
-    a.emit(b"\x48\x8d\x64\x24\xf8")  # lea -8(%rsp), %rsp: back onto the slot (flags kept)
-    a.emit(asm.pushfq())
-    for reg in ("rax", "rcx", "rdx"):
-        a.emit(asm.push_r64(reg))
-    a.emit(b"\x48\x8d\x44\x24\x20")  # lea 32(%rsp), %rax: the slot's address, our key
-    a.emit(b"\x48\xb9" + struct.pack("<Q", table))  # movabs $table, %rcx
-    a.emit(b"\xba" + struct.pack("<I", entries))  # mov $entries, %edx
-    a.label("loop")
-    a.emit(b"\x48\x39\x01")  # cmp %rax, (%rcx)
-    a.jcc(0x4, "found")  # je
-    a.emit(b"\x48\x83\xc1\x10")  # add $16, %rcx
-    a.emit(b"\xff\xca")  # dec %edx
-    a.jcc(0x5, "loop")  # jne
-    # No entry: impossible while the host frees only entries whose slot no longer holds
-    # this trampoline. Stop loudly rather than return to a wrong address.
-    a.emit(b"\x0f\x0b")  # ud2
-    a.label("found")
-    a.emit(b"\x48\x8b\x51\x08")  # mov 8(%rcx), %rdx: the real return address
-    a.emit(b"\x48\x89\x54\x24\x20")  # mov %rdx, 32(%rsp): back into the slot
-    a.emit(b"\x48\xc7\x01\x00\x00\x00\x00")  # movq $0, (%rcx): the entry is free
-    for reg in ("rdx", "rcx", "rax"):
-        a.emit(asm.pop_r64(reg))
-    a.emit(asm.popfq())
-    a.emit(asm.movb_store_rip(a.here, mailbox, RETURN_VALUE))
-    store_end = a.here
-    a.emit(b"\xeb\x00")  # jmp .+2: a late stop still lands here (see ooline.TB_BREAK)
-    a.emit(b"\xc3")  # ret: to the caller, RSP as after the function's own ret
-    return a.finish(), store_end
 
 
 class KretprobeManager:

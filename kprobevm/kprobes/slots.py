@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kprobevm.errors import SlotExhausted
+from kprobevm.x86.constants import PAGE_SIZE
 
 __all__ = ["Slot", "SlotCache", "SlotPage", "SlotPageProvider", "SlotState"]
 
-PAGE_SIZE = 4096
 
 
 class SlotState(enum.Enum):

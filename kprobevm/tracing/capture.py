@@ -30,6 +30,7 @@ from kprobevm.tracing.fetch import (
     StackPointer,
     SymbolAddress,
 )
+from kprobevm.x86.constants import MASK64
 from kprobevm.x86.record import SNAPSHOT_REGS, Capture
 
 __all__ = ["DEFAULT_STRING_SIZE", "MODES", "Unrecordable", "record_spec"]
@@ -39,7 +40,6 @@ MODES = ("auto", "record", "stop")
 stopping the guest at each hit, or recorded when every event can be (auto, the default)."""
 DEFAULT_STRING_SIZE = 256
 """Bytes a recorded string keeps, its NUL included (the kernel keeps up to 4,096)."""
-_U64 = (1 << 64) - 1
 
 
 class Unrecordable(Exception):
@@ -56,7 +56,7 @@ class _Base:
 
     def at(self, offset: int, size: int, *, string: bool = False, user: bool = False) -> Capture:
         return Capture(
-            offset=(self.const + offset) & _U64, size=size, reg=self.reg,
+            offset=(self.const + offset) & MASK64, size=size, reg=self.reg,
             from_capture=self.capture, string=string, user=user,
         )  # fmt: skip
 
@@ -75,7 +75,7 @@ class _Planner:
         match src:
             case Reg(name):
                 if name == "orig_ax":
-                    return _Base(const=_U64)  # the int3 entry's -1, as HitContext says
+                    return _Base(const=MASK64)  # the int3 entry's -1, as HitContext says
                 if name not in SNAPSHOT_REGS:
                     raise Unrecordable(f"%{name} is not in the record's registers")
                 return _Base(reg=name)
@@ -88,11 +88,11 @@ class _Planner:
                     return _Base(reg=X86_64_ARG_REGS[n - 1])
                 return self.base(Stack(n - len(X86_64_ARG_REGS)))
             case Imm(value):
-                return _Base(const=value & _U64)
+                return _Base(const=value & MASK64)
             case SymbolAddress(expr, _, _, address):
                 if address is None:
                     raise Unrecordable(f"@{expr} is not resolved to an address")
-                return _Base(const=address & _U64)
+                return _Base(const=address & MASK64)
             case Deref(offset, inner, user):
                 return self.read(self.base(inner).at(offset, 8, user=user))
             case Retval():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kprobevm.errors import GuestFaultError
+from kprobevm.x86.constants import MASK64, PAGE_SIZE
 
 __all__ = [
     "DEFAULT_TYPE",
@@ -61,13 +62,11 @@ X86_64_REGISTERS = frozenset(
 X86_64_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
 
 MAX_STRING_SIZE = 4096  # PATH_MAX: a fetched string keeps at most 4095 bytes
-_PAGE = 4096
 # x86-64 copy_from_kernel_nofault_allowed(): only canonical kernel-half addresses
 # (4-level paging, 48-bit virtual addresses), so a plain deref of a user pointer faults.
 _KERNEL_HALF = 0xFFFF_8000_0000_0000
 # access_ok() for the user half: below TASK_SIZE_MAX (1 << 47) - PAGE_SIZE.
-_TASK_SIZE_MAX = (1 << 47) - _PAGE
-_U64 = (1 << 64) - 1
+_TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
 
 
 def kernel_read_allowed(address: int) -> bool:
@@ -277,7 +276,7 @@ def _read_word(ctx: FetchContext, address: int, user: bool) -> int:
 
 
 def _read(ctx: FetchContext, address: int, size: int, user: bool) -> bytes:
-    address &= _U64
+    address &= MASK64
     try:
         if user:
             if not user_read_allowed(address, size):
@@ -297,17 +296,17 @@ def _read(ctx: FetchContext, address: int, size: int, user: bool) -> bytes:
 def _read_string(ctx: FetchContext, address: int, user: bool) -> bytes:
     """A NUL-terminated string, at most 4095 bytes; faults anywhere before the NUL fault it."""
     out = bytearray()
-    address &= _U64
+    address &= MASK64
     while len(out) < MAX_STRING_SIZE:
         # Read up to the page end at most: a fault past the NUL must not count.
-        chunk = min(256, _PAGE - (address % _PAGE), MAX_STRING_SIZE - len(out))
+        chunk = min(256, PAGE_SIZE - (address % PAGE_SIZE), MAX_STRING_SIZE - len(out))
         data = _read(ctx, address, chunk, user)
         nul = data.find(b"\0")
         if nul >= 0:
             out += data[:nul]
             return bytes(out)
         out += data
-        address = (address + chunk) & _U64
+        address = (address + chunk) & MASK64
     return bytes(out[: MAX_STRING_SIZE - 1])
 
 
@@ -315,26 +314,26 @@ def _compile_source(src: FetchSource) -> _Getter:
     """Stage 1 and 2 of process_fetch_insn: the value before it is stored."""
     match src:
         case Reg(name):
-            return lambda ctx: ctx.reg(name) & _U64
+            return lambda ctx: ctx.reg(name) & MASK64
         case Stack(n):
-            return lambda ctx: ctx.stack(n) & _U64
+            return lambda ctx: ctx.stack(n) & MASK64
         case StackPointer():
-            return lambda ctx: ctx.reg("sp") & _U64
+            return lambda ctx: ctx.reg("sp") & MASK64
         case Retval():
-            return lambda ctx: ctx.retval() & _U64
+            return lambda ctx: ctx.retval() & MASK64
         case Arg(n):
             if n <= len(X86_64_ARG_REGS):
                 reg = X86_64_ARG_REGS[n - 1]
-                return lambda ctx: ctx.reg(reg) & _U64
+                return lambda ctx: ctx.reg(reg) & MASK64
             # Argument 7 is the first word above the return address: $stack1.
             slot = n - len(X86_64_ARG_REGS)
-            return lambda ctx: ctx.stack(slot) & _U64
+            return lambda ctx: ctx.stack(slot) & MASK64
         case Imm(value):
-            imm = value & _U64
+            imm = value & MASK64
             return lambda ctx: imm
         case SymbolAddress(_, sym, sym_offset, address):
             if address is not None:
-                resolved = address & _U64
+                resolved = address & MASK64
                 return lambda ctx: resolved
             return lambda ctx: _lookup_symbol(ctx, sym, sym_offset)
         case Deref(offset, inner, user):
@@ -349,7 +348,7 @@ def _lookup_symbol(ctx: FetchContext, name: str | None, offset: int) -> int:
     if name is None:
         raise _Fault
     try:
-        return (ctx.symbol_address(name) + offset) & _U64
+        return (ctx.symbol_address(name) + offset) & MASK64
     except KeyError as exc:
         raise _Fault from exc
 
@@ -491,7 +490,7 @@ class FetchArg:
 
 
 def _symbolic(ctx: FetchContext, value: int) -> Symbolic:
-    value &= _U64
+    value &= MASK64
     return Symbolic(value, ctx.describe(value))
 
 

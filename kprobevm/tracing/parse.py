@@ -38,6 +38,7 @@ from kprobevm.tracing.fetch import (
     StackPointer,
     SymbolAddress,
 )
+from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "EventDeletion",
@@ -61,7 +62,6 @@ MAX_ARRAY_LEN = 64
 MAX_PROBE_EVENT_SIZE = 3072
 FETCH_INSN_MAX = 16  # ops per argument; the last slot is FETCH_OP_END
 PARAM_MAX_STACK = 16384 // 8  # THREAD_SIZE / sizeof(long) on x86_64
-_U64_MAX = (1 << 64) - 1
 _UINT_MAX = (1 << 32) - 1
 _LONG_MAX = (1 << 63) - 1
 
@@ -140,9 +140,9 @@ def _parse_digits(s: str, base: int) -> tuple[int, int, bool]:
         if d >= base:
             break
         value = value * base + d
-        if value > _U64_MAX:
+        if value > MASK64:
             overflow = True
-            value &= _U64_MAX
+            value &= MASK64
         used += 1
     return value, used, overflow
 
@@ -937,5 +937,5 @@ def _resolve_source(src: FetchSource, symbols: SymbolTable) -> FetchSource:
         base = _lookup(symbols, src.name)
         if base is None:
             raise _Unresolved("BAD_PROBE_ADDR", f"no symbol {src.name!r} for @{src.expr}")
-        return replace(src, address=(base + src.offset) & _U64_MAX)
+        return replace(src, address=(base + src.offset) & MASK64)
     return src

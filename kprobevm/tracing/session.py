@@ -50,6 +50,7 @@ from kprobevm.tracing.fetch import (
     SymbolAddress,
 )
 from kprobevm.tracing.registry import EventRegistry
+from kprobevm.x86.constants import MASK64
 from kprobevm.x86.insn import Insn, InsnKind, check_boundary, decode
 
 if TYPE_CHECKING:
@@ -79,7 +80,6 @@ TIMESTAMP_NOTE = (
 
 THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
 MAX_INSN_SIZE = 15
-_U64 = (1 << 64) - 1
 _UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
 
 
@@ -117,7 +117,7 @@ class HitContext:
 
     def reg(self, name: str) -> int:
         if name == "orig_ax":
-            return _U64  # the int3 entry pushes -1: no system call number
+            return MASK64  # the int3 entry pushes -1: no system call number
         return self._regs[name]
 
     def read(self, address: int, size: int) -> bytes:
@@ -148,7 +148,7 @@ class HitContext:
     def stack(self, n: int) -> int:
         """regs_get_kernel_stack_nth(): 0 when the word is off the task's stack."""
         sp = self._regs.sp
-        address = (sp + 8 * n) & _U64
+        address = (sp + 8 * n) & MASK64
         if address & ~(THREAD_SIZE - 1) != sp & ~(THREAD_SIZE - 1):
             return 0
         try:

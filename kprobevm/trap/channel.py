@@ -36,6 +36,7 @@ from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86 import insn as x86insn
+from kprobevm.x86.idt import BP_VECTOR, GATE_SIZE, decode_idt_gate, encode_idt_gate, gate_address
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.slotmap import ExecutablePages, SlotArea
 from kprobevm.x86.stub import build_int3_stub, stub_hash
@@ -50,7 +51,7 @@ __all__ = ["TrapChannel", "WatchpointChannel", "install_channel"]
 
 log = logging.getLogger(__name__)
 
-INT3 = b"\xcc"
+INT3 = bytes([asm.INT3])
 SLOT_SIZE = 128  # two halves: the entry code and its continuation copy
 TABLE_SLOTS = 4096  # open-addressing table: 64 KiB, good for 2,048 probes at half load
 TABLE_PAGES = TABLE_SLOTS * 16 // 4096
@@ -65,21 +66,6 @@ MAILBOX_BYTES = 4096
 RETURN_WATCH = 1
 SITE_WATCHES = 64
 PROMOTE_AFTER = 8  # hits through the shared byte before a site gets its own
-
-
-def decode_idt_gate(gate: bytes) -> int:
-    """The handler address of a 64-bit IDT gate descriptor."""
-    lo, _sel, _ist, mid, hi, _ = struct.unpack("<HHHHII", gate)
-    handler: int = (hi << 32) | (mid << 16) | lo
-    return handler
-
-
-def encode_idt_gate(gate: bytes, handler: int) -> bytes:
-    """``gate`` with its handler address replaced (selector, IST, type kept)."""
-    _lo, sel, ist, _mid, _hi, rsv = struct.unpack("<HHHHII", gate)
-    return struct.pack(
-        "<HHHHII", handler & 0xFFFF, sel, ist, (handler >> 16) & 0xFFFF, handler >> 32, rsv
-    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -278,8 +264,8 @@ class WatchpointChannel(TrapChannel):
             self.threads = client.threads()
             self.slots = self._slot_cache(SLOT_SIZE, grace_seconds=0.05)
 
-            self.idt_gate_addr = idt + 3 * 16
-            self.orig_gate = vm.memory.read(self.idt_gate_addr, 16)
+            self.idt_gate_addr = gate_address(idt, BP_VECTOR)
+            self.orig_gate = vm.memory.read(self.idt_gate_addr, GATE_SIZE)
             self.real_handler = decode_idt_gate(self.orig_gate)
             if expected is not None and expected != self.real_handler:
                 raise KprobeError(
@@ -699,7 +685,7 @@ class WatchpointChannel(TrapChannel):
             # calls in flight return to their callers directly again
             vm.kretprobes.unhijack_all()
             if self.idt_seq is not None:
-                current = vm.memory.read(self.idt_gate_addr, 16)
+                current = vm.memory.read(self.idt_gate_addr, GATE_SIZE)
                 if current != self.new_gate:
                     raise ProbeTextChanged(self.idt_gate_addr, self.new_gate, current)
                 vm.memory.write(self.idt_gate_addr, self.orig_gate)
@@ -845,7 +831,7 @@ class BreakpointChannel(TrapChannel):
         vm = self.vm
         idt = vm.symbols["idt_table"]
         with vm.target.stopped() as client:
-            self.vector = decode_idt_gate(vm.memory.read(idt + 3 * 16, 16))
+            self.vector = decode_idt_gate(vm.memory.read(gate_address(idt, BP_VECTOR), GATE_SIZE))
             first = x86insn.decode(vm.memory.read(self.vector, 16), self.vector)
             if first.mnemonic.startswith("nop"):
                 self.skip_to = self.vector + first.length

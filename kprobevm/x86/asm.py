@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 from kprobevm.errors import KprobeError
+from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "INT3",
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 INT3 = 0xCC
-MASK64 = (1 << 64) - 1
 
 #: Register numbers of the 64-bit general registers (REX.B/R extend bit 3).
 REG64 = {

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError
+from kprobevm.x86.constants import MASK64
 from kprobevm.x86.insn import Insn, InsnKind, MemOperand
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "emulate",
 ]
 
-MASK64 = (1 << 64) - 1
 CF = 1 << 0
 PF = 1 << 2
 ZF = 1 << 6

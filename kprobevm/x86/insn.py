@@ -21,6 +21,7 @@ import capstone
 from capstone import x86 as csx86
 
 from kprobevm.errors import KprobeError, ProbeRefused
+from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "FTRACE_NOP5",
@@ -145,7 +146,7 @@ class Insn:
         disp = self.rip_disp
         if disp is None:
             return None
-        return (self.next_addr + disp) & ((1 << 64) - 1)
+        return (self.next_addr + disp) & MASK64
 
     @property
     def is_ftrace_nop(self) -> bool:
@@ -390,7 +391,7 @@ def _classify(
 
     def imm_target() -> int:
         ops = cs_insn.operands
-        return int(ops[0].imm) & ((1 << 64) - 1)
+        return int(ops[0].imm) & MASK64
 
     if b0 in (0xE9, 0xEB):
         return {"kind": InsnKind.JMP_REL, "target": imm_target()}

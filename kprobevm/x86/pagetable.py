@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kprobevm.errors import GuestFaultError
+from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "ACCESSED",
@@ -135,7 +136,7 @@ def walk(
 
     Stops after the first entry that is not present or maps a page (check the last one).
     """
-    vaddr &= (1 << 64) - 1
+    vaddr &= MASK64
     if not _canonical(vaddr, la57):
         raise GuestFaultError(vaddr, "non-canonical address")
     table = cr3 & _CR3_MASK
@@ -180,7 +181,7 @@ def translate(
     user = all(e.value & USER for e in entries)
     nx = any(e.value & NX for e in entries)
     return Translation(
-        vaddr=vaddr & ((1 << 64) - 1),
+        vaddr=vaddr & MASK64,
         paddr=base | (vaddr & (size - 1)),
         page_size=size,
         level=last.level,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kprobevm.errors import KprobeError
+from kprobevm.x86.constants import MASK64
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
@@ -150,7 +151,7 @@ class PtRegs:
             raise AttributeError(f"pt_regs has no register {name!r}")
         if not isinstance(value, int):
             raise TypeError(f"register {name} must be an int, not {type(value).__name__}")
-        self._values[name] = value & 0xFFFFFFFFFFFFFFFF
+        self._values[name] = value & MASK64
 
     def __getitem__(self, name: str) -> int:
         return self.__getattr__(name)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError
+from kprobevm.x86.constants import PAGE_SIZE
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
 
-PAGE = 4096
 PMD_SPAN = 2 << 20
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 P_PRESENT, P_RW, P_ACCESSED, P_DIRTY = 1 << 0, 1 << 1, 1 << 5, 1 << 6
@@ -41,7 +41,7 @@ class Reserve:
     size: int
 
     def __post_init__(self) -> None:
-        if self.base % PAGE or self.size % PAGE or self.size < 8 * PAGE:
+        if self.base % PAGE_SIZE or self.size % PAGE_SIZE or self.size < 8 * PAGE_SIZE:
             raise ValueError(f"reserve {self.base:#x}+{self.size:#x} is not usable")
 
 
@@ -72,7 +72,8 @@ class SlotArea:
         self.pmd_entry_phys = 0
         self.pmd_seq: int | None = None
         self.pte_table = reserve.base  # first reserved page holds our page table
-        self._free_phys = list(range(reserve.base + reserve.size - PAGE, reserve.base, -PAGE))
+        top = reserve.base + reserve.size - PAGE_SIZE
+        self._free_phys = list(range(top, reserve.base, -PAGE_SIZE))
         self._mapped: dict[int, int] = {}  # vaddr -> paddr
         self._next_index = 0
 
@@ -97,7 +98,7 @@ class SlotArea:
             raise KprobeError("no empty PMD entry at the top of the module area")
         self.base = 0xFFFFFFFFC0000000 + index * PMD_SPAN
         self.pmd_entry_phys = pmd_table + 8 * index
-        self.memory.write_phys(self.pte_table, bytes(PAGE))
+        self.memory.write_phys(self.pte_table, bytes(PAGE_SIZE))
         entry = self.pte_table | P_PRESENT | P_RW | P_ACCESSED
         new = struct.pack("<Q", entry)
         self.pmd_seq = self.journal.record(
@@ -110,11 +111,11 @@ class SlotArea:
         """Map one zeroed reserved page at the next free address; return its address."""
         if not self._free_phys:
             raise KprobeError(f"reserved memory {self.reserve.base:#x} is used up")
-        used = {(v - self.base) // PAGE for v in self._mapped}
+        used = {(v - self.base) // PAGE_SIZE for v in self._mapped}
         index = next(i for i in range(512) if i not in used)
-        vaddr = self.base + index * PAGE
+        vaddr = self.base + index * PAGE_SIZE
         paddr = self._free_phys.pop()
-        self.memory.write_phys(paddr, bytes(PAGE))
+        self.memory.write_phys(paddr, bytes(PAGE_SIZE))
         pte = paddr | P_PRESENT | P_ACCESSED | P_DIRTY
         if writable:
             pte |= P_RW
@@ -127,13 +128,13 @@ class SlotArea:
     def unmap_page(self, vaddr: int) -> None:
         """Unmap a page; the caller guarantees no vCPU runs in it (TLB flushed at teardown)."""
         paddr = self._mapped.pop(vaddr)
-        index = (vaddr - self.base) // PAGE
+        index = (vaddr - self.base) // PAGE_SIZE
         self.memory.write_phys(self.pte_table + 8 * index, bytes(8))
         self._free_phys.append(paddr)
 
     def phys(self, vaddr: int) -> int:
         """The physical address behind a mapped address of ours."""
-        page = vaddr & ~(PAGE - 1)
+        page = vaddr & ~(PAGE_SIZE - 1)
         return self._mapped[page] + (vaddr - page)
 
     def contains(self, vaddr: int) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86 import asm
+from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "EMPTY",
@@ -38,7 +39,6 @@ ENTRY_SIZE = 16
 EMPTY = 0
 #: A deleted entry: lookups continue past it, inserts may reuse it.
 TOMBSTONE = 1
-MASK64 = (1 << 64) - 1
 
 # The stub's stack while it works: pushfq, then rax rcx rdx rsi, then the CPU's frame.
 _SAVED = ("rax", "rcx", "rdx", "rsi")
