@@ -363,6 +363,11 @@ class VM(Closing):
     def get_kprobe(self, addr: int) -> Kprobe | None:
         return self.kprobes.get_kprobe(addr)
 
+    def original_text(self, address: int, size: int) -> bytes:
+        """``size`` bytes of kernel text as the kernel has them: our int3s read as the
+        bytes they replaced."""
+        return self.kprobes.original_text(address, size)
+
     def list_kprobes(self) -> str:
         """Registered probes in the debugfs ``kprobes/list`` format."""
         return self.kprobes.list_kprobes()

@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm.errors import KprobeError, ProbeRefused, ProbeTextChanged, SymbolError
 from kprobevm.x86.ptregs import PtRegs
@@ -37,6 +37,20 @@ PostHandler = Callable[["Kprobe", PtRegs], Any]
 """post_handler(kp, regs): runs after the displaced instruction."""
 
 MAX_KEPT_ERRORS = 8
+
+
+class KeepsHandlerErrors(Protocol):
+    """A probe that keeps its handlers' exceptions: Kprobe and Kretprobe alike."""
+
+    nerrors: int
+    errors: list[str]
+
+
+def keep_handler_error(probe: KeepsHandlerErrors, exc: BaseException) -> None:
+    """Count a handler's exception on its probe and keep the last few, formatted."""
+    probe.nerrors += 1
+    probe.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+    del probe.errors[:-MAX_KEPT_ERRORS]
 
 
 @dataclass(eq=False)
@@ -68,11 +82,6 @@ class Kprobe:
             raise ValueError("a Kprobe needs symbol_name or addr")
         if self.record is not None and self.post_handler is not None:
             raise ValueError("a recorded Kprobe has no post_handler: nothing stops after it")
-
-    def _record_error(self, exc: BaseException) -> None:
-        self.nerrors += 1
-        self.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
-        del self.errors[:-MAX_KEPT_ERRORS]
 
     def where(self) -> str:
         if self.symbol_name is not None:
@@ -383,7 +392,7 @@ class KprobeManager:
 
     def _handler_failed(self, kp: Kprobe, exc: Exception, which: str) -> None:
         """Keep a handler's exception on its probe and count it; the engine goes on."""
-        kp._record_error(exc)
+        keep_handler_error(kp, exc)
         self.handler_errors += 1
         log.warning("%s %s raised %r", which, kp.where(), exc)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
-from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.core import Kprobe, keep_handler_error
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.rethook import ENTRY, build_trampoline
 
@@ -79,6 +79,9 @@ class Kretprobe:
     nmissed: int = field(default=0, init=False)
     """Calls whose return could not be probed (maxactive reached or no table room)."""
     nerrors: int = field(default=0, init=False)
+    """Exceptions the handler and entry_handler raised (the hit still counts)."""
+    errors: list[str] = field(default_factory=list, init=False, repr=False)
+    """The last few of those exceptions, formatted (as ``Kprobe.errors``)."""
     registered: bool = field(default=False, init=False)
     kp: Kprobe | None = field(default=None, init=False, repr=False)
     active: int = field(default=0, init=False)
@@ -96,6 +99,7 @@ class KretprobeManager:
         self.by_slot: dict[int, KretprobeInstance] = {}
         self.stale_returns = 0
         self.reclaimed = 0
+        self.handler_errors = 0
         self.layout: TaskLayout | None = None
         self._entry_reads = ReadPredictor()
 
@@ -144,6 +148,12 @@ class KretprobeManager:
         rp.kp = None
         rp.registered = False
 
+    def _handler_failed(self, rp: Kretprobe, exc: Exception, which: str) -> None:
+        """Keep a handler's exception on its kretprobe and count it; the engine goes on."""
+        keep_handler_error(rp, exc)
+        self.handler_errors += 1
+        log.warning("%s of kretprobe %s raised %r", which, rp.symbol_name or rp.addr, exc)
+
     def _vcpus(self) -> int:
         with self.vm.target.stopped() as client:
             return len(client.threads())
@@ -182,8 +192,7 @@ class KretprobeManager:
                 if rp.entry_handler(ri, regs):
                     return
             except Exception as exc:
-                rp.nerrors += 1
-                log.warning("entry_handler of %s raised %r", rp.symbol_name, exc)
+                self._handler_failed(rp, exc, "entry_handler")
         old = self.by_slot.pop(slot, None)
         if old is not None:  # the call that used this slot before never came back
             self._free(old)
@@ -275,8 +284,7 @@ class KretprobeManager:
         try:
             rp.handler(ri, regs)
         except Exception as exc:
-            rp.nerrors += 1
-            log.warning("kretprobe handler of %s raised %r", rp.symbol_name, exc)
+            self._handler_failed(rp, exc, "handler")
         from kprobevm.x86.ptregs import GDB_NAMES
 
         changed = {GDB_NAMES[k]: v for k, v in regs.changes().items() if k not in ("ip", "sp")}

@@ -282,7 +282,7 @@ def _boundary_checker(vm: VM) -> Callable[[int], bool]:
         if sym is None:
             return False
         # probes placed already read as the bytes they replaced
-        code = vm.kprobes.original_text(
+        code = vm.original_text(
             sym.address, min(sym.size, address - sym.address + MAX_INSN_SIZE)
         )
         try:
@@ -467,9 +467,12 @@ class TraceSession:
         placed = self.placed or self.finished
         out: list[str] = []
         for p in placed:
-            kp = p.probe if isinstance(p.probe, Kprobe) else p.probe.kp
-            if kp is not None:
-                out += kp.errors
+            if isinstance(p.probe, Kprobe):
+                out += p.probe.errors
+            else:  # a return probe's own handler, and the entry kprobe it runs through
+                out += p.probe.errors
+                if p.probe.kp is not None:
+                    out += p.probe.kp.errors
         return out
 
     def drain(self) -> Iterator[EventHit]:
