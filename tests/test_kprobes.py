@@ -21,7 +21,7 @@ from capstone import x86 as csx86
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
-from kprobevm.trap.channel import WatchpointChannel
+from kprobevm.trap.watchpoint import WatchpointChannel
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.emulate import condition_holds
 from kprobevm.x86.idt import decode_idt_gate
@@ -155,7 +155,7 @@ def test_hot_site_reads_no_register_unless_asked(vm: VM) -> None:
         assert stats.promoted == promoted + 1
         assert kp.addr is not None
         site = vm.kprobes.table[kp.addr]
-        assert site.pre_watch is not None and channel.watch_sites[site.pre_watch] is site
+        assert site.pre_watch is not None and channel.hot.sites[site.pre_watch] is site
         hits, regs_ns = stats.hits, stats.regs_ns
         open_workload(vm, 100)
         assert stats.hits - hits >= 100
@@ -163,7 +163,7 @@ def test_hot_site_reads_no_register_unless_asked(vm: VM) -> None:
     finally:
         vm.unregister_kprobe(kp)
     assert kp.nhit >= 130
-    assert not channel.watch_sites
+    assert not channel.hot.sites
     with pytest.raises(KprobeError, match="finished hit"):
         _ = kept[0].di
 
@@ -806,7 +806,7 @@ def test_breakpoint_fallback_channel(vm: VM) -> None:
         pre_handler=lambda kp, r: seen.append(("call-pre", r.ip, r.sp)),
         post_handler=lambda kp, r: seen.append(("call-post", r.ip, r.sp)),
     )
-    vm.prefer_channel = "breakpoint"
+    vm.use_trap_channel("breakpoint")
     try:
         vm.register_kprobes([entry, at_call])
         assert vm.trap_channel == "breakpoint"
@@ -814,7 +814,7 @@ def test_breakpoint_fallback_channel(vm: VM) -> None:
         vm.unregister_kprobes([entry, at_call])
         vm.kprobes.close()
     finally:
-        vm.prefer_channel = "watchpoint"
+        vm.use_trap_channel("watchpoint")
     assert entry.nhit >= 1 and at_call.nhit >= 1
     pre = next(s for s in seen if s[0] == "pre")
     post = next(s for s in seen if s[0] == "post")

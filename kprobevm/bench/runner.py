@@ -217,10 +217,12 @@ def _measure_gdbmi(config: BenchConfig) -> HitRate:
     """The engine with its gdbstub client swapped for a real gdb, on a fresh VM."""
     import kprobevm
     from kprobevm.errors import KprobeVMError
+    from kprobevm.gdbstub.gdbmi_client import GdbMiClient
 
     try:
         with kprobevm.boot(name="bench-gdbmi") as vm:
-            vm.transport = "gdbmi"  # before the gdbstub is first opened
+            # before the gdbstub is first opened
+            vm.use_gdbstub_client(GdbMiClient.connect)  # type: ignore[arg-type]
             _ = vm.symbols
             run_opens(vm, min(config.opens, 1000))
             hr, _sample = engine.measure_empty(vm, config.gdbmi_opens, name="kprobevm_gdbmi",

@@ -12,6 +12,7 @@ is reentrant. This is the role of the kernel's ``kprobe_mutex`` plus ``stop_mach
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -20,14 +21,27 @@ from collections.abc import Callable, Iterator
 
 from kprobevm.errors import GdbError, VMLost
 from kprobevm.gdbstub.client import GdbClient
-from kprobevm.gdbstub.packet import StopReply
+from kprobevm.gdbstub.packet import StopReply, parse_thread_id
 
-__all__ = ["StopHandler", "Target"]
+__all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_rips"]
 
 log = logging.getLogger(__name__)
 
 StopHandler = Callable[[StopReply], None]
 """Called on the trap thread, VM stopped, for every stop the trap thread sees."""
+
+
+@functools.lru_cache(maxsize=256)
+def cpu_of_thread(thread: str | None) -> int:
+    """vCPU index of a gdbstub thread id (``p01.02`` -> 1)."""
+    if not thread:
+        return 0
+    return max(parse_thread_id(thread)[1] - 1, 0)
+
+
+def vcpu_rips(client: GdbClient) -> list[int]:
+    """Every vCPU's RIP (VM stopped)."""
+    return list(client.read_register_each("rip", client.threads()).values())
 
 
 class Target:

@@ -331,9 +331,27 @@ def boot(
     """Boot a guest (the default image unless told otherwise) and return its `VM` once SSH
     answers. Use it as a context manager: leaving the ``with`` powers the guest off.
 
-    ``accel="auto"`` tries KVM when ``/dev/kvm`` is usable and falls back to TCG when the
-    KVM guest dies or hangs. ``gdb_tcp`` puts the gdbstub on 127.0.0.1 (a port, or True for
-    a free one) instead of a unix socket in the VM's private directory.
+    Parameters:
+        image: the guest image (kernel, initramfs, SSH key); None builds or finds the
+            default one in the cache.
+        kernel, initrd: another kernel or initramfs than the image's (the image's SSH
+            key still reaches the guest).
+        append: more kernel command line, after the image's own.
+        memory: guest RAM as QEMU's ``-m`` takes it (``544M``).
+        smp: the number of vCPUs.
+        accel: ``tcg``, ``kvm``, or ``auto`` (KVM when ``/dev/kvm`` is usable, back to TCG,
+            said on stderr, when the KVM guest dies or hangs).
+        kaslr: boot with KASLR on (the default image boots ``nokaslr``).
+        gdb_tcp: the gdbstub on 127.0.0.1 (a port, or True for a free one) instead of a
+            unix socket in the VM's private directory.
+        qemu: the QEMU binary, by name on PATH or by path.
+        timeout: seconds to wait for the guest's SSH before giving up.
+        name: the VM's name in logs, errors and its journal (``vmN`` by default).
+
+    Returns the running `VM`.
+
+    Raises :class:`QEMUNotFound` when the binary is missing, and :class:`VMLaunchFailure`
+    (with the command line and QEMU's output) when QEMU fails or the guest never answers.
     """
     global _counter
     _counter += 1

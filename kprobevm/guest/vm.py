@@ -2,8 +2,11 @@
 
 A `VM` is made from endpoints (gdbstub socket, SSH address, QMP socket, serial log), so
 the same object serves a guest booted by :func:`kprobevm.boot` and one attached to with
-:func:`kprobevm.attach`. Subsystems (shell, gdbstub target, memory, symbols, kprobes) are
-created lazily on first use.
+:func:`kprobevm.attach`. It is the one place where the engine is composed: it builds the
+shell, run control, memory, symbols, blacklist, probe table, return probes and trap
+channel on first use, and hands each piece what it uses; nothing below it sees the VM.
+What comes over SSH (symbols, the kernel command line) is loaded before anything holds
+the VM stopped, since SSH cannot answer then.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +28,7 @@ from kprobevm.closing import Closing
 from kprobevm.errors import VMError, VMLost
 
 if TYPE_CHECKING:
+    from kprobevm.gdbstub.client import GdbClient
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.guest.shell import GuestShell, RunResult
@@ -35,7 +40,14 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.core import Kprobe, KprobeManager
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
+    from kprobevm.trap.channel import ChannelKind, TrapChannel, TrapHandlers
     from kprobevm.x86.slotmap import Reserve
+
+
+def _connect_rsp(address: GdbAddress) -> GdbClient:
+    from kprobevm.gdbstub.client import GdbClient
+
+    return GdbClient.connect(address)
 
 
 class Machine(Protocol):
@@ -49,6 +61,8 @@ class Machine(Protocol):
 
 GdbAddress = str | tuple[str, int]
 """A gdbstub address: a unix socket path, or (host, port) on loopback."""
+GdbConnect = Callable[[GdbAddress], "GdbClient"]
+"""Opens a gdbstub client at an address."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +89,20 @@ class VM(Closing):
         vmlinux: Path | None = None,
         kallsyms: Path | None = None,
         kernel_cmdline: str | None = None,
-        transport: str = "rsp",
     ) -> None:
+        """``machine`` is the QEMU we started (None when attached); ``vmlinux`` and
+        ``kallsyms`` are host files of the running kernel (optional: kallsyms is read from
+        the guest, and without vmlinux there is no BTF, so no ``current`` and no recorded
+        probes); ``kernel_cmdline`` saves reading /proc/cmdline over SSH."""
         self.endpoints = endpoints
-        self.transport = transport
-        """The gdbstub client: ``rsp`` (GdbClient) or ``gdbmi`` (a real gdb, for benchmarks)."""
+        self._connect_gdbstub: GdbConnect = _connect_rsp
+        self._channel_kind: ChannelKind = "watchpoint"
         self.name = name
         self.machine = machine
         self.vmlinux_path = vmlinux
         self.kallsyms_path = kallsyms
         self.kernel_cmdline = kernel_cmdline
-        self.log = logging.getLogger(f"kprobevm.guest.vm.{name}")
+        self.log = logging.getLogger(f"kprobevm.vm.{name}")
         self._lock = threading.RLock()
         self._shell: GuestShell | None = None
         self._target: Target | None = None
@@ -94,9 +111,22 @@ class VM(Closing):
         self._journal: Journal | None = None
         self.journal_path: Path | None = None
         self._closed = False
-        self.prefer_channel = "watchpoint"
-        """The trap channel to install: ``watchpoint`` (fast, falls back by itself when it
-        cannot be set up) or ``breakpoint`` (the #BP-vector breakpoint, for comparison)."""
+
+    def use_gdbstub_client(self, connect: GdbConnect) -> None:
+        """Reach the gdbstub through ``connect`` (for example a real gdb over gdb/MI, to
+        compare with): only before the gdbstub is first used."""
+        with self._lock:
+            if self._target is not None:
+                raise VMError(f"{self.name}: the gdbstub is already connected")
+            self._connect_gdbstub = connect
+
+    def use_trap_channel(self, kind: ChannelKind) -> None:
+        """The trap channel to install next: ``watchpoint`` (fast, falls back by itself
+        when the guest cannot take it) or ``breakpoint`` (the #BP-vector breakpoint)."""
+        with self._lock:
+            if self._kprobes is not None and self._kprobes.installed_channel is not None:
+                raise VMError(f"{self.name}: a trap channel is installed; close it first")
+            self._channel_kind = kind
 
     # -- shell -------------------------------------------------------------------------
 
@@ -145,21 +175,12 @@ class VM(Closing):
             if self._target is not None and self._target.client.closed and not self._closed:
                 raise VMLost(f"{self.name}: the gdbstub connection is gone; {self._qemu_state()}")
             if self._target is None:
-                from kprobevm.gdbstub.client import GdbClient
                 from kprobevm.gdbstub.target import Target
 
                 if self.endpoints.gdb is None:
                     raise VMError(f"{self.name}: no gdbstub address for this guest")
-                if self.transport == "gdbmi":
-                    from kprobevm.gdbstub.gdbmi_client import GdbMiClient
-
-                    # the same interface as far as the engine goes (see gdbmi_client.py)
-                    client: GdbClient = GdbMiClient.connect(  # type: ignore[assignment]
-                        self.endpoints.gdb
-                    )
-                else:
-                    client = GdbClient.connect(self.endpoints.gdb)
-                # connecting stopped the VM (FACTS.md): let it run on
+                client = self._connect_gdbstub(self.endpoints.gdb)
+                # connecting to QEMU's gdbstub stops the VM: let it run on
                 client.cont()
                 self._target = Target(client, name=self.name)
             return self._target
@@ -193,10 +214,13 @@ class VM(Closing):
             self.memory.write(address, data)
 
     def read_phys(self, address: int, size: int) -> bytes:
+        """``size`` bytes of guest-physical memory (raises :class:`GuestFaultError`
+        outside guest RAM)."""
         with self.target.stopped():
             return self.memory.read_phys(address, size)
 
     def write_phys(self, address: int, data: bytes) -> None:
+        """Write guest-physical memory (raises :class:`GuestFaultError` outside RAM)."""
         with self.target.stopped():
             self.memory.write_phys(address, data)
 
@@ -309,59 +333,127 @@ class VM(Closing):
 
     @property
     def kprobes(self) -> KprobeManager:
+        """The probe table (built on first use, with what it checks against)."""
         with self._lock:
             if self._kprobes is None:
                 from kprobevm.kprobes.core import KprobeManager
 
-                self._kprobes = KprobeManager(self)
+                # over SSH, now: nothing below may wait on SSH while the VM is held stopped
+                reserve = self.slot_reserve
+
+                def channel_installer(handlers: TrapHandlers) -> TrapChannel:
+                    return self._install_channel(handlers, reserve)
+
+                self._kprobes = KprobeManager(
+                    symbols=self.symbols, blacklist=self.kprobe_blacklist,
+                    patch_sites=self.patch_sites, target=self.target, memory=self.memory,
+                    channel_installer=channel_installer,
+                )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes
 
     @property
     def kretprobes(self) -> KretprobeManager:
+        """Return probes, placed through the probe table."""
         with self._lock:
             if self._kretprobes is None:
                 from kprobevm.kprobes.kretprobes import KretprobeManager
 
-                self._kretprobes = KretprobeManager(self)
+                self._kretprobes = KretprobeManager(
+                    self.kprobes, symbols=self.symbols, target=self.target,
+                    memory=self.memory, task_layout=self._task_layout,
+                )  # fmt: skip
             return self._kretprobes
 
+    def _task_layout(self) -> TaskLayout | None:
+        return self.task_layout
+
+    def _install_channel(self, handlers: TrapHandlers, reserve: Reserve | None) -> TrapChannel:
+        """The trap channel this VM was told to use, for ``handlers``."""
+        from kprobevm.trap.channel import ChannelContext, install_channel
+
+        ctx = ChannelContext(self.target, self.memory, self.journal, self.symbols, handlers)
+        return install_channel(
+            self._channel_kind, ctx, reserve=reserve, returns=self.kretprobes,
+            task_layout=self._task_layout,
+        )  # fmt: skip
+
     def register_kretprobe(self, rp: Kretprobe) -> None:
-        """Probe a function's returns: ``rp.handler(ri, regs)`` runs with ``regs.ax``."""
-        self.kprobes.channel  # noqa: B018 (the trampoline comes with the channel)
+        """Probe a function's returns: ``rp.handler(ri, regs)`` runs at each, with the
+        return value in ``regs.ax``; ``rp.entry_handler`` at each call.
+
+        Raises :class:`ProbeRefused` (with the kernel's errno name) when the place cannot
+        take a return probe (not a function's entry, blacklisted, ...), and
+        :class:`KprobeError` when ``rp`` is registered already or the trap channel has no
+        slot memory for the trampoline.
+        """
         self.kretprobes.register_kretprobe(rp)
 
     def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        """Stop probing new calls; calls in flight still return through the trampoline.
+        Raises :class:`KprobeError` when ``rp`` is not registered."""
         self.kretprobes.unregister_kretprobe(rp)
 
     def register_kprobe(self, kp: Kprobe) -> None:
-        """Place a probe; its handlers run on the host at every hit."""
+        """Place ``kp``: its int3 goes into the guest (unless all probes are disarmed) and
+        its handlers run on the host at every hit; ``kp.addr`` becomes the probed address.
+
+        Raises :class:`ProbeRefused` with the kernel's errno name when the kernel would
+        refuse the place (``BAD_PROBE_ADDR`` unknown symbol or not text, ``EINVAL``
+        blacklisted, ``EBUSY`` text the kernel rewrites, ``BAD_INSN_BNDRY`` mid-instruction,
+        ``EILSEQ`` an instruction that cannot be probed), :class:`KprobeError` when ``kp``
+        is registered already, and :class:`ProbeTextChanged` when the guest's bytes are not
+        what was decoded. The guest is unchanged when it raises.
+        """
         self.kprobes.register_kprobe(kp)
 
     def unregister_kprobe(self, kp: Kprobe) -> None:
+        """Remove ``kp``; the int3 goes when the last probe at its address goes. Recorded
+        hits so far reach its handler first. Raises :class:`KprobeError` when ``kp`` is
+        not registered, :class:`ProbeTextChanged` when the guest changed the int3."""
         self.kprobes.unregister_kprobe(kp)
 
     def register_kprobes(self, kps: list[Kprobe]) -> None:
-        """Register a batch with the guest stopped once; all or nothing."""
+        """Register a batch with the guest stopped once; all or nothing: when one fails,
+        those before it are unregistered and its error (as :meth:`register_kprobe`'s)
+        is raised."""
         self.kprobes.register_kprobes(kps)
 
     def unregister_kprobes(self, kps: list[Kprobe]) -> None:
+        """Unregister a batch with the guest stopped once (errors as
+        :meth:`unregister_kprobe`'s)."""
         self.kprobes.unregister_kprobes(kps)
 
     def enable_kprobe(self, kp: Kprobe) -> None:
+        """Arm a disabled probe's int3 again (unless all are disarmed)."""
         self.kprobes.enable_kprobe(kp)
 
     def disable_kprobe(self, kp: Kprobe) -> None:
+        """Stop running ``kp``'s handlers; the int3 goes once no probe at its address is
+        enabled. It stays registered."""
         self.kprobes.disable_kprobe(kp)
 
     def arm_all_kprobes(self) -> None:
+        """Write every enabled probe's int3 again (debugfs ``kprobes/enabled`` = 1)."""
         self.kprobes.arm_all_kprobes()
 
     def disarm_all_kprobes(self) -> None:
+        """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
         self.kprobes.disarm_all_kprobes()
 
     def get_kprobe(self, addr: int) -> Kprobe | None:
+        """The first probe registered at ``addr``, or None."""
         return self.kprobes.get_kprobe(addr)
+
+    def flush_records(self) -> None:
+        """Run the handlers of every hit recorded in the guest so far (recorded probes)."""
+        if self._kprobes is not None:
+            self._kprobes.flush_records()
+
+    @property
+    def can_record(self) -> bool:
+        """Whether recorded probes can be placed (the trap channel records; installs it)."""
+        return self.kprobes.install_channel().records
 
     def original_text(self, address: int, size: int) -> bytes:
         """``size`` bytes of kernel text as the kernel has them: our int3s read as the
@@ -376,7 +468,7 @@ class VM(Closing):
     def trap_channel(self) -> str:
         """Which trap channel is in use: ``watchpoint`` (fast), ``breakpoint``, or ``none``."""
         manager = self._kprobes
-        channel = manager._channel if manager is not None else None
+        channel = manager.installed_channel if manager is not None else None
         return channel.name if channel is not None else "none"
 
     # -- lifetime ----------------------------------------------------------------------

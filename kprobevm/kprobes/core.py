@@ -17,15 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kprobevm.errors import KprobeError, ProbeRefused, ProbeTextChanged, SymbolError
+from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
+from kprobevm.x86.arch import can_probe
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
-    from kprobevm.guest.vm import VM
+    from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.gdbstub.target import Target
+    from kprobevm.kernel.blacklist import Blacklist
+    from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.patchsites import PatchSites
     from kprobevm.kprobes.recorder import Record, RecordSpec
     from kprobevm.kprobes.slots import Slot
-    from kprobevm.trap.channel import TrapChannel
+    from kprobevm.trap.channel import TrapChannel, TrapHandlers
     from kprobevm.x86.insn import Insn
+
+    ChannelInstaller = Callable[[TrapHandlers], TrapChannel]
+    """Puts a trap channel in the guest for the given handlers (the probe table)."""
 
 __all__ = ["Kprobe", "KprobeManager", "PostHandler", "PreHandler", "ProbeSite"]
 
@@ -55,13 +63,24 @@ def keep_handler_error(probe: KeepsHandlerErrors, exc: BaseException) -> None:
 
 @dataclass(eq=False)
 class Kprobe:
-    """One probe (``struct kprobe``): where, which handlers, and its counters."""
+    """One probe (``struct kprobe``): where, which handlers, and its counters.
+
+    Give ``symbol_name`` (plus ``offset``) or ``addr``, not both; ``ValueError`` when
+    neither is given, or a recorded probe has a post_handler. Handler exceptions are
+    caught, counted in ``nerrors`` and kept in ``errors``: the engine goes on.
+    """
 
     symbol_name: str | None = None
+    """A kernel symbol (``do_sys_openat2``, ``mod:sym`` for a module's)."""
     offset: int = 0
+    """Bytes past the symbol (or ``addr``): an instruction boundary in its function."""
     addr: int | None = None
+    """The address to probe; once registered, the resolved address whichever was given."""
     pre_handler: PreHandler | None = None
+    """``pre_handler(kp, regs)`` before the probed instruction runs; a true return means
+    it moved ``regs.ip`` itself and the instruction is skipped."""
     post_handler: PostHandler | None = None
+    """``post_handler(kp, regs)`` after the probed instruction ran."""
     record: RecordSpec | None = None
     """Record mode: the guest records each hit without stopping; ``pre_handler`` runs on
     the host later, with the hit's registers and reads (:mod:`kprobevm.kprobes.recorder`)."""
@@ -127,8 +146,24 @@ class ProbeSite:
 class KprobeManager:
     """The probe table of one guest and the kernel's register/unregister policy."""
 
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
+    def __init__(
+        self,
+        *,
+        symbols: KernelSymbols,
+        blacklist: Blacklist,
+        patch_sites: PatchSites,
+        target: Target,
+        memory: GuestMemory,
+        channel_installer: ChannelInstaller,
+    ) -> None:
+        """``channel_installer`` puts a trap channel in the guest for this table's
+        handlers: on the first registration, and again after a close."""
+        self.symbols = symbols
+        self.blacklist = blacklist
+        self.patch_sites = patch_sites
+        self.target = target
+        self.memory = memory
+        self._channel_installer = channel_installer
         self.table: dict[int, ProbeSite] = {}
         self.all_disarmed = False
         self._mutex = threading.RLock()  # the kernel's kprobe_mutex
@@ -137,14 +172,26 @@ class KprobeManager:
 
     # -- the channel -----------------------------------------------------------------
 
+    def install_channel(self) -> TrapChannel:
+        """The trap channel, put in the guest now if it is not there yet (VM running:
+        installing it stops the VM itself)."""
+        if self._channel is None:
+            self._channel = self._channel_installer(self)
+        return self._channel
+
     @property
     def channel(self) -> TrapChannel:
         """The trap channel, installed on first use (fast when possible, else fallback)."""
-        if self._channel is None:
-            from kprobevm.trap.channel import install_channel
+        return self.install_channel()
 
-            self._channel = install_channel(self.vm, self)
+    @property
+    def installed_channel(self) -> TrapChannel | None:
+        """The trap channel if one is in the guest now (never installs one)."""
         return self._channel
+
+    def site_at(self, addr: int) -> ProbeSite | None:
+        """The aggregate probe at ``addr`` (the kernel's ``get_kprobe``, for the trap path)."""
+        return self.table.get(addr)
 
     # -- address resolution and checks -----------------------------------------------
 
@@ -159,7 +206,7 @@ class KprobeManager:
             raise ProbeRefused("EINVAL", f"negative offset {kp.offset}", symbol=kp.symbol_name)
         if kp.symbol_name is not None:
             try:
-                base = self.vm.symbols[kp.symbol_name]
+                base = self.symbols[kp.symbol_name]
             except SymbolError as exc:
                 raise ProbeRefused(
                     "BAD_PROBE_ADDR", str(exc), symbol=kp.symbol_name
@@ -170,31 +217,25 @@ class KprobeManager:
 
     def check_probe_address(self, addr: int, kp: Kprobe) -> None:
         """Refuse what the kernel refuses, and what a host-side kprobe must refuse too."""
-        from kprobevm.x86 import insn as x86
-
-        syms = self.vm.symbols
+        syms = self.symbols
         sym = syms.lookup(addr)
         if sym is None or sym.type not in "Tt":
             raise ProbeRefused(
                 "BAD_PROBE_ADDR", "not in kernel text", address=addr, symbol=kp.symbol_name
             )
-        entry = self.vm.kprobe_blacklist.within_kprobe_blacklist(addr)
+        entry = self.blacklist.within_kprobe_blacklist(addr)
         if entry is not None:
             raise ProbeRefused(
                 "EINVAL", f"{addr:#x} is blacklisted ({entry})",
                 address=addr, symbol=kp.symbol_name,
             )  # fmt: skip
-        reason = self.vm.patch_sites.reserved(addr)
+        reason = self.patch_sites.reserved(addr)
         if reason is not None:
             raise ProbeRefused(
                 "EBUSY", f"the guest kernel rewrites this site ({reason})",
                 address=addr, symbol=kp.symbol_name,
             )  # fmt: skip
-        # The kernel's can_probe(): sweep the function from its start, reading our own
-        # int3s (earlier probes in it) as the bytes they replaced. The int3 padding after
-        # a `ret` (CONFIG_SLS) decodes as one-byte instructions, as in the 6.1 kernel.
-        code = self.original_text(sym.address, sym.size)
-        if addr not in x86.boundaries(code, sym.address):
+        if not can_probe(self.original_text(sym.address, sym.size), sym.address, addr):
             raise ProbeRefused(
                 "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
                 address=addr, symbol=kp.symbol_name,
@@ -202,19 +243,9 @@ class KprobeManager:
 
     # -- the API ---------------------------------------------------------------------
 
-    def _prepare(self) -> None:
-        """Load what comes over SSH (symbols, the kernel command line) and install the
-        channel, before anything holds the VM stopped: SSH cannot answer then."""
-        vm = self.vm
-        vm.symbols  # noqa: B018
-        vm.slot_reserve  # noqa: B018
-        vm.kprobe_blacklist  # noqa: B018
-        vm.patch_sites  # noqa: B018
-        self.channel  # noqa: B018
-
     def register_kprobe(self, kp: Kprobe) -> None:
         """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
-        self._prepare()
+        self.install_channel()
         with self._mutex:
             if kp.registered:
                 raise KprobeError("probe is already registered", symbol=kp.symbol_name)
@@ -227,7 +258,7 @@ class KprobeManager:
             site = self.table.get(addr)
             if site is None:
                 self.check_probe_address(addr, kp)
-                with self.vm.target.stopped():
+                with self.target.stopped():
                     site = self.channel.prepare_site(addr)
                     site.probes.append(kp)
                     self.table[addr] = site
@@ -245,7 +276,7 @@ class KprobeManager:
                         "EBUSY", "recorded and stopping probes cannot share an address",
                         address=addr, symbol=kp.symbol_name,
                     )  # fmt: skip
-                with self.vm.target.stopped():
+                with self.target.stopped():
                     had_post = site.wants_post
                     site.probes.append(kp)
                     if site.recorded or (site.wants_post and not had_post):
@@ -267,8 +298,8 @@ class KprobeManager:
         All or nothing, as in the kernel: a probe that fails unregisters those before it.
         """
         done: list[Kprobe] = []
-        self._prepare()
-        with self._mutex, self.vm.target.stopped():
+        self.install_channel()
+        with self._mutex, self.target.stopped():
             try:
                 for kp in kps:
                     self.register_kprobe(kp)
@@ -280,7 +311,7 @@ class KprobeManager:
 
     def unregister_kprobes(self, kps: list[Kprobe]) -> None:
         """Unregister several probes with the VM stopped once."""
-        with self._mutex, self.vm.target.stopped():
+        with self._mutex, self.target.stopped():
             for kp in kps:
                 self.unregister_kprobe(kp)
 
@@ -288,7 +319,7 @@ class KprobeManager:
         """Remove ``kp``; the int3 goes when the last probe at its address goes."""
         with self._mutex:
             site = self._site_of(kp)
-            with self.vm.target.stopped():
+            with self.target.stopped():
                 if kp.record is not None:
                     self.channel.flush_records()  # its hits so far reach its handler
                 site.probes.remove(kp)
@@ -312,7 +343,7 @@ class KprobeManager:
             site = self._site_of(kp)
             kp.disabled = False
             if not site.armed and not self.all_disarmed:
-                with self.vm.target.stopped():
+                with self.target.stopped():
                     self.channel.arm(site)
 
     def disable_kprobe(self, kp: Kprobe) -> None:
@@ -320,12 +351,12 @@ class KprobeManager:
             site = self._site_of(kp)
             kp.disabled = True
             if site.armed and not site.enabled:
-                with self.vm.target.stopped():
+                with self.target.stopped():
                     self.channel.disarm(site)
 
     def arm_all_kprobes(self) -> None:
         """Write every enabled probe's int3 (the debugfs ``kprobes/enabled`` = 1)."""
-        with self._mutex, self.vm.target.stopped():
+        with self._mutex, self.target.stopped():
             self.all_disarmed = False
             for site in self.table.values():
                 if site.enabled and not site.armed:
@@ -333,7 +364,7 @@ class KprobeManager:
 
     def disarm_all_kprobes(self) -> None:
         """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
-        with self._mutex, self.vm.target.stopped():
+        with self._mutex, self.target.stopped():
             self.all_disarmed = True
             for site in self.table.values():
                 if site.armed:
@@ -342,7 +373,7 @@ class KprobeManager:
     def flush_records(self) -> None:
         """Run the handlers of every hit recorded in the guest so far (recorded probes)."""
         if self._channel is not None and self._channel.records:
-            with self._mutex, self.vm.target.stopped():
+            with self._mutex, self.target.stopped():
                 self._channel.flush_records()
 
     def get_kprobe(self, addr: int) -> Kprobe | None:
@@ -405,7 +436,7 @@ class KprobeManager:
         kp.nhit += 1
         if kp.pre_handler is None:
             return
-        regs = RecordedRegs.of(record, self.vm.memory)
+        regs = RecordedRegs.of(record, self.memory)
         try:
             kp.pre_handler(kp, regs)
             if regs.changes():
@@ -432,7 +463,7 @@ class KprobeManager:
         lines = []
         for addr in sorted(self.table):
             site = self.table[addr]
-            desc = self.vm.symbols.describe(addr).split("/")[0]
+            desc = self.symbols.describe(addr).split("/")[0]
             for kp in site.probes:
                 flags = ""
                 if kp.disabled or not site.armed:
@@ -443,15 +474,10 @@ class KprobeManager:
     def original_text(self, addr: int, n: int) -> bytes:
         """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the
         bytes they replaced."""
-        code = bytearray(self.vm.read(addr, n))
+        with self.target.stopped():
+            code = bytearray(self.memory.read(addr, n))
         for site in self.table.values():
             for i, byte in enumerate(site.insn.bytes):
                 if 0 <= site.addr + i - addr < n:
                     code[site.addr + i - addr] = byte
         return bytes(code)
-
-    def verify_unchanged(self, addr: int, expected: bytes) -> None:
-        """Raise ProbeTextChanged unless the guest holds ``expected`` at ``addr``."""
-        found = self.vm.read(addr, len(expected))
-        if found != expected:
-            raise ProbeTextChanged(addr, expected, found)

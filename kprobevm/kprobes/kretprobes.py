@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
 from kprobevm.kprobes.core import Kprobe, keep_handler_error
-from kprobevm.x86.ptregs import PtRegs
+from kprobevm.x86.ptregs import PtRegs, to_gdb_names
 from kprobevm.x86.rethook import ENTRY, build_trampoline
 
 if TYPE_CHECKING:
-    from kprobevm.guest.vm import VM
+    from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.gdbstub.target import Target
+    from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
+    from kprobevm.kprobes.core import KprobeManager
 
 __all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager"]
 
@@ -63,17 +66,26 @@ class KretprobeInstance:
 
 @dataclass(eq=False)
 class Kretprobe:
-    """A return probe (``struct kretprobe``) on a function's entry."""
+    """A return probe (``struct kretprobe``) on a function's entry.
+
+    Handler exceptions are caught, counted in ``nerrors`` and kept in ``errors``, as a
+    Kprobe's are: the engine goes on.
+    """
 
     symbol_name: str | None = None
+    """The function (or give ``addr``: its entry)."""
     handler: RetHandler | None = None
+    """``handler(ri, regs)`` at each return: ``regs.ax`` is the return value,
+    ``regs.ip`` where the function returns to."""
     entry_handler: RetHandler | None = None
     """Runs at entry; a true return means "do not probe this call's return"."""
     maxactive: int = 0
     """Instances in flight at most (0: the kernel's default, max(10, 2 * vCPUs))."""
     data_size: int = 0
+    """Bytes of ``ri.data`` for the entry_handler to pass things to the handler."""
     addr: int | None = None
     offset: int = 0
+    """Must stay 0: a return probe goes on an entry (``BAD_RETPROBE`` otherwise)."""
     nhit: int = field(default=0, init=False)
     """Returns handled."""
     nmissed: int = field(default=0, init=False)
@@ -90,8 +102,23 @@ class Kretprobe:
 class KretprobeManager:
     """Registered return probes of one guest and the instances in flight."""
 
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
+    def __init__(
+        self,
+        kprobes: KprobeManager,
+        *,
+        symbols: KernelSymbols,
+        target: Target,
+        memory: GuestMemory,
+        task_layout: Callable[[], TaskLayout | None],
+    ) -> None:
+        """Return probes are kprobes at function entries: ``kprobes`` places them.
+        ``task_layout`` gives ``current``'s field offsets (None without the kernel's
+        BTF), asked for at the first registration."""
+        self.kprobes = kprobes
+        self.symbols = symbols
+        self.target = target
+        self.memory = memory
+        self.task_layout = task_layout
         self.trampoline = 0
         self.store_end = 0
         self.table = 0
@@ -116,6 +143,7 @@ class KretprobeManager:
     def register_kretprobe(self, rp: Kretprobe) -> None:
         if rp.registered:
             raise KprobeError("kretprobe is already registered", symbol=rp.symbol_name)
+        self.kprobes.install_channel()  # the trampoline comes with the watchpoint channel
         if not self.trampoline:
             raise KprobeError(
                 "return probes need the watchpoint trap channel: its slot memory holds"
@@ -127,16 +155,16 @@ class KretprobeManager:
                 symbol=rp.symbol_name,
             )  # fmt: skip
         kp = Kprobe(symbol_name=rp.symbol_name, addr=rp.addr, pre_handler=self._entry_for(rp))
-        addr = self.vm.kprobes.resolve(kp)
-        sym = self.vm.symbols.lookup(addr)
+        addr = self.kprobes.resolve(kp)
+        sym = self.symbols.lookup(addr)
         if sym is None or sym.address != addr:
             raise ProbeRefused(
                 "BAD_RETPROBE", "not a function's entry", address=addr, symbol=rp.symbol_name
             )
         if rp.maxactive <= 0:
             rp.maxactive = max(10, 2 * (os.cpu_count() or 1), 2 * self._vcpus())
-        self.layout = self.vm.task_layout  # BTF parsed now, not at the first hit
-        self.vm.register_kprobe(kp)
+        self.layout = self.task_layout()  # BTF parsed now, not at the first hit
+        self.kprobes.register_kprobe(kp)
         rp.kp = kp
         rp.registered = True
 
@@ -144,7 +172,7 @@ class KretprobeManager:
         """Stop probing new calls; calls in flight still return through the trampoline."""
         if not rp.registered or rp.kp is None:
             raise KprobeError("kretprobe is not registered", symbol=rp.symbol_name)
-        self.vm.unregister_kprobe(rp.kp)
+        self.kprobes.unregister_kprobe(rp.kp)
         rp.kp = None
         rp.registered = False
 
@@ -155,7 +183,7 @@ class KretprobeManager:
         log.warning("%s of kretprobe %s raised %r", which, rp.symbol_name or rp.addr, exc)
 
     def _vcpus(self) -> int:
-        with self.vm.target.stopped() as client:
+        with self.target.stopped() as client:
             return len(client.threads())
 
     # -- the entry (trap thread, VM stopped) -------------------------------------------
@@ -174,7 +202,7 @@ class KretprobeManager:
             return
         # The stack slot, current and its stack repeat from call to call in a hot loop:
         # the last entry's reads on this vCPU go out with the register read.
-        memory = HitReader(self.vm.memory)
+        memory = HitReader(self.memory)
         memory.read_ahead(regs, self._entry_reads.guess(regs.cpu))
         slot = regs.sp
         layout = self.layout
@@ -205,7 +233,7 @@ class KretprobeManager:
         self.by_slot[slot] = ri
         rp.active += 1
         # Both writes ride with the resume: the table entry first, then the hijack.
-        target = self.vm.target
+        target = self.target
         target.queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
         target.queue_write(slot, struct.pack("<Q", self.trampoline))
 
@@ -215,7 +243,7 @@ class KretprobeManager:
         Its stack slot lost our address (the stack moved on), or its task has exited
         (a function like do_exit that never returns) or is gone (stack pointer changed).
         """
-        memory = self.vm.memory
+        memory = self.memory
         try:
             if memory.u64(ri.slot) != self.trampoline:
                 return True
@@ -238,7 +266,7 @@ class KretprobeManager:
             if self._dead(ri):
                 self.by_slot.pop(ri.slot, None)
                 self._free(ri)
-                self.vm.memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
+                self.memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
                 self.reclaimed += 1
                 freed = True
         return freed
@@ -279,22 +307,19 @@ class KretprobeManager:
         gregs = dict(gregs)
         gregs["rip"] = ri.ret_addr
         gregs["rsp"] = slot + 8  # as right after the function's ret
-        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.vm.memory)
+        regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.memory)
         rp.nhit += 1
         try:
             rp.handler(ri, regs)
         except Exception as exc:
             self._handler_failed(rp, exc, "handler")
-        from kprobevm.x86.ptregs import GDB_NAMES
-
-        changed = {GDB_NAMES[k]: v for k, v in regs.changes().items() if k not in ("ip", "sp")}
-        return changed | leave
+        return to_gdb_names(regs.changes(), skip=("ip", "sp")) | leave
 
     # -- teardown ------------------------------------------------------------------------
 
     def unhijack_all(self) -> int:
         """Put every pending call's return address back on its stack (VM stopped)."""
-        memory = self.vm.memory
+        memory = self.memory
         restored = 0
         for ri in list(self.by_slot.values()):
             try:

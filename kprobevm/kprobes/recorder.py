@@ -14,7 +14,7 @@ the handlers cannot change registers, and a string is cut at its capture size.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,10 +22,13 @@ from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.memory import GuestMemory
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import record as rec
+from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
-    from kprobevm.guest.vm import VM
+    from kprobevm.gdbstub.target import Target
+    from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.x86.slotmap import SlotArea
 
@@ -36,6 +39,7 @@ __all__ = [
     "RecordedMemory",
     "RecordedRegs",
     "Recorder",
+    "copy_helpers",
     "decode_record",
 ]
 
@@ -158,20 +162,32 @@ class _RecordedProbe:
 class Recorder:
     """The ring buffer, the ids and programs of recorded probes, and the drain (VM stopped)."""
 
-    def __init__(self, vm: VM, area: SlotArea, programs: SlotCache) -> None:
-        """``programs``: cells of PROGRAM_SIZE bytes in executable slot pages."""
-        self.vm = vm
+    def __init__(
+        self,
+        memory: GuestMemory,
+        target: Target,
+        area: SlotArea,
+        programs: SlotCache,
+        *,
+        helpers: rec.CopyHelpers,
+        describe: Callable[[int], str],
+    ) -> None:
+        """Map the ring in ``area`` (VM stopped). ``programs``: cells of PROGRAM_SIZE
+        bytes in executable slot pages; ``describe`` names an address in errors."""
+        self.memory = memory
+        self.target = target
+        self.describe = describe
         self.area = area
         control = area.map_page(executable=False, writable=True)
-        counters = self._contiguous(MAX_RECORD_IDS * 16 // 4096, area)
+        counters = self._contiguous(MAX_RECORD_IDS * 16 // PAGE_SIZE, area)
         ring = self._contiguous(RING_PAGES, area)
-        size = RING_PAGES * 4096
+        size = RING_PAGES * PAGE_SIZE
         self.layout = rec.RingLayout(
             head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
             busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,
             ring=ring, ring_size=size, high_water=size // 2,
         )  # fmt: skip
-        self.helpers = _copy_helpers(vm)
+        self.helpers = helpers
         self.programs = programs
         self.probes: dict[int, _RecordedProbe] = {}
         self._free_ids = list(range(MAX_RECORD_IDS))
@@ -186,7 +202,7 @@ class Recorder:
     def _contiguous(pages: int, area: SlotArea) -> int:
         first = area.map_page(executable=False, writable=True)
         for i in range(1, pages):
-            if area.map_page(executable=False, writable=True) != first + 4096 * i:
+            if area.map_page(executable=False, writable=True) != first + PAGE_SIZE * i:
                 raise KprobeError("slot area: the record ring's pages are not contiguous")
         return first
 
@@ -205,7 +221,7 @@ class Recorder:
                 symbol=kp.symbol_name,
             )  # fmt: skip
         self.probes[probe_id] = _RecordedProbe(kp, layout)
-        self.vm.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
+        self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         return probe_id
 
     def remove(self, probe_id: int) -> None:
@@ -227,8 +243,8 @@ class Recorder:
                 cell.address, probes=tuple(probes), probe_ip=site.addr, ring=self.layout,
                 helpers=self.helpers, cont=cont,
             )  # fmt: skip
-        rec.check_program_fits(code, PROGRAM_SIZE, self.vm.symbols.describe(site.addr))
-        self.vm.memory.write_phys(self.area.phys(cell.address), code)
+        rec.check_program_fits(code, PROGRAM_SIZE, self.describe(site.addr))
+        self.memory.write_phys(self.area.phys(cell.address), code)
         self.site_programs[site.addr] = cell
         if old is not None:
             self.programs.free_insn_slot(old)
@@ -248,7 +264,7 @@ class Recorder:
         vCPU stopped inside a program) stays, with everything after it, for next time.
         """
         ring = self.layout
-        head = self.vm.memory.u64(ring.head)
+        head = self.memory.u64(ring.head)
         # The host is the tail's only writer, and its last write may still be queued.
         tail = self.tail
         self._read_counters()
@@ -278,7 +294,7 @@ class Recorder:
         self.records += len(out)
         if pos != tail:
             self.tail = pos
-            self.vm.target.queue_write(ring.tail, _U64.pack(pos))
+            self.target.queue_write(ring.tail, _U64.pack(pos))
         return out
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
@@ -286,16 +302,16 @@ class Recorder:
         start = tail & (ring.ring_size - 1)
         n = head - tail
         first = min(n, ring.ring_size - start)
-        data = self.vm.memory.read(ring.ring + start, first)
+        data = self.memory.read(ring.ring + start, first)
         if first < n:
-            data += self.vm.memory.read(ring.ring, n - first)
+            data += self.memory.read(ring.ring, n - first)
         return data
 
     def _read_counters(self) -> None:
         if not self.probes:
             return
         top = max(self.probes) + 1
-        raw = self.vm.memory.read(self.layout.counters, 16 * top)
+        raw = self.memory.read(self.layout.counters, 16 * top)
         for probe_id, probe in self.probes.items():
             hits, missed = struct.unpack_from("<QQ", raw, 16 * probe_id)
             spec = probe.kp.record
@@ -304,10 +320,8 @@ class Recorder:
             probe.kp.nmissed = missed
 
 
-def _copy_helpers(vm: VM) -> rec.CopyHelpers:
+def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelpers:
     """The kernel functions and per-CPU offsets the record program uses."""
-    syms = vm.symbols
-    layout = vm.task_layout
     if layout is None:
         raise KprobeError("recorded probes need the kernel's BTF (task_struct offsets)")
     try:

@@ -4,8 +4,16 @@ pointed elsewhere (selector, IST and type kept)."""
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
-__all__ = ["BP_VECTOR", "GATE_SIZE", "decode_idt_gate", "encode_idt_gate", "gate_address"]
+__all__ = [
+    "BP_VECTOR",
+    "GATE_SIZE",
+    "GateHook",
+    "decode_idt_gate",
+    "encode_idt_gate",
+    "gate_address",
+]
 
 BP_VECTOR = 3
 """#BP, the vector an int3 raises."""
@@ -30,3 +38,17 @@ def encode_idt_gate(gate: bytes, handler: int) -> bytes:
     """``gate`` with its handler address replaced (selector, IST, type kept)."""
     _lo, sel, ist, _mid, _hi, rsv = _GATE.unpack(gate)
     return _GATE.pack(handler & 0xFFFF, sel, ist, (handler >> 16) & 0xFFFF, handler >> 32, rsv)
+
+
+@dataclass(frozen=True)
+class GateHook:
+    """A gate pointed at a handler of ours: where it is, what it held, what it holds."""
+
+    addr: int
+    original: bytes
+    replacement: bytes
+
+    @property
+    def original_handler(self) -> int:
+        """Where the vector went before the hook (the guest's own handler)."""
+        return decode_idt_gate(self.original)

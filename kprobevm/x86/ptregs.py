@@ -9,7 +9,7 @@ write back.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kprobevm.errors import KprobeError
@@ -18,7 +18,7 @@ from kprobevm.x86.constants import MASK64
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
 
-__all__ = ["GDB_NAMES", "PtRegs"]
+__all__ = ["GDB_NAMES", "PtRegs", "to_gdb_names"]
 
 # pt_regs name -> gdbstub register name (QEMU's i386-64bit.xml).
 GDB_NAMES: dict[str, str] = {
@@ -39,6 +39,11 @@ ReadAlong = Callable[[Sequence[bytes]], tuple[dict[str, int], list[bytes]]]
 
 def _expired(why: str) -> dict[str, int]:
     raise KprobeError(why)
+
+
+def to_gdb_names(values: Mapping[str, int], *, skip: Collection[str] = ()) -> dict[str, int]:
+    """pt_regs-named ``values`` by gdbstub register name, leaving out ``skip``."""
+    return {GDB_NAMES[k]: v for k, v in values.items() if k in GDB_NAMES and k not in skip}
 
 
 def _pt_names(gdb_values: dict[str, int]) -> dict[str, int]:
@@ -172,6 +177,14 @@ class PtRegs:
     def changes(self) -> dict[str, int]:
         """Registers a handler assigned a new value, by pt_regs name (none if unread)."""
         return {k: v for k, v in self._values.items() if self._orig.get(k) != v}
+
+    def gdb_writes(self, *, rip: int | None) -> dict[str, int]:
+        """The changed registers by gdbstub name, RIP set to ``rip`` (left out if None):
+        what goes back to the vCPU when the hit resumes."""
+        values = to_gdb_names(self.changes(), skip=("ip",))
+        if rip is not None:
+            values["rip"] = rip
+        return values
 
     def __repr__(self) -> str:
         if self._load is not None:

@@ -1,0 +1,507 @@
+"""The fast trap channel: IDT vector 3 -> our #BP stub -> a slot whose first store is
+watched.
+
+The host points IDT vector 3 at a stub in a slot page. The stub finds the probe's slot
+in a hash table (:mod:`.stubtable`) and ``iretq``s into it; the slot's first instruction
+stores to a mailbox that carries a gdbstub write watchpoint, so the VM stops with every
+register as at the probe. Under TCG, QEMU flushes its whole translation cache at a
+*breakpoint* stop but not at a watchpoint stop, which is why the trap arrives this way.
+A hot site's store has a mailbox byte and watchpoint of its own (:mod:`.hotsites`), so
+on one vCPU its hit costs one stop and one ``c``: registers are read only when a handler
+asks (other sites cost a ``p`` of RIP too), and written back, with the ``c``, only when
+a handler changed them. The slot then runs the displaced instruction and jumps back.
+Without a host (killed), the watched stores are plain stores and every probe still runs
+its instruction: the guest never sees an unknown int3. A recorded site's slot jumps to
+a record program instead and never stops the guest (:mod:`kprobevm.kprobes.recorder`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
+from kprobevm.gdbstub.client import BreakpointKind
+from kprobevm.gdbstub.target import cpu_of_thread
+from kprobevm.kprobes.core import ProbeSite
+from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
+from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
+from kprobevm.trap.grace import Quiescence
+from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
+from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
+from kprobevm.trap.watchdog import Watchdog
+from kprobevm.x86 import asm, ooline
+from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.idt import (
+    BP_VECTOR,
+    GATE_SIZE,
+    GateHook,
+    decode_idt_gate,
+    encode_idt_gate,
+    gate_address,
+)
+from kprobevm.x86.ptregs import PtRegs
+from kprobevm.x86.slotmap import SlotArea
+from kprobevm.x86.stub import ENTRY_SIZE, build_int3_stub
+
+if TYPE_CHECKING:
+    from kprobevm.gdbstub.client import GdbClient
+    from kprobevm.gdbstub.packet import StopReply
+    from kprobevm.kernel.tasks import TaskLayout
+    from kprobevm.kprobes.core import Kprobe
+    from kprobevm.kprobes.slots import Slot
+    from kprobevm.x86.slotmap import Reserve
+
+__all__ = ["ChannelPages", "WatchpointChannel"]
+
+log = logging.getLogger(__name__)
+
+SLOT_SIZE = 128
+"""Two halves: the entry code and its continuation copy."""
+TABLE_PAGES = TABLE_SLOTS * ENTRY_SIZE // PAGE_SIZE
+WATCH = BreakpointKind.WRITE_WATCH
+RECORD_DRAIN_INTERVAL = 0.1
+"""Seconds between drains of the record ring while recorded probes exist."""
+
+
+@dataclass(frozen=True)
+class ChannelPages:
+    """Where the channel's pages are in the slot area (guest virtual addresses)."""
+
+    stub: int
+    mailbox: int
+    table: int
+    trampoline: int
+    return_table: int
+
+    @classmethod
+    def map(cls, area: SlotArea) -> ChannelPages:
+        """Map the stub, mailbox, hash table and kretprobe pages (VM stopped)."""
+        stub = area.map_page(executable=True)
+        mailbox = area.map_page(executable=False, writable=True)
+        table = [area.map_page(executable=False) for _ in range(TABLE_PAGES)]
+        if table != [table[0] + i * PAGE_SIZE for i in range(TABLE_PAGES)]:
+            raise KprobeError("slot area: hash table pages are not contiguous")
+        trampoline = area.map_page(executable=True)
+        return_table = area.map_page(executable=False, writable=True)
+        return cls(stub, mailbox, table[0], trampoline, return_table)
+
+
+class WatchpointChannel(TrapChannel):
+    """The fast channel: IDT vector 3 -> stub -> slot whose first store is watched."""
+
+    name = "watchpoint"
+    records = True
+
+    def __init__(
+        self,
+        ctx: ChannelContext,
+        threads: list[str],
+        *,
+        area: SlotArea,
+        pages: ChannelPages,
+        gate: GateHook,
+        gate_seq: int,
+        returns: ReturnProbes,
+        task_layout: Callable[[], TaskLayout | None],
+    ) -> None:
+        """Use :meth:`install`: this takes what it has already put in the guest."""
+        super().__init__(ctx, threads)
+        self.area = area
+        self.pages = pages
+        self.gate = gate
+        self._gate_seq: int | None = gate_seq
+        self.returns = returns
+        self.ret_store = returns.store_end
+        """RIP after the kretprobe trampoline's watched store."""
+        self.task_layout = task_layout
+        self.quiescence = Quiescence(ctx.target, ctx.memory, threads)
+        self.slots = self.quiescence.slot_cache(area, SLOT_SIZE, grace_seconds=0.05)
+        self.table = StubTable(ctx.memory, area, pages.table)
+        self.hot = HotSites(ctx.target, pages.mailbox)
+        self.recorder: Recorder | None = None
+        self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
+        """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
+        self._regs_ns = 0
+        self.watchdog = Watchdog(ctx.target.client.fileno())
+
+    # -- installation ----------------------------------------------------------------
+
+    @classmethod
+    def install(
+        cls,
+        ctx: ChannelContext,
+        *,
+        reserve: Reserve | None,
+        returns: ReturnProbes,
+        task_layout: Callable[[], TaskLayout | None],
+    ) -> WatchpointChannel:
+        """Map the slot area, place the stub and the return trampoline, hook vector 3."""
+        if reserve is None:
+            raise KprobeError("the guest has no reserved memory (memmap=SIZE$BASE) for slots")
+        memory, journal = ctx.memory, ctx.journal
+        idt = ctx.symbols["idt_table"]
+        expected = ctx.symbols.get("asm_exc_int3")
+        with ctx.target.stopped() as client:
+            area = SlotArea(memory, journal, reserve, client.read_registers()["cr3"])
+            area.setup()
+            pages = ChannelPages.map(area)
+            # the kretprobe trampoline and its instance table (the guest frees entries)
+            code = returns.install(pages.trampoline, pages.return_table,
+                                   pages.mailbox + RETURN_WATCH)  # fmt: skip
+            memory.write_phys(area.phys(pages.trampoline), code)
+            journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
+            threads = client.threads()
+            gate_addr = gate_address(idt, BP_VECTOR)
+            original = memory.read(gate_addr, GATE_SIZE)
+            real_handler = decode_idt_gate(original)
+            if expected is not None and expected != real_handler:
+                raise KprobeError(
+                    f"IDT vector 3 points at {ctx.symbols.describe(real_handler)},"
+                    " not asm_exc_int3: someone else owns the #BP vector",
+                    address=real_handler,
+                )
+            stub = build_int3_stub(
+                pages.stub, table=pages.table, table_slots=TABLE_SLOTS, real_handler=real_handler
+            )
+            memory.write_phys(area.phys(pages.stub), stub.code)
+            client.insert_breakpoint(WATCH, pages.mailbox, 1)
+            client.insert_breakpoint(WATCH, pages.mailbox + RETURN_WATCH, 1)
+            gate = GateHook(gate_addr, original,
+                            encode_idt_gate(original, pages.stub + stub.offsets["entry"]))
+            seq = journal.record("virt", gate.addr, gate.original, gate.replacement,
+                                 "IDT vector 3 -> stub")  # fmt: skip
+            memory.write(gate.addr, gate.replacement)
+        return cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
+                   returns=returns, task_layout=task_layout)  # fmt: skip
+
+    # -- sites -----------------------------------------------------------------------
+
+    def prepare_site(self, addr: int) -> ProbeSite:
+        insn = self.read_insn(addr)
+        return ProbeSite(addr=addr, insn=insn, slot=self.slots.get_insn_slot())
+
+    @staticmethod
+    def _slot(site: ProbeSite) -> Slot:
+        assert site.slot is not None, "a watchpoint-channel site always has a slot"
+        return site.slot
+
+    def _write_slot_code(self, site: ProbeSite) -> None:
+        """Two copies of the out-of-line code: the entry (the watched pre store, or for a
+        recorded site a jump to its record program), and the continuation a handled vCPU
+        (or the record program) goes on through (see :meth:`on_stop`)."""
+        post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
+        half = SLOT_SIZE // 2
+        slot = self._slot(site)
+        cont_addr = slot.address + half
+        mailbox = self.pages.mailbox
+        cont = ooline.make_slot_code(
+            site.insn, cont_addr, mailbox=mailbox, pre_store=False,
+            post_store=post, slot_size=half,
+        )  # fmt: skip
+        site.cont_rip = cont_addr
+
+        def write(entry_code: bytes) -> None:
+            code = entry_code.ljust(half, b"\xcc") + cont.bytes
+            self.ctx.memory.write_phys(self.area.phys(slot.address), code)
+
+        if site.recorded:
+            # nothing here stops the guest: the program comes back to the continuation
+            write(asm.jmp_rel32(slot.address, self._record_program(site, cont_addr)))
+            site.pre_rip, site.post_rip = 0, None
+            return
+        entry = ooline.make_slot_code(
+            site.insn, slot.address, mailbox=mailbox, pre_mailbox=site.pre_watch,
+            post_store=post, slot_size=half,
+        )  # fmt: skip
+        write(entry.bytes)
+        assert entry.pre_store_end is not None
+        site.pre_rip = entry.pre_store_end
+        site.post_rip = entry.post_store_end
+        # a stop lands right after a store, or after the TB break that follows it
+        brk = len(ooline.TB_BREAK)
+        self.rip_map[entry.pre_store_end] = (site, None)
+        self.rip_map[entry.pre_store_end + brk] = (site, None)
+        for end, resume in (*entry.post_exits, *cont.post_exits):
+            self.rip_map[end] = (site, resume)
+            self.rip_map[end + brk] = (site, resume)
+
+    def _forget_rips(self, site: ProbeSite) -> None:
+        for rip in [r for r, (s, _) in self.rip_map.items() if s is site]:
+            del self.rip_map[rip]
+
+    def commit_site(self, site: ProbeSite) -> None:
+        self._write_slot_code(site)
+        self.table.insert(site.addr, self._slot(site).address)
+
+    def rebuild_site(self, site: ProbeSite) -> None:
+        """Move a site to a fresh slot (the old one may be running: it goes DIRTY)."""
+        old = self._slot(site)
+        site.slot = self.slots.get_insn_slot()
+        self._forget_rips(site)
+        self._write_slot_code(site)
+        self.table.insert(site.addr, site.slot.address)
+        self.slots.free_insn_slot(old)
+
+    def discard_site(self, site: ProbeSite) -> None:
+        self.table.remove(site.addr)
+        self._forget_rips(site)
+        self.hot.forget(site)
+        self.slots.free_insn_slot(self._slot(site))
+        if self.recorder is not None:
+            self.recorder.drop_program(site)
+
+    def _promote(self, site: ProbeSite) -> None:
+        """Move a hot site to a slot that stores to a mailbox byte of its own (VM
+        stopped); a vCPU still in the old slot finishes there (it goes DIRTY)."""
+        try:
+            if self.hot.watch(site):
+                self.rebuild_site(site)
+                self.stats.promoted += 1
+        except KprobeVMError as exc:  # it stays on byte 0, which works
+            log.warning("could not promote the probe at %#x: %s", site.addr, exc)
+
+    # -- recorded probes -------------------------------------------------------------
+
+    def _record_program(self, site: ProbeSite, cont: int) -> int:
+        """Ids for the site's new recorded probes, and its record program (returning to
+        ``cont``); the program's address."""
+        recorder = self._recorder()
+        for kp in site.probes:
+            if kp.record_id is None:
+                assert kp.record is not None
+                kp.record_id = recorder.add(kp, kp.record)
+        return recorder.write_program(site, cont)
+
+    def _recorder(self) -> Recorder:
+        """The record ring, set up on the first recorded probe (VM stopped)."""
+        target = self.ctx.target
+        if self.recorder is None:
+            programs = self.quiescence.slot_cache(self.area, PROGRAM_SIZE, grace_seconds=1.0)
+            recorder = Recorder(
+                self.ctx.memory, target, self.area, programs,
+                helpers=copy_helpers(self.ctx.symbols, self.task_layout()),
+                describe=self.ctx.symbols.describe,
+            )  # fmt: skip
+            target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
+            self.recorder = recorder
+            target.idle_interval = RECORD_DRAIN_INTERVAL
+        target.on_idle = self.flush_records
+        return self.recorder
+
+    def flush_records(self) -> None:
+        recorder = self.recorder
+        if recorder is None or not recorder.probes:
+            return
+        run = self.ctx.handlers.run_recorded
+        for kp, record in recorder.drain():
+            run(kp, record)
+
+    def release_record_id(self, kp: Kprobe) -> None:
+        if self.recorder is not None and kp.record_id is not None:
+            self.recorder.remove(kp.record_id)
+            if not self.recorder.probes:  # no idle stops for an empty ring
+                self.ctx.target.on_idle = None
+        kp.record_id = None
+
+    # -- the hot path (trap thread, VM stopped) --------------------------------------
+
+    def on_stop(self, stop: StopReply) -> None:
+        """Handle the hit that stopped the VM (and, under SMP, every other pending one).
+
+        With one vCPU each hit is reported at once, and the watchpoint that fired names
+        the site (a hot site's pre store has a mailbox byte and a watchpoint of its
+        own): no register is read unless a handler asks. Under SMP QEMU can report a
+        vCPU's stop late (its RIP already past the slot), fold two vCPUs' hits into one
+        stop, or name a stale watchpoint, so each vCPU's RIP says what it hit. A handled
+        vCPU is then sent on through the slot's continuation copy (or past the probe): a
+        late report of the same hit never sits at a store's end, so no hit runs twice.
+        """
+        watch = stop.watch
+        if watch is None:
+            return
+        client = self.ctx.target.client
+        mailbox = self.pages.mailbox
+        if self.recorder is not None and watch.address == self.recorder.layout.drain:
+            self.flush_records()
+            if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
+                self._handle_every_vcpu(client, stop.thread or "")
+            return
+        site = self.hot.site_of(watch.address)
+        if site is None and watch.address not in (mailbox, mailbox + RETURN_WATCH):
+            return
+        t0 = time.perf_counter_ns()
+        self._regs_ns = 0
+        thread = stop.thread or ""
+        if len(self.threads) > 1:
+            self._handle_every_vcpu(client, thread)
+        else:
+            load = _VcpuRegs(self, client, None)
+            if site is not None:
+                writes = self._pre(site, self._lazy(load, site, thread), redirect=False)
+            elif watch.address == mailbox:  # byte 0: the RIP tells which store
+                t = time.perf_counter_ns()
+                rip = client.read_register("rip")
+                self._regs_ns += time.perf_counter_ns() - t
+                writes = self._handle(thread, rip, load, redirect=False, promote=True)
+            else:
+                writes = self._handle(thread, load()["rip"], load, redirect=False)
+            if writes:
+                self.ctx.target.before_resume.extend(client.register_write_packets(writes))
+        stats = self.stats
+        stats.hits += 1
+        stats.regs_ns += self._regs_ns
+        stats.handler_ns += self._handler_end - t0 - self._regs_ns
+        stats.writeback_ns += time.perf_counter_ns() - self._handler_end
+
+    def _lazy(self, load: _VcpuRegs, site: ProbeSite, thread: str) -> PtRegs:
+        return PtRegs.lazy(
+            load, known={"ip": site.addr}, cpu=cpu_of_thread(thread), memory=self.ctx.memory,
+            along=load.along,
+        )  # fmt: skip
+
+    def _handle(
+        self,
+        thread: str,
+        rip: int,
+        load: _VcpuRegs,
+        *,
+        redirect: bool,
+        promote: bool = False,
+    ) -> dict[str, int]:
+        """Run the handlers for a vCPU stopped at ``rip``, after a watched store.
+
+        ``redirect`` moves the vCPU on past the store (a hit found on a vCPU QEMU did not
+        report, which QEMU may still report later); a reported hit is never reported
+        again, so it stays put and costs no register write.
+        """
+        self._handler_end = time.perf_counter_ns()
+        if self._at_return_store(rip):
+            # a copy: the client keeps the dict it returned to skip unchanged writes
+            gregs = dict(load())
+            return self.returns.on_return(gregs, cpu_of_thread(thread), redirect=redirect)
+        hit = self.rip_map.get(rip)
+        if hit is None:
+            # a late report of a hit already handled, or a slot since discarded
+            self.unknown_stops += 1
+            return {}
+        site, resume = hit
+        if resume is None:
+            writes = self._pre(site, self._lazy(load, site, thread), redirect=redirect)
+            if promote and self.hot.shared_hit(site):
+                self._promote(site)
+            return writes
+        gregs = dict(load())
+        gregs["rip"] = resume
+        regs = PtRegs.from_gdb(gregs, cpu=cpu_of_thread(thread), memory=self.ctx.memory)
+        return self._post(site, regs, redirect=redirect)
+
+    def _at_return_store(self, rip: int) -> bool:
+        """A vCPU stopped after the kretprobe trampoline's store (or its TB break)."""
+        return rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK))
+
+    def _handle_every_vcpu(self, client: GdbClient, reported: str) -> None:
+        """SMP: every vCPU sitting after a watched store is a hit to handle now."""
+        rips = client.read_register_each("rip", self.threads)
+        resume_writes: dict[str, int] = {}
+        for t, rip in rips.items():
+            if rip not in self.rip_map and not self._at_return_store(rip):
+                continue
+            if t != reported:
+                self.stats.caught_pending += 1
+            writes = self._handle(t, rip, _VcpuRegs(self, client, t), redirect=True)
+            if t == reported:
+                resume_writes = writes
+            elif writes:
+                client.write_registers(writes, thread=t)
+        # The reported vCPU's writes ride with the resume. Queued last: their Hg must be
+        # the last thread selection before the resume goes out.
+        if resume_writes:
+            self.ctx.target.before_resume.extend(
+                client.register_write_packets(resume_writes, reported)
+            )
+
+    def _pre(self, site: ProbeSite, regs: PtRegs, *, redirect: bool) -> dict[str, int]:
+        skip = self.ctx.handlers.run_pre_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
+        if skip:
+            # the handler moved regs.ip itself: the instruction is not run
+            writes = regs.gdb_writes(rip=regs.ip)
+        elif site.wants_post and site.insn.kind not in ooline.POST_STORE_KINDS:
+            writes = self.emulate(site, regs)
+        else:
+            writes = regs.gdb_writes(rip=site.cont_rip if redirect else None)
+        regs.expire("pt_regs of a finished hit: read registers inside the handler")
+        return writes
+
+    def _post(self, site: ProbeSite, regs: PtRegs, *, redirect: bool) -> dict[str, int]:
+        self.ctx.handlers.run_post_handlers(site, regs)
+        self._handler_end = time.perf_counter_ns()
+        # past the post store the slot only jumps to the resume ip: go there directly
+        moved = "ip" in regs.changes() or redirect
+        return regs.gdb_writes(rip=regs.ip if moved else None)
+
+    # -- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Restore the IDT, drop the watchpoints, wait for vCPUs to leave, unmap."""
+        target = self.ctx.target
+        target.stop()
+        with target.stopped() as client:
+            # calls in flight return to their callers directly again
+            self.returns.unhijack_all()
+            self._unhook_gate()
+            client.remove_breakpoint(WATCH, self.pages.mailbox, 1)
+            client.remove_breakpoint(WATCH, self.pages.mailbox + RETURN_WATCH, 1)
+            if self.recorder is not None:
+                self.flush_records()
+                client.remove_breakpoint(WATCH, self.recorder.layout.drain, 1)
+                target.on_idle = None
+                self.recorder = None
+            self.hot.forget_all()
+        self.quiescence.wait_until_out_of(self.area)
+        with target.stopped() as client:
+            self.area.teardown()
+            for thread in client.threads():  # a CR3 write flushes the vCPU's TLB
+                client.select_thread("g", thread)
+                client.write_register("cr3", client.read_register("cr3"))
+        self.watchdog.stop()
+
+    def _unhook_gate(self) -> None:
+        """IDT vector 3 back to the guest's handler, unless someone changed it since."""
+        if self._gate_seq is None:
+            return
+        memory, gate = self.ctx.memory, self.gate
+        current = memory.read(gate.addr, GATE_SIZE)
+        if current != gate.replacement:
+            raise ProbeTextChanged(gate.addr, gate.replacement, current)
+        memory.write(gate.addr, gate.original)
+        self.ctx.journal.undone(self._gate_seq)
+        self._gate_seq = None
+
+
+class _VcpuRegs:
+    """One stopped vCPU's registers at a hit: one timed ``g`` at most (no x87/xmm
+    decoding on the hot path), alone or with other packets in its round trip."""
+
+    __slots__ = ("_channel", "_client", "_thread", "_values")
+
+    def __init__(self, channel: WatchpointChannel, client: GdbClient, thread: str | None):
+        self._channel, self._client, self._thread = channel, client, thread
+        self._values: dict[str, int] | None = None
+
+    def __call__(self) -> dict[str, int]:
+        if self._values is None:
+            self.along(())
+        assert self._values is not None
+        return self._values
+
+    def along(self, packets: Sequence[bytes]) -> tuple[dict[str, int], list[bytes]]:
+        t = time.perf_counter_ns()
+        values, replies = self._client.read_registers_along(packets, self._thread)
+        self._channel._regs_ns += time.perf_counter_ns() - t
+        self._values = values
+        return values, replies
