@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -556,12 +556,6 @@ class _locked:
 def default_image() -> Image:
     """The default guest image, built on first use (and whenever the recipe changes)."""
     return build_image()
-
-
-def iter_images(cache: Path | None = None) -> Iterator[Image]:
-    """Every image in the cache (newest recipes and old ones alike)."""
-    for manifest in sorted((cache or cache_dir()).glob("images/*/manifest.json")):
-        yield Image.load(manifest.parent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,12 +56,6 @@ class Symbol:
         return self.type in TEXT_TYPES
 
 
-def _area_of(address: int, module: str | None) -> str:
-    if module is not None:
-        return module
-    return _CORE if address >= _KERNEL_HALF else _PERCPU
-
-
 _Entry = tuple[int, str, str, str | None]
 
 
@@ -346,12 +340,6 @@ class KernelSymbols:
         for i, t in enumerate(self._types):
             if t in TEXT_TYPES and self._mods[i] == module:
                 yield self._symbol(i)
-
-    def in_range(self, start: int, end: int) -> Iterator[Symbol]:
-        """Symbols whose address is in ``[start, end)``, by address."""
-        lo = bisect.bisect_left(self._addrs, start)
-        hi = bisect.bisect_left(self._addrs, end)
-        return (self._symbol(i) for i in range(lo, hi))
 
     def modules(self) -> set[str]:
         """Names of the modules that have symbols."""

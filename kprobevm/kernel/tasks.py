@@ -60,6 +60,3 @@ class TaskLayout:
 
     def pid_of(self, memory: GuestMemory, task: int) -> int:
         return memory.s32(task + self.pid)
-
-    def tgid_of(self, memory: GuestMemory, task: int) -> int:
-        return memory.s32(task + self.tgid)

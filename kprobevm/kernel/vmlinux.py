@@ -216,13 +216,6 @@ class Vmlinux(Closing):
         """A little-endian u64 at ``addr``."""
         return int.from_bytes(self.read(addr, 8), "little")
 
-    def read_s32_array(self, addr: int, count: int) -> list[int]:
-        """``count`` little-endian s32 values at ``addr`` (the kernel's relative-offset tables)."""
-        data = self.read(addr, 4 * count)
-        return [
-            int.from_bytes(data[i : i + 4], "little", signed=True) for i in range(0, 4 * count, 4)
-        ]
-
     # -- symbols -----------------------------------------------------------------------
 
     @property

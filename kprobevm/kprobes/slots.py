@@ -3,16 +3,16 @@
 Slots are fixed-size cells in executable slot pages. A slot is CLEAN (free), USED
 (holds a probe's out-of-line code) or DIRTY (freed, but a vCPU may still be executing
 it). Dirty slots become clean only in garbage collection, and only once the engine says
-no vCPU can be inside them (the kernel waits for an RCU-tasks grace period; we check
-every vCPU's RIP and waits for each vCPU's quiescent state, see kprobevm.trap.channel). Collection
-also frees empty pages but keeps one.
+no vCPU can be inside them (the kernel waits for an RCU-tasks grace period; the trap
+channel checks every vCPU's RIP and waits for each vCPU's quiescent state, see
+:mod:`kprobevm.trap.grace`). Collection also frees empty pages but keeps one.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -186,9 +186,6 @@ class SlotCache:
     def contains(self, address: int) -> bool:
         """Is ``address`` inside one of our slot pages?"""
         return (address & ~(PAGE_SIZE - 1)) in self.pages
-
-    def iter_pages(self) -> Iterator[SlotPage]:
-        return iter(list(self.pages.values()))
 
     def stats(self) -> dict[str, int]:
         """Counts for benchmarks and `vm.list_kprobes()`: pages, used, dirty."""
