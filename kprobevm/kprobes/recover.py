@@ -18,18 +18,18 @@ from pathlib import Path
 
 from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdbstub.client import GdbClient
+from kprobevm.gdbstub.target import vcpu_rips
 from kprobevm.kprobes.journal import (
     JournalEntry,
     journal_gdb_address,
     journal_notes,
     pending_writes,
 )
-from kprobevm.trap.channel import vcpu_rips
+from kprobevm.x86.slotmap import PMD_SPAN
 
 __all__ = ["RecoveryReport", "recover"]
 
 _AREA = re.compile(r"slot area (0x[0-9a-f]+)")
-AREA_SIZE = 2 << 20
 
 
 @dataclass
@@ -92,7 +92,7 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
             report.returns_restored = _unhijack_returns(client, journal_notes(journal))
         # vCPUs may be inside a slot or the stub: let them run out before unmapping
         deadline = time.monotonic() + timeout
-        while any(a <= rip < a + AREA_SIZE for rip in vcpu_rips(client) for a in areas):
+        while any(a <= rip < a + PMD_SPAN for rip in vcpu_rips(client) for a in areas):
             if time.monotonic() > deadline:
                 raise KprobeError("vCPUs stay inside the slot area; not unmapping it")
             client.cont()

@@ -14,6 +14,7 @@ from kprobevm.x86.constants import MASK64
 
 __all__ = [
     "ACCESSED",
+    "ADDR_MASK",
     "DIRTY",
     "GLOBAL",
     "LEVEL_NAMES",
@@ -55,9 +56,9 @@ PAGE_SIZE_4K = 1 << 12
 PAGE_SIZE_2M = 1 << 21
 PAGE_SIZE_1G = 1 << 30
 
-_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
 """Physical-address bits of an entry (bits 12..51)."""
-_CR3_MASK = _ADDR_MASK
+_CR3_MASK = ADDR_MASK
 """CR3 without PCID (bits 0..11) and the no-flush bit 63."""
 
 LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
@@ -93,7 +94,7 @@ class PageTableEntry:
     @property
     def next_paddr(self) -> int:
         """The physical address the entry points to (table or page frame)."""
-        return self.value & _ADDR_MASK
+        return self.value & ADDR_MASK
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,13 @@ def translate(
         raise GuestFaultError(vaddr, f"not present at {last.table}", level=last.level)
     if last.huge and last.level == 3:
         size = PAGE_SIZE_1G
-        base = last.value & _ADDR_MASK & ~(PAGE_SIZE_1G - 1)
+        base = last.value & ADDR_MASK & ~(PAGE_SIZE_1G - 1)
     elif last.huge:
         size = PAGE_SIZE_2M
-        base = last.value & _ADDR_MASK & ~(PAGE_SIZE_2M - 1)
+        base = last.value & ADDR_MASK & ~(PAGE_SIZE_2M - 1)
     else:
         size = PAGE_SIZE_4K
-        base = last.value & _ADDR_MASK
+        base = last.value & ADDR_MASK
     writable = all(e.value & RW for e in entries)
     user = all(e.value & USER for e in entries)
     nx = any(e.value & NX for e in entries)

@@ -17,17 +17,25 @@ from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError
 from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.pagetable import (
+    ACCESSED,
+    ADDR_MASK,
+    DIRTY,
+    NX,
+    PAGE_SIZE_2M,
+    PRESENT,
+    PS,
+    RW,
+)
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.kprobes.journal import Journal
 
-__all__ = ["ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
+__all__ = ["PMD_SPAN", "ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
 
-PMD_SPAN = 2 << 20
-ADDR_MASK = 0x000F_FFFF_FFFF_F000
-P_PRESENT, P_RW, P_ACCESSED, P_DIRTY = 1 << 0, 1 << 1, 1 << 5, 1 << 6
-P_PS, P_NX = 1 << 7, 1 << 63
+PMD_SPAN = PAGE_SIZE_2M
+"""The slot area: what one page-middle-directory entry maps."""
 # The module area ends at 0xffffffffff000000 on x86-64; modules are loaded from its
 # bottom, so we search for an empty PMD from its top down.
 TOP_PMD_INDEXES = range(503, 479, -1)
@@ -85,10 +93,10 @@ class SlotArea:
         """Find an empty PMD at the top of the module area and hang our page table there."""
         pgd = self.cr3 & ADDR_MASK
         pgd_e = self._entry(pgd, 511)
-        if not pgd_e & P_PRESENT:
+        if not pgd_e & PRESENT:
             raise GuestFaultError(0xFFFFFF8000000000, "PGD[511] not present", level=4)
         pud_e = self._entry(pgd_e & ADDR_MASK, 511)
-        if not pud_e & P_PRESENT or pud_e & P_PS:
+        if not pud_e & PRESENT or pud_e & PS:
             raise GuestFaultError(0xFFFFFFFFC0000000, "PUD[511] not a page table", level=3)
         pmd_table = pud_e & ADDR_MASK
         for index in TOP_PMD_INDEXES:
@@ -99,7 +107,7 @@ class SlotArea:
         self.base = 0xFFFFFFFFC0000000 + index * PMD_SPAN
         self.pmd_entry_phys = pmd_table + 8 * index
         self.memory.write_phys(self.pte_table, bytes(PAGE_SIZE))
-        entry = self.pte_table | P_PRESENT | P_RW | P_ACCESSED
+        entry = self.pte_table | PRESENT | RW | ACCESSED
         new = struct.pack("<Q", entry)
         self.pmd_seq = self.journal.record(
             "phys", self.pmd_entry_phys, bytes(8), new, f"PMD for slot area {self.base:#x}"
@@ -116,11 +124,11 @@ class SlotArea:
         vaddr = self.base + index * PAGE_SIZE
         paddr = self._free_phys.pop()
         self.memory.write_phys(paddr, bytes(PAGE_SIZE))
-        pte = paddr | P_PRESENT | P_ACCESSED | P_DIRTY
+        pte = paddr | PRESENT | ACCESSED | DIRTY
         if writable:
-            pte |= P_RW
+            pte |= RW
         if not executable:
-            pte |= P_NX
+            pte |= NX
         self.memory.write_phys(self.pte_table + 8 * index, struct.pack("<Q", pte))
         self._mapped[vaddr] = paddr
         return vaddr
@@ -145,7 +153,7 @@ class SlotArea:
         if self.pmd_seq is None:
             return
         current = self.memory.read_phys(self.pmd_entry_phys, 8)
-        expected = struct.pack("<Q", self.pte_table | P_PRESENT | P_RW | P_ACCESSED)
+        expected = struct.pack("<Q", self.pte_table | PRESENT | RW | ACCESSED)
         if current == expected:
             self.memory.write_phys(self.pmd_entry_phys, bytes(8))
             self.journal.undone(self.pmd_seq)
