@@ -1,4 +1,4 @@
-"""The side-by-side benchmark (issue 5): kprobevm against gdb, gdb/MI and the guest's kprobes.
+"""The side-by-side benchmark: kprobevm against gdb, gdb/MI and the guest's kprobes.
 
 One module per contender (:mod:`.engine`, :mod:`.gdbscript`, :mod:`.guest`), the idle
 cost and registration figures (:mod:`.idle`), the runner that puts them in one run on
