@@ -16,7 +16,7 @@ say ``sched/sched_switch``) is ``EVENT_EXIST``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from kprobevm.tracing.errors import probe_error
@@ -89,7 +89,3 @@ class EventRegistry:
         if any(_same_probe(other, event) for other in others):
             raise probe_error("SAME_PROBE", 0, event.command, f"same as {first.definition()!r}")
         others.append(event)
-
-    def add_all(self, events: Sequence[ProbeEvent]) -> None:
-        for event in events:
-            self.add(event)
