@@ -19,19 +19,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from kprobevm.tracing.errors import probe_error
-from kprobevm.tracing.parse import ProbeEvent
+from kprobevm.tracing.errors import probe_error, word_position
+from kprobevm.tracing.events import ProbeEvent
 
-__all__ = ["EventRegistry", "word_position"]
-
-
-def word_position(command: str, index: int) -> int:
-    """The column of word ``index`` of ``command``: where ``trace_probe_log_set_index``
-    puts the caret (0 when the index is past the last word, as the kernel's loop leaves it)."""
-    words = command.split(" ")
-    if index >= len(words):
-        return 0
-    return sum(len(w) + 1 for w in words[:index])
+__all__ = ["EventRegistry"]
 
 
 def _first_arg_difference(a: ProbeEvent, b: ProbeEvent) -> int:

@@ -36,6 +36,7 @@ from kprobevm.tracing import (
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES, Unrecordable, record_spec
 from kprobevm.tracing.errors import probe_error
 from kprobevm.tracing.fetch import (
+    THREAD_SIZE,
     Arg,
     ArgValue,
     Comm,
@@ -78,7 +79,6 @@ TIMESTAMP_NOTE = (
     "clock (local_clock) cannot be read from the host"
 )
 
-THREAD_SIZE = 16384  # x86_64 without KASAN: regs_within_kernel_stack() masks with this
 MAX_INSN_SIZE = 15
 _UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
 
