@@ -45,14 +45,24 @@ def _same_probe(a: ProbeEvent, b: ProbeEvent) -> bool:
 
 @dataclass
 class EventRegistry:
-    """The events of one session, by (group, event), with the guest's own event names."""
+    """The events of one session, by (group, event), with the guest's own event names.
+
+    Events join it one at a time, in definition order, so that each is judged against
+    those before it as the kernel judges a new line of ``kprobe_events``.
+    """
 
     existing: Collection[tuple[str, str]] = ()
     """GROUP/EVENT names the guest's tracefs already has."""
     events: dict[tuple[str, str], list[ProbeEvent]] = field(default_factory=dict)
+    """Each GROUP/EVENT's probes, in the order they joined (several: a multi-probe event)."""
 
     def add(self, event: ProbeEvent) -> None:
-        """Take ``event`` in, or raise the :class:`ProbeSyntaxError` the kernel would log."""
+        """Take ``event`` in: a new event, or one more probe of the event it names.
+
+        Raises :class:`~kprobevm.errors.ProbeSyntaxError` as the kernel would log it:
+        EVENT_EXIST, DIFF_PROBE_TYPE, DIFF_ARG_TYPE (its caret at the first argument that
+        differs) or SAME_PROBE; ``event`` is then not taken in.
+        """
         key = (event.group, event.event)
         others = self.events.get(key)
         if others is None:
