@@ -133,11 +133,13 @@ class PlacedEvent:
     probe: Kprobe | Kretprobe
     hits: int = 0
     """Hits handled on the host (a count-only recorded event is counted by the guest)."""
+    entry: Kprobe | None = None
+    """A return probe's entry kprobe, kept from its registration: unregistering drops
+    ``probe.kp``, and the errors of its handler are still to be reported after."""
 
     def handler_errors(self) -> list[str]:
         """The exceptions this event's handlers raised, formatted (the engine keeps them)."""
-        entry = self.probe.kp if isinstance(self.probe, Kretprobe) else None
-        return self.probe.errors + (entry.errors if entry is not None else [])
+        return self.probe.errors + (self.entry.errors if self.entry is not None else [])
 
 
 Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]

@@ -120,6 +120,7 @@ class TraceSession(Closing):
             for p in placed:
                 if isinstance(p.probe, Kretprobe):
                     vm.register_kretprobe(p.probe)
+                    p.entry = p.probe.kp
                 else:
                     vm.register_kprobe(p.probe)
                 self.placed.append(p)
