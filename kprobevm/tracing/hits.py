@@ -36,6 +36,7 @@ __all__ = ["HitBuilder", "HitContext", "PlacedEvent"]
 
 _UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
 
+
 class HitContext:
     """The stopped guest as fetch arguments see it: registers, memory, ``current``.
 
@@ -142,7 +143,7 @@ class PlacedEvent:
         return self.probe.errors + (self.entry.errors if self.entry is not None else [])
 
 
-Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]
+_Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]
 """An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function)."""
 
 
@@ -187,7 +188,7 @@ class HitBuilder:
         counter.append(placed)
         return placed
 
-    def _emitter(self, res: ResolvedEvent) -> Emit:
+    def _emitter(self, res: ResolvedEvent) -> _Emit:
         sink, ev = self.sink, res.event
 
         def emit(

@@ -56,8 +56,9 @@ MAX_EVENT_NAME_LEN = 64
 KRETPROBE_MAXACTIVE_MAX = 4096
 MAX_TRACE_ARGS = 128  # 6.1 silently ignores arguments past this many
 
+
 def _split_lines(text: str) -> Iterator[str]:
-    # trace_parse_run_command(): one command per line, '#' starts a comment.
+    """trace_parse_run_command(): one command per line, '#' starts a comment."""
     for line in text.split("\n"):
         line = line.split("#", 1)[0]
         if SPACE_RE.sub("", line):

@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 
-
 def _source_plan(src: FetchSource) -> str:
     """How a fetch source is read, innermost first (the kernel's fetch_insn chain)."""
     match src:
