@@ -1,6 +1,8 @@
 """The ``kprobevm`` command: one function per sub-command, progress on stderr, results on
 stdout. Exit codes: 0 ok, 1 usage (a bad probe definition included, printed as the
-kernel's error_log shows it), 2 a VM (or image) error; ``run`` exits with CMD's status.
+kernel's error_log shows it), 2 a VM (or image) error, 3 (``trace`` and ``count``) a
+probe handler raised: the run went on and its output is complete but for the hits whose
+handler failed, each error is on stderr. ``run`` exits with CMD's status.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ if TYPE_CHECKING:
     from kprobevm.tracing import EventHit, ProbeEvent
     from kprobevm.tracing.session import TraceSession
 
-__all__ = ["EXIT_OK", "EXIT_USAGE", "EXIT_VM", "main"]
+__all__ = ["EXIT_HANDLER", "EXIT_OK", "EXIT_USAGE", "EXIT_VM", "main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_VM = 2
+EXIT_HANDLER = 3
+"""``trace``/``count``: a handler (entry or return probe) raised; those hits are lost."""
+
+EXIT_EPILOG = """exit status: 0 ok; 1 usage or a definition the kernel would reject; 2 a VM error;
+3 a probe handler raised (each error is printed as "handler error: ...")."""
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -287,18 +294,31 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         finally:
             session.stop()
             _progress("probes removed")
-        if reader_gone:
-            return EXIT_OK
-        if not count_only:
-            _print_hits(session, out, args.json)
-        missed = session.missed()
-        if missed:
-            _progress(f"{missed} hit(s) missed (kretprobe maxactive, full ring or re-entry)")
-        for error in session.handler_errors():
-            _progress(f"handler error: {error}")
-        if count_only:
-            _print_counts(args, session)
-    return EXIT_OK
+        return _finish(args, session, out, count_only=count_only, reader_gone=reader_gone)
+
+
+def _finish(
+    args: argparse.Namespace,
+    session: TraceSession,
+    out: TextIO,
+    *,
+    count_only: bool,
+    reader_gone: bool = False,
+) -> int:
+    """After the probes are removed: the last hits or the counts on ``out`` (unless its
+    reader is gone), what was missed and what the handlers raised on stderr. Returns
+    EXIT_HANDLER when a handler raised: its hit is missing from the output."""
+    if not reader_gone and not count_only:
+        _print_hits(session, out, args.json)
+    missed = session.missed()
+    if missed:
+        _progress(f"{missed} hit(s) missed (kretprobe maxactive, full ring or re-entry)")
+    errors = session.handler_errors()
+    for error in errors:
+        _progress(f"handler error: {error}")
+    if not reader_gone and count_only:
+        _print_counts(args, session)
+    return EXIT_HANDLER if errors else EXIT_OK
 
 
 def _wait(
@@ -343,22 +363,27 @@ def _print_counts(args: argparse.Namespace, session: TraceSession) -> None:
             print(f"@[{key}]: {n}")
 
 
+def _probe_words(args: argparse.Namespace, what: str) -> list[str]:
+    """``args.words`` (DEF... [-- CMD...]) split: CMD into ``args.command``, the rest
+    returned; when there is no DEF, says "no ``what``" on stderr and returns []."""
+    words, args.command = _split_command(args.words)
+    if not words:
+        print(f"kprobevm {args.subcommand}: no {what}", file=sys.stderr)
+    return words
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """Place kprobe_events definitions, run CMD (or wait), print one line per hit."""
-    definitions, command = _split_command(args.words)
-    args.command = command
+    definitions = _probe_words(args, "probe definitions")
     if not definitions:
-        print("kprobevm trace: no probe definitions", file=sys.stderr)
         return EXIT_USAGE
     return _session(args, definitions, count_only=False)
 
 
 def cmd_count(args: argparse.Namespace) -> int:
     """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does."""
-    funcs, command = _split_command(args.words)
-    args.command = command
+    funcs = _probe_words(args, "functions")
     if not funcs:
-        print("kprobevm count: no functions", file=sys.stderr)
         return EXIT_USAGE
     from kprobevm.tracing import EventDeletion, parse_event
 
@@ -432,7 +457,8 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
     _add_guest_options(parser)
 
 
-TRACE_EPILOG = """DEF is a kprobe_events definition, as tracefs takes it:
+TRACE_EPILOG = (
+    """DEF is a kprobe_events definition, as tracefs takes it:
   'p:open do_sys_openat2 dfd=%di:s32 filename=+0(%si):ustring'
   'r:openret do_sys_openat2 ret=$retval:s32'
 CMD's output goes to stderr; stdout has one line per hit in the ftrace format
@@ -441,7 +467,11 @@ written by the guest at each hit without stopping it and printed in batches; the
 timestamps are the guest's TSC since boot. Events that stop the guest (return probes,
 --mode stop) are stamped with host monotonic time since the probes were placed.
 On x86_64 a user pointer needs :ustring (or +u0(...)): a plain :string prints (fault),
-as the kernel does."""
+as the kernel does.
+
+"""
+    + EXIT_EPILOG
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=cmd_trace)
 
     count = sub.add_parser("count", help=cmd_count.__doc__, description=cmd_count.__doc__,
-                           epilog="FUNC: a symbol (vfs_read, vfs_read%%return) or a definition.")
+                           epilog="FUNC: a symbol (vfs_read, vfs_read%return) or a definition."
+                                  "\n\n" + EXIT_EPILOG, formatter_class=raw)
     _add_session_options(count)
     count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
     count.set_defaults(func=cmd_count)

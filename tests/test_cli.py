@@ -9,6 +9,7 @@ import time
 import pytest
 
 from kprobevm import cli
+from kprobevm.tracing.hits import HitContext
 from kprobevm.tracing.session import check_definitions
 
 
@@ -56,6 +57,16 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "guest's TSC" in out and "--mode" in out
     code, _, err = run(capsys, "trace", "--boot", "--string-size", "0", "p vfs_read")
     assert code == cli.EXIT_USAGE and "--string-size 0" in err
+
+
+def test_exit_status_of_a_handler_error_is_its_own_and_documented(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    codes = [cli.EXIT_OK, cli.EXIT_USAGE, cli.EXIT_VM, cli.EXIT_HANDLER]
+    assert len(set(codes)) == len(codes)
+    for sub in ("trace", "count"):
+        code, out, _ = run(capsys, sub, "--help")
+        assert code == cli.EXIT_OK and f"{cli.EXIT_HANDLER} a probe handler raised" in out
 
 
 def test_recover_of_a_missing_journal_is_a_vm_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,3 +139,33 @@ def test_record_mode(capsys: pytest.CaptureFixture[str]) -> None:
         capsys, "trace", "--boot", "--mode", "record", "r do_sys_openat2 $retval", "--", "true"
     )
     assert code == cli.EXIT_USAGE and "is a return probe" in err, err
+
+
+@pytest.mark.vm
+def test_a_handler_that_raises_exits_3(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A return probe's handler that raises is reported on stderr and makes trace exit 3,
+    while the other event's hits print as ever.
+
+    No fetch argument of the language raises (a read that fails prints (fault)), so the
+    bug is put into the return value's fetch: the guest, the engine catching it on the
+    trap thread and the session collecting it after the probes are removed are all real.
+    """
+
+    def broken(self: HitContext) -> int:
+        raise RuntimeError("retval is broken")
+
+    monkeypatch.setattr(HitContext, "retval", broken)
+    code, out, err = run(
+        capsys, "trace", "--boot", "--json",
+        "p:open do_sys_openat2 dfd=%di:s32",
+        "r:openret do_sys_openat2 ret=$retval:s32",
+        "--", "cat /etc/hostname",
+    )  # fmt: skip
+    assert code == cli.EXIT_HANDLER, err
+    assert "handler error: RuntimeError: retval is broken" in err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert any(d["event"] == "open" and d["comm"] == "cat" for d in docs), out
+    assert not any(d["event"] == "openret" for d in docs), out
+    assert "probes removed" in err

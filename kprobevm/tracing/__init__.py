@@ -7,6 +7,7 @@ a definition as the 6.1 kernel's tracefs does (same errors, same caret positions
 ``/sys/kernel/tracing/trace`` would.
 """
 
+from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent, SymbolTable
 from kprobevm.tracing.fetch import (
     FETCH_TYPES,
     ArgValue,
@@ -18,16 +19,9 @@ from kprobevm.tracing.fetch import (
     format_value,
 )
 from kprobevm.tracing.format import EventHit, format_event_line
-from kprobevm.tracing.parse import (
-    EventDeletion,
-    ProbeEvent,
-    ResolvedEvent,
-    SymbolTable,
-    parse_event,
-    parse_events,
-    resolve_event,
-)
+from kprobevm.tracing.parse import parse_event, parse_events
 from kprobevm.tracing.registry import EventRegistry
+from kprobevm.tracing.resolve import resolve_event
 
 __all__ = [
     "FETCH_TYPES",

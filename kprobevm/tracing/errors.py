@@ -2,14 +2,18 @@
 
 ``trace_probe_log_err(offset, CODE)`` in the kernel writes ``CODE``'s message into
 tracefs ``error_log`` with a caret under the failing byte; :func:`probe_error` builds the
-same fact as a :class:`~kprobevm.errors.ProbeSyntaxError`.
+same fact as a :class:`~kprobevm.errors.ProbeSyntaxError`, and :class:`ProbeLog` keeps
+the word the kernel counts the offset from, as its ``trace_probe_log`` does.
 """
 
 from __future__ import annotations
 
-from kprobevm.errors import ProbeSyntaxError
+from typing import NoReturn
 
-__all__ = ["ERROR_MESSAGES", "UNLOGGED", "probe_error"]
+from kprobevm.errors import ProbeSyntaxError
+from kprobevm.tracing.kernel_text import from_kernel_text
+
+__all__ = ["ERROR_MESSAGES", "UNLOGGED", "ProbeLog", "probe_error", "word_position"]
 
 # Messages as the Debian 6.1.192 guest kernel carries them (kernel/trace/trace_probe.h;
 # checked against the strings in its vmlinux). 6.1 calls the maxactive-on-kprobe error
@@ -82,3 +86,30 @@ def probe_error(code: str, position: int, command: str, detail: str = "") -> Pro
     if detail:
         message = f"{message} ({detail})"
     return ProbeSyntaxError(code, position, command, message)
+
+
+def word_position(command: str, index: int) -> int:
+    """The column of word ``index`` of ``command``: where ``trace_probe_log_set_index``
+    puts the caret (0 when the index is past the last word, as the kernel's loop leaves it)."""
+    words = command.split(" ")
+    if index >= len(words):
+        return 0
+    return sum(len(w) + 1 for w in words[:index])
+
+
+class ProbeLog:
+    """trace_probe_log: the command's words (kernel text) and the word errors count from."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        self.index = 0
+        self.command = " ".join(argv)
+
+    def fail(self, code: str, offset: int, detail: str = "") -> NoReturn:
+        """Raise ``code`` with its caret ``offset`` bytes into the current word (past the
+        command's end when the index is past the last word, as the kernel puts it)."""
+        if self.index >= len(self.argv):
+            position = len(self.command) + 1
+        else:
+            position = word_position(self.command, self.index) + offset
+        raise probe_error(code, position, from_kernel_text(self.command), detail)

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TYPE",
     "FETCH_TYPES",
     "MAX_STRING_SIZE",
+    "THREAD_SIZE",
     "X86_64_ARG_REGS",
     "X86_64_REGISTERS",
     "Arg",
@@ -61,6 +62,9 @@ X86_64_REGISTERS = frozenset(
 # regs_get_kernel_argument(): the SysV ABI registers, then the stack above the return address.
 X86_64_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
 
+# x86_64 without KASAN: a kernel stack, aligned to its size (regs_within_kernel_stack
+# masks with it).
+THREAD_SIZE = 16384
 MAX_STRING_SIZE = 4096  # PATH_MAX: a fetched string keeps at most 4095 bytes
 # x86-64 copy_from_kernel_nofault_allowed(): only canonical kernel-half addresses
 # (4-level paging, 48-bit virtual addresses), so a plain deref of a user pointer faults.

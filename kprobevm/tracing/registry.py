@@ -16,22 +16,13 @@ say ``sched/sched_switch``) is ``EVENT_EXIST``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from kprobevm.tracing.errors import probe_error
-from kprobevm.tracing.parse import ProbeEvent
+from kprobevm.tracing.errors import probe_error, word_position
+from kprobevm.tracing.events import ProbeEvent
 
-__all__ = ["EventRegistry", "word_position"]
-
-
-def word_position(command: str, index: int) -> int:
-    """The column of word ``index`` of ``command``: where ``trace_probe_log_set_index``
-    puts the caret (0 when the index is past the last word, as the kernel's loop leaves it)."""
-    words = command.split(" ")
-    if index >= len(words):
-        return 0
-    return sum(len(w) + 1 for w in words[:index])
+__all__ = ["EventRegistry"]
 
 
 def _first_arg_difference(a: ProbeEvent, b: ProbeEvent) -> int:
@@ -54,14 +45,24 @@ def _same_probe(a: ProbeEvent, b: ProbeEvent) -> bool:
 
 @dataclass
 class EventRegistry:
-    """The events of one session, by (group, event), with the guest's own event names."""
+    """The events of one session, by (group, event), with the guest's own event names.
+
+    Events join it one at a time, in definition order, so that each is judged against
+    those before it as the kernel judges a new line of ``kprobe_events``.
+    """
 
     existing: Collection[tuple[str, str]] = ()
     """GROUP/EVENT names the guest's tracefs already has."""
     events: dict[tuple[str, str], list[ProbeEvent]] = field(default_factory=dict)
+    """Each GROUP/EVENT's probes, in the order they joined (several: a multi-probe event)."""
 
     def add(self, event: ProbeEvent) -> None:
-        """Take ``event`` in, or raise the :class:`ProbeSyntaxError` the kernel would log."""
+        """Take ``event`` in: a new event, or one more probe of the event it names.
+
+        Raises :class:`~kprobevm.errors.ProbeSyntaxError` as the kernel would log it:
+        EVENT_EXIST, DIFF_PROBE_TYPE, DIFF_ARG_TYPE (its caret at the first argument that
+        differs) or SAME_PROBE; ``event`` is then not taken in.
+        """
         key = (event.group, event.event)
         others = self.events.get(key)
         if others is None:
@@ -89,7 +90,3 @@ class EventRegistry:
         if any(_same_probe(other, event) for other in others):
             raise probe_error("SAME_PROBE", 0, event.command, f"same as {first.definition()!r}")
         others.append(event)
-
-    def add_all(self, events: Sequence[ProbeEvent]) -> None:
-        for event in events:
-            self.add(event)

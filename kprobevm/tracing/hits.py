@@ -1,0 +1,248 @@
+"""Hits of a trace session: the handlers that turn a probe's hit into an EventHit.
+
+Each planned event becomes one engine probe (:class:`PlacedEvent`): a kprobe whose
+handler fetches the arguments with the guest stopped, a kretprobe whose handler does the
+same at the return, or a recorded kprobe whose handler runs later on the host against
+what the guest recorded. All three fetch through a :class:`HitContext` and hand the hit
+to one sink; they run on the engine's trap thread, where nothing may reach for SSH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import GuestFaultError
+from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
+from kprobevm.kernel.tasks import TASK_COMM_LEN
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec
+from kprobevm.tracing.events import ResolvedEvent
+from kprobevm.tracing.fetch import THREAD_SIZE, ArgValue, FetchArg
+from kprobevm.tracing.format import EventHit
+from kprobevm.tracing.plan import PlannedProbe
+from kprobevm.tracing.resolve import lookup_symbol
+from kprobevm.x86.constants import MASK64
+
+if TYPE_CHECKING:
+    from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.tasks import TaskLayout
+    from kprobevm.x86.ptregs import PtRegs
+
+__all__ = ["HitBuilder", "HitContext", "PlacedEvent"]
+
+_UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
+
+
+class HitContext:
+    """The stopped guest as fetch arguments see it: registers, memory, ``current``.
+
+    Only guest memory through the gdbstub (``regs.memory``): a handler runs with the VM
+    stopped on the trap thread, where SSH would deadlock.
+    """
+
+    __slots__ = ("_layout", "_memory", "_regs", "_symbols", "_task")
+
+    def __init__(
+        self,
+        regs: PtRegs,
+        symbols: KernelSymbols,
+        layout: TaskLayout | None,
+        memory: GuestMemory | None = None,
+        task: tuple[str, int] | None = None,
+    ) -> None:
+        assert regs.memory is not None
+        self._regs = regs
+        self._memory: GuestMemory = memory or regs.memory
+        self._symbols = symbols
+        self._layout = layout
+        self._task = task
+
+    def reg(self, name: str) -> int:
+        if name == "orig_ax":
+            return MASK64  # the int3 entry pushes -1: no system call number
+        return self._regs[name]
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._memory.read(address, size)
+
+    def read_user(self, address: int, size: int) -> bytes:
+        # In kernel mode the vCPU's CR3 maps the current task's user half (also with PTI:
+        # the kernel page tables keep the user mappings).
+        return self._memory.read(address, size)
+
+    def symbol_address(self, name: str) -> int:
+        address = lookup_symbol(self._symbols, name)
+        if address is None:
+            raise KeyError(name)
+        return address
+
+    def describe(self, address: int) -> str:
+        return self._symbols.describe(address)
+
+    def comm(self) -> str:
+        return self.task()[0]
+
+    def retval(self) -> int:
+        return self._regs.ax
+
+    def stack(self, n: int) -> int:
+        """regs_get_kernel_stack_nth(): 0 when the word is off the task's stack."""
+        sp = self._regs.sp
+        address = (sp + 8 * n) & MASK64
+        if address & ~(THREAD_SIZE - 1) != sp & ~(THREAD_SIZE - 1):
+            return 0
+        try:
+            return self._memory.u64(address)
+        except GuestFaultError:
+            return 0
+
+    def task(self) -> tuple[str, int]:
+        """``current``'s comm and pid (``<...>``, -1 without the kernel's BTF or on a fault)."""
+        if self._task is None:
+            self._task = self._read_task()
+        return self._task
+
+    def _read_task(self) -> tuple[str, int]:
+        layout = self._layout
+        if layout is None:
+            return _UNKNOWN_COMM, -1
+        try:
+            task = layout.current_task(self._memory, self._regs.gs_base)
+            # comm and pid in one read when they are close (one gdbstub round trip).
+            low = min(layout.pid, layout.comm)
+            high = max(layout.pid + 4, layout.comm + TASK_COMM_LEN)
+            if high - low <= 1024:
+                raw = self._memory.read(task + low, high - low)
+                pid = int.from_bytes(raw[layout.pid - low : layout.pid - low + 4], "little",
+                                     signed=True)
+                comm = raw[layout.comm - low : layout.comm - low + TASK_COMM_LEN]
+                return comm.split(b"\0", 1)[0].decode(errors="replace"), pid
+            return layout.comm_of(self._memory, task), layout.pid_of(self._memory, task)
+        except GuestFaultError:
+            return _UNKNOWN_COMM, -1
+
+
+@dataclass(eq=False)
+class PlacedEvent:
+    """One planned event and the engine probe that carries it."""
+
+    plan: PlannedProbe
+    probe: Kprobe | Kretprobe
+    hits: int = 0
+    """Hits handled on the host (a count-only recorded event is counted by the guest)."""
+    entry: Kprobe | None = None
+    """A return probe's entry kprobe, kept from its registration: unregistering drops
+    ``probe.kp``, and the errors of its handler are still to be reported after."""
+
+    def handler_errors(self) -> list[str]:
+        """The exceptions this event's handlers raised, formatted (the engine keeps them)."""
+        return self.probe.errors + (self.entry.errors if self.entry is not None else [])
+
+
+_Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]
+"""An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function)."""
+
+
+@dataclass(frozen=True)
+class HitBuilder:
+    """What the handlers of one session share: the guest's symbols and task layout (read
+    before any hit, on the caller's thread), where hits go, and how they are stamped."""
+
+    symbols: KernelSymbols
+    layout: TaskLayout | None
+    sink: Callable[[EventHit], None]
+    clock: Callable[[], int]
+    started_ns: int
+    """The clock when the probes were placed: stopped hits are stamped relative to it."""
+    count_only: bool
+    tsc_khz: int
+    """The guest's TSC rate, for a recorded hit's timestamp (0: not known)."""
+
+    def place(self, plan: PlannedProbe, spec: RecordSpec | None) -> PlacedEvent:
+        """The engine probe for ``plan``, not registered yet: recorded with ``spec`` when
+        given, else stopping the guest at each hit (at the return for a return probe)."""
+        res = plan.resolved
+        counter: list[PlacedEvent] = []  # filled below: the handler counts on its event
+        probe: Kprobe | Kretprobe
+        if spec is not None:
+            probe = Kprobe(addr=res.address, pre_handler=self._recorded(res, counter), record=spec)
+        elif res.event.is_return:
+            hit, describe = self._stopped(res, counter), self.symbols.describe
+
+            def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
+                hit(regs, describe(ri.ret_addr), res.where)
+
+            probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=res.event.maxactive)
+        else:
+            hit, where = self._stopped(res, counter), res.where
+
+            def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
+                hit(regs, where, None)
+
+            probe = Kprobe(addr=res.address, pre_handler=pre_handler)
+        placed = PlacedEvent(plan, probe)
+        counter.append(placed)
+        return placed
+
+    def _emitter(self, res: ResolvedEvent) -> _Emit:
+        sink, ev = self.sink, res.event
+
+        def emit(
+            values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
+            timestamp_ns: int, where: str, function: str | None,
+        ) -> None:
+            sink(EventHit(
+                event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
+                timestamp_ns=timestamp_ns, where=where, args=values, function=function,
+            ))  # fmt: skip
+
+        return emit
+
+    def _stopped(
+        self, res: ResolvedEvent, counter: list[PlacedEvent]
+    ) -> Callable[[PtRegs, str, str | None], None]:
+        """The handler body of a hit that stops the guest: (regs, where, function)."""
+        symbols, layout, clock, args = self.symbols, self.layout, self.clock, res.args
+        count_only, started_ns, emit = self.count_only, self.started_ns, self._emitter(res)
+        predictor = ReadPredictor()
+
+        def hit(regs: PtRegs, where: str, function: str | None) -> None:
+            """One hit of this event: count it, and unless counting only, fetch its args
+            (with the reads the last hit on this vCPU made sent ahead with the ``g``)."""
+            counter[0].hits += 1
+            if count_only:
+                return
+            now = clock()
+            assert regs.memory is not None
+            reader = HitReader(regs.memory)
+            reader.read_ahead(regs, predictor.guess(regs.cpu))
+            ctx = HitContext(regs, symbols, layout, memory=reader)
+            values = tuple((a, a.fetch(ctx)) for a in args)
+            comm, pid = ctx.task()
+            predictor.remember(regs.cpu, reader.reads)
+            emit(values, comm, pid, regs.cpu, now - started_ns, where, function)
+
+        return hit
+
+    def _recorded(
+        self, res: ResolvedEvent, counter: list[PlacedEvent]
+    ) -> Callable[[Kprobe, PtRegs], None]:
+        """The pre_handler of a recorded event, run on the host after the hit."""
+        symbols, layout, tsc_khz, args = self.symbols, self.layout, self.tsc_khz, res.args
+        where, emit = res.where, self._emitter(res)
+
+        def recorded(kp: Kprobe, regs: PtRegs) -> None:
+            """A hit the guest recorded: the same fetch, against the record."""
+            assert isinstance(regs, RecordedRegs) and regs.memory is not None
+            counter[0].hits += 1
+            r = regs.record
+            ctx = HitContext(regs, symbols, layout, memory=regs.memory, task=(r.comm, r.pid))
+            values = tuple((a, a.fetch(ctx)) for a in args)
+            timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
+            emit(values, r.comm, r.pid, r.cpu, timestamp, where, None)
+
+        return recorded

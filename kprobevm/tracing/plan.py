@@ -1,0 +1,262 @@
+"""Planning a trace session: definitions checked and resolved in the guest, nothing written.
+
+:func:`check_definitions` parses without a guest; :func:`plan_events` resolves parsed
+events against the guest's symbols and instruction boundaries with the kernel's
+registration checks, reading the guest only; each :class:`PlannedProbe` can say how it
+would run (``trace --dry-run``); :func:`record_specs` says whether the guest can record
+the events itself or must stop at each hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import KprobeError
+from kprobevm.kprobes.recorder import RecordSpec
+from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
+from kprobevm.tracing.errors import probe_error
+from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent
+from kprobevm.tracing.fetch import (
+    X86_64_ARG_REGS,
+    Arg,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchSource,
+    Imm,
+    ImmString,
+    Reg,
+    Retval,
+    Stack,
+    StackPointer,
+    SymbolAddress,
+)
+from kprobevm.tracing.parse import parse_event
+from kprobevm.tracing.registry import EventRegistry
+from kprobevm.tracing.resolve import resolve_event
+from kprobevm.x86.insn import MAX_INSN_SIZE, Insn, InsnKind, check_boundary, decode
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+
+__all__ = [
+    "PlannedProbe",
+    "check_definitions",
+    "fetch_plan",
+    "guest_event_names",
+    "plan_events",
+    "record_specs",
+]
+
+
+def _source_plan(src: FetchSource) -> str:
+    """How a fetch source is read, innermost first (the kernel's fetch_insn chain)."""
+    match src:
+        case Reg(name):
+            return f"reg {name}"
+        case Stack(n):
+            return f"stack word {n}"
+        case StackPointer():
+            return "reg sp"
+        case Retval():
+            return "reg ax at return"
+        case Comm():
+            return "current->comm"
+        case Arg(n):
+            regs = X86_64_ARG_REGS
+            return f"reg {regs[n - 1]}" if n <= len(regs) else f"stack word {n - len(regs)}"
+        case Imm(value):
+            return f"imm {value:#x}"
+        case ImmString(data):
+            return f"imm string {data!r}"
+        case SymbolAddress(expr, _, _, address):
+            where = f"{address:#x}" if address is not None else "unresolved"
+            return f"address of {expr} ({where})"
+        case Deref(offset, inner, user):
+            space = "user" if user else "kernel"
+            return f"{_source_plan(inner)} -> {space} load at {offset:+#x}"
+    return repr(src)
+
+
+def fetch_plan(arg: FetchArg) -> str:
+    """One argument's fetch plan in words (``reg si -> user string``)."""
+    src = arg.source
+    kind = arg.type.kind
+    if kind in ("string", "ustring") and isinstance(src, Deref):
+        space = "user" if src.user or kind == "ustring" else "kernel"
+        text = f"{_source_plan(src.inner)} -> {space} string at {src.offset:+#x}"
+    elif kind in ("string", "ustring") and not isinstance(src, Comm | ImmString):
+        space = "user" if kind == "ustring" else "kernel"
+        text = f"{_source_plan(src)} -> {space} string"
+    else:
+        text = _source_plan(src)
+        if isinstance(src, Deref):
+            text = text.rsplit(" -> ", 1)[0] + (
+                f" -> {'user' if src.user else 'kernel'} {arg.type.size}-byte load"
+                f" at {src.offset:+#x}"
+            )
+    if kind == "string" and "user string" not in text and isinstance(src, Deref):
+        # x86_64 6.1 refuses kernel reads of user addresses: a user pointer needs ustring.
+        text += " (a user pointer reads (fault): use :ustring or +u)"
+    return f"{arg.name}={arg.comm}: {text}"
+
+
+def _execution(insn: Insn) -> str:
+    """How the displaced instruction runs (copied to a slot, or an equivalent sequence)."""
+    if insn.kind is InsnKind.PLAIN:
+        fixup = ", rip-relative displacement fixed up" if insn.rip_disp_offset is not None else ""
+        return f"slot: copied{fixup}"
+    return f"slot: emulated ({insn.kind.value})"
+
+
+@dataclass(frozen=True)
+class PlannedProbe:
+    """One definition resolved against the guest: where it goes and how it would run."""
+
+    resolved: ResolvedEvent
+    insn: Insn
+
+    @property
+    def event(self) -> ProbeEvent:
+        """The definition as parsed."""
+        return self.resolved.event
+
+    def describe(self) -> str:
+        """What ``trace --dry-run`` prints for this definition (several lines)."""
+        ev, res, insn = self.event, self.resolved, self.insn
+        kind = "kretprobe" if ev.is_return else "kprobe"
+        lines = [
+            f"{ev.group}/{ev.event}: {kind} at {res.address:#018x} ({res.where})",
+            f"  insn: {insn.bytes.hex(' ')}  {insn.mnemonic} {insn.op_str}".rstrip(),
+            f"  runs: {_execution(insn)}",
+        ]
+        if ev.is_return:
+            lines.append(f"  maxactive: {ev.maxactive or 'default'}")
+        lines += [f"  fetch {fetch_plan(arg)}" for arg in res.args]
+        return "\n".join(lines)
+
+
+def _position_of_place(event: ProbeEvent) -> int:
+    """Where the kernel's caret goes for a registration error: the probe point (word 1)."""
+    return len(event.command.split(" ", 1)[0]) + 1
+
+
+def _boundary_checker(vm: VM) -> Callable[[int], bool]:
+    """Whether an address of ``vm``'s kernel starts an instruction of its function."""
+
+    def is_boundary(address: int) -> bool:
+        sym = vm.symbols.lookup(address)
+        if sym is None:
+            return False
+        # probes placed already read as the bytes they replaced
+        code = vm.original_text(
+            sym.address, min(sym.size, address - sym.address + MAX_INSN_SIZE)
+        )
+        try:
+            check_boundary(code, sym.address, address, sym.name)
+        except KprobeError:
+            return False
+        return True
+
+    return is_boundary
+
+
+def guest_event_names(vm: VM, events: Sequence[ProbeEvent]) -> set[tuple[str, str]]:
+    """Which of the events' GROUP/EVENT names the guest's tracefs already has."""
+    names = sorted({f"{e.group}/{e.event}" for e in events})
+    if not names:
+        return set()
+    # names are C identifiers (parse_event checked them): safe in a shell word
+    found = vm.run(
+        "cd /sys/kernel/tracing/events 2>/dev/null || exit 0;"
+        f" for e in {' '.join(names)}; do [ -d $e ] && echo $e; done; true"
+    ).stdout.split()
+    return {(g, e) for g, _, e in (name.partition("/") for name in found)}
+
+
+def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
+    """Resolve every event with the kernel's checks; reads the guest, writes nothing.
+
+    ``events`` are parsed definitions (:func:`check_definitions`), in the order the
+    kernel would take them. Returns one :class:`PlannedProbe` each, in that order.
+    Raises :class:`~kprobevm.errors.ProbeSyntaxError` as the kernel's ``error_log``
+    would: BAD_PROBE_ADDR, NON_UNIQ_SYMBOL, BAD_RETPROBE, BAD_INSN_BNDRY, FAIL_REG_PROBE
+    for a blacklisted address or an instruction that cannot be probed, and the
+    registry's EVENT_EXIST, DIFF_PROBE_TYPE, DIFF_ARG_TYPE and SAME_PROBE
+    (:mod:`kprobevm.tracing.registry`).
+    """
+    boundary = _boundary_checker(vm)
+    registry = EventRegistry(existing=guest_event_names(vm, events))
+    planned = []
+    for event in events:
+        # the kernel checks a join with an existing event before the address, and a
+        # new name against the guest's events after it (register_trace_kprobe)
+        joins = (event.group, event.event) in registry.events
+        if joins:
+            registry.add(event)
+        resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary)
+        if not joins:
+            registry.add(event)
+        position = _position_of_place(event)
+        entry = vm.kprobe_blacklist.within_kprobe_blacklist(resolved.address)
+        if entry is not None:
+            raise probe_error(
+                "FAIL_REG_PROBE", position, event.command,
+                f"{resolved.where} is in the kprobe blacklist ({entry.symbol})",
+            )  # fmt: skip
+        try:
+            insn = decode(vm.read(resolved.address, MAX_INSN_SIZE), resolved.address)
+        except KprobeError as exc:
+            raise probe_error("FAIL_REG_PROBE", position, event.command, str(exc)) from exc
+        if insn.is_refused:
+            raise probe_error(
+                "FAIL_REG_PROBE", position, event.command,
+                f"cannot probe `{insn.mnemonic} {insn.op_str}`: {insn.refusal}",
+            )  # fmt: skip
+        planned.append(PlannedProbe(resolved, insn))
+    return planned
+
+
+def record_specs(
+    vm: VM,
+    plan: Sequence[PlannedProbe],
+    *,
+    count_only: bool = False,
+    string_size: int = DEFAULT_STRING_SIZE,
+    have_btf: bool = True,
+) -> tuple[list[RecordSpec], str]:
+    """Each event's record spec, or why the events cannot all be recorded ("" if they can)."""
+    specs: list[RecordSpec] = []
+    for p in plan:
+        ev = p.resolved.event
+        if ev.is_return:
+            return specs, f"{ev.group}/{ev.event} is a return probe"
+        if not have_btf:
+            return specs, "the record program needs the kernel's BTF"
+        if not vm.kprobes.channel.records:
+            return specs, f"the {vm.kprobes.channel.name} channel does not record"
+        if count_only:
+            specs.append(RecordSpec(count_only=True))
+            continue
+        try:
+            specs.append(record_spec(p.resolved.args, string_size=string_size))
+        except Unrecordable as exc:
+            return specs, f"{ev.group}/{ev.event}: {exc}"
+    return specs, ""
+
+
+def check_definitions(texts: Sequence[str]) -> tuple[list[ProbeEvent], list[str]]:
+    """Parse definitions without a guest: the events, and a note for each deletion
+    (``-:``), which a new session has nothing to apply to. Raises the first
+    :class:`~kprobevm.errors.ProbeSyntaxError`."""
+    events: list[ProbeEvent] = []
+    notes: list[str] = []
+    for text in texts:
+        parsed = parse_event(text)
+        if isinstance(parsed, EventDeletion):
+            notes.append(f"ignored {text!r}: a new session has no events to delete")
+            continue
+        events.append(parsed)
+    return events, notes
