@@ -219,7 +219,7 @@ class ProbeSession:
         try:
             return self.vm.run(command, timeout=timeout, check=check)
         finally:
-            self.vm.kprobes.flush_records()
+            self.vm.flush_records()
 
     # -- teardown ----------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ def measure_args(vm: VM, opens: int) -> tuple[HitRate, TrapSample]:
 
 
 def measure_kretprobe(vm: VM, opens: int) -> HitRate:
-    """A return probe with an empty handler (the lead's kprobevm.kprobes.kretprobes)."""
+    """A return probe with an empty handler (kprobevm's Kretprobe)."""
     name, description = "kprobevm_kretprobe", "kprobevm, return probe"
     try:
         from kprobevm.kprobes.kretprobes import Kretprobe

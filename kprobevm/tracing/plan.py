@@ -235,8 +235,8 @@ def record_specs(
             return specs, f"{ev.group}/{ev.event} is a return probe"
         if not have_btf:
             return specs, "the record program needs the kernel's BTF"
-        if not vm.kprobes.channel.records:
-            return specs, f"the {vm.kprobes.channel.name} channel does not record"
+        if not vm.can_record:
+            return specs, f"the {vm.trap_channel} channel does not record"
         if count_only:
             specs.append(RecordSpec(count_only=True))
             continue

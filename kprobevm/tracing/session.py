@@ -147,7 +147,7 @@ class TraceSession(Closing):
     def flush(self) -> None:
         """Bring every hit the guest has recorded so far into the queue (or ``on_hit``)."""
         if self.recorded and self.placed:
-            self.vm.kprobes.flush_records()
+            self.vm.flush_records()
 
     def stop(self) -> None:
         """Unregister everything placed; idempotent, and calls in flight still return safely.
