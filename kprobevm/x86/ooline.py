@@ -178,8 +178,7 @@ def make_slot_code(
     elif kind in (InsnKind.LOOP, InsnKind.JCXZ):
         # loop/jrcxz only have rel8: branch over the fall-through jump to a far jump.
         assert insn.target is not None
-        prefix = b"\x67" if insn.address_size32 else b""
-        a.rel8_branch(prefix + bytes((insn.opcode,)), "taken")
+        _rel8_branch(a, insn, "taken")
         post(nxt)
         jmp(nxt)
         a.label("taken")
@@ -217,6 +216,14 @@ def make_slot_code(
         post_store_end=exits[0][0] if exits else None,
         post_exits=tuple(exits),
     )
+
+
+def _rel8_branch(a: asm.Assembler, insn: Insn, label: str) -> None:
+    """``insn``'s loop or jrcxz/jecxz, to ``label`` instead of its own target."""
+    if insn.opcode == 0xE3:
+        (a.jecxz if insn.address_size32 else a.jrcxz)(label)
+    else:  # e0 loopne, e1 loope, e2 loop; a loop counting in ecx is refused by insn
+        (a.loopne, a.loope, a.loop)[insn.opcode - 0xE0](label)
 
 
 def _call_mem_as_jmp(insn: Insn, at: int) -> bytes:

@@ -165,9 +165,6 @@ class _Code(asm.Assembler):
         end = self.here + len(prefix) + 4 + len(suffix)
         self.emit(prefix + asm.rip_disp32(end, target) + suffix)
 
-    def lock_inc(self, target: int) -> None:
-        self.rip(b"\xf0\x48\xff\x05", target)  # lock incq target(%rip)
-
     def set_busy(self, ring: RingLayout, value: int) -> None:
         self.rip(b"\x48\x8d\x05", ring.busy)  # lea busy(%rip),%rax
         self.emit(b"\x42\xc6\x04\x28" + bytes((value,)))  # movb $value,(%rax,%r13)
@@ -196,7 +193,7 @@ def build_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> byt
     a = _Code(at)
     a.emit(asm.pushfq())
     for counter in counters:
-        a.lock_inc(counter)
+        a.lock_inc(asm.rip(counter, size=8))
     a.emit(asm.popfq())
     a.emit(asm.jmp_rel32(a.here, cont))
     return a.finish()
@@ -231,7 +228,7 @@ def build_record_program(
     _restore_and_leave(a, cont)
     a.label("missed_all")
     for probe_id, _ in probes:
-        a.lock_inc(ring.counters + 16 * probe_id + 8)
+        a.lock_inc(asm.rip(ring.counters + 16 * probe_id + 8, size=8))
     a.jmp("leave")
     return a.finish()
 
@@ -340,7 +337,7 @@ def _one_record(
 
     # complete: the stamp goes last (x86 keeps stores in order for the host's reader)
     a.emit(b"\x49\x8d\x44\x24\x01\x48\x89\x03")  # lea 1(%r12),%rax; mov %rax,(%rbx)
-    a.lock_inc(ring.counters + 16 * probe_id)
+    a.lock_inc(asm.rip(ring.counters + 16 * probe_id, size=8))
     a.rip(b"\x48\x8b\x05", ring.head)  # mov head(%rip),%rax
     a.rip(b"\x48\x2b\x05", ring.tail)  # sub tail(%rip),%rax
     a.emit(b"\x48\x3d" + _d32(ring.high_water))  # cmp $high_water,%rax
@@ -350,7 +347,7 @@ def _one_record(
     a.emit(TB_BREAK)
     a.jmp(f"{name}_end")
     a.label(f"{name}_full")
-    a.lock_inc(ring.counters + 16 * probe_id + 8)
+    a.lock_inc(asm.rip(ring.counters + 16 * probe_id + 8, size=8))
     a.jmp(f"{name}_drain")
     a.label(f"{name}_end")
 
