@@ -2,7 +2,8 @@
 
 ``tests/data/x86_programs.json`` holds the bytes (and the addresses the host relies on)
 each case produced when the programs were hand-encoded; ``test_x86_golden`` keeps every
-later encoder to them. Regenerate only for a deliberate change of a program::
+later encoder to them, and ``test_x86_listing`` assembles each case's listing with GNU
+as. Regenerate the golden file only for a deliberate change of a program::
 
     PYTHONPATH=. python -m tests._x86_programs > tests/data/x86_programs.json
 """
@@ -21,7 +22,7 @@ from kprobevm.x86 import record as rec
 from kprobevm.x86.insn import decode
 from kprobevm.x86.ooline import POST_STORE_KINDS, make_slot_code
 from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
-from kprobevm.x86.rethook import build_trampoline
+from kprobevm.x86.rethook import assemble_trampoline, build_trampoline
 from kprobevm.x86.stub import build_int3_stub
 
 GOLDEN = Path(__file__).parent / "data" / "x86_programs.json"
@@ -29,17 +30,31 @@ GOLDEN = Path(__file__).parent / "data" / "x86_programs.json"
 Facts = dict[str, object]
 """What one case produced: ``code`` as hex, plus the addresses the host relies on."""
 
+
+@dataclass(frozen=True)
+class Built:
+    """One case's output: the facts kept in the golden file, and the program's listing."""
+
+    facts: Facts
+    listing: str
+
+    @property
+    def code(self) -> bytes:
+        """The program's bytes, as the public builder returned them."""
+        return bytes.fromhex(str(self.facts["code"]))
+
+
 _KTEXT = 0xFFFFFFFF81000000
 _SLOTS = 0xFFFFFFFFA0000000
 _LOW_TEXT = 0x81000000  # above 2 GiB: return addresses that do not sign-extend
 
 
-def _stub(base: int, table: int, slots: int, real: int) -> Facts:
+def _stub(base: int, table: int, slots: int, real: int) -> Built:
     stub = build_int3_stub(base, table=table, table_slots=slots, real_handler=real)
-    return {"code": stub.code.hex(), "offsets": dict(stub.offsets)}
+    return Built({"code": stub.code.hex(), "offsets": dict(stub.offsets)}, stub.listing)
 
 
-def _stub_cases() -> dict[str, Callable[[], Facts]]:
+def _stub_cases() -> dict[str, Callable[[], Built]]:
     params = [
         (_SLOTS, _SLOTS + 0x1000, 16, _KTEXT + 0x1234),
         (_SLOTS + 0x40, _SLOTS + 0x2000, 2, _KTEXT + 0xF00),
@@ -49,12 +64,13 @@ def _stub_cases() -> dict[str, Callable[[], Facts]]:
     return {f"stub{n}_slots{p[2]}": partial(_stub, *p) for n, p in enumerate(params)}
 
 
-def _trampoline(base: int, table: int, entries: int, mailbox: int) -> Facts:
+def _trampoline(base: int, table: int, entries: int, mailbox: int) -> Built:
     code, store_end = build_trampoline(base, table=table, entries=entries, mailbox=mailbox)
-    return {"code": code.hex(), "store_end": store_end}
+    program = assemble_trampoline(base, table=table, entries=entries, mailbox=mailbox)
+    return Built({"code": code.hex(), "store_end": store_end}, program.listing)
 
 
-def _trampoline_cases() -> dict[str, Callable[[], Facts]]:
+def _trampoline_cases() -> dict[str, Callable[[], Built]]:
     params = [
         (_SLOTS + 0x3000, _SLOTS + 0x4000, 64, _SLOTS + 0x5000),
         (_SLOTS + 0x3010, 0xFFFF888000100000, 1, _SLOTS - 0x7000000),
@@ -100,18 +116,23 @@ _CONT = _SLOTS + 0x40
 Probes = tuple[tuple[int, RecordLayout], ...]
 
 
-def _record(probes: Probes, ring: RingLayout, ip: int) -> Facts:
+def _record(probes: Probes, ring: RingLayout, ip: int) -> Built:
     code = rec.build_record_program(
         _PROGRAM, probes=probes, probe_ip=ip, ring=ring, helpers=_HELPERS, cont=_CONT
     )
-    return {"code": code.hex()}
+    program = rec.assemble_record_program(
+        _PROGRAM, probes=probes, probe_ip=ip, ring=ring, helpers=_HELPERS, cont=_CONT
+    )
+    return Built({"code": code.hex()}, program.listing)
 
 
-def _count(counters: tuple[int, ...]) -> Facts:
-    return {"code": rec.build_count_program(_PROGRAM, counters=counters, cont=_CONT).hex()}
+def _count(counters: tuple[int, ...]) -> Built:
+    code = rec.build_count_program(_PROGRAM, counters=counters, cont=_CONT)
+    program = rec.assemble_count_program(_PROGRAM, counters=counters, cont=_CONT)
+    return Built({"code": code.hex()}, program.listing)
 
 
-def _record_cases() -> dict[str, Callable[[], Facts]]:
+def _record_cases() -> dict[str, Callable[[], Built]]:
     params: dict[str, tuple[Probes, RingLayout, int]] = {
         "bare": (((0, _LAYOUTS["bare"]),), _RING, _KTEXT + 0x123),
         "regs": (((7, _LAYOUTS["regs"]),), _RING, _KTEXT + 0x4560),
@@ -119,7 +140,7 @@ def _record_cases() -> dict[str, Callable[[], Facts]]:
         "two_probes": (((1, _LAYOUTS["regs"]), (2, _LAYOUTS["bare"])), _RING, _KTEXT),
         "small_ring_fields": (((9, _LAYOUTS["every_read"]),), _RING_SMALL, _KTEXT + 0x9),
     }
-    cases: dict[str, Callable[[], Facts]] = {
+    cases: dict[str, Callable[[], Built]] = {
         f"record_{name}": partial(_record, *p) for name, p in params.items()
     }
     counters = ((_SLOTS + 0x3000,), (_SLOTS + 0x3000, _SLOTS + 0x3010, _SLOTS - 0x7FFF0000))
@@ -184,7 +205,7 @@ _SLOT_OPTIONS = {
 }
 
 
-def _slot_case(insn_bytes: bytes, addr: int, slot: int, mailbox: int, opt: _SlotOptions) -> Facts:
+def _slot_case(insn_bytes: bytes, addr: int, slot: int, mailbox: int, opt: _SlotOptions) -> Built:
     s = make_slot_code(
         decode(insn_bytes, addr),
         slot,
@@ -193,15 +214,16 @@ def _slot_case(insn_bytes: bytes, addr: int, slot: int, mailbox: int, opt: _Slot
         pre_store=opt.pre_store,
         post_store=opt.post_store,
     )
-    return {
+    facts: Facts = {
         "code": s.bytes.hex(),
         "pre_store_end": s.pre_store_end,
         "post_exits": [list(e) for e in s.post_exits],
     }
+    return Built(facts, s.listing)
 
 
-def _slot_cases() -> dict[str, Callable[[], Facts]]:
-    cases: dict[str, Callable[[], Facts]] = {}
+def _slot_cases() -> dict[str, Callable[[], Built]]:
+    cases: dict[str, Callable[[], Built]] = {}
     for iname, build in _INSNS:
         for pname, addr, slot, mailbox in _SLOT_PLACES:
             code = build(addr)
@@ -214,14 +236,14 @@ def _slot_cases() -> dict[str, Callable[[], Facts]]:
     return cases
 
 
-def cases() -> dict[str, Callable[[], Facts]]:
+def cases() -> dict[str, Callable[[], Built]]:
     """Every case by name: a call builds the program and returns what it produced."""
     return {**_stub_cases(), **_trampoline_cases(), **_record_cases(), **_slot_cases()}
 
 
 def main() -> None:
     """Print the golden file for the current encoders."""
-    out = {name: build() for name, build in cases().items()}
+    out = {name: build().facts for name, build in cases().items()}
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
 
