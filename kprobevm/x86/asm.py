@@ -67,7 +67,8 @@ _CC_ALIASES = {
     "c": 2, "nae": 2, "nb": 3, "nc": 3, "z": 4, "nz": 5, "na": 6, "nbe": 7,
     "pe": 10, "po": 11, "nge": 12, "nl": 13, "ng": 14, "nle": 15,
 }  # fmt: skip
-#: The eight classic ALU operations by their opcode extension (``/digit``).
+#: The ALU operations offered, by their opcode extension (``80``/``81``/``83 /digit``);
+#: the operation's reg-form opcodes are ``8 * digit`` plus 0..3.
 _ALU = {"add": 0, "or": 1, "and": 4, "sub": 5, "xor": 6, "cmp": 7}
 
 
@@ -113,10 +114,12 @@ def _fits_imm8(field: bytes) -> bool:
 
 
 def _rm(op: str | Mem) -> Reg | Mem:
+    """An r/m operand: a register by name, or the memory operand itself."""
     return reg(op) if isinstance(op, str) else op
 
 
 def _reg64(name: str) -> Reg:
+    """A 64-bit register, for the instructions that take no other width here."""
     if name not in REG64:
         raise KprobeError(f"unknown 64-bit register {name!r}")
     return reg(name)
@@ -133,6 +136,7 @@ def _width(op: Reg | Mem, other: Reg | None = None) -> int:
 
 
 def _needs_rex(*ops: Reg | Mem) -> bool:
+    """True when a byte register among ``ops`` exists only with a REX prefix."""
     return any(isinstance(op, Reg) and op.needs_rex for op in ops)
 
 
@@ -445,6 +449,7 @@ class Assembler(Encoder):
 
 
 def _one(build: Callable[[Assembler], None], at: int = 0) -> bytes:
+    """The bytes ``build`` assembles at ``at``: the shortcuts share the one encoder."""
     a = Assembler(at)
     build(a)
     return a.finish()

@@ -20,12 +20,13 @@ from kprobevm.x86.operands import (
     encode_rm,
     fits_s8,
     fits_s32,
+    hex_imm,
     is_reg,
     render_mem,
     signed64,
 )
 
-__all__ = ["Encoder", "Operand", "Program", "hex_imm", "rel32", "to_u64"]
+__all__ = ["Encoder", "Operand", "Program", "rel32", "to_u64"]
 
 #: An operand as the listing shows it: a register name, a memory operand, an immediate.
 Operand = str | Mem | int
@@ -45,11 +46,6 @@ def rel32(end: int, dst: int, *, what: str = "rel32") -> bytes:
             f" (distance {diff:#x})"
         )
     return struct.pack("<i", diff)
-
-
-def hex_imm(value: int) -> str:
-    """A number as the listing writes it: signed hex."""
-    return f"-{-value:#x}" if value < 0 else f"{value:#x}"
 
 
 @dataclass(frozen=True)

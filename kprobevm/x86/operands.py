@@ -23,6 +23,7 @@ __all__ = [
     "encode_rm",
     "fits_s8",
     "fits_s32",
+    "hex_imm",
     "is_reg",
     "mem",
     "reg",
@@ -196,7 +197,8 @@ def encode_rm(op: Reg | Mem) -> RmBytes:
     return RmBytes(rex, mod | 4, bytes((ss | sib_index | base & 7,)) + disp, prefix)
 
 
-def _hex(value: int) -> str:
+def hex_imm(value: int) -> str:
+    """A number as the listing writes it: signed hex."""
     return f"-{-value:#x}" if value < 0 else f"{value:#x}"
 
 
@@ -210,5 +212,5 @@ def render_mem(op: Mem, target_text: str = "") -> str:
     inner = "+".join(terms)
     if op.disp or not terms:
         sign = "+" if inner and op.disp >= 0 else ""
-        inner += sign + _hex(op.disp)
+        inner += sign + hex_imm(op.disp)
     return f"{size}{seg}[{inner}]"
