@@ -235,5 +235,5 @@ def test_slot_layout_without_pre_store_and_decoded_targets() -> None:
 
 def test_slot_too_far_from_the_mailbox_is_an_error() -> None:
     insn = decode(b"\x90", 0xFFFFFFFF81000100)
-    with pytest.raises(KprobeError, match="movb store"):
+    with pytest.raises(KprobeError, match="out of rel32 reach"):
         make_slot_code(insn, KERNEL.slot, mailbox=0xFFFF888000000000)

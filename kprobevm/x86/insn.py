@@ -293,9 +293,8 @@ def decode(code: builtins.bytes, addr: int) -> Insn:
         "prefixes": prefixes,
         "modrm_offset": modrm_offset,
     }
-    rip_off = _rip_disp_offset(md, cs_insn, raw, addr)
-    fields["rip_disp_offset"] = rip_off
-    fields.update(_classify(md, cs_insn, raw, op, prefixes, rip_off))
+    fields["rip_disp_offset"] = _rip_disp_offset(md, cs_insn, raw, addr)
+    fields.update(_classify(md, cs_insn, raw, op, prefixes))
     return Insn(**fields)  # type: ignore[arg-type]
 
 
@@ -356,86 +355,100 @@ def _classify(
     raw: builtins.bytes,
     op: int,
     prefixes: tuple[int, ...],
-    rip_off: int | None,
 ) -> dict[str, object]:
     """The kind and its facts (target, cc, reg, mem) from the opcode bytes.
 
     Decided on opcode bytes, not mnemonics: ``ff /3`` and ``ff /5`` (far) print as
     ``jmp``/``call`` in capstone too.
     """
-
-    def refused(reason: str) -> dict[str, object]:
+    if raw[op] in (0xC4, 0xC5, 0x62):  # VEX / EVEX in 64-bit mode: never a branch
+        return {"kind": InsnKind.PLAIN}
+    reason = _refusal(raw, op, prefixes)
+    if reason is not None:
         return {"kind": InsnKind.REFUSED, "refusal": reason}
+    facts = _branch_facts(md, cs_insn, raw, op)
+    if facts is not None:
+        return facts
+    if cs_insn.group(csx86.X86_GRP_BRANCH_RELATIVE):
+        # Anything else RIP-relative in its control flow would be wrong from a slot.
+        return {
+            "kind": InsnKind.REFUSED,
+            "refusal": f"relative branch `{cs_insn.mnemonic}` not understood",
+        }
+    # A rip-relative data operand is PLAIN too: the copy gets a new disp32.
+    return {"kind": InsnKind.PLAIN}
 
+
+def _refusal(raw: builtins.bytes, op: int, prefixes: tuple[int, ...]) -> str | None:
+    """Why the instruction may not run from a slot, or None."""
     b0 = raw[op]
     b1 = raw[op + 1] if op + 1 < len(raw) else None
+    if b0 in _REFUSED_OPCODES_1:
+        return _REFUSED_OPCODES_1[b0]
+    if b0 == 0x0F and b1 is not None and b1 in _REFUSED_OPCODES_0F:
+        return _REFUSED_OPCODES_0F[b1]
+    if b0 == 0x8E and (raw[op + 1] >> 3) & 7 == 2:
+        return "mov to %ss masks exceptions on the next instruction"
+    if b0 == 0xC7 and b1 == 0xF8:
+        return "xbegin has a RIP-relative abort target"
+    group5 = (raw[op + 1] >> 3) & 7 if b0 == 0xFF else None  # ff /digit
     is_near_branch = (
-        b0 in (0xE8, 0xE9, 0xEB, 0xC2, 0xC3, 0xFF)
+        b0 in (0xE8, 0xE9, 0xEB, 0xC2, 0xC3)
+        or group5 in (2, 4)
         or 0x70 <= b0 <= 0x7F
         or (b0 == 0x0F and b1 is not None and 0x80 <= b1 <= 0x8F)
     )
-    if b0 in (0xC4, 0xC5, 0x62):  # VEX / EVEX in 64-bit mode: never a branch
-        return {"kind": InsnKind.PLAIN}
-    if b0 in _REFUSED_OPCODES_1:
-        return refused(_REFUSED_OPCODES_1[b0])
-    if b0 == 0x0F and b1 is not None and b1 in _REFUSED_OPCODES_0F:
-        return refused(_REFUSED_OPCODES_0F[b1])
-    if b0 == 0x8E and (raw[op + 1] >> 3) & 7 == 2:
-        return refused("mov to %ss masks exceptions on the next instruction")
-    if b0 == 0xC7 and b1 == 0xF8:
-        return refused("xbegin has a RIP-relative abort target")
-    if 0x66 in prefixes and (
-        is_near_branch and not (b0 == 0xFF and (raw[op + 1] >> 3) & 7 not in (2, 4))
-    ):
-        return refused("operand-size prefix on a near branch (16-bit target)")
+    if 0x66 in prefixes and is_near_branch:
+        return "operand-size prefix on a near branch (16-bit target)"
+    if b0 in (0xE0, 0xE1, 0xE2) and 0x67 in prefixes:
+        return "loop with an address-size prefix (counts in ecx)"
+    if group5 in (3, 5):
+        return "far indirect call/jmp loads CS"
+    return None
 
-    def imm_target() -> int:
-        ops = cs_insn.operands
-        return int(ops[0].imm) & MASK64
 
-    if b0 in (0xE9, 0xEB):
-        return {"kind": InsnKind.JMP_REL, "target": imm_target()}
-    if b0 == 0xE8:
-        return {"kind": InsnKind.CALL_REL, "target": imm_target()}
+#: One-byte opcodes of the relative branches other than jcc.
+_RELATIVE_BRANCHES = {
+    0xE9: InsnKind.JMP_REL, 0xEB: InsnKind.JMP_REL, 0xE8: InsnKind.CALL_REL,
+    0xE0: InsnKind.LOOP, 0xE1: InsnKind.LOOP, 0xE2: InsnKind.LOOP, 0xE3: InsnKind.JCXZ,
+}  # fmt: skip
+
+
+def _imm_target(cs_insn: capstone.CsInsn) -> int:
+    """A relative branch's absolute target, as capstone computed it."""
+    return int(cs_insn.operands[0].imm) & MASK64
+
+
+def _branch_facts(
+    md: capstone.Cs, cs_insn: capstone.CsInsn, raw: builtins.bytes, op: int
+) -> dict[str, object] | None:
+    """The kind and facts of a near branch or return, or None for anything else."""
+    b0 = raw[op]
+    b1 = raw[op + 1] if op + 1 < len(raw) else None
+    if b0 in _RELATIVE_BRANCHES:
+        return {"kind": _RELATIVE_BRANCHES[b0], "target": _imm_target(cs_insn)}
     if 0x70 <= b0 <= 0x7F:
-        return {"kind": InsnKind.JCC_REL, "target": imm_target(), "cc": b0 & 0xF}
+        return {"kind": InsnKind.JCC_REL, "target": _imm_target(cs_insn), "cc": b0 & 0xF}
     if b0 == 0x0F and b1 is not None and 0x80 <= b1 <= 0x8F:
-        return {"kind": InsnKind.JCC_REL, "target": imm_target(), "cc": b1 & 0xF}
-    if b0 in (0xE0, 0xE1, 0xE2):
-        if 0x67 in prefixes:
-            return refused("loop with an address-size prefix (counts in ecx)")
-        return {"kind": InsnKind.LOOP, "target": imm_target()}
-    if b0 == 0xE3:
-        return {"kind": InsnKind.JCXZ, "target": imm_target()}
-    if b0 == 0xC3:
-        return {"kind": InsnKind.RET}
-    if b0 == 0xC2:
-        return {"kind": InsnKind.RET_IMM}
-    if b0 == 0xFF:
-        modrm = raw[op + 1]
-        reg_field, mod = (modrm >> 3) & 7, modrm >> 6
-        if reg_field in (3, 5):
-            return refused("far indirect call/jmp loads CS")
-        if reg_field in (2, 4):
-            is_call = reg_field == 2
-            operand = cs_insn.operands[0]
-            if mod == 3:
-                kind = InsnKind.CALL_INDIRECT_REG if is_call else InsnKind.JMP_INDIRECT_REG
-                return {"kind": kind, "reg": _regname(md, operand.reg)}
-            kind = InsnKind.CALL_INDIRECT_MEM if is_call else InsnKind.JMP_INDIRECT_MEM
-            mem = MemOperand(
-                segment=_regname(md, operand.mem.segment),
-                base=_regname(md, operand.mem.base),
-                index=_regname(md, operand.mem.index),
-                scale=int(operand.mem.scale),
-                disp=int(operand.mem.disp),
-            )
-            return {"kind": kind, "mem": mem}
-    if cs_insn.group(csx86.X86_GRP_BRANCH_RELATIVE):
-        # Anything else RIP-relative in its control flow would be wrong from a slot.
-        return refused(f"relative branch `{cs_insn.mnemonic}` not understood")
-    del rip_off  # a rip-relative data operand is PLAIN: the copy gets a new disp32
-    return {"kind": InsnKind.PLAIN}
+        return {"kind": InsnKind.JCC_REL, "target": _imm_target(cs_insn), "cc": b1 & 0xF}
+    if b0 in (0xC3, 0xC2):
+        return {"kind": InsnKind.RET if b0 == 0xC3 else InsnKind.RET_IMM}
+    if b0 != 0xFF or (raw[op + 1] >> 3) & 7 not in (2, 4):
+        return None
+    is_call = (raw[op + 1] >> 3) & 7 == 2
+    operand = cs_insn.operands[0]
+    if raw[op + 1] >> 6 == 3:  # mod 11: through a register
+        kind = InsnKind.CALL_INDIRECT_REG if is_call else InsnKind.JMP_INDIRECT_REG
+        return {"kind": kind, "reg": _regname(md, operand.reg)}
+    kind = InsnKind.CALL_INDIRECT_MEM if is_call else InsnKind.JMP_INDIRECT_MEM
+    mem = MemOperand(
+        segment=_regname(md, operand.mem.segment),
+        base=_regname(md, operand.mem.base),
+        index=_regname(md, operand.mem.index),
+        scale=int(operand.mem.scale),
+        disp=int(operand.mem.disp),
+    )
+    return {"kind": kind, "mem": mem}
 
 
 def _sweep(code: builtins.bytes, start: int) -> Iterator[tuple[int, int | None]]:

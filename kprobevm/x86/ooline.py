@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError, ProbeRefused
 from kprobevm.x86 import asm
+from kprobevm.x86.asm import rip
 from kprobevm.x86.insn import Insn, InsnKind
 
 __all__ = [
@@ -61,6 +62,8 @@ class SlotCode:
     #: Every post store's end, each with the RIP the original instruction would have
     #: left (the ``regs.ip`` a post_handler sees). Two for conditional branches.
     post_exits: tuple[tuple[int, int], ...]
+    #: The code as GNU as source (:class:`~kprobevm.x86.asm.Assembler`).
+    listing: str = ""
 
     @property
     def length(self) -> int:
@@ -97,12 +100,6 @@ def relocate(insn: Insn, new_addr: int) -> bytes:
     return insn.bytes[:off] + disp + insn.bytes[off + 4 :]
 
 
-def _jmp_reg(reg: str) -> bytes:
-    """``jmp *%reg`` (``[41] ff e0+r``)."""
-    r = asm.REG64[reg]
-    return (b"\x41" if r >= 8 else b"") + bytes((0xFF, 0xE0 | (r & 7)))
-
-
 def make_slot_code(
     insn: Insn,
     slot_addr: int,
@@ -130,93 +127,103 @@ def make_slot_code(
             " instruction itself; emulate it on the host for a post_handler",
             address=insn.addr,
         )
-    a = asm.Assembler(slot_addr)
+    slot = _Slot(asm.Assembler(slot_addr), mailbox if post_store else None)
     pre_end: int | None = None
-    exits: list[tuple[int, int]] = []
-
-    def post(resume: int) -> None:
-        if post_store:
-            a.emit(asm.movb_store_rip(a.here, mailbox, POST_VALUE))
-            exits.append((a.here, resume))
-            a.emit(TB_BREAK)
-
-    def jmp(dst: int) -> None:
-        a.emit(asm.jmp_rel32(a.here, dst))
-
     if pre_store:
-        a.emit(asm.movb_store_rip(a.here, pre_mailbox or mailbox, PRE_VALUE))
-        pre_end = a.here
-        a.emit(TB_BREAK)
+        slot.a.mov(rip(pre_mailbox or mailbox, size=1), PRE_VALUE)
+        pre_end = slot.a.here
+        slot.a.jmp_next()  # TB_BREAK
+    _rebuild(slot, insn)
+    program = slot.a.assemble()
+    if len(program.code) > slot_size:
+        raise KprobeError(
+            f"slot code for `{insn.mnemonic} {insn.op_str}` takes {len(program.code)} bytes,"
+            f" more than the {slot_size}-byte slot",
+            address=insn.addr,
+        )
+    return SlotCode(
+        slot_addr=slot_addr,
+        bytes=program.code,
+        pre_store_end=pre_end,
+        post_store_end=slot.exits[0][0] if slot.exits else None,
+        post_exits=tuple(slot.exits),
+        listing=program.listing,
+    )
 
-    kind = insn.kind
-    nxt = insn.next_addr
+
+class _Slot:
+    """The slot's assembler, and its post stores so far (none without a post mailbox)."""
+
+    def __init__(self, a: asm.Assembler, post_mailbox: int | None) -> None:
+        self.a = a
+        self.post_mailbox = post_mailbox
+        self.exits: list[tuple[int, int]] = []
+
+    def leave(self, resume: int) -> None:
+        """Go on at ``resume`` (the RIP the original would have left), after a post store."""
+        if self.post_mailbox is not None:
+            self.a.mov(rip(self.post_mailbox, size=1), POST_VALUE)
+            self.exits.append((self.a.here, resume))
+            self.a.jmp_next()  # TB_BREAK
+        self.a.jmp(resume)
+
+
+def _rebuild(slot: _Slot, insn: Insn) -> None:
+    """What follows the pre store: ``insn``'s effect as if run at ``insn.addr``."""
+    a, kind, nxt, target = slot.a, insn.kind, insn.next_addr, insn.target
+    copied = f"from {insn.addr:#x}: {insn.mnemonic} {insn.op_str}".rstrip()
     if kind is InsnKind.PLAIN:
-        a.emit(relocate(insn, a.here))
-        post(nxt)
-        jmp(nxt)
+        a.emit(relocate(insn, a.here), copied)
+        slot.leave(nxt)
     elif kind is InsnKind.JMP_REL:
-        assert insn.target is not None
-        post(insn.target)
-        jmp(insn.target)
+        assert target is not None
+        slot.leave(target)
     elif kind is InsnKind.JCC_REL:
-        assert insn.target is not None and insn.cc is not None
-        if post_store:
+        assert target is not None and insn.cc is not None
+        if slot.post_mailbox is None:
+            a.jcc(insn.cc, target)
+            a.jmp(nxt)
+        else:  # each way out gets its own post store
             a.jcc(insn.cc, "taken")
-            post(nxt)
-            jmp(nxt)
+            slot.leave(nxt)
             a.label("taken")
-            post(insn.target)
-            jmp(insn.target)
-        else:
-            a.emit(asm.jcc_rel32(insn.cc, a.here, insn.target))
-            jmp(nxt)
+            slot.leave(target)
     elif kind is InsnKind.CALL_REL:
-        assert insn.target is not None
-        a.emit(asm.push_u64(nxt))
-        post(insn.target)
-        jmp(insn.target)
+        assert target is not None
+        a.push_u64(nxt)
+        slot.leave(target)
     elif kind in (InsnKind.LOOP, InsnKind.JCXZ):
         # loop/jrcxz only have rel8: branch over the fall-through jump to a far jump.
-        assert insn.target is not None
-        prefix = b"\x67" if insn.address_size32 else b""
-        a.rel8_branch(prefix + bytes((insn.opcode,)), "taken")
-        post(nxt)
-        jmp(nxt)
+        assert target is not None
+        _rel8_branch(a, insn, "taken")
+        slot.leave(nxt)
         a.label("taken")
-        post(insn.target)
-        jmp(insn.target)
+        slot.leave(target)
     elif kind in (InsnKind.RET, InsnKind.RET_IMM, InsnKind.JMP_INDIRECT_REG):
-        a.emit(insn.bytes)  # position-independent: the copy is exact
+        a.emit(insn.bytes, copied)  # position-independent: the copy is exact
     elif kind is InsnKind.JMP_INDIRECT_MEM:
-        a.emit(relocate(insn, a.here))
+        a.emit(relocate(insn, a.here), copied)
     elif kind is InsnKind.CALL_INDIRECT_REG:
         assert insn.reg is not None
         if insn.reg not in asm.REG64 or insn.reg == "rsp":
             raise ProbeRefused(
                 "EOPNOTSUPP", f"cannot rebuild `call *%{insn.reg}`", address=insn.addr
             )
-        a.emit(asm.push_u64(nxt))
-        a.emit(_jmp_reg(insn.reg))
+        a.push_u64(nxt)
+        a.jmp(insn.reg)
     elif kind is InsnKind.CALL_INDIRECT_MEM:
-        a.emit(asm.push_u64(nxt))
-        a.emit(_call_mem_as_jmp(insn, a.here))
+        a.push_u64(nxt)
+        a.emit(_call_mem_as_jmp(insn, a.here), f"{copied}, as a jmp")
     else:  # pragma: no cover - every kind is handled above
         raise ProbeRefused("EOPNOTSUPP", f"unhandled kind {kind}", address=insn.addr)
 
-    code = a.finish()
-    if len(code) > slot_size:
-        raise KprobeError(
-            f"slot code for `{insn.mnemonic} {insn.op_str}` takes {len(code)} bytes,"
-            f" more than the {slot_size}-byte slot",
-            address=insn.addr,
-        )
-    return SlotCode(
-        slot_addr=slot_addr,
-        bytes=code,
-        pre_store_end=pre_end,
-        post_store_end=exits[0][0] if exits else None,
-        post_exits=tuple(exits),
-    )
+
+def _rel8_branch(a: asm.Assembler, insn: Insn, label: str) -> None:
+    """``insn``'s loop or jrcxz/jecxz, to ``label`` instead of its own target."""
+    if insn.opcode == 0xE3:
+        (a.jecxz if insn.address_size32 else a.jrcxz)(label)
+    else:  # e0 loopne, e1 loope, e2 loop; a loop counting in ecx is refused by insn
+        (a.loopne, a.loope, a.loop)[insn.opcode - 0xE0](label)
 
 
 def _call_mem_as_jmp(insn: Insn, at: int) -> bytes:

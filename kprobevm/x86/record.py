@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86 import asm
-from kprobevm.x86.ooline import TB_BREAK
+from kprobevm.x86.asm import mem, rip
 
 __all__ = [
     "CAPTURE_HEADER",
@@ -33,6 +33,8 @@ __all__ = [
     "CopyHelpers",
     "RecordLayout",
     "RingLayout",
+    "assemble_count_program",
+    "assemble_record_program",
     "build_count_program",
     "build_record_program",
     "check_program_fits",
@@ -157,49 +159,50 @@ class CopyHelpers:
         return self.copy_from_user if cap.user else self.copy_from_kernel
 
 
-class _Code(asm.Assembler):
-    """The assembler plus the handful of operand forms the record program uses."""
+def _rec(offset: int, size: int | None = None) -> asm.Mem:
+    """A field of the record being written (rbx holds its address).
 
-    def rip(self, prefix: bytes, target: int, suffix: bytes = b"") -> None:
-        """An instruction with one ``disp32(%rip)`` operand followed by ``suffix``."""
-        end = self.here + len(prefix) + 4 + len(suffix)
-        self.emit(prefix + asm.rip_disp32(end, target) + suffix)
-
-    def lock_inc(self, target: int) -> None:
-        self.rip(b"\xf0\x48\xff\x05", target)  # lock incq target(%rip)
-
-    def set_busy(self, ring: RingLayout, value: int) -> None:
-        self.rip(b"\x48\x8d\x05", ring.busy)  # lea busy(%rip),%rax
-        self.emit(b"\x42\xc6\x04\x28" + bytes((value,)))  # movb $value,(%rax,%r13)
+    Always a 32-bit displacement: a field's offset depends on the layout, the code's
+    shape should not.
+    """
+    return mem("rbx", offset, size=size, disp32=True)
 
 
-def _d32(value: int) -> bytes:
-    return struct.pack("<i", value)
+def _missed(ring: RingLayout, probe_id: int) -> asm.Mem:
+    """The probe's missed-hits counter."""
+    return rip(ring.counters + 16 * probe_id + 8, size=8)
 
 
-def _save(a: _Code) -> None:
-    a.emit(asm.pushfq())
+def _save(a: asm.Assembler) -> None:
+    """Push the flags and the registers: the top of the stack is then pt_regs' first 15."""
+    a.pushfq()
     for reg in _PUSHED:
-        a.emit(asm.push_r64(reg))
-    a.emit(b"\xfc")  # cld: the copy helpers assume it, and popfq restores DF
+        a.push(reg)
+    a.cld()  # the copy helpers assume it, and popfq restores DF
 
 
-def _restore_and_leave(a: _Code, cont: int) -> None:
+def _restore_and_leave(a: asm.Assembler, cont: int) -> None:
+    """Undo :func:`_save` and go on to the displaced instruction's copy."""
     for reg in reversed(_PUSHED):
-        a.emit(asm.pop_r64(reg))
-    a.emit(asm.popfq())
-    a.emit(asm.jmp_rel32(a.here, cont))
+        a.pop(reg)
+    a.popfq()
+    a.jmp(cont)
 
 
 def build_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> bytes:
-    """Probes that only count: ``lock incq`` each hit counter, then go on (no stop)."""
-    a = _Code(at)
-    a.emit(asm.pushfq())
+    """Probes that only count: ``lock inc`` each hit counter, then go on (no stop)."""
+    return assemble_count_program(at, counters=counters, cont=cont).code
+
+
+def assemble_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> asm.Program:
+    """:func:`build_count_program` with its listing."""
+    a = asm.Assembler(at)
+    a.pushfq()
     for counter in counters:
-        a.lock_inc(counter)
-    a.emit(asm.popfq())
-    a.emit(asm.jmp_rel32(a.here, cont))
-    return a.finish()
+        a.lock_inc(rip(counter, size=8))
+    a.popfq()
+    a.jmp(cont)
+    return a.assemble()
 
 
 def build_record_program(
@@ -216,141 +219,190 @@ def build_record_program(
     ``probe_ip`` is the probed address (the snapshot's ``ip``); ``cont`` is the slot's
     copy of the displaced instruction.
     """
-    a = _Code(at)
+    return assemble_record_program(
+        at, probes=probes, probe_ip=probe_ip, ring=ring, helpers=helpers, cont=cont
+    ).code
+
+
+def assemble_record_program(
+    at: int,
+    *,
+    probes: tuple[tuple[int, RecordLayout], ...],
+    probe_ip: int,
+    ring: RingLayout,
+    helpers: CopyHelpers,
+    cont: int,
+) -> asm.Program:
+    """:func:`build_record_program` with its listing."""
+    a = asm.Assembler(at)
     _save(a)
-    a.emit(b"\x65\x44\x8b\x2c\x25" + _d32(helpers.cpu_number))  # movl %gs:cpu_number,%r13d
-    a.emit(b"\x41\x81\xfd" + _d32(ring.max_cpus))  # cmp $max_cpus,%r13d
-    a.jcc(0x3, "missed_all")  # jae
-    a.rip(b"\x48\x8d\x05", ring.busy)  # lea busy(%rip),%rax
-    a.emit(b"\xb1\x01\x42\x86\x0c\x28\x84\xc9")  # mov $1,%cl; xchg %cl,(%rax,%r13); test
-    a.jcc(0x5, "missed_all")  # jne: this CPU is inside a record program already
+    a.mov("r13d", mem(disp=helpers.cpu_number, seg="gs"))  # this CPU's number
+    a.cmp("r13d", ring.max_cpus, imm32=True)
+    a.jcc("ae", "missed_all")
+    busy = mem("rax", 0, "r13", size=1)  # this CPU's busy byte, with rax = ring.busy
+    a.lea("rax", rip(ring.busy))
+    a.mov("cl", 1)
+    a.xchg(busy, "cl")
+    a.test("cl", "cl")
+    a.jcc("ne", "missed_all")  # this CPU is inside a record program already
     for n, (probe_id, layout) in enumerate(probes):
-        _one_record(a, f"p{n}", probe_id, layout, probe_ip, ring, helpers)
-    a.set_busy(ring, 0)
+        site = _Site(a, f"p{n}", probe_id, layout, ring)
+        _reserve(site)
+        _header(site, helpers)
+        _registers(site, probe_ip)
+        _captures(site, helpers)
+        _complete(site)
+    a.lea("rax", rip(ring.busy))
+    a.mov(busy, 0)
     a.label("leave")
     _restore_and_leave(a, cont)
     a.label("missed_all")
     for probe_id, _ in probes:
-        a.lock_inc(ring.counters + 16 * probe_id + 8)
+        a.lock_inc(_missed(ring, probe_id))
     a.jmp("leave")
-    return a.finish()
+    return a.assemble()
 
 
-def _one_record(
-    a: _Code,
-    name: str,
-    probe_id: int,
-    layout: RecordLayout,
-    probe_ip: int,
-    ring: RingLayout,
-    helpers: CopyHelpers,
-) -> None:
-    size = layout.size
+@dataclass(frozen=True)
+class _Site:
+    """One probe's record being written: the assembler, label prefix and layouts."""
+
+    a: asm.Assembler
+    name: str
+    probe_id: int
+    layout: RecordLayout
+    ring: RingLayout
+
+
+def _reserve(s: _Site) -> None:
+    """Reserve [head, head + total): the record, preceded by padding to the ring's end
+    when it would not fit before it. Full (the host is behind): count it as missed.
+    Leaves the record's address in rbx, its reservation's start in r12."""
+    a, name, size, ring = s.a, s.name, s.layout.size, s.ring
     mask = ring.ring_size - 1
-    # Reserve [head, head + total): the record, preceded by padding to the ring's end
-    # when it would not fit before it. Full (the host is behind): count it as missed.
-    a.label(f"{name}_retry")
-    a.rip(b"\x48\x8b\x05", ring.head)  # mov head(%rip),%rax
+    a.mov("rax", rip(ring.head))
     a.label(f"{name}_reserve")
-    a.emit(b"\x48\x89\xc2" + b"\x48\x81\xe2" + _d32(mask))  # mov %rax,%rdx; and $mask,%rdx
-    a.emit(b"\xb9" + _d32(size))  # mov $size,%ecx
-    a.emit(b"\x48\x8d\x34\x0a")  # lea (%rdx,%rcx),%rsi
-    a.emit(b"\x48\x81\xfe" + _d32(ring.ring_size))  # cmp $ring_size,%rsi
-    a.jcc(0x6, f"{name}_fits")  # jbe
-    a.emit(b"\xb9" + _d32(ring.ring_size))  # mov $ring_size,%ecx
-    a.emit(b"\x48\x29\xd1")  # sub %rdx,%rcx
-    a.emit(b"\x48\x81\xc1" + _d32(size))  # add $size,%rcx
+    a.mov("rdx", "rax")
+    a.and_("rdx", mask)
+    a.mov("ecx", size)
+    a.lea("rsi", mem("rdx", 0, "rcx"))
+    a.cmp("rsi", ring.ring_size)
+    a.jcc("be", f"{name}_fits")
+    a.mov("ecx", ring.ring_size)
+    a.sub("rcx", "rdx")
+    a.add("rcx", size)
     a.label(f"{name}_fits")
-    a.emit(b"\x48\x8d\x34\x08")  # lea (%rax,%rcx),%rsi: the new head
-    a.rip(b"\x48\x8b\x3d", ring.tail)  # mov tail(%rip),%rdi
-    a.emit(b"\x48\x81\xc7" + _d32(ring.ring_size))  # add $ring_size,%rdi
-    a.emit(b"\x48\x39\xfe")  # cmp %rdi,%rsi
-    a.jcc(0x7, f"{name}_full")  # ja
-    a.rip(b"\xf0\x48\x0f\xb1\x35", ring.head)  # lock cmpxchg %rsi,head(%rip)
-    a.jcc(0x5, f"{name}_reserve")  # jne: %rax holds the head another vCPU moved it to
-    a.emit(b"\x49\x89\xc4")  # mov %rax,%r12: where the reservation starts
-    a.rip(b"\x48\x8d\x3d", ring.ring)  # lea ring(%rip),%rdi
-    a.emit(b"\x48\x81\xf9" + _d32(size))  # cmp $size,%rcx
-    a.jcc(0x4, f"{name}_placed")  # je: no padding
-    a.emit(b"\x4c\x89\xe2" + b"\x48\x81\xe2" + _d32(mask))  # mov %r12,%rdx; and $mask,%rdx
-    a.emit(b"\x4d\x8d\x44\x24\x01")  # lea 1(%r12),%r8
-    a.emit(b"\x49\x0f\xba\xe8\x3f")  # bts $63,%r8: the padding stamp
-    a.emit(b"\x4c\x89\x04\x17")  # mov %r8,(%rdi,%rdx)
+    a.lea("rsi", mem("rax", 0, "rcx"))  # the new head
+    a.mov("rdi", rip(ring.tail))
+    a.add("rdi", ring.ring_size)
+    a.cmp("rsi", "rdi")
+    a.jcc("a", f"{name}_full")
+    a.lock_cmpxchg(rip(ring.head), "rsi")
+    a.jcc("ne", f"{name}_reserve")  # rax holds the head another vCPU moved it to
+    a.mov("r12", "rax")  # where the reservation starts
+    a.lea("rdi", rip(ring.ring))
+    a.cmp("rcx", size)
+    a.jcc("e", f"{name}_placed")  # no padding
+    a.mov("rdx", "r12")
+    a.and_("rdx", mask)
+    a.lea("r8", mem("r12", 1))
+    a.bts("r8", 63)  # the padding stamp
+    a.mov(mem("rdi", 0, "rdx"), "r8")
     a.label(f"{name}_placed")
-    a.emit(b"\x4d\x8d\xa4\x0c" + _d32(-size))  # lea -size(%r12,%rcx),%r12: the record's start
-    a.emit(b"\x4c\x89\xe3" + b"\x48\x81\xe3" + _d32(mask))  # mov %r12,%rbx; and $mask,%rbx
-    a.emit(b"\x48\x01\xfb")  # add %rdi,%rbx: %rbx = the record, kept across the calls
+    a.lea("r12", mem("r12", -size, "rcx"))  # the record's start
+    a.mov("rbx", "r12")
+    a.and_("rbx", mask)
+    a.add("rbx", "rdi")  # rbx = the record, kept across the calls
 
-    # header
-    a.emit(b"\xc7\x83" + _d32(8) + _d32(size))  # movl $size,8(%rbx)
-    a.emit(b"\x66\xc7\x83" + _d32(12) + struct.pack("<H", probe_id))  # movw $id,12(%rbx)
-    a.emit(b"\x66\x44\x89\xab" + _d32(14))  # movw %r13w,14(%rbx)
-    a.emit(b"\x0f\x31\x48\xc1\xe2\x20\x48\x09\xd0")  # rdtsc; shl $32,%rdx; or %rdx,%rax
-    a.emit(b"\x48\x89\x83" + _d32(16))  # mov %rax,16(%rbx)
-    a.emit(b"\x65\x48\x8b\x04\x25" + _d32(helpers.current_task))  # mov %gs:current,%rax
-    a.emit(b"\x8b\x88" + _d32(helpers.task_pid) + b"\x89\x8b" + _d32(24))  # pid
+
+def _header(s: _Site, helpers: CopyHelpers) -> None:
+    """Size, probe id, CPU, TSC, and ``current``'s pid and comm."""
+    a = s.a
+    a.mov(_rec(8, 4), s.layout.size)
+    a.mov(_rec(12, 2), s.probe_id)
+    a.mov(_rec(14), "r13w")
+    a.rdtsc()
+    a.shl("rdx", 32)
+    a.or_("rax", "rdx")
+    a.mov(_rec(16), "rax")
+    a.mov("rax", mem(disp=helpers.current_task, seg="gs"))  # current
+    a.mov("ecx", mem("rax", helpers.task_pid, disp32=True))
+    a.mov(_rec(24), "ecx")
     for half in (0, 8):
-        a.emit(b"\x48\x8b\x88" + _d32(helpers.task_comm + half))  # mov comm+half(%rax),%rcx
-        a.emit(b"\x48\x89\x8b" + _d32(32 + half))  # mov %rcx,32+half(%rbx)
+        a.mov("rcx", mem("rax", helpers.task_comm + half, disp32=True))
+        a.mov(_rec(32 + half), "rcx")
 
-    # registers: the pushed ones in one copy, then ip, cs, flags, sp, ss
-    a.emit(b"\x48\x89\xe6")  # mov %rsp,%rsi
-    a.emit(b"\x48\x8d\xbb" + _d32(REGS_OFFSET))  # lea regs(%rbx),%rdi
-    a.emit(b"\xb9" + _d32(len(_PUSHED)) + b"\xf3\x48\xa5")  # mov $15,%ecx; rep movsq
+
+def _registers(s: _Site, probe_ip: int) -> None:
+    """The pushed registers in one copy, then ip, cs, flags, sp, ss."""
+    a = s.a
+    a.mov("rsi", "rsp")
+    a.lea("rdi", _rec(REGS_OFFSET))
+    a.mov("ecx", len(_PUSHED))
+    a.rep_movsq()
     for i, reg in enumerate(SNAPSHOT_REGS[len(_PUSHED) :], start=len(_PUSHED)):
         dst = REGS_OFFSET + 8 * i
         if reg == "ip":
-            a.emit(b"\x48\xc7\x83" + _d32(dst) + asm.push_imm32(probe_ip)[1:])  # movq $ip
+            a.mov(_rec(dst, 8), probe_ip)
             continue
         if reg == "flags":
-            a.emit(b"\x48\x8b\x84\x24" + _d32(_FLAGS_AT))  # mov flags(%rsp),%rax
+            a.mov("rax", mem("rsp", _FLAGS_AT, disp32=True))
         elif reg == "sp":
-            a.emit(b"\x48\x8d\x84\x24" + _d32(_ENTRY_SP))  # lea entry_sp(%rsp),%rax
-        else:  # xor %eax,%eax; mov %cs|%ss,%ax
-            a.emit(b"\x31\xc0" + (b"\x66\x8c\xc8" if reg == "cs" else b"\x66\x8c\xd0"))
-        a.emit(b"\x48\x89\x83" + _d32(dst))  # mov %rax,dst(%rbx)
+            a.lea("rax", mem("rsp", _ENTRY_SP, disp32=True))
+        else:
+            a.xor("eax", "eax")
+            a.mov("ax", reg)  # cs or ss
+        a.mov(_rec(dst), "rax")
 
-    # the memory reads
-    offsets = layout.capture_offsets
-    for i, cap in enumerate(layout.captures):
+
+def _captures(s: _Site, helpers: CopyHelpers) -> None:
+    """The memory reads, each through the kernel's fault-tolerant copy for its kind."""
+    a, name = s.a, s.name
+    offsets = s.layout.capture_offsets
+    for i, cap in enumerate(s.layout.captures):
         here = offsets[i]
+        status = f"{name}_c{i}_status"
         if cap.reg is not None:
-            reg_at = REGS_OFFSET + 8 * SNAPSHOT_REGS.index(cap.reg)
-            a.emit(b"\x48\x8b\xb3" + _d32(reg_at))  # mov reg(%rbx),%rsi
+            a.mov("rsi", _rec(REGS_OFFSET + 8 * SNAPSHOT_REGS.index(cap.reg)))
         elif cap.from_capture is not None:
             base = offsets[cap.from_capture]
-            a.emit(b"\x48\xc7\xc0" + _d32(-EFAULT))  # mov $-EFAULT,%rax
-            a.emit(b"\x48\x83\xbb" + _d32(base + 8) + b"\x00")  # cmpq $0,status(%rbx)
-            a.jcc(0xC, f"{name}_c{i}_status")  # jl: the base read failed, so does this
-            a.emit(b"\x48\x8b\xb3" + _d32(base + CAPTURE_HEADER.size))  # mov data,%rsi
+            a.mov("rax", -EFAULT)
+            a.cmp(_rec(base + 8, 8), 0)
+            a.jcc("l", status)  # the base read failed, so does this one
+            a.mov("rsi", _rec(base + CAPTURE_HEADER.size))
         else:
-            a.emit(b"\x31\xf6")  # xor %esi,%esi
-        a.emit(b"\x48\xb8" + struct.pack("<Q", asm.to_u64(cap.offset)))  # movabs $off,%rax
-        a.emit(b"\x48\x01\xc6")  # add %rax,%rsi
-        a.emit(b"\x48\x89\xb3" + _d32(here))  # mov %rsi,addr(%rbx)
-        a.emit(b"\x48\x8d\xbb" + _d32(here + CAPTURE_HEADER.size))  # lea data(%rbx),%rdi
-        a.emit(b"\xba" + _d32(cap.size))  # mov $size,%edx
-        a.emit(asm.call_rel32(a.here, helpers.helper_for(cap)))
+            a.xor("esi", "esi")
+        a.movabs("rax", asm.to_u64(cap.offset))
+        a.add("rsi", "rax")
+        a.mov(_rec(here), "rsi")  # the address read
+        a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
+        a.mov("edx", cap.size)
+        a.call(helpers.helper_for(cap))
         if not cap.string:  # copy_*: 0 or -EFAULT; the status is the bytes read
-            a.emit(b"\x48\x85\xc0")  # test %rax,%rax
-            a.jcc(0x5, f"{name}_c{i}_status")  # jne
-            a.emit(b"\xb8" + _d32(cap.size))  # mov $size,%eax
-        a.label(f"{name}_c{i}_status")
-        a.emit(b"\x48\x89\x83" + _d32(here + 8))  # mov %rax,status(%rbx)
+            a.test("rax", "rax")
+            a.jcc("ne", status)
+            a.mov("eax", cap.size)
+        a.label(status)
+        a.mov(_rec(here + 8), "rax")
 
-    # complete: the stamp goes last (x86 keeps stores in order for the host's reader)
-    a.emit(b"\x49\x8d\x44\x24\x01\x48\x89\x03")  # lea 1(%r12),%rax; mov %rax,(%rbx)
-    a.lock_inc(ring.counters + 16 * probe_id)
-    a.rip(b"\x48\x8b\x05", ring.head)  # mov head(%rip),%rax
-    a.rip(b"\x48\x2b\x05", ring.tail)  # sub tail(%rip),%rax
-    a.emit(b"\x48\x3d" + _d32(ring.high_water))  # cmp $high_water,%rax
-    a.jcc(0x2, f"{name}_end")  # jb
+
+def _complete(s: _Site) -> None:
+    """Stamp the record, count the hit, and ask for a drain past the high-water mark."""
+    a, name, ring = s.a, s.name, s.ring
+    # The stamp goes last: x86 keeps stores in order for the host's reader.
+    a.lea("rax", mem("r12", 1))
+    a.mov(mem("rbx"), "rax")
+    a.lock_inc(rip(ring.counters + 16 * s.probe_id, size=8))
+    a.mov("rax", rip(ring.head))
+    a.sub("rax", rip(ring.tail))
+    a.cmp("rax", ring.high_water, imm32=True)
+    a.jcc("b", f"{name}_end")
     a.label(f"{name}_drain")
-    a.emit(asm.movb_store_rip(a.here, ring.drain, 1))  # watched: the host drains now
-    a.emit(TB_BREAK)
+    a.mov(rip(ring.drain, size=1), 1)  # watched: the host drains now
+    a.jmp_next()  # a late stop still lands in the program (ooline.TB_BREAK)
     a.jmp(f"{name}_end")
     a.label(f"{name}_full")
-    a.lock_inc(ring.counters + 16 * probe_id + 8)
+    a.lock_inc(_missed(ring, s.probe_id))
     a.jmp(f"{name}_drain")
     a.label(f"{name}_end")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86 import asm
+from kprobevm.x86.asm import mem, rip
 from kprobevm.x86.constants import MASK64
 
 __all__ = [
@@ -43,7 +44,6 @@ TOMBSTONE = 1
 # The stub's stack while it works: pushfq, then rax rcx rdx rsi, then the CPU's frame.
 _SAVED = ("rax", "rcx", "rdx", "rsi")
 _FRAME = 8 * (1 + len(_SAVED))  # offset of the frame's RIP from %rsp after the saves
-_CC_E, _CC_NE = 0x4, 0x5
 
 
 def _log2(table_slots: int) -> int:
@@ -89,16 +89,13 @@ class Int3Stub:
     #: Offset of each part: ``entry``, ``lookup``, ``probe``, ``found``, ``not_found``,
     #: ``forward``, ``forward_flags`` (the user-mode path), ``real_handler_ptr``.
     offsets: Mapping[str, int]
+    #: The stub as GNU as source (:class:`~kprobevm.x86.asm.Assembler`).
+    listing: str = ""
 
     @property
     def length(self) -> int:
         """Bytes taken by the stub, its handler pointer included."""
         return len(self.code)
-
-    @property
-    def entry_offset(self) -> int:
-        """Offset of the entry point (what IDT vector 3 points at) from ``base``."""
-        return self.offsets["entry"]
 
     @property
     def real_handler_ptr(self) -> int:
@@ -115,51 +112,52 @@ def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: in
     """
     shift = 64 - _log2(table_slots)
     a = asm.Assembler(base)
-    # On entry: 0(%rsp) RIP (int3 + 1), 8 CS, 16 RFLAGS, 24 RSP, 32 SS; IF is clear.
+    # On entry: [rsp] RIP (int3 + 1), +8 CS, +16 RFLAGS, +24 RSP, +32 SS; IF is clear.
     a.label("entry")
-    a.emit(asm.pushfq())  # the live flags are restored before the real handler
-    a.emit(b"\xf6\x44\x24\x10\x03")  # testb $3, 16(%rsp): frame CS, RPL
-    a.jcc(_CC_NE, "forward_flags")  # from user mode: not ours
+    a.pushfq()  # the live flags are restored before the real handler
+    a.test(mem("rsp", 16, size=1), 3)  # the frame's CS: its RPL
+    a.jcc("ne", "forward_flags")  # from user mode: not ours
     for reg in _SAVED:
-        a.emit(asm.push_r64(reg))
+        a.push(reg)
     a.label("lookup")
-    a.emit(b"\x48\x8b\x44\x24" + bytes((_FRAME,)))  # mov FRAME(%rsp), %rax: frame RIP
-    a.emit(b"\x48\xff\xc8")  # dec %rax: the int3's address
-    a.emit(b"\x48\xb9" + struct.pack("<Q", HASH_MULTIPLIER))  # movabs $mult, %rcx
-    a.emit(b"\x48\x0f\xaf\xc8")  # imul %rax, %rcx
-    a.emit(b"\x48\xc1\xe9" + bytes((shift,)))  # shr $shift, %rcx: the index
-    a.emit(b"\x48\x01\xc9")  # add %rcx, %rcx: index * 2 quadwords (16-byte entries)
-    a.emit(b"\x48\xbe" + struct.pack("<Q", table & MASK64))  # movabs $table, %rsi
-    a.emit(b"\xba" + struct.pack("<I", table_slots))  # mov $slots, %edx: probe at most all
+    a.mov("rax", mem("rsp", _FRAME))  # the frame's RIP
+    a.dec("rax")  # the int3's address
+    a.movabs("rcx", HASH_MULTIPLIER)
+    a.imul("rcx", "rax")
+    a.shr("rcx", shift)  # the index
+    a.add("rcx", "rcx")  # index * 2 quadwords (16-byte entries)
+    a.movabs("rsi", table & MASK64)
+    a.mov("edx", table_slots)  # probe at most all of them
     a.label("probe")
-    a.emit(b"\x48\x39\x04\xce")  # cmp %rax, (%rsi,%rcx,8): key == addr?
-    a.jcc(_CC_E, "found")
-    a.emit(b"\x48\x83\x3c\xce\x00")  # cmpq $0, (%rsi,%rcx,8): empty ends the sequence
-    a.jcc(_CC_E, "not_found")
-    a.emit(b"\x48\x83\xc1\x02")  # add $2, %rcx: next entry (tombstones fall through here)
-    a.emit(b"\x48\x81\xe1" + struct.pack("<I", 2 * table_slots - 1))  # and $mask, %rcx
-    a.emit(b"\xff\xca")  # dec %edx
-    a.jcc(_CC_NE, "probe")
+    entry_key = mem("rsi", 0, "rcx", 8, size=8)
+    a.cmp(entry_key, "rax")
+    a.jcc("e", "found")
+    a.cmp(entry_key, EMPTY)  # an empty entry ends the sequence
+    a.jcc("e", "not_found")
+    a.add("rcx", 2)  # the next entry (tombstones fall through here)
+    a.and_("rcx", 2 * table_slots - 1, imm32=True)  # the same length for any table size
+    a.dec("edx")
+    a.jcc("ne", "probe")
     a.jmp("not_found")
     a.label("found")
-    a.emit(b"\x48\x8b\x44\xce\x08")  # mov 8(%rsi,%rcx,8), %rax: the slot
+    a.mov("rax", mem("rsi", 8, "rcx", 8))  # the entry's value: the slot
     a.label("redirect")
-    a.emit(b"\x48\x89\x44\x24" + bytes((_FRAME,)))  # mov %rax, FRAME(%rsp): new frame RIP
+    a.mov(mem("rsp", _FRAME), "rax")  # the frame's new RIP
     for reg in reversed(_SAVED):
-        a.emit(asm.pop_r64(reg))
-    a.emit(asm.popfq())
-    a.emit(asm.iretq())  # the frame's RFLAGS, RSP and SS are the interrupted context's
+        a.pop(reg)
+    a.popfq()
+    a.iretq()  # the frame's RFLAGS, RSP and SS are the interrupted context's
     a.label("not_found")
-    a.emit(b"\x80\x38" + bytes((asm.INT3,)))  # cmpb $0xcc, (%rax)
-    a.jcc(_CC_NE, "redirect")  # the int3 went away: re-execute the original at addr
+    a.cmp(mem("rax", size=1), asm.INT3)
+    a.jcc("ne", "redirect")  # the int3 went away: re-execute the original at addr
     a.label("forward")
     for reg in reversed(_SAVED):
-        a.emit(asm.pop_r64(reg))
+        a.pop(reg)
     a.label("forward_flags")
-    a.emit(asm.popfq())
-    ptr_at = (a.offset + 6 + 7) & ~7  # the jmp, then the pointer 8-byte aligned
-    a.emit(asm.jmp_mem_rip(a.here, base + ptr_at))
-    a.emit(b"\xcc" * (ptr_at - a.offset))  # never executed
+    a.popfq()
+    a.jmp(rip("real_handler_ptr"))
+    a.align(8, asm.INT3)  # never executed
     a.label("real_handler_ptr")
-    a.emit(struct.pack("<Q", real_handler & MASK64))
-    return Int3Stub(base=base, code=a.finish(), offsets=a.labels())
+    a.quad(real_handler)
+    program = a.assemble()
+    return Int3Stub(base, program.code, program.labels, program.listing)
