@@ -282,17 +282,32 @@ def _hostfwd_failed(output: str) -> bool:
     return "hostfwd" in output or "host forwarding" in output
 
 
-def _launch(qemu: str, *, name: str, kernel: Path, initrd: Path, cmdline: str, memory: str,
-            smp: int, accel: str, gdb_tcp: bool | int, key: Path, timeout: float,
-            expect_marker: bool) -> tuple[QemuMachine, GuestShell, int]:
+@dataclass(frozen=True)
+class _GuestSpec:
+    """What the guest boots with, the same on every attempt."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    memory: str
+    smp: int
+    gdb_tcp: bool | int
+    key: Path
+    expect_marker: bool
+    """The initramfs is the image's: its init prints the ready marker on the serial line."""
+
+
+def _launch(qemu: str, spec: _GuestSpec, *, name: str, accel: str,
+            timeout: float) -> tuple[QemuMachine, GuestShell, int]:
     """One QEMU start; retried by the caller when the SSH port was taken meanwhile."""
     _sweep_stale_dirs()
     private_dir = Path(tempfile.mkdtemp(prefix=f"kprobevm-{name}-"))  # mode 0700
     (private_dir / "owner").write_text(f"{os.getpid()}\n")
     ssh_port = _free_port()
     command, gdb = _command(
-        qemu, kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, smp=smp,
-        accel=accel, private_dir=private_dir, ssh_port=ssh_port, gdb_tcp=gdb_tcp,
+        qemu, kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, memory=spec.memory,
+        smp=spec.smp, accel=accel, private_dir=private_dir, ssh_port=ssh_port,
+        gdb_tcp=spec.gdb_tcp,
     )
     launch = _Launch(command, private_dir, ssh_port, gdb)
     try:
@@ -303,7 +318,8 @@ def _launch(qemu: str, *, name: str, kernel: Path, initrd: Path, cmdline: str, m
     machine = QemuMachine(proc, launch, name)
     log.info("%s: QEMU pid %d, %s", name, proc.pid, private_dir)
     try:
-        shell = _wait_ready(machine, ssh_port, key, time.monotonic() + timeout, expect_marker)
+        shell = _wait_ready(machine, ssh_port, spec.key, time.monotonic() + timeout,
+                            spec.expect_marker)
     except BaseException:
         machine.shutdown(timeout=2.0)
         raise
@@ -368,8 +384,27 @@ def boot(
         if not path.is_file():
             raise VMLaunchFailure(f"{name}: {what} file {path} does not exist",
                                   command=[binary, f"-{what}", str(path)])
-    expect_marker = initrd_path == image.initrd
 
+    spec = _GuestSpec(kernel_path, initrd_path, cmdline, memory, smp, gdb_tcp, image.ssh_key,
+                      expect_marker=initrd_path == image.initrd)  # fmt: skip
+    machine, shell, ssh_port = _launch_trying(binary, spec, accel, name=name, timeout=timeout)
+    return VM(
+        GuestEndpoints(
+            gdb=machine._launch.gdb, ssh=("127.0.0.1", ssh_port), ssh_key=image.ssh_key,
+            qmp=str(machine.qmp_path), serial_log=machine.serial_path,
+        ),
+        name=name, machine=machine,
+        vmlinux=image.vmlinux if kernel_path == image.kernel else None,
+        kernel_cmdline=cmdline,
+        shell=shell,  # the connection readiness already made (a new one costs ~1 s)
+    )  # fmt: skip
+
+
+def _launch_trying(
+    binary: str, spec: _GuestSpec, accel: str, *, name: str, timeout: float
+) -> tuple[QemuMachine, GuestShell, int]:
+    """:func:`_launch` with ``accel``, again on TCG when a KVM guest fails (said on
+    stderr), and again when the SSH port was taken between choosing and binding it."""
     accels = ["kvm", "tcg"] if accel == "auto" and os.access("/dev/kvm", os.R_OK | os.W_OK) \
         else ["tcg" if accel == "auto" else accel]
     last: VMLaunchFailure | None = None
@@ -377,11 +412,7 @@ def boot(
         this = accels[min(attempt, len(accels) - 1)]
         limit = min(timeout, _KVM_READY_TIMEOUT) if this == "kvm" else timeout
         try:
-            machine, shell, ssh_port = _launch(
-                binary, name=name, kernel=kernel_path, initrd=initrd_path, cmdline=cmdline,
-                memory=memory, smp=smp, accel=this, gdb_tcp=gdb_tcp, key=image.ssh_key,
-                timeout=limit, expect_marker=expect_marker,
-            )
+            return _launch(binary, spec, name=name, accel=this, timeout=limit)
         except VMLaunchFailure as exc:
             last = exc
             if this == "kvm":
@@ -392,18 +423,6 @@ def boot(
                 log.info("%s: SSH port taken meanwhile; retrying with another", name)
                 continue
             raise
-        vm = VM(
-            GuestEndpoints(
-                gdb=machine._launch.gdb, ssh=("127.0.0.1", ssh_port), ssh_key=image.ssh_key,
-                qmp=str(machine.qmp_path), serial_log=machine.serial_path,
-            ),
-            name=name, machine=machine,
-            vmlinux=image.vmlinux if kernel_path == image.kernel else None,
-            kernel_cmdline=cmdline,
-        )
-        # Hand over the SSH connection readiness already made (a new one costs ~1 s).
-        vm._shell = shell
-        return vm
     assert last is not None
     raise last
 

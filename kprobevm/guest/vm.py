@@ -89,11 +89,13 @@ class VM(Closing):
         vmlinux: Path | None = None,
         kallsyms: Path | None = None,
         kernel_cmdline: str | None = None,
+        shell: GuestShell | None = None,
     ) -> None:
         """``machine`` is the QEMU we started (None when attached); ``vmlinux`` and
         ``kallsyms`` are host files of the running kernel (optional: kallsyms is read from
         the guest, and without vmlinux there is no BTF, so no ``current`` and no recorded
-        probes); ``kernel_cmdline`` saves reading /proc/cmdline over SSH."""
+        probes); ``kernel_cmdline`` saves reading /proc/cmdline over SSH; ``shell`` is an
+        SSH connection already made to the guest."""
         self.endpoints = endpoints
         self._connect_gdbstub: GdbConnect = _connect_rsp
         self._channel_kind: ChannelKind = "watchpoint"
@@ -104,7 +106,7 @@ class VM(Closing):
         self.kernel_cmdline = kernel_cmdline
         self.log = logging.getLogger(f"kprobevm.vm.{name}")
         self._lock = threading.RLock()
-        self._shell: GuestShell | None = None
+        self._shell = shell
         self._target: Target | None = None
         self._kprobes: KprobeManager | None = None
         self._kretprobes: KretprobeManager | None = None
