@@ -372,7 +372,8 @@ class VM(Closing):
 
     def _install_channel(self, handlers: TrapHandlers, reserve: Reserve | None) -> TrapChannel:
         """The trap channel this VM was told to use, for ``handlers``."""
-        from kprobevm.trap.channel import ChannelContext, install_channel
+        from kprobevm.trap.channel import ChannelContext
+        from kprobevm.trap.install import install_channel
 
         ctx = ChannelContext(self.target, self.memory, self.journal, self.symbols, handlers)
         return install_channel(
@@ -472,6 +473,14 @@ class VM(Closing):
         manager = self._kprobes
         channel = manager.installed_channel if manager is not None else None
         return channel.name if channel is not None else "none"
+
+    @property
+    def trap_fallback(self) -> str | None:
+        """Why the fast (watchpoint) channel is not the one in use: the error that made
+        it fall back to the breakpoint channel (None otherwise)."""
+        manager = self._kprobes
+        channel = manager.installed_channel if manager is not None else None
+        return channel.fallback_reason if channel is not None else None
 
     # -- lifetime ----------------------------------------------------------------------
 

@@ -12,13 +12,11 @@ and says so on stderr when it has to fall back.
 from __future__ import annotations
 
 import abc
-import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from kprobevm.errors import KprobeVMError, ProbeTextChanged
+from kprobevm.errors import ProbeTextChanged
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.asm import INT3
 from kprobevm.x86.emulate import emulate
@@ -29,12 +27,10 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.packet import StopReply
     from kprobevm.gdbstub.target import Target
     from kprobevm.kernel.kallsyms import KernelSymbols
-    from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.recorder import Record
     from kprobevm.x86.ptregs import PtRegs
-    from kprobevm.x86.slotmap import Reserve
 
 __all__ = [
     "ChannelContext",
@@ -43,10 +39,7 @@ __all__ = [
     "TrapChannel",
     "TrapHandlers",
     "TrapStats",
-    "install_channel",
 ]
-
-log = logging.getLogger(__name__)
 
 INT3_BYTE = bytes([INT3])
 
@@ -212,38 +205,3 @@ class TrapChannel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Take the channel out of the guest and leave it running."""
-
-
-def install_channel(
-    kind: ChannelKind,
-    ctx: ChannelContext,
-    *,
-    reserve: Reserve | None,
-    returns: ReturnProbes,
-    task_layout: Callable[[], TaskLayout | None],
-) -> TrapChannel:
-    """The channel ``kind`` asks for, installed in the guest.
-
-    The watchpoint channel falls back to the breakpoint one when the guest cannot take
-    it (no reserved memory for slots, a #BP vector someone else owns); the fallback is
-    said on stderr and kept in ``fallback_reason``.
-    """
-    from kprobevm.trap.breakpoint import BreakpointChannel
-    from kprobevm.trap.watchpoint import WatchpointChannel
-
-    reason = None
-    if kind == "watchpoint":
-        try:
-            fast = WatchpointChannel.install(
-                ctx, reserve=reserve, returns=returns, task_layout=task_layout
-            )
-        except KprobeVMError as exc:
-            reason = str(exc)
-            log.warning("fast trap channel unavailable (%s); using the #BP breakpoint", exc)
-        else:
-            log.info("trap channel: watchpoint (slot area %#x)", fast.pages.stub)
-            return fast
-    channel = BreakpointChannel.install(ctx)
-    channel.fallback_reason = reason
-    log.info("trap channel: breakpoint on the #BP vector %#x", channel.vector)
-    return channel
