@@ -1061,14 +1061,6 @@ class GdbClient(Closing):
                 self._dispatch_packet(pkt.payload)
         return self._stops.popleft() if self._stops else None
 
-    def query_stop(self) -> StopReply:
-        """``?``: why the target is stopped now."""
-        self._send_many([b"?"])
-        reply = self.recv_reply()
-        stop = parse_stop_reply(reply)
-        self._stopped(stop)
-        return stop
-
     # -- monitor and detach ------------------------------------------------------------
 
     def monitor(self, command: str, timeout: float | None = None) -> str:
