@@ -30,14 +30,12 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
 from kprobevm.closing import Closing
 from kprobevm.errors import (
     GdbConnectionClosed,
     GdbError,
-    GdbErrorReply,
     GdbProtocolError,
     GdbTimeout,
 )
@@ -45,18 +43,24 @@ from kprobevm.gdbstub.packet import (
     DEFAULT_MAX_PACKET,
     Ack,
     BadChecksum,
+    BreakpointKind,
     Nak,
     Notification,
     Packet,
     PacketReader,
     StopReply,
+    check_replies,
+    check_reply,
     checksum,
     decode_console_output,
+    decode_hex,
     encode_packet,
     hex_checksum,
     is_console_output,
     is_stop_reply,
-    parse_error_reply,
+    join_memory_replies,
+    memory_read_packets,
+    memory_write_packets,
     parse_stop_reply,
     parse_thread_id,
 )
@@ -90,16 +94,6 @@ _PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2
 _HEX_BYTE = tuple(b"%02x" % i for i in range(256))
 """Checksums as QEMU writes them: comparing bytes beats parsing them."""
 _FEATURES = b"qSupported:multiprocess+;swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386"
-
-
-class BreakpointKind(IntEnum):
-    """The ``Z``/``z`` packet types."""
-
-    SOFTWARE = 0
-    HARDWARE = 1
-    WRITE_WATCH = 2
-    READ_WATCH = 3
-    ACCESS_WATCH = 4
 
 
 @dataclass
@@ -462,7 +456,7 @@ class GdbClient(Closing):
         req = self._outstanding.popleft()
         self._deferred -= 1
         self.stats.replies += 1
-        _check(req.payload, payload)
+        check_reply(req.payload, payload)
 
     def _abandon(self) -> None:
         # Replies still owed are discarded when they arrive, so they never pair with a
@@ -474,7 +468,7 @@ class GdbClient(Closing):
         """Send one packet and return its reply; ``Exx`` raises GdbErrorReply."""
         reply = self.roundtrip(payload) if timeout is None else self._slow_roundtrip(
             payload, timeout)
-        _check(payload, reply)
+        check_reply(payload, reply)
         return reply
 
     def roundtrip(self, payload: bytes) -> bytes:
@@ -685,7 +679,7 @@ class GdbClient(Closing):
         pre = self._select_packets("g", thread)
         replies = self.pipeline(pre + payloads)
         if pre:
-            _check(pre[0], replies[0])
+            check_reply(pre[0], replies[0])
             self._thread["g"] = thread
             self._reg_cache = None
         return replies[len(pre):]
@@ -715,14 +709,14 @@ class GdbClient(Closing):
         mode = self.mode_packets(False)
         replies = self._with_thread(thread, [*mode, b"g", *packets])
         for p, r in zip(mode, replies, strict=False):
-            _check(p, r)
+            check_reply(p, r)
         values = self._registers_from(replies[len(mode)], wide)
         return values, replies[len(mode) + 1 :]
 
     def _registers_from(self, reply: bytes, wide: bool) -> dict[str, int]:
         """Decode a ``g`` reply and remember it: register writes skip unchanged values."""
         if reply[:1] == b"E":
-            _check(b"g", reply)
+            check_reply(b"g", reply)
         return self._remember_registers(self.layout.decode(reply, wide=wide))
 
     def _remember_registers(self, values: dict[str, int]) -> dict[str, int]:
@@ -735,8 +729,8 @@ class GdbClient(Closing):
         reg = self.layout[name]
         payload = b"p%x" % reg.regnum
         (reply,) = self._with_thread(thread, [payload])
-        _check(payload, reply)
-        data = _unhex(payload, reply)
+        check_reply(payload, reply)
+        data = decode_hex(reply, payload)
         return int.from_bytes(data[:reg.size], "little")
 
     def read_register_each(self, name: str, threads: Sequence[str]) -> dict[str, int]:
@@ -753,8 +747,8 @@ class GdbClient(Closing):
         self._reg_cache = None
         values = {}
         for i, t in enumerate(threads):
-            _check(packets[2 * i], replies[2 * i])
-            data = _unhex(payload, replies[2 * i + 1])
+            check_reply(packets[2 * i], replies[2 * i])
+            data = decode_hex(replies[2 * i + 1], payload)
             values[t] = int.from_bytes(data[: reg.size], "little")
         return values
 
@@ -792,7 +786,7 @@ class GdbClient(Closing):
             return 0
         replies = self._with_thread(thread, packets)
         for p, r in zip(packets, replies, strict=True):
-            _check(p, r)
+            check_reply(p, r)
         if self._reg_cache is not None:
             self._reg_cache[1].update(values)
         return len(packets)
@@ -801,7 +795,7 @@ class GdbClient(Closing):
         """Write one register with ``P``."""
         packet = self.layout.p_packet(name, value)
         (reply,) = self._with_thread(thread, [packet])
-        _check(packet, reply)
+        check_reply(packet, reply)
         if self._reg_cache is not None:
             self._reg_cache[1][name] = value
 
@@ -819,29 +813,9 @@ class GdbClient(Closing):
         self.read_chunk = _pow2_floor(min(0x800, (size - 8) // 2))
         self.write_chunk = _pow2_floor((size - 40) // 2)
 
-    def memory_read_packets(self, addr: int, n: int) -> list[bytes]:
-        """``m`` packets covering [addr, addr+n), split at multiples of the chunk size."""
-        chunk = self.read_chunk
-        out = []
-        end = addr + n
-        while addr < end:
-            step = min(end, (addr | (chunk - 1)) + 1) - addr
-            out.append(b"m%x,%x" % (addr, step))
-            addr += step
-        return out
-
     def memory_write_packets(self, addr: int, data: bytes) -> list[bytes]:
         """``M`` packets covering ``data`` at ``addr``, split at multiples of the chunk."""
-        chunk = self.write_chunk
-        packets = []
-        end = addr + len(data)
-        pos = 0
-        while addr < end:
-            step = min(end, (addr | (chunk - 1)) + 1) - addr
-            packets.append(b"M%x,%x:%s" % (addr, step, binascii.hexlify(data[pos:pos + step])))
-            addr += step
-            pos += step
-        return packets
+        return memory_write_packets(addr, data, self.write_chunk)
 
     def _memory_op(self, phys: bool, thread: str | None, packets: list[bytes]) -> list[bytes]:
         """Run memory packets in one pipeline, after the mode switch and ``Hg`` they need."""
@@ -872,28 +846,30 @@ class GdbClient(Closing):
             # One packet, nothing to switch: the probe handler's common case.
             payload = b"m%x,%x" % (addr, n)
             data = self._hex_roundtrip(payload, n)
-            return data if data is not None else _join_memory([payload], [self.recv_reply()])
-        packets = self.memory_read_packets(addr, n)
-        return _join_memory(packets, self._memory_op(False, thread, packets))
+            if data is not None:
+                return data
+            return join_memory_replies([payload], [self.recv_reply()])
+        packets = memory_read_packets(addr, n, chunk)
+        return join_memory_replies(packets, self._memory_op(False, thread, packets))
 
     def write_memory(self, addr: int, data: bytes, thread: str | None = None) -> None:
         """Write ``data`` at virtual ``addr`` with pipelined ``M`` packets."""
-        packets = self.memory_write_packets(addr, data)
+        packets = memory_write_packets(addr, data, self.write_chunk)
         if packets:
-            _check_all(packets, self._memory_op(False, thread, packets))
+            check_replies(packets, self._memory_op(False, thread, packets))
 
     def read_phys(self, addr: int, n: int) -> bytes:
         """Read guest-physical memory, entering phys mode in the same round trip."""
         if n <= 0:
             return b""
-        packets = self.memory_read_packets(addr, n)
-        return _join_memory(packets, self._memory_op(True, None, packets))
+        packets = memory_read_packets(addr, n, self.read_chunk)
+        return join_memory_replies(packets, self._memory_op(True, None, packets))
 
     def write_phys(self, addr: int, data: bytes) -> None:
         """Write guest-physical memory."""
-        packets = self.memory_write_packets(addr, data)
+        packets = memory_write_packets(addr, data, self.write_chunk)
         if packets:
-            _check_all(packets, self._memory_op(True, None, packets))
+            check_replies(packets, self._memory_op(True, None, packets))
 
     def set_phys_mode(self, on: bool, *, force: bool = False) -> None:
         """``Qqemu.PhyMemMode``: make ``m``/``M`` address guest-physical memory.
@@ -951,7 +927,7 @@ class GdbClient(Closing):
             return
         for payload in before:
             reply = self.recv_reply()
-            _check(payload, reply)
+            check_reply(payload, reply)
 
     def _resumed(self) -> None:
         self.running = True
@@ -1069,11 +1045,11 @@ class GdbClient(Closing):
         start = len(self.console)
         self._send_many([payload])
         reply = self.recv_reply(timeout)
-        _check(payload, reply)
+        check_reply(payload, reply)
         text = b"".join(self.console[start:])
         del self.console[start:]
         if reply != b"OK":
-            text += _unhex(payload, reply)  # stubs may answer with hex output directly
+            text += decode_hex(reply, payload)  # stubs may answer with hex output directly
         return text.decode("utf-8", "replace")
 
     def detach(self) -> None:
@@ -1134,40 +1110,6 @@ def _framed(payload: bytes) -> bytes:
     """``$payload#xx`` for :meth:`GdbClient._hex_roundtrip`, cached: a probe handler
     sends the same few short ``m`` and ``g`` requests over and over."""
     return encode_packet(payload)
-
-
-def _check(sent: bytes, reply: bytes) -> None:
-    code = parse_error_reply(reply)
-    if code is not None:
-        raise GdbErrorReply(code, sent=sent, received=reply)
-    if reply == b"" and sent[:1] not in (b"q", b"v"):
-        raise GdbProtocolError("the stub does not support this packet", sent=sent,
-                               received=reply)
-
-
-def _check_all(packets: Sequence[bytes], replies: Sequence[bytes]) -> None:
-    for p, r in zip(packets, replies, strict=True):
-        _check(p, r)
-
-
-def _unhex(sent: bytes, reply: bytes) -> bytes:
-    try:
-        return binascii.unhexlify(reply)
-    except (binascii.Error, ValueError) as exc:
-        raise GdbProtocolError("malformed hex in reply", sent=sent, received=reply) from exc
-
-
-def _join_memory(packets: list[bytes], replies: list[bytes]) -> bytes:
-    out = bytearray()
-    for p, r in zip(packets, replies, strict=True):
-        _check(p, r)
-        data = _unhex(p, r)
-        want = int(p[p.index(b",") + 1:], 16)
-        if len(data) != want:
-            raise GdbProtocolError(f"short memory reply: {len(data)} of {want} bytes",
-                                   sent=p, received=r)
-        out += data
-    return bytes(out)
 
 
 def _parse_features(reply: bytes) -> dict[str, str]:

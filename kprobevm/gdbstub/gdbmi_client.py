@@ -43,8 +43,17 @@ from kprobevm.errors import (
     GdbProtocolError,
     GdbTimeout,
 )
-from kprobevm.gdbstub.client import BreakpointKind, GdbAddress
-from kprobevm.gdbstub.packet import StopReply, WatchHit, parse_error_reply
+from kprobevm.gdbstub.client import GdbAddress
+from kprobevm.gdbstub.packet import (
+    BreakpointKind,
+    StopReply,
+    WatchHit,
+    check_replies,
+    check_reply,
+    join_memory_replies,
+    memory_read_packets,
+    memory_write_packets,
+)
 from kprobevm.x86.constants import MASK64
 
 __all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
@@ -403,25 +412,17 @@ class GdbMiClient(Closing):
 
     def memory_write_packets(self, addr: int, data: bytes) -> list[bytes]:
         """Raw ``M`` packets for ``data`` at ``addr`` (for :meth:`cont`'s ``before``)."""
-        return [b"M%x,%x:%s" % (addr + i, len(data[i:i + _CHUNK]),
-                                binascii.hexlify(data[i:i + _CHUNK]))
-                for i in range(0, len(data), _CHUNK)]
+        return memory_write_packets(addr, data, _CHUNK)
 
     def read_phys(self, addr: int, n: int) -> bytes:
         """Guest-physical memory: ``maint packet`` in QEMU's PhyMemMode, then back out."""
-        end = addr + n
-        packets = [b"m%x,%x" % (a, min(_CHUNK, end - a)) for a in range(addr, end, _CHUNK)]
-        out = bytearray()
-        for p, r in zip(packets, self._phys(packets), strict=True):
-            _check(p, r)
-            out += _unhex(p, r)
-        return bytes(out)
+        packets = memory_read_packets(addr, n, _CHUNK)
+        return join_memory_replies(packets, self._phys(packets))
 
     def write_phys(self, addr: int, data: bytes) -> None:
         """Write guest-physical memory."""
-        packets = self.memory_write_packets(addr, data)
-        for p, r in zip(packets, self._phys(packets), strict=True):
-            _check(p, r)
+        packets = memory_write_packets(addr, data, _CHUNK)
+        check_replies(packets, self._phys(packets))
 
     def _phys(self, packets: list[bytes]) -> list[bytes]:
         # gdb's own reads must never run in phys mode: switch on, run, switch off.
@@ -436,7 +437,7 @@ class GdbMiClient(Closing):
         if self._phys_mode == on and not force:
             return
         payload = b"Qqemu.PhyMemMode:%d" % int(on)
-        _check(payload, self.packet(payload))
+        check_reply(payload, self.packet(payload))
         self._phys_mode = on
 
     def mode_packets(self, phys: bool) -> list[bytes]:
@@ -523,8 +524,7 @@ class GdbMiClient(Closing):
         del thread, defer  # gdb continues every vCPU (scheduler-locking off)
         if self.running:
             raise GdbError("cont: the target is running (wait_stop or interrupt first)")
-        for payload, reply in zip(before, self.pipeline(before), strict=True):
-            _check(payload, reply)
+        check_replies(before, self.pipeline(before))
         self.command("-exec-continue")
         self.running = True
 
@@ -647,22 +647,6 @@ def _unquote(text: str) -> bytes:
         out += c.encode("latin-1", "replace")
         i += 1
     return bytes(out)
-
-
-def _check(sent: bytes, reply: bytes) -> None:
-    code = parse_error_reply(reply)
-    if code is not None:
-        raise GdbErrorReply(code, sent=sent, received=reply)
-    if reply == b"" and sent[:1] not in (b"q", b"v"):
-        raise GdbProtocolError("the stub does not support this packet", sent=sent,
-                               received=reply)
-
-
-def _unhex(sent: bytes, reply: bytes) -> bytes:
-    try:
-        return binascii.unhexlify(reply)
-    except (binascii.Error, ValueError) as exc:
-        raise GdbProtocolError("malformed hex in reply", sent=sent, received=reply) from exc
 
 
 def _mi_error(cmd: str, msg: str) -> GdbError:
