@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
@@ -18,15 +19,16 @@ from kprobevm.errors import (
     GdbTimeout,
 )
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
+from kprobevm.gdbstub.link import PacketOptions
 from kprobevm.gdbstub.packet import checksum
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 
 def make(target: QemuLike | None = None, *, timeout: float = 1.0,
-         **kw: object) -> tuple[GdbClient, FakeStub, QemuLike]:
+         **options: Unpack[PacketOptions]) -> tuple[GdbClient, FakeStub, QemuLike]:
     target = target or QemuLike()
     stub = FakeStub(target)
-    client = GdbClient(stub.client_sock, timeout=timeout, **kw)  # type: ignore[arg-type]
+    client = GdbClient(stub.client_sock, timeout=timeout, **options)
     client.handshake()
     return client, stub, target
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from kprobevm.closing import Closing
 from kprobevm.errors import GdbError, GdbErrorReply, GdbProtocolError, GdbTimeout
-from kprobevm.gdbstub.client import GdbAddress
 from kprobevm.gdbstub.packet import BreakpointKind, StopReply
+from kprobevm.gdbstub.transport import GdbAddress
 
 __all__ = ["GdbMiTransport"]
 

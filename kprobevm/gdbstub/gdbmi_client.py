@@ -43,7 +43,6 @@ from kprobevm.errors import (
     GdbProtocolError,
     GdbTimeout,
 )
-from kprobevm.gdbstub.client import GdbAddress
 from kprobevm.gdbstub.packet import (
     BreakpointKind,
     StopReply,
@@ -54,6 +53,7 @@ from kprobevm.gdbstub.packet import (
     memory_read_packets,
     memory_write_packets,
 )
+from kprobevm.gdbstub.transport import GdbAddress
 from kprobevm.x86.constants import MASK64
 
 __all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
