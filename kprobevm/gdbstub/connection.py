@@ -79,6 +79,12 @@ class RspConnection(RspLink):
         self._thread: dict[str, str | None] = {"g": None, "c": None}
         """The vCPU the stub uses for register/memory (``g``) and resume (``c``) packets."""
 
+    @property
+    def stop_buffered(self) -> bool:
+        """True when stop replies or unsorted packets wait in our buffers: select() on
+        :meth:`fileno` would not wake for them, so :meth:`poll_stop` first."""
+        return bool(self._stops or self._events)
+
     # -- sending requests and pairing replies ------------------------------------------
 
     def send_packet(self, payload: bytes, *, expects_reply: bool = True) -> None:
