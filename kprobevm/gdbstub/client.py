@@ -32,7 +32,7 @@ from kprobevm.gdbstub.packet import (
     parse_thread_id,
 )
 from kprobevm.gdbstub.regs import RegisterLayout
-from kprobevm.gdbstub.transport import GdbAddress
+from kprobevm.gdbstub.transport import GdbAddress, require_stopped
 
 __all__ = ["BreakpointKind", "ClientStats", "GdbAddress", "GdbClient"]
 
@@ -172,6 +172,7 @@ class GdbClient(RspConnection):
         return reply[2:].decode("ascii")
 
     def _select_packets(self, op: str, thread: str | None) -> list[bytes]:
+        """The ``Hg``/``Hc`` that makes ``thread`` the one for ``op`` (none if it is)."""
         if thread is None or self._thread.get(op) == thread:
             return []
         return [b"H%s%s" % (op.encode(), thread.encode())]
@@ -428,7 +429,7 @@ class GdbClient(RspConnection):
         ``defer`` they are not even waited for: each is checked when it arrives, ahead of
         the next stop reply (an ``Exx`` then raises from ``wait_stop``/``poll_stop``).
         """
-        self._require_stopped("cont")
+        require_stopped(self.running, "cont")
         resume = b"c" if thread is None else b"vCont;c:%s" % thread.encode()
         self._send_many([*before, resume], no_reply=resume)
         self._resumed()
@@ -440,13 +441,14 @@ class GdbClient(RspConnection):
             check_reply(payload, reply)
 
     def _resumed(self) -> None:
+        """The target runs: the registers we remember will not be true at its stop."""
         self.running = True
         self._reg_cache = None
 
     def step(self, thread: str | None = None, *, wait: bool = True,
              timeout: float | None = None) -> StopReply | None:
         """Single-step one vCPU (``vCont;s:thread``); returns its stop reply when ``wait``."""
-        self._require_stopped("step")
+        require_stopped(self.running, "step")
         thread = thread or self._thread["c"] or self._thread["g"]
         payload = b"vCont;s:%s" % thread.encode() if thread else b"s"
         self._send_many([payload], no_reply=payload)
@@ -481,6 +483,7 @@ class GdbClient(RspConnection):
 
 
 def _parse_features(reply: bytes) -> dict[str, str]:
+    """A ``qSupported`` reply as {feature: value}; ``name+`` gives "+", ``name-`` nothing."""
     out: dict[str, str] = {}
     for item in reply.decode("ascii", "replace").split(";"):
         if not item:
@@ -497,4 +500,5 @@ def _parse_features(reply: bytes) -> dict[str, str]:
 
 
 def _pow2_floor(n: int) -> int:
+    """The largest power of two not above ``n`` (1 at least)."""
     return 1 << (max(n, 1).bit_length() - 1)

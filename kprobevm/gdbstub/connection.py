@@ -105,6 +105,8 @@ class RspConnection(RspLink):
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
 
     def _next_packet(self, deadline: float | None, sent: bytes | None) -> Packet | None:
+        """The next received packet, waiting until ``deadline``; None if none came (or a
+        notification did)."""
         while not self._events:
             if not self._fill(deadline, sent):
                 return None
@@ -164,8 +166,8 @@ class RspConnection(RspLink):
         check_reply(req.payload, payload)
 
     def _abandon(self) -> None:
-        # Replies still owed are discarded when they arrive, so they never pair with a
-        # newer request.
+        """After a timeout: replies still owed are discarded when they arrive, so they
+        never pair with a newer request."""
         self._abandoned = len(self._outstanding)
         self._unacked.clear()
 
@@ -348,10 +350,6 @@ class RspConnection(RspLink):
         if not wait:
             return None
         return self.wait_stop(timeout if timeout is not None else self.timeout)
-
-    def _require_stopped(self, what: str) -> None:
-        if self.running:
-            raise GdbError(f"{what}: the target is running (wait_stop or interrupt first)")
 
     def wait_stop(self, timeout: float | None = None) -> StopReply:
         """Block until the target stops (a queued stop first); None waits forever."""

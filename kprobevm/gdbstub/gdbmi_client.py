@@ -38,7 +38,7 @@ from kprobevm.gdbstub.packet import (
     memory_read_packets,
     memory_write_packets,
 )
-from kprobevm.gdbstub.transport import GdbAddress
+from kprobevm.gdbstub.transport import GdbAddress, require_stopped
 from kprobevm.x86.constants import MASK64
 
 __all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
@@ -143,6 +143,7 @@ class GdbMiClient(MiSession):
         return gdb_num, int.from_bytes(binascii.unhexlify(value), "little")
 
     def _write_gdb_registers(self, writes: Sequence[tuple[int, int]]) -> None:
+        """(gdb register number, value) pairs in one ``-data-write-register-values``."""
         pairs = " ".join(f"{num} {value:#x}" for num, value in writes)
         self.command(f"-data-write-register-values x {pairs}")
 
@@ -228,7 +229,8 @@ class GdbMiClient(MiSession):
         check_replies(packets, self._phys(packets))
 
     def _phys(self, packets: list[bytes]) -> list[bytes]:
-        # gdb's own reads must never run in phys mode: switch on, run, switch off.
+        """Raw packets' replies in PhyMemMode; gdb's own reads must never run in it, so
+        the mode is switched on for them and off again."""
         self.set_phys_mode(True)
         try:
             return [self.packet(p) for p in packets]
@@ -256,6 +258,7 @@ class GdbMiClient(MiSession):
     # -- threads -------------------------------------------------------------------------------
 
     def _refresh_threads(self) -> None:
+        """Learn gdb's thread numbers and the RSP ids they stand for (``-thread-info``)."""
         res = self.command("-thread-info")
         self._threads = {}
         for t in res.get("threads", []):
@@ -264,6 +267,7 @@ class GdbMiClient(MiSession):
                 self._threads[str(t["id"])] = f"p{int(m[1], 16):02x}.{int(m[2], 16):02x}"
 
     def _gdb_thread(self, thread: str) -> str:
+        """gdb's number for an RSP thread id (asking gdb again once if it is new)."""
         for _ in range(2):
             for num, tid in self._threads.items():
                 if tid == thread:
@@ -272,6 +276,7 @@ class GdbMiClient(MiSession):
         raise GdbError(f"gdb knows no thread {thread!r}")
 
     def _thread_opt(self, thread: str | None) -> str:
+        """The ``--thread`` option for ``thread`` (none for the current one)."""
         return "" if thread is None else f" --thread {self._gdb_thread(thread)}"
 
     def threads(self) -> list[str]:
@@ -320,14 +325,14 @@ class GdbMiClient(MiSession):
         each command before the next.
         """
         del thread, defer  # gdb continues every vCPU (scheduler-locking is for steps)
-        self._require_stopped("cont")
+        require_stopped(self.running, "cont")
         check_replies(before, self.pipeline(before))
         self._resume("-exec-continue")
 
     def step(self, thread: str | None = None, *, wait: bool = True,
              timeout: float | None = None) -> StopReply | None:
         """Single-step one vCPU (``-exec-step-instruction``); its stop when ``wait``."""
-        self._require_stopped("step")
+        require_stopped(self.running, "step")
         self._resume(f"-exec-step-instruction{self._thread_opt(thread)}")
         return self.wait_stop(timeout if timeout is not None else self.timeout) if wait else None
 

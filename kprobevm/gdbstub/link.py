@@ -174,6 +174,7 @@ class RspLink(Closing):
             view = view[n:]
 
     def _hang_up(self) -> None:
+        """The socket failed or the stub closed it: nothing more can be said."""
         self._closed = True
         self._sock.close()
 
@@ -245,11 +246,13 @@ class RspLink(Closing):
                 log.debug("notification ignored: %r", ev.payload[:80])
 
     def _flush_acks(self) -> None:
+        """Send the acks we owe now, not with our next packet."""
         if self._pending_ack:
             ack, self._pending_ack = self._pending_ack, b""
             self._send(ack)
 
     def _retransmit(self, sent: bytes | None) -> None:
+        """Answer a ``-``: the oldest unacknowledged packet again, a few times at most."""
         if not self._unacked:
             return  # a NAK for nothing outstanding (QEMU NAKs garbage it saw)
         req = self._unacked.popleft()
@@ -263,6 +266,7 @@ class RspLink(Closing):
 
 
 def _set_kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """SO_RCVTIMEO/SO_SNDTIMEO: a blocking call on the socket gives up after ``timeout``."""
     tv = struct.pack("@ll", int(timeout), int((timeout % 1) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)

@@ -170,6 +170,7 @@ class MiSession(Closing):
                 self._note(rec)
 
     def _note(self, rec: Record) -> None:
+        """Keep a record read on the way if it is a ``*stopped``; others are dropped."""
         if rec.get("type") == "notify" and rec.get("message") == "stopped":
             self._events.append(rec)
 
@@ -235,6 +236,7 @@ class MiSession(Closing):
         return out
 
     def _register_number(self, name: str) -> int:
+        """gdb's number for a register name (a GdbError if gdb has none)."""
         try:
             return self._gdb_num[name]
         except KeyError:
@@ -257,6 +259,7 @@ class MiSession(Closing):
         return bytes(out[:n])
 
     def _write_memory_bytes(self, addr: int, data: bytes, where: str = "") -> None:
+        """Write ``data`` at ``addr`` (``where``: a ``--thread`` option)."""
         if data:
             self.command(f"-data-write-memory-bytes{where} {addr:#x} {data.hex()}")
 
@@ -275,10 +278,6 @@ class MiSession(Closing):
         return self.command(f'-break-watch{flag} "*({size} *){addr:#x}"')
 
     # -- run control -------------------------------------------------------------------
-
-    def _require_stopped(self, what: str) -> None:
-        if self.running:
-            raise GdbError(f"{what}: the target is running (wait_stop or interrupt first)")
 
     def _resume(self, cmd: str) -> None:
         """Run a resuming command (``-exec-continue``, a step): the target runs."""
@@ -321,6 +320,7 @@ class MiSession(Closing):
         return self._take_stop()
 
     def _take_stop(self) -> StopReply:
+        """The oldest ``*stopped`` record as a stop reply: the target is stopped."""
         stop = self._stop_from_mi(self._events.popleft().get("payload") or {})
         self.running = False
         self.last_stop = stop
@@ -392,6 +392,7 @@ def _unquote(text: str) -> bytes:
 
 
 def _mi_error(cmd: str, msg: str) -> GdbError:
+    """An ``^error`` as the error the stub's reply would be (``E0e`` for memory)."""
     if "Cannot access memory" in msg or "Unable to read memory" in msg:
         return GdbErrorReply(EFAULT, sent=cmd.encode(), received=msg.encode())
     return GdbProtocolError(f"gdb refused: {msg}", sent=cmd.encode(), received=msg.encode())

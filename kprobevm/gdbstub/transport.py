@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from kprobevm.errors import GdbError
 from kprobevm.gdbstub.packet import BreakpointKind, StopReply
 
-__all__ = ["GdbAddress", "GdbTransport"]
+__all__ = ["GdbAddress", "GdbTransport", "require_stopped"]
 
 GdbAddress = str | Path | tuple[str, int]
 """A gdbstub address: a unix socket path, or (host, port)."""
@@ -128,3 +129,9 @@ class GdbTransport(Protocol):
 
     def remove_breakpoint(self, kind: BreakpointKind | int, addr: int, length: int = 1) -> None:
         """Remove what :meth:`insert_breakpoint` set."""
+
+
+def require_stopped(running: bool, what: str) -> None:
+    """Refuse a resume (``what``) while the target runs: only its stop may come then."""
+    if running:
+        raise GdbError(f"{what}: the target is running (wait_stop or interrupt first)")
