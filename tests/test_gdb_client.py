@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -271,9 +272,17 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.fixture(scope="module")
 def qemu_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A paused BIOS-only QEMU with two vCPUs, shared by a module's tests."""
+    with paused_qemu(tmp_path_factory.mktemp("gdb")) as sock:
+        yield sock
+
+
+@contextlib.contextmanager
+def paused_qemu(directory: Path) -> Iterator[Path]:
+    """Start QEMU paused at the reset vector; its gdbstub's socket path."""
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 not installed")
-    sock = tmp_path_factory.mktemp("gdb") / "g.sock"
+    sock = directory / "g.sock"
     proc = subprocess.Popen(
         [QEMU, "-nodefaults", "-display", "none", "-S", "-smp", "2", "-m", "64M",
          "-gdb", f"unix:{sock},server,nowait"],
