@@ -59,7 +59,7 @@ class GdbClient(RspConnection):
         """The selected thread's registers as last read or written. A resume drops them
         (whatever stop ends it), and so does a thread switch."""
 
-    # -- connection --------------------------------------------------------------------
+    # -- connection ------------------------------------------------------------------------
 
     @classmethod
     def connect(
@@ -116,7 +116,7 @@ class GdbClient(RspConnection):
         if self.features.get("qXfer:features:read") == "+":
             _ = self.layout  # learn the registers now, not on the first probe hit
 
-    # -- features ----------------------------------------------------------------------
+    # -- features --------------------------------------------------------------------------
 
     def read_xfer(self, obj: str, annex: str) -> bytes:
         """Read a whole ``qXfer:<obj>:read:<annex>`` object (``m`` chunks until ``l``)."""
@@ -145,7 +145,7 @@ class GdbClient(RspConnection):
             )
         return self._layout
 
-    # -- threads -----------------------------------------------------------------------
+    # -- threads ---------------------------------------------------------------------------
 
     def threads(self) -> list[str]:
         """Thread ids (vCPUs, ``p01.01`` ...) via qfThreadInfo/qsThreadInfo."""
@@ -200,7 +200,7 @@ class GdbClient(RspConnection):
             self._selected("g", thread)
         return replies[len(pre):]
 
-    # -- registers ---------------------------------------------------------------------
+    # -- registers -------------------------------------------------------------------------
 
     def read_registers(self, thread: str | None = None, *, wide: bool = True) -> dict[str, int]:
         """All registers of ``thread`` (or the current g thread) with one ``g``.
@@ -311,7 +311,7 @@ class GdbClient(RspConnection):
         if self._reg_cache is not None:
             self._reg_cache[1][name] = value
 
-    # -- memory ------------------------------------------------------------------------
+    # -- memory ----------------------------------------------------------------------------
 
     @property
     def packet_size(self) -> int:
@@ -407,7 +407,7 @@ class GdbClient(RspConnection):
         """The current ``PhyMemMode`` (None before the handshake set it)."""
         return self._phys_mode
 
-    # -- breakpoints -------------------------------------------------------------------
+    # -- breakpoints -----------------------------------------------------------------------
 
     def insert_breakpoint(self, kind: BreakpointKind | int, addr: int, length: int = 1) -> None:
         """``Z<kind>,addr,length`` (length is the instruction kind for Z0/Z1: 1 on x86)."""
@@ -417,7 +417,7 @@ class GdbClient(RspConnection):
         """``z<kind>,addr,length``."""
         self.request_ok(b"z%d,%x,%x" % (int(kind), addr, length))
 
-    # -- execution ---------------------------------------------------------------------
+    # -- execution -------------------------------------------------------------------------
 
     def cont(
         self, *, before: Sequence[bytes] = (), thread: str | None = None, defer: bool = False
@@ -455,7 +455,7 @@ class GdbClient(RspConnection):
         self._resumed()
         return self.wait_stop(timeout if timeout is not None else self.timeout) if wait else None
 
-    # -- monitor and detach ------------------------------------------------------------
+    # -- monitor and detach ----------------------------------------------------------------
 
     def monitor(self, command: str, timeout: float | None = None) -> str:
         """Run a QEMU monitor command (``qRcmd``); returns its output text."""
@@ -479,7 +479,7 @@ class GdbClient(RspConnection):
             self.close()
 
 
-# -- helpers --------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------
 
 
 def _parse_features(reply: bytes) -> dict[str, str]:

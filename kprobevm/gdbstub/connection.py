@@ -85,7 +85,7 @@ class RspConnection(RspLink):
         :meth:`fileno` would not wake for them, so :meth:`poll_stop` first."""
         return bool(self._stops or self._events)
 
-    # -- sending requests and pairing replies ------------------------------------------
+    # -- sending requests and pairing replies ----------------------------------------------
 
     def send_packet(self, payload: bytes, *, expects_reply: bool = True) -> None:
         """Frame and send one packet (payload already escaped where binary)."""
@@ -195,7 +195,7 @@ class RspConnection(RspLink):
         self._thread["g"] = self._thread["c"] = stop.thread
         self._stops.append(stop)
 
-    # -- requests ----------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------
 
     def request(self, payload: bytes, timeout: float | None = None) -> bytes:
         """Send one packet and return its reply; ``Exx`` raises GdbErrorReply."""
@@ -241,7 +241,7 @@ class RspConnection(RspLink):
             replies.append(self.recv_reply())
         return replies
 
-    # -- the fast path -----------------------------------------------------------------
+    # -- the fast path ---------------------------------------------------------------------
 
     def _fast_exchange(self, payloads: Sequence[bytes]) -> list[bytes] | None:
         """The hot path: send ``payloads`` in one write, read until every reply has ended.
@@ -339,7 +339,7 @@ class RspConnection(RspLink):
         if got:
             self._absorb(got, payloads[0])
 
-    # -- stops -------------------------------------------------------------------------
+    # -- stops -----------------------------------------------------------------------------
 
     def interrupt(self, *, wait: bool = True, timeout: float | None = None) -> StopReply | None:
         """Stop a running target with ``\\x03``; a no-op when it is stopped (QEMU would

@@ -55,16 +55,13 @@ _NARROW = (
 ENGINE_SETTINGS = (*BASE_SETTINGS, "breakpoint always-inserted on", "code-cache off",
                    "stack-cache off", "can-use-hw-watchpoints 1")
 """For the engine: see the module docstring."""
-_WATCH_REASONS = {
-    "watchpoint-trigger": "watch",
-    "read-watchpoint-trigger": "rwatch",
-    "access-watchpoint-trigger": "awatch",
-}
+_WATCH_REASONS = ("watchpoint-trigger", "read-watchpoint-trigger", "access-watchpoint-trigger")
 _THREAD_TARGET_ID = re.compile(r"Thread (?:p)?([0-9a-fA-F]+)\.([0-9a-fA-F]+)")
 
 
 class GdbMiClient(MiSession):
-    """GdbClient's engine-facing interface over GDB/MI; :meth:`connect` makes one."""
+    """A :class:`~kprobevm.gdbstub.transport.GdbTransport` over GDB/MI, as GdbClient is
+    one over RSP; :meth:`connect` makes one."""
 
     _remote_num: dict[int, int]
     """Remote (``P`` packet) register number -> gdb register number."""
@@ -108,7 +105,7 @@ class GdbMiClient(MiSession):
                 out[int(remote)] = int(cols[1])
         return out
 
-    # -- raw packets -------------------------------------------------------------------
+    # -- raw packets -----------------------------------------------------------------------
 
     def pipeline(self, payloads: Sequence[bytes], *, window: int = 32) -> list[bytes]:
         """Replies to packets in order; ``P`` register writes go through gdb itself."""
@@ -147,7 +144,7 @@ class GdbMiClient(MiSession):
         pairs = " ".join(f"{num} {value:#x}" for num, value in writes)
         self.command(f"-data-write-register-values x {pairs}")
 
-    # -- registers --------------------------------------------------------------------------
+    # -- registers -------------------------------------------------------------------------
 
     def read_registers(self, thread: str | None = None, *, wide: bool = True) -> dict[str, int]:
         """Registers by gdb name (``wide=False``: general and system registers only)."""
@@ -204,7 +201,7 @@ class GdbMiClient(MiSession):
                 (value & MASK64).to_bytes(8, "little"))))
         return out
 
-    # -- memory ------------------------------------------------------------------------------
+    # -- memory ----------------------------------------------------------------------------
 
     def read_memory(self, addr: int, n: int, thread: str | None = None) -> bytes:
         """``n`` bytes of virtual memory through gdb (``-data-read-memory-bytes``)."""
@@ -253,9 +250,10 @@ class GdbMiClient(MiSession):
 
     @property
     def phys_mode(self) -> bool:
+        """False: gdb's stub leaves PhyMemMode as soon as the raw packets that need it ran."""
         return self._phys_mode
 
-    # -- threads -------------------------------------------------------------------------------
+    # -- threads ---------------------------------------------------------------------------
 
     def _refresh_threads(self) -> None:
         """Learn gdb's thread numbers and the RSP ids they stand for (``-thread-info``)."""
@@ -291,7 +289,7 @@ class GdbMiClient(MiSession):
         if op == "g":
             self.command(f"-thread-select {self._gdb_thread(thread)}")
 
-    # -- breakpoints ---------------------------------------------------------------------------
+    # -- breakpoints -----------------------------------------------------------------------
 
     def insert_breakpoint(self, kind: BreakpointKind | int, addr: int, length: int = 1) -> None:
         """A gdb breakpoint or watchpoint (``Z2`` becomes an ``awatch``: see the module)."""
@@ -315,7 +313,7 @@ class GdbMiClient(MiSession):
         self._watch.pop(number, None)
         self.command(f"-break-delete {number}")
 
-    # -- run control ----------------------------------------------------------------------------
+    # -- run control -----------------------------------------------------------------------
 
     def cont(self, *, before: Sequence[bytes] = (), thread: str | None = None,
              defer: bool = False) -> None:

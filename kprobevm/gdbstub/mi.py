@@ -118,7 +118,7 @@ class MiSession(Closing):
         self._names = list(self.command("-data-list-register-names")["register-names"])
         self._gdb_num = {name: i for i, name in enumerate(self._names) if name}
 
-    # -- MI plumbing -------------------------------------------------------------------
+    # -- MI plumbing -----------------------------------------------------------------------
 
     def fileno(self) -> int:
         """gdb's stdout pipe, to select() on (after :attr:`stop_buffered`)."""
@@ -222,7 +222,7 @@ class MiSession(Closing):
         raise GdbProtocolError("gdb printed no reply to maint packet", sent=payload,
                                received=text.encode())
 
-    # -- registers, memory, breakpoints ------------------------------------------------
+    # -- registers, memory, breakpoints ----------------------------------------------------
 
     def _register_values(self, res: dict[str, Any]) -> dict[str, int]:
         """The values of a ``-data-list-register-values x`` result, by register name."""
@@ -277,7 +277,7 @@ class MiSession(Closing):
         size = _WATCH_TYPES.get(length, "char")
         return self.command(f'-break-watch{flag} "*({size} *){addr:#x}"')
 
-    # -- run control -------------------------------------------------------------------
+    # -- run control -----------------------------------------------------------------------
 
     def _resume(self, cmd: str) -> None:
         """Run a resuming command (``-exec-continue``, a step): the target runs."""
@@ -332,7 +332,7 @@ class MiSession(Closing):
         thread = str(payload.get("thread-id", ""))
         return stop_reply(payload, thread or None)
 
-    # -- lifetime ----------------------------------------------------------------------
+    # -- lifetime --------------------------------------------------------------------------
 
     def detach(self) -> None:
         """Let the VM run on without gdb (``-target-detach``), then close."""

@@ -27,7 +27,7 @@ class GdbTransport(Protocol):
     running: bool
     """True between a resume and the stop that ends it."""
 
-    # -- lifetime ----------------------------------------------------------------------
+    # -- lifetime --------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -39,7 +39,7 @@ class GdbTransport(Protocol):
     def detach(self) -> None:
         """Let the VM run on without us, then close."""
 
-    # -- run control -------------------------------------------------------------------
+    # -- run control -----------------------------------------------------------------------
 
     def fileno(self) -> int:
         """A descriptor to select() on for stops (after :attr:`stop_buffered`)."""
@@ -64,7 +64,7 @@ class GdbTransport(Protocol):
     def poll_stop(self) -> StopReply | None:
         """A stop if one has arrived, without blocking."""
 
-    # -- packets sent with the next resume -----------------------------------------------
+    # -- packets sent with the next resume -------------------------------------------------
 
     def pipeline(self, payloads: Sequence[bytes], *, window: int = 32) -> list[bytes]:
         """Raw packets' replies, in order (``Exx`` included)."""
@@ -80,7 +80,7 @@ class GdbTransport(Protocol):
     ) -> list[bytes]:
         """``P`` packets that write ``values`` (selecting ``thread`` first)."""
 
-    # -- memory ------------------------------------------------------------------------
+    # -- memory ----------------------------------------------------------------------------
 
     def read_memory(self, addr: int, n: int, thread: str | None = None) -> bytes:
         """``n`` bytes of virtual memory at ``addr``."""
@@ -94,7 +94,7 @@ class GdbTransport(Protocol):
     def write_phys(self, addr: int, data: bytes) -> None:
         """Write guest-physical memory."""
 
-    # -- registers and threads ---------------------------------------------------------
+    # -- registers and threads -------------------------------------------------------------
 
     def read_registers(self, thread: str | None = None, *, wide: bool = True) -> dict[str, int]:
         """Registers by gdb name (``wide=False``: no x87/xmm)."""
@@ -122,7 +122,7 @@ class GdbTransport(Protocol):
     def select_thread(self, op: str, thread: str) -> None:
         """The vCPU later ``g`` (registers, memory) or ``c`` (resume) operations use."""
 
-    # -- breakpoints -------------------------------------------------------------------
+    # -- breakpoints -----------------------------------------------------------------------
 
     def insert_breakpoint(self, kind: BreakpointKind | int, addr: int, length: int = 1) -> None:
         """A breakpoint or watchpoint (``Z`` packet kinds)."""
