@@ -2,8 +2,8 @@
 
 :class:`~kprobevm.gdbstub.client.GdbClient` (RSP over a socket) is the one the engine
 runs on; :class:`~kprobevm.gdbstub.gdbmi_client.GdbMiClient` (a real gdb over GDB/MI)
-stands in for it in benchmarks. Run control, the trap channel, guest memory and the
-recovery tool use nothing else.
+stands in for it in benchmarks. The members are those that run control, the trap
+channels, guest memory, the kretprobe and recovery code and the benchmarks call.
 """
 
 from __future__ import annotations
