@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
@@ -18,15 +20,16 @@ from kprobevm.errors import (
     GdbTimeout,
 )
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
+from kprobevm.gdbstub.link import PacketOptions
 from kprobevm.gdbstub.packet import checksum
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 
 def make(target: QemuLike | None = None, *, timeout: float = 1.0,
-         **kw: object) -> tuple[GdbClient, FakeStub, QemuLike]:
+         **options: Unpack[PacketOptions]) -> tuple[GdbClient, FakeStub, QemuLike]:
     target = target or QemuLike()
     stub = FakeStub(target)
-    client = GdbClient(stub.client_sock, timeout=timeout, **kw)  # type: ignore[arg-type]
+    client = GdbClient(stub.client_sock, timeout=timeout, **options)
     client.handshake()
     return client, stub, target
 
@@ -269,9 +272,17 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.fixture(scope="module")
 def qemu_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A paused BIOS-only QEMU with two vCPUs, shared by a module's tests."""
+    with paused_qemu(tmp_path_factory.mktemp("gdb")) as sock:
+        yield sock
+
+
+@contextlib.contextmanager
+def paused_qemu(directory: Path) -> Iterator[Path]:
+    """Start QEMU paused at the reset vector; its gdbstub's socket path."""
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 not installed")
-    sock = tmp_path_factory.mktemp("gdb") / "g.sock"
+    sock = directory / "g.sock"
     proc = subprocess.Popen(
         [QEMU, "-nodefaults", "-display", "none", "-S", "-smp", "2", "-m", "64M",
          "-gdb", f"unix:{sock},server,nowait"],

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kprobevm.errors import GdbProtocolError
+from kprobevm.errors import GdbErrorReply, GdbProtocolError
 from kprobevm.gdbstub.packet import (
     ACK,
     NAK,
@@ -19,6 +19,8 @@ from kprobevm.gdbstub.packet import (
     PacketReader,
     StopReply,
     WatchHit,
+    check_replies,
+    check_reply,
     checksum,
     decode_console_output,
     decode_hex,
@@ -28,6 +30,9 @@ from kprobevm.gdbstub.packet import (
     hex_checksum,
     is_console_output,
     is_stop_reply,
+    join_memory_replies,
+    memory_read_packets,
+    memory_write_packets,
     parse_error_reply,
     parse_memory_request,
     parse_stop_reply,
@@ -187,6 +192,26 @@ def test_classifiers() -> None:
     assert decode_hex(b"00ff") == b"\x00\xff"
     with pytest.raises(GdbProtocolError):
         decode_hex(b"0g")
+
+
+def test_reply_checks_and_memory_requests() -> None:
+    check_reply(b"m1000,8", b"0011223344556677")
+    check_reply(b"qC", b"")  # a query may answer empty
+    with pytest.raises(GdbErrorReply) as exc:
+        check_replies([b"Hgp01.01", b"g"], [b"OK", b"E14"])
+    assert exc.value.code == 0x14 and exc.value.sent == b"g"
+    with pytest.raises(GdbProtocolError):
+        check_reply(b"Z9,0,1", b"")  # an unknown packet
+    with pytest.raises(GdbProtocolError) as bad:
+        decode_hex(b"0g", b"p10")
+    assert bad.value.sent == b"p10"
+    assert memory_read_packets(0x1ffe, 0x404, 0x400) == [b"m1ffe,2", b"m2000,400",
+                                                        b"m2400,2"]
+    assert memory_read_packets(0x1000, 0, 0x400) == []
+    assert memory_write_packets(0x3ff, b"\x01\x02", 0x400) == [b"M3ff,1:01", b"M400,1:02"]
+    assert join_memory_replies([b"m0,1", b"m1,2"], [b"aa", b"bbcc"]) == b"\xaa\xbb\xcc"
+    with pytest.raises(GdbProtocolError, match="short memory reply"):
+        join_memory_replies([b"m0,2"], [b"aa"])
 
 
 def test_thread_ids() -> None:

@@ -1,4 +1,4 @@
-"""GdbMiTransport: a real gdb driven through pygdbmi, against a paused BIOS-only QEMU."""
+"""The gdb/MI adapters: a real gdb driven through pygdbmi, against a paused BIOS-only QEMU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from kprobevm.errors import GdbErrorReply
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
 from kprobevm.gdbstub.gdbmi import GdbMiTransport
-from tests.test_gdb_client import qemu_sock  # noqa: F401  (fixture)
+from kprobevm.gdbstub.gdbmi_client import GdbMiClient
+from tests.test_gdb_client import paused_qemu, qemu_sock  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
 
@@ -39,3 +40,22 @@ def test_gdbmi_matches_our_client(qemu_sock: Path) -> None:  # noqa: F811
         mi.cont()
         stop = mi.interrupt()
         assert stop is not None and not mi.running
+
+
+@pytest.mark.vm
+def test_gdbmi_client_steps_one_vcpu(tmp_path: Path) -> None:
+    # A QEMU of its own: a vCPU that ran may sit in hlt, and a halted vCPU never steps.
+    with paused_qemu(tmp_path) as sock, GdbMiClient(sock, timeout=10.0) as mi:
+        assert mi.threads() == ["p01.01", "p01.02"]
+        assert mi.read_registers("p01.01", wide=False)["rip"] == 0xFFF0
+        ap = mi.read_register("rip", thread="p01.02")
+        stop = mi.step("p01.01")
+        assert stop is not None and stop.thread == "p01.01" and not mi.running
+        assert mi.read_register("rip", thread="p01.01") != 0xFFF0  # the far jump ran
+        assert mi.read_register("rip", thread="p01.02") == ap  # the other vCPU did not
+        mi.write_memory(0x30000, b"phys")
+        assert mi.read_phys(0x30000, 4) == b"phys"
+        mi.cont()
+        assert mi.poll_stop() is None
+        stop = mi.interrupt()
+        assert stop is not None and stop.signal == 2 and not mi.running

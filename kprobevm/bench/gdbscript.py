@@ -3,7 +3,7 @@
 ``gdb_python``: a ``gdb.Breakpoint`` subclass whose ``stop()`` counts and returns False.
 ``gdb_commands``: ``break *ADDR`` with ``commands / silent / continue / end``. gdb is
 driven over GDB/MI (pygdbmi) while the workload runs over SSH. Every breakpoint stop
-makes QEMU flush its whole TCG cache (FACTS.md), so these get a small workload.
+makes QEMU flush its whole TCG cache, so these get a small workload.
 The VM's own gdbstub client must not be open: QEMU serves one gdb at a time.
 """
 
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, Run, run_opens
 from kprobevm.errors import GdbError, GdbTimeout
-from kprobevm.gdbstub.gdbmi_client import BASE_SETTINGS, GdbMiClient
+from kprobevm.gdbstub.gdbmi_client import GdbMiClient
+from kprobevm.gdbstub.mi import BASE_SETTINGS
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM

@@ -15,43 +15,34 @@ gdb quirks this adapter works around:
 - gdb removes breakpoints at each stop unless ``breakpoint always-inserted`` is on.
 - gdb caches code and stack memory; ``maint packet`` writes bypass it, so both caches
   are off.
-- Stop records read while waiting for a command's result stay queued in ``_events``
-  and ``running`` stays true until :meth:`poll_stop`/:meth:`wait_stop` takes them (the
-  engine's trap thread looks at both, as it does with GdbClient).
+- gdb lets every vCPU run while it steps one unless ``scheduler-locking`` is ``step``
+  (then it sends ``vCont;s`` for the one vCPU, as GdbClient does).
 """
 
 from __future__ import annotations
 
 import binascii
-import contextlib
-import itertools
-import os
 import re
-import select
-import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kprobevm.closing import Closing
-from kprobevm.errors import (
-    GdbConnectionClosed,
-    GdbError,
-    GdbErrorReply,
-    GdbProtocolError,
-    GdbTimeout,
+from kprobevm.errors import GdbError, GdbErrorReply, GdbProtocolError
+from kprobevm.gdbstub.mi import BASE_SETTINGS, MiSession, MiStats, stop_reply
+from kprobevm.gdbstub.packet import (
+    BreakpointKind,
+    StopReply,
+    WatchHit,
+    check_replies,
+    check_reply,
+    join_memory_replies,
+    memory_read_packets,
+    memory_write_packets,
 )
-from kprobevm.gdbstub.client import BreakpointKind, GdbAddress
-from kprobevm.gdbstub.packet import StopReply, WatchHit, parse_error_reply
+from kprobevm.gdbstub.transport import GdbAddress, require_stopped
 from kprobevm.x86.constants import MASK64
 
 __all__ = ["BASE_SETTINGS", "ENGINE_SETTINGS", "GdbMiClient", "MiStats"]
 
-Record = dict[str, Any]
-
-DEFAULT_TIMEOUT = 10.0
 _CHUNK = 0x400
 """Bytes per raw ``m``/``M`` packet: QEMU drops a packet that fills its 4 KiB buffer."""
 _NARROW = (
@@ -61,97 +52,40 @@ _NARROW = (
     "fs_base", "gs_base", "k_gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
 )  # fmt: skip
 """What ``read_registers(wide=False)`` returns: no x87/xmm (as GdbClient)."""
-BASE_SETTINGS = ("pagination off", "confirm off", "mi-async on", "architecture i386:x86-64")
-"""What any scripted gdb on a QEMU gdbstub sets (mi-async: commands while it runs)."""
 ENGINE_SETTINGS = (*BASE_SETTINGS, "breakpoint always-inserted on", "code-cache off",
                    "stack-cache off", "can-use-hw-watchpoints 1")
 """For the engine: see the module docstring."""
-_SIGNALS = {"SIGTRAP": 5, "SIGINT": 2, "0": 0}
-_WATCH_REASONS = {
-    "watchpoint-trigger": "watch",
-    "read-watchpoint-trigger": "rwatch",
-    "access-watchpoint-trigger": "awatch",
-}
+_WATCH_REASONS = ("watchpoint-trigger", "read-watchpoint-trigger", "access-watchpoint-trigger")
 _THREAD_TARGET_ID = re.compile(r"Thread (?:p)?([0-9a-fA-F]+)\.([0-9a-fA-F]+)")
 
 
-@dataclass
-class MiStats:
-    """Counters for the conversation (mutable: the client updates them)."""
+class GdbMiClient(MiSession):
+    """A :class:`~kprobevm.gdbstub.transport.GdbTransport` over GDB/MI, as GdbClient is
+    one over RSP; :meth:`connect` makes one."""
 
-    commands: int = 0
-    raw_packets: int = 0
-    stops: int = 0
+    _remote_num: dict[int, int]
+    """Remote (``P`` packet) register number -> gdb register number."""
+    _threads: dict[str, str]
+    """gdb thread number -> RSP thread id (``p01.02``)."""
+    _phys_mode: bool
+    """Whether the stub is in QEMU's PhyMemMode (only inside :meth:`_phys`)."""
+    _watch: dict[str, tuple[str, int]]
+    """gdb breakpoint number -> (watch kind, address)."""
+    _breaks: dict[tuple[int, int], str]
+    """(kind, address) -> gdb breakpoint number."""
 
+    settings = ENGINE_SETTINGS
 
-class GdbMiClient(Closing):
-    """GdbClient's engine-facing interface over GDB/MI; :meth:`connect` makes one."""
-
-    def __init__(
-        self,
-        address: GdbAddress,
-        *,
-        gdb: str = "gdb",
-        timeout: float = DEFAULT_TIMEOUT,
-        settings: Sequence[str] = ENGINE_SETTINGS,
-    ) -> None:
-        from pygdbmi.gdbcontroller import GdbController
-
-        self.timeout = timeout
-        self._settings = tuple(settings)
-        self.stats = MiStats()
-        self.running = False
-        self.last_stop: StopReply | None = None
-        self._stops: deque[StopReply] = deque()
-        self._events: deque[Record] = deque()
-        """``*stopped`` records read but not yet handed out."""
-        self._tokens = itertools.count(1)
-        self._buf = b""
-        self._closed = False
-        self._phys_mode = False
-        self._gdb_num: dict[str, int] = {}
-        self._remote_num: dict[int, int] = {}
-        """Remote (``P`` packet) register number -> gdb register number."""
-        self._names: list[str] = []
-        self._threads: dict[str, str] = {}
-        """gdb thread number -> RSP thread id (``p01.02``)."""
-        self._watch: dict[str, tuple[str, int]] = {}
-        """gdb breakpoint number -> (watch kind, address)."""
-        self._breaks: dict[tuple[int, int], str] = {}
-        """(kind, address) -> gdb breakpoint number."""
-        self._process = GdbController(
-            command=[gdb, "--nx", "--quiet", "--interpreter=mi3"],
-            time_to_check_for_additional_output_sec=0,
-        )
-        proc = self._process.gdb_process
-        assert proc is not None and proc.stdout is not None and proc.stdin is not None
-        self._stdin = proc.stdin
-        self._fd = proc.stdout.fileno()
-        try:
-            self._setup(address)
-        except BaseException:
-            self.close()
-            raise
-
-    @classmethod
-    def connect(cls, address: GdbAddress, timeout: float = DEFAULT_TIMEOUT,
-                **kwargs: Any) -> GdbMiClient:
-        """Start gdb and connect it to the gdbstub (this stops a running VM, as QEMU does
-        for any client)."""
-        return cls(address, timeout=timeout, **kwargs)
-
-    def _setup(self, address: GdbAddress) -> None:
-        for setting in self._settings:
-            self.command(f"-gdb-set {setting}")
-        where = (f"{address[0]}:{address[1]}" if isinstance(address, tuple)
-                 else os.fspath(Path(address)))
-        self.command(f"-target-select remote {where}")
-        self.running = False  # connecting stopped the VM
-        self._events.clear()
-        self._names = list(self.command("-data-list-register-names")["register-names"])
-        self._gdb_num = {name: i for i, name in enumerate(self._names) if name}
+    def _setup(self, address: GdbAddress, settings: Sequence[str]) -> None:
+        """Connect, then learn gdb's remote register numbers and the vCPU threads."""
+        super()._setup(address, settings)
+        # gdb refuses this one until a target is connected
+        self.command("-gdb-set scheduler-locking step")
         self._remote_num = self._remote_register_numbers()
         self._refresh_threads()
+        self._phys_mode = False
+        self._watch = {}
+        self._breaks = {}
 
     def _remote_register_numbers(self) -> dict[int, int]:
         """gdb's table of remote register numbers (``maint print remote-registers``)."""
@@ -171,106 +105,7 @@ class GdbMiClient(Closing):
                 out[int(remote)] = int(cols[1])
         return out
 
-    # -- MI plumbing ----------------------------------------------------------------------
-
-    def fileno(self) -> int:
-        """gdb's stdout pipe, to select() on (call :meth:`poll_stop` first)."""
-        return self._fd
-
-    def _records(self, deadline: float | None, what: str, *, wait: bool = True) -> list[Record]:
-        """Parse every complete line gdb wrote; with ``wait``, block until there is one
-        (or ``deadline`` passes: GdbTimeout)."""
-        from pygdbmi.gdbmiparser import parse_response
-
-        while b"\n" not in self._buf:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._fd], [], [], left if wait else 0.0)
-            if not ready:
-                if not wait:
-                    return []
-                raise GdbTimeout(f"gdb did not answer {what!r} in time", sent=what.encode())
-            try:
-                data = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not data:
-                self._closed = True
-                raise GdbConnectionClosed("gdb exited", sent=what.encode())
-            self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        out: list[Record] = []
-        for line in lines:
-            text = line.decode("utf-8", "replace").rstrip("\r")
-            if text and text != "(gdb) ":
-                out.append(parse_response(text))
-        return out
-
-    def drain(self) -> None:
-        """Read what gdb has written so far, without waiting: a script whose breakpoints
-        continue by themselves must call it while the VM runs, or gdb blocks on a full
-        stdout pipe (a few records per hit) and the VM stays stopped."""
-        self._drain()
-
-    def _drain(self) -> None:
-        """Read what gdb has written so far, without waiting."""
-        while True:
-            records = self._records(None, "drain", wait=False)
-            if not records:
-                return
-            for rec in records:
-                self._note(rec)
-
-    def _note(self, rec: Record) -> None:
-        if rec.get("type") == "notify" and rec.get("message") == "stopped":
-            self._events.append(rec)
-
-    def command(self, cmd: str, timeout: float | None = None,
-                console: list[str] | None = None) -> dict[str, Any]:
-        """Run one MI command; its ``^done``/``^running`` payload (``^error`` raises)."""
-        if self._closed:
-            raise GdbConnectionClosed("gdb is closed", sent=cmd.encode())
-        token = next(self._tokens)
-        self.stats.commands += 1
-        try:
-            self._stdin.write(f"{token}{cmd}\n".encode())
-            self._stdin.flush()
-        except OSError as exc:
-            self._closed = True
-            raise GdbConnectionClosed(f"gdb stopped reading: {exc}", sent=cmd.encode()) from exc
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            records = self._records(deadline, cmd)
-            while records:
-                rec = records.pop(0)
-                kind = rec.get("type")
-                if kind == "result" and rec.get("token") == token:
-                    for later in records:  # read in the same chunk: keep the stops
-                        self._note(later)
-                    if rec.get("message") == "error":
-                        msg = str((rec.get("payload") or {}).get("msg", ""))
-                        raise _mi_error(cmd, msg)
-                    payload = rec.get("payload")
-                    return payload if isinstance(payload, dict) else {}
-                if kind == "console" and console is not None:
-                    console.append(str(rec.get("payload") or ""))
-                else:
-                    self._note(rec)
-
-    def console(self, cli: str) -> str:
-        """A CLI command through ``-interpreter-exec console``; its console output."""
-        out: list[str] = []
-        self.command(f'-interpreter-exec console "{cli}"', console=out)
-        return "".join(out)
-
-    def packet(self, payload: bytes) -> bytes:
-        """One raw packet with ``maint packet``; the stub's reply (``Exx`` included)."""
-        self.stats.raw_packets += 1
-        text = self.console("maint packet " + payload.decode("ascii"))
-        for line in text.splitlines():
-            if line.startswith("received: "):
-                return _unquote(line[len("received: "):])
-        raise GdbProtocolError("gdb printed no reply to maint packet", sent=payload,
-                               received=text.encode())
+    # -- raw packets -----------------------------------------------------------------------
 
     def pipeline(self, payloads: Sequence[bytes], *, window: int = 32) -> list[bytes]:
         """Replies to packets in order; ``P`` register writes go through gdb itself."""
@@ -305,24 +140,18 @@ class GdbMiClient(Closing):
         return gdb_num, int.from_bytes(binascii.unhexlify(value), "little")
 
     def _write_gdb_registers(self, writes: Sequence[tuple[int, int]]) -> None:
+        """(gdb register number, value) pairs in one ``-data-write-register-values``."""
         pairs = " ".join(f"{num} {value:#x}" for num, value in writes)
         self.command(f"-data-write-register-values x {pairs}")
 
-    # -- registers --------------------------------------------------------------------------
+    # -- registers -------------------------------------------------------------------------
 
     def read_registers(self, thread: str | None = None, *, wide: bool = True) -> dict[str, int]:
         """Registers by gdb name (``wide=False``: general and system registers only)."""
         names = self._names if wide else [n for n in _NARROW if n in self._gdb_num]
         nums = "" if wide else " " + " ".join(str(self._gdb_num[n]) for n in names)
-        res = self.command(f"-data-list-register-values{self._thread_opt(thread)}"
-                           f" --skip-unavailable x{nums}")
-        out: dict[str, int] = {}
-        for item in res.get("register-values", []):
-            num = int(item["number"])
-            value = item.get("value", "")
-            if num < len(self._names) and isinstance(value, str) and value.startswith("0x"):
-                out[self._names[num]] = int(value, 16)
-        return out
+        return self._register_values(self.command(
+            f"-data-list-register-values{self._thread_opt(thread)} --skip-unavailable x{nums}"))
 
     def read_registers_along(
         self, packets: Sequence[bytes], thread: str | None = None, *, wide: bool = False
@@ -372,59 +201,33 @@ class GdbMiClient(Closing):
                 (value & MASK64).to_bytes(8, "little"))))
         return out
 
-    def _register_number(self, name: str) -> int:
-        try:
-            return self._gdb_num[name]
-        except KeyError:
-            raise GdbError(f"gdb has no register {name!r}") from None
-
-    # -- memory ------------------------------------------------------------------------------
+    # -- memory ----------------------------------------------------------------------------
 
     def read_memory(self, addr: int, n: int, thread: str | None = None) -> bytes:
         """``n`` bytes of virtual memory through gdb (``-data-read-memory-bytes``)."""
-        if n <= 0:
-            return b""
-        res = self.command(f"-data-read-memory-bytes{self._thread_opt(thread)} {addr:#x} {n}")
-        out = bytearray()
-        for block in res.get("memory", []):
-            if int(block["begin"], 16) != addr + len(out):
-                break
-            out += bytes.fromhex(block["contents"])
-        if len(out) < n:
-            raise GdbErrorReply(0x0E, sent=f"-data-read-memory-bytes {addr:#x} {n}".encode(),
-                                received=bytes(out[:64]))
-        return bytes(out[:n])
+        return self._read_memory_bytes(addr, n, self._thread_opt(thread))
 
     def write_memory(self, addr: int, data: bytes, thread: str | None = None) -> None:
         """Write virtual memory through gdb."""
-        if data:
-            self.command(f"-data-write-memory-bytes{self._thread_opt(thread)}"
-                         f" {addr:#x} {data.hex()}")
+        self._write_memory_bytes(addr, data, self._thread_opt(thread))
 
     def memory_write_packets(self, addr: int, data: bytes) -> list[bytes]:
         """Raw ``M`` packets for ``data`` at ``addr`` (for :meth:`cont`'s ``before``)."""
-        return [b"M%x,%x:%s" % (addr + i, len(data[i:i + _CHUNK]),
-                                binascii.hexlify(data[i:i + _CHUNK]))
-                for i in range(0, len(data), _CHUNK)]
+        return memory_write_packets(addr, data, _CHUNK)
 
     def read_phys(self, addr: int, n: int) -> bytes:
         """Guest-physical memory: ``maint packet`` in QEMU's PhyMemMode, then back out."""
-        end = addr + n
-        packets = [b"m%x,%x" % (a, min(_CHUNK, end - a)) for a in range(addr, end, _CHUNK)]
-        out = bytearray()
-        for p, r in zip(packets, self._phys(packets), strict=True):
-            _check(p, r)
-            out += _unhex(p, r)
-        return bytes(out)
+        packets = memory_read_packets(addr, n, _CHUNK)
+        return join_memory_replies(packets, self._phys(packets))
 
     def write_phys(self, addr: int, data: bytes) -> None:
         """Write guest-physical memory."""
-        packets = self.memory_write_packets(addr, data)
-        for p, r in zip(packets, self._phys(packets), strict=True):
-            _check(p, r)
+        packets = memory_write_packets(addr, data, _CHUNK)
+        check_replies(packets, self._phys(packets))
 
     def _phys(self, packets: list[bytes]) -> list[bytes]:
-        # gdb's own reads must never run in phys mode: switch on, run, switch off.
+        """Raw packets' replies in PhyMemMode; gdb's own reads must never run in it, so
+        the mode is switched on for them and off again."""
         self.set_phys_mode(True)
         try:
             return [self.packet(p) for p in packets]
@@ -436,7 +239,7 @@ class GdbMiClient(Closing):
         if self._phys_mode == on and not force:
             return
         payload = b"Qqemu.PhyMemMode:%d" % int(on)
-        _check(payload, self.packet(payload))
+        check_reply(payload, self.packet(payload))
         self._phys_mode = on
 
     def mode_packets(self, phys: bool) -> list[bytes]:
@@ -447,11 +250,13 @@ class GdbMiClient(Closing):
 
     @property
     def phys_mode(self) -> bool:
+        """False: gdb's stub leaves PhyMemMode as soon as the raw packets that need it ran."""
         return self._phys_mode
 
-    # -- threads -------------------------------------------------------------------------------
+    # -- threads ---------------------------------------------------------------------------
 
     def _refresh_threads(self) -> None:
+        """Learn gdb's thread numbers and the RSP ids they stand for (``-thread-info``)."""
         res = self.command("-thread-info")
         self._threads = {}
         for t in res.get("threads", []):
@@ -460,6 +265,7 @@ class GdbMiClient(Closing):
                 self._threads[str(t["id"])] = f"p{int(m[1], 16):02x}.{int(m[2], 16):02x}"
 
     def _gdb_thread(self, thread: str) -> str:
+        """gdb's number for an RSP thread id (asking gdb again once if it is new)."""
         for _ in range(2):
             for num, tid in self._threads.items():
                 if tid == thread:
@@ -468,6 +274,7 @@ class GdbMiClient(Closing):
         raise GdbError(f"gdb knows no thread {thread!r}")
 
     def _thread_opt(self, thread: str | None) -> str:
+        """The ``--thread`` option for ``thread`` (none for the current one)."""
         return "" if thread is None else f" --thread {self._gdb_thread(thread)}"
 
     def threads(self) -> list[str]:
@@ -482,21 +289,16 @@ class GdbMiClient(Closing):
         if op == "g":
             self.command(f"-thread-select {self._gdb_thread(thread)}")
 
-    # -- breakpoints ---------------------------------------------------------------------------
+    # -- breakpoints -----------------------------------------------------------------------
 
     def insert_breakpoint(self, kind: BreakpointKind | int, addr: int, length: int = 1) -> None:
         """A gdb breakpoint or watchpoint (``Z2`` becomes an ``awatch``: see the module)."""
         kind = BreakpointKind(kind)
+        res = self._insert(kind, addr, length, write_flag=" -a")
         if kind in (BreakpointKind.SOFTWARE, BreakpointKind.HARDWARE):
-            hw = " -h" if kind is BreakpointKind.HARDWARE else ""
-            res = self.command(f"-break-insert{hw} *{addr:#x}")
             self._breaks[(int(kind), addr)] = str(res["bkpt"]["number"])
             return
-        flag = " -r" if kind is BreakpointKind.READ_WATCH else " -a"
-        size = {1: "char", 2: "short", 4: "int", 8: "long"}.get(length, "char")
-        res = self.command(f'-break-watch{flag} "*({size} *){addr:#x}"')
-        wpt = res.get("wpt") or res.get("hw-awpt") or res.get("hw-rwpt") or {}
-        number = str(wpt.get("number", ""))
+        number = _watch_number(res)
         if not number:
             raise GdbProtocolError("gdb gave no watchpoint number", sent=b"-break-watch",
                                    received=repr(res).encode())
@@ -511,7 +313,7 @@ class GdbMiClient(Closing):
         self._watch.pop(number, None)
         self.command(f"-break-delete {number}")
 
-    # -- run control ----------------------------------------------------------------------------
+    # -- run control -----------------------------------------------------------------------
 
     def cont(self, *, before: Sequence[bytes] = (), thread: str | None = None,
              defer: bool = False) -> None:
@@ -520,152 +322,32 @@ class GdbMiClient(Closing):
         ``defer`` (GdbClient: check the replies later) changes nothing here: gdb answers
         each command before the next.
         """
-        del thread, defer  # gdb continues every vCPU (scheduler-locking off)
-        if self.running:
-            raise GdbError("cont: the target is running (wait_stop or interrupt first)")
-        for payload, reply in zip(before, self.pipeline(before), strict=True):
-            _check(payload, reply)
-        self.command("-exec-continue")
-        self.running = True
+        del thread, defer  # gdb continues every vCPU (scheduler-locking is for steps)
+        require_stopped(self.running, "cont")
+        check_replies(before, self.pipeline(before))
+        self._resume("-exec-continue")
 
-    def interrupt(self, *, wait: bool = True, timeout: float | None = None) -> StopReply | None:
-        """Stop a running target; a stop that raced the interrupt is returned instead."""
-        if not self.running:
-            return None
-        self._drain()
-        if not self._events:
-            # an error means gdb already saw the target stop: its *stopped is on the way
-            with contextlib.suppress(GdbProtocolError):
-                self.command("-exec-interrupt")
-        if not wait:
-            return None
-        return self.wait_stop(timeout if timeout is not None else self.timeout)
-
-    def poll_stop(self) -> StopReply | None:
-        """A stop if one has arrived, without blocking."""
-        if self._stops:
-            return self._stops.popleft()
-        if not self.running:
-            return None
-        self._drain()
-        return self._take_stop()
-
-    def wait_stop(self, timeout: float | None = None) -> StopReply:
-        """Block until the target stops."""
-        if self._stops:
-            return self._stops.popleft()
-        if not self.running:
-            raise GdbError("wait_stop: the target is stopped and no stop is queued")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            stop = self._take_stop()
-            if stop is not None:
-                return stop
-            for rec in self._records(deadline, "wait for *stopped"):
-                self._note(rec)
-
-    def next_stop(self, timeout: float) -> StopReply:
-        """The next ``*stopped`` gdb reports, whatever ``running`` says (for scripts whose
-        breakpoints stop and continue by themselves)."""
-        deadline = time.monotonic() + timeout
-        while not self._events:
-            for rec in self._records(deadline, "wait for *stopped"):
-                self._note(rec)
-        stop = self._take_stop()
-        assert stop is not None
-        return stop
-
-    def _take_stop(self) -> StopReply | None:
-        if not self._events:
-            return None
-        stop = self._stop_from_mi(self._events.popleft().get("payload") or {})
-        self.running = False
-        self.last_stop = stop
-        self.stats.stops += 1
-        return stop
+    def step(self, thread: str | None = None, *, wait: bool = True,
+             timeout: float | None = None) -> StopReply | None:
+        """Single-step one vCPU (``-exec-step-instruction``); its stop when ``wait``."""
+        require_stopped(self.running, "step")
+        self._resume(f"-exec-step-instruction{self._thread_opt(thread)}")
+        return self.wait_stop(timeout if timeout is not None else self.timeout) if wait else None
 
     def _stop_from_mi(self, payload: dict[str, Any]) -> StopReply:
-        reason = str(payload.get("reason", ""))
-        if reason in ("exited", "exited-normally", "exited-signalled"):
-            code = payload.get("exit-code")
-            return StopReply("W", exit_status=int(str(code), 8) if code else 0)
-        signal = _SIGNALS.get(str(payload.get("signal-name", "")), 5)
+        """A ``*stopped`` record as a stop reply: RSP thread id, and the watchpoint."""
         thread_num = str(payload.get("thread-id", ""))
         if thread_num and thread_num not in self._threads:
             self._refresh_threads()
         watch = None
-        if reason in _WATCH_REASONS:
-            number = str((payload.get("wpt") or payload.get("hw-awpt")
-                          or payload.get("hw-rwpt") or {}).get("number", ""))
-            known = self._watch.get(number)
+        if str(payload.get("reason", "")) in _WATCH_REASONS:
+            known = self._watch.get(_watch_number(payload))
             if known is not None:
                 watch = WatchHit(known[0], known[1])
-        info = tuple((k, str(v)) for k, v in payload.items() if isinstance(v, str))
-        return StopReply("T", signal=signal, thread=self._threads.get(thread_num),
-                         watch=watch, swbreak=reason == "breakpoint-hit", info=info)
-
-    # -- lifetime -----------------------------------------------------------------------------
-
-    def detach(self) -> None:
-        """Let the VM run on without gdb (``-target-detach``), then close."""
-        try:
-            if self.running:
-                self.interrupt()
-            self.command("-target-detach")
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """End gdb (the stub sees its client go; a stopped VM stays stopped)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._process.exit()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        return stop_reply(payload, self._threads.get(thread_num), watch)
 
 
-def _unquote(text: str) -> bytes:
-    """The packet gdb printed between quotes, with its ``\\xNN`` and ``\\c`` escapes undone."""
-    text = text.strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        text = text[1:-1]
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            if text[i + 1] == "x" and i + 3 < len(text):
-                out.append(int(text[i + 2:i + 4], 16))
-                i += 4
-                continue
-            out += text[i + 1].encode()
-            i += 2
-            continue
-        out += c.encode("latin-1", "replace")
-        i += 1
-    return bytes(out)
-
-
-def _check(sent: bytes, reply: bytes) -> None:
-    code = parse_error_reply(reply)
-    if code is not None:
-        raise GdbErrorReply(code, sent=sent, received=reply)
-    if reply == b"" and sent[:1] not in (b"q", b"v"):
-        raise GdbProtocolError("the stub does not support this packet", sent=sent,
-                               received=reply)
-
-
-def _unhex(sent: bytes, reply: bytes) -> bytes:
-    try:
-        return binascii.unhexlify(reply)
-    except (binascii.Error, ValueError) as exc:
-        raise GdbProtocolError("malformed hex in reply", sent=sent, received=reply) from exc
-
-
-def _mi_error(cmd: str, msg: str) -> GdbError:
-    if "Cannot access memory" in msg or "Unable to read memory" in msg:
-        return GdbErrorReply(0x0E, sent=cmd.encode(), received=msg.encode())
-    return GdbProtocolError(f"gdb refused: {msg}", sent=cmd.encode(), received=msg.encode())
+def _watch_number(record: dict[str, Any]) -> str:
+    """The watchpoint number in a ``-break-watch`` result or a ``*stopped`` record."""
+    wpt = record.get("wpt") or record.get("hw-awpt") or record.get("hw-rwpt") or {}
+    return str(wpt.get("number", ""))

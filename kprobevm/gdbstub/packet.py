@@ -1,4 +1,5 @@
-"""GDB Remote Serial Protocol codec: framing, checksums, escapes, RLE, stop replies (no I/O).
+"""GDB Remote Serial Protocol codec: framing, checksums, escapes, RLE, stop replies, and the
+requests and reply checks both gdb clients share (no I/O).
 
 Everything here works on ``bytes`` and never touches a socket, so the codec is tested apart
 from the process. Malformed input ends in :class:`~kprobevm.errors.GdbProtocolError`.
@@ -10,9 +11,11 @@ import binascii
 import functools
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
-from kprobevm.errors import GdbProtocolError
+from kprobevm.errors import GdbErrorReply, GdbProtocolError
 
 __all__ = [
     "ACK",
@@ -20,6 +23,7 @@ __all__ = [
     "NAK",
     "Ack",
     "BadChecksum",
+    "BreakpointKind",
     "Event",
     "Nak",
     "Notification",
@@ -27,6 +31,8 @@ __all__ = [
     "PacketReader",
     "StopReply",
     "WatchHit",
+    "check_replies",
+    "check_reply",
     "checksum",
     "decode_console_output",
     "decode_hex",
@@ -36,6 +42,9 @@ __all__ = [
     "hex_checksum",
     "is_console_output",
     "is_stop_reply",
+    "join_memory_replies",
+    "memory_read_packets",
+    "memory_write_packets",
     "parse_error_reply",
     "parse_memory_request",
     "parse_stop_reply",
@@ -143,13 +152,14 @@ def encode_packet(payload: bytes) -> bytes:
     return b"$%s#%02x" % (payload, checksum(payload))
 
 
-def decode_hex(text: bytes | str) -> bytes:
-    """Hex text to bytes (either case); malformed hex is a protocol error."""
+def decode_hex(text: bytes | str, sent: bytes | None = None) -> bytes:
+    """Hex text to bytes (either case); malformed hex is a protocol error that names the
+    request ``sent``, when the text is its reply."""
     try:
         return binascii.unhexlify(text)
     except (binascii.Error, ValueError) as exc:
         raw = text.encode() if isinstance(text, str) else text
-        raise GdbProtocolError("malformed hex in reply", received=raw) from exc
+        raise GdbProtocolError("malformed hex in reply", sent=sent, received=raw) from exc
 
 
 def parse_error_reply(payload: bytes) -> int | None:
@@ -202,6 +212,75 @@ def decode_console_output(payload: bytes) -> bytes:
     if not is_console_output(payload):
         raise GdbProtocolError("not an 'O' console-output packet", received=payload)
     return binascii.unhexlify(payload[1:])
+
+
+# -- requests and their replies -------------------------------------------------------
+
+
+class BreakpointKind(IntEnum):
+    """The ``Z``/``z`` packet types."""
+
+    SOFTWARE = 0
+    HARDWARE = 1
+    WRITE_WATCH = 2
+    READ_WATCH = 3
+    ACCESS_WATCH = 4
+
+
+def check_reply(sent: bytes, reply: bytes) -> None:
+    """Raise when ``reply`` refuses ``sent``: an ``Exx``, or the empty reply of a stub
+    that does not know the packet (a ``q``/``v`` query may rightly answer empty)."""
+    code = parse_error_reply(reply)
+    if code is not None:
+        raise GdbErrorReply(code, sent=sent, received=reply)
+    if reply == b"" and sent[:1] not in (b"q", b"v"):
+        raise GdbProtocolError("the stub does not support this packet", sent=sent,
+                               received=reply)
+
+
+def check_replies(sent: Sequence[bytes], replies: Sequence[bytes]) -> None:
+    """:func:`check_reply` for each request and its reply, in order."""
+    for p, r in zip(sent, replies, strict=True):
+        check_reply(p, r)
+
+
+def memory_read_packets(addr: int, n: int, chunk: int) -> list[bytes]:
+    """``m`` packets covering [addr, addr+n), split at multiples of ``chunk`` (a power of
+    two), so that no packet crosses a page when ``chunk`` divides the page size."""
+    out = []
+    end = addr + n
+    while addr < end:
+        step = min(end, (addr | (chunk - 1)) + 1) - addr
+        out.append(b"m%x,%x" % (addr, step))
+        addr += step
+    return out
+
+
+def memory_write_packets(addr: int, data: bytes, chunk: int) -> list[bytes]:
+    """``M`` packets writing ``data`` at ``addr``, split as :func:`memory_read_packets`."""
+    packets = []
+    end = addr + len(data)
+    pos = 0
+    while addr < end:
+        step = min(end, (addr | (chunk - 1)) + 1) - addr
+        packets.append(b"M%x,%x:%s" % (addr, step, binascii.hexlify(data[pos:pos + step])))
+        addr += step
+        pos += step
+    return packets
+
+
+def join_memory_replies(packets: Sequence[bytes], replies: Sequence[bytes]) -> bytes:
+    """The bytes that ``m`` replies carry, each checked and as long as its request asked."""
+    out = bytearray()
+    for p, r in zip(packets, replies, strict=True):
+        check_reply(p, r)
+        data = decode_hex(r, p)
+        want = int(p[p.index(b",") + 1:], 16)
+        if len(data) != want:
+            raise GdbProtocolError(f"short memory reply: {len(data)} of {want} bytes",
+                                   sent=p, received=r)
+        out += data
+    return bytes(out)
 
 
 # -- stop replies ---------------------------------------------------------------------
