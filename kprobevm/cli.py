@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
+from kprobevm.gdbstub.transport import format_gdb_address, parse_gdb_address
 from kprobevm.guest.image import DEFAULT_MEMORY
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from kprobevm.guest.shell import RunResult
-    from kprobevm.guest.vm import VM, GdbAddress
+    from kprobevm.guest.vm import VM
     from kprobevm.tracing import EventHit, ProbeEvent
     from kprobevm.tracing.session import TraceSession
 
@@ -77,14 +77,6 @@ def _boot(args: argparse.Namespace) -> VM:
     )
 
 
-def _gdb_address(text: str) -> GdbAddress:
-    """``/path/to/socket``, ``HOST:PORT`` or ``:PORT`` (loopback)."""
-    host, sep, port = text.rpartition(":")
-    if sep and port.isdigit() and not os.path.exists(text):
-        return (host or "127.0.0.1", int(port))
-    return text
-
-
 def _ssh_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -97,7 +89,7 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--boot", action="store_true",
                        help="boot the default image (or --kernel/--initrd) for this run")
-    which.add_argument("--attach", type=_gdb_address, metavar="GDB_SOCKET",
+    which.add_argument("--attach", type=parse_gdb_address, metavar="GDB_SOCKET",
                        help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
     attach = parser.add_argument_group("attach")
     attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
@@ -169,7 +161,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", f"{ep.ssh_user}@{host}",
         ])
-        gdb = ep.gdb if isinstance(ep.gdb, str) else f"{ep.gdb[0]}:{ep.gdb[1]}" if ep.gdb else "-"
+        gdb = format_gdb_address(ep.gdb) if ep.gdb is not None else "-"
         print(f"ssh:     {ssh}")
         print(f"gdb:     {gdb}   (gdb vmlinux -ex 'target remote {gdb}')")
         print(f"qmp:     {ep.qmp}")

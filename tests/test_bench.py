@@ -161,7 +161,7 @@ def test_engine_over_gdbmi_client_gets_hits() -> None:
             names.append(regs.memory.cstring(regs.si, 64))
 
     with kprobevm.boot(name="gdbmi-test") as vm:
-        vm.use_gdbstub_client(GdbMiClient.connect)  # type: ignore[arg-type]
+        vm.use_gdbstub_client(GdbMiClient.connect)
         kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=handler)
         vm.register_kprobe(kp)
         assert isinstance(vm.target.client, GdbMiClient)

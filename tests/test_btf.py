@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kprobevm.gdbstub.client import GdbClient
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.btf import (
     BTF_MAGIC,
@@ -242,6 +243,7 @@ def test_current_task_read_from_the_host(vm: VM) -> None:
     comm_off = btf.struct_member_offset("task_struct", "comm")
     pid_off = btf.struct_member_offset("task_struct", "pid")
     with vm.target.stopped() as client:
+        assert isinstance(client, GdbClient)  # the register layout is the RSP client's
         layout = client.layout
         # QEMU 7.2's register XML has no IDTR/GDTR (why kaslr reads the IDT at its alias).
         assert "idtr" not in layout.names

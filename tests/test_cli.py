@@ -9,6 +9,7 @@ import time
 import pytest
 
 from kprobevm import cli
+from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.tracing.hits import HitContext
 from kprobevm.tracing.session import check_definitions
 
@@ -70,14 +71,14 @@ def test_exit_status_of_a_handler_error_is_its_own_and_documented(
 
 
 def test_recover_of_a_missing_journal_is_a_vm_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "recover", "/nonexistent/kprobevm.kprobes.journal")
+    code, _, err = run(capsys, "recover", "/nonexistent/kprobevm.journal")
     assert code == cli.EXIT_VM and "recover" in err
 
 
 def test_addresses_and_count_words() -> None:
-    assert cli._gdb_address("127.0.0.1:1234") == ("127.0.0.1", 1234)
-    assert cli._gdb_address(":1234") == ("127.0.0.1", 1234)
-    assert cli._gdb_address("/tmp/gdb.sock") == "/tmp/gdb.sock"
+    assert parse_gdb_address("127.0.0.1:1234") == ("127.0.0.1", 1234)
+    assert parse_gdb_address(":1234") == ("127.0.0.1", 1234)
+    assert parse_gdb_address("/tmp/gdb.sock") == "/tmp/gdb.sock"
     assert cli._count_definition("vfs_read") == "p vfs_read"
     assert cli._count_definition("vfs_read%return") == "p vfs_read%return"
     assert cli._count_definition("r:rd vfs_read") == "r:rd vfs_read"

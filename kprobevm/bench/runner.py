@@ -222,7 +222,7 @@ def _measure_gdbmi(config: BenchConfig) -> HitRate:
     try:
         with kprobevm.boot(name="bench-gdbmi") as vm:
             # before the gdbstub is first opened
-            vm.use_gdbstub_client(GdbMiClient.connect)  # type: ignore[arg-type]
+            vm.use_gdbstub_client(GdbMiClient.connect)
             _ = vm.symbols
             run_opens(vm, min(config.opens, 1000))
             hr, _sample = engine.measure_empty(vm, config.gdbmi_opens, name="kprobevm_gdbmi",

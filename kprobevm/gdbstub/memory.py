@@ -20,7 +20,7 @@ EFAULT = 0x0E
 
 
 class MemoryTransport(Protocol):
-    """What GuestMemory needs from a transport (GdbClient fits)."""
+    """What GuestMemory needs from a transport (every GdbTransport fits)."""
 
     def read_memory(self, addr: int, n: int) -> bytes: ...
     def write_memory(self, addr: int, data: bytes) -> None: ...

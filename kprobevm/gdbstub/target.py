@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from kprobevm.errors import GdbError, VMLost
-from kprobevm.gdbstub.client import GdbClient
 from kprobevm.gdbstub.packet import StopReply, parse_thread_id
+from kprobevm.gdbstub.transport import GdbTransport
 
 __all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_rips"]
 
@@ -39,7 +39,7 @@ def cpu_of_thread(thread: str | None) -> int:
     return max(parse_thread_id(thread)[1] - 1, 0)
 
 
-def vcpu_rips(client: GdbClient) -> list[int]:
+def vcpu_rips(client: GdbTransport) -> list[int]:
     """Every vCPU's RIP (VM stopped)."""
     return list(client.read_register_each("rip", client.threads()).values())
 
@@ -47,7 +47,7 @@ def vcpu_rips(client: GdbClient) -> list[int]:
 class Target:
     """Serialises access to a gdbstub client and runs the trap thread."""
 
-    def __init__(self, client: GdbClient, *, name: str = "vm") -> None:
+    def __init__(self, client: GdbTransport, *, name: str = "vm") -> None:
         self.client = client
         self.name = name
         self._start_when_released = False
@@ -72,7 +72,7 @@ class Target:
     # -- stopping the VM for a caller --------------------------------------------------
 
     @contextlib.contextmanager
-    def stopped(self) -> Iterator[GdbClient]:
+    def stopped(self) -> Iterator[GdbTransport]:
         """The VM is stopped for the body, which may use the yielded client."""
         me = threading.get_ident()
         if self._owner == me:
@@ -218,7 +218,7 @@ class Target:
                 # A stop reply can come in the same read as the replies to the register
                 # writes sent with the last resume (GdbClient.cont reads those after the
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
-                buffered = self.client.running and bool(self.client._stops or self.client._events)
+                buffered = self.client.running and self.client.stop_buffered
                 idle = self.on_idle
                 readable, _, _ = select.select(
                     [sock, self._wake_r], [], [],

@@ -8,6 +8,7 @@ channels, guest memory, the kretprobe and recovery code and the benchmarks call.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -15,10 +16,32 @@ from typing import Protocol
 from kprobevm.errors import GdbError
 from kprobevm.gdbstub.packet import BreakpointKind, StopReply
 
-__all__ = ["GdbAddress", "GdbTransport", "require_stopped"]
+__all__ = [
+    "GdbAddress",
+    "GdbTransport",
+    "format_gdb_address",
+    "parse_gdb_address",
+    "require_stopped",
+]
 
 GdbAddress = str | Path | tuple[str, int]
 """A gdbstub address: a unix socket path, or (host, port)."""
+
+
+def parse_gdb_address(text: str) -> GdbAddress:
+    """``/path/to/socket``, ``HOST:PORT`` or ``:PORT`` (loopback); an existing file
+    whose name looks like ``HOST:PORT`` is a socket path."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and "/" not in text and not os.path.exists(text):
+        return (host or "127.0.0.1", int(port))
+    return text
+
+
+def format_gdb_address(address: GdbAddress) -> str:
+    """The address as :func:`parse_gdb_address` reads it (and gdb's ``target remote``)."""
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 class GdbTransport(Protocol):

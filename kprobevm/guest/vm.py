@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from kprobevm.closing import Closing
 from kprobevm.errors import VMError, VMLost
+from kprobevm.gdbstub.transport import GdbAddress, GdbTransport, format_gdb_address
 
 if TYPE_CHECKING:
-    from kprobevm.gdbstub.client import GdbClient
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.guest.shell import GuestShell, RunResult
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from kprobevm.x86.slotmap import Reserve
 
 
-def _connect_rsp(address: GdbAddress) -> GdbClient:
+def _connect_rsp(address: GdbAddress) -> GdbTransport:
     from kprobevm.gdbstub.client import GdbClient
 
     return GdbClient.connect(address)
@@ -59,9 +59,7 @@ class Machine(Protocol):
     def command(self) -> list[str]: ...
 
 
-GdbAddress = str | tuple[str, int]
-"""A gdbstub address: a unix socket path, or (host, port) on loopback."""
-GdbConnect = Callable[[GdbAddress], "GdbClient"]
+GdbConnect = Callable[[GdbAddress], GdbTransport]
 """Opens a gdbstub client at an address."""
 
 
@@ -327,7 +325,7 @@ class VM(Closing):
                 gdb = self.endpoints.gdb
                 self._journal = Journal(
                     self.journal_path,
-                    gdb=gdb if isinstance(gdb, str) else f"{gdb[0]}:{gdb[1]}" if gdb else "",
+                    gdb=format_gdb_address(gdb) if gdb is not None else "",
                 )
             return self._journal
 

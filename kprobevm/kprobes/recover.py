@@ -19,6 +19,7 @@ from pathlib import Path
 from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.gdbstub.target import vcpu_rips
+from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.journal import (
     JournalEntry,
     journal_gdb_address,
@@ -83,7 +84,7 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
         raise JournalError("the journal names no gdbstub address: pass gdb=", path=str(journal))
     report = RecoveryReport()
     areas = [int(m[1], 16) for e in entries if (m := _AREA.search(e.what))]
-    client = GdbClient.connect(_parse_address(address))
+    client = GdbClient.connect(parse_gdb_address(address))
     try:
         for entry in entries:
             if entry.space == "virt":
@@ -143,10 +144,3 @@ def _mark_undone(journal: Path, report: RecoveryReport) -> None:
             f.write(json.dumps({"op": "undone", "seq": entry.seq}) + "\n")
         if report.ok:
             f.write(json.dumps({"op": "close", "clean": True, "by": "recover"}) + "\n")
-
-
-def _parse_address(address: str) -> str | tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if sep and port.isdigit() and "/" not in address:
-        return (host, int(port))
-    return address

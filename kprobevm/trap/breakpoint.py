@@ -23,8 +23,8 @@ from kprobevm.x86.idt import BP_VECTOR, GATE_SIZE, decode_idt_gate, gate_address
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
-    from kprobevm.gdbstub.client import GdbClient
     from kprobevm.gdbstub.packet import StopReply
+    from kprobevm.gdbstub.transport import GdbTransport
 
 __all__ = ["BreakpointChannel"]
 
@@ -101,7 +101,7 @@ class BreakpointChannel(TrapChannel):
         self._step_displaced(client, thread, site)
         self.stats.hits += 1
 
-    def _step_displaced(self, client: GdbClient, thread: str, site: ProbeSite) -> None:
+    def _step_displaced(self, client: GdbTransport, thread: str, site: ProbeSite) -> None:
         """Run the original instruction in place on this vCPU alone, then the post
         handlers with the registers it left."""
         memory = self.ctx.memory
@@ -118,7 +118,7 @@ class BreakpointChannel(TrapChannel):
                 client.write_registers(post.gdb_writes(rip=post.ip), thread=thread)
 
     def _not_ours(
-        self, client: GdbClient, thread: str, addr: int, cs: int, rsp: int, rflags: int
+        self, client: GdbTransport, thread: str, addr: int, cs: int, rsp: int, rflags: int
     ) -> None:
         """A trap of someone else's goes to the guest's handler; a vanished int3 retries."""
         if not cs & 3 and self.ctx.memory.read(addr, 1) != INT3_BYTE:

@@ -48,8 +48,8 @@ from kprobevm.x86.slotmap import SlotArea
 from kprobevm.x86.stub import ENTRY_SIZE, build_int3_stub
 
 if TYPE_CHECKING:
-    from kprobevm.gdbstub.client import GdbClient
     from kprobevm.gdbstub.packet import StopReply
+    from kprobevm.gdbstub.transport import GdbTransport
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe
     from kprobevm.kprobes.slots import Slot
@@ -403,7 +403,7 @@ class WatchpointChannel(TrapChannel):
         """A vCPU stopped after the kretprobe trampoline's store (or its TB break)."""
         return rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK))
 
-    def _handle_every_vcpu(self, client: GdbClient, reported: str) -> None:
+    def _handle_every_vcpu(self, client: GdbTransport, reported: str) -> None:
         """SMP: every vCPU sitting after a watched store is a hit to handle now."""
         rips = client.read_register_each("rip", self.threads)
         resume_writes: dict[str, int] = {}
@@ -489,7 +489,7 @@ class _VcpuRegs:
 
     __slots__ = ("_channel", "_client", "_thread", "_values")
 
-    def __init__(self, channel: WatchpointChannel, client: GdbClient, thread: str | None):
+    def __init__(self, channel: WatchpointChannel, client: GdbTransport, thread: str | None):
         self._channel, self._client, self._thread = channel, client, thread
         self._values: dict[str, int] | None = None
 
