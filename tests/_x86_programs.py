@@ -117,19 +117,15 @@ Probes = tuple[tuple[int, RecordLayout], ...]
 
 
 def _record(probes: Probes, ring: RingLayout, ip: int) -> Built:
-    code = rec.build_record_program(
+    program = rec.build_record_program(
         _PROGRAM, probes=probes, probe_ip=ip, ring=ring, helpers=_HELPERS, cont=_CONT
     )
-    program = rec.assemble_record_program(
-        _PROGRAM, probes=probes, probe_ip=ip, ring=ring, helpers=_HELPERS, cont=_CONT
-    )
-    return Built({"code": code.hex()}, program.listing)
+    return Built({"code": program.code.hex()}, program.listing)
 
 
 def _count(counters: tuple[int, ...]) -> Built:
-    code = rec.build_count_program(_PROGRAM, counters=counters, cont=_CONT)
-    program = rec.assemble_count_program(_PROGRAM, counters=counters, cont=_CONT)
-    return Built({"code": code.hex()}, program.listing)
+    program = rec.build_count_program(_PROGRAM, counters=counters, cont=_CONT)
+    return Built({"code": program.code.hex()}, program.listing)
 
 
 def _record_cases() -> dict[str, Callable[[], Built]]:

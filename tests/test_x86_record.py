@@ -59,7 +59,7 @@ def _machine(layout: RecordLayout) -> tuple[Machine, int]:
     code = rec.build_record_program(
         PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
         helpers=HELPER_ADDRS, cont=CONT,
-    )  # fmt: skip
+    ).code  # fmt: skip
     m.map(PROGRAM, 0x2000, b"\xcc")
     m.write(PROGRAM, code)
     for va, size in ((CONTROL, 0x1000), (COUNTERS, 0x1000), (RING, RING_SIZE), (PERCPU, 0x1000),
@@ -208,7 +208,7 @@ def test_a_busy_cpu_counts_a_miss_and_writes_nothing() -> None:
 
 def test_count_program_only_counts() -> None:
     m = Machine()
-    code = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
+    code = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT).code
     m.map(PROGRAM, 0x1000, b"\xcc")
     m.write(PROGRAM, code)
     m.map(COUNTERS, 0x1000)

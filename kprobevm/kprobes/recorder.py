@@ -236,13 +236,13 @@ class Recorder:
         ids = [kp.record_id for kp in site.probes if kp.record_id is not None]
         if all(kp.record is not None and kp.record.count_only for kp in site.probes):
             counters = tuple(self.layout.counters + 16 * i for i in ids)
-            code = rec.build_count_program(cell.address, counters=counters, cont=cont)
+            code = rec.build_count_program(cell.address, counters=counters, cont=cont).code
         else:
             probes = [(i, self.probes[i].layout) for i in ids]
             code = rec.build_record_program(
                 cell.address, probes=tuple(probes), probe_ip=site.addr, ring=self.layout,
                 helpers=self.helpers, cont=cont,
-            )  # fmt: skip
+            ).code  # fmt: skip
         rec.check_program_fits(code, PROGRAM_SIZE, self.describe(site.addr))
         self.memory.write_phys(self.area.phys(cell.address), code)
         self.site_programs[site.addr] = cell

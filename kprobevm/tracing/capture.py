@@ -15,21 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kprobevm.kprobes.recorder import RecordSpec
-from kprobevm.tracing.fetch import (
-    X86_64_ARG_REGS,
-    Arg,
-    Comm,
-    Deref,
-    FetchArg,
-    FetchSource,
-    Imm,
-    ImmString,
-    Reg,
-    Retval,
-    Stack,
-    StackPointer,
-    SymbolAddress,
-)
+from kprobevm.tracing import fetch
+from kprobevm.tracing.fetch import X86_64_ARG_REGS, Comm, Deref, FetchArg, FetchSource, ImmString
 from kprobevm.x86.constants import MASK64
 from kprobevm.x86.record import SNAPSHOT_REGS, Capture
 
@@ -73,31 +60,31 @@ class _Planner:
     def base(self, src: FetchSource) -> _Base:
         """The value ``src`` evaluates to, as the record program can find it."""
         match src:
-            case Reg(name):
+            case fetch.Reg(name):
                 if name == "orig_ax":
                     return _Base(const=MASK64)  # the int3 entry's -1, as HitContext says
                 if name not in SNAPSHOT_REGS:
                     raise Unrecordable(f"%{name} is not in the record's registers")
                 return _Base(reg=name)
-            case StackPointer():
+            case fetch.StackPointer():
                 return _Base(reg="sp")
-            case Stack(n):
+            case fetch.Stack(n):
                 return self.read(_Base(reg="sp").at(8 * n, 8))
-            case Arg(n):
+            case fetch.Arg(n):
                 if n <= len(X86_64_ARG_REGS):
                     return _Base(reg=X86_64_ARG_REGS[n - 1])
-                return self.base(Stack(n - len(X86_64_ARG_REGS)))
-            case Imm(value):
+                return self.base(fetch.Stack(n - len(X86_64_ARG_REGS)))
+            case fetch.Imm(value):
                 return _Base(const=value & MASK64)
-            case SymbolAddress(expr, _, _, address):
+            case fetch.SymbolAddress(expr, _, _, address):
                 if address is None:
                     raise Unrecordable(f"@{expr} is not resolved to an address")
                 return _Base(const=address & MASK64)
-            case Deref(offset, inner, user):
+            case fetch.Deref(offset, inner, user):
                 return self.read(self.base(inner).at(offset, 8, user=user))
-            case Retval():
+            case fetch.Retval():
                 raise Unrecordable("$retval is known at the return only")
-            case Comm() | ImmString():
+            case fetch.Comm() | fetch.ImmString():
                 raise Unrecordable(f"{src!r} has no numeric value")
         raise Unrecordable(f"unknown fetch source {src!r}")
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from kprobevm.errors import GuestFaultError
 from kprobevm.x86.constants import MASK64, PAGE_SIZE
+from kprobevm.x86.ptregs import ARG_REGS
 
 __all__ = [
     "DEFAULT_TYPE",
@@ -44,6 +45,7 @@ __all__ = [
     "StackPointer",
     "SymbolAddress",
     "Symbolic",
+    "describe_source",
     "format_value",
     "kernel_read_allowed",
     "user_read_allowed",
@@ -60,7 +62,7 @@ X86_64_REGISTERS = frozenset(
 )  # fmt: skip
 
 # regs_get_kernel_argument(): the SysV ABI registers, then the stack above the return address.
-X86_64_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+X86_64_ARG_REGS = ARG_REGS
 
 # x86_64 without KASAN: a kernel stack, aligned to its size (regs_within_kernel_stack
 # masks with it).
@@ -538,3 +540,32 @@ def _formatter(name: str) -> Callable[[ArgValue], str]:
     if ftype.kind == "hex":
         return lambda value: f"0x{value:x}"  # type: ignore[str-bytes-safe]
     return str
+
+
+def describe_source(src: FetchSource) -> str:
+    """How a fetch source is read, innermost first (the kernel's fetch_insn chain)."""
+    match src:
+        case Reg(name):
+            return f"reg {name}"
+        case Stack(n):
+            return f"stack word {n}"
+        case StackPointer():
+            return "reg sp"
+        case Retval():
+            return "reg ax at return"
+        case Comm():
+            return "current->comm"
+        case Arg(n):
+            regs = X86_64_ARG_REGS
+            return f"reg {regs[n - 1]}" if n <= len(regs) else f"stack word {n - len(regs)}"
+        case Imm(value):
+            return f"imm {value:#x}"
+        case ImmString(data):
+            return f"imm string {data!r}"
+        case SymbolAddress(expr, _, _, address):
+            where = f"{address:#x}" if address is not None else "unresolved"
+            return f"address of {expr} ({where})"
+        case Deref(offset, inner, user):
+            space = "user" if user else "kernel"
+            return f"{describe_source(inner)} -> {space} load at {offset:+#x}"
+    return repr(src)

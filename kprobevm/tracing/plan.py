@@ -18,21 +18,7 @@ from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
 from kprobevm.tracing.errors import probe_error
 from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent
-from kprobevm.tracing.fetch import (
-    X86_64_ARG_REGS,
-    Arg,
-    Comm,
-    Deref,
-    FetchArg,
-    FetchSource,
-    Imm,
-    ImmString,
-    Reg,
-    Retval,
-    Stack,
-    StackPointer,
-    SymbolAddress,
-)
+from kprobevm.tracing.fetch import Comm, Deref, FetchArg, ImmString, describe_source
 from kprobevm.tracing.parse import parse_event
 from kprobevm.tracing.registry import EventRegistry
 from kprobevm.tracing.resolve import resolve_event
@@ -51,47 +37,18 @@ __all__ = [
 ]
 
 
-def _source_plan(src: FetchSource) -> str:
-    """How a fetch source is read, innermost first (the kernel's fetch_insn chain)."""
-    match src:
-        case Reg(name):
-            return f"reg {name}"
-        case Stack(n):
-            return f"stack word {n}"
-        case StackPointer():
-            return "reg sp"
-        case Retval():
-            return "reg ax at return"
-        case Comm():
-            return "current->comm"
-        case Arg(n):
-            regs = X86_64_ARG_REGS
-            return f"reg {regs[n - 1]}" if n <= len(regs) else f"stack word {n - len(regs)}"
-        case Imm(value):
-            return f"imm {value:#x}"
-        case ImmString(data):
-            return f"imm string {data!r}"
-        case SymbolAddress(expr, _, _, address):
-            where = f"{address:#x}" if address is not None else "unresolved"
-            return f"address of {expr} ({where})"
-        case Deref(offset, inner, user):
-            space = "user" if user else "kernel"
-            return f"{_source_plan(inner)} -> {space} load at {offset:+#x}"
-    return repr(src)
-
-
 def fetch_plan(arg: FetchArg) -> str:
     """One argument's fetch plan in words (``reg si -> user string``)."""
     src = arg.source
     kind = arg.type.kind
     if kind in ("string", "ustring") and isinstance(src, Deref):
         space = "user" if src.user or kind == "ustring" else "kernel"
-        text = f"{_source_plan(src.inner)} -> {space} string at {src.offset:+#x}"
+        text = f"{describe_source(src.inner)} -> {space} string at {src.offset:+#x}"
     elif kind in ("string", "ustring") and not isinstance(src, Comm | ImmString):
         space = "user" if kind == "ustring" else "kernel"
-        text = f"{_source_plan(src)} -> {space} string"
+        text = f"{describe_source(src)} -> {space} string"
     else:
-        text = _source_plan(src)
+        text = describe_source(src)
         if isinstance(src, Deref):
             text = text.rsplit(" -> ", 1)[0] + (
                 f" -> {'user' if src.user else 'kernel'} {arg.type.size}-byte load"

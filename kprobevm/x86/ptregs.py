@@ -18,7 +18,7 @@ from kprobevm.x86.constants import MASK64
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
 
-__all__ = ["GDB_NAMES", "PtRegs", "to_gdb_names"]
+__all__ = ["ARG_REGS", "GDB_NAMES", "PtRegs", "to_gdb_names"]
 
 # pt_regs name -> gdbstub register name (QEMU's i386-64bit.xml).
 GDB_NAMES: dict[str, str] = {
@@ -31,7 +31,8 @@ GDB_NAMES: dict[str, str] = {
     "fs_base": "fs_base", "gs_base": "gs_base",
 }  # fmt: skip
 
-_ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+ARG_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+"""The SysV ABI's integer argument registers, in order; later arguments are on the stack."""
 
 ReadAlong = Callable[[Sequence[bytes]], tuple[dict[str, int], list[bytes]]]
 """Registers (gdb names) and the replies to other packets, in one round trip."""
@@ -163,12 +164,12 @@ class PtRegs:
 
     def arg(self, n: int) -> int:
         """The n-th (1-based) integer argument at a function's entry (x86-64 SysV ABI)."""
-        if 1 <= n <= len(_ARG_REGS):
-            return self.__getattr__(_ARG_REGS[n - 1])
+        if 1 <= n <= len(ARG_REGS):
+            return self.__getattr__(ARG_REGS[n - 1])
         if self.memory is None:
             raise ValueError(f"argument {n} is on the stack and no guest memory is attached")
         # the return address is at sp; stack arguments follow it
-        return self.memory.u64(self.__getattr__("sp") + 8 * (n - len(_ARG_REGS)))
+        return self.memory.u64(self.__getattr__("sp") + 8 * (n - len(ARG_REGS)))
 
     def as_dict(self) -> dict[str, int]:
         self._materialise()

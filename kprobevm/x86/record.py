@@ -33,8 +33,6 @@ __all__ = [
     "CopyHelpers",
     "RecordLayout",
     "RingLayout",
-    "assemble_count_program",
-    "assemble_record_program",
     "build_count_program",
     "build_record_program",
     "check_program_fits",
@@ -189,13 +187,8 @@ def _restore_and_leave(a: asm.Assembler, cont: int) -> None:
     a.jmp(cont)
 
 
-def build_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> bytes:
+def build_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> asm.Program:
     """Probes that only count: ``lock inc`` each hit counter, then go on (no stop)."""
-    return assemble_count_program(at, counters=counters, cont=cont).code
-
-
-def assemble_count_program(at: int, *, counters: tuple[int, ...], cont: int) -> asm.Program:
-    """:func:`build_count_program` with its listing."""
     a = asm.Assembler(at)
     a.pushfq()
     for counter in counters:
@@ -213,27 +206,12 @@ def build_record_program(
     ring: RingLayout,
     helpers: CopyHelpers,
     cont: int,
-) -> bytes:
+) -> asm.Program:
     """The program for one site: a record for each ``(probe id, layout)``, then ``cont``.
 
     ``probe_ip`` is the probed address (the snapshot's ``ip``); ``cont`` is the slot's
     copy of the displaced instruction.
     """
-    return assemble_record_program(
-        at, probes=probes, probe_ip=probe_ip, ring=ring, helpers=helpers, cont=cont
-    ).code
-
-
-def assemble_record_program(
-    at: int,
-    *,
-    probes: tuple[tuple[int, RecordLayout], ...],
-    probe_ip: int,
-    ring: RingLayout,
-    helpers: CopyHelpers,
-    cont: int,
-) -> asm.Program:
-    """:func:`build_record_program` with its listing."""
     a = asm.Assembler(at)
     _save(a)
     a.mov("r13d", mem(disp=helpers.cpu_number, seg="gs"))  # this CPU's number
