@@ -252,10 +252,13 @@ class KretprobeManager:
         layout = self.layout
         if layout is None or not ri.task:
             return False
-        return (
-            memory.u64(ri.task + layout.stack) != ri.task_stack
-            or memory.s32(ri.task + layout.exit_state) != 0
-        )
+        try:
+            return (
+                memory.u64(ri.task + layout.stack) != ri.task_stack
+                or memory.s32(ri.task + layout.exit_state) != 0
+            )
+        except GuestFaultError:
+            return True  # its task_struct is gone with it
 
     def _reclaim(self, rp: Kretprobe | None = None) -> bool:
         """Free the dead instances (of ``rp``, or all); True if any was freed."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import KprobeError
+from kprobevm.errors import GuestFaultError, KprobeError
 from kprobevm.gdbstub.target import vcpu_rips
 from kprobevm.kprobes.slots import SlotCache
 from kprobevm.x86.slotmap import ExecutablePages
@@ -52,9 +52,17 @@ class Quiescence:
         now = time.monotonic()
         for thread in self.threads:
             regs = client.read_registers(thread=thread, wide=False)
-            user = regs["cs"] & 3
-            if user or self.memory.read(regs["rip"] - 1, 1) == _HLT:
+            if regs["cs"] & 3 or self._after_hlt(regs["rip"]):
                 self.last_quiescent[thread] = now
+
+    def _after_hlt(self, rip: int) -> bool:
+        """The instruction before ``rip`` is ``hlt``. A byte that cannot be read (RIP at
+        the start of a page whose predecessor is unmapped) means "not known", never an
+        error: the vCPU is simply not counted as quiescent this time."""
+        try:
+            return self.memory.read(rip - 1, 1) == _HLT
+        except GuestFaultError:
+            return False
 
     def grace_over(self, freed_at: float) -> bool:
         """Every vCPU has been quiescent since ``freed_at``."""

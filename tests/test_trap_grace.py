@@ -1,0 +1,48 @@
+"""The quiescence check behind slot reuse, on a stand-in for a stopped guest: a vCPU
+whose previous byte cannot be read is "not known quiescent", never an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kprobevm.errors import GuestFaultError
+from kprobevm.trap.grace import Quiescence
+
+PAGE = 0xFFFFFFFFFEE00000
+"""The first byte of a page whose predecessor is not mapped."""
+
+
+@dataclass
+class _Client:
+    regs: dict[str, dict[str, int]]
+
+    def read_registers(self, *, thread: str, wide: bool) -> dict[str, int]:
+        return self.regs[thread]
+
+
+@dataclass
+class _Target:
+    client: _Client
+
+
+@dataclass
+class _Memory:
+    bytes_at: dict[int, bytes] = field(default_factory=dict)
+
+    def read(self, addr: int, n: int) -> bytes:
+        if addr not in self.bytes_at:
+            raise GuestFaultError(addr, "not mapped (gdbstub E14)")
+        return self.bytes_at[addr]
+
+
+def test_a_vcpu_at_the_start_of_a_page_after_a_hole_is_not_known_quiescent() -> None:
+    client = _Client({
+        "p1.1": {"cs": 0x10, "rip": PAGE},  # kernel mode, previous byte unmapped
+        "p1.2": {"cs": 0x10, "rip": 0xFFFFFFFF81001001},  # right after a hlt
+        "p1.3": {"cs": 0x33, "rip": 0x401000},  # user mode
+    })  # fmt: skip
+    memory = _Memory({0xFFFFFFFF81001000: b"\xf4"})
+    q = Quiescence(_Target(client), memory, ["p1.1", "p1.2", "p1.3"])  # type: ignore[arg-type]
+    q.observe()
+    assert set(q.last_quiescent) == {"p1.2", "p1.3"}
+    assert not q.grace_over(0.0)  # p1.1 was never seen quiescent
