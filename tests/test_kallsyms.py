@@ -154,3 +154,23 @@ def test_a_large_kallsyms_with_modules() -> None:
     assert len(syms) == 158_000
     last = syms.lookup(0xFFFFFFFFC0000000 + 32 * 2999 + 1)
     assert last is not None and last.module == "mod29"
+
+
+def test_module_colon_symbol_names_a_modules_symbol(syms: KernelSymbols) -> None:
+    assert syms["virtio_net:net_rx"] == syms["net_rx"] == 0xFFFFFFFFC0300000
+    assert syms["virtio_net:net_rx.cold"] == 0xFFFFFFFFC0300020
+    assert "virtio:virtio_init" in syms and "virtio_net:virtio_init" not in syms
+    assert syms.symbol("virtio:virtio_exit").module == "virtio"
+    with pytest.raises(SymbolNotFound):
+        syms["virtio:net_rx"]  # the symbol exists, but not in that module
+    with pytest.raises(SymbolNotFound):
+        syms["not_loaded:net_rx"]
+
+
+def test_a_module_gone_and_a_fresh_read_replace_the_table_in_place(syms: KernelSymbols) -> None:
+    before = len(syms)
+    syms.replace_with(syms.without_module("virtio_net"))
+    assert "net_rx" not in syms and syms.lookup(0xFFFFFFFFC0300000) is None
+    assert len(syms) == before - 2 and syms["virtio:virtio_init"] == 0xFFFFFFFFC0200000
+    syms.replace_with(KernelSymbols.from_text(KALLSYMS))
+    assert syms["virtio_net:net_rx"] == 0xFFFFFFFFC0300000

@@ -98,11 +98,19 @@ def _parse_three_columns(text: str) -> _Columns | None:
     return _Columns(addrs, types, tokens[2::3], [None] * len(addrs))
 
 
-class KernelSymbols:
-    """A parsed kallsyms: lookups by name and by address, sizes, ``%pS`` descriptions."""
+@dataclass(frozen=True)
+class _State:
+    """One read of kallsyms: sorted parallel columns, symbol ends and the name index."""
 
-    def __init__(self, entries: list[_Entry] | _Columns) -> None:
-        """Build from ``(address, type, name, module)`` tuples in kallsyms order."""
+    addrs: list[int]
+    types: list[str]
+    names: list[str]
+    mods: list[str | None]
+    ends: list[int]
+    by_name: dict[str, int | list[int]]
+
+    @classmethod
+    def build(cls, entries: list[_Entry] | _Columns) -> _State:
         cols = entries if isinstance(entries, _Columns) else _Columns([], [], [], [])
         if not isinstance(entries, _Columns):
             cols.extend(entries)
@@ -123,29 +131,119 @@ class KernelSymbols:
                 [cols.names[i] for i in order],
                 [cols.mods[i] for i in order],
             )
-        self._addrs = cols.addrs
-        self._types = cols.types
-        self._names = cols.names
-        self._mods = cols.mods
-        self._ends = self._compute_ends()
-        # Names are mostly unique: a plain dict (first index wins), then lists for the
-        # names that several symbols share.
-        names = self._names
-        n = len(names)
-        first = dict(zip(reversed(names), range(n - 1, -1, -1), strict=True))
-        by_name: dict[str, int | list[int]] = dict(first)
-        if len(first) != n:
-            # Indices whose name was seen earlier, found with C-level iterators.
-            later = itertools.compress(
-                range(n), map(operator.ne, range(n), map(first.__getitem__, names))
-            )
-            for i in later:
-                prev = by_name[names[i]]
-                if isinstance(prev, list):
-                    prev.append(i)
-                else:
-                    by_name[names[i]] = [prev, i]
-        self._by_name = by_name
+        return cls(cols.addrs, cols.types, cols.names, cols.mods,
+                   _compute_ends(cols.addrs, cols.mods), _name_index(cols.names))  # fmt: skip
+
+    def indices(self, name: str) -> list[int]:
+        """Indices of the symbols called ``name``; ``MOD:SYM`` names a module's ``SYM``,
+        as the kernel's ``kallsyms_lookup_name`` reads it."""
+        idx = self.by_name.get(name)
+        if idx is None:
+            module, sep, sym = name.partition(":")
+            if not sep:
+                return []
+            return [i for i in self.indices(sym) if self.mods[i] == module]
+        return [idx] if isinstance(idx, int) else idx
+
+    def index(self, name: str) -> int:
+        """The index of the one symbol ``name`` names (aliases at one address are one)."""
+        found = self.indices(name)
+        if not found:
+            raise SymbolNotFound(name)
+        addrs = sorted({self.addrs[i] for i in found})
+        if len(addrs) > 1:
+            raise AmbiguousSymbol(name, addrs)
+        return found[0]
+
+    def symbol(self, idx: int) -> Symbol:
+        return Symbol(
+            name=self.names[idx],
+            address=self.addrs[idx],
+            size=self.ends[idx] - self.addrs[idx],
+            type=self.types[idx],
+            module=self.mods[idx],
+        )
+
+
+def _name_index(names: list[str]) -> dict[str, int | list[int]]:
+    """Name -> index. Names are mostly unique: a plain dict (first index wins), then lists
+    for the names that several symbols share."""
+    n = len(names)
+    first = dict(zip(reversed(names), range(n - 1, -1, -1), strict=True))
+    by_name: dict[str, int | list[int]] = dict(first)
+    if len(first) != n:
+        # Indices whose name was seen earlier, found with C-level iterators.
+        later = itertools.compress(
+            range(n), map(operator.ne, range(n), map(first.__getitem__, names))
+        )
+        for i in later:
+            prev = by_name[names[i]]
+            if isinstance(prev, list):
+                prev.append(i)
+            else:
+                by_name[names[i]] = [prev, i]
+    return by_name
+
+
+def _compute_ends(addrs: list[int], mods: list[str | None]) -> list[int]:
+    """End of each symbol: the next higher address in its own area (module, core, per-CPU).
+
+    Aliases (symbols sharing an address) all get the end of the group, as in the kernel's
+    get_symbol_pos(). The last symbol of the core kernel gets size 0 (the kernel would use
+    _end/_einittext, which kallsyms already lists). The last symbol of a module ends at the
+    next page boundary: module memory is allocated in whole pages and the kernel ends that
+    symbol at the end of the module's layout.
+    """
+    areas = [
+        m if m is not None else (_CORE if a >= _KERNEL_HALF else _PERCPU)
+        for a, m in zip(addrs, mods, strict=True)
+    ]
+    ends = [0] * len(addrs)
+    # Walking down, per area: address and end of the lowest symbol seen so far (-1: none).
+    seen: dict[str, tuple[int, int]] = {}
+    cur_area: str | None = None
+    last_addr = last_end = -1
+    for i in range(len(addrs) - 1, -1, -1):
+        addr = addrs[i]
+        area = areas[i]
+        if area != cur_area:
+            if cur_area is not None:
+                seen[cur_area] = (last_addr, last_end)
+            cur_area = area
+            last_addr, last_end = seen.get(area, (-1, -1))
+        if last_addr == addr:
+            pass  # an alias: same end as the others at this address
+        elif last_addr != -1:
+            last_end = last_addr
+        elif area in (_CORE, _PERCPU):
+            last_end = addr  # the highest symbol of its area (see the docstring)
+        else:
+            last_end = (addr + PAGE_SIZE) & ~(PAGE_SIZE - 1)
+        ends[i] = last_end
+        last_addr = addr
+    return ends
+
+
+class KernelSymbols:
+    """A parsed kallsyms: lookups by name and by address, sizes, ``%pS`` descriptions."""
+
+    def __init__(self, entries: list[_Entry] | _Columns) -> None:
+        """Build from ``(address, type, name, module)`` tuples in kallsyms order."""
+        self._s = _State.build(entries)
+
+    def replace_with(self, other: KernelSymbols) -> None:
+        """Take ``other``'s symbols (a fresh read of kallsyms, a module gone) in one atomic
+        step: a reader on another thread sees the old table or the new, never a mix."""
+        self._s = other._s
+
+    def without_module(self, module: str) -> KernelSymbols:
+        """The same symbols less ``module``'s (it was unloaded)."""
+        s = self._s
+        keep = [i for i, m in enumerate(s.mods) if m != module]
+        return KernelSymbols(_Columns(
+            [s.addrs[i] for i in keep], [s.types[i] for i in keep],
+            [s.names[i] for i in keep], [s.mods[i] for i in keep],
+        ))  # fmt: skip
 
     # -- construction ------------------------------------------------------------------
 
@@ -189,73 +287,20 @@ class KernelSymbols:
 
         Module and per-CPU addresses are not part of the kernel image and stay where they are.
         """
-        mask = MASK64
+        s = self._s
         entries = [
-            (
-                (a + delta) & mask if m is None and a >= _KERNEL_HALF else a,
-                t,
-                n,
-                m,
-            )
-            for a, t, n, m in zip(self._addrs, self._types, self._names, self._mods, strict=True)
+            ((a + delta) & MASK64 if m is None and a >= _KERNEL_HALF else a, t, n, m)
+            for a, t, n, m in zip(s.addrs, s.types, s.names, s.mods, strict=True)
         ]
         return KernelSymbols(entries)
 
-    def _compute_ends(self) -> list[int]:
-        """End of each symbol: the next higher address in its own area (module, core, per-CPU).
-
-        Aliases (symbols sharing an address) all get the end of the group, as in the kernel's
-        get_symbol_pos(). The last symbol of the core kernel gets size 0 (the kernel would use
-        _end/_einittext, which kallsyms already lists). The last symbol of a module ends at the
-        next page boundary: module memory is allocated in whole pages and the kernel ends that
-        symbol at the end of the module's layout.
-        """
-        addrs = self._addrs
-        areas = [
-            m if m is not None else (_CORE if a >= _KERNEL_HALF else _PERCPU)
-            for a, m in zip(addrs, self._mods, strict=True)
-        ]
-        ends = [0] * len(addrs)
-        # Walking down, per area: address and end of the lowest symbol seen so far (-1: none).
-        seen: dict[str, tuple[int, int]] = {}
-        cur_area: str | None = None
-        last_addr = last_end = -1
-        for i in range(len(addrs) - 1, -1, -1):
-            addr = addrs[i]
-            area = areas[i]
-            if area != cur_area:
-                if cur_area is not None:
-                    seen[cur_area] = (last_addr, last_end)
-                cur_area = area
-                last_addr, last_end = seen.get(area, (-1, -1))
-            if last_addr == addr:
-                pass  # an alias: same end as the others at this address
-            elif last_addr != -1:
-                last_end = last_addr
-            elif area in (_CORE, _PERCPU):
-                last_end = addr  # the highest symbol of its area (see the docstring)
-            else:
-                last_end = (addr + PAGE_SIZE) & ~(PAGE_SIZE - 1)
-            ends[i] = last_end
-            last_addr = addr
-        return ends
-
     # -- by name -----------------------------------------------------------------------
 
-    def _index(self, name: str) -> int:
-        idx = self._by_name.get(name)
-        if idx is None:
-            raise SymbolNotFound(name)
-        if isinstance(idx, list):
-            addrs = sorted({self._addrs[i] for i in idx})
-            if len(addrs) > 1:
-                raise AmbiguousSymbol(name, addrs)
-            return idx[0]
-        return idx
-
     def __getitem__(self, name: str) -> int:
-        """Address of ``name``; SymbolNotFound (a KeyError) or AmbiguousSymbol."""
-        return self._addrs[self._index(name)]
+        """Address of ``name`` (``MOD:SYM`` for a module's); SymbolNotFound (a KeyError)
+        or AmbiguousSymbol."""
+        s = self._s
+        return s.addrs[s.index(name)]
 
     @overload
     def get(self, name: str) -> int | None: ...
@@ -269,51 +314,49 @@ class KernelSymbols:
             return default
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._by_name
+        if not isinstance(name, str):
+            return False
+        try:
+            self._s.index(name)
+        except SymbolNotFound:
+            return False
+        except AmbiguousSymbol:
+            return True
+        return True
 
     def __len__(self) -> int:
-        return len(self._addrs)
-
-    def _symbol(self, idx: int) -> Symbol:
-        return Symbol(
-            name=self._names[idx],
-            address=self._addrs[idx],
-            size=self._ends[idx] - self._addrs[idx],
-            type=self._types[idx],
-            module=self._mods[idx],
-        )
+        return len(self._s.addrs)
 
     def symbol(self, name: str) -> Symbol:
         """The one symbol called ``name`` (raises like ``syms[name]``)."""
-        return self._symbol(self._index(name))
+        s = self._s
+        return s.symbol(s.index(name))
 
     def all(self, name: str) -> list[Symbol]:
         """Every symbol called ``name``, by address (empty when none)."""
-        idx = self._by_name.get(name)
-        if idx is None:
-            return []
-        if isinstance(idx, int):
-            return [self._symbol(idx)]
-        return [self._symbol(i) for i in idx]
+        s = self._s
+        return [s.symbol(i) for i in s.indices(name)]
 
     def size(self, name: str) -> int:
         """Size of ``name`` in bytes: distance to the next symbol at a higher address."""
-        idx = self._index(name)
-        return self._ends[idx] - self._addrs[idx]
+        s = self._s
+        idx = s.index(name)
+        return s.ends[idx] - s.addrs[idx]
 
     # -- by address --------------------------------------------------------------------
 
     def lookup(self, addr: int) -> Symbol | None:
         """The symbol containing ``addr`` (first alias at its address), or None."""
-        i = bisect.bisect_right(self._addrs, addr) - 1
+        s = self._s
+        i = bisect.bisect_right(s.addrs, addr) - 1
         if i < 0:
             return None
-        start = self._addrs[i]
+        start = s.addrs[i]
         # Step back to the first alias: the one kallsyms lists first, as %pS picks.
-        while i > 0 and self._addrs[i - 1] == start:
+        while i > 0 and s.addrs[i - 1] == start:
             i -= 1
-        if addr < self._ends[i] or (addr == start and self._ends[i] == start):
-            return self._symbol(i)
+        if addr < s.ends[i] or (addr == start and s.ends[i] == start):
+            return s.symbol(i)
         return None
 
     def describe(self, addr: int) -> str:
@@ -333,14 +376,16 @@ class KernelSymbols:
 
     def __iter__(self) -> Iterator[Symbol]:
         """Every symbol, by address."""
-        return (self._symbol(i) for i in range(len(self._addrs)))
+        s = self._s
+        return (s.symbol(i) for i in range(len(s.addrs)))
 
     def functions(self, module: str | None = None) -> Iterator[Symbol]:
         """Text symbols by address; of one module, or of the core kernel when ``module`` is None."""
-        for i, t in enumerate(self._types):
-            if t in TEXT_TYPES and self._mods[i] == module:
-                yield self._symbol(i)
+        s = self._s
+        for i, t in enumerate(s.types):
+            if t in TEXT_TYPES and s.mods[i] == module:
+                yield s.symbol(i)
 
     def modules(self) -> set[str]:
         """Names of the modules that have symbols."""
-        return {m for m in self._mods if m is not None}
+        return {m for m in self._s.mods if m is not None}
