@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kprobevm.closing import Closing
-from kprobevm.errors import VMError, VMLost
+from kprobevm.errors import KprobeVMError, VMError, VMLost
 from kprobevm.gdbstub.transport import GdbAddress, GdbTransport, format_gdb_address
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
     from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kernel.vmlinux import Vmlinux
@@ -244,6 +245,16 @@ class VM(Closing):
             return KernelSymbols.from_file(self.kallsyms_path)
         return KernelSymbols.from_text(self.read_file("/proc/kallsyms"))
 
+    def refresh_symbols(self) -> bool:
+        """Read the guest's /proc/kallsyms again (modules come and go); every engine
+        object sees the new table at once. False when symbols come from a fixed file."""
+        if self.kallsyms_path is not None:
+            return False
+        from kprobevm.kernel.kallsyms import KernelSymbols
+
+        self.symbols.replace_with(KernelSymbols.from_text(self.read_file("/proc/kallsyms")))
+        return True
+
     @functools.cached_property
     def kaslr_slide(self) -> int:
         """How far the running kernel's text moved from its link address (0: nokaslr)."""
@@ -272,7 +283,6 @@ class VM(Closing):
     @functools.cached_property
     def task_layout(self) -> TaskLayout | None:
         """Where ``current`` and its fields are (from the vmlinux BTF; None without it)."""
-        from kprobevm.errors import KprobeVMError
         from kprobevm.kernel.tasks import TaskLayout
 
         if self.vmlinux is None:
@@ -347,7 +357,8 @@ class VM(Closing):
                 self._kprobes = KprobeManager(
                     symbols=self.symbols, blacklist=self.kprobe_blacklist,
                     patch_sites=self.patch_sites, target=self.target, memory=self.memory,
-                    channel_installer=channel_installer,
+                    channel_installer=channel_installer, refresh_symbols=self.refresh_symbols,
+                    module_layout=self._module_layout,
                 )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes
@@ -367,6 +378,22 @@ class VM(Closing):
 
     def _task_layout(self) -> TaskLayout | None:
         return self.task_layout
+
+    def _module_layout(self) -> ModuleLayout | None:
+        return self.module_layout
+
+    @functools.cached_property
+    def module_layout(self) -> ModuleLayout | None:
+        """Where ``struct module`` keeps its name (from the vmlinux BTF; None without)."""
+        from kprobevm.kernel.modules import ModuleLayout
+
+        if self.vmlinux is None:
+            return None
+        try:
+            return ModuleLayout.build(self.vmlinux)
+        except KprobeVMError as exc:
+            self.log.warning("no module layout: %s", exc)
+            return None
 
     def _install_channel(self, handlers: TrapHandlers, reserve: Reserve | None) -> TrapChannel:
         """The trap channel this VM was told to use, for ``handlers``."""

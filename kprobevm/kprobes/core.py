@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
+from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import can_probe
 from kprobevm.x86.ptregs import PtRegs
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.kernel.blacklist import Blacklist
-    from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.kallsyms import KernelSymbols, Symbol
+    from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
     from kprobevm.kprobes.recorder import Record, RecordSpec
     from kprobevm.kprobes.slots import Slot
@@ -92,6 +94,8 @@ class Kprobe:
     """The last few handler exceptions, formatted."""
     disabled: bool = field(default=False, init=False)
     registered: bool = field(default=False, init=False)
+    gone: bool = field(default=False, init=False)
+    """Its module was unloaded: the probe is out of the guest, still registered."""
     record_id: int | None = field(default=None, init=False, repr=False)
     """The tag of this probe's records in the guest's ring (recorded probes only)."""
     _given_addr: int | None = field(default=None, init=False, repr=False)
@@ -128,6 +132,8 @@ class ProbeSite:
     """Where a handled vCPU goes on: the slot's continuation copy, past the pre store."""
     pre_watch: int | None = None
     """The mailbox byte of this site's pre store, watched on its own: a stop names it."""
+    module: str | None = None
+    """The module whose text holds the site (None: the core kernel)."""
 
     @property
     def enabled(self) -> bool:
@@ -155,20 +161,28 @@ class KprobeManager:
         target: Target,
         memory: GuestMemory,
         channel_installer: ChannelInstaller,
+        refresh_symbols: Callable[[], bool] | None = None,
+        module_layout: Callable[[], ModuleLayout | None] = lambda: None,
     ) -> None:
         """``channel_installer`` puts a trap channel in the guest for this table's
-        handlers: on the first registration, and again after a close."""
+        handlers: on the first registration, and again after a close.
+        ``refresh_symbols`` reads kallsyms again when a name is not found (a module loaded
+        since); ``module_layout`` names a ``struct module`` for probes in modules."""
         self.symbols = symbols
         self.blacklist = blacklist
         self.patch_sites = patch_sites
         self.target = target
         self.memory = memory
         self._channel_installer = channel_installer
+        self._refresh_symbols = refresh_symbols
         self.table: dict[int, ProbeSite] = {}
         self.all_disarmed = False
         self._mutex = threading.RLock()  # the kernel's kprobe_mutex
         self._channel: TrapChannel | None = None
         self.handler_errors = 0
+        self.gone: list[Kprobe] = []
+        """Probes whose module was unloaded: out of the guest, still registered."""
+        self.modules = ModuleWatch(memory, module_layout, self._module_going)
 
     # -- the channel -----------------------------------------------------------------
 
@@ -205,6 +219,8 @@ class KprobeManager:
         if kp.offset < 0:
             raise ProbeRefused("EINVAL", f"negative offset {kp.offset}", symbol=kp.symbol_name)
         if kp.symbol_name is not None:
+            if kp.symbol_name not in self.symbols and self._refresh_symbols is not None:
+                self._refresh_symbols()  # a module loaded since kallsyms was read
             try:
                 base = self.symbols[kp.symbol_name]
             except SymbolError as exc:
@@ -215,8 +231,9 @@ class KprobeManager:
         assert kp.addr is not None
         return kp.addr + kp.offset
 
-    def check_probe_address(self, addr: int, kp: Kprobe) -> None:
-        """Refuse what the kernel refuses, and what a host-side kprobe must refuse too."""
+    def check_probe_address(self, addr: int, kp: Kprobe) -> Symbol:
+        """Refuse what the kernel refuses, and what a host-side kprobe must refuse too;
+        the symbol the address is in."""
         syms = self.symbols
         sym = syms.lookup(addr)
         if sym is None or sym.type not in "Tt":
@@ -240,6 +257,7 @@ class KprobeManager:
                 "BAD_INSN_BNDRY", f"{syms.describe(addr)} is not an instruction boundary",
                 address=addr, symbol=kp.symbol_name,
             )  # fmt: skip
+        return sym
 
     # -- the API ---------------------------------------------------------------------
 
@@ -257,9 +275,12 @@ class KprobeManager:
                 )  # fmt: skip
             site = self.table.get(addr)
             if site is None:
-                self.check_probe_address(addr, kp)
+                sym = self.check_probe_address(addr, kp)
+                if sym.module is not None:
+                    self._watch_modules(sym.module, self.symbols.describe(addr))
                 with self.target.stopped():
                     site = self.channel.prepare_site(addr)
+                    site.module = sym.module
                     site.probes.append(kp)
                     self.table[addr] = site
                     try:
@@ -318,6 +339,11 @@ class KprobeManager:
     def unregister_kprobe(self, kp: Kprobe) -> None:
         """Remove ``kp``; the int3 goes when the last probe at its address goes."""
         with self._mutex:
+            if kp.gone and kp in self.gone:  # its module took it out of the guest
+                self.gone.remove(kp)
+                self._forget(kp)
+                self._unwatch_modules_if_idle()
+                return
             site = self._site_of(kp)
             with self.target.stopped():
                 if kp.record is not None:
@@ -335,8 +361,14 @@ class KprobeManager:
                         self.channel.rebuild_site(site)
                 if kp.record_id is not None:
                     self.channel.release_record_id(kp)
-            kp.registered = False
-            kp.addr = kp._given_addr
+            self._forget(kp)
+            if site.module is not None:
+                self._unwatch_modules_if_idle()
+
+    @staticmethod
+    def _forget(kp: Kprobe) -> None:
+        kp.registered = False
+        kp.addr = kp._given_addr
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
@@ -382,10 +414,14 @@ class KprobeManager:
         return site.probes[0] if site and site.probes else None
 
     def unregister_all(self) -> None:
+        """Unregister every probe, those whose module went included."""
         with self._mutex:
+            for kp in list(self.gone):
+                self.unregister_kprobe(kp)
             for site in list(self.table.values()):
                 for kp in list(site.probes):
-                    self.unregister_kprobe(kp)
+                    if kp.registered:  # the module watch may have gone with the others
+                        self.unregister_kprobe(kp)
 
     def close(self) -> None:
         """Unregister everything and take the trap channel out of the guest."""
@@ -398,10 +434,53 @@ class KprobeManager:
     def _site_of(self, kp: Kprobe) -> ProbeSite:
         if not kp.registered:
             raise KprobeError("probe is not registered", symbol=kp.symbol_name)
+        if kp.gone:
+            raise KprobeError("probe is gone: its module was unloaded", symbol=kp.symbol_name)
         for site in self.table.values():
             if kp in site.probes:
                 return site
         raise KprobeError("probe is not in the table", symbol=kp.symbol_name)
+
+    # -- probes in modules -----------------------------------------------------------
+
+    def _watch_modules(self, module: str, where: str) -> None:
+        """Before the first probe in a module: our probe on the guest's module unload."""
+        if self.modules.probe is None:
+            watch = Kprobe(symbol_name=WATCHED_FUNCTION,
+                           pre_handler=self.modules.handler(module, where))  # fmt: skip
+            self.register_kprobe(watch)
+            self.modules.probe = watch
+
+    def _unwatch_modules_if_idle(self) -> None:
+        """After the last probe in a module: the unload probe goes too."""
+        watch = self.modules.probe
+        if watch is None or any(s.module is not None for s in self.table.values()):
+            return
+        self.modules.probe = None
+        if watch.registered:
+            self.unregister_kprobe(watch)
+
+    def _module_going(self, module: str) -> None:
+        """``module`` is being unloaded (trap thread, VM stopped, its text still mapped):
+        its probes leave the guest and are marked gone; its symbols leave the table."""
+        sites = [s for s in self.table.values() if s.module == module]
+        if any(s.recorded for s in sites):
+            self.channel.flush_records()  # the hits so far reach their handlers
+        for site in sites:
+            if site.armed:
+                self.channel.disarm(site)
+            del self.table[site.addr]
+            self.channel.discard_site(site)
+            for kp in site.probes:
+                if kp.record_id is not None:
+                    self.channel.release_record_id(kp)
+                kp.gone = True
+                self.gone.append(kp)
+        if module in self.symbols.modules():
+            self.symbols.replace_with(self.symbols.without_module(module))
+        if sites:
+            log.warning("module %s unloaded: %d probe(s) in it are gone", module,
+                        sum(len(s.probes) for s in sites))  # fmt: skip
 
     # -- running handlers (trap thread, VM stopped) ----------------------------------
 
@@ -463,13 +542,25 @@ class KprobeManager:
         lines = []
         for addr in sorted(self.table):
             site = self.table[addr]
-            desc = self.symbols.describe(addr).split("/")[0]
+            desc = self._list_place(addr)
             for kp in site.probes:
+                if kp is self.modules.probe:
+                    continue  # ours, not the user's
                 flags = ""
                 if kp.disabled or not site.armed:
                     flags = "  [DISABLED]"
                 lines.append(f"{addr:016x}  k  {desc}{flags}")
+        for kp in self.gone:  # their module's symbols are gone with it
+            lines.append(f"{kp.addr or 0:016x}  k  {kp.where()}  [GONE]")
         return "\n".join(lines) + ("\n" if lines else "")
+
+    def _list_place(self, addr: int) -> str:
+        """``sym+0xoff``, then the module's name for a module's probe (kprobes/list)."""
+        sym = self.symbols.lookup(addr)
+        if sym is None:
+            return f"{addr:#x}"
+        place = f"{sym.name}+{addr - sym.address:#x}"
+        return f"{place}  {sym.module}" if sym.module is not None else place
 
     def original_text(self, addr: int, n: int) -> bytes:
         """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the

@@ -144,6 +144,8 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
     registry's EVENT_EXIST, DIFF_PROBE_TYPE, DIFF_ARG_TYPE and SAME_PROBE
     (:mod:`kprobevm.tracing.registry`).
     """
+    if any(e.symbol_name is not None and e.symbol_name not in vm.symbols for e in events):
+        vm.refresh_symbols()  # a module loaded since kallsyms was read
     boundary = _boundary_checker(vm)
     registry = EventRegistry(existing=guest_event_names(vm, events))
     planned = []

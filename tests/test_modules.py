@@ -1,0 +1,100 @@
+"""Probes in modules on the shared guest: by ``MOD:SYM`` and by bare name, a return
+probe, a ``.cold`` part, trace definitions the guest's own tracefs accepts alike, and the
+text left as found."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kprobevm.guest.vm import VM
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
+from kprobevm.kprobes.modules import WATCHED_FUNCTION
+from kprobevm.tracing import ProbeEvent, parse_event
+from kprobevm.tracing.session import TraceSession, plan_events
+from kprobevm.x86.ptregs import PtRegs
+
+pytestmark = pytest.mark.vm
+
+MODULE = "virtio_net"
+FUNCTION = "start_xmit"
+"""virtio_net's transmit: every packet the guest sends (SSH replies) goes through it."""
+TRACEFS = "/sys/kernel/tracing"
+
+
+@pytest.fixture(autouse=True)
+def _no_probe_left(vm: VM) -> Iterator[None]:
+    yield
+    assert not vm.kprobes.table, f"probes left: {vm.list_kprobes()}"
+    assert vm.kprobes.modules.probe is None, "the module unload probe outlived the last probe"
+
+
+def _cold_part(vm: VM) -> str:
+    colds = [s.name for s in vm.symbols.functions(MODULE) if s.name.endswith(".cold")]
+    assert colds, f"{MODULE} has no .cold part in this kernel"
+    return colds[0]
+
+
+def test_module_probes_by_mod_sym_bare_name_return_and_cold_part(vm: VM) -> None:
+    entry = vm.symbols.symbol(f"{MODULE}:{FUNCTION}")
+    assert entry.module == MODULE and vm.symbols[FUNCTION] == entry.address
+    cold = vm.symbols.symbol(f"{MODULE}:{_cold_part(vm)}")
+    text = {s.address: vm.read(s.address, s.size) for s in (entry, cold)}
+    returns: list[int] = []
+
+    def ret(ri: KretprobeInstance, regs: PtRegs) -> None:
+        returns.append(regs.ax)
+
+    by_mod = Kprobe(symbol_name=f"{MODULE}:{FUNCTION}", pre_handler=lambda kp, regs: None)
+    by_name = Kprobe(symbol_name=FUNCTION, pre_handler=lambda kp, regs: None)
+    at_cold = Kprobe(symbol_name=f"{MODULE}:{cold.name}", pre_handler=lambda kp, regs: None)
+    rp = Kretprobe(symbol_name=f"{MODULE}:{FUNCTION}", handler=ret)
+    vm.register_kprobes([by_mod, by_name, at_cold])
+    vm.register_kretprobe(rp)
+    try:
+        assert by_mod.addr == by_name.addr == entry.address and at_cold.addr == cold.address
+        listing = vm.list_kprobes()
+        assert f"{FUNCTION}+0x0  {MODULE}" in listing and WATCHED_FUNCTION not in listing
+        vm.run("cat /proc/version", check=True)  # its output is sent through start_xmit
+    finally:
+        vm.unregister_kretprobe(rp)
+        vm.unregister_kprobes([by_mod, by_name, at_cold])
+    assert by_mod.nhit >= 1 and by_name.nhit == by_mod.nhit
+    assert rp.nhit >= 1 and set(returns) == {0}, returns  # NETDEV_TX_OK
+    assert not (by_mod.nerrors or rp.nerrors)
+    for address, before in text.items():
+        assert vm.read(address, len(before)) == before
+
+
+def _event(text: str) -> ProbeEvent:
+    event = parse_event(text)
+    assert isinstance(event, ProbeEvent)
+    return event
+
+
+@pytest.mark.parametrize("definition", [
+    f"p:kprobes/n {MODULE}:{FUNCTION}",
+    f"r:kprobes/rr {MODULE}:{FUNCTION}",
+    f"p:kprobes/b {FUNCTION}",
+])  # fmt: skip
+def test_module_definitions_are_placed_where_the_guests_tracefs_places_them(
+    vm: VM, definition: str
+) -> None:
+    """Side by side: the guest's own tracefs takes the definition, and so do we, at the
+    same address and with hits."""
+    kernel = vm.run(
+        f"echo '{definition}' >> {TRACEFS}/kprobe_events && cat {TRACEFS}/kprobe_events;"
+        f" echo '-:{definition.split()[0].split(':')[1]}' >> {TRACEFS}/kprobe_events",
+    )
+    assert kernel.returncode == 0, kernel.stderr
+    assert FUNCTION in kernel.stdout
+    (planned,) = plan_events(vm, [_event(definition)])
+    assert planned.resolved.address == vm.symbols[f"{MODULE}:{FUNCTION}"]
+    session = TraceSession(vm, [planned])
+    with session:
+        vm.run("cat /proc/version", check=True)
+    assert not session.handler_errors()
+    hits = list(session.drain())
+    assert hits and all(f"{FUNCTION}" in h.line() for h in hits), [h.line() for h in hits]
