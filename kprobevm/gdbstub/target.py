@@ -137,8 +137,10 @@ class Target:
         self.client.cont(before=self._take_before_resume(), defer=True)
 
     def _dispatch(self, stop: StopReply) -> None:
-        if stop.kind in ("W", "X"):
-            raise VMLost(f"{self.name}: the guest exited ({stop.kind}{stop.signal:02x})")
+        if stop.exited:
+            code = stop.exit_status if stop.kind == "W" else stop.signal
+            raise VMLost(f"{self.name}: the guest exited ({stop.raw.decode(errors='replace')}"
+                         f", {'status' if stop.kind == 'W' else 'signal'} {code})")
         handler = self.on_stop
         if handler is None:
             return
