@@ -1,13 +1,16 @@
-"""The default image: the newc writer, the cache key, and (marked vm) a real build."""
+"""The default image: the newc writer, the cache key, its private modes, a real build (vm)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -18,6 +21,7 @@ from kprobevm.guest.image import (
     DEFAULT_MEMORY,
     SLOT_RESERVE,
     Cpio,
+    Image,
     KernelPackage,
     build_image,
     cache_dir,
@@ -127,6 +131,105 @@ def test_kernel_resolution_is_remembered_while_apt_lists_are_unchanged(
     packages.write_bytes(b"v2, a newer list")  # apt-get update happened
     assert image_mod.resolve_kernel_package(tmp_path) != first
     assert len(calls) == 2
+
+
+# -- private modes: a build from a stand-in kernel package, with the host's busybox/dropbear --
+
+_FAKE_KERNEL = KernelPackage("linux-image-6.1.0-99-cloud-amd64", "6.1.1-1")
+_FAKE_RELEASE = "6.1.0-99-cloud-amd64"
+_BUILD_TOOLS = ("dpkg-deb", "busybox", "dropbear", "dropbearkey", "ldd")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _fake_kernel_deb(debs: Path) -> Path:
+    """A .deb like the kernel package's: a stand-in bzImage, a config, a modules directory."""
+    root = debs.parent / "deb-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {_FAKE_KERNEL.name}\nVersion: {_FAKE_KERNEL.version}\n"
+        "Architecture: amd64\nMaintainer: kprobevm tests <nobody@localhost>\n"
+        "Description: stand-in kernel for image tests\n")
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinuz-{_FAKE_RELEASE}").write_bytes(b"not a bzImage")
+    (root / "boot" / f"config-{_FAKE_RELEASE}").write_text("CONFIG_KPROBES=y\n")
+    (root / "lib" / "modules" / _FAKE_RELEASE).mkdir(parents=True)
+    debs.mkdir(parents=True)
+    deb = debs / f"{_FAKE_KERNEL.name}_{_FAKE_KERNEL.version}_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    shutil.rmtree(root)
+    return deb
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """umask 022, under which files made without an explicit mode come out 0644."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
+def chmod_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of every ``os.chmod`` from here on (each still done).
+
+    A build that wrote a secret and only then made it private would show up here; files
+    must be created with their final mode instead.
+    """
+    calls: list[str] = []
+    real_chmod = os.chmod
+
+    def chmod(path: Any, mode: int, **kwargs: Any) -> None:
+        calls.append(str(path))
+        real_chmod(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    return calls
+
+
+@pytest.fixture
+def fresh_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, usual_umask: None,
+                chmod_calls: list[str]) -> Image:
+    """An image built by the real builder into an empty cache, with no apt and no kernel.
+
+    The kernel package is a stand-in .deb (no download), the vmlinux extraction is
+    skipped and the module list is empty; the initramfs and the keys are made as for the
+    real image. ``$KPROBEVM_CACHE`` points at the cache, so ``default_image()`` finds it.
+    """
+    missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    recipe = _pinned_inputs(monkeypatch, tmp_path)
+    (recipe / "modules").write_text("")
+    monkeypatch.setattr(image_mod, "extract_vmlinux", lambda bzimage: b"\x7fELF stand-in")
+    # Outside the cache, whose root must not exist yet: the test checks the mode the
+    # build creates it with.
+    deb = _fake_kernel_deb(tmp_path / "debs")
+    monkeypatch.setattr(image_mod, "_download_kernel", lambda cache, kernel: deb)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KPROBEVM_CACHE", str(cache))
+    chmod_calls.clear()  # copying the recipe kept its modes: only the build counts
+    return build_image(cache=cache)
+
+
+def test_a_fresh_image_is_private_to_its_user(fresh_image: Image,
+                                              chmod_calls: list[str]) -> None:
+    img = fresh_image
+    assert chmod_calls == []  # every mode was right from creation
+    host_key = img.directory / "dropbear_ed25519_host_key"
+    # The initramfs holds the guest's SSH host key, id_ed25519 logs into the guest as root,
+    # and the host key is also kept by itself; the cache root is created by the build.
+    modes = {"cache": img.directory.parents[1], "image directory": img.directory,
+             "initramfs": img.initrd, "client key": img.ssh_key, "host key": host_key}
+    assert {name: oct(_mode(path)) for name, path in modes.items()} == {
+        "cache": "0o700", "image directory": "0o700",
+        "initramfs": "0o600", "client key": "0o600", "host key": "0o600"}
+    assert b"etc/dropbear/dropbear_ed25519_host_key" in img.initrd.read_bytes()
 
 
 # -- a real build (uses apt and the host's busybox/dropbear; no QEMU) -------------------------
