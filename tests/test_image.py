@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from kprobevm.errors import ImageError
 from kprobevm.guest import image as image_mod
 from kprobevm.guest.image import (
     DEFAULT_CMDLINE,
@@ -232,6 +235,54 @@ def test_a_fresh_image_is_private_to_its_user(fresh_image: Image,
     assert b"etc/dropbear/dropbear_ed25519_host_key" in img.initrd.read_bytes()
 
 
+def test_an_image_with_loose_modes_is_made_private_when_found(
+        fresh_image: Image, caplog: pytest.LogCaptureFixture) -> None:
+    img = fresh_image
+    # What a build from before kprobevm kept images private left behind.
+    img.directory.chmod(0o755)
+    for path in img.directory.iterdir():
+        path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger=image_mod.__name__):
+        assert default_image() == img
+    assert _mode(img.directory) == 0o700
+    for secret in (img.initrd, img.ssh_key, img.directory / "dropbear_ed25519_host_key"):
+        assert _mode(secret) == 0o600, secret
+    assert _mode(img.manifest) == 0o644  # public: left as it was
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(img.directory) in warnings[0].getMessage()
+    # Once private, loading it again says nothing.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=image_mod.__name__):
+        Image.load(img.directory)
+    assert not caplog.records
+
+
+def test_an_image_with_loose_modes_that_cannot_be_fixed_is_refused(
+        fresh_image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = fresh_image
+    img.initrd.chmod(0o644)
+
+    def not_owner(path: object, mode: int, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+
+    monkeypatch.setattr(os, "chmod", not_owner)  # as if the image belonged to someone else
+    with pytest.raises(ImageError, match="other users") as info:
+        Image.load(img.directory)
+    assert str(img.directory) in str(info.value)
+
+
+def test_a_directory_without_a_manifest_is_not_touched(tmp_path: Path,
+                                                       usual_umask: None) -> None:
+    # A wrong image path must not have its modes changed: only a real image is tightened.
+    wrong = tmp_path / "not-an-image"
+    wrong.mkdir(mode=0o755)
+    (wrong / "initrd.cpio").write_bytes(b"")
+    with pytest.raises(ImageError, match="unreadable image manifest"):
+        Image.load(wrong)
+    assert (_mode(wrong), _mode(wrong / "initrd.cpio")) == (0o755, 0o644)
+
+
 # -- a real build (uses apt and the host's busybox/dropbear; no QEMU) -------------------------
 
 
@@ -240,7 +291,9 @@ def test_default_image_has_every_artifact_and_a_manifest() -> None:
     img = default_image()
     for path in (img.kernel, img.initrd, img.vmlinux, img.config, img.ssh_key, img.manifest):
         assert path.is_file(), path
+    assert stat.S_IMODE(img.directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(img.ssh_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(img.initrd.stat().st_mode) == 0o600
     manifest = json.loads(img.manifest.read_text())
     assert manifest["kernel_release"] == img.kernel_release
     assert img.kernel_release.endswith("-cloud-amd64")

@@ -8,7 +8,8 @@ the key hashes every input, so an unchanged recipe is never rebuilt.
 
 An image holds secrets: the initramfs carries the guest's SSH host key and root's
 authorized key, ``id_ed25519`` logs into the guest as root. Image directories are 0700 and
-those files 0600, created so from the start.
+those files 0600, created so from the start; an image found with looser modes (built before
+kprobevm kept them private) is tightened when loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -86,6 +88,8 @@ holds the guest's SSH host key), the client key (it logs into the guest as root)
 host key itself. The rest (kernel, vmlinux, config, manifest, public key) comes from public
 packages or says nothing secret, and keeps the usual modes inside the private directory."""
 
+log = logging.getLogger(__name__)
+
 
 def cache_dir() -> Path:
     """``$KPROBEVM_CACHE``, else ``$XDG_CACHE_HOME/kprobevm``, else ``~/.cache/kprobevm``."""
@@ -116,12 +120,15 @@ class Image:
 
     @classmethod
     def load(cls, directory: Path) -> Image:
-        """The image whose manifest is in ``directory``."""
+        """The image whose manifest is in ``directory``, made private if it is not."""
         manifest = directory / "manifest.json"
         try:
             data = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise ImageError(f"unreadable image manifest {manifest}", step="load") from exc
+        # Only once the manifest shows this is an image: never chmod a directory named
+        # by mistake.
+        _make_private(directory)
         start, size = data["slot_reserve"]
         return cls(
             directory=directory,
@@ -138,6 +145,44 @@ class Image:
             cmdline=data["cmdline"],
             slot_reserve=(int(start), int(size)),
         )
+
+
+def _make_private(directory: Path) -> None:
+    """Give an image directory mode 0700 and its secret files 0600 if they are looser.
+
+    Images built before kprobevm kept them private left the initramfs, and with it the
+    guest's SSH host key, readable by every local user. Tightening them when found fixes
+    those caches without a rebuild. One warning names the directory; the next load finds
+    nothing to tighten and says nothing. A loose image that cannot be tightened (someone
+    else owns it) is refused rather than used with its secrets open.
+    """
+    wanted = [(directory, PRIVATE_DIR_MODE)]
+    wanted += [(directory / name, SECRET_MODE) for name in SECRET_FILES]
+    changed: list[str] = []
+    for path, mode in wanted:
+        try:
+            current = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue  # a hand-assembled image may lack the separate host key
+        except OSError as exc:
+            raise ImageError(f"cannot check the mode of {path}: {exc.strerror}",
+                             step="load") from exc
+        if not current & 0o077:
+            continue
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise ImageError(
+                f"{path} in the image {directory} is readable by other users "
+                f"(mode {current:04o}) and cannot be made private: {exc.strerror}; "
+                f"chmod it to {mode:04o} or remove the image",
+                step="load",
+            ) from exc
+        changed.append(f"{'directory' if path == directory else path.name} was {current:04o}")
+    if changed:
+        log.warning("image %s was readable by other users (%s): made the directory %04o "
+                    "and its secrets %04o", directory, ", ".join(changed),
+                    PRIVATE_DIR_MODE, SECRET_MODE)
 
 
 def _private_dir(path: Path) -> None:
@@ -559,7 +604,8 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
 def build_image(*, force: bool = False, cache: Path | None = None) -> Image:
     """Build the default image unless an identical one is cached; return it.
 
-    The cache root and ``images/`` are created 0700.
+    The cache root and ``images/`` are created 0700; a cached image is made private by
+    :meth:`Image.load` if it is not.
     """
     cache = cache or cache_dir()
     _private_dir(cache)
@@ -607,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--json", action="store_true", help="print the manifest")
     args = parser.parse_args(argv)
+    # The warning about an image made private, in the same form as the progress lines.
+    logging.basicConfig(level=logging.WARNING, format="kprobevm: %(message)s")
     try:
         image = build_image(force=args.force)
     except ImageError as exc:
