@@ -5,6 +5,11 @@ binaries come from Debian packages: the bookworm cloud kernel (``apt-get downloa
 ``dpkg -x``), ``busybox-static`` and ``dropbear-bin`` from the host. Built artifacts go to
 ``$KPROBEVM_CACHE`` (default ``$XDG_CACHE_HOME/kprobevm``) under ``images/<key>/``, where
 the key hashes every input, so an unchanged recipe is never rebuilt.
+
+An image holds secrets: the initramfs carries the guest's SSH host key and root's
+authorized key, ``id_ed25519`` logs into the guest as root. Image directories are 0700 and
+those files 0600, created so from the start; an image found with looser modes (built before
+kprobevm kept them private) is tightened when loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,8 +40,11 @@ __all__ = [
     "DEFAULT_CMDLINE",
     "DEFAULT_MEMORY",
     "KERNEL_METAPACKAGE",
+    "PRIVATE_DIR_MODE",
     "READY_MARKER",
     "RECIPE_DIR",
+    "SECRET_FILES",
+    "SECRET_MODE",
     "SLOT_RESERVE",
     "Image",
     "build_image",
@@ -67,6 +76,20 @@ DEFAULT_CMDLINE = (
 
 _APT_LISTS = Path("/var/lib/apt/lists")
 
+PRIVATE_DIR_MODE = 0o700
+"""Mode of the cache root (when kprobevm creates it), ``images/`` and every image directory."""
+
+SECRET_MODE = 0o600
+"""Mode of the files in :data:`SECRET_FILES`."""
+
+SECRET_FILES = ("initrd.cpio", "id_ed25519", "dropbear_ed25519_host_key")
+"""The files of an image directory that must stay private to the user: the initramfs (it
+holds the guest's SSH host key), the client key (it logs into the guest as root) and the
+host key itself. The rest (kernel, vmlinux, config, manifest, public key) comes from public
+packages or says nothing secret, and keeps the usual modes inside the private directory."""
+
+log = logging.getLogger(__name__)
+
 
 def cache_dir() -> Path:
     """``$KPROBEVM_CACHE``, else ``$XDG_CACHE_HOME/kprobevm``, else ``~/.cache/kprobevm``."""
@@ -97,12 +120,15 @@ class Image:
 
     @classmethod
     def load(cls, directory: Path) -> Image:
-        """The image whose manifest is in ``directory``."""
+        """The image whose manifest is in ``directory``, made private if it is not."""
         manifest = directory / "manifest.json"
         try:
             data = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise ImageError(f"unreadable image manifest {manifest}", step="load") from exc
+        # Only once the manifest shows this is an image: never chmod a directory named
+        # by mistake.
+        _make_private(directory)
         start, size = data["slot_reserve"]
         return cls(
             directory=directory,
@@ -121,14 +147,71 @@ class Image:
         )
 
 
+def _make_private(directory: Path) -> None:
+    """Give an image directory mode 0700 and its secret files 0600 if they are looser.
+
+    Images built before kprobevm kept them private left the initramfs, and with it the
+    guest's SSH host key, readable by every local user. Tightening them when found fixes
+    those caches without a rebuild. One warning names the directory; the next load finds
+    nothing to tighten and says nothing. A loose image that cannot be tightened (someone
+    else owns it) is refused rather than used with its secrets open.
+    """
+    wanted = [(directory, PRIVATE_DIR_MODE)]
+    wanted += [(directory / name, SECRET_MODE) for name in SECRET_FILES]
+    changed: list[str] = []
+    for path, mode in wanted:
+        try:
+            current = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue  # a hand-assembled image may lack the separate host key
+        except OSError as exc:
+            raise ImageError(f"cannot check the mode of {path}: {exc.strerror}",
+                             step="load") from exc
+        if not current & 0o077:
+            continue
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise ImageError(
+                f"{path} in the image {directory} is readable by other users "
+                f"(mode {current:04o}) and cannot be made private: {exc.strerror}; "
+                f"chmod it to {mode:04o} or remove the image",
+                step="load",
+            ) from exc
+        changed.append(f"{'directory' if path == directory else path.name} was {current:04o}")
+    if changed:
+        log.warning("image %s was readable by other users (%s): made the directory %04o "
+                    "and its secrets %04o", directory, ", ".join(changed),
+                    PRIVATE_DIR_MODE, SECRET_MODE)
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (if missing) with mode 0700; missing parents get the usual modes.
+
+    An existing directory keeps its mode: ``$KPROBEVM_CACHE`` may name a directory the
+    user set up on purpose. The image directories inside are private either way.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write a new file that is 0600 from its creation, never readable by others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 SECRET_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 # -- running host tools ---------------------------------------------------------------------
 
 
-def _run(step: str, args: Sequence[str], *, cwd: Path | None = None) -> str:
+def _run(step: str, args: Sequence[str], *, cwd: Path | None = None, umask: int = -1) -> str:
+    """Run a host tool for build ``step``; ``umask`` (if not -1) is the child's umask."""
     try:
         proc = subprocess.run(
             list(args), cwd=cwd, capture_output=True, text=True, check=False,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, umask=umask,
         )
     except FileNotFoundError as exc:
         raise ImageError(f"{args[0]} is not installed", step=step, command=" ".join(args)) from exc
@@ -210,7 +293,7 @@ def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -
             )
         _log(f"apt-cache does not know {metapackage}: using the cached {offline.name}")
         return offline
-    cache.mkdir(parents=True, exist_ok=True)
+    _private_dir(cache)
     _atomic_write(memo, json.dumps({
         "fingerprint": fingerprint, "metapackage": metapackage,
         "name": found.name, "version": found.version,
@@ -421,12 +504,11 @@ def _keys(out: Path) -> tuple[bytes, bytes]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH)
-    fd = os.open(out / "id_ed25519", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
+    _write_secret(out / "id_ed25519", private)
     (out / "id_ed25519.pub").write_bytes(public + b" kprobevm\n")
     host = out / "dropbear_ed25519_host_key"
-    _run("host key", ["dropbearkey", "-t", "ed25519", "-f", str(host)])
+    # dropbearkey creates its key 0600; the umask keeps it so whatever mode it asks for.
+    _run("host key", ["dropbearkey", "-t", "ed25519", "-f", str(host)], umask=0o077)
     return public + b" kprobevm\n", host.read_bytes()
 
 
@@ -476,6 +558,8 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
     started = time.monotonic()
     kernel = KernelPackage(str(inputs["kernel_package"]), str(inputs["kernel_version"]))
     deb = _download_kernel(cache, kernel)
+    # mkdtemp makes the work directory 0700 and the image directory in it is 0700 too, so
+    # the secrets are private while they are written and after the rename into place.
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=target.parent))
     try:
         extracted = work / "deb"
@@ -486,7 +570,7 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
             raise ImageError(f"{deb.name} holds no boot/vmlinuz-*", step="unpack kernel")
         release = vmlinuz[0].name.removeprefix("vmlinuz-")
         out = work / "image"
-        out.mkdir()
+        out.mkdir(mode=PRIVATE_DIR_MODE)
         shutil.copyfile(vmlinuz[0], out / "vmlinuz")
         shutil.copyfile(extracted / "boot" / f"config-{release}", out / "config")
         _log("extracting vmlinux from the bzImage")
@@ -496,7 +580,7 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
             raise ImageError(str(exc), step="extract vmlinux") from exc
         _log("writing the initramfs")
         initrd, modules = _initramfs(extracted, release, out)
-        (out / "initrd.cpio").write_bytes(initrd)
+        _write_secret(out / "initrd.cpio", initrd)
         manifest = {
             "key": key,
             "inputs": inputs,
@@ -518,15 +602,20 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
 
 
 def build_image(*, force: bool = False, cache: Path | None = None) -> Image:
-    """Build the default image unless an identical one is cached; return it."""
+    """Build the default image unless an identical one is cached; return it.
+
+    The cache root and ``images/`` are created 0700; a cached image is made private by
+    :meth:`Image.load` if it is not.
+    """
     cache = cache or cache_dir()
+    _private_dir(cache)
     inputs = recipe_inputs(cache)
     key = cache_key(inputs)
     images = cache / "images"
     target = images / key
     if not force and (target / "manifest.json").is_file():
         return Image.load(target)
-    images.mkdir(parents=True, exist_ok=True)
+    _private_dir(images)
     with _locked(images / ".lock"):
         # Someone else may have built it while we waited for the lock.
         if (target / "manifest.json").is_file():
@@ -564,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--json", action="store_true", help="print the manifest")
     args = parser.parse_args(argv)
+    # The warning about an image made private, in the same form as the progress lines.
+    logging.basicConfig(level=logging.WARNING, format="kprobevm: %(message)s")
     try:
         image = build_image(force=args.force)
     except ImageError as exc:
