@@ -5,11 +5,14 @@ text left as found."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from kprobevm.errors import KprobeError
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.journal import pending_writes
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.kprobes.modules import WATCHED_FUNCTION
 from kprobevm.tracing import ProbeEvent, parse_event
@@ -98,3 +101,46 @@ def test_module_definitions_are_placed_where_the_guests_tracefs_places_them(
     assert not session.handler_errors()
     hits = list(session.drain())
     assert hits and all(f"{FUNCTION}" in h.line() for h in hits), [h.line() for h in hits]
+
+
+SPARE = "binfmt_misc"
+"""A module the image carries unloaded; reading its status file runs bm_status_read."""
+MOUNT = "/proc/sys/fs/binfmt_misc"
+
+
+def test_rmmod_takes_a_modules_probes_out_before_its_memory_is_freed(vm: VM) -> None:
+    vm.run(f"insmod /lib/modules/{SPARE}.ko && mount -t binfmt_misc none {MOUNT}", check=True)
+    loaded = True
+    try:
+        # loaded after kallsyms was first read: the name is found by reading it again
+        kp = Kprobe(symbol_name=f"{SPARE}:bm_status_read", pre_handler=lambda kp, regs: None)
+        vm.register_kprobe(kp)
+        addr = kp.addr
+        assert addr is not None and vm.kprobes.modules.probe is not None
+        vm.run(f"cat {MOUNT}/status", check=True)
+        assert kp.nhit >= 1
+        assert any(e.address == addr for e in pending_writes(_journal(vm)))
+
+        vm.run(f"umount {MOUNT} && rmmod {SPARE}", check=True)
+        loaded = False
+        assert vm.kprobes.modules.unloads == 1
+        assert kp.gone and kp.registered and addr not in vm.kprobes.table
+        assert "[GONE]" in vm.list_kprobes()
+        assert f"{SPARE}:bm_status_read" not in vm.symbols  # no stale name to place by
+        # the int3 was taken out while the module's text was still there
+        assert not any(e.address == addr for e in pending_writes(_journal(vm)))
+        with pytest.raises(KprobeError, match="gone"):
+            vm.disable_kprobe(kp)
+        vm.unregister_kprobe(kp)
+        assert not kp.registered and kp.addr is None
+    finally:
+        if loaded:
+            vm.run(f"umount {MOUNT}; rmmod {SPARE}")
+    # loaded again, the module runs as it should (often at the same address)
+    vm.run(f"insmod /lib/modules/{SPARE}.ko && mount -t binfmt_misc none {MOUNT}"
+           f" && cat {MOUNT}/status && umount {MOUNT} && rmmod {SPARE}", check=True)  # fmt: skip
+
+
+def _journal(vm: VM) -> Path:
+    assert vm.journal_path is not None
+    return vm.journal_path

@@ -542,7 +542,9 @@ def _initramfs(extracted: Path, release: str, out: Path) -> tuple[bytes, list[st
 
     moddir = extracted / "lib" / "modules" / release
     modules = _module_order(moddir, _recipe_list("modules"))
-    for name, data in modules:
+    loaded = {n for n, _ in modules}
+    spare = [m for m in _module_order(moddir, _recipe_list("spare-modules")) if m[0] not in loaded]
+    for name, data in (*modules, *spare):
         cpio.file(f"lib/modules/{name}.ko", data)
     cpio.file("etc/modules.order", "".join(f"{n}\n" for n, _ in modules).encode())
     return cpio.finish(), [n for n, _ in modules]
