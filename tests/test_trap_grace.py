@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
-
-from kprobevm.errors import GuestFaultError, KprobeError
+from kprobevm.errors import GuestFaultError
 from kprobevm.trap.grace import Quiescence
 
 PAGE = 0xFFFFFFFFFEE00000
@@ -48,40 +46,3 @@ def test_a_vcpu_at_the_start_of_a_page_after_a_hole_is_not_known_quiescent() -> 
     q.observe()
     assert set(q.last_quiescent) == {"p1.2", "p1.3"}
     assert not q.grace_over(0.0)  # p1.1 was never seen quiescent
-
-
-@dataclass
-class _SteppingClient:
-    """vCPUs whose RIP moves 4 bytes a step."""
-
-    rips: dict[str, int]
-    steps: list[str] = field(default_factory=list)
-
-    def read_register_each(self, name: str, threads: list[str]) -> dict[str, int]:
-        return {t: self.rips[t] for t in threads}
-
-    def read_register(self, name: str, thread: str) -> int:
-        return self.rips[thread]
-
-    def step(self, thread: str) -> None:
-        self.steps.append(thread)
-        self.rips[thread] += 4
-
-
-STUB = 0xFFFFFFFFFEE01000
-
-
-def test_step_out_of_steps_only_the_vcpus_inside_until_they_leave() -> None:
-    client = _SteppingClient({"p1.1": STUB + 0x1F0, "p1.2": STUB - 0x10, "p1.3": STUB + 0x1FC})
-    q = Quiescence(_Target(client), _Memory(), ["p1.1", "p1.2", "p1.3"])  # type: ignore[arg-type]
-    assert q.step_out_of(STUB, STUB + 0x200) == 4 + 1
-    assert client.steps == ["p1.1"] * 4 + ["p1.3"]
-    assert all(not STUB <= rip < STUB + 0x200 for rip in client.rips.values())
-
-
-def test_a_vcpu_that_never_leaves_is_an_error_not_a_hang() -> None:
-    client = _SteppingClient({"p1.1": STUB})
-    client.step = lambda thread: None  # type: ignore[method-assign]
-    q = Quiescence(_Target(client), _Memory(), ["p1.1"])  # type: ignore[arg-type]
-    with pytest.raises(KprobeError, match="stays in"):
-        q.step_out_of(STUB, STUB + 0x200, limit=50)

@@ -24,12 +24,9 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.target import Target
     from kprobevm.x86.slotmap import SlotArea
 
-__all__ = ["STEP_LIMIT", "Quiescence"]
+__all__ = ["Quiescence"]
 
 _HLT = b"\xf4"
-STEP_LIMIT = 20_000
-"""Steps at most to get a vCPU out of the stub: its longest path walks the whole hash
-table (a few instructions per entry)."""
 
 
 class Quiescence:
@@ -74,26 +71,6 @@ class Quiescence:
     def in_use(self, start: int, end: int) -> bool:
         """Some vCPU's RIP is in [start, end) (VM stopped)."""
         return any(start <= rip < end for rip in vcpu_rips(self.target.client))
-
-    def step_out_of(self, start: int, end: int, limit: int = STEP_LIMIT) -> int:
-        """Single-step every vCPU whose RIP is in [start, end) until it leaves (VM stopped,
-        the others held); the number of steps.
-
-        For code that reads what the host is about to change: the #BP stub compares a
-        table entry's key, then loads its value. A vCPU stopped between the two must not
-        find the entry rewritten (a removed probe's value is 0: it would ``iretq`` to 0).
-        """
-        client = self.target.client
-        steps = 0
-        for thread, rip in client.read_register_each("rip", self.threads).items():
-            while start <= rip < end:
-                if steps >= limit:
-                    raise KprobeError(f"vCPU {thread} stays in {start:#x}..{end:#x} after"
-                                      f" {steps} steps (at {rip:#x})")  # fmt: skip
-                client.step(thread)
-                steps += 1
-                rip = client.read_register("rip", thread)
-        return steps
 
     def wait_until_out_of(self, area: SlotArea, timeout: float = 10.0) -> None:
         """Let the guest run until no vCPU is inside ``area`` (stub, slots, table walks)."""

@@ -9,7 +9,6 @@ The host keeps a copy of the keys and writes each entry physically, 16 bytes at 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError
@@ -29,24 +28,13 @@ _ENTRY = struct.Struct("<QQ")  # key, slot entry: ENTRY_SIZE bytes
 class StubTable:
     """The table at ``base`` (contiguous pages of ``area``)."""
 
-    def __init__(
-        self,
-        memory: GuestMemory,
-        area: SlotArea,
-        base: int,
-        *,
-        before_write: Callable[[], object] = lambda: None,
-    ) -> None:
-        """``before_write`` runs before each entry is rewritten (VM stopped): it must get
-        every vCPU out of the stub, which reads an entry's key and value apart."""
+    def __init__(self, memory: GuestMemory, area: SlotArea, base: int) -> None:
         self.memory = memory
         self.area = area
         self.base = base
         self.keys = [EMPTY] * TABLE_SLOTS
-        self.before_write = before_write
 
     def _write(self, index: int, key: int, value: int) -> None:
-        self.before_write()
         self.memory.write_phys(self.area.phys(self.base + ENTRY_SIZE * index),
                                _ENTRY.pack(key, value))  # fmt: skip
         self.keys[index] = key

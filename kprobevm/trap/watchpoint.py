@@ -120,10 +120,7 @@ class WatchpointChannel(TrapChannel):
         self.task_layout = task_layout
         self.quiescence = Quiescence(ctx.target, ctx.memory, threads)
         self.slots = self.quiescence.slot_cache(area, SLOT_SIZE, grace_seconds=0.05)
-        self.table = StubTable(
-            ctx.memory, area, pages.table,
-            before_write=lambda: self.quiescence.step_out_of(pages.stub, pages.stub + PAGE_SIZE),
-        )  # fmt: skip
+        self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
         self.recorder: Recorder | None = None
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
