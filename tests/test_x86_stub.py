@@ -7,6 +7,7 @@ import struct
 
 import capstone
 import pytest
+import unicorn
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86.stub import (
@@ -195,3 +196,28 @@ def test_user_mode_trap_is_forwarded_before_any_lookup() -> None:
     assert after["eflags"] == ENTRY_FLAGS
     world.assert_untouched(after)
     assert len(world.executed) == 5  # pushfq, testb, jne, popfq, jmp
+
+
+def test_an_entry_removed_between_key_and_value_is_looked_up_again() -> None:
+    """The host may stop the VM after the stub matched a key and before it loads the
+    value, and remove the probe meanwhile (int3 byte restored, entry TOMBSTONE/0). The
+    stub must not iretq to that 0: the key no longer matches, so it looks again, finds
+    nothing, and re-executes the original instruction."""
+    addr = TEXT + 0x40
+    world = StubWorld({addr: SLOT_PAGE})
+    found = STUB + world.stub.offsets["found"]
+    index = next(i for i in probe_sequence(addr, SLOTS))
+
+    def remove_probe(uc: object, at: int, size: int, _data: object) -> None:
+        if at == found:
+            world.m.write(TABLE + index * ENTRY_SIZE, struct.pack("<QQ", TOMBSTONE, 0))
+            world.m.write(addr, b"\x55")  # the original byte is back
+
+    handle = world.m.uc.hook_add(unicorn.UC_HOOK_CODE, remove_probe)
+    try:
+        after = world.trap(addr)
+    finally:
+        world.m.uc.hook_del(handle)
+    assert after["rip"] == addr
+    assert after["rsp"] == world.frame_rsp
+    world.assert_untouched(after)

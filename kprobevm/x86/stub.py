@@ -140,7 +140,13 @@ def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: in
     a.jcc("ne", "probe")
     a.jmp("not_found")
     a.label("found")
-    a.mov("rax", mem("rsi", 8, "rcx", 8))  # the entry's value: the slot
+    # The host may rewrite the entry while this vCPU is stopped between reading its key
+    # and its value (a probe removed: TOMBSTONE and 0). The value counts only if the key
+    # is still ours after it was read; else look again.
+    a.mov("rdx", mem("rsi", 8, "rcx", 8))  # the entry's value: the slot
+    a.cmp(entry_key, "rax")
+    a.jcc("ne", "lookup")
+    a.mov("rax", "rdx")
     a.label("redirect")
     a.mov(mem("rsp", _FRAME), "rax")  # the frame's new RIP
     for reg in reversed(_SAVED):
