@@ -201,7 +201,7 @@ def fresh_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, usual_umask: No
     """An image built by the real builder into an empty cache, with no apt and no kernel.
 
     The kernel package is a stand-in .deb (no download), the vmlinux extraction is
-    skipped and the module list is empty; the initramfs and the keys are made as for the
+    skipped and the module lists are empty; the initramfs and the keys are made as for the
     real image. ``$KPROBEVM_CACHE`` points at the cache, so ``default_image()`` finds it.
     """
     missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
@@ -209,6 +209,7 @@ def fresh_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, usual_umask: No
         pytest.skip(f"needs {', '.join(missing)}")
     recipe = _pinned_inputs(monkeypatch, tmp_path)
     (recipe / "modules").write_text("")
+    (recipe / "spare-modules").write_text("")
     monkeypatch.setattr(image_mod, "extract_vmlinux", lambda bzimage: b"\x7fELF stand-in")
     # Outside the cache, whose root must not exist yet: the test checks the mode the
     # build creates it with.
