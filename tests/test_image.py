@@ -23,7 +23,6 @@ from kprobevm.guest.image import (
     DEFAULT_CMDLINE,
     DEFAULT_MEMORY,
     SLOT_RESERVE,
-    Cpio,
     Image,
     KernelPackage,
     build_image,
@@ -32,6 +31,7 @@ from kprobevm.guest.image import (
     default_image,
     recipe_inputs,
 )
+from kprobevm.guest.initramfs import Cpio
 
 
 def test_slot_reserve_is_the_memmap_on_the_default_cmdline() -> None:
