@@ -46,3 +46,14 @@ def test_a_vcpu_at_the_start_of_a_page_after_a_hole_is_not_known_quiescent() -> 
     q.observe()
     assert set(q.last_quiescent) == {"p1.2", "p1.3"}
     assert not q.grace_over(0.0)  # p1.1 was never seen quiescent
+
+
+def test_a_vcpu_in_our_own_code_is_never_quiescent_whatever_byte_precedes_it() -> None:
+    """0xf4 before RIP inside the stub is an address byte, not a hlt."""
+    stub = 0xFFFFFFFFFE000000
+    client = _Client({"p1.1": {"cs": 0x10, "rip": stub + 0x31}})
+    memory = _Memory({stub + 0x30: b"\xf4"})
+    q = Quiescence(_Target(client), memory, ["p1.1"],  # type: ignore[arg-type]
+                   ours=lambda rip: stub <= rip < stub + 0x200000)  # fmt: skip
+    q.observe()
+    assert not q.last_quiescent

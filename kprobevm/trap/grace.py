@@ -12,6 +12,7 @@ inside a slot, because the guest kernel does not preempt kernel code
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError
@@ -32,10 +33,20 @@ _HLT = b"\xf4"
 class Quiescence:
     """Which vCPUs were last seen quiescent, and when; slot caches ask it before reuse."""
 
-    def __init__(self, target: Target, memory: GuestMemory, threads: list[str]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        memory: GuestMemory,
+        threads: list[str],
+        ours: Callable[[int], bool] = lambda rip: False,
+    ) -> None:
+        """``ours(rip)`` tells our own code (stub, slots, programs): a vCPU there is never
+        quiescent, whatever byte precedes its RIP (an address or immediate in our code
+        can hold 0xf4 too)."""
         self.target = target
         self.memory = memory
         self.threads = threads
+        self.ours = ours
         self.last_quiescent: dict[str, float] = {}
 
     def slot_cache(self, area: SlotArea, slot_size: int, grace_seconds: float) -> SlotCache:
@@ -52,7 +63,8 @@ class Quiescence:
         now = time.monotonic()
         for thread in self.threads:
             regs = client.read_registers(thread=thread, wide=False)
-            if regs["cs"] & 3 or self._after_hlt(regs["rip"]):
+            rip = regs["rip"]
+            if regs["cs"] & 3 or (not self.ours(rip) and self._after_hlt(rip)):
                 self.last_quiescent[thread] = now
 
     def _after_hlt(self, rip: int) -> bool:
