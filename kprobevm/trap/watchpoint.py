@@ -44,7 +44,7 @@ from kprobevm.x86.idt import (
     gate_address,
 )
 from kprobevm.x86.ptregs import PtRegs
-from kprobevm.x86.slotmap import SlotArea
+from kprobevm.x86.slotmap import SlotArea, flush_tlbs
 from kprobevm.x86.stub import ENTRY_SIZE, build_int3_stub
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ class WatchpointChannel(TrapChannel):
         idt = ctx.symbols["idt_table"]
         expected = ctx.symbols.get("asm_exc_int3")
         with ctx.target.stopped() as client:
-            area = SlotArea(memory, journal, reserve, client.read_registers()["cr3"])
+            area = SlotArea(memory, journal, reserve, client.read_registers()["cr3"],
+                            flush_tlbs=lambda: flush_tlbs(ctx.target.client))  # fmt: skip
             area.setup()
             pages = ChannelPages.map(area)
             # the kretprobe trampoline and its instance table (the guest frees entries)
@@ -465,9 +466,7 @@ class WatchpointChannel(TrapChannel):
         self.quiescence.wait_until_out_of(self.area)
         with target.stopped() as client:
             self.area.teardown()
-            for thread in client.threads():  # a CR3 write flushes the vCPU's TLB
-                client.select_thread("g", thread)
-                client.write_register("cr3", client.read_register("cr3"))
+            flush_tlbs(client)
         self.watchdog.stop()
 
     def _unhook_gate(self) -> None:

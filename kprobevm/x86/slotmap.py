@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,9 +31,17 @@ from kprobevm.x86.pagetable import (
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.gdbstub.transport import GdbTransport
     from kprobevm.kprobes.journal import Journal
 
-__all__ = ["PMD_SPAN", "ExecutablePages", "Reserve", "SlotArea", "parse_memmap_reserve"]
+__all__ = [
+    "PMD_SPAN",
+    "ExecutablePages",
+    "Reserve",
+    "SlotArea",
+    "flush_tlbs",
+    "parse_memmap_reserve",
+]
 
 PMD_SPAN = PAGE_SIZE_2M
 """The slot area: what one page-middle-directory entry maps."""
@@ -71,7 +80,19 @@ def parse_memmap_reserve(cmdline: str) -> Reserve | None:
 class SlotArea:
     """2 MiB of kernel virtual space backed by reserved pages, mapped by the host."""
 
-    def __init__(self, memory: GuestMemory, journal: Journal, reserve: Reserve, cr3: int):
+    def __init__(
+        self,
+        memory: GuestMemory,
+        journal: Journal,
+        reserve: Reserve,
+        cr3: int,
+        *,
+        flush_tlbs: Callable[[], None],
+    ) -> None:
+        """``flush_tlbs`` drops every vCPU's TLB (VM stopped): the host writes page tables
+        behind the guest's back, so an unmapped page stays reachable through a vCPU's
+        cached translation until then."""
+        self.flush_tlbs = flush_tlbs
         self.memory = memory
         self.journal = journal
         self.reserve = reserve
@@ -134,10 +155,16 @@ class SlotArea:
         return vaddr
 
     def unmap_page(self, vaddr: int) -> None:
-        """Unmap a page; the caller guarantees no vCPU runs in it (TLB flushed at teardown)."""
+        """Unmap a page the caller knows no vCPU runs in (VM stopped).
+
+        Every vCPU's TLB is flushed before the address or the page can be handed out
+        again: a vCPU still holding the old translation would otherwise run whatever the
+        physical page holds next, or reach a new page through an old address.
+        """
         paddr = self._mapped.pop(vaddr)
         index = (vaddr - self.base) // PAGE_SIZE
         self.memory.write_phys(self.pte_table + 8 * index, bytes(8))
+        self.flush_tlbs()
         self._free_phys.append(paddr)
 
     def phys(self, vaddr: int) -> int:
@@ -159,6 +186,14 @@ class SlotArea:
             self.journal.undone(self.pmd_seq)
         self.pmd_seq = None
         self._mapped.clear()
+
+
+def flush_tlbs(client: GdbTransport) -> None:
+    """Drop every vCPU's TLB (VM stopped): QEMU flushes a vCPU's TLB when its CR3 is
+    written, and the slot area's pages are not global."""
+    for thread in client.threads():
+        client.select_thread("g", thread)
+        client.write_register("cr3", client.read_register("cr3"))
 
 
 class ExecutablePages:
