@@ -111,6 +111,8 @@ class QemuLike:
         self.breakpoints: set[tuple[int, int]] = set()
         self.hooks: dict[bytes, Callable[[bytes], Reply]] = {}
         self.stop_on_connect = False
+        self.selected: dict[str, str] = {}
+        """The thread each ``H`` packet selected, by operation (``g``, ``c``)."""
 
     def g_hex(self) -> bytes:
         return b"".join(binascii.hexlify(v.to_bytes(s, "little"))
@@ -151,6 +153,7 @@ class QemuLike:
         if p == b"?":
             return frame(b"T05thread:p01.01;")
         if p.startswith(b"H"):
+            self.selected[p[1:2].decode()] = p[2:].decode()
             return frame(b"OK")
         if p == b"g":
             return frame(self.g_hex())

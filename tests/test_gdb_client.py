@@ -348,3 +348,19 @@ def test_qemu_reconnect_and_connect_time_stop(qemu_sock: Path) -> None:
         assert c.poll_stop() is None
         assert c.read_memory(0x20000, 2) == c.read_phys(0x20000, 2)
         assert c.current_thread().startswith("p01.")
+
+
+def test_queued_register_writes_carry_their_own_thread_selection() -> None:
+    """Writes queued for the reported vCPU go out with the next resume, possibly after
+    requests that selected other vCPUs: they lead with their own Hg, and the client
+    takes a thread as selected only when an H packet is actually sent."""
+    c, _stub, t = make()
+    c.read_registers("p01.02")  # p01.02 is selected and its registers known
+    queued = c.register_write_packets({"rip": 0x1234}, "p01.02")
+    assert queued[0] == b"Hgp01.02"
+    c.read_registers("p01.01")  # another request selects another vCPU meanwhile
+    assert t.selected["g"] == "p01.01"
+    c.pipeline(queued)
+    assert t.selected["g"] == "p01.02"
+    c.read_registers("p01.01")  # the client knows the stub moved: it selects again
+    assert t.selected["g"] == "p01.01"

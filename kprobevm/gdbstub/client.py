@@ -272,15 +272,16 @@ class GdbClient(RspConnection):
     ) -> list[bytes]:
         """``P`` packets for the registers in ``values`` that differ from the last read.
 
-        With ``thread`` (other than the selected one) an ``Hg`` leads, and the client
-        takes it as selected: the caller must send these packets before any other.
+        With ``thread``, an ``Hg`` leads, always: the packets may go out later (with a
+        resume), after other requests selected other threads, so they carry their own
+        selection. The client notes a selection when an ``H`` packet is sent, not when
+        it is queued.
         """
         layout = self.layout
-        select = self._select_packets("g", thread)
-        if select:
-            self._selected("g", thread)
-        cached = self._reg_cache[1] if self._reg_cache is not None and (
-            self._reg_cache[0] == self._thread["g"]) else None
+        target = thread if thread is not None else self._thread["g"]
+        cache = self._reg_cache
+        cached = cache[1] if cache is not None and cache[0] == target else None
+        select = [b"Hg" + thread.encode()] if thread is not None else []
         return select + [
             layout.p_packet(name, value)
             for name, value in values.items()

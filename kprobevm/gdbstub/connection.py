@@ -95,6 +95,7 @@ class RspConnection(RspLink):
         """Send packets in one write; ``no_reply`` names a last packet with no reply (``c``)."""
         framed_all = []
         for payload in payloads:
+            self._note_selection(payload)
             framed = encode_packet(payload)
             req = Request(payload, framed, payload[:1] == b"?")
             self._unacked.append(req)
@@ -103,6 +104,11 @@ class RspConnection(RspLink):
             framed_all.append(framed)
         self.stats.packets_sent += len(framed_all)
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
+
+    def _note_selection(self, payload: bytes) -> None:
+        """An ``Hg``/``Hc`` selects its thread when the stub gets it, whoever queued it."""
+        if payload[:1] == b"H":
+            self._thread[payload[1:2].decode()] = payload[2:].decode()
 
     def _next_packet(self, deadline: float | None, sent: bytes | None) -> Packet | None:
         """The next received packet, waiting until ``deadline``; None if none came (or a
@@ -224,6 +230,8 @@ class RspConnection(RspLink):
         At most ``window`` requests are in flight, so neither side's socket buffer fills
         while the other waits (QEMU blocks writing replies nobody reads).
         """
+        for payload in payloads:
+            self._note_selection(payload)
         if len(payloads) <= window // 2:
             fast = self._fast_exchange(payloads)
             if fast is not None:

@@ -418,8 +418,8 @@ class WatchpointChannel(TrapChannel):
                 resume_writes = writes
             elif writes:
                 client.write_registers(writes, thread=t)
-        # The reported vCPU's writes ride with the resume. Queued last: their Hg must be
-        # the last thread selection before the resume goes out.
+        # The reported vCPU's writes ride with the resume, behind an Hg of their own:
+        # a registration may select other vCPUs before that resume goes out.
         if resume_writes:
             self.ctx.target.before_resume.extend(
                 client.register_write_packets(resume_writes, reported)
