@@ -278,19 +278,11 @@ class KprobeManager:
                 sym = self.check_probe_address(addr, kp)
                 if sym.module is not None:
                     self._watch_modules(sym.module, self.symbols.describe(addr))
-                with self.target.stopped():
-                    site = self.channel.prepare_site(addr)
-                    site.module = sym.module
-                    site.probes.append(kp)
-                    self.table[addr] = site
-                    try:
-                        self.channel.commit_site(site)
-                        if not self.all_disarmed:
-                            self.channel.arm(site)
-                    except BaseException:
-                        del self.table[addr]
-                        self.channel.discard_site(site)
-                        raise
+                try:
+                    self._place_site(addr, kp, sym.module)
+                except BaseException:
+                    self._unwatch_modules_if_idle()  # no probe in a module after all
+                    raise
             else:
                 if (kp.record is None) != (not site.recorded):
                     raise ProbeRefused(
@@ -312,6 +304,22 @@ class KprobeManager:
             kp.addr = addr
             kp.registered = True
             self.channel.ensure_running()
+
+    def _place_site(self, addr: int, kp: Kprobe, module: str | None) -> None:
+        """A new aggregate at ``addr`` with ``kp``, written and armed; nothing left on failure."""
+        with self.target.stopped():
+            site = self.channel.prepare_site(addr)
+            site.module = module
+            site.probes.append(kp)
+            self.table[addr] = site
+            try:
+                self.channel.commit_site(site)
+                if not self.all_disarmed:
+                    self.channel.arm(site)
+            except BaseException:
+                del self.table[addr]
+                self.channel.discard_site(site)
+                raise
 
     def register_kprobes(self, kps: list[Kprobe]) -> None:
         """Register several probes with the VM stopped once (the kernel's register_kprobes).
