@@ -15,18 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kprobevm.errors import AmbiguousSymbol, ProbeSyntaxError
-from kprobevm.tracing import EventDeletion, ProbeEvent, parse_event, parse_events, resolve_event
-from kprobevm.tracing.fetch import (
-    Arg,
-    Comm,
-    Deref,
-    Imm,
-    ImmString,
-    Reg,
-    Retval,
-    Stack,
-    StackPointer,
-    SymbolAddress,
+from kprobevm.tracing import (
+    EventDeletion,
+    ProbeEvent,
+    fetch,
+    parse_event,
+    parse_events,
+    resolve_event,
 )
 
 
@@ -283,8 +278,9 @@ def test_event_fields_and_default_names() -> None:
         0,
     )
     assert [a.name for a in ev.args] == ["dfd", "filename"]
-    assert ev.args[0].source == Reg("di") and ev.args[0].type.name == "s32"
-    assert ev.args[1].source == Deref(0, Reg("si")) and ev.args[1].type.name == "ustring"
+    assert ev.args[0].source == fetch.Reg("di") and ev.args[0].type.name == "s32"
+    assert ev.args[1].source == fetch.Deref(0, fetch.Reg("si"))
+    assert ev.args[1].type.name == "ustring"
 
     auto = parse_event("p vfs_read+16 %ax $stack")
     assert isinstance(auto, ProbeEvent)
@@ -321,15 +317,16 @@ def test_fetch_trees() -> None:
     )
     assert isinstance(ev, ProbeEvent)
     src = {a.name: a.source for a in ev.args}
-    assert src["a"] == Arg(2) and src["b"] == Arg(7)
-    assert src["c"] == Imm(-1) and src["d"] == ImmString(b"hi") and src["e"] == Comm()
-    assert src["f"] == Stack(3) and src["g"] == StackPointer()
-    assert src["h"] == Deref(8, Deref(16, Reg("di"), user=True))
-    assert src["i"] == Deref(0, SymbolAddress("_sdata+4", "_sdata", 4))
-    assert src["j"] == Comm()
+    assert src["a"] == fetch.Arg(2) and src["b"] == fetch.Arg(7)
+    assert src["c"] == fetch.Imm(-1) and src["d"] == fetch.ImmString(b"hi")
+    assert src["e"] == fetch.Comm()
+    assert src["f"] == fetch.Stack(3) and src["g"] == fetch.StackPointer()
+    assert src["h"] == fetch.Deref(8, fetch.Deref(16, fetch.Reg("di"), user=True))
+    assert src["i"] == fetch.Deref(0, fetch.SymbolAddress("_sdata+4", "_sdata", 4))
+    assert src["j"] == fetch.Comm()
     assert {a.name: a.type.name for a in ev.args}["d"] == "string"
     ret = parse_event("r vfs_read $retval")
-    assert isinstance(ret, ProbeEvent) and ret.args[0].source == Retval()
+    assert isinstance(ret, ProbeEvent) and ret.args[0].source == fetch.Retval()
 
 
 def test_deletions() -> None:
@@ -382,10 +379,10 @@ def test_resolve_fills_symbol_addresses() -> None:
     placed = resolve_event(ev, SYMS)
     assert placed.address == 0xFFFFFFFF81310000 and placed.where == "do_sys_openat2+0x0/0x170"
     x, y = placed.args
-    assert x.source == Deref(
-        0, SymbolAddress("linux_proc_banner+8", "linux_proc_banner", 8, 0xFFFFFFFF82000108)
+    assert x.source == fetch.Deref(
+        0, fetch.SymbolAddress("linux_proc_banner+8", "linux_proc_banner", 8, 0xFFFFFFFF82000108)
     )
-    assert isinstance(y.source, Deref) and isinstance(y.source.inner, Deref)
+    assert isinstance(y.source, fetch.Deref) and isinstance(y.source.inner, fetch.Deref)
     ret = parse_event("r 0xffffffff81300004")
     assert isinstance(ret, ProbeEvent)
     with pytest.raises(ProbeSyntaxError) as info:
