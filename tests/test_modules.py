@@ -144,3 +144,19 @@ def test_rmmod_takes_a_modules_probes_out_before_its_memory_is_freed(vm: VM) -> 
 def _journal(vm: VM) -> Path:
     assert vm.journal_path is not None
     return vm.journal_path
+
+
+def test_a_batch_naming_a_module_loaded_since_is_looked_up_before_the_vm_is_held(
+    vm: VM,
+) -> None:
+    """kallsyms is read again over SSH before the batch holds the VM stopped (SSH
+    cannot answer then)."""
+    vm.run(f"insmod /lib/modules/{SPARE}.ko", check=True)
+    try:
+        kps = [Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None),
+               Kprobe(symbol_name=f"{SPARE}:bm_status_read", pre_handler=lambda kp, regs: None)]
+        vm.register_kprobes(kps)
+        assert all(kp.registered for kp in kps)
+        vm.unregister_kprobes(kps)
+    finally:
+        vm.run(f"rmmod {SPARE}")

@@ -219,8 +219,6 @@ class KprobeManager:
         if kp.offset < 0:
             raise ProbeRefused("EINVAL", f"negative offset {kp.offset}", symbol=kp.symbol_name)
         if kp.symbol_name is not None:
-            if kp.symbol_name not in self.symbols and self._refresh_symbols is not None:
-                self._refresh_symbols()  # a module loaded since kallsyms was read
             try:
                 base = self.symbols[kp.symbol_name]
             except SymbolError as exc:
@@ -261,8 +259,22 @@ class KprobeManager:
 
     # -- the API ---------------------------------------------------------------------
 
+    def look_up_names(self, kps: list[Kprobe]) -> None:
+        """Read kallsyms again if a probe names a symbol it lacks (a module loaded since).
+
+        Over SSH, so before anything holds the VM stopped: SSH cannot answer then.
+        """
+        missing = any(kp.symbol_name is not None and kp.symbol_name not in self.symbols
+                      for kp in kps)  # fmt: skip
+        if missing and self._refresh_symbols is not None:
+            self._refresh_symbols()
+
     def register_kprobe(self, kp: Kprobe) -> None:
         """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
+        self.look_up_names([kp])
+        self._register_kprobe(kp)
+
+    def _register_kprobe(self, kp: Kprobe) -> None:
         self.install_channel()
         with self._mutex:
             if kp.registered:
@@ -327,11 +339,12 @@ class KprobeManager:
         All or nothing, as in the kernel: a probe that fails unregisters those before it.
         """
         done: list[Kprobe] = []
+        self.look_up_names(kps)
         self.install_channel()
         with self._mutex, self.target.stopped():
             try:
                 for kp in kps:
-                    self.register_kprobe(kp)
+                    self._register_kprobe(kp)
                     done.append(kp)
             except BaseException:
                 for kp in reversed(done):

@@ -155,6 +155,7 @@ class KretprobeManager:
                 symbol=rp.symbol_name,
             )  # fmt: skip
         kp = Kprobe(symbol_name=rp.symbol_name, addr=rp.addr, pre_handler=self._entry_for(rp))
+        self.kprobes.look_up_names([kp])
         addr = self.kprobes.resolve(kp)
         sym = self.symbols.lookup(addr)
         if sym is None or sym.address != addr:
