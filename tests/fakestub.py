@@ -3,7 +3,8 @@
 ``FakeStub(handler)`` runs a thread that decodes our packets with the real codec, acks
 them, and sends whatever ``handler(payload)`` returns: framed replies, raw garbage, or
 nothing (a stall). ``QemuLike`` answers like QEMU 7.2 on a tiny target: enough for the
-handshake, ``g``/``p``/``P``, ``m``/``M`` over a small RAM, ``Z``/``z``, ``c`` and ``\\x03``.
+handshake, ``g``/``p``/``P``, ``m``/``M`` over a small RAM, ``Z``/``z``, ``c`` and ``\\x03``,
+and, given a :class:`~kprobevm.gdbstub.behaviour.StubBehaviour`, stops the way that QEMU does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from kprobevm.gdbstub.behaviour import QEMU_7_2, StubBehaviour
 from kprobevm.gdbstub.packet import Packet, PacketReader, encode_packet
 
 TARGET_XML = (
@@ -47,7 +49,13 @@ def frame(payload: bytes) -> bytes:
 
 
 class FakeStub:
-    """One end of a socketpair served by a thread; ``client_sock`` is the other end."""
+    """One end of a socketpair served by a thread; ``client_sock`` is the other end.
+
+    Bytes are read one at a time as QEMU's ``gdb_read_byte`` does: while the handler says
+    its target runs (a ``running`` attribute), every byte is an interrupt and goes to
+    ``handler.interrupt_by``; otherwise bytes make packets, and ``\\x03`` between packets
+    goes to the handler (a handler that keeps no run state) or is ignored (QEMU's).
+    """
 
     def __init__(self, handler: Callable[[bytes], Reply], *, ack: bool = True) -> None:
         self.client_sock, self._sock = socket.socketpair()
@@ -56,7 +64,10 @@ class FakeStub:
         self.received: list[bytes] = []
         self.interrupts = 0
         self.raw_received = bytearray()
-        self._reader = PacketReader()
+        self.while_running = bytearray()
+        """Bytes that reached the stub while its target ran (only ``\\x03`` belongs)."""
+        self._line: bytearray | None = None
+        self._sum: bytearray | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -70,16 +81,46 @@ class FakeStub:
             if not data:
                 return
             self.raw_received += data
-            if b"\x03" in data:
-                self.interrupts += data.count(b"\x03")
-                self._deliver(self.handler(b"\x03"))
-                data = data.replace(b"\x03", b"")
-            for ev in self._reader.feed(data):
-                if isinstance(ev, Packet):
-                    self.received.append(ev.payload)
-                    if self.ack:
-                        self.send_raw(b"+")
-                    self._deliver(self.handler(ev.payload))
+            for ch in data:
+                self._read_byte(ch)
+
+    def _read_byte(self, ch: int) -> None:
+        runs = getattr(self.handler, "running", None)
+        if runs:
+            self.while_running.append(ch)
+            self.interrupts += ch == 3
+            self._deliver(self.handler.interrupt_by(ch))  # type: ignore[attr-defined]
+            return
+        if self._line is None:
+            if ch == 0x24:  # '$'
+                self._line, self._sum = bytearray(), None
+            elif ch == 3:
+                self.interrupts += 1
+                if runs is None:
+                    self._deliver(self.handler(b"\x03"))
+            return
+        if self._sum is None:
+            if ch == 0x23:  # '#'
+                self._sum = bytearray()
+            else:
+                self._line.append(ch)
+            return
+        self._sum.append(ch)
+        if len(self._sum) == 2:
+            line, digits = bytes(self._line), bytes(self._sum)
+            self._line = self._sum = None
+            self._packet(line, digits)
+
+    def _packet(self, line: bytes, digits: bytes) -> None:
+        if int(digits, 16) != sum(line) & 0xFF:
+            self.send_raw(b"-")
+            return
+        events = PacketReader().feed(b"$" + line + b"#" + digits)
+        payload = next(ev.payload for ev in events if isinstance(ev, Packet))
+        self.received.append(payload)
+        if self.ack:
+            self.send_raw(b"+")
+        self._deliver(self.handler(payload))
 
     def _deliver(self, reply: Reply) -> None:
         if reply is None:
@@ -101,16 +142,20 @@ class FakeStub:
 
 
 class QemuLike:
-    """A handler that answers like QEMU 7.2 for a target with a little RAM."""
+    """A handler that answers like QEMU (7.2 unless told) for a target with a little RAM."""
 
-    def __init__(self) -> None:
+    def __init__(self, behaviour: StubBehaviour = QEMU_7_2) -> None:
+        self.behaviour = behaviour
         self.ram = bytearray(RAM_SIZE)
         self.regs = [0x1111, 0x2222, 0xFFF0, 0x2, 0xF000, 0x5000, 0, 0]
         self.running = False
+        self.allow_stop_reply = False
+        """QEMU 8.1 on: a resume, ``?`` or ``\\x03`` allows one stop reply."""
         self.phys = False
         self.breakpoints: set[tuple[int, int]] = set()
         self.hooks: dict[bytes, Callable[[bytes], Reply]] = {}
         self.stop_on_connect = False
+        """Send QEMU 7.2's connect-time ``T02`` ahead of the first reply."""
         self.selected: dict[str, str] = {}
         """The thread each ``H`` packet selected, by operation (``g``, ``c``)."""
 
@@ -118,15 +163,29 @@ class QemuLike:
         return b"".join(binascii.hexlify(v.to_bytes(s, "little"))
                         for v, s in zip(self.regs, REG_SIZES, strict=True))
 
+    def stop(self, reply: bytes = b"T05thread:p01.01;") -> Reply:
+        """The target stops by itself (a watchpoint): the stop reply, if QEMU sends one."""
+        self.running = False
+        if self.behaviour.stop_reply_needs_request and not self.allow_stop_reply:
+            return None
+        self.allow_stop_reply = False
+        return frame(reply)
+
+    def interrupt_by(self, ch: int) -> Reply:
+        """A byte while running: QEMU stops the VM whatever the byte, and says so only
+        for ``\\x03`` from 8.1 on."""
+        if ch == 3 or self.behaviour.stray_byte_stop_reply:
+            self.allow_stop_reply = True
+        else:
+            self.allow_stop_reply = False
+        return self.stop(b"T02thread:p01.01;")
+
     def __call__(self, p: bytes) -> Reply:
         for prefix, hook in self.hooks.items():
             if p.startswith(prefix):
                 return hook(p)
         if p == b"\x03":
-            if not self.running:
-                return None
-            self.running = False
-            return frame(b"T02thread:p01.01;")
+            return None  # QEMU drops a \x03 that reaches a stopped target
         if p.startswith(b"qSupported"):
             out = [frame(b"PacketSize=1000;qXfer:features:read+;vContSupported+;multiprocess+")]
             if self.stop_on_connect:  # the connect-time stop, sent before the reply
@@ -151,7 +210,7 @@ class QemuLike:
         if p == b"qC":
             return frame(b"QCp01.01")
         if p == b"?":
-            return frame(b"T05thread:p01.01;")
+            return frame(b"T05thread:p01.01;")  # the request is the permission
         if p.startswith(b"H"):
             self.selected[p[1:2].decode()] = p[2:].decode()
             return frame(b"OK")
@@ -187,10 +246,11 @@ class QemuLike:
                 self.breakpoints.discard(key)
             return frame(b"OK")
         if p == b"c" or p.startswith(b"vCont;c"):
-            self.running = True
+            self.running = self.allow_stop_reply = True
             return None
         if p.startswith(b"vCont;s"):
-            return frame(b"T05thread:%s;" % p.split(b":")[1])
+            self.allow_stop_reply = True
+            return self.stop(b"T05thread:%s;" % p.split(b":")[1])
         if p.startswith(b"qRcmd,"):
             text = binascii.unhexlify(p[6:])
             return [frame(b"O" + binascii.hexlify(b"you said: ")),

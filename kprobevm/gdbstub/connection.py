@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Unpack
 
 from kprobevm.errors import GdbConnectionClosed, GdbError, GdbProtocolError, GdbTimeout
-from kprobevm.gdbstub.link import FAST_RECV_SIZE, LinkOptions, Request, RspLink
+from kprobevm.gdbstub.link import FAST_RECV_SIZE, INTERRUPT, LinkOptions, Request, RspLink
 from kprobevm.gdbstub.packet import (
     Packet,
     StopReply,
@@ -51,7 +51,6 @@ _SPIN_READS = 200
 
 The VM is stopped while we wait for a reply, so QEMU's vCPU thread leaves a core free;
 not sleeping saves the wake-up of our thread on each of the reply's two writes."""
-_INTERRUPT = b"\x03"
 _NOT_FAST = (b"T", b"S", b"W", b"X", b"O", b"")
 """First bytes of replies the fast path hands to the general one (stops, console)."""
 _PLAIN_ONE = re.compile(rb"\+\$([^$#}*]*)#([0-9a-fA-F]{2})\Z")
@@ -71,8 +70,6 @@ class RspConnection(RspLink):
         self._abandoned = 0
         self._deferred = 0  # oldest outstanding requests whose OK is checked on arrival
         self._stops: deque[StopReply] = deque()
-        self.running = False
-        """True between a resume (``c``/``s``) and the stop reply that ends it."""
         self.last_stop: StopReply | None = None
         self.console: list[bytes] = []
         """``O`` output packets seen outside a request that collects them."""
@@ -309,7 +306,7 @@ class RspConnection(RspLink):
         out the general way, for :meth:`recv_reply`.
         """
         if (self._outstanding or self._unacked or self._events or self._reader.buffer
-                or self._closed or not self.lazy_acks):
+                or self._closed or self.running or not self.lazy_acks):
             self._send_many(payloads)
             return None
         n = len(payloads)
@@ -354,7 +351,7 @@ class RspConnection(RspLink):
         not answer)."""
         if not self.running:
             return None
-        self._send(_INTERRUPT, _INTERRUPT)
+        self._send(INTERRUPT, INTERRUPT)
         if not wait:
             return None
         return self.wait_stop(timeout if timeout is not None else self.timeout)
@@ -365,7 +362,6 @@ class RspConnection(RspLink):
             return self._stops.popleft()
         if not self.running:
             raise GdbError("wait_stop: the target is stopped and no stop is queued")
-        self._flush_acks()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stops:
             if len(self._outstanding) > self._abandoned + self._deferred:

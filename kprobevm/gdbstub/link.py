@@ -6,8 +6,16 @@ above (:class:`~kprobevm.gdbstub.connection.RspConnection`), which pairs them wi
 requests.
 
 Acknowledgements stay on (QEMU 7.2 has no ``QStartNoAckMode``) but cost no round trip:
-the ``+`` for a reply rides on our next send (QEMU's system-mode stub never waits for an
-ack), and the stub's ``+`` before its reply is consumed when the reply is read.
+the ``+`` for a reply rides on our next packet (QEMU's system-mode stub never waits for
+an ack and never retransmits), and the stub's ``+`` before its reply is consumed when the
+reply is read.
+
+While the target runs, a stub takes any byte as an interrupt: QEMU stops the VM, and
+from 8.1 on it sends a stop reply only when that byte was ``\x03`` (a ``+`` pauses the
+guest in silence and the client waits forever). So nothing but ``\x03`` goes out while
+:attr:`RspLink.running`: acks owed for replies that arrive then (those to packets sent
+ahead of a resume) wait for the next packet, which only goes out once the target stops,
+and a NAK is never sent then (QEMU would not resend anyway).
 
 Not thread-safe: one thread drives one connection (the engine selects on :meth:`fileno`).
 """
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from kprobevm.closing import Closing
-from kprobevm.errors import GdbConnectionClosed, GdbProtocolError, GdbTimeout
+from kprobevm.errors import GdbConnectionClosed, GdbError, GdbProtocolError, GdbTimeout
 from kprobevm.gdbstub.packet import (
     DEFAULT_MAX_PACKET,
     Ack,
@@ -38,6 +46,7 @@ from kprobevm.gdbstub.packet import (
 __all__ = [
     "DEFAULT_TIMEOUT",
     "FAST_RECV_SIZE",
+    "INTERRUPT",
     "ClientStats",
     "LinkOptions",
     "PacketOptions",
@@ -48,6 +57,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+INTERRUPT = b"\x03"
+"""The one byte a client may send to a running target."""
 _RECV_SIZE = 1 << 16
 FAST_RECV_SIZE = 1 << 13
 """Small reads on the hot path: a large recv buffer costs an allocation per call."""
@@ -124,6 +135,9 @@ class RspLink(Closing):
         self._pending_ack = b""
         """The ``+`` we owe for received packets: sent ahead of our next packet."""
         self._closed = False
+        self.running = False
+        """True between a resume (``c``/``s``) and the stop reply that ends it: only
+        ``\x03`` may be sent then."""
         self.stats = ClientStats()
 
     def fileno(self) -> int:
@@ -139,7 +153,7 @@ class RspLink(Closing):
             return
         self._closed = True
         try:
-            if self._pending_ack:
+            if self._pending_ack and not self.running:
                 self._sock.send(self._pending_ack)
         except OSError:
             pass
@@ -151,10 +165,17 @@ class RspLink(Closing):
         return self._closed
 
     def _send(self, data: bytes, sent: bytes | None = None) -> None:
-        """Write ``data`` after the acks we owe; ``sent`` names the packet for errors."""
+        """Write ``data`` after the acks we owe; ``sent`` names the packet for errors.
+
+        A running target gets ``\x03`` alone, and nothing else (see the module's notes).
+        """
         if self._closed:
             raise GdbConnectionClosed("connection is closed", sent=sent)
-        if self._pending_ack:
+        if self.running:
+            if data != INTERRUPT:
+                raise GdbError("refusing to send to a running target: any byte would "
+                               "stop it, and only \\x03 earns a stop reply", sent=sent)
+        elif self._pending_ack:
             data = self._pending_ack + data
             self._pending_ack = b""
         view = memoryview(data)
@@ -237,6 +258,10 @@ class RspLink(Closing):
                 self._retransmit(sent)
             elif isinstance(ev, BadChecksum):
                 self.stats.bad_checksums += 1
+                if self.running:
+                    log.debug("packet with a bad checksum while running dropped: %r",
+                              ev.raw[:80])
+                    continue
                 self.stats.naks_sent += 1
                 if self.stats.naks_sent > self.max_retransmits * (self.stats.replies + 1):
                     raise GdbProtocolError("too many packets with bad checksums",
@@ -246,8 +271,8 @@ class RspLink(Closing):
                 log.debug("notification ignored: %r", ev.payload[:80])
 
     def _flush_acks(self) -> None:
-        """Send the acks we owe now, not with our next packet."""
-        if self._pending_ack:
+        """Send the acks we owe now, not with our next packet (never to a running target)."""
+        if self._pending_ack and not self.running:
             ack, self._pending_ack = self._pending_ack, b""
             self._send(ack)
 
@@ -256,6 +281,10 @@ class RspLink(Closing):
         if not self._unacked:
             return  # a NAK for nothing outstanding (QEMU NAKs garbage it saw)
         req = self._unacked.popleft()
+        if self.running:
+            # Sent ahead of the resume that now runs: resending it would stop the target.
+            raise GdbProtocolError("stub rejected a packet sent ahead of a resume",
+                                   sent=req.payload)
         if req.tries > self.max_retransmits:
             raise GdbProtocolError(f"stub rejected a packet {req.tries} times",
                                    sent=req.payload)
