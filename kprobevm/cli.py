@@ -64,6 +64,9 @@ def _add_boot_options(parser: argparse.ArgumentParser) -> None:
                        help="accelerator (auto tries KVM, falls back to TCG)")
     group.add_argument("--timeout", type=float, default=60.0, metavar="S",
                        help="seconds to wait for SSH (default 60)")
+    group.add_argument("--qemu", metavar="PATH",
+                       help="the QEMU binary (default: $KPROBEVM_QEMU, else"
+                            " qemu-system-x86_64 on PATH; scripts/fetch-qemu gets a newer one)")
 
 
 def _boot(args: argparse.Namespace) -> VM:
@@ -74,6 +77,7 @@ def _boot(args: argparse.Namespace) -> VM:
     return boot(
         kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
         smp=args.smp, accel=args.accel, kaslr=args.kaslr, timeout=args.timeout,
+        qemu=args.qemu,
     )
 
 

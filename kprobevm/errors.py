@@ -8,6 +8,8 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
 
     KprobeVMError
      +-- ImageError                   building the guest image failed (step, command, output)
+     +-- QemuBinaryError              a QEMU binary could not be fetched, unpacked or asked its
+     |                                version (step, command line, output tail)
      +-- VMError                      a guest could not be started, reached or kept
      |    +-- VMLaunchFailure          QEMU failed to start (exit code, command line, log tail)
      |    |    +-- QEMUNotFound        the QEMU binary is missing
@@ -37,6 +39,9 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
+
 __all__ = [
     "AmbiguousSymbol",
     "GdbConnectionClosed",
@@ -58,6 +63,7 @@ __all__ = [
     "ProbeSyntaxError",
     "ProbeTextChanged",
     "QEMUNotFound",
+    "QemuBinaryError",
     "SlotExhausted",
     "SymbolError",
     "SymbolNotFound",
@@ -89,6 +95,26 @@ class ImageError(KprobeVMError):
         if command:
             text += f"\n  command: {command}"
         if output:
+            text += "\n  output:\n" + _tail(output)
+        super().__init__(text)
+
+
+class QemuBinaryError(KprobeVMError):
+    """A QEMU binary could not be fetched, unpacked or run at ``step``; carries the
+    command line and the tail of its output."""
+
+    def __init__(
+        self, message: str, *, step: str = "", command: Sequence[str] = (), output: str = ""
+    ):
+        self.step = step
+        self.command = list(command)
+        self.output = output
+        text = message
+        if step:
+            text += f" (step: {step})"
+        if self.command:
+            text += "\n  command: " + shlex.join(self.command)
+        if output.strip():
             text += "\n  output:\n" + _tail(output)
         super().__init__(text)
 

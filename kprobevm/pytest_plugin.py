@@ -1,11 +1,12 @@
 """The kprobevm pytest plugin (pytest11 entry point): a booted guest and a probe session.
 
 - ``kprobevm_vm`` (session): the guest, booted once (``--kprobevm-kernel``,
-  ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-smp`` choose what boots).
+  ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-smp`` choose what boots,
+  ``--kprobevm-qemu`` (else ``$KPROBEVM_QEMU``) the QEMU that boots it).
 - ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
   test placed, checks the probed functions' text is as before and the serial console
   shows no oops, and fails the test otherwise.
-- the ``vm`` marker: without QEMU on PATH the marked tests skip, saying why.
+- the ``vm`` marker: without that QEMU the marked tests skip, saying why.
 - a failing test that used the guest gets the serial log's tail in its report.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 
 if TYPE_CHECKING:
     from kprobevm.guest.shell import RunResult
@@ -33,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KERNEL_TROUBLE", "EventProbe", "ProbeSession", "kernel_trouble"]
 
-QEMU = "qemu-system-x86_64"
 SERIAL_TAIL_LINES = 40
 
 # A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
@@ -47,10 +49,14 @@ def kernel_trouble(text: str) -> list[str]:
     return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
 
 
-def _qemu_missing() -> str | None:
-    if shutil.which(QEMU) is None:
-        return f"kprobevm: {QEMU} not found on PATH (install qemu-system-x86)"
-    return None
+def _qemu_missing(config: pytest.Config) -> str | None:
+    """Why the guest cannot boot (the QEMU that would boot it is missing), or None."""
+    qemu = resolve_qemu(config.getoption("kprobevm_qemu"))
+    if shutil.which(qemu) is not None:
+        return None
+    where = "" if os.sep in qemu else " on PATH"
+    return (f"kprobevm: {qemu} not found{where} (install qemu-system-x86, or name a QEMU"
+            f" with --kprobevm-qemu or ${QEMU_ENV})")
 
 
 # --- hooks ------------------------------------------------------------------------------
@@ -66,6 +72,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a built image directory (scripts/build-image) instead of the default")
     group.addoption("--kprobevm-smp", type=int, default=1, metavar="N",
                     help="vCPUs of the guest (default 1)")
+    group.addoption("--kprobevm-qemu", metavar="PATH",
+                    help=f"the QEMU binary (default: ${QEMU_ENV}, else qemu-system-x86_64)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = _qemu_missing()
+    reason = _qemu_missing(config)
     if reason is None:
         return
     for item in items:
@@ -104,7 +112,7 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="session")
 def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     """The guest, booted once per session (skips when QEMU is missing)."""
-    reason = _qemu_missing()
+    reason = _qemu_missing(request.config)
     if reason is not None:
         pytest.skip(reason)
     from kprobevm.guest.image import Image
@@ -114,7 +122,7 @@ def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     image_dir: Path | None = opt("kprobevm_image")
     image = Image.load(image_dir) if image_dir is not None else None
     with boot(image, kernel=opt("kprobevm_kernel"), initrd=opt("kprobevm_initrd"),
-              smp=opt("kprobevm_smp"), name="session") as guest:
+              smp=opt("kprobevm_smp"), qemu=opt("kprobevm_qemu"), name="session") as guest:
         request.config.stash[_VM_KEY] = guest
         try:
             yield guest

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import NoReturn
 
 import pytest
 
 from kprobevm import cli
+from kprobevm.errors import VMLaunchFailure
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.tracing.hits import HitContext
 from kprobevm.tracing.session import check_definitions
@@ -83,6 +85,39 @@ def test_addresses_and_count_words() -> None:
     assert cli._count_definition("vfs_read%return") == "p vfs_read%return"
     assert cli._count_definition("r:rd vfs_read") == "r:rd vfs_read"
     assert cli._split_command(["p a", "--", "cat", "x"]) == (["p a"], ["cat", "x"])
+
+
+BOOTING = [
+    ["run", "--", "true"],
+    ["boot"],
+    ["trace", "--boot", "p vfs_read"],
+    ["count", "--boot", "vfs_read"],
+    ["list", "--boot"],
+    ["blacklist", "--boot", "vfs_read"],
+]
+
+
+@pytest.mark.parametrize("argv", BOOTING, ids=lambda argv: argv[0])
+def test_qemu_option_reaches_boot(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that boots takes --qemu and hands it to boot(); without it, None
+    (so that boot() consults $KPROBEVM_QEMU)."""
+    from kprobevm.guest import launcher
+
+    seen: list[dict[str, object]] = []
+
+    def fake_boot(*args: object, **kwargs: object) -> NoReturn:
+        seen.append(kwargs)
+        raise VMLaunchFailure("not booting in this test")
+
+    monkeypatch.setattr(launcher, "boot", fake_boot)
+    sub, rest = argv[0], argv[1:]
+    code, _, err = run(capsys, sub, "--qemu", "/opt/qemu/bin/qemu-system-x86_64", *rest)
+    assert code == cli.EXIT_VM and "not booting in this test" in err
+    code, _, _ = run(capsys, *argv)
+    assert code == cli.EXIT_VM
+    assert [kw["qemu"] for kw in seen] == ["/opt/qemu/bin/qemu-system-x86_64", None]
 
 
 @pytest.mark.vm

@@ -22,6 +22,7 @@ from kprobevm.errors import (
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
 from kprobevm.gdbstub.link import PacketOptions
 from kprobevm.gdbstub.packet import checksum
+from kprobevm.guest.qemu_builds import resolve_qemu
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 
@@ -267,7 +268,7 @@ def test_unexpected_reply_shape_is_a_protocol_error() -> None:
 
 # -- real QEMU (BIOS only, paused) -------------------------------------------------------
 
-QEMU = shutil.which("qemu-system-x86_64")
+QEMU = shutil.which(resolve_qemu())
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +282,7 @@ def qemu_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def paused_qemu(directory: Path) -> Iterator[Path]:
     """Start QEMU paused at the reset vector; its gdbstub's socket path."""
     if QEMU is None:
-        pytest.skip("qemu-system-x86_64 not installed")
+        pytest.skip(f"{resolve_qemu()} not installed")
     sock = directory / "g.sock"
     proc = subprocess.Popen(
         [QEMU, "-nodefaults", "-display", "none", "-S", "-smp", "2", "-m", "64M",

@@ -44,6 +44,16 @@ def test_missing_qemu_binary_is_qemu_not_found() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_qemu_from_the_environment_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KPROBEVM_QEMU", "/nonexistent/env-qemu")
+    with pytest.raises(QEMUNotFound) as info:
+        boot(timeout=5)
+    assert "'/nonexistent/env-qemu' (from $KPROBEVM_QEMU) not found" in str(info.value)
+    with pytest.raises(QEMUNotFound) as info:
+        boot(qemu="/nonexistent/explicit", timeout=5)  # an explicit QEMU wins
+    assert "/nonexistent/explicit" in str(info.value) and "KPROBEVM_QEMU" not in str(info.value)
+
+
 # -- with real guests ---------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.guest.image import cache_dir
+from kprobevm.guest.qemu_builds import QEMU_ENV
 
 pytest_plugins = ["pytester"]
 
@@ -62,14 +63,46 @@ def test_marked_tests_skip_without_qemu(
         """
     )
     monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv(QEMU_ENV, raising=False)
     result = pytester.runpytest("-rs", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(["*qemu-system-x86_64 not found on PATH*"])
 
 
+MARKED = """
+import pytest
+
+@pytest.mark.vm
+def test_marked():
+    raise AssertionError("must not run")
+"""
+
+
+def test_the_qemu_checked_is_the_one_named(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--kprobevm-qemu, else $KPROBEVM_QEMU, is the QEMU whose absence skips vm tests."""
+    pytester.makepyfile(MARKED)
+    monkeypatch.setenv(QEMU_ENV, "/nonexistent/env-qemu")
+    result = pytester.runpytest("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*/nonexistent/env-qemu not found (*--kprobevm-qemu*"])
+    result = pytester.runpytest("-rs", "-p", "no:cacheprovider",
+                                "--kprobevm-qemu", "/nonexistent/option-qemu")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*/nonexistent/option-qemu not found*"])
+    # a QEMU that exists (any executable will do for the check) lets the test run
+    fake = pytester.path / "fake-qemu"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--kprobevm-qemu", str(fake))
+    result.assert_outcomes(failed=1)
+
+
 def test_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
-    result.stdout.fnmatch_lines(["*--kprobevm-kernel*", "*--kprobevm-image*"])
+    result.stdout.fnmatch_lines(["*--kprobevm-kernel*", "*--kprobevm-image*",
+                                 "*--kprobevm-qemu*"])
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.vm:*"])
 

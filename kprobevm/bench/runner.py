@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from kprobevm.bench import engine, gdbscript, guest, idle
 from kprobevm.bench.report import BenchReport, HitRate, markdown, to_json
 from kprobevm.bench.workload import DENSE_FUNCTION, Run, run_opens, unhit_functions
+from kprobevm.guest.qemu_builds import resolve_qemu
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -90,6 +91,12 @@ def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _qemu_of(vm: VM) -> str:
+    """The QEMU binary that runs ``vm`` (the resolved default for an attached one)."""
+    command = vm.machine.command if vm.machine is not None else []
+    return command[0] if command else resolve_qemu()
+
+
 def environment(vm: VM) -> dict[str, Any]:
     """Where the figures come from: host, QEMU, gdb, guest kernel, load."""
     return {
@@ -98,7 +105,7 @@ def environment(vm: VM) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "loadavg_start": _loadavg(),
-        "qemu_version": _command_line_version(["qemu-system-x86_64", "--version"]),
+        "qemu_version": _command_line_version([_qemu_of(vm), "--version"]),
         "gdb_version": _command_line_version(["gdb", "--version"]),
         "python": platform.python_version(),
         "kernel_release": vm.run("uname -r", check=True).stdout.strip(),
@@ -113,13 +120,15 @@ def _median_run(runs: Sequence[Run]) -> Run:
     return ordered[len(ordered) // 2]
 
 
-def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchReport:
-    """Boot, measure everything, power off; the figures of this one run."""
+def run(config: BenchConfig = FULL, progress: Progress | None = None, *,
+        qemu: str | None = None) -> BenchReport:
+    """Boot (``qemu``: the QEMU binary, as ``boot`` takes it), measure everything, power
+    off; the figures of this one run."""
     import kprobevm
 
     say = progress or (lambda _msg: None)
     notes: list[str] = []
-    with kprobevm.boot(name="bench") as vm:
+    with kprobevm.boot(name="bench", qemu=qemu) as vm:
         env = environment(vm)
         _ = vm.symbols  # kallsyms over SSH, before any timing
         run_opens(vm, min(config.opens, 1000))  # warm the page cache and TCG
@@ -182,7 +191,7 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None) -> BenchRe
             notes.append(f"{hit_idle} hits on the supposedly idle probes")
         env["loadavg_end"] = _loadavg()
 
-    gdbmi = _measure_gdbmi(config)
+    gdbmi = _measure_gdbmi(config, qemu)
     say(f"kprobevm_gdbmi: {gdbmi.hits_per_s or 0:,.1f} hits/s {gdbmi.reason}")
     env["loadavg_end"] = _loadavg()
     env["baseline_runs_ops_per_s"] = [round(r.ops_per_s, 1) for r in baselines]
@@ -213,14 +222,14 @@ def _memory_at(vm: VM, names: Sequence[str]) -> dict[str, float]:
             "slot_pages": float(stats.get("pages", 0)), "slots_used": float(stats.get("used", 0))}
 
 
-def _measure_gdbmi(config: BenchConfig) -> HitRate:
+def _measure_gdbmi(config: BenchConfig, qemu: str | None) -> HitRate:
     """The engine with its gdbstub client swapped for a real gdb, on a fresh VM."""
     import kprobevm
     from kprobevm.errors import KprobeVMError
     from kprobevm.gdbstub.gdbmi_client import GdbMiClient
 
     try:
-        with kprobevm.boot(name="bench-gdbmi") as vm:
+        with kprobevm.boot(name="bench-gdbmi", qemu=qemu) as vm:
             # before the gdbstub is first opened
             vm.use_gdbstub_client(GdbMiClient.connect)
             _ = vm.symbols
@@ -241,11 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="write the tables here (else stdout only)")
     ap.add_argument("--plot", type=Path, help="write the PNG plot here")
     ap.add_argument("-q", "--silent", action="store_true", help="no progress lines")
+    ap.add_argument("--qemu", metavar="PATH",
+                    help="the QEMU binary (default: $KPROBEVM_QEMU, else qemu-system-x86_64)")
     args = ap.parse_args(argv)
     config = QUICK if args.quick else FULL
     progress: Progress | None = None if args.silent else (
         lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    report = run(config, progress)
+    report = run(config, progress, qemu=args.qemu)
     report = replace(report, environment={**report.environment, "mode": "quick" if args.quick
                                            else "full"})
     table = markdown(report)

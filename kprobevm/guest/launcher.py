@@ -30,6 +30,7 @@ from kprobevm.errors import (
     VMLaunchFailure,
 )
 from kprobevm.guest.image import DEFAULT_MEMORY, READY_MARKER, SLOT_RESERVE, Image, default_image
+from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 from kprobevm.guest.shell import GuestShell
 from kprobevm.guest.vm import VM, GuestEndpoints
 
@@ -340,7 +341,7 @@ def boot(
     accel: str = "tcg",
     kaslr: bool = False,
     gdb_tcp: bool | int = False,
-    qemu: str = "qemu-system-x86_64",
+    qemu: str | os.PathLike[str] | None = None,
     timeout: float = 60.0,
     name: str | None = None,
 ) -> VM:
@@ -360,7 +361,8 @@ def boot(
         kaslr: boot with KASLR on (the default image boots ``nokaslr``).
         gdb_tcp: the gdbstub on 127.0.0.1 (a port, or True for a free one) instead of a
             unix socket in the VM's private directory.
-        qemu: the QEMU binary, by name on PATH or by path.
+        qemu: the QEMU binary, by name on PATH or by path; None: ``$KPROBEVM_QEMU``, else
+            ``qemu-system-x86_64`` (``scripts/fetch-qemu`` prints a newer one's path).
         timeout: seconds to wait for the guest's SSH before giving up.
         name: the VM's name in logs, errors and its journal (``vmN`` by default).
 
@@ -372,9 +374,12 @@ def boot(
     global _counter
     _counter += 1
     name = name or f"vm{_counter}"
-    binary = shutil.which(qemu)
+    wanted = resolve_qemu(qemu)
+    binary = shutil.which(wanted)
     if binary is None:
-        raise QEMUNotFound(f"{name}: QEMU binary {qemu!r} not found", command=[qemu])
+        origin = f" (from ${QEMU_ENV})" if qemu is None and os.environ.get(QEMU_ENV) else ""
+        raise QEMUNotFound(f"{name}: QEMU binary {wanted!r}{origin} not found",
+                           command=[wanted])
     # The image is needed even with another kernel and initrd: its SSH key reaches the guest.
     image = image or default_image()
     kernel_path = Path(kernel) if kernel is not None else image.kernel
