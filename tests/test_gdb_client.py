@@ -19,10 +19,11 @@ from kprobevm.errors import (
     GdbProtocolError,
     GdbTimeout,
 )
+from kprobevm.gdbstub.behaviour import stub_behaviour
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
 from kprobevm.gdbstub.link import PacketOptions
 from kprobevm.gdbstub.packet import checksum
-from kprobevm.guest.qemu_builds import resolve_qemu
+from kprobevm.guest.qemu_builds import fetch_qemu, qemu_version, resolve_qemu
 from tests.fakestub import RAM_BASE, FakeStub, QemuLike, frame
 
 
@@ -268,25 +269,35 @@ def test_unexpected_reply_shape_is_a_protocol_error() -> None:
 
 # -- real QEMU (BIOS only, paused) -------------------------------------------------------
 
-QEMU = shutil.which(resolve_qemu())
+QEMUS = ["system", "bookworm-backports"]
+"""The host's QEMU (as boot() resolves it) and QEMU 10.0 fetched from bookworm-backports."""
+
+
+@pytest.fixture(scope="module", params=QEMUS)
+def qemu_binary(request: pytest.FixtureRequest) -> str:
+    """A QEMU to run; a newer one is fetched into the cache (a failed fetch errors)."""
+    if request.param == "system":
+        found = shutil.which(resolve_qemu())
+        if found is None:
+            pytest.skip(f"{resolve_qemu()} not installed")
+        return found
+    return str(fetch_qemu(request.param).binary)
 
 
 @pytest.fixture(scope="module")
-def qemu_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def qemu_sock(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A paused BIOS-only QEMU with two vCPUs, shared by a module's tests."""
-    with paused_qemu(tmp_path_factory.mktemp("gdb")) as sock:
+    with paused_qemu(qemu_binary, tmp_path_factory.mktemp("gdb")) as sock:
         yield sock
 
 
 @contextlib.contextmanager
-def paused_qemu(directory: Path) -> Iterator[Path]:
-    """Start QEMU paused at the reset vector; its gdbstub's socket path."""
-    if QEMU is None:
-        pytest.skip(f"{resolve_qemu()} not installed")
+def paused_qemu(binary: str, directory: Path, *, paused: bool = True) -> Iterator[Path]:
+    """Start QEMU paused at the reset vector (or running its BIOS); its gdbstub's path."""
     sock = directory / "g.sock"
     proc = subprocess.Popen(
-        [QEMU, "-nodefaults", "-display", "none", "-S", "-smp", "2", "-m", "64M",
-         "-gdb", f"unix:{sock},server,nowait"],
+        [binary, "-nodefaults", "-display", "none", *(["-S"] if paused else []), "-smp", "2",
+         "-m", "64M", "-gdb", f"unix:{sock},server,nowait"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -349,6 +360,35 @@ def test_qemu_reconnect_and_connect_time_stop(qemu_sock: Path) -> None:
         assert c.poll_stop() is None
         assert c.read_memory(0x20000, 2) == c.read_phys(0x20000, 2)
         assert c.current_thread().startswith("p01.")
+
+
+@pytest.mark.vm
+def test_qemu_stops_as_its_behaviour_record_says(qemu_binary: str, tmp_path: Path) -> None:
+    """The facts the client is built on, checked on the real QEMU: a stop reply when the
+    first client connects to a running VM or not, and after a stray byte or not."""
+    expected = stub_behaviour(qemu_version(qemu_binary))
+    with paused_qemu(qemu_binary, tmp_path, paused=False) as sock, \
+            GdbClient.connect(sock) as c:
+        c.read_registers()
+        deadline = time.monotonic() + 1.0
+        while not c.stats.stale_stops and time.monotonic() < deadline:
+            c.poll_stop()  # a late connect-time stop is read (and dropped) here
+            c.read_registers()
+        assert bool(c.stats.stale_stops) == expected.stop_reply_on_connect
+        c.cont()
+        time.sleep(0.05)
+        c.running = False  # let the raw '+' out, as a careless client would
+        c._sock.sendall(b"+")
+        c.running = True
+        try:
+            c.wait_stop(1.0)
+            replied = True
+        except GdbTimeout:
+            replied = False
+        assert replied == expected.stray_byte_stop_reply
+        if not replied:
+            c.running = False  # it is paused all the same: nothing says so
+            assert c.current_thread().startswith("p01.")
 
 
 def test_queued_register_writes_carry_their_own_thread_selection() -> None:

@@ -12,7 +12,7 @@ from kprobevm.errors import GdbErrorReply
 from kprobevm.gdbstub.client import BreakpointKind, GdbClient
 from kprobevm.gdbstub.gdbmi import GdbMiTransport
 from kprobevm.gdbstub.gdbmi_client import GdbMiClient
-from tests.test_gdb_client import paused_qemu, qemu_sock  # noqa: F401  (fixture)
+from tests.test_gdb_client import paused_qemu, qemu_binary, qemu_sock  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
 
@@ -43,9 +43,9 @@ def test_gdbmi_matches_our_client(qemu_sock: Path) -> None:  # noqa: F811
 
 
 @pytest.mark.vm
-def test_gdbmi_client_steps_one_vcpu(tmp_path: Path) -> None:
+def test_gdbmi_client_steps_one_vcpu(qemu_binary: str, tmp_path: Path) -> None:  # noqa: F811
     # A QEMU of its own: a vCPU that ran may sit in hlt, and a halted vCPU never steps.
-    with paused_qemu(tmp_path) as sock, GdbMiClient(sock, timeout=10.0) as mi:
+    with paused_qemu(qemu_binary, tmp_path) as sock, GdbMiClient(sock, timeout=10.0) as mi:
         assert mi.threads() == ["p01.01", "p01.02"]
         assert mi.read_registers("p01.01", wide=False)["rip"] == 0xFFF0
         ap = mi.read_register("rip", thread="p01.02")

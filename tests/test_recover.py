@@ -14,6 +14,7 @@ import pytest
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.guest.image import default_image
 from kprobevm.guest.launcher import boot
+from kprobevm.guest.qemu_builds import fetch_qemu
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.kprobes.recover import recover
@@ -62,10 +63,16 @@ def _trouble(log: str) -> list[str]:
     return [line for line in log.splitlines() if any(t in line for t in TROUBLE)]
 
 
+@pytest.fixture(params=["system", "bookworm-backports"])
+def qemu(request: pytest.FixtureRequest) -> str | None:
+    """The host's QEMU (None: as boot() resolves it), and QEMU 10.0 fetched into the cache."""
+    return None if request.param == "system" else str(fetch_qemu(request.param).binary)
+
+
 @pytest.mark.vm
-def test_sigkill_with_armed_probe_then_recover(tmp_path: Path) -> None:
+def test_sigkill_with_armed_probe_then_recover(tmp_path: Path, qemu: str | None) -> None:
     image = default_image()
-    with boot(name="recover") as vm:
+    with boot(name="recover", qemu=qemu) as vm:
         gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
         text_before, gate_before = _read_text(gdb, func, size, gate)
         assert text_before[0] != 0xCC

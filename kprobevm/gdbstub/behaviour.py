@@ -23,8 +23,10 @@ class StubBehaviour:
     since: tuple[int, int]
     """The first QEMU (major, minor) that behaves so."""
     stop_reply_on_connect: bool
-    """Connecting stops the VM (always); True when a ``T02`` then comes unasked, perhaps
-    after the reply to the client's first request."""
+    """Connecting stops a running VM (always); True when a ``T02`` then comes unasked,
+    perhaps after the reply to the client's first request. From 8.1 one still comes
+    when an earlier client left the VM running after a resume (the permission it gave
+    outlives it)."""
     stray_byte_stop_reply: bool
     """A byte other than ``\\x03`` sent while the VM runs stops it (always); True when a
     stop reply follows. False means the VM pauses in silence: a client that waits for
