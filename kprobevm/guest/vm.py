@@ -510,20 +510,24 @@ class VM(Closing):
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the guest as found, then stop its QEMU when we started it."""
+        """Leave the guest as found, then stop its QEMU when we started it.
+
+        The lock only marks the VM closed: restoring the guest waits on the trap thread,
+        which may itself need a property of this VM (and so the lock) to finish its hit.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        try:
+            self._restore_guest()
+        finally:
             try:
-                self._restore_guest()
+                if self._shell is not None:
+                    self._shell.close()
             finally:
-                try:
-                    if self._shell is not None:
-                        self._shell.close()
-                finally:
-                    if self.machine is not None:
-                        self.machine.shutdown()
+                if self.machine is not None:
+                    self.machine.shutdown()
 
     def _restore_guest(self) -> None:
         """Unregister every probe, take the trap channel out, close the journal."""
