@@ -51,6 +51,23 @@ def wait_no_qemu(timeout: float = 10.0, *, keep: Collection[int] = ()) -> list[i
     return left
 
 
+def _under_ci() -> bool:
+    """``CI`` set to a true value, as CI services (and ``.ci/run``) do."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI a skip is a failure: a guest test that could not boot, or a test whose
+    tool (unicorn, gdb, GNU as) is missing, has checked nothing and must not pass."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and _under_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI (CI={os.environ['CI']}), which is a failure: {reason}"
+
+
 def kernel_trouble(text: str) -> list[str]:
     return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
 

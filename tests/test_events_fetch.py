@@ -206,4 +206,4 @@ def test_evaluation_is_cheap() -> None:
     for _ in range(2000):
         for a in args:
             a.fetch(g)
-    assert time.perf_counter() - start < 1.0  # measured about 0.05 s
+    assert time.perf_counter() - start < 10.0  # a hang guard (about 0.05 s)

@@ -36,7 +36,7 @@ def test_gdbmi_matches_our_client(qemu_sock: Path) -> None:  # noqa: F811
         t0 = time.perf_counter()
         for _ in range(5):
             mi.read_register("rip")
-        assert time.perf_counter() - t0 < 0.5  # pygdbmi's 0.2 s linger is not paid
+        assert time.perf_counter() - t0 < 0.95  # five of pygdbmi's 0.2 s lingers would be 1 s
         mi.cont()
         stop = mi.interrupt()
         assert stop is not None and not mi.running

@@ -287,7 +287,6 @@ def test_a_directory_without_a_manifest_is_not_touched(tmp_path: Path,
 # -- a real build (uses apt and the host's busybox/dropbear; no QEMU) -------------------------
 
 
-@pytest.mark.vm
 def test_default_image_has_every_artifact_and_a_manifest() -> None:
     img = default_image()
     for path in (img.kernel, img.initrd, img.vmlinux, img.config, img.ssh_key, img.manifest):
@@ -309,11 +308,11 @@ def test_default_image_has_every_artifact_and_a_manifest() -> None:
         assert elf.get_section_by_name(".text") is not None
 
 
-@pytest.mark.vm
-def test_rebuild_with_nothing_changed_is_a_fast_no_op() -> None:
+def test_rebuild_with_nothing_changed_is_a_no_op() -> None:
+    """Nothing rebuilt (scripts/bench-boot times the no-op; this only guards a hang)."""
     first = default_image()
     started = time.monotonic()
     again = build_image()
     elapsed = time.monotonic() - started
     assert again == first
-    assert elapsed < 1.0, f"no-op build took {elapsed:.2f} s"
+    assert elapsed < 30.0, f"no-op build took {elapsed:.2f} s"
