@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import select
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from kprobevm.gdbstub.behaviour import QEMU_7_2, StubBehaviour
 from kprobevm.gdbstub.packet import Packet, PacketReader, encode_packet
@@ -139,6 +141,32 @@ class FakeStub:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+
+
+def serve_on_unix_socket(handler: Callable[[bytes], Reply], path: Path) -> FakeStub:
+    """A FakeStub reached at a unix socket ``path``, for code that connects by address:
+    one connection, relayed to the stub's socketpair until either side hangs up."""
+    stub = FakeStub(handler)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def relay() -> None:
+        conn, _ = server.accept()
+        server.close()
+        peer = {conn: stub.client_sock, stub.client_sock: conn}
+        with conn:
+            while True:
+                ready, _, _ = select.select(list(peer), [], [])
+                for side in ready:
+                    data = side.recv(65536)
+                    if not data:
+                        peer[side].shutdown(socket.SHUT_WR)
+                        return
+                    peer[side].sendall(data)
+
+    threading.Thread(target=relay, daemon=True).start()
+    return stub
 
 
 class QemuLike:

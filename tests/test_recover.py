@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from kprobevm import cli
+from kprobevm.errors import JournalError
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.guest.image import default_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.qemu_builds import fetch_qemu
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kprobes.journal import Journal, pending_writes
 from kprobevm.kprobes.recover import recover
+from tests.fakestub import QemuLike, serve_on_unix_socket
 
 TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
 
@@ -170,3 +174,29 @@ def test_sigterm_and_plain_exit_restore_the_guest(tmp_path: Path, how: str) -> N
         assert pending_writes(journal) == []
         assert vm.run("cat /proc/version >/dev/null; echo ok").stdout.strip() == "ok"
         assert _trouble(vm.serial_log()) == []
+
+
+def test_a_byte_the_guest_changed_is_left_alone_and_recover_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The conflict path, on a fake stub: the guest holds neither the old nor the new
+    byte, so recovery reports it, writes nothing there, and the CLI exits 2."""
+    target = QemuLike()
+    target.ram[0x1000] = 0x90  # guest address 0x2000
+    sock = tmp_path / "g.sock"
+    serve_on_unix_socket(target, sock)
+    journal = tmp_path / "dead.journal"
+    dead = Journal(journal, gdb=str(sock))
+    dead.record("virt", 0x2000, b"\x0f", b"\xcc", "int3 f")
+    dead.record("virt", 0x2001, b"\x00", b"\xcc", "int3 g")  # this one is still ours
+    dead._file.close()  # killed: no close record
+    target.ram[0x1001] = 0xCC
+    code = cli.main(["recover", str(journal)])
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_VM == 2, out
+    assert "restored 1, already restored 0, conflicts 1" in out
+    assert "left alone: int3 f at 0x2000: expected cc or 0f, found 90" in out
+    assert target.ram[0x1000:0x1002] == b"\x90\x00"
+    assert [e.what for e in pending_writes(journal)] == ["int3 f"]
+    with pytest.raises(JournalError, match="kprobevm recover"):
+        Journal(journal)  # no new session over the byte left pending

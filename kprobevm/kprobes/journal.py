@@ -5,10 +5,17 @@ a SIGKILL of the host; fsync at open and close only, to keep registration fast),
 a host process killed at any moment leaves a journal that ``kprobevm recover`` can undo:
 each write is replayed backwards, restoring ``old`` where the guest still holds ``new``.
 A write undone in the normal course (unregister, close) is marked so recovery skips it.
+
+A journal file may serve one session after another (a fixed path), never two at once:
+a session holds an exclusive ``flock`` on it, and sequence numbers go on from the last
+one in the file, so a later session's records never stand for an earlier one's. A
+session will not start on a journal whose earlier session left writes pending: those
+bytes are still in the guest, and only ``kprobevm recover`` may take them back.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -19,7 +26,7 @@ from typing import Literal
 
 from kprobevm.errors import JournalError
 
-__all__ = ["Journal", "JournalEntry", "Space", "pending_writes"]
+__all__ = ["Journal", "JournalEntry", "Space", "hold_journal", "last_seq", "pending_writes"]
 
 Space = Literal["virt", "phys"]
 
@@ -42,10 +49,27 @@ class Journal:
     def __init__(self, path: Path, *, gdb: str = "", meta: dict[str, object] | None = None):
         self.path = path
         self._lock = threading.Lock()
-        self._seq = 0
-        self._file = path.open("a", encoding="utf-8")
-        self._append({"op": "open", "gdb": gdb, "pid": os.getpid(), **(meta or {})})
-        os.fsync(self._file.fileno())
+        try:
+            self._file = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise JournalError(f"cannot open journal: {exc}", path=str(path)) from exc
+        try:
+            hold_journal(self._file.fileno(), path)
+            _drop_torn_tail(path)
+            pending = pending_writes(path)
+            if pending:
+                raise JournalError(
+                    f"{len(pending)} writes of an earlier session are still in the guest"
+                    f" (newest: {pending[0].what} at {pending[0].address:#x}): run"
+                    f" 'kprobevm recover {path}' first, or use another journal path",
+                    path=str(path),
+                )
+            self._seq = last_seq(path)
+            self._append({"op": "open", "gdb": gdb, "pid": os.getpid(), **(meta or {})})
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self._file.close()
+            raise
 
     def _append(self, record: dict[str, object]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -88,6 +112,34 @@ class Journal:
             self._file.close()
 
 
+def hold_journal(fd: int, path: Path) -> None:
+    """Take the journal's exclusive lock (held until ``fd`` closes), or say who has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner: object = "?"
+        for record in _read(path):
+            if record.get("op") == "open":
+                owner = record.get("pid", "?")
+        raise JournalError(f"journal is in use by a live session (pid {owner})",
+                           path=str(path)) from None
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line left unfinished by a killed session (its write never happened),
+    so the next session's records start on a line of their own."""
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def last_seq(path: Path) -> int:
+    """The highest sequence number written to the journal so far (0 for none)."""
+    return max((int(str(r.get("seq", 0))) for r in _read(path) if r.get("op") == "write"),
+               default=0)
+
+
 def _read(path: Path) -> Iterator[dict[str, object]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -109,11 +161,14 @@ def _read(path: Path) -> Iterator[dict[str, object]]:
 
 
 def journal_gdb_address(path: Path) -> str:
-    """The gdbstub address the journal's session used (from its first record)."""
+    """The gdbstub address the journal's last session used (from its ``open`` record)."""
+    found: str | None = None
     for record in _read(path):
         if record.get("op") == "open":
-            return str(record.get("gdb", ""))
-    raise JournalError("journal has no 'open' record", path=str(path))
+            found = str(record.get("gdb", ""))
+    if found is None:
+        raise JournalError("journal has no 'open' record", path=str(path))
+    return found
 
 
 def journal_notes(path: Path) -> dict[str, object]:
@@ -126,11 +181,17 @@ def journal_notes(path: Path) -> dict[str, object]:
 
 
 def pending_writes(path: Path) -> list[JournalEntry]:
-    """Writes that were announced and not undone, newest first (the order to undo them)."""
+    """Writes that were announced and not undone, newest first (the order to undo them).
+
+    A session's clean close settles its own writes; recovery's settles every one.
+    """
     entries: dict[int, JournalEntry] = {}
+    session: list[int] = []
     for record in _read(path):
         op = record.get("op")
-        if op == "write":
+        if op == "open":
+            session = []
+        elif op == "write":
             try:
                 seq = int(str(record["seq"]))
                 space = str(record["space"])
@@ -146,8 +207,10 @@ def pending_writes(path: Path) -> list[JournalEntry]:
                 )
             except (KeyError, ValueError) as exc:
                 raise JournalError(f"malformed write record {record!r}", path=str(path)) from exc
+            session.append(seq)
         elif op == "undone":
             entries.pop(int(str(record.get("seq", -1))), None)
         elif op == "close" and record.get("clean"):
-            entries.clear()
+            for seq in (list(entries) if record.get("by") == "recover" else session):
+                entries.pop(seq, None)
     return sorted(entries.values(), key=lambda e: e.seq, reverse=True)

@@ -22,6 +22,7 @@ from kprobevm.gdbstub.target import vcpu_rips
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.journal import (
     JournalEntry,
+    hold_journal,
     journal_gdb_address,
     journal_notes,
     pending_writes,
@@ -77,7 +78,20 @@ def _restore(client: GdbClient, entry: JournalEntry, report: RecoveryReport) -> 
 
 
 def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> RecoveryReport:
-    """Restore the guest behind ``journal`` (gdbstub address from the journal unless given)."""
+    """Restore the guest behind ``journal`` (gdbstub address from the journal unless given).
+
+    Raises :class:`JournalError` while the session that writes the journal is alive.
+    """
+    try:
+        held = journal.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise JournalError(f"cannot open journal: {exc}", path=str(journal)) from exc
+    with held:
+        hold_journal(held.fileno(), journal)
+        return _recover(journal, gdb, timeout)
+
+
+def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
     entries = pending_writes(journal)
     address = gdb or journal_gdb_address(journal)
     if not address:
