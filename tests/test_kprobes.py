@@ -850,3 +850,66 @@ def test_freed_slots_are_collected_and_reused(vm: VM) -> None:
         assert kp.nhit >= 1
     finally:
         vm.unregister_kprobe(kp)
+
+
+# -- probes without handlers: counted in the guest, no stop ----------------------------------
+
+HOT_FUNCTIONS = ["do_sys_openat2", "vfs_read", "kmem_cache_alloc", "kmem_cache_free",
+                 "path_openat", "ksys_read"]
+
+
+def test_handler_less_probes_are_counted_without_a_stop(vm: VM) -> None:
+    """The first 40 instructions of six hot functions, no handlers: the guest counts every
+    hit itself (no VM stop at all), and nhit is exact against a stopping probe's count."""
+    insns = {name: function_insns(vm, name)[:40] for name in HOT_FUNCTIONS}
+    second = insns["do_sys_openat2"][1].addr
+    counted = [Kprobe(addr=insn.addr) for name in HOT_FUNCTIONS for insn in insns[name][1:]
+               if insn.addr != second]
+    entry = Kprobe(symbol_name="do_sys_openat2")  # counted, at the entry
+    calls: list[int] = []
+    stopping = Kprobe(addr=second, pre_handler=lambda kp, regs: calls.append(regs.ip))
+    channel = vm.kprobes.channel
+    placed, _refused = register_all(vm, counted)
+    try:
+        vm.register_kprobe(entry)
+        assert len(placed) > 150 and all(kp.counted for kp in [*placed, entry])
+        stops_before = channel.stats.hits
+        vm.run("for i in $(seq 100); do cat /etc/passwd >/dev/null;"
+               " head -c 10 /proc/version >/dev/null; done", check=True, timeout=120)
+        assert channel.stats.hits == stops_before  # nothing stopped the guest
+        assert entry.nhit >= 300
+    finally:
+        unregister_all(vm, placed)
+    # nhit is read live from the guest: against a probe with a handler at the next
+    # instruction (run exactly once per call)
+    try:
+        vm.register_kprobe(stopping)
+        before = entry.nhit
+        open_workload(vm, 20)
+        assert entry.nhit - before == len(calls) == stopping.nhit >= 20
+    finally:
+        vm.unregister_kprobe(stopping)
+        vm.unregister_kprobe(entry)
+    assert not entry.counted and entry.record is None  # as the user gave it
+    assert entry.nhit - before == len(calls)  # the count survives unregistering
+
+
+def test_a_probe_with_a_handler_turns_a_counted_site_into_a_stopping_one(vm: VM) -> None:
+    counted = Kprobe(symbol_name="vfs_read")
+    vm.register_kprobe(counted)
+    try:
+        open_workload(vm, 5)
+        hits = counted.nhit
+        assert counted.counted and hits > 0
+        seen: list[int] = []
+        handled = Kprobe(symbol_name="vfs_read", pre_handler=lambda kp, regs: seen.append(1))
+        vm.register_kprobe(handled)
+        try:
+            assert not counted.counted and counted.registered and counted.nhit == hits
+            assert vm.list_kprobes().count("vfs_read+0x0") == 2
+            open_workload(vm, 5)
+            assert counted.nhit - hits == handled.nhit == len(seen) > 0
+        finally:
+            vm.unregister_kprobe(handled)
+    finally:
+        vm.unregister_kprobe(counted)

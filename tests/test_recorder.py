@@ -145,9 +145,14 @@ def test_recorded_and_stopping_probes_do_not_share_an_address(vm: VM) -> None:
     recorded = Kprobe(symbol_name="do_sys_openat2", record=RecordSpec())
     vm.register_kprobe(recorded)
     try:
+        stopping = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
         with pytest.raises(ProbeRefused, match="cannot share an address") as info:
-            vm.register_kprobe(Kprobe(symbol_name="do_sys_openat2"))
-        assert info.value.code == "EBUSY"
+            vm.register_kprobe(stopping)
+        assert info.value.code == "EBUSY" and not stopping.registered
+        counted = Kprobe(symbol_name="do_sys_openat2")  # no handler: it joins, counted
+        vm.register_kprobe(counted)
+        assert counted.counted
+        vm.unregister_kprobe(counted)
     finally:
         vm.unregister_kprobe(recorded)
     with pytest.raises(ValueError, match="no post_handler"):

@@ -86,7 +86,7 @@ class Kprobe:
     record: RecordSpec | None = None
     """Record mode: the guest records each hit without stopping; ``pre_handler`` runs on
     the host later, with the hit's registers and reads (:mod:`kprobevm.kprobes.recorder`)."""
-    nhit: int = field(default=0, init=False)
+    _nhit: int = field(default=0, init=False, repr=False)
     nmissed: int = field(default=0, init=False)
     nerrors: int = field(default=0, init=False)
     """Handler exceptions caught (the handler's hit still counts in nhit)."""
@@ -98,7 +98,22 @@ class Kprobe:
     """Its module was unloaded: the probe is out of the guest, still registered."""
     record_id: int | None = field(default=None, init=False, repr=False)
     """The tag of this probe's records in the guest's ring (recorded probes only)."""
+    counted: bool = field(default=False, init=False)
+    """Registered without handlers, so counted in the guest (no stop per hit): ``record``
+    is a count-only spec while registered."""
+    count_reader: Callable[[], int] | None = field(default=None, init=False, repr=False)
+    """Reads this probe's counter in the guest (a count-only probe while registered)."""
     _given_addr: int | None = field(default=None, init=False, repr=False)
+
+    @property
+    def nhit(self) -> int:
+        """Hits so far; a count-only probe's are read from its counter in the guest."""
+        reader = self.count_reader
+        return self._nhit + (reader() if reader is not None else 0)
+
+    @nhit.setter
+    def nhit(self, value: int) -> None:
+        self._nhit = value
 
     def __post_init__(self) -> None:
         if self.symbol_name is None and self.addr is None:
@@ -182,6 +197,8 @@ class KprobeManager:
         self.handler_errors = 0
         self.gone: list[Kprobe] = []
         """Probes whose module was unloaded: out of the guest, still registered."""
+        self.counting_refused: str | None = None
+        """Why probes without handlers stop the guest after all (None: they are counted)."""
         self.modules = ModuleWatch(memory, module_layout, self._module_going)
 
     # -- the channel -----------------------------------------------------------------
@@ -286,36 +303,78 @@ class KprobeManager:
                     address=addr, symbol=kp.symbol_name,
                 )  # fmt: skip
             site = self.table.get(addr)
-            if site is None:
-                sym = self.check_probe_address(addr, kp)
-                if sym.module is not None:
-                    self._watch_modules(sym.module, self.symbols.describe(addr))
+            with self.target.stopped():  # a counted site turned stopping loses no hit
+                moved = self._decide_counting(kp, site)
                 try:
-                    self._place_site(addr, kp, sym.module)
+                    self._place_or_join(kp, addr, None if moved else site)
                 except BaseException:
-                    self._unwatch_modules_if_idle()  # no probe in a module after all
+                    if kp.counted:
+                        kp.record, kp.counted = None, False
                     raise
-            else:
-                if (kp.record is None) != (not site.recorded):
-                    raise ProbeRefused(
-                        "EBUSY", "recorded and stopping probes cannot share an address",
-                        address=addr, symbol=kp.symbol_name,
-                    )  # fmt: skip
-                with self.target.stopped():
-                    had_post = site.wants_post
-                    site.probes.append(kp)
-                    if site.recorded or (site.wants_post and not had_post):
-                        # a recorded aggregate records the newcomer too; one gaining a
-                        # post_handler needs a slot with a post stop
-                        try:
-                            self.channel.rebuild_site(site)
-                        except BaseException:
-                            site.probes.remove(kp)
-                            raise
-            kp._given_addr = kp.addr
-            kp.addr = addr
-            kp.registered = True
-            self.channel.ensure_running()
+                finally:
+                    for other in moved:
+                        self._register_kprobe(other)
+
+    def _place_or_join(self, kp: Kprobe, addr: int, site: ProbeSite | None) -> None:
+        """Put ``kp`` in a new site at ``addr``, or in ``site`` there."""
+        if site is None:
+            sym = self.check_probe_address(addr, kp)
+            if sym.module is not None:
+                self._watch_modules(sym.module, self.symbols.describe(addr))
+            try:
+                self._place_site(addr, kp, sym.module)
+            except BaseException:
+                self._unwatch_modules_if_idle()  # no probe in a module after all
+                raise
+        else:
+            if (kp.record is None) != (not site.recorded):
+                raise ProbeRefused(
+                    "EBUSY", "recorded and stopping probes cannot share an address",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
+            with self.target.stopped():
+                had_post = site.wants_post
+                site.probes.append(kp)
+                if site.recorded or (site.wants_post and not had_post):
+                    # a recorded aggregate records the newcomer too; one gaining a
+                    # post_handler needs a slot with a post stop
+                    try:
+                        self.channel.rebuild_site(site)
+                    except BaseException:
+                        site.probes.remove(kp)
+                        raise
+        kp._given_addr = kp.addr
+        kp.addr = addr
+        kp.registered = True
+        self.channel.ensure_running()
+
+    def _decide_counting(self, kp: Kprobe, site: ProbeSite | None) -> list[Kprobe]:
+        """Count a handler-less ``kp`` in the guest when it may; when a probe with
+        handlers comes to a site of counted probes, take them out (they come back as
+        stopping probes, their ``nhit`` kept) and return them."""
+        if kp.pre_handler is None and kp.post_handler is None and kp.record is None:
+            if (site is None or site.recorded) and self._can_count():
+                from kprobevm.kprobes.recorder import RecordSpec
+
+                kp.record, kp.counted = RecordSpec(count_only=True), True
+            return []
+        if kp.record is not None or site is None or not all(p.counted for p in site.probes):
+            return []
+        self.channel.flush_records()
+        moved = list(site.probes)
+        for other in moved:
+            self.unregister_kprobe(other)  # its hits so far stay in its nhit
+        return moved
+
+    def _can_count(self) -> bool:
+        """Whether probes can be counted in the guest; said once on stderr when not."""
+        if self.counting_refused is None:
+            reason = self.channel.why_not_counting()
+            if reason is None:
+                return True
+            self.counting_refused = reason
+            log.warning("probes without handlers will stop the guest at each hit: %s", reason)
+        return False
 
     def _place_site(self, addr: int, kp: Kprobe, module: str | None) -> None:
         """A new aggregate at ``addr`` with ``kp``, written and armed; nothing left on failure."""
@@ -390,22 +449,28 @@ class KprobeManager:
     def _forget(kp: Kprobe) -> None:
         kp.registered = False
         kp.addr = kp._given_addr
+        if kp.counted:
+            kp.record, kp.counted = None, False
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
             site = self._site_of(kp)
             kp.disabled = False
-            if not site.armed and not self.all_disarmed:
-                with self.target.stopped():
+            with self.target.stopped():
+                if site.recorded:
+                    self.channel.rebuild_site(site)  # a count program counts it again
+                if not site.armed and not self.all_disarmed:
                     self.channel.arm(site)
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
             site = self._site_of(kp)
             kp.disabled = True
-            if site.armed and not site.enabled:
-                with self.target.stopped():
+            with self.target.stopped():
+                if site.armed and not site.enabled:
                     self.channel.disarm(site)
+                elif site.recorded:
+                    self.channel.rebuild_site(site)  # its counter is left out
 
     def arm_all_kprobes(self) -> None:
         """Write every enabled probe's int3 (the debugfs ``kprobes/enabled`` = 1)."""

@@ -13,6 +13,7 @@ the handlers cannot change registers, and a string is cut at its capture size.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -222,11 +223,23 @@ class Recorder:
             )  # fmt: skip
         self.probes[probe_id] = _RecordedProbe(kp, layout)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
+        if spec.count_only:
+            kp.count_reader = functools.partial(self.read_count, probe_id)
         return probe_id
 
+    def read_count(self, probe_id: int) -> int:
+        """The guest's hit counter of probe ``probe_id`` (stops the VM for the read)."""
+        with self.target.stopped():
+            return int(_U64.unpack(self.memory.read(self.layout.counters + 16 * probe_id, 8))[0])
+
     def remove(self, probe_id: int) -> None:
-        """Forget an id; it is reused last (a record still being written is dropped)."""
-        del self.probes[probe_id]
+        """Forget an id; it is reused last (a record still being written is dropped).
+        A count-only probe keeps the hits its counter holds."""
+        kp = self.probes.pop(probe_id).kp
+        if kp.count_reader is not None:
+            total = kp.nhit
+            kp.count_reader = None
+            kp.nhit = total
         self._free_ids.append(probe_id)
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
@@ -235,7 +248,9 @@ class Recorder:
         cell = self.programs.get_insn_slot()
         ids = [kp.record_id for kp in site.probes if kp.record_id is not None]
         if all(kp.record is not None and kp.record.count_only for kp in site.probes):
-            counters = tuple(self.layout.counters + 16 * i for i in ids)
+            # a disabled member of the aggregate counts nothing (as its handler would not run)
+            counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
+                             if kp.record_id is not None and not kp.disabled)
             code = rec.build_count_program(cell.address, counters=counters, cont=cont).code
         else:
             probes = [(i, self.probes[i].layout) for i in ids]
@@ -313,11 +328,7 @@ class Recorder:
         top = max(self.probes) + 1
         raw = self.memory.read(self.layout.counters, 16 * top)
         for probe_id, probe in self.probes.items():
-            hits, missed = struct.unpack_from("<QQ", raw, 16 * probe_id)
-            spec = probe.kp.record
-            if spec is not None and spec.count_only:
-                probe.kp.nhit = hits
-            probe.kp.nmissed = missed
+            probe.kp.nmissed = struct.unpack_from("<Q", raw, 16 * probe_id + 8)[0]
 
 
 def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelpers:

@@ -150,6 +150,10 @@ class TrapChannel(abc.ABC):
     def release_record_id(self, kp: Kprobe) -> None:  # noqa: B027 (as flush_records)
         """An unregistered recorded probe gives its id back."""
 
+    def why_not_counting(self) -> str | None:
+        """Why probes cannot be counted in the guest here (None: they can; VM stopped)."""
+        return None if self.records else f"the {self.name} channel cannot record"
+
     def arm(self, site: ProbeSite) -> None:
         """Write the int3 (journal first; refuse if the guest changed the bytes)."""
         memory, journal = self.ctx.memory, self.ctx.journal

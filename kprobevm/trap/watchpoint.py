@@ -277,6 +277,13 @@ class WatchpointChannel(TrapChannel):
                 kp.record_id = recorder.add(kp, kp.record)
         return recorder.write_program(site, cont)
 
+    def why_not_counting(self) -> str | None:
+        try:
+            self._recorder()
+        except KprobeError as exc:
+            return str(exc)
+        return None
+
     def _recorder(self) -> Recorder:
         """The record ring, set up on the first recorded probe (VM stopped)."""
         target = self.ctx.target
