@@ -7,6 +7,23 @@ Any other thread that must touch the guest (register a probe, read memory) calls
 :meth:`Target.stopped`: the trap thread stops the VM, lends the client, and continues
 the VM when the caller is done. Handlers run on the trap thread, where ``stopped()``
 is reentrant. This is the role of the kernel's ``kprobe_mutex`` plus ``stop_machine``.
+
+Lock order, outermost first (a thread takes them in this order only):
+
+1. ``VM._lock``: builds the VM's parts on first use; never held across a wait on the
+   guest or on another thread (``close`` lets go of it before restoring the guest).
+2. ``KprobeManager._mutex`` (the kernel's ``kprobe_mutex``): the probe table. Its holder
+   may wait for the trap thread to hand over the VM, so the trap thread never takes it,
+   nor lock 1: handlers must not register or unregister probes (the kernel forbids it
+   too), and the trap thread's own table change (a module going) needs the VM stopped,
+   which it already is.
+3. ``Target._lock``: the conversation with the stub; the trap thread holds it while it
+   handles one stop, a borrower while it holds the VM stopped.
+4. ``Target._cond``: the hand-over between a borrower and the trap thread.
+5. ``Journal._lock``: one record appended at a time.
+
+Every wait on another thread has a deadline (the hand-over, the trap thread's end), and
+so does every wait on the guest (a stop reply, a reply).
 """
 
 from __future__ import annotations
@@ -17,15 +34,20 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 
-from kprobevm.errors import GdbError, VMLost
+from kprobevm.errors import GdbError, VMError, VMLost
 from kprobevm.gdbstub.packet import StopReply, parse_thread_id
 from kprobevm.gdbstub.transport import GdbTransport
 
 __all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_rips"]
 
 log = logging.getLogger(__name__)
+
+HANDOVER_DEADLINE = 30.0
+"""Seconds a thread waits for the trap thread to hand it the VM (a stop is handled in
+milliseconds; only a handler that hangs takes this long)."""
 
 StopHandler = Callable[[StopReply], None]
 """Called on the trap thread, VM stopped, for every stop the trap thread sees."""
@@ -186,7 +208,10 @@ class Target:
             return
         self._quit = True
         os.write(self._wake_w, b"q")
-        thread.join(timeout=30)
+        thread.join(timeout=HANDOVER_DEADLINE)
+        if thread.is_alive():
+            raise VMError(f"{self.name}: the trap thread did not end within"
+                          f" {HANDOVER_DEADLINE:g} s (a handler still running?)")
         self._thread = None
         # The thread does not resume once told to quit: it may have stopped the VM (a
         # trap, or a pause just served) right before. Resume, with any register writes.
@@ -196,6 +221,7 @@ class Target:
 
     @contextlib.contextmanager
     def _borrow_from_trap_thread(self) -> Iterator[None]:
+        deadline = time.monotonic() + HANDOVER_DEADLINE
         with self._cond:
             self._pause_requests += 1
             os.write(self._wake_w, b"p")
@@ -203,6 +229,10 @@ class Target:
                 if self.error is not None:
                     self._pause_requests -= 1
                     raise VMLost(f"{self.name}: trap thread died") from self.error
+                if time.monotonic() > deadline:
+                    self._pause_requests -= 1
+                    raise VMError(f"{self.name}: the trap thread did not hand the VM over"
+                                  f" within {HANDOVER_DEADLINE:g} s (a handler still running?)")
                 self._cond.wait(timeout=1.0)
         self._owner = threading.get_ident()
         try:

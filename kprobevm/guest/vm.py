@@ -12,14 +12,16 @@ the VM stopped, since SSH cannot answer then.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -520,7 +522,8 @@ class VM(Closing):
                 return
             self._closed = True
         try:
-            self._restore_guest()
+            with _exit_on_next_signal():
+                self._restore_guest()
         finally:
             try:
                 if self._shell is not None:
@@ -567,7 +570,40 @@ def _restore_at_exit(vm: VM) -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """The first SIGTERM unwinds (every ``with`` restores its guest); the next one, or a
+    Ctrl-C, ends the process at once."""
+    for s in _ASKED_TWICE:
+        signal.signal(s, _exit_now)
     raise SystemExit(128 + signum)
+
+
+_ASKED_TWICE = (signal.SIGTERM, signal.SIGINT)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """Asked again while restoring: exit without waiting. Each journal stays for
+    ``kprobevm recover``, and the watchdog child detaches the gdbstub, so the guest runs
+    on with our probes still in it."""
+    journals = " ".join(str(vm.journal_path) for vm in list(_live) if vm.journal_path)
+    sys.stderr.write(f"kprobevm: {signal.Signals(signum).name} again: exiting now; the guest"
+                     f" keeps kprobevm's probes: run 'kprobevm recover {journals}'\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _exit_on_next_signal() -> Iterator[None]:
+    """While a guest is being restored, SIGTERM or Ctrl-C means exit now (the user asked
+    twice: once for the close, once more)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _exit_now) for s in _ASKED_TWICE}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _close_all() -> None:

@@ -500,8 +500,8 @@ class KprobeManager:
         return site.probes[0] if site and site.probes else None
 
     def unregister_all(self) -> None:
-        """Unregister every probe, those whose module went included."""
-        with self._mutex:
+        """Unregister every probe, those whose module went included (VM stopped once)."""
+        with self._mutex, self.target.stopped():
             for kp in list(self.gone):
                 self.unregister_kprobe(kp)
             for site in list(self.table.values()):
