@@ -37,11 +37,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from kprobevm.errors import GdbError, VMError, VMLost
+from kprobevm.errors import GdbError, GdbErrorReply, VMError, VMLost
 from kprobevm.gdbstub.packet import StopReply, parse_thread_id
 from kprobevm.gdbstub.transport import GdbTransport
 
-__all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_rips"]
+__all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_quiescent", "vcpu_rips"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,29 @@ def cpu_of_thread(thread: str | None) -> int:
     return max(parse_thread_id(thread)[1] - 1, 0)
 
 
+_HLT = b"\xf4"
+
+
 def vcpu_rips(client: GdbTransport) -> list[int]:
     """Every vCPU's RIP (VM stopped)."""
     return list(client.read_register_each("rip", client.threads()).values())
+
+
+def vcpu_quiescent(client: GdbTransport, thread: str, ours: Callable[[int], bool]) -> bool:
+    """The vCPU ``thread`` holds no kernel context now (VM stopped): it runs user code,
+    or sits halted in the idle loop outside our code. A byte before RIP that cannot be
+    read (RIP at the start of a page whose predecessor is unmapped) means "not known":
+    not quiescent this time, never an error."""
+    regs = client.read_registers(thread=thread, wide=False)
+    rip = regs["rip"]
+    if regs["cs"] & 3:
+        return True
+    if ours(rip):
+        return False
+    try:
+        return client.read_memory(rip - 1, 1) == _HLT
+    except GdbErrorReply:
+        return False
 
 
 class Target:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdbstub.client import GdbClient
-from kprobevm.gdbstub.target import vcpu_rips
+from kprobevm.gdbstub.target import vcpu_quiescent, vcpu_rips
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.journal import (
     JournalEntry,
@@ -105,14 +105,8 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
                 _restore(client, entry, report)
         if entries:
             report.returns_restored = _unhijack_returns(client, journal_notes(journal))
-        # vCPUs may be inside a slot or the stub: let them run out before unmapping
-        deadline = time.monotonic() + timeout
-        while any(a <= rip < a + PMD_SPAN for rip in vcpu_rips(client) for a in areas):
-            if time.monotonic() > deadline:
-                raise KprobeError("vCPUs stay inside the slot area; not unmapping it")
-            client.cont()
-            time.sleep(0.02)
-            client.interrupt()
+        if areas:
+            _wait_out_of(client, areas, timeout)
         for entry in entries:
             if entry.space == "phys":
                 _restore(client, entry, report)
@@ -128,6 +122,25 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
         finally:
             client.close()
     return report
+
+
+def _wait_out_of(client: GdbClient, areas: list[int], timeout: float) -> None:
+    """Let the guest run until no vCPU is in a slot area, nor holds an interrupted
+    context there: each seen quiescent (user mode, idle) at least once (VM stopped)."""
+    def ours(rip: int) -> bool:
+        return any(a <= rip < a + PMD_SPAN for a in areas)
+
+    waiting = set(client.threads())
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = {t for t in waiting if not vcpu_quiescent(client, t, ours)}
+        if not waiting and not any(ours(rip) for rip in vcpu_rips(client)):
+            return
+        if time.monotonic() > deadline:
+            raise KprobeError("vCPUs may still be inside the slot area; not unmapping it")
+        client.cont()
+        time.sleep(0.02)
+        client.interrupt()
 
 
 def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:

@@ -15,19 +15,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import GuestFaultError, KprobeError
-from kprobevm.gdbstub.target import vcpu_rips
+from kprobevm.errors import KprobeError
+from kprobevm.gdbstub.target import vcpu_quiescent, vcpu_rips
 from kprobevm.kprobes.slots import SlotCache
 from kprobevm.x86.slotmap import ExecutablePages
 
 if TYPE_CHECKING:
-    from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.x86.slotmap import SlotArea
 
 __all__ = ["Quiescence"]
 
-_HLT = b"\xf4"
 
 
 class Quiescence:
@@ -36,7 +34,6 @@ class Quiescence:
     def __init__(
         self,
         target: Target,
-        memory: GuestMemory,
         threads: list[str],
         ours: Callable[[int], bool] = lambda rip: False,
     ) -> None:
@@ -44,7 +41,6 @@ class Quiescence:
         quiescent, whatever byte precedes its RIP (an address or immediate in our code
         can hold 0xf4 too)."""
         self.target = target
-        self.memory = memory
         self.threads = threads
         self.ours = ours
         self.last_quiescent: dict[str, float] = {}
@@ -59,22 +55,10 @@ class Quiescence:
 
     def observe(self) -> None:
         """Note which vCPUs are in a quiescent state now (VM stopped)."""
-        client = self.target.client
         now = time.monotonic()
         for thread in self.threads:
-            regs = client.read_registers(thread=thread, wide=False)
-            rip = regs["rip"]
-            if regs["cs"] & 3 or (not self.ours(rip) and self._after_hlt(rip)):
+            if vcpu_quiescent(self.target.client, thread, self.ours):
                 self.last_quiescent[thread] = now
-
-    def _after_hlt(self, rip: int) -> bool:
-        """The instruction before ``rip`` is ``hlt``. A byte that cannot be read (RIP at
-        the start of a page whose predecessor is unmapped) means "not known", never an
-        error: the vCPU is simply not counted as quiescent this time."""
-        try:
-            return self.memory.read(rip - 1, 1) == _HLT
-        except GuestFaultError:
-            return False
 
     def grace_over(self, freed_at: float) -> bool:
         """Every vCPU has been quiescent since ``freed_at``."""
@@ -85,16 +69,23 @@ class Quiescence:
         return any(start <= rip < end for rip in vcpu_rips(self.target.client))
 
     def wait_until_out_of(self, area: SlotArea, timeout: float = 10.0) -> None:
-        """Let the guest run until no vCPU is inside ``area`` (stub, slots, table walks)."""
-        deadline = time.monotonic() + timeout
+        """Let the guest run until ``area`` (stub, slots, table walks), no longer
+        reachable, holds no vCPU and no interrupted context: no RIP inside it, and every
+        vCPU seen quiescent since this call. A RIP outside is not enough: a vCPU may be in
+        an interrupt (or its softirqs) taken inside a slot, and return there after an
+        unmap. After ``timeout`` it raises, and the area stays mapped: safe, if untidy."""
+        since = time.monotonic()
+        deadline = since + timeout
         while True:
             with self.target.stopped() as client:
                 inside = [r for r in vcpu_rips(client) if area.contains(r)]
-            if not inside:
+                self.observe()
+            if not inside and self.grace_over(since):
                 return
             if time.monotonic() > deadline:
-                raise KprobeError(
-                    "vCPUs stay inside the slot area: " + ", ".join(f"{r:#x}" for r in inside)
-                )
+                where = ", ".join(f"{r:#x}" for r in inside) or "none now, but some vCPU" \
+                    " was never seen quiescent (user mode or idle)"
+                raise KprobeError(f"vCPUs may still be inside the slot area: {where}")
             self.target.resume()
             time.sleep(0.02)
+

@@ -118,7 +118,7 @@ class WatchpointChannel(TrapChannel):
         self.ret_store = returns.store_end
         """RIP after the kretprobe trampoline's watched store."""
         self.task_layout = task_layout
-        self.quiescence = Quiescence(ctx.target, ctx.memory, threads, ours=area.contains)
+        self.quiescence = Quiescence(ctx.target, threads, ours=area.contains)
         self.slots = self.quiescence.slot_cache(area, SLOT_SIZE, grace_seconds=0.05)
         self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
