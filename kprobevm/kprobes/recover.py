@@ -144,7 +144,11 @@ def _wait_out_of(client: GdbClient, areas: list[int], timeout: float) -> None:
 
 
 def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
-    """Give pending kretprobe returns their real return address back (VM stopped)."""
+    """Give pending kretprobe returns their real return address back (VM stopped).
+
+    The table entries stay: a vCPU may already be inside the trampoline (the slot still
+    holds its address until the trampoline writes the real one back), and it must find
+    its entry. Nothing new is hijacked, and the table goes with the slot area."""
     table, trampoline = notes.get("kretprobe_table"), notes.get("trampoline")
     if not isinstance(table, int) or not isinstance(trampoline, int):
         return 0
@@ -161,7 +165,6 @@ def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
         if pending:
             client.write_memory(slot, struct.pack("<Q", ret))
             restored += 1
-        client.write_memory(table + pos, bytes(16))
     return restored
 
 
