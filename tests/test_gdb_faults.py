@@ -21,6 +21,7 @@ from kprobevm.errors import (
     GdbTimeout,
     KprobeVMError,
     UnknownRegister,
+    VMLost,
 )
 from kprobevm.gdbstub import packet as codec
 from kprobevm.gdbstub.client import GdbClient
@@ -28,6 +29,7 @@ from kprobevm.gdbstub.connection import CONSOLE_LIMIT
 from kprobevm.gdbstub.link import MAX_OWED_ACKS
 from kprobevm.gdbstub.packet import PacketReader
 from kprobevm.gdbstub.regs import RegisterLayout
+from kprobevm.gdbstub.target import Target
 from tests.fakestub import CORE_XML, RAM_BASE, QemuLike, frame
 from tests.faultstub import (
     MALFORMED,
@@ -431,3 +433,123 @@ def test_every_stream_fault_applies_to_a_reply_without_one() -> None:
     rng = random.Random(0)
     for fault in STREAM_FAULTS:
         assert isinstance(apply_fault(fault, [b"+"], rng), list)
+
+
+# -- the trap thread ------------------------------------------------------------------------
+
+
+def _target(stub_plan: FaultPlan | None = None) -> tuple[Target, GdbClient, FaultyStub, QemuLike]:
+    c, stub, t = connect(stub_plan)
+    target = Target(c, name="faults")
+    target.stop_timeout = 0.5
+    return target, c, stub, t
+
+
+def test_trap_thread_sees_a_hang_up_and_stopped_raises_in_time() -> None:
+    target, _c, stub, _t = _target()
+    target.start()
+    stub.close()
+    time.sleep(0.05)
+
+    def borrow() -> None:
+        with target.stopped():
+            pass
+
+    assert isinstance(within(borrow), KprobeVMError)
+    assert isinstance(target.error, GdbConnectionClosed)
+    target.close()
+
+
+def test_trap_thread_dying_of_a_handler_bug_does_not_hang_stopped() -> None:
+    """A handler raising ValueError while a borrower waited killed the trap thread with
+    no error recorded, and the borrower waited for it for ever."""
+    target, _c, stub, t = _target()
+    in_handler = threading.Event()
+    borrower_waits = threading.Event()
+
+    def handler(stop: object) -> None:
+        in_handler.set()
+        borrower_waits.wait(2.0)
+        time.sleep(0.05)  # the borrower is inside stopped(), waiting for the pause
+        raise ValueError("a bug in the handler")
+
+    target.on_stop = handler
+    target.start()
+    for _ in range(200):
+        if t.running:
+            break
+        time.sleep(0.005)
+    stub._deliver(t.stop())
+    assert in_handler.wait(2.0)
+
+    def borrow() -> None:
+        borrower_waits.set()
+        with target.stopped():
+            pass
+
+    exc = within(borrow)
+    assert isinstance(exc, VMLost) and isinstance(target.error, ValueError)
+    target.close()
+
+
+def test_trap_thread_survives_floods_and_duplicate_stops() -> None:
+    """Console output, stale and duplicated stops while the trap thread runs: each real
+    stop is handled once, and the VM can still be borrowed."""
+    target, c, stub, t = _target()
+    seen: list[object] = []
+    target.on_stop = seen.append
+    target.start()
+    for _ in range(200):
+        if t.running:
+            break
+        time.sleep(0.005)
+    stub.send_raw(frame(b"O" + b"41" * 100) * 200)
+    stub.plan[b"\x03"] = Fault.DUP_STOP
+    stub._deliver(t.stop(b"T05watch:1234;thread:p01.01;"))
+    for _ in range(100):
+        if seen:
+            break
+        time.sleep(0.01)
+
+    def borrow() -> list[str]:
+        with target.stopped() as client:
+            return client.threads()
+
+    assert within(borrow) == GOOD_THREADS
+    # The duplicate may pass for the stop of the run resumed after the first: RSP cannot
+    # tell. The watchpoint's stop was handled, and nothing broke.
+    assert any(s.watch is not None for s in seen)  # type: ignore[attr-defined]
+    assert target.error is None
+    target.close()
+    bounded(c)
+
+
+def test_trap_thread_exit_stop_is_vm_lost() -> None:
+    target, _c, stub, _t = _target()
+    target.start()
+    stub.send_raw(frame(b"W00"))
+    time.sleep(0.1)
+    assert isinstance(target.error, VMLost)
+
+    def borrow() -> None:
+        with target.stopped():
+            pass
+
+    within(borrow)  # returns or raises in the tree, in time
+    target.close()
+
+
+def test_a_silent_interrupt_ends_stopped_at_its_timeout() -> None:
+    """QEMU 8.1+ pausing without a word: stopped() raises after stop_timeout."""
+    target, c, stub, t = _target()
+    resumed(c, t)
+    stub.plan[b"\x03"] = Fault.DROP_STOP
+
+    def borrow() -> None:
+        with target.stopped():
+            pass
+
+    t0 = time.monotonic()
+    assert isinstance(within(borrow), GdbTimeout)
+    assert time.monotonic() - t0 < target.stop_timeout + 0.5
+    target.close()
