@@ -5,6 +5,7 @@ still pairs with its own reply. The stub is :class:`~tests.faultstub.FaultyStub`
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from kprobevm.gdbstub.link import MAX_OWED_ACKS
 from kprobevm.gdbstub.packet import PacketReader
 from kprobevm.gdbstub.regs import RegisterLayout
 from kprobevm.gdbstub.target import Target
+from tests import gdbfuzz
 from tests.fakestub import CORE_XML, RAM_BASE, QemuLike, frame
 from tests.faultstub import (
     MALFORMED,
@@ -553,3 +555,35 @@ def test_a_silent_interrupt_ends_stopped_at_its_timeout() -> None:
     assert isinstance(within(borrow), GdbTimeout)
     assert time.monotonic() - t0 < target.stop_timeout + 0.5
     target.close()
+
+
+# -- the fuzzer -------------------------------------------------------------------------------
+
+
+def test_fuzz_sample_finds_no_hang_crash_or_growth() -> None:
+    """The core of scripts/fuzz-gdbstub on a small sample, as CI runs it."""
+    report = gdbfuzz.run("ci", 2000)
+    assert report.inputs == 2000
+    assert report.kinds["client"] > 300 and report.kinds["reader"] > 500
+    assert not report.failures, "\n".join(
+        f"{f.replay()} {f.what}: {f.detail}\n{gdbfuzz.describe(f.seed, f.index)}"
+        for f in report.failures[:3])
+
+
+def test_fuzz_inputs_replay_the_same() -> None:
+    assert gdbfuzz.describe("s", 7) == gdbfuzz.describe("s", 7)
+    kinds = [gdbfuzz.kind_of("s", i) for i in range(50)]
+    assert kinds == [gdbfuzz.kind_of("s", i) for i in range(50)]
+
+
+def test_fuzz_watchdog_reports_a_hang() -> None:
+    """The fuzzer's own watchdog: an operation that blocks is a hang, not a stuck run."""
+    a, b = socket.socketpair()
+    out = gdbfuzz._Outcome()
+    try:
+        with gdbfuzz.watchdog(0.2):
+            out.call("blocked", lambda: a.recv(1))
+    finally:
+        a.close()
+        b.close()
+    assert out.what == "hang"
