@@ -171,7 +171,8 @@ def test_a_register_the_description_lacks_is_an_error_of_the_tree() -> None:
 
 @pytest.mark.parametrize("fault", [*MALFORMED, Fault.GARBAGE, Fault.CONSOLE_FLOOD,
                                    Fault.UNASKED_STOP, Fault.DUP_STOP, Fault.LOST_ACK,
-                                   Fault.LATE], ids=lambda f: f.value)
+                                   Fault.LATE, Fault.DROP],
+                         ids=lambda f: f.value)
 def test_a_fault_on_one_reply_leaves_the_next_request_in_step(fault: Fault) -> None:
     """The faulty reply's request returns or fails; the one after it gets its own reply."""
     c, stub, _ = connect({b"qC": fault}, seed=1)
@@ -383,21 +384,34 @@ def test_a_stop_that_never_comes_times_out_every_time() -> None:
     assert isinstance(within(c.threads), GdbError)  # nothing but \x03 goes out
 
 
-def test_a_late_reply_arriving_while_waiting_for_a_stop_does_not_eat_the_stop() -> None:
-    """An abandoned request's late reply is discarded; the stop after it is still seen
-    (wait_stop used to count the stop itself as the late reply)."""
+def test_a_late_reply_before_a_resume_does_not_pass_for_anything_else() -> None:
+    """The probe sent before the resume takes the late reply; the stop is the stop."""
     t = QemuLike()
     t.hooks[b"qC"] = lambda p: None
     c, stub, _ = connect(target=t)
     assert isinstance(within(c.current_thread), GdbTimeout)
+    del t.hooks[b"qC"]
+    stub.send_raw(frame(b"QCp01.01"))  # late
     c.cont()
     time.sleep(0.02)
-    stub.send_raw(frame(b"T05thread:p01.01;"))  # the stop first, the late reply after
-    stub.send_raw(frame(b"QCp01.01"))
+    stub.send_raw(frame(b"T05thread:p01.01;"))
     stop = within(lambda: c.wait_stop(1.0))
     assert not isinstance(stop, KprobeVMError) and stop.signal == 5
     assert within(c.threads) == GOOD_THREADS
-    assert c.stats.abandoned_replies == 1
+    assert c.stats.abandoned_replies == 1 and c.stats.resyncs == 1
+
+
+@pytest.mark.parametrize("dropped", [1, 3])
+def test_replies_that_never_come_do_not_shift_the_pairing(dropped: int) -> None:
+    """Each request after a dropped reply used to get the reply of the one after it:
+    the first was discarded as the late one, and every request timed out from then on."""
+    c, stub, _ = connect({b"qC": [Fault.DROP] * dropped})
+    for _ in range(dropped):
+        assert isinstance(within(c.current_thread), GdbTimeout)
+    assert within(c.threads) == GOOD_THREADS
+    assert within(c.current_thread) == "p01.01"
+    assert c.stats.resyncs == dropped  # one before each request after a timeout
+    assert b"vMustReplyEmpty" in stub.received  # qC was owed: the other probe
 
 
 def test_a_malformed_stale_stop_is_dropped_unread() -> None:

@@ -6,7 +6,9 @@ answers in order, so each reply pairs with the oldest one. Stop replies (``T``/`
 stop *events*, queued when the target was running, and dropped as stale when we already
 know it is stopped (QEMU sends ``T02`` when a client connects to a running VM, possibly
 after the client's first request). After a timeout the unanswered requests stay queued
-as *abandoned*, so a late reply is discarded rather than paired with a newer request.
+as *abandoned*, so a late reply is discarded rather than paired with a newer request;
+the next request is preceded by a probe (``qC``) whose reply marks the end of what was
+owed, so a reply that never comes (a stub may drop one) does not shift the pairing.
 A packet the codec had to throw away (oversized, undecodable, cut short by a new ``$``,
 NAKed past the limit, or with a bad checksum and not resent by the deadline: QEMU never
 resends) is taken as the oldest request's reply, and that request fails with the error,
@@ -76,6 +78,10 @@ _PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2
 """A stop reply alone (after the '+' for our resume, perhaps): the trap path's packet."""
 _HEX_BYTE = tuple(b"%02x" % i for i in range(256))
 """Checksums as QEMU writes them: comparing bytes beats parsing them."""
+_SYNC_PROBES = ((b"qC", b"QC"), (b"vMustReplyEmpty", b""))
+"""Requests to get back in step after a timeout, with the start of their replies: ``qC``
+(QEMU answers ``QC<thread>``, which nothing else we send gets), or, when a ``qC`` is
+among the replies owed, ``vMustReplyEmpty`` (every stub answers it empty)."""
 CONSOLE_LIMIT = 1 << 20
 """Bytes of ``O`` console output kept until read (:meth:`RspConnection.take_console`);
 output beyond it is counted in ``stats.console_dropped`` and not kept."""
@@ -121,6 +127,8 @@ class RspConnection(RspLink):
 
     def _send_many(self, payloads: Iterable[bytes], *, no_reply: bytes | None = None) -> None:
         """Send packets in one write; ``no_reply`` names a last packet with no reply (``c``)."""
+        if self._abandoned and not self.running:
+            self._resync()
         framed_all = []
         for payload in payloads:
             self._note_selection(payload)
@@ -132,6 +140,42 @@ class RspConnection(RspLink):
             framed_all.append(framed)
         self.stats.packets_sent += len(framed_all)
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
+
+    def _resync(self) -> None:
+        """Before the first request after a timeout: the replies still owed may come late,
+        or never (a stub may drop one). A probe whose reply none of them can look like
+        marks where they end; all that comes before its reply is theirs, and dropped."""
+        owed = [r.payload for r in list(self._outstanding)[:self._abandoned]]
+        probe, shape = _SYNC_PROBES[0] if _SYNC_PROBES[0][0] not in owed else _SYNC_PROBES[1]
+        req = Request(probe, encode_packet(probe), False)
+        self._unacked.append(req)
+        self.stats.packets_sent += 1
+        self.stats.resyncs += 1
+        self._send(req.framed, probe)
+        deadline = time.monotonic() + self.timeout
+        first = True
+        while True:
+            if not first and not self._events and time.monotonic() >= deadline:
+                self._outstanding.append(req)  # its reply is owed too now
+                self._abandoned = len(self._outstanding)
+                raise GdbTimeout(f"no reply within {self.timeout:g} s to a probe sent to "
+                                 "get back in step after a timeout", sent=probe)
+            first = False
+            pkt = self._next_packet(deadline, probe)
+            if pkt is None:
+                continue
+            payload = pkt.payload
+            if payload == shape or (shape and payload.startswith(shape)):
+                break
+            if is_stop_reply(payload) or is_console_output(payload):
+                self._dispatch_unrequested(payload)
+            else:
+                self.stats.abandoned_replies += 1
+        for _ in range(self._abandoned):  # answered late, or never will be
+            self._outstanding.popleft()
+        self._abandoned = 0
+        self._unacked.clear()
+        self._bad_seen = self.stats.bad_checksums
 
     def _note_selection(self, payload: bytes) -> None:
         """An ``Hg``/``Hc`` selects its thread when the stub gets it, whoever queued it."""

@@ -83,6 +83,8 @@ class ClientStats:
     console_bytes: int = 0
     console_dropped: int = 0
     """Console bytes not kept: more than the connection's limit waited unread."""
+    resyncs: int = 0
+    """Probes sent to get back in step after a timeout."""
     acks_not_owed: int = 0
     """Packets received while the acks owed were at their cap (:data:`MAX_OWED_ACKS`)."""
 
