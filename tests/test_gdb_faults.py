@@ -228,6 +228,8 @@ def test_an_oversized_reply_fails_its_request_only() -> None:
     c = GdbClient(stub.client_sock, timeout=TIMEOUT, max_packet=4096)
     c.handshake()
     assert isinstance(within(c.current_thread), GdbProtocolError)
+    # the fast path's stall was not carried over to the next wait (it timed out at once)
+    assert within(lambda: c.monitor("info")) == "you said: info\n"
     assert within(c.threads) == GOOD_THREADS
 
 

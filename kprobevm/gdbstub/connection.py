@@ -149,6 +149,8 @@ class RspConnection(RspLink):
         probe, shape = _SYNC_PROBES[0] if _SYNC_PROBES[0][0] not in owed else _SYNC_PROBES[1]
         req = Request(probe, encode_packet(probe), False)
         self._unacked.append(req)
+        self._outstanding.append(req)  # abandoned with the rest, should this fail
+        self._abandoned = len(self._outstanding)
         self.stats.packets_sent += 1
         self.stats.resyncs += 1
         self._send(req.framed, probe)
@@ -156,8 +158,6 @@ class RspConnection(RspLink):
         first = True
         while True:
             if not first and not self._events and time.monotonic() >= deadline:
-                self._outstanding.append(req)  # its reply is owed too now
-                self._abandoned = len(self._outstanding)
                 raise GdbTimeout(f"no reply within {self.timeout:g} s to a probe sent to "
                                  "get back in step after a timeout", sent=probe)
             first = False
@@ -171,7 +171,7 @@ class RspConnection(RspLink):
                 self._dispatch_unrequested(payload)
             else:
                 self.stats.abandoned_replies += 1
-        for _ in range(self._abandoned):  # answered late, or never will be
+        for _ in range(self._abandoned):  # the probe, and those answered late or never
             self._outstanding.popleft()
         self._abandoned = 0
         self._unacked.clear()
@@ -514,7 +514,11 @@ class RspConnection(RspLink):
         self._unacked.extend(reqs)
         self._outstanding.extend(reqs)
         if got:
-            self._absorb(got, payloads[0])
+            try:
+                self._absorb(got, payloads[0])
+            except GdbError:
+                self._stalled_at = 0.0  # no recv_reply follows to use it
+                raise
 
     # -- stops -----------------------------------------------------------------------------
 
