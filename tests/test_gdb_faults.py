@@ -416,6 +416,25 @@ def test_replies_that_never_come_do_not_shift_the_pairing(dropped: int) -> None:
     assert b"vMustReplyEmpty" in stub.received  # qC was owed: the other probe
 
 
+def test_a_stop_while_a_deferred_reply_is_abandoned_is_still_the_stop() -> None:
+    """wait_stop took whatever came while a reply was abandoned for that reply: the stop
+    itself was thrown away, and the wait ran out."""
+    t = QemuLike()
+    t.hooks[b"P1="] = lambda p: b"$*#2a"  # undecodable: a run with nothing to repeat
+    t.hooks[b"P0="] = lambda p: None  # never answered
+    c, stub, _ = connect(target=t)
+    c.cont(before=[b"P1=0700000000000000", b"P0=0100000000000000"], defer=True)
+    for _ in range(200):
+        if t.running:
+            break
+        time.sleep(0.005)
+    assert isinstance(within(lambda: c.wait_stop(1.0)), GdbProtocolError)
+    stub._deliver(t.stop())
+    stop = within(lambda: c.wait_stop(1.0))
+    assert not isinstance(stop, KprobeVMError) and stop.signal == 5
+    assert within(c.threads) == GOOD_THREADS
+
+
 def test_a_malformed_stale_stop_is_dropped_unread() -> None:
     t = QemuLike()
     t.hooks[b"qC"] = lambda p: [frame(b"T05thread:\xff;nonsense"), frame(b"QCp01.01")]
