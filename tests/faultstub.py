@@ -285,6 +285,8 @@ class FaultyStub(FakeStub):
         self.late = late
         self.huge = huge
         self.faults: list[tuple[bytes, Fault]] = []
+        self.handler_errors = 0
+        """Requests the handler could not parse (answered ``E01``)."""
         self._current = b""
         self._held: list[bytes] = []
         self._timers: list[threading.Timer] = []
@@ -293,7 +295,14 @@ class FaultyStub(FakeStub):
 
     def _packet(self, line: bytes, digits: bytes) -> None:
         self._current = line
-        super()._packet(line, digits)
+        try:
+            super()._packet(line, digits)
+        except (ValueError, IndexError, KeyError):
+            # A request the client built from damaged replies (a target description's
+            # odd include, say) that the handler cannot parse: QEMU answers such with
+            # an error, and the stub thread must live on.
+            self.handler_errors += 1
+            self._deliver(frame(b"E01"))
 
     def send_nowait(self, data: bytes) -> None:
         """Put what fits of ``data`` on the wire without blocking (a flood nobody reads

@@ -465,6 +465,15 @@ def test_random_faults_never_hang_crash_or_grow(seed: int) -> None:
     stub.close()
 
 
+def test_the_faulty_stub_answers_requests_its_handler_cannot_parse() -> None:
+    """A request built from damaged replies (an include named ``a:b``) must not kill
+    the stub's thread: it gets an error reply, as from QEMU."""
+    c, stub, _ = connect()
+    assert isinstance(within(lambda: c.read_xfer("features", "a.xml:0")), KprobeVMError)
+    assert stub.handler_errors == 1
+    assert within(c.threads) == GOOD_THREADS
+
+
 def test_every_stream_fault_applies_to_a_reply_without_one() -> None:
     """apply_fault copes with units that hold no packet (an ack alone)."""
     rng = random.Random(0)
