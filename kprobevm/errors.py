@@ -22,6 +22,8 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- GdbErrorReply            the stub answered ``Exx``
      |    +-- GdbTimeout               no reply in time
      |    +-- GdbConnectionClosed      the stub closed the connection
+     |    +-- UnknownRegister          a register the target description does not name
+     |                                 (also a ``KeyError``)
      +-- GuestMemoryError             guest memory could not be accessed
      |    +-- GuestFaultError          an address is not mapped (address, and why)
      +-- SymbolError                  kernel symbols
@@ -67,6 +69,7 @@ __all__ = [
     "SlotExhausted",
     "SymbolError",
     "SymbolNotFound",
+    "UnknownRegister",
     "VMError",
     "VMLaunchFailure",
     "VMLost",
@@ -198,6 +201,18 @@ class GdbError(KprobeVMError):
         if received is not None:
             text += f"\n  received: {received[:200]!r}"
         super().__init__(text)
+
+
+class UnknownRegister(GdbError, KeyError):
+    """A register the target's description does not name (a ``KeyError`` too, so
+    ``layout[name]`` idioms work); the stub's description may lack what we expect."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"no register named {name!r} in the target description")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class GdbProtocolError(GdbError):

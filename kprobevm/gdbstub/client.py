@@ -157,7 +157,7 @@ class GdbClient(RspConnection):
             if not reply.startswith(b"m"):
                 raise GdbProtocolError("bad thread list reply", sent=b"qfThreadInfo",
                                        received=reply)
-            ids = reply[1:].decode("ascii").split(",")
+            ids = _ascii(reply[1:], b"qfThreadInfo", reply).split(",")
             for tid in ids:
                 parse_thread_id(tid)
             out += ids
@@ -169,7 +169,7 @@ class GdbClient(RspConnection):
         reply = self.request(b"qC")
         if not reply.startswith(b"QC"):
             raise GdbProtocolError("bad qC reply", sent=b"qC", received=reply)
-        return reply[2:].decode("ascii")
+        return _ascii(reply[2:], b"qC", reply)
 
     def _select_packets(self, op: str, thread: str | None) -> list[bytes]:
         """The ``Hg``/``Hc`` that makes ``thread`` the one for ``op`` (none if it is)."""
@@ -465,8 +465,7 @@ class GdbClient(RspConnection):
         self._send_many([payload])
         reply = self.recv_reply(timeout)
         check_reply(payload, reply)
-        text = b"".join(self.console[start:])
-        del self.console[start:]
+        text = self.take_console(start)
         if reply != b"OK":
             text += decode_hex(reply, payload)  # stubs may answer with hex output directly
         return text.decode("utf-8", "replace")
@@ -498,6 +497,14 @@ def _parse_features(reply: bytes) -> dict[str, str]:
         else:
             out[item] = ""
     return out
+
+
+def _ascii(text: bytes, sent: bytes, reply: bytes) -> str:
+    """``text`` (part of the reply to ``sent``) as ASCII; anything else is a protocol error."""
+    try:
+        return text.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise GdbProtocolError("non-ASCII reply", sent=sent, received=reply) from exc
 
 
 def _pow2_floor(n: int) -> int:

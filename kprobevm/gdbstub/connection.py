@@ -6,7 +6,18 @@ answers in order, so each reply pairs with the oldest one. Stop replies (``T``/`
 stop *events*, queued when the target was running, and dropped as stale when we already
 know it is stopped (QEMU sends ``T02`` when a client connects to a running VM, possibly
 after the client's first request). After a timeout the unanswered requests stay queued
-as *abandoned*, so a late reply is discarded rather than paired with a newer request.
+as *abandoned*, so a late reply is discarded rather than paired with a newer request;
+the next request is preceded by a probe (``qC``) whose reply marks the end of what was
+owed, so a reply that never comes (a stub may drop one) does not shift the pairing.
+A packet the codec had to throw away (oversized, undecodable, cut short by a new ``$``,
+NAKed past the limit, or with a bad checksum and not resent by the deadline: QEMU never
+resends) is taken as the oldest request's reply, and that request fails with the error,
+so the next one still pairs with its own reply.
+
+Nothing the stub sends grows a buffer without bound: console output is kept up to
+:data:`CONSOLE_LIMIT` bytes (more is counted in ``stats.console_dropped``), the acks we
+owe are capped, a stop is queued only when the target was running (one per resume),
+and every wait ends at its deadline however fast packets that answer nothing arrive.
 
 The fast path: when nothing else is in flight, a request goes out in one write and its
 reply is read straight off the socket; only a reply that is not plain (escapes,
@@ -25,9 +36,16 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Unpack
 
-from kprobevm.errors import GdbConnectionClosed, GdbError, GdbProtocolError, GdbTimeout
+from kprobevm.errors import (
+    GdbConnectionClosed,
+    GdbError,
+    GdbErrorReply,
+    GdbProtocolError,
+    GdbTimeout,
+)
 from kprobevm.gdbstub.link import FAST_RECV_SIZE, INTERRUPT, LinkOptions, Request, RspLink
 from kprobevm.gdbstub.packet import (
+    STOP_CACHE_MAX,
     Packet,
     StopReply,
     check_reply,
@@ -37,10 +55,11 @@ from kprobevm.gdbstub.packet import (
     hex_checksum,
     is_console_output,
     is_stop_reply,
+    parse_short_stop_reply,
     parse_stop_reply,
 )
 
-__all__ = ["RspConnection"]
+__all__ = ["CONSOLE_LIMIT", "RspConnection"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +78,16 @@ _PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2
 """A stop reply alone (after the '+' for our resume, perhaps): the trap path's packet."""
 _HEX_BYTE = tuple(b"%02x" % i for i in range(256))
 """Checksums as QEMU writes them: comparing bytes beats parsing them."""
+_SYNC_PROBES = ((b"qC", b"QC"), (b"vMustReplyEmpty", b""))
+"""Requests to get back in step after a timeout, with the start of their replies: ``qC``
+(QEMU answers ``QC<thread>``, which nothing else we send gets), or, when a ``qC`` is
+among the replies owed, ``vMustReplyEmpty`` (every stub answers it empty)."""
+CONSOLE_LIMIT = 1 << 20
+"""Bytes of ``O`` console output kept until read (:meth:`RspConnection.take_console`);
+output beyond it is counted in ``stats.console_dropped`` and not kept."""
+_POLL_READS = 16
+"""Reads one :meth:`RspConnection.poll_stop` makes at most: a stub that never stops
+sending must not keep it from returning."""
 
 
 class RspConnection(RspLink):
@@ -72,7 +101,15 @@ class RspConnection(RspLink):
         self._stops: deque[StopReply] = deque()
         self.last_stop: StopReply | None = None
         self.console: list[bytes] = []
-        """``O`` output packets seen outside a request that collects them."""
+        """``O`` output packets seen outside a request that collects them (read them with
+        :meth:`take_console`; at most :data:`CONSOLE_LIMIT` bytes are kept)."""
+        self.console_held = 0
+        """Bytes in :attr:`console`."""
+        self._stalled_at = 0.0
+        """When the fast path's wait for a reply timed out (0: it did not)."""
+        self._bad_seen = 0
+        """``stats.bad_checksums`` when a reply last paired: more since means the awaited
+        reply may be one we NAKed."""
         self._thread: dict[str, str | None] = {"g": None, "c": None}
         """The vCPU the stub uses for register/memory (``g``) and resume (``c``) packets."""
 
@@ -90,6 +127,8 @@ class RspConnection(RspLink):
 
     def _send_many(self, payloads: Iterable[bytes], *, no_reply: bytes | None = None) -> None:
         """Send packets in one write; ``no_reply`` names a last packet with no reply (``c``)."""
+        if self._abandoned and not self.running:
+            self._resync()
         framed_all = []
         for payload in payloads:
             self._note_selection(payload)
@@ -102,6 +141,42 @@ class RspConnection(RspLink):
         self.stats.packets_sent += len(framed_all)
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
 
+    def _resync(self) -> None:
+        """Before the first request after a timeout: the replies still owed may come late,
+        or never (a stub may drop one). A probe whose reply none of them can look like
+        marks where they end; all that comes before its reply is theirs, and dropped."""
+        owed = [r.payload for r in list(self._outstanding)[:self._abandoned]]
+        probe, shape = _SYNC_PROBES[0] if _SYNC_PROBES[0][0] not in owed else _SYNC_PROBES[1]
+        req = Request(probe, encode_packet(probe), False)
+        self._unacked.append(req)
+        self._outstanding.append(req)  # abandoned with the rest, should this fail
+        self._abandoned = len(self._outstanding)
+        self.stats.packets_sent += 1
+        self.stats.resyncs += 1
+        self._send(req.framed, probe)
+        deadline = time.monotonic() + self.timeout
+        first = True
+        while True:
+            if not first and not self._events and time.monotonic() >= deadline:
+                raise GdbTimeout(f"no reply within {self.timeout:g} s to a probe sent to "
+                                 "get back in step after a timeout", sent=probe)
+            first = False
+            pkt = self._next_packet(deadline, probe)
+            if pkt is None:
+                continue
+            payload = pkt.payload
+            if payload == shape or (shape and payload.startswith(shape)):
+                break
+            if is_stop_reply(payload) or is_console_output(payload):
+                self._dispatch_unrequested(payload)
+            else:
+                self.stats.abandoned_replies += 1
+        for _ in range(self._abandoned):  # the probe, and those answered late or never
+            self._outstanding.popleft()
+        self._abandoned = 0
+        self._unacked.clear()
+        self._bad_seen = self.stats.bad_checksums
+
     def _note_selection(self, payload: bytes) -> None:
         """An ``Hg``/``Hc`` selects its thread when the stub gets it, whoever queued it."""
         if payload[:1] == b"H":
@@ -113,6 +188,8 @@ class RspConnection(RspLink):
         while not self._events:
             if not self._fill(deadline, sent):
                 return None
+            if deadline is not None and not self._events and time.monotonic() >= deadline:
+                return None  # bytes that make no packet (noise, NAKs) still end at the deadline
         ev = self._events.popleft()
         return ev if isinstance(ev, Packet) else None
 
@@ -120,17 +197,45 @@ class RspConnection(RspLink):
         """The reply to the oldest outstanding request (decoded payload, ``Exx`` included)."""
         if not self._outstanding:
             raise GdbError("recv_reply with no request outstanding")
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        waited = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + waited
+        if self._stalled_at:
+            if timeout is None:
+                deadline = self._stalled_at
+            self._stalled_at = 0.0
+        try:
+            return self._await_reply(deadline, waited)
+        except (GdbProtocolError, GdbErrorReply):
+            # The caller gives up on this request: a reply of its still to come must not
+            # pair with the next one.
+            self._abandon()
+            raise
+
+    def _await_reply(self, deadline: float, waited: float) -> bytes:
+        first = True
+        resent = self.stats.retransmits
         while True:
             req = self._outstanding[0]
+            # Packets that answer nothing (stale stops, console output, late replies)
+            # may keep coming: what is buffered is read, then the deadline holds.
+            if not first and not self._events and time.monotonic() >= deadline:
+                if self.stats.retransmits != resent:  # (a few times at most)
+                    resent = self.stats.retransmits
+                    deadline = time.monotonic() + waited  # a resent packet's own timeout
+                    continue
+                if self.stats.bad_checksums != self._bad_seen and not self._abandoned:
+                    self._bad_seen = self.stats.bad_checksums
+                    self._reply_lost()  # we NAKed it and it was not resent
+                    raise GdbProtocolError("reply with a bad checksum, not resent in "
+                                           "time", sent=req.payload)
+                self._abandon()
+                raise GdbTimeout(
+                    f"no reply within {waited:g} s",
+                    sent=req.payload,
+                )
+            first = False
             pkt = self._next_packet(deadline, req.payload)
             if pkt is None:
-                if not self._events and time.monotonic() >= deadline:
-                    self._abandon()
-                    raise GdbTimeout(
-                        f"no reply within {self.timeout if timeout is None else timeout:g} s",
-                        sent=req.payload,
-                    )
                 continue
             payload = pkt.payload
             if self._deferred and not self._abandoned and not (
@@ -159,32 +264,95 @@ class RspConnection(RspLink):
                 continue
             self._outstanding.popleft()
             self.stats.replies += 1
+            if self._unacked:
+                self._acked_by_reply(req)
+            self._bad_seen = self.stats.bad_checksums
             return payload
+
+    def _acked_by_reply(self, req: Request) -> None:
+        """A reply to ``req`` says the stub got it and all sent before it, ``+`` or not:
+        a lost ack must not keep requests unacknowledged (and the fast path shut) forever."""
+        unacked = self._unacked
+        if req in unacked:
+            while unacked.popleft() is not req:
+                pass
+
+    def _absorb(self, data: bytes, sent: bytes | None) -> None:
+        """:meth:`RspLink._absorb`; when the codec throws a packet away, the oldest
+        request's reply is taken to be lost with it (see the module's notes)."""
+        reader = self._reader
+        truncated = reader.truncated
+        try:
+            super()._absorb(data, sent)
+        except GdbProtocolError:
+            self._reply_lost()
+            self._abandon()  # the error ends the wait of whoever reads replies
+            raise
+        if reader.truncated != truncated and self._outstanding and not self.running \
+                and self._reply_lost():
+            self._abandon()
+            raise GdbProtocolError("a reply was cut short by the start of another packet",
+                                   sent=sent)
+
+    def _reply_lost(self) -> bool:
+        """The oldest outstanding request will get no reply: drop it, so the next reply
+        pairs with the next request. True when someone was still waiting for it (it was
+        not abandoned)."""
+        if not self._outstanding:
+            return False
+        req = self._outstanding.popleft()
+        waited = not self._abandoned
+        if self._abandoned:
+            self._abandoned -= 1
+        elif self._deferred:
+            self._deferred -= 1
+        if self._unacked:
+            self._acked_by_reply(req)
+        return waited
 
     def _take_deferred(self, payload: bytes) -> None:
         """Check the reply to the oldest deferred request (sent with a resume)."""
         req = self._outstanding.popleft()
         self._deferred -= 1
         self.stats.replies += 1
+        if self._unacked:
+            self._acked_by_reply(req)
         check_reply(req.payload, payload)
 
     def _abandon(self) -> None:
         """After a timeout: replies still owed are discarded when they arrive, so they
         never pair with a newer request."""
         self._abandoned = len(self._outstanding)
+        self._deferred = 0  # abandoned now, deferred ones included
         self._unacked.clear()
 
     def _dispatch_unrequested(self, payload: bytes) -> None:
         """A packet no request is waiting for: a stop event, console output, or a desync."""
         if is_stop_reply(payload):
+            if not self.running:  # stale whatever it says: not even parsed
+                self.stats.stale_stops += 1
+                return
             self._note_stop(parse_stop_reply(payload))
         elif is_console_output(payload):
             text = decode_console_output(payload)
             self.stats.console_bytes += len(text)
+            if not self.console:
+                self.console_held = 0  # the list was emptied by hand
+            if self.console_held + len(text) > CONSOLE_LIMIT:
+                self.stats.console_dropped += len(text)
+                return
             self.console.append(text)
+            self.console_held += len(text)
         else:
             raise GdbProtocolError("unexpected packet with no request outstanding",
                                    received=payload)
+
+    def take_console(self, start: int = 0) -> bytes:
+        """The console output kept from packet ``start`` on, removed from :attr:`console`."""
+        text = b"".join(self.console[start:])
+        del self.console[start:]
+        self.console_held = sum(map(len, self.console)) if start else 0
+        return text
 
     def _note_stop(self, stop: StopReply) -> None:
         """Queue a stop event, or drop it as stale when the target is known stopped."""
@@ -326,8 +494,12 @@ class RspConnection(RspLink):
                 got += chunk
                 if len(got) > 5 and got[-3] == 0x23 and (n == 1 or got.count(b"#") >= n):
                     break
+                if chunk[-1] == 0x2D:  # a NAK: resend now, not after a stall
+                    break
         except (BlockingIOError, InterruptedError, TimeoutError):
-            pass  # a stall: the general path waits out the deadline
+            # A stall: the blocking recv waited out the timeout (SO_RCVTIMEO) already,
+            # so the general path reads what is there and gives no second one.
+            self._stalled_at = time.monotonic()
         except OSError as exc:
             self._hang_up()
             raise GdbConnectionClosed(f"socket error: {exc}", sent=payloads[0]) from exc
@@ -342,7 +514,11 @@ class RspConnection(RspLink):
         self._unacked.extend(reqs)
         self._outstanding.extend(reqs)
         if got:
-            self._absorb(got, payloads[0])
+            try:
+                self._absorb(got, payloads[0])
+            except GdbError:
+                self._stalled_at = 0.0  # no recv_reply follows to use it
+                raise
 
     # -- stops -----------------------------------------------------------------------------
 
@@ -367,15 +543,21 @@ class RspConnection(RspLink):
             if len(self._outstanding) > self._abandoned + self._deferred:
                 raise GdbError("wait_stop: a reply to an earlier request is still unread")
             pkt = self._next_packet(deadline, None)
-            if pkt is None:
-                if deadline is not None and not self._events and time.monotonic() >= deadline:
-                    raise GdbTimeout(f"target did not stop within {timeout:g} s")
-                continue
-            if self._abandoned:
-                self._outstanding.popleft()
-                self._abandoned -= 1
-                continue
-            self._dispatch_packet(pkt.payload)
+            if pkt is not None:
+                payload = pkt.payload
+                if self._abandoned and not (
+                    (is_stop_reply(payload) and not self._outstanding[0].expects_stop)
+                    or is_console_output(payload)
+                ):
+                    self._outstanding.popleft()  # a late reply: the stop is still to come
+                    self._abandoned -= 1
+                    self.stats.abandoned_replies += 1
+                else:
+                    self._dispatch_packet(payload)
+                if self._stops:
+                    break
+            if deadline is not None and not self._events and time.monotonic() >= deadline:
+                raise GdbTimeout(f"target did not stop within {timeout:g} s")
         return self._stops.popleft()
 
     def _dispatch_packet(self, payload: bytes) -> None:
@@ -407,11 +589,14 @@ class RspConnection(RspLink):
                 self._pending_ack += b"+"
                 if not self.lazy_acks:
                     self._flush_acks()
-                self._note_stop(parse_stop_reply(m[2]))
+                body = m[2]
+                self._note_stop(parse_short_stop_reply(body) if len(body) <= STOP_CACHE_MAX
+                                else parse_stop_reply(body))
                 return self._stops.popleft() if self._stops else None
             self._absorb(data, None)
-        while self._fill(time.monotonic(), None):
-            pass
+        for _ in range(_POLL_READS):
+            if not self._fill(time.monotonic(), None):
+                break
         while self._events and not self._stops:
             pkt = self._events.popleft()
             if isinstance(pkt, Packet):

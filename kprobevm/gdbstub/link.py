@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "FAST_RECV_SIZE",
     "INTERRUPT",
+    "MAX_OWED_ACKS",
     "ClientStats",
     "LinkOptions",
     "PacketOptions",
@@ -60,6 +61,9 @@ DEFAULT_TIMEOUT = 5.0
 INTERRUPT = b"\x03"
 """The one byte a client may send to a running target."""
 _RECV_SIZE = 1 << 16
+MAX_OWED_ACKS = 64
+"""Acks kept owed at most: while the target runs none go out, and a stub sending packet
+after packet must not grow them; QEMU never waits for an ack nor resends for want of one."""
 FAST_RECV_SIZE = 1 << 13
 """Small reads on the hot path: a large recv buffer costs an allocation per call."""
 
@@ -77,6 +81,12 @@ class ClientStats:
     stale_stops: int = 0
     abandoned_replies: int = 0
     console_bytes: int = 0
+    console_dropped: int = 0
+    """Console bytes not kept: more than the connection's limit waited unread."""
+    resyncs: int = 0
+    """Probes sent to get back in step after a timeout."""
+    acks_not_owed: int = 0
+    """Packets received while the acks owed were at their cap (:data:`MAX_OWED_ACKS`)."""
 
 
 class PacketOptions(TypedDict, total=False):
@@ -246,7 +256,10 @@ class RspLink(Closing):
             raise
         for ev in events:
             if isinstance(ev, Packet):
-                self._pending_ack += b"+"
+                if len(self._pending_ack) < MAX_OWED_ACKS:
+                    self._pending_ack += b"+"
+                else:
+                    self.stats.acks_not_owed += 1
                 if not self.lazy_acks:
                     self._flush_acks()
                 self._events.append(ev)

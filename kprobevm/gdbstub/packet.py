@@ -20,7 +20,9 @@ from kprobevm.errors import GdbErrorReply, GdbProtocolError
 __all__ = [
     "ACK",
     "DEFAULT_MAX_PACKET",
+    "MAX_THREAD_ID",
     "NAK",
+    "STOP_CACHE_MAX",
     "Ack",
     "BadChecksum",
     "BreakpointKind",
@@ -47,6 +49,7 @@ __all__ = [
     "memory_write_packets",
     "parse_error_reply",
     "parse_memory_request",
+    "parse_short_stop_reply",
     "parse_stop_reply",
     "parse_thread_id",
     "run_length_decode",
@@ -176,9 +179,17 @@ def parse_memory_request(payload: bytes) -> tuple[int, int]:
     return int(m[1], 16), int(m[2], 16)
 
 
+MAX_THREAD_ID = 40
+"""Longest thread id accepted (``p`` and two 16-digit numbers fit): stop replies and their
+thread ids are cached, so a stub must not make them arbitrarily large."""
+
+
 def parse_thread_id(text: str | bytes) -> tuple[int | None, int]:
     """``p01.02`` -> (1, 2); ``02`` -> (None, 2); ``-1`` means all, ``0`` any."""
     s = text.decode("ascii", "replace") if isinstance(text, bytes) else text
+    if len(s) > MAX_THREAD_ID:
+        raise GdbProtocolError(f"thread id longer than {MAX_THREAD_ID} characters",
+                               received=s[:200].encode())
     try:
         if s.startswith("p"):
             pid, dot, tid = s[1:].partition(".")
@@ -328,12 +339,23 @@ class StopReply:
 _WATCH_KINDS = ("watch", "rwatch", "awatch")
 
 
-@functools.lru_cache(maxsize=1024)
+STOP_CACHE_MAX = 256
+"""Stop replies up to this long are cached (a probe's stops are a few dozen bytes); longer
+ones are parsed each time, so the cache holds at most 1024 of these."""
+
+
 def parse_stop_reply(payload: bytes) -> StopReply:
     """Parse a ``T``/``S``/``W``/``X`` payload; anything malformed is a protocol error.
 
-    Cached: a probe's stops repeat byte for byte, and a StopReply is immutable.
+    Short ones are cached (:data:`STOP_CACHE_MAX`): a probe's stops repeat byte for
+    byte, and a StopReply is immutable.
     """
+    if len(payload) <= STOP_CACHE_MAX:
+        return parse_short_stop_reply(payload)
+    return _parse_stop_reply(payload)
+
+
+def _parse_stop_reply(payload: bytes) -> StopReply:
     if not is_stop_reply(payload):
         raise GdbProtocolError("not a stop reply", received=payload)
     kind = chr(payload[0])
@@ -394,6 +416,11 @@ def parse_stop_reply(payload: bytes) -> StopReply:
     )
 
 
+parse_short_stop_reply = functools.lru_cache(maxsize=1024)(_parse_stop_reply)
+""":func:`parse_stop_reply`'s cache, for a caller that knows the payload is at most
+:data:`STOP_CACHE_MAX` bytes long (the trap path saves a call)."""
+
+
 def _hex_field(value: str, payload: bytes) -> int:
     try:
         return int(value, 16)
@@ -451,11 +478,11 @@ class PacketReader:
 
     Bytes outside a packet that are not ``+``/``-`` are skipped (counted in ``garbage``).
     A ``$`` inside an unfinished packet restarts framing there (the earlier start was a
-    truncated packet). A packet longer than ``max_packet`` raises GdbProtocolError and
-    the reader drops it.
+    truncated packet, counted in ``truncated``). A packet longer than ``max_packet``
+    raises GdbProtocolError and the reader drops it.
     """
 
-    __slots__ = ("buffer", "garbage", "max_packet")
+    __slots__ = ("_scanned", "buffer", "garbage", "max_packet", "truncated")
 
     def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
         self.max_packet = max_packet
@@ -463,6 +490,12 @@ class PacketReader:
         """Bytes held for an unfinished packet (read it, don't change it): a truth test
         on it is the cheapest 'nothing half-read' check for the client's hot path."""
         self.garbage = 0
+        self.truncated = 0
+        """Packets cut short by a ``$`` before their ``#`` (dropped, counted here)."""
+        self._scanned = 0
+        """How far the unfinished packet at the buffer's start is known to hold no ``#``
+        and no later ``$``: a packet trickling in is not searched from its start again
+        on every feed (that would be quadratic in its length)."""
 
     @property
     def pending(self) -> int:
@@ -472,6 +505,7 @@ class PacketReader:
     def reset(self) -> None:
         """Forget any partial packet."""
         self.buffer.clear()
+        self._scanned = 0
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes; return the complete events they finish, in order."""
@@ -480,6 +514,7 @@ class PacketReader:
         events: list[Event] = []
         pos = 0
         n = len(buf)
+        scanned, self._scanned = self._scanned, 0
         try:
             while pos < n:
                 c = buf[pos]
@@ -497,10 +532,12 @@ class PacketReader:
                     self.garbage += skip
                     pos += skip
                     continue
-                hash_at = buf.find(b"#", pos + 1)
+                search = scanned if pos == 0 and scanned > 1 else pos + 1
+                hash_at = buf.find(b"#", search)
                 if hash_at < 0:
-                    restart = buf.find(b"$", pos + 1)
+                    restart = buf.find(b"$", search)
                     if restart > 0:
+                        self.truncated += 1
                         self.garbage += restart - pos
                         pos = restart
                         continue
@@ -509,9 +546,11 @@ class PacketReader:
                             f"packet longer than {self.max_packet} bytes",
                             received=bytes(buf[pos:pos + 200]),
                         )
+                    self._scanned = n - pos
                     break
-                restart = buf.find(b"$", pos + 1, hash_at)
+                restart = buf.find(b"$", search, hash_at)
                 if restart > 0:  # truncated packet: start over at the newer '$'
+                    self.truncated += 1
                     self.garbage += restart - pos
                     pos = restart
                     continue
@@ -521,6 +560,7 @@ class PacketReader:
                         received=bytes(buf[pos:pos + 200]),
                     )
                 if hash_at + 3 > n:
+                    self._scanned = hash_at - pos
                     break
                 body = bytes(buf[pos + 1:hash_at])
                 raw = bytes(buf[pos:hash_at + 3])
@@ -540,6 +580,7 @@ class PacketReader:
                     events.append(Notification(payload, raw))
         except GdbProtocolError:
             buf.clear()
+            self._scanned = 0
             raise
         del buf[:pos]
         return events

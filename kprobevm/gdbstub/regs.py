@@ -14,11 +14,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from kprobevm.errors import GdbProtocolError
+from kprobevm.errors import GdbProtocolError, UnknownRegister
 
 __all__ = ["Register", "RegisterLayout"]
 
 _XI_INCLUDE = "{http://www.w3.org/2001/XInclude}include"
+MAX_REGISTER_BITS = 4096
+"""Widest register a target description may declare (x86's widest, zmm, has 512 bits)."""
+MAX_REGNUM = 0xFFFF
 _STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
@@ -79,7 +82,7 @@ class RegisterLayout:
                 raise GdbProtocolError(f"xi:include nested too deep at {annex}")
             try:
                 root = ET.fromstring(text)
-            except ET.ParseError as exc:
+            except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: encoding=
                 raise GdbProtocolError(f"target description {annex} is not XML: {exc}") from exc
             feature = root.get("name", "") if root.tag == "feature" else ""
             for el in root.iter():
@@ -124,7 +127,7 @@ class RegisterLayout:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"no register named {name!r} in the target description") from None
+            raise UnknownRegister(name) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
@@ -216,10 +219,14 @@ def _reg_fields(
         raise GdbProtocolError(f"<reg> without name or bitsize in {annex}")
     try:
         regnum = el.get("regnum")
-        return (name, int(regnum, 0) if regnum is not None else None, int(bits, 0),
-                el.get("type", ""), el.get("group", ""), feature)
+        num = int(regnum, 0) if regnum is not None else None
+        size = int(bits, 0)
     except ValueError as exc:
         raise GdbProtocolError(f"bad number in <reg name={name!r}> in {annex}") from exc
+    if not 0 < size <= MAX_REGISTER_BITS or (num is not None and not 0 <= num <= MAX_REGNUM):
+        raise GdbProtocolError(f"<reg name={name!r}> in {annex}: bitsize {bits} or regnum "
+                               f"{regnum} out of range")
+    return (name, num, size, el.get("type", ""), el.get("group", ""), feature)
 
 
 def _declare_xi(text: str | bytes) -> str | bytes:

@@ -100,6 +100,8 @@ class Target:
         self.on_idle: Callable[[], None] | None = None
         """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
         self.idle_interval = 1.0
+        self.stop_timeout = 10.0
+        """Seconds an interrupt waits for the VM's stop reply."""
         self._lock = threading.RLock()  # held by whoever talks to the stub
         self._owner: int | None = None  # thread ident that holds the VM stopped
         self._depth = 0
@@ -149,7 +151,7 @@ class Target:
 
     def _stop_vm(self) -> None:
         """Interrupt the running VM; a trap that raced the interrupt is handled first."""
-        stop = self.client.interrupt(timeout=10.0)
+        stop = self.client.interrupt(timeout=self.stop_timeout)
         if stop is not None:
             self._dispatch(stop)
             # the caller may switch threads before we resume: write back now
@@ -246,14 +248,15 @@ class Target:
             self._pause_requests += 1
             os.write(self._wake_w, b"p")
             while not self._paused:
-                if self.error is not None:
+                thread = self._thread
+                if self.error is not None or thread is None or not thread.is_alive():
                     self._pause_requests -= 1
                     raise VMLost(f"{self.name}: trap thread died") from self.error
                 if time.monotonic() > deadline:
                     self._pause_requests -= 1
                     raise VMError(f"{self.name}: the trap thread did not hand the VM over"
                                   f" within {HANDOVER_DEADLINE:g} s (a handler still running?)")
-                self._cond.wait(timeout=1.0)
+                self._cond.wait(timeout=0.1)
         self._owner = threading.get_ident()
         try:
             yield
@@ -292,6 +295,11 @@ class Target:
                     self._serve_pause()
         except (GdbError, VMLost, OSError) as exc:
             log.error("%s: trap thread stopped: %s", self.name, exc)
+            self.error = exc
+            with self._cond:
+                self._cond.notify_all()
+        except Exception as exc:  # a handler's own bug: still say why the thread is gone
+            log.exception("%s: trap thread stopped", self.name)
             self.error = exc
             with self._cond:
                 self._cond.notify_all()
