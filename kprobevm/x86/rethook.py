@@ -53,8 +53,11 @@ def assemble_trampoline(base: int, *, table: int, entries: int, mailbox: int) ->
     a.ud2()
     a.label("found")
     a.mov("rdx", mem("rcx", 8))  # the real return address
+    # Free the entry before the slot loses our address: the host reuses an entry only
+    # once its slot no longer holds the trampoline, so it must be free in the guest by
+    # then (the other order let a reused entry be zeroed under a new call).
+    a.mov(mem("rcx", size=8), 0)
     a.mov(mem("rsp", _SLOT), "rdx")  # back into the slot
-    a.mov(mem("rcx", size=8), 0)  # the entry is free
     for reg in reversed(_SAVED):
         a.pop(reg)
     a.popfq()
