@@ -96,6 +96,9 @@ class Target:
         self.before_resume: list[bytes] = []
         """Packets (register writes) to send with the next resume, in the same write."""
         self._writes_before_resume: list[tuple[int, bytes]] = []
+        self.write_backs = 0
+        """How many times queued writes went out: a write queued when it was N has
+        reached the guest once it is past N."""
         self.on_stop: StopHandler | None = None
         self.on_idle: Callable[[], None] | None = None
         """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
@@ -168,6 +171,7 @@ class Target:
         """The queued writes as packets; the memory mode is settled now, at sending time
         (a physical write in between must not turn them physical)."""
         packets: list[bytes] = []
+        self.write_backs += 1
         if self._writes_before_resume:
             packets += self.client.mode_packets(False)
             for address, data in self._writes_before_resume:

@@ -62,6 +62,9 @@ class KretprobeInstance:
     task: int = 0
     """The calling task's ``task_struct *`` (0 when the kernel's BTF is not at hand)."""
     task_stack: int = 0
+    queued_at: int = -1
+    """``Target.write_backs`` when its table entry and hijack were queued: until the
+    count moves on they are not in the guest, and the slot still holds the real address."""
 
 
 @dataclass(eq=False)
@@ -237,6 +240,7 @@ class KretprobeManager:
         target = self.target
         target.queue_write(self.table + ENTRY * index, struct.pack("<QQ", slot, ri.ret_addr))
         target.queue_write(slot, struct.pack("<Q", self.trampoline))
+        ri.queued_at = target.write_backs
 
     def _dead(self, ri: KretprobeInstance) -> bool:
         """A call that will never come back through the trampoline.
@@ -244,6 +248,8 @@ class KretprobeManager:
         Its stack slot lost our address (the stack moved on), or its task has exited
         (a function like do_exit that never returns) or is gone (stack pointer changed).
         """
+        if ri.queued_at == self.target.write_backs:
+            return False  # its hijack is still queued: the slot is not ours yet
         memory = self.memory
         try:
             if memory.u64(ri.slot) != self.trampoline:
