@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kprobevm import faults
 from kprobevm.errors import JournalError
 
 __all__ = ["Journal", "JournalEntry", "Space", "hold_journal", "last_seq", "pending_writes"]
@@ -79,17 +80,22 @@ class Journal:
         """Announce a write before doing it; returns its sequence number."""
         with self._lock:
             self._seq += 1
-            self._append(
-                {
-                    "op": "write",
-                    "seq": self._seq,
-                    "space": space,
-                    "addr": address,
-                    "old": old.hex(),
-                    "new": new.hex(),
-                    "what": what,
-                }
-            )
+            record = {
+                "op": "write",
+                "seq": self._seq,
+                "space": space,
+                "addr": address,
+                "old": old.hex(),
+                "new": new.hex(),
+                "what": what,
+            }
+            if faults.due("journal_torn"):
+                line = json.dumps(record, separators=(",", ":"))
+                self._file.write(line[: len(line) // 2])
+                self._file.flush()
+                faults.kill()
+            self._append(record)
+            faults.kill_point("journal_write")
             return self._seq
 
     def note(self, **facts: int | str) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kprobevm import faults
 from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
@@ -175,6 +176,7 @@ class WatchpointChannel(TrapChannel):
                             encode_idt_gate(original, pages.stub + stub.offsets["entry"]))
             seq = journal.record("virt", gate.addr, gate.original, gate.replacement,
                                  "IDT vector 3 -> stub")  # fmt: skip
+            faults.kill_point("idt_gate")
             memory.write(gate.addr, gate.replacement)
         return cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
                    returns=returns, task_layout=task_layout)  # fmt: skip
@@ -260,6 +262,7 @@ class WatchpointChannel(TrapChannel):
         stopped); a vCPU still in the old slot finishes there (it goes DIRTY)."""
         try:
             if self.hot.watch(site):
+                faults.kill_point("promote_site")
                 self.rebuild_site(site)
                 self.stats.promoted += 1
         except KprobeVMError as exc:  # it stays on byte 0, which works
