@@ -33,7 +33,6 @@ from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
-from kprobevm.trap.watchdog import Watchdog
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.idt import (
@@ -127,7 +126,6 @@ class WatchpointChannel(TrapChannel):
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
         self._regs_ns = 0
-        self.watchdog = Watchdog(ctx.target.client.fileno())
 
     # -- installation ----------------------------------------------------------------
 
@@ -477,7 +475,6 @@ class WatchpointChannel(TrapChannel):
         with target.stopped() as client:
             self.area.teardown()
             flush_tlbs(client)
-        self.watchdog.stop()
 
     def _unhook_gate(self) -> None:
         """IDT vector 3 back to the guest's handler, unless someone changed it since."""
