@@ -3,7 +3,10 @@ whose previous byte cannot be read is "not known quiescent", never an error."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from kprobevm.errors import GuestFaultError
 from kprobevm.trap.grace import Quiescence
@@ -57,3 +60,37 @@ def test_a_vcpu_in_our_own_code_is_never_quiescent_whatever_byte_precedes_it() -
                    ours=lambda rip: stub <= rip < stub + 0x200000)  # fmt: skip
     q.observe()
     assert not q.last_quiescent
+
+
+class _RunningTarget:
+    """A guest whose one vCPU, outside the slot area, stays in kernel mode (in an
+    interrupt handler, say) for two resumes, then returns to user mode."""
+
+    def __init__(self) -> None:
+        self.resumes = 0
+        self.client = self
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[_RunningTarget]:
+        yield self
+
+    def resume(self) -> None:
+        self.resumes += 1
+
+    def threads(self) -> list[str]:
+        return ["p1.1"]
+
+    def read_registers(self, *, thread: str, wide: bool) -> dict[str, int]:
+        return {"cs": 0x33 if self.resumes >= 2 else 0x10, "rip": 0xFFFFFFFF81001234}
+
+    def read_register_each(self, name: str, threads: list[str]) -> dict[str, int]:
+        return {t: self.read_registers(thread=t, wide=False)[name] for t in threads}
+
+
+def test_the_area_is_let_go_only_once_each_vcpu_was_seen_quiescent() -> None:
+    """RIP outside the area is not enough: an interrupt handler may return into a slot."""
+    target = _RunningTarget()
+    q = Quiescence(target, _Memory(), ["p1.1"])  # type: ignore[arg-type]
+    area = SimpleNamespace(contains=lambda rip: 0xFFFFFFFFFEE00000 <= rip < 0xFFFFFFFFFF000000)
+    q.wait_until_out_of(area)  # type: ignore[arg-type]
+    assert target.resumes == 2

@@ -322,7 +322,10 @@ class KretprobeManager:
     # -- teardown ------------------------------------------------------------------------
 
     def unhijack_all(self) -> int:
-        """Put every pending call's return address back on its stack (VM stopped)."""
+        """Put every pending call's return address back on its stack (VM stopped).
+
+        The guest's table entries stay: a vCPU stopped inside the trampoline, past its
+        ``ret``, still finds its own (the table goes with the slot area)."""
         memory = self.memory
         restored = 0
         for ri in list(self.by_slot.values()):
@@ -333,7 +336,6 @@ class KretprobeManager:
             if pending:
                 memory.write(ri.slot, struct.pack("<Q", ri.ret_addr))
                 restored += 1
-            memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
             self._free(ri)
         self.by_slot.clear()
         return restored

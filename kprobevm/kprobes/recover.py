@@ -2,9 +2,11 @@
 
 The journal lists every write the session made and did not undo. Recovery restores
 them newest first in two phases: kernel virtual memory first (probe int3s, the IDT
-gate), then, once no vCPU runs inside the slot area, the page-table entry that mapped
-it, with a TLB flush on every vCPU. A byte the guest changed since is left alone and
-reported, never overwritten.
+gate), and the return addresses of calls still in flight through the kretprobe
+trampoline; then, once nothing can reach the slot area any more and every vCPU has
+been seen quiescent (so none is left interrupted inside it), the page-table entry that
+mapped it, with a TLB flush on every vCPU. A byte the guest changed since is left alone
+and reported, never overwritten.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kprobevm.kprobes.journal import (
     journal_notes,
     pending_writes,
 )
+from kprobevm.x86.arch import quiescent
 from kprobevm.x86.slotmap import PMD_SPAN
 
 __all__ = ["RecoveryReport", "recover"]
@@ -105,14 +108,8 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
                 _restore(client, entry, report)
         if entries:
             report.returns_restored = _unhijack_returns(client, journal_notes(journal))
-        # vCPUs may be inside a slot or the stub: let them run out before unmapping
-        deadline = time.monotonic() + timeout
-        while any(a <= rip < a + PMD_SPAN for rip in vcpu_rips(client) for a in areas):
-            if time.monotonic() > deadline:
-                raise KprobeError("vCPUs stay inside the slot area; not unmapping it")
-            client.cont()
-            time.sleep(0.02)
-            client.interrupt()
+        if areas:
+            _wait_until_quiescent(client, areas, timeout)
         for entry in entries:
             if entry.space == "phys":
                 _restore(client, entry, report)
@@ -131,7 +128,12 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
 
 
 def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
-    """Give pending kretprobe returns their real return address back (VM stopped)."""
+    """Give pending kretprobe returns their real return address back (VM stopped).
+
+    The instance table is left as it is: a vCPU stopped inside the trampoline, past
+    its ``ret`` and still looking for its entry, must find it (an entry gone makes it
+    ``ud2``).
+    """
     table, trampoline = notes.get("kretprobe_table"), notes.get("trampoline")
     if not isinstance(table, int) or not isinstance(trampoline, int):
         return 0
@@ -148,8 +150,43 @@ def _unhijack_returns(client: GdbClient, notes: dict[str, object]) -> int:
         if pending:
             client.write_memory(slot, struct.pack("<Q", ret))
             restored += 1
-        client.write_memory(table + pos, bytes(16))
     return restored
+
+
+def _wait_until_quiescent(client: GdbClient, areas: list[int], timeout: float) -> None:
+    """Let the guest run until every vCPU has been seen quiescent and none is inside a
+    slot area (VM stopped on return).
+
+    With the gate, the int3s and the return addresses back, nothing enters the area
+    any more; but a vCPU may have been interrupted inside a slot, the stub or the
+    trampoline, its RIP now in an interrupt handler that returns there. Once seen in
+    user mode or idle, it holds no such context (the kernel does not preempt kernel
+    code), and unmapping the area cannot fault it.
+    """
+
+    def ours(rip: int) -> bool:
+        return any(a <= rip < a + PMD_SPAN for a in areas)
+
+    threads = client.threads()
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        for thread in threads:
+            if thread not in seen:
+                regs = client.read_registers(thread=thread, wide=False)
+                if quiescent(regs["cs"], regs["rip"], ours=ours, read=client.read_memory):
+                    seen.add(thread)
+        inside = [rip for rip in vcpu_rips(client) if ours(rip)]
+        if len(seen) == len(threads) and not inside:
+            return
+        if time.monotonic() > deadline:
+            raise KprobeError(
+                f"{len(threads) - len(seen)} vCPU(s) not seen quiescent, {len(inside)}"
+                " inside the slot area: not unmapping it"
+            )
+        client.cont()
+        time.sleep(0.02)
+        client.interrupt()
 
 
 def _mark_undone(journal: Path, report: RecoveryReport) -> None:

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import GuestFaultError, KprobeError
+from kprobevm.errors import KprobeError
 from kprobevm.gdbstub.target import vcpu_rips
 from kprobevm.kprobes.slots import SlotCache
+from kprobevm.x86.arch import quiescent
 from kprobevm.x86.slotmap import ExecutablePages
 
 if TYPE_CHECKING:
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from kprobevm.x86.slotmap import SlotArea
 
 __all__ = ["Quiescence"]
-
-_HLT = b"\xf4"
 
 
 class Quiescence:
@@ -63,18 +62,8 @@ class Quiescence:
         now = time.monotonic()
         for thread in self.threads:
             regs = client.read_registers(thread=thread, wide=False)
-            rip = regs["rip"]
-            if regs["cs"] & 3 or (not self.ours(rip) and self._after_hlt(rip)):
+            if quiescent(regs["cs"], regs["rip"], ours=self.ours, read=self.memory.read):
                 self.last_quiescent[thread] = now
-
-    def _after_hlt(self, rip: int) -> bool:
-        """The instruction before ``rip`` is ``hlt``. A byte that cannot be read (RIP at
-        the start of a page whose predecessor is unmapped) means "not known", never an
-        error: the vCPU is simply not counted as quiescent this time."""
-        try:
-            return self.memory.read(rip - 1, 1) == _HLT
-        except GuestFaultError:
-            return False
 
     def grace_over(self, freed_at: float) -> bool:
         """Every vCPU has been quiescent since ``freed_at``."""
@@ -85,16 +74,26 @@ class Quiescence:
         return any(start <= rip < end for rip in vcpu_rips(self.target.client))
 
     def wait_until_out_of(self, area: SlotArea, timeout: float = 10.0) -> None:
-        """Let the guest run until no vCPU is inside ``area`` (stub, slots, table walks)."""
-        deadline = time.monotonic() + timeout
+        """Let the guest run until no vCPU is inside ``area`` (stub, slots, table walks)
+        and each has been seen quiescent since the call, for the caller to unmap it.
+
+        Nothing may lead into the area any more (gate, int3s and returns restored). A
+        vCPU whose RIP is outside may still be in an interrupt handler that returns
+        into a slot; once seen quiescent it holds no such context.
+        """
+        since = time.monotonic()
+        deadline = since + timeout
         while True:
             with self.target.stopped() as client:
+                self.observe()
                 inside = [r for r in vcpu_rips(client) if area.contains(r)]
-            if not inside:
+            if not inside and self.grace_over(since):
                 return
             if time.monotonic() > deadline:
+                late = [t for t in self.threads if self.last_quiescent.get(t, 0.0) <= since]
                 raise KprobeError(
-                    "vCPUs stay inside the slot area: " + ", ".join(f"{r:#x}" for r in inside)
+                    "vCPUs stay inside the slot area or never quiescent: "
+                    + ", ".join([f"{r:#x}" for r in inside] + late)
                 )
             self.target.resume()
             time.sleep(0.02)
