@@ -307,3 +307,17 @@ def test_giving_returns_back_leaves_the_guest_table_to_the_trampoline() -> None:
     assert memory.words[slot] == 0xFFFFFFFF81234567
     assert memory.writes == [slot]
     assert memory.words[table] == slot and rp.active == 0 and not returns.by_slot
+
+
+def test_a_torn_last_line_is_cut_before_recovery_writes_its_own(tmp_path: Path) -> None:
+    """A session killed mid-line leaves half a record; recovery's records must not be
+    glued to it, or the journal can be read by no one after (a second recover, the
+    next session on the same path)."""
+    target = QemuLike()
+    journal = _dead_session(tmp_path, target)
+    with journal.open("a") as f:
+        f.write('{"op":"write","seq":2,"space":"virt","addr":8192')  # killed here
+    report = recover(journal)
+    assert report.ok and [e.what for e in report.restored] == ["int3 f"]
+    assert pending_writes(journal) == []  # readable, and settled
+    Journal(journal).close(clean=True)  # a new session starts on it

@@ -27,7 +27,15 @@ from typing import Literal
 from kprobevm import faults
 from kprobevm.errors import JournalError
 
-__all__ = ["Journal", "JournalEntry", "Space", "hold_journal", "last_seq", "pending_writes"]
+__all__ = [
+    "Journal",
+    "JournalEntry",
+    "Space",
+    "drop_torn_tail",
+    "hold_journal",
+    "last_seq",
+    "pending_writes",
+]
 
 Space = Literal["virt", "phys"]
 
@@ -56,7 +64,7 @@ class Journal:
             raise JournalError(f"cannot open journal: {exc}", path=str(path)) from exc
         try:
             hold_journal(self._file.fileno(), path)
-            _drop_torn_tail(path)
+            drop_torn_tail(path)
             pending = pending_writes(path)
             if pending:
                 raise JournalError(
@@ -131,9 +139,9 @@ def hold_journal(fd: int, path: Path) -> None:
                            path=str(path)) from None
 
 
-def _drop_torn_tail(path: Path) -> None:
+def drop_torn_tail(path: Path) -> None:
     """Cut a last line left unfinished by a killed session (its write never happened),
-    so the next session's records start on a line of their own."""
+    so that records appended next (a session's, recovery's) start on a line of their own."""
     with path.open("rb+") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):

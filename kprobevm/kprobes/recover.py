@@ -24,6 +24,7 @@ from kprobevm.gdbstub.target import vcpu_rips
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.journal import (
     JournalEntry,
+    drop_torn_tail,
     hold_journal,
     journal_gdb_address,
     journal_notes,
@@ -91,6 +92,8 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
         raise JournalError(f"cannot open journal: {exc}", path=str(journal)) from exc
     with held:
         hold_journal(held.fileno(), journal)
+        # recovery appends its own records: not onto a line the dead session left torn
+        drop_torn_tail(journal)
         return _recover(journal, gdb, timeout)
 
 
