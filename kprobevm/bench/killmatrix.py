@@ -59,8 +59,10 @@ HOLD = "do_sys_openat2"
 TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic", "invalid opcode")
 LOOP = "while :; do cat /proc/version >/dev/null; head -c1 /etc/passwd >/dev/null; done"
 READERS = 4
-"""Readers blocked in pipe_read (the kretprobe phase), let go after recovery."""
-WORKLOAD = 300
+"""Readers blocked in pipe_read (the kretprobe phase): half are let go before recovery
+(their calls return through the trampoline with no host), half after it (through the
+return address recovery gave back)."""
+WORKLOAD = 100
 """Iterations of the workload that must finish after the kill, before recovery."""
 DEADLINE = 60.0
 """A hang guard for the child's arming and the checks' workloads."""
@@ -238,6 +240,13 @@ def _guest(vm: VM, command: str, timeout: float = 30.0) -> str | None:
         return None
 
 
+def _kill_matching(*patterns: str) -> str:
+    """A guest command that kills the processes whose command line matches one of the
+    awk ``patterns`` (the guest's busybox has no pkill)."""
+    match = " || ".join(f"/{p}/" for p in patterns)
+    return f"kill $(ps -o pid,args | awk '({match}) && !/awk/ {{print $1}}') 2>/dev/null; true"
+
+
 def _trouble(vm: VM, start: int) -> tuple[str, ...]:
     return tuple(line for line in vm.serial_log()[start:].splitlines()
                  if any(t in line for t in TROUBLE))  # fmt: skip
@@ -269,6 +278,8 @@ def run_round(vm: VM, facts: GuestFacts, phase: str, smp: int, journal: Path,
             child.kill()
         code = child.wait()
     r.killed_at_point = point is not None and code == -signal.SIGKILL and not r.notes
+    if code != -signal.SIGKILL:
+        r.notes.append(f"the child exited {code}")
     _check(vm, facts, journal, r, before, log_start)
     r.seconds = time.monotonic() - started
     return r
@@ -281,8 +292,10 @@ def _kill(vm: VM, child: subprocess.Popen[str], lines: _Lines, r: KillRound,
         if lines.wait_for("armed", DEADLINE) is None:
             r.notes.append(f"the child did not arm (exit {child.poll()})")
             return
-        # readers block in pipe_read with the call in flight until after recovery
-        vm.run(f"for i in $(seq {READERS}); do (sleep 300 | cat >/dev/null &); done")
+        # readers block in pipe_read with the call in flight
+        half = READERS // 2
+        vm.run(f"for i in $(seq {half}); do (sleep 300 | cat >/dev/null &);"
+               f" (sleep 301 | cat >/dev/null &); done")
         deadline = time.monotonic() + 30
         line = None
         while time.monotonic() < deadline:
@@ -312,6 +325,8 @@ def _kill(vm: VM, child: subprocess.Popen[str], lines: _Lines, r: KillRound,
 def _check(vm: VM, facts: GuestFacts, journal: Path, r: KillRound, before: dict[str, bytes],
            log_start: int) -> None:
     """The guest before recovery, recovery, and the guest after it."""
+    if r.phase == "kretprobe":  # calls in flight return with nobody on the host
+        _guest(vm, _kill_matching("sleep 301"))
     done = _guest(vm, f"for i in $(seq {WORKLOAD}); do cat /proc/version; done | wc -l",
                   timeout=DEADLINE)  # fmt: skip
     trouble = _trouble(vm, log_start)
@@ -325,11 +340,11 @@ def _check(vm: VM, facts: GuestFacts, journal: Path, r: KillRound, before: dict[
             r.returns_given_back = report.returns_restored
             if not report.ok:
                 r.recover_error = report.summary()
+            r.pending_after = len(pending_writes(journal))
         except Exception as exc:
             r.recover_error = f"{type(exc).__name__}: {exc}"
-        r.pending_after = len(pending_writes(journal))
     # the blocked readers' calls return now, through the return address recovery gave back
-    _guest(vm, "pkill -f 'slee[p] 300'; pkill -f 'timeou[t] 300'; pkill -f 'cat /pro[c]/version'")
+    _guest(vm, _kill_matching("sleep 300", "while :; do cat"))
     try:
         after = read_state(facts)
     except Exception as exc:
