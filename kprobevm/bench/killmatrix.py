@@ -69,7 +69,7 @@ DEADLINE = 60.0
 
 # The host that dies. argv: gdb kallsyms cmdline vmlinux journal phase
 CHILD = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 import kprobevm
 from kprobevm.bench.killmatrix import BATCH, COUNTED, HOLD, RETURNS
@@ -78,7 +78,8 @@ from kprobevm.kprobes.kretprobes import Kretprobe
 gdb, kallsyms, cmdline, vmlinux, journal, phase = sys.argv[1:7]
 vm = kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline, vmlinux=vmlinux)
 vm.journal_path = Path(journal)
-say = lambda *words: print(*words, flush=True)
+# one write(2) a line: the trap thread's "holding" and the main thread's "armed" do not mix
+say = lambda *words: os.write(1, (" ".join(map(str, words)) + "\n").encode())
 hit = lambda kp, regs: None
 if phase == "kretprobe":
     rps = [Kretprobe(symbol_name=name, handler=hit) for name in RETURNS]
