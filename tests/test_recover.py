@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +22,7 @@ from kprobevm.guest.qemu_builds import fetch_qemu
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.kprobes.journal import Journal, pending_writes
+from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance, KretprobeManager
 from kprobevm.kprobes.recover import recover
 from tests.fakestub import QemuLike, serve_on_unix_socket
 
@@ -200,3 +203,121 @@ def test_a_byte_the_guest_changed_is_left_alone_and_recover_exits_2(
     assert [e.what for e in pending_writes(journal)] == ["int3 f"]
     with pytest.raises(JournalError, match="kprobevm recover"):
         Journal(journal)  # no new session over the byte left pending
+
+
+def _dead_session(tmp_path: Path, target: QemuLike) -> Path:
+    """A journal of a killed session on a fake stub: one int3 still in (at 0x2000)."""
+    sock = tmp_path / "g.sock"
+    serve_on_unix_socket(target, sock)
+    journal = tmp_path / "dead.journal"
+    dead = Journal(journal, gdb=str(sock))
+    target.ram[0x1000] = 0xCC
+    dead.record("virt", 0x2000, b"\x0f", b"\xcc", "int3 f")
+    return journal
+
+
+def test_returns_in_flight_get_their_address_and_keep_their_entry(tmp_path: Path) -> None:
+    """A vCPU stopped inside the trampoline still looks for its entry: recovery puts
+    each pending return address back on its stack and leaves the table alone (the
+    first entry for a slot is the trampoline's: a later one is a call that never came
+    back, and the slot holds the trampoline no more once the first is given back)."""
+    import struct
+
+    target = QemuLike()
+    trampoline, table, slot, other = 0xFFFFFFFFC0001000, 0x8000, 0x3000, 0x3008
+    journal = _dead_session(tmp_path, target)
+    entries = struct.pack("<QQQQQQ", slot, 0xAAAA, other, 0xBBBB, slot, 0xDEAD)
+    target.ram[table - 0x1000:table - 0x1000 + len(entries)] = entries
+    for addr in (slot, other):
+        target.ram[addr - 0x1000:addr - 0x1000 + 8] = struct.pack("<Q", trampoline)
+    with journal.open("a") as f:
+        f.write(f'{{"op":"note","kretprobe_table":{table},"trampoline":{trampoline}}}\n')
+    report = recover(journal)
+    assert report.ok and report.returns_restored == 2
+    assert target.ram[slot - 0x1000:slot - 0x1000 + 8] == struct.pack("<Q", 0xAAAA)
+    assert target.ram[other - 0x1000:other - 0x1000 + 8] == struct.pack("<Q", 0xBBBB)
+    assert target.ram[table - 0x1000:table - 0x1000 + len(entries)] == entries
+
+
+def test_the_slot_area_is_unmapped_only_once_every_vcpu_was_seen_quiescent(
+    tmp_path: Path,
+) -> None:
+    """A vCPU in kernel mode outside the slot area may be in an interrupt handler that
+    returns into a slot: the PMD entry goes only after each vCPU was seen in user mode."""
+    target = QemuLike()
+    journal = _dead_session(tmp_path, target)
+    pmd, mapped = 0x9000, bytes.fromhex("2300001f00000000")
+    target.ram[pmd - 0x1000:pmd - 0x1000 + 8] = mapped
+    with journal.open("a") as f:
+        f.write(json.dumps({"op": "write", "seq": 9, "space": "phys", "addr": pmd,
+                            "old": "00" * 8, "new": mapped.hex(),
+                            "what": "PMD for slot area 0xffffffffc0000000"}) + "\n")
+    conts: list[int] = []
+    unmapped_after: list[int] = []
+
+    def cont(p: bytes) -> None:
+        conts.append(1)
+        if len(conts) >= 3:
+            target.regs[4] = 0x33  # cs: user mode from now on
+        target.running = target.allow_stop_reply = True
+
+    def write_pmd(p: bytes) -> bytes | list[bytes] | None:
+        unmapped_after.append(len(conts))
+        del target.hooks[b"M9000,"]
+        return target(p)
+
+    target.hooks.update({b"c": cont, b"vCont;c": cont, b"M9000,": write_pmd})
+    report = recover(journal)
+    assert report.ok, report.summary()
+    assert unmapped_after == [3]
+    assert target.ram[pmd - 0x1000:pmd - 0x1000 + 8] == bytes(8)
+
+
+class _Stack:
+    """Guest memory as a dict of u64 words: the stack slots and the instance table."""
+
+    def __init__(self, words: dict[int, int]) -> None:
+        self.words = words
+        self.writes: list[int] = []
+
+    def u64(self, addr: int) -> int:
+        return self.words[addr]
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.writes.append(addr)
+        self.words[addr] = int.from_bytes(data[:8], "little")
+
+
+def test_giving_returns_back_leaves_the_guest_table_to_the_trampoline() -> None:
+    """A vCPU stopped inside the trampoline, past its ``ret``, still looks for its
+    entry: closing gives the return address back on the stack and clears no entry."""
+    trampoline, table, slot = 0xFFFFFFFFC0001000, 0xFFFFFFFFC0002000, 0xFFFFC90000003FF8
+    memory = _Stack({slot: trampoline, table: slot, table + 8: 0xFFFFFFFF81234567})
+    returns = KretprobeManager(
+        SimpleNamespace(), symbols=SimpleNamespace(), target=SimpleNamespace(),  # type: ignore[arg-type]
+        memory=memory, task_layout=lambda: None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    returns.trampoline, returns.table = trampoline, table
+    rp = Kretprobe(symbol_name="do_nanosleep")
+    ri = KretprobeInstance(rp=rp, slot=slot, ret_addr=0xFFFFFFFF81234567, cpu=0,
+                           data=bytearray(), index=0)  # fmt: skip
+    returns.entries[0], returns.by_slot[slot] = ri, ri
+    rp.active = 1
+    assert returns.unhijack_all() == 1
+    assert memory.words[slot] == 0xFFFFFFFF81234567
+    assert memory.writes == [slot]
+    assert memory.words[table] == slot and rp.active == 0 and not returns.by_slot
+
+
+def test_a_torn_last_line_is_cut_before_recovery_writes_its_own(tmp_path: Path) -> None:
+    """A session killed mid-line leaves half a record; recovery's records must not be
+    glued to it, or the journal can be read by no one after (a second recover, the
+    next session on the same path)."""
+    target = QemuLike()
+    journal = _dead_session(tmp_path, target)
+    with journal.open("a") as f:
+        f.write('{"op":"write","seq":2,"space":"virt","addr":8192')  # killed here
+    report = recover(journal)
+    assert report.ok and [e.what for e in report.restored] == ["int3 f"]
+    assert pending_writes(journal) == []  # readable, and settled
+    Journal(journal).close(clean=True)  # a new session starts on it

@@ -3,11 +3,17 @@ detaches when its parent vanishes, and says nothing when told to go quietly."""
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from kprobevm.trap.watchdog import Watchdog
+from tests.fakestub import QemuLike, serve_on_unix_socket
 
 
 def _read_until(sock: socket.socket, marker: bytes, timeout: float) -> bytes:
@@ -44,3 +50,38 @@ def test_a_quiet_stop_sends_nothing() -> None:
         assert child.returncode == 0
         assert not select.select([stub], [], [], 0.2)[0]
         dog.stop()  # twice is harmless
+
+
+# A host that connects to the (fake) gdbstub, holds the VM stopped, and is killed there.
+HOLDER = r"""
+import sys, time
+from pathlib import Path
+from kprobevm.guest.vm import GuestEndpoints, VM
+vm = VM(GuestEndpoints(gdb=Path(sys.argv[1])), name="holder")
+with vm.target.stopped():
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_host_killed_while_holding_the_vm_stopped_gets_it_detached(tmp_path: Path) -> None:
+    """QEMU resumes no VM for a client that vanished: the watchdog must be there from
+    the connection on, not only once a trap channel is in (a kill mid-install)."""
+    target = QemuLike()
+    stub = serve_on_unix_socket(target, tmp_path / "gdb.sock")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "gdb.sock")], stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "holding"
+        assert not target.running
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 10
+    while b"D;1" not in stub.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"D;1" in stub.received

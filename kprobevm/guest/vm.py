@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
     from kprobevm.trap.channel import ChannelKind, TrapChannel, TrapHandlers
+    from kprobevm.trap.watchdog import Watchdog
     from kprobevm.x86.slotmap import Reserve
 
 
@@ -109,6 +110,7 @@ class VM(Closing):
         self._lock = threading.RLock()
         self._shell = shell
         self._target: Target | None = None
+        self._watchdog: Watchdog | None = None
         self._kprobes: KprobeManager | None = None
         self._kretprobes: KretprobeManager | None = None
         self._journal: Journal | None = None
@@ -182,7 +184,13 @@ class VM(Closing):
 
                 if self.endpoints.gdb is None:
                     raise VMError(f"{self.name}: no gdbstub address for this guest")
+                from kprobevm.trap.watchdog import Watchdog
+
                 client = self._connect_gdbstub(self.endpoints.gdb)
+                # QEMU neither resumes the VM nor drops our watchpoints when we vanish:
+                # from here on, a death of this process (with the VM held stopped for a
+                # registration or a handler, say) gets the gdbstub detached
+                self._watchdog = Watchdog(client.fileno())
                 # connecting to QEMU's gdbstub stops the VM: let it run on
                 client.cont()
                 self._target = Target(client, name=self.name)
@@ -543,10 +551,22 @@ class VM(Closing):
             raise
         finally:
             if self._target is not None:
-                self._target.close()
-                self._target.client.close()
+                self._close_target()
             if self._journal is not None:
                 self._journal.close(clean=clean)
+
+    def _close_target(self) -> None:
+        """End the trap thread and the connection; the watchdog leaves quietly, or, when
+        the VM could not be let go cleanly, detaches the gdbstub as at our death."""
+        assert self._target is not None
+        let_go = False
+        try:
+            self._target.close()
+            let_go = True
+        finally:
+            self._target.client.close()
+            if self._watchdog is not None:
+                self._watchdog.stop(detach=not let_go)
 
     def __repr__(self) -> str:
         return f"<VM {self.name} gdb={self.endpoints.gdb!r} ssh={self.endpoints.ssh!r}>"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kprobevm import faults
 from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import can_probe
@@ -385,6 +386,7 @@ class KprobeManager:
             self.table[addr] = site
             try:
                 self.channel.commit_site(site)
+                faults.kill_point("arm_kprobe")
                 if not self.all_disarmed:
                     self.channel.arm(site)
             except BaseException:

@@ -24,9 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kprobevm import faults
 from kprobevm.errors import JournalError
 
-__all__ = ["Journal", "JournalEntry", "Space", "hold_journal", "last_seq", "pending_writes"]
+__all__ = [
+    "Journal",
+    "JournalEntry",
+    "Space",
+    "drop_torn_tail",
+    "hold_journal",
+    "last_seq",
+    "pending_writes",
+]
 
 Space = Literal["virt", "phys"]
 
@@ -55,7 +64,7 @@ class Journal:
             raise JournalError(f"cannot open journal: {exc}", path=str(path)) from exc
         try:
             hold_journal(self._file.fileno(), path)
-            _drop_torn_tail(path)
+            drop_torn_tail(path)
             pending = pending_writes(path)
             if pending:
                 raise JournalError(
@@ -79,17 +88,22 @@ class Journal:
         """Announce a write before doing it; returns its sequence number."""
         with self._lock:
             self._seq += 1
-            self._append(
-                {
-                    "op": "write",
-                    "seq": self._seq,
-                    "space": space,
-                    "addr": address,
-                    "old": old.hex(),
-                    "new": new.hex(),
-                    "what": what,
-                }
-            )
+            record = {
+                "op": "write",
+                "seq": self._seq,
+                "space": space,
+                "addr": address,
+                "old": old.hex(),
+                "new": new.hex(),
+                "what": what,
+            }
+            if faults.due("journal_torn"):
+                line = json.dumps(record, separators=(",", ":"))
+                self._file.write(line[: len(line) // 2])
+                self._file.flush()
+                faults.kill()
+            self._append(record)
+            faults.kill_point("journal_write")
             return self._seq
 
     def note(self, **facts: int | str) -> None:
@@ -125,9 +139,9 @@ def hold_journal(fd: int, path: Path) -> None:
                            path=str(path)) from None
 
 
-def _drop_torn_tail(path: Path) -> None:
+def drop_torn_tail(path: Path) -> None:
     """Cut a last line left unfinished by a killed session (its write never happened),
-    so the next session's records start on a line of their own."""
+    so that records appended next (a session's, recovery's) start on a line of their own."""
     with path.open("rb+") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):

@@ -22,6 +22,7 @@ from kprobevm.gdbstub.target import vcpu_quiescent, vcpu_rips
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.journal import (
     JournalEntry,
+    drop_torn_tail,
     hold_journal,
     journal_gdb_address,
     journal_notes,
@@ -88,6 +89,7 @@ def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> 
         raise JournalError(f"cannot open journal: {exc}", path=str(journal)) from exc
     with held:
         hold_journal(held.fileno(), journal)
+        drop_torn_tail(journal)  # recovery's records must not be glued to half a line
         return _recover(journal, gdb, timeout)
 
 

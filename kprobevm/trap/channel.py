@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from kprobevm import faults
 from kprobevm.errors import ProbeTextChanged
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.asm import INT3
@@ -174,6 +175,7 @@ class TrapChannel(abc.ABC):
         if current != INT3_BYTE:
             raise ProbeTextChanged(site.addr, INT3_BYTE, current)
         memory.write(site.addr, site.insn.bytes[:1])
+        faults.kill_point("disarm_kprobe")
         if site.int3_seq is not None:
             self.ctx.journal.undone(site.int3_seq)
         site.int3_seq = None

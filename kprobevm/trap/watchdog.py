@@ -1,11 +1,12 @@
 """A child process that detaches our gdbstub connection if this process dies.
 
 QEMU keeps a gdbstub watchpoint after its client vanishes, and a hit would then stop the
-VM with nobody to continue it; a detach removes every breakpoint and continues the VM.
-The child shares our socket (an inherited file descriptor), so the hot path pays
-nothing for it. It waits on its stdin: ``q`` means a quiet exit, end-of-file means we
-died. The child runs this file by its path in isolated mode: it imports only the
-standard library, not the package.
+VM with nobody to continue it; nor does it resume a VM its vanished client held stopped
+(a registration, a handler). A detach removes every breakpoint and continues the VM, so
+the VM starts one as soon as it connects to the gdbstub. The child shares our socket
+(an inherited file descriptor), so the hot path pays nothing for it. It waits on its
+stdin: ``q`` means a quiet exit, end-of-file means we died. The child runs this file by
+its path in isolated mode: it imports only the standard library, not the package.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ class Watchdog:
             stdin=subprocess.PIPE, pass_fds=(fd,), close_fds=True,
         )  # fmt: skip
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Tell the child we leave on purpose, and reap it."""
+    def stop(self, timeout: float = 5.0, *, detach: bool = False) -> None:
+        """Tell the child we leave on purpose (``detach``: detach the gdbstub as at our
+        death, for a VM we could not let go cleanly), and reap it."""
         child, self._child = self._child, None
         if child is None or child.stdin is None:
             return
         try:
-            child.stdin.write(b"q")
+            if not detach:
+                child.stdin.write(b"q")
             child.stdin.close()
         except BrokenPipeError:
             pass  # it is gone already

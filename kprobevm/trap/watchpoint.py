@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kprobevm import faults
 from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
@@ -32,7 +33,6 @@ from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
-from kprobevm.trap.watchdog import Watchdog
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.idt import (
@@ -126,7 +126,6 @@ class WatchpointChannel(TrapChannel):
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
         self._regs_ns = 0
-        self.watchdog = Watchdog(ctx.target.client.fileno())
 
     # -- installation ----------------------------------------------------------------
 
@@ -175,6 +174,7 @@ class WatchpointChannel(TrapChannel):
                             encode_idt_gate(original, pages.stub + stub.offsets["entry"]))
             seq = journal.record("virt", gate.addr, gate.original, gate.replacement,
                                  "IDT vector 3 -> stub")  # fmt: skip
+            faults.kill_point("idt_gate")
             memory.write(gate.addr, gate.replacement)
         return cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
                    returns=returns, task_layout=task_layout)  # fmt: skip
@@ -260,6 +260,7 @@ class WatchpointChannel(TrapChannel):
         stopped); a vCPU still in the old slot finishes there (it goes DIRTY)."""
         try:
             if self.hot.watch(site):
+                faults.kill_point("promote_site")
                 self.rebuild_site(site)
                 self.stats.promoted += 1
         except KprobeVMError as exc:  # it stays on byte 0, which works
@@ -474,7 +475,6 @@ class WatchpointChannel(TrapChannel):
         with target.stopped() as client:
             self.area.teardown()
             flush_tlbs(client)
-        self.watchdog.stop()
 
     def _unhook_gate(self) -> None:
         """IDT vector 3 back to the guest's handler, unless someone changed it since."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kprobevm import faults
 from kprobevm.errors import GuestFaultError, KprobeError
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.pagetable import (
@@ -39,6 +40,7 @@ __all__ = [
     "ExecutablePages",
     "Reserve",
     "SlotArea",
+    "find_slot_pmd",
     "flush_tlbs",
     "parse_memmap_reserve",
 ]
@@ -106,33 +108,16 @@ class SlotArea:
         self._mapped: dict[int, int] = {}  # vaddr -> paddr
         self._next_index = 0
 
-    def _entry(self, table_phys: int, index: int) -> int:
-        value: int = struct.unpack("<Q", self.memory.read_phys(table_phys + 8 * index, 8))[0]
-        return value
-
     def setup(self) -> int:
         """Find an empty PMD at the top of the module area and hang our page table there."""
-        pgd = self.cr3 & ADDR_MASK
-        pgd_e = self._entry(pgd, 511)
-        if not pgd_e & PRESENT:
-            raise GuestFaultError(0xFFFFFF8000000000, "PGD[511] not present", level=4)
-        pud_e = self._entry(pgd_e & ADDR_MASK, 511)
-        if not pud_e & PRESENT or pud_e & PS:
-            raise GuestFaultError(0xFFFFFFFFC0000000, "PUD[511] not a page table", level=3)
-        pmd_table = pud_e & ADDR_MASK
-        for index in TOP_PMD_INDEXES:
-            if self._entry(pmd_table, index) == 0:
-                break
-        else:
-            raise KprobeError("no empty PMD entry at the top of the module area")
-        self.base = 0xFFFFFFFFC0000000 + index * PMD_SPAN
-        self.pmd_entry_phys = pmd_table + 8 * index
+        self.base, self.pmd_entry_phys = find_slot_pmd(self.memory.read_phys, self.cr3)
         self.memory.write_phys(self.pte_table, bytes(PAGE_SIZE))
         entry = self.pte_table | PRESENT | RW | ACCESSED
         new = struct.pack("<Q", entry)
         self.pmd_seq = self.journal.record(
             "phys", self.pmd_entry_phys, bytes(8), new, f"PMD for slot area {self.base:#x}"
         )
+        faults.kill_point("pmd_populate")
         self.memory.write_phys(self.pmd_entry_phys, new)
         return self.base
 
@@ -150,6 +135,7 @@ class SlotArea:
             pte |= RW
         if not executable:
             pte |= NX
+        faults.kill_point("set_pte")
         self.memory.write_phys(self.pte_table + 8 * index, struct.pack("<Q", pte))
         self._mapped[vaddr] = paddr
         return vaddr
@@ -186,6 +172,27 @@ class SlotArea:
             self.journal.undone(self.pmd_seq)
         self.pmd_seq = None
         self._mapped.clear()
+
+
+def find_slot_pmd(read_phys: Callable[[int, int], bytes], cr3: int) -> tuple[int, int]:
+    """Where a slot area would go now: its base address and the physical address of its
+    PMD entry (the first empty one from the top of the module area down)."""
+
+    def entry(table_phys: int, index: int) -> int:
+        value: int = struct.unpack("<Q", read_phys(table_phys + 8 * index, 8))[0]
+        return value
+
+    pgd_e = entry(cr3 & ADDR_MASK, 511)
+    if not pgd_e & PRESENT:
+        raise GuestFaultError(0xFFFFFF8000000000, "PGD[511] not present", level=4)
+    pud_e = entry(pgd_e & ADDR_MASK, 511)
+    if not pud_e & PRESENT or pud_e & PS:
+        raise GuestFaultError(0xFFFFFFFFC0000000, "PUD[511] not a page table", level=3)
+    pmd_table = pud_e & ADDR_MASK
+    for index in TOP_PMD_INDEXES:
+        if entry(pmd_table, index) == 0:
+            return 0xFFFFFFFFC0000000 + index * PMD_SPAN, pmd_table + 8 * index
+    raise KprobeError("no empty PMD entry at the top of the module area")
 
 
 def flush_tlbs(client: GdbTransport) -> None:
