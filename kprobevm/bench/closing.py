@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from kprobevm.gdbstub.client import GdbClient
-from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.bench.guestfacts import GuestFacts, read_state
+from kprobevm.bench.guestfacts import guest_facts as facts_of
 from kprobevm.kprobes.recover import recover
 
 if TYPE_CHECKING:
@@ -68,17 +68,6 @@ with kprobevm.attach(gdb=gdb, kallsyms=kallsyms, kernel_cmdline=cmdline,
 
 
 @dataclass(frozen=True)
-class GuestFacts:
-    """What a round compares against: the guest's gdbstub, its files, and its text."""
-
-    gdb: str
-    kallsyms: Path
-    cmdline: str
-    vmlinux: Path
-    text: dict[str, bytes]
-
-
-@dataclass(frozen=True)
 class CloseRound:
     """One round: how the session was ended, how long it took, and the guest after."""
 
@@ -91,6 +80,7 @@ class CloseRound:
     recovered: int
     """Writes ``recover`` restored after a double SIGTERM (0 when close finished first)."""
     text_restored: bool
+    """Probed text, IDT gate 3 and the slot PMD entry as when the facts were gathered."""
     trouble: tuple[str, ...]
     guest_answers: bool
 
@@ -100,31 +90,9 @@ class CloseRound:
                 and self.guest_answers)
 
 
-def _read_text(gdb: str, places: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-    client = GdbClient.connect(gdb)
-    try:
-        return {name: client.read_memory(addr, size) for name, (addr, size) in places.items()}
-    finally:
-        client.detach()
-
-
-def _places(kallsyms: Path) -> dict[str, tuple[int, int]]:
-    syms = KernelSymbols.from_file(kallsyms)
-    places = {name: (syms[name], syms.size(name)) for name in HOT}
-    places["idt_gate_3"] = (syms["idt_table"] + 3 * 16, 16)
-    return places
-
-
 def guest_facts(vm: VM, directory: Path) -> GuestFacts:
-    """Files for the child and the text a round must leave as it found (no gdbstub
-    connection is kept: the child needs the stub to itself)."""
-    kallsyms = directory / "kallsyms"
-    kallsyms.write_text(vm.read_file("/proc/kallsyms"))
-    gdb = vm.endpoints.gdb
-    if not isinstance(gdb, str) or vm.vmlinux_path is None:
-        raise ValueError("a guest booted by kprobevm (unix gdbstub, image vmlinux) is needed")
-    return GuestFacts(gdb, kallsyms, vm.read_file("/proc/cmdline").strip(), vm.vmlinux_path,
-                      _read_text(gdb, _places(kallsyms)))
+    """The facts for the functions this harness probes."""
+    return facts_of(vm, directory, HOT)
 
 
 def run_round(vm: VM, facts: GuestFacts, how: How, smp: int, journal: Path,
@@ -149,14 +117,14 @@ def run_round(vm: VM, facts: GuestFacts, how: How, smp: int, journal: Path,
     if how == "twice" and journal.exists():
         recovered = len(recover(journal).restored)
     vm.run(f"touch {STOP_FILE}")
-    text = _read_text(facts.gdb, _places(facts.kallsyms))
+    state = read_state(facts)
     trouble = tuple(line for line in vm.serial_log()[log_start:].splitlines()
                     if any(t in line for t in TROUBLE))
     try:
         answers = vm.run("echo ok", timeout=20).stdout.strip() == "ok"
     except Exception:  # a guest that stopped answering is the finding, not an error
         answers = False
-    return CloseRound(how, smp, seconds, code, hung, recovered, text == facts.text,
+    return CloseRound(how, smp, seconds, code, hung, recovered, state == facts.before,
                       trouble, answers)
 
 

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kprobevm.bench.guestfacts import GuestFacts, read_state
+from kprobevm.bench.guestfacts import guest_facts as facts_of
 from kprobevm.faults import ENV
-from kprobevm.gdbstub.client import GdbClient
-from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.kprobes.journal import pending_writes
 from kprobevm.kprobes.recover import recover
 from kprobevm.trap.watchpoint import TABLE_PAGES
-from kprobevm.x86.slotmap import find_slot_pmd
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -111,18 +110,6 @@ while True:
 """
 
 
-@dataclass(frozen=True)
-class GuestFacts:
-    """What the child needs (no gdbstub connection is kept: the child needs the stub)."""
-
-    gdb: str
-    kallsyms: Path
-    cmdline: str
-    vmlinux: Path
-    places: dict[str, tuple[int, int]]
-    """What a round must leave as it found: name -> (address, size), virtual."""
-
-
 @dataclass
 class KillRound:
     """One round: where the child died, the guest before recovery, and after it."""
@@ -154,31 +141,8 @@ class KillRound:
 
 
 def guest_facts(vm: VM, directory: Path) -> GuestFacts:
-    """Files for the child, and where the text a round must leave as it found is."""
-    kallsyms = directory / "kallsyms"
-    kallsyms.write_text(vm.read_file("/proc/kallsyms"))
-    gdb = vm.endpoints.gdb
-    if not isinstance(gdb, str) or vm.vmlinux_path is None:
-        raise ValueError("a guest booted by kprobevm (unix gdbstub, image vmlinux) is needed")
-    syms = KernelSymbols.from_file(kallsyms)
-    names = dict.fromkeys((*BATCH, *RETURNS, HOLD))
-    places = {name: (syms[name], syms.size(name)) for name in names}
-    places["idt_gate_3"] = (syms["idt_table"] + 3 * 16, 16)
-    return GuestFacts(gdb, kallsyms, vm.read_file("/proc/cmdline").strip(), vm.vmlinux_path,
-                      places)
-
-
-def read_state(facts: GuestFacts) -> dict[str, bytes]:
-    """The places' bytes and the PMD entry a slot area would take (VM stopped briefly)."""
-    client = GdbClient.connect(facts.gdb, timeout=15.0)
-    try:
-        state = {name: client.read_memory(addr, size)
-                 for name, (addr, size) in facts.places.items()}  # fmt: skip
-        _, pmd = find_slot_pmd(client.read_phys, client.read_registers()["cr3"])
-        state[f"slot PMD entry {pmd:#x}"] = client.read_phys(pmd, 8)
-        return state
-    finally:
-        client.detach()
+    """The facts for this matrix's probed functions."""
+    return facts_of(vm, directory, (*BATCH, *RETURNS, HOLD))
 
 
 def kill_point_for(phase: str, rng: random.Random) -> str | None:
