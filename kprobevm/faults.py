@@ -31,6 +31,9 @@ The points, each at the most dangerous moment of its step:
 ``promote_site``
     A hot site's own mailbox byte is watched, the site not yet moved to a slot that
     stores to it (:meth:`kprobevm.trap.watchpoint.WatchpointChannel._promote`).
+``recover_restore``
+    ``kprobevm recover`` holds the VM stopped and is about to restore a journaled byte
+    (:mod:`kprobevm.kprobes.recover`; reached once per entry it restores).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ POINTS = (
     "arm_kprobe",
     "disarm_kprobe",
     "promote_site",
+    "recover_restore",
 )
 
 

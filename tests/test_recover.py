@@ -117,8 +117,16 @@ def test_sigkill_with_armed_probe_then_recover(tmp_path: Path, qemu: str | None)
         assert _trouble(vm.serial_log()) == []
 
         # The orphaned probe is still in the text (that is what made this a real test).
-        orphan, _ = _read_text(gdb, func, 1, gate)
+        orphan, _ = _read_text(gdb, func + 5, 1, gate)  # past the ftrace NOP
         assert orphan == b"\xcc"
+
+        # a recovery killed while it holds the VM stopped leaves it running (its watchdog)
+        killed = subprocess.run(
+            [sys.executable, "-m", "kprobevm.cli", "recover", str(journal)],
+            env=os.environ | {"KPROBEVM_KILL_POINT": "recover_restore"}, timeout=60,
+        )  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL
+        assert vm.run("cat /proc/version", timeout=30).stdout.startswith("Linux version")
 
         report = recover(journal)
         assert report.ok, report.summary()

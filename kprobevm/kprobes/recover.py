@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kprobevm import faults
 from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.gdbstub.target import vcpu_quiescent, vcpu_rips
@@ -28,6 +29,7 @@ from kprobevm.kprobes.journal import (
     journal_notes,
     pending_writes,
 )
+from kprobevm.trap.watchdog import Watchdog
 from kprobevm.x86.slotmap import PMD_SPAN
 
 __all__ = ["RecoveryReport", "recover"]
@@ -68,6 +70,7 @@ def _restore(client: GdbClient, entry: JournalEntry, report: RecoveryReport) -> 
     write = client.write_phys if phys else client.write_memory
     current = read(entry.address, len(entry.new))
     if current == entry.new:
+        faults.kill_point("recover_restore")
         write(entry.address, entry.old)
         report.restored.append(entry)
         return True
@@ -101,6 +104,8 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
     report = RecoveryReport()
     areas = [int(m[1], 16) for e in entries if (m := _AREA.search(e.what))]
     client = GdbClient.connect(parse_gdb_address(address))
+    # a recovery killed while it holds the VM stopped must not leave it so
+    watchdog = Watchdog(client.fileno())
     try:
         for entry in entries:
             if entry.space == "virt":
@@ -122,6 +127,7 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
         try:
             client.detach()
         finally:
+            watchdog.stop()
             client.close()
     return report
 
