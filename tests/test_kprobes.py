@@ -154,7 +154,7 @@ def test_hot_site_reads_no_register_unless_asked(vm: VM) -> None:
         open_workload(vm, 30)
         assert stats.promoted == promoted + 1
         assert kp.addr is not None
-        site = vm.kprobes.table[kp.addr]
+        site = vm.kprobes.site_of(kp)
         assert site.pre_watch is not None and channel.hot.sites[site.pre_watch] is site
         hits, regs_ns = stats.hits, stats.regs_ns
         open_workload(vm, 100)
@@ -438,7 +438,8 @@ def test_handler_overrides_getpid(vm: VM) -> None:
 def test_aggregate_probes(vm: VM) -> None:
     """Two probes at one address: one int3, both handlers on every hit, in order."""
     addr = vm.symbols["do_sys_openat2"]
-    original = vm.read(addr, 1)
+    place = vm.kprobes.int3_place(addr)  # past the ftrace NOP
+    original = vm.read(place, 1)
     order: list[str] = []
 
     def recorder(tag: str) -> Callable[[Kprobe, PtRegs], None]:
@@ -453,7 +454,7 @@ def test_aggregate_probes(vm: VM) -> None:
     vm.register_kprobe(first)
     vm.register_kprobe(second)
     try:
-        assert len(vm.kprobes.table) == 1 and vm.read(addr, 1) == INT3
+        assert len(vm.kprobes.table) == 1 and vm.read(place, 1) == INT3
         open_workload(vm, 30)
         assert first.nhit == second.nhit >= 30
         assert order == ["first", "second"] * first.nhit
@@ -467,7 +468,7 @@ def test_aggregate_probes(vm: VM) -> None:
         assert set(posts) == {addr + 5} and len(posts) == third.nhit  # after the 5-byte NOP
         vm.unregister_kprobe(third)
         vm.unregister_kprobe(first)
-        assert vm.read(addr, 1) == INT3  # the second still needs it
+        assert vm.read(place, 1) == INT3  # the second still needs it
         order.clear()
         hits_first, hits_second = first.nhit, second.nhit
         open_workload(vm, 20)
@@ -478,16 +479,18 @@ def test_aggregate_probes(vm: VM) -> None:
         for kp in (first, second):
             if kp.registered:
                 vm.unregister_kprobe(kp)
-    assert vm.read(addr, 1) == original
+    assert vm.read(place, 1) == original
 
 
 # -- 5. enable/disable, arm/disarm, get_kprobe, list ------------------------------------------
 
-LIST_LINE = re.compile(r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)(  \[DISABLED\])?\s*$")
+LIST_LINE = re.compile(
+    r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)(?:  (\[DISABLED\])?(\[FTRACE\])?)?$"
+)
 
 
 def test_disable_enable_kprobe(vm: VM) -> None:
-    addr = vm.symbols["do_sys_openat2"]
+    addr = vm.kprobes.int3_place(vm.symbols["do_sys_openat2"])
     original = vm.read(addr, 1)
     assert original != INT3
     kp = Kprobe(symbol_name="do_sys_openat2")
@@ -499,7 +502,7 @@ def test_disable_enable_kprobe(vm: VM) -> None:
         assert hits >= 10
         vm.disable_kprobe(kp)
         assert vm.read(addr, 1) == original  # the only probe here: the int3 is gone
-        assert vm.list_kprobes().endswith("  [DISABLED]\n")
+        assert vm.list_kprobes().endswith("  [DISABLED][FTRACE]\n")
         open_workload(vm, 10)
         assert kp.nhit == hits
         vm.enable_kprobe(kp)
@@ -514,11 +517,12 @@ def test_disable_enable_kprobe(vm: VM) -> None:
 def test_disabled_member_of_aggregate_gets_no_hits(vm: VM) -> None:
     addr = vm.symbols["do_sys_openat2"]
     on, off = Kprobe(addr=addr), Kprobe(addr=addr)
+    place = vm.kprobes.int3_place(addr)
     vm.register_kprobe(on)
     vm.register_kprobe(off)
     try:
         vm.disable_kprobe(off)
-        assert vm.read(addr, 1) == INT3  # still armed for the enabled one
+        assert vm.read(place, 1) == INT3  # still armed for the enabled one
         open_workload(vm, 10)
         assert on.nhit >= 10 and off.nhit == 0
     finally:
@@ -528,7 +532,8 @@ def test_disabled_member_of_aggregate_gets_no_hits(vm: VM) -> None:
 
 def test_arm_disarm_all(vm: VM) -> None:
     names = ["do_sys_openat2", "getname"]
-    originals = {n: vm.read(vm.symbols[n], 1) for n in names}
+    int3_at = {n: vm.kprobes.int3_place(vm.symbols[n]) for n in [*names, "do_filp_open"]}
+    originals = {n: vm.read(int3_at[n], 1) for n in names}
     kps = [Kprobe(symbol_name=n) for n in names]
     extra = Kprobe(symbol_name="do_filp_open")
     for kp in [*kps, extra]:
@@ -539,22 +544,22 @@ def test_arm_disarm_all(vm: VM) -> None:
         assert all(kp.nhit >= 10 for kp in kps)
         hits = [kp.nhit for kp in kps]
         vm.disarm_all_kprobes()
-        assert {n: vm.read(vm.symbols[n], 1) for n in names} == originals
+        assert {n: vm.read(int3_at[n], 1) for n in names} == originals
         assert all(kp.registered for kp in kps)
         open_workload(vm, 10)
         assert [kp.nhit for kp in kps] == hits
         vm.enable_kprobe(extra)  # enabling while all are disarmed does not arm
-        assert vm.read(vm.symbols["do_filp_open"], 1) != INT3
+        assert vm.read(int3_at["do_filp_open"], 1) != INT3
         vm.disable_kprobe(extra)
         vm.arm_all_kprobes()
-        assert all(vm.read(vm.symbols[n], 1) == INT3 for n in names)
-        assert vm.read(vm.symbols["do_filp_open"], 1) != INT3  # disabled stays disarmed
+        assert all(vm.read(int3_at[n], 1) == INT3 for n in names)
+        assert vm.read(int3_at["do_filp_open"], 1) != INT3  # disabled stays disarmed
         open_workload(vm, 10)
         assert all(kp.nhit >= h + 10 for kp, h in zip(kps, hits, strict=True))
         assert extra.nhit == 0
     finally:
         unregister_all(vm, [*kps, extra])
-    assert {n: vm.read(vm.symbols[n], 1) for n in names} == originals
+    assert {n: vm.read(int3_at[n], 1) for n in names} == originals
 
 
 def test_get_kprobe_and_list_kprobes(vm: VM) -> None:
@@ -574,11 +579,12 @@ def test_get_kprobe_and_list_kprobes(vm: VM) -> None:
         lines = vm.list_kprobes().splitlines()
         parsed = [LIST_LINE.match(line) for line in lines]
         assert all(parsed), lines
-        rows = [(int(m[1], 16), m[2], int(m[3], 16), bool(m[4])) for m in parsed if m]
+        rows = [(int(m[1], 16), m[2], int(m[3], 16), bool(m[4]), bool(m[5]))
+                for m in parsed if m]  # fmt: skip
         assert sorted(rows) == sorted([
-            (base, "do_sys_openat2", 0, False),
-            (second_insn, "do_sys_openat2", second_insn - base, False),
-            (vm.symbols["getname"], "getname", 0, True),
+            (base, "do_sys_openat2", 0, False, True),
+            (second_insn, "do_sys_openat2", second_insn - base, False, False),
+            (vm.symbols["getname"], "getname", 0, True, True),
         ])  # fmt: skip
         assert lines[0].startswith(f"{base:016x}  k  do_sys_openat2+0x0")
     finally:
@@ -725,7 +731,7 @@ def test_refuse_double_registration(vm: VM) -> None:
         with pytest.raises(KprobeError, match="already registered"):
             vm.register_kprobe(kp)
         assert vm.read(addr, 16) == armed
-        assert len(vm.kprobes.table[addr].probes) == 1
+        assert len(vm.kprobes.site_of(kp).probes) == 1
         open_workload(vm, 5)
         assert kp.nhit >= 5
     finally:

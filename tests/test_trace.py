@@ -100,7 +100,9 @@ def test_dry_run_plan_writes_nothing(vm: VM) -> None:
     assert vm.list_kprobes() == listed
     text = plan[0].describe()
     assert f"kprobes/open: kprobe at {addr:#018x} (do_sys_openat2+0x0/0x" in text
-    assert "runs: slot: copied" in text  # the ftrace nop is a plain instruction
+    # the guest's ftrace owns the entry NOP: the int3 displaces the instruction after it
+    assert f"ftrace site: the int3 goes past the NOP, at {addr + 5:#018x}" in text
+    assert "runs: slot: " in text
     assert "fetch dfd=%di:s32: reg di" in text
     assert "fetch filename=+0(%si):ustring: reg si -> user string at +0x0" in text
     assert "kretprobe" in plan[1].describe()
@@ -143,14 +145,14 @@ def test_event_registry_as_the_kernel_keeps_it(vm: VM) -> None:
 
 
 def test_boundary_check_reads_through_placed_probes(vm: VM) -> None:
-    """A probe at a function's entry (an int3 over its 5-byte NOP) does not hide the
-    instruction boundaries after it from the next definition's check."""
+    """A probe at a function's entry (an int3 just past its 5-byte NOP) does not hide
+    the instruction boundaries after it from the next definition's check."""
     from kprobevm.kprobes.core import Kprobe
 
     entry = Kprobe(symbol_name="do_sys_openat2")
     vm.register_kprobe(entry)
     try:
-        assert vm.read(vm.symbols["do_sys_openat2"], 1) == b"\xcc"
+        assert vm.read(vm.symbols["do_sys_openat2"] + 5, 1) == b"\xcc"
         [planned] = plan_events(vm, events("p:after do_sys_openat2+5"))
         assert planned.resolved.address == vm.symbols["do_sys_openat2"] + 5
         with pytest.raises(ProbeSyntaxError, match="BAD_INSN_BNDRY"):

@@ -6,6 +6,13 @@ int3, one instruction slot, handlers run in registration order. The table is a d
 keyed by address (``kprobe_table``). How traps reach the host and how the displaced
 instruction runs is the trap channel's business (:mod:`kprobevm.trap.channel`); this module
 decides what may be probed and keeps the counts.
+
+A probe on a function's ftrace site (the 5-byte NOP at its entry) is the kernel's
+ftrace-based kprobe: the guest's ftrace owns those five bytes and verifies them before it
+patches them, so an int3 there would make the guest's function tracer or its own
+kprobes fail (and ftrace turn itself off until reboot). The int3 goes on the instruction
+after the NOP instead; the probe still reports the NOP's address, its handlers see that
+address in ``regs.ip``, and its post_handler runs as after the NOP, as ftrace runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm import faults
 from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
+from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import can_probe
 from kprobevm.x86.ptregs import PtRegs
@@ -97,6 +105,8 @@ class Kprobe:
     registered: bool = field(default=False, init=False)
     gone: bool = field(default=False, init=False)
     """Its module was unloaded: the probe is out of the guest, still registered."""
+    ftrace: bool = field(default=False, init=False)
+    """On a function's ftrace site: its int3 sits past the NOP (listed ``[FTRACE]``)."""
     record_id: int | None = field(default=None, init=False, repr=False)
     """The tag of this probe's records in the guest's ring (recorded probes only)."""
     counted: bool = field(default=False, init=False)
@@ -133,6 +143,7 @@ class ProbeSite:
     """The aggregate probe at one address: one int3, one slot, several Kprobes."""
 
     addr: int
+    """Where the int3 is (past the NOP for probes on an ftrace site)."""
     insn: Insn
     slot: Slot | None
     """The instruction slot (None on the breakpoint channel, which single-steps)."""
@@ -157,7 +168,9 @@ class ProbeSite:
 
     @property
     def wants_post(self) -> bool:
-        return any(p.post_handler is not None for p in self.probes)
+        """A probe here runs a post_handler after the displaced instruction (an ftrace
+        site's probes run theirs after the NOP, at the pre stop)."""
+        return any(p.post_handler is not None and not p.ftrace for p in self.probes)
 
     @property
     def recorded(self) -> bool:
@@ -200,6 +213,9 @@ class KprobeManager:
         """Probes whose module was unloaded: out of the guest, still registered."""
         self.counting_refused: str | None = None
         """Why probes without handlers stop the guest after all (None: they are counted)."""
+        self.ftrace_held: dict[int, str] = {}
+        """ftrace sites with our int3 on the NOP itself, and why it could not go after it:
+        the guest's ftrace cannot patch those functions while they are probed."""
         self.modules = ModuleWatch(memory, module_layout, self._module_going)
 
     # -- the channel -----------------------------------------------------------------
@@ -247,6 +263,25 @@ class KprobeManager:
         assert kp.addr is not None
         return kp.addr + kp.offset
 
+    def int3_place(self, addr: int) -> int:
+        """Where the int3 of a probe at ``addr`` goes: past the NOP of an ftrace site, so
+        that the guest's ftrace finds its five bytes as it left them."""
+        sites = self.patch_sites
+        if addr not in sites.ftrace:
+            return addr
+        after = addr + len(FTRACE_NOP)
+        clash = sites.find(after)
+        if clash is None:
+            return after
+        if addr not in self.ftrace_held:
+            self.ftrace_held[addr] = f"{clash.reason} right after the NOP"
+            log.warning(
+                "%s: the int3 goes on the ftrace NOP (%s); the guest's ftrace cannot patch "
+                "this function while it is probed", self.symbols.describe(addr),
+                self.ftrace_held[addr],
+            )  # fmt: skip
+        return addr
+
     def check_probe_address(self, addr: int, kp: Kprobe) -> Symbol:
         """Refuse what the kernel refuses, and what a host-side kprobe must refuse too;
         the symbol the address is in."""
@@ -262,7 +297,8 @@ class KprobeManager:
                 "EINVAL", f"{addr:#x} is blacklisted ({entry})",
                 address=addr, symbol=kp.symbol_name,
             )  # fmt: skip
-        reason = self.patch_sites.reserved(addr)
+        # past an ftrace NOP the guest's ftrace may patch the NOP as it likes
+        reason = self.patch_sites.reserved(addr) if self.int3_place(addr) == addr else None
         if reason is not None:
             raise ProbeRefused(
                 "EBUSY", f"the guest kernel rewrites this site ({reason})",
@@ -303,11 +339,12 @@ class KprobeManager:
                     "EOPNOTSUPP", f"the {self.channel.name} channel cannot record probes",
                     address=addr, symbol=kp.symbol_name,
                 )  # fmt: skip
-            site = self.table.get(addr)
+            place = self.int3_place(addr)
+            site = self.table.get(place)
             with self.target.stopped():  # a counted site turned stopping loses no hit
                 moved = self._decide_counting(kp, site)
                 try:
-                    self._place_or_join(kp, addr, None if moved else site)
+                    self._place_or_join(kp, addr, place, None if moved else site)
                 except BaseException:
                     if kp.counted:
                         kp.record, kp.counted = None, False
@@ -316,14 +353,16 @@ class KprobeManager:
                     for other in moved:
                         self._register_kprobe(other)
 
-    def _place_or_join(self, kp: Kprobe, addr: int, site: ProbeSite | None) -> None:
-        """Put ``kp`` in a new site at ``addr``, or in ``site`` there."""
+    def _place_or_join(self, kp: Kprobe, addr: int, place: int, site: ProbeSite | None) -> None:
+        """Put ``kp`` (at ``addr``) in a new site with its int3 at ``place``, or in
+        ``site`` there."""
+        kp.ftrace = place != addr
         if site is None:
             sym = self.check_probe_address(addr, kp)
             if sym.module is not None:
                 self._watch_modules(sym.module, self.symbols.describe(addr))
             try:
-                self._place_site(addr, kp, sym.module)
+                self._place_site(place, kp, sym.module)
             except BaseException:
                 self._unwatch_modules_if_idle()  # no probe in a module after all
                 raise
@@ -335,7 +374,10 @@ class KprobeManager:
                 )  # fmt: skip
             with self.target.stopped():
                 had_post = site.wants_post
-                site.probes.append(kp)
+                # ftrace runs its probes before the int3 after the NOP is reached
+                site.probes.insert(
+                    sum(p.ftrace for p in site.probes) if kp.ftrace else len(site.probes), kp
+                )
                 if site.recorded or (site.wants_post and not had_post):
                     # a recorded aggregate records the newcomer too; one gaining a
                     # post_handler needs a slot with a post stop
@@ -426,7 +468,7 @@ class KprobeManager:
                 self._forget(kp)
                 self._unwatch_modules_if_idle()
                 return
-            site = self._site_of(kp)
+            site = self.site_of(kp)
             with self.target.stopped():
                 if kp.record is not None:
                     self.channel.flush_records()  # its hits so far reach its handler
@@ -450,13 +492,14 @@ class KprobeManager:
     @staticmethod
     def _forget(kp: Kprobe) -> None:
         kp.registered = False
+        kp.ftrace = False
         kp.addr = kp._given_addr
         if kp.counted:
             kp.record, kp.counted = None, False
 
     def enable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
-            site = self._site_of(kp)
+            site = self.site_of(kp)
             kp.disabled = False
             with self.target.stopped():
                 if site.recorded:
@@ -466,7 +509,7 @@ class KprobeManager:
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
-            site = self._site_of(kp)
+            site = self.site_of(kp)
             kp.disabled = True
             with self.target.stopped():
                 if site.armed and not site.enabled:
@@ -498,8 +541,8 @@ class KprobeManager:
 
     def get_kprobe(self, addr: int) -> Kprobe | None:
         """The first probe at ``addr`` (the kernel returns the aggregate)."""
-        site = self.table.get(addr)
-        return site.probes[0] if site and site.probes else None
+        site = self.table.get(self.int3_place(addr))
+        return next((p for p in site.probes if p.addr == addr), None) if site else None
 
     def unregister_all(self) -> None:
         """Unregister every probe, those whose module went included (VM stopped once)."""
@@ -519,7 +562,8 @@ class KprobeManager:
                 self._channel.close()
                 self._channel = None
 
-    def _site_of(self, kp: Kprobe) -> ProbeSite:
+    def site_of(self, kp: Kprobe) -> ProbeSite:
+        """The aggregate probe holding ``kp`` (its int3 may sit past an ftrace NOP)."""
         if not kp.registered:
             raise KprobeError("probe is not registered", symbol=kp.symbol_name)
         if kp.gone:
@@ -579,6 +623,10 @@ class KprobeManager:
             if kp.disabled:
                 continue
             kp.nhit += 1
+            if kp.ftrace:
+                if self._run_ftrace_handlers(kp, site, regs):
+                    return True  # ftrace goes where the handler sent it: no int3 after
+                continue
             if kp.pre_handler is None:
                 continue
             try:
@@ -587,6 +635,25 @@ class KprobeManager:
             except Exception as exc:  # a handler's bug never stops the engine
                 self._handler_failed(kp, exc, "pre_handler of")
         return skip
+
+    def _run_ftrace_handlers(self, kp: Kprobe, site: ProbeSite, regs: PtRegs) -> bool:
+        """An ftrace site's probe, as ftrace runs it: pre_handler at the NOP's address,
+        then post_handler just past the NOP, where the int3 is; True when the
+        pre_handler moved ``regs.ip`` and asked for it."""
+        regs.place_at(kp.addr or site.addr)
+        try:
+            if kp.pre_handler is not None and kp.pre_handler(kp, regs):
+                return True
+        except Exception as exc:
+            self._handler_failed(kp, exc, "pre_handler of")
+        regs.place_at(site.addr)  # an ip moved without asking is not followed
+        if kp.post_handler is not None:
+            try:
+                kp.post_handler(kp, regs)
+            except Exception as exc:
+                self._handler_failed(kp, exc, "post_handler of")
+            regs.place_at(site.addr)
+        return False
 
     def _handler_failed(self, kp: Kprobe, exc: Exception, which: str) -> None:
         """Keep a handler's exception on its probe and count it; the engine goes on."""
@@ -603,7 +670,7 @@ class KprobeManager:
         kp.nhit += 1
         if kp.pre_handler is None:
             return
-        regs = RecordedRegs.of(record, self.memory)
+        regs = RecordedRegs.of(record, self.memory, ip=kp.addr if kp.ftrace else None)
         try:
             kp.pre_handler(kp, regs)
             if regs.changes():
@@ -616,7 +683,7 @@ class KprobeManager:
 
     def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
         for kp in site.probes:
-            if kp.disabled or kp.post_handler is None:
+            if kp.disabled or kp.post_handler is None or kp.ftrace:
                 continue
             try:
                 kp.post_handler(kp, regs)
@@ -628,16 +695,12 @@ class KprobeManager:
     def list_kprobes(self) -> str:
         """The probes in the debugfs ``kprobes/list`` format."""
         lines = []
-        for addr in sorted(self.table):
-            site = self.table[addr]
-            desc = self._list_place(addr)
-            for kp in site.probes:
-                if kp is self.modules.probe:
-                    continue  # ours, not the user's
-                flags = ""
-                if kp.disabled or not site.armed:
-                    flags = "  [DISABLED]"
-                lines.append(f"{addr:016x}  k  {desc}{flags}")
+        placed = [(kp.addr or site.addr, kp, site) for site in self.table.values()
+                  for kp in site.probes if kp is not self.modules.probe]  # fmt: skip
+        for addr, kp, site in sorted(placed, key=lambda entry: entry[0]):
+            flags = "[DISABLED]" if kp.disabled or not site.armed else ""
+            flags += "[FTRACE]" if kp.ftrace else ""
+            lines.append(f"{addr:016x}  k  {self._list_place(addr)}{'  ' if flags else ''}{flags}")
         for kp in self.gone:  # their module's symbols are gone with it
             lines.append(f"{kp.addr or 0:016x}  k  {kp.where()}  [GONE]")
         return "\n".join(lines) + ("\n" if lines else "")

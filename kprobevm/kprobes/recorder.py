@@ -148,8 +148,10 @@ class RecordedRegs(PtRegs):
     record: Record
 
     @classmethod
-    def of(cls, record: Record, memory: GuestMemory) -> RecordedRegs:
-        regs = cls(dict(record.regs), cpu=record.cpu, memory=RecordedMemory(memory, record.reads))
+    def of(cls, record: Record, memory: GuestMemory, *, ip: int | None = None) -> RecordedRegs:
+        """The hit's registers; ``ip`` shows it at a probe's own address (an ftrace site's)."""
+        values = dict(record.regs) if ip is None else dict(record.regs) | {"ip": ip}
+        regs = cls(values, cpu=record.cpu, memory=RecordedMemory(memory, record.reads))
         object.__setattr__(regs, "record", record)
         return regs
 

@@ -74,6 +74,9 @@ class PlannedProbe:
 
     resolved: ResolvedEvent
     insn: Insn
+    """The instruction the int3 displaces (past the NOP on a function's ftrace site)."""
+    place: int
+    """Where the int3 goes."""
 
     @property
     def event(self) -> ProbeEvent:
@@ -89,6 +92,8 @@ class PlannedProbe:
             f"  insn: {insn.bytes.hex(' ')}  {insn.mnemonic} {insn.op_str}".rstrip(),
             f"  runs: {_execution(insn)}",
         ]
+        if self.place != res.address:
+            lines.insert(1, f"  ftrace site: the int3 goes past the NOP, at {self.place:#018x}")
         if ev.is_return:
             lines.append(f"  maxactive: {ev.maxactive or 'default'}")
         lines += [f"  fetch {fetch_plan(arg)}" for arg in res.args]
@@ -165,8 +170,10 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
                 "FAIL_REG_PROBE", position, event.command,
                 f"{resolved.where} is in the kprobe blacklist ({entry.symbol})",
             )  # fmt: skip
+        place = vm.kprobes.int3_place(resolved.address)
         try:
-            insn = decode(vm.read(resolved.address, MAX_INSN_SIZE), resolved.address)
+            # our own int3s read as the bytes they replaced: a definition may join a probe
+            insn = decode(vm.kprobes.original_text(place, MAX_INSN_SIZE), place)
         except KprobeError as exc:
             raise probe_error("FAIL_REG_PROBE", position, event.command, str(exc)) from exc
         if insn.is_refused:
@@ -174,7 +181,7 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
                 "FAIL_REG_PROBE", position, event.command,
                 f"cannot probe `{insn.mnemonic} {insn.op_str}`: {insn.refusal}",
             )  # fmt: skip
-        planned.append(PlannedProbe(resolved, insn))
+        planned.append(PlannedProbe(resolved, insn, place))
     return planned
 
 

@@ -175,6 +175,12 @@ class PtRegs:
         self._materialise()
         return dict(self._values)
 
+    def place_at(self, ip: int) -> None:
+        """Show the hit at ``ip``, as a fact and not a change (nothing is read or written
+        back): a probe on an ftrace site sees its own address, not the int3's."""
+        self._values["ip"] = ip
+        self._orig["ip"] = ip
+
     def changes(self) -> dict[str, int]:
         """Registers a handler assigned a new value, by pt_regs name (none if unread)."""
         return {k: v for k, v in self._values.items() if self._orig.get(k) != v}
