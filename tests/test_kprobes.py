@@ -483,7 +483,8 @@ def test_aggregate_probes(vm: VM) -> None:
 
 # -- 5. enable/disable, arm/disarm, get_kprobe, list ------------------------------------------
 
-LIST_LINE = re.compile(r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)(  \[DISABLED\])?\s*$")
+# report_probe(): "ADDR  k  SYM+0xOFF  MOD " then the flags (MOD a blank in the kernel)
+LIST_LINE = re.compile(r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)    (\[DISABLED\])?$")
 
 
 def test_disable_enable_kprobe(vm: VM) -> None:
