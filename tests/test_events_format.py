@@ -28,7 +28,7 @@ def test_kprobe_line_matches_trace_print_context() -> None:
         args=((dfd, -100), (filename, b"/etc/hostname")),
     )
     assert format_event_line(hit) == (
-        "             cat-1234    [001] d.Z..    12.345678: myprobe: "
+        "             cat-1234    [001] ..Zff    12.345678: myprobe: "
         '(do_sys_openat2+0x0/0x170) dfd=-100 filename="/etc/hostname"'
     )
     assert hit.line() == format_event_line(hit)

@@ -77,7 +77,7 @@ def test_the_guests_tracer_and_kprobes_work_on_the_function_we_probe(guest: VM) 
     try:
         assert kp.ftrace and kp.addr == addr
         assert guest.read(addr, 5) == FTRACE_NOP  # the guest's bytes, untouched
-        assert guest.list_kprobes() == f"{addr:016x}  k  {FUNC}+0x0  [FTRACE]\n"
+        assert guest.list_kprobes() == f"{addr:016x}  k  {FUNC}+0x0    [FTRACE]\n"
         guest.run(OPENS, check=True)
         hits = kp.nhit
         assert hits >= 5
@@ -137,8 +137,8 @@ def test_ftrace_site_and_the_next_instruction_probed_together(guest: VM) -> None
     try:
         assert entry.ftrace and not after.ftrace
         assert guest.get_kprobe(addr) is entry and guest.get_kprobe(addr + 5) is after
-        assert guest.list_kprobes() == (f"{addr:016x}  k  {FUNC}+0x0  [FTRACE]\n"
-                                        f"{addr + 5:016x}  k  {FUNC}+0x5\n")  # fmt: skip
+        assert guest.list_kprobes() == (f"{addr:016x}  k  {FUNC}+0x0    [FTRACE]\n"
+                                        f"{addr + 5:016x}  k  {FUNC}+0x5    \n")  # fmt: skip
         guest.run("cat /etc/passwd > /dev/null", check=True)
         # ftrace's probe first, as ftrace runs before the int3 past its NOP is reached
         assert order and order[:2] == [f"+0 {addr:#x}", f"+5 {addr + 5:#x}"], order[:4]

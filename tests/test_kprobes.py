@@ -484,8 +484,9 @@ def test_aggregate_probes(vm: VM) -> None:
 
 # -- 5. enable/disable, arm/disarm, get_kprobe, list ------------------------------------------
 
+# report_probe(): "ADDR  k  SYM+0xOFF  MOD " then the flags (MOD a blank in the kernel)
 LIST_LINE = re.compile(
-    r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)(?:  (\[DISABLED\])?(\[FTRACE\])?)?$"
+    r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)    (\[DISABLED\])?(\[FTRACE\])?$"
 )
 
 
@@ -502,7 +503,7 @@ def test_disable_enable_kprobe(vm: VM) -> None:
         assert hits >= 10
         vm.disable_kprobe(kp)
         assert vm.read(addr, 1) == original  # the only probe here: the int3 is gone
-        assert vm.list_kprobes().endswith("  [DISABLED][FTRACE]\n")
+        assert vm.list_kprobes().endswith("    [DISABLED][FTRACE]\n")
         open_workload(vm, 10)
         assert kp.nhit == hits
         vm.enable_kprobe(kp)

@@ -499,8 +499,13 @@ class VM(Closing):
         return self.kprobes.original_text(address, size)
 
     def list_kprobes(self) -> str:
-        """Registered probes in the debugfs ``kprobes/list`` format."""
-        return self.kprobes.list_kprobes()
+        """Registered probes in the debugfs ``kprobes/list`` format, as the kernel prints
+        it (:mod:`kprobevm.kprobes.listing`)."""
+        from kprobevm.kprobes.listing import kprobes_list
+
+        with self._lock:
+            returns = self._kretprobes.entry_probes if self._kretprobes is not None else ()
+        return kprobes_list(self.kprobes, returns)
 
     @property
     def trap_channel(self) -> str:

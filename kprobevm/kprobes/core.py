@@ -690,29 +690,6 @@ class KprobeManager:
             except Exception as exc:
                 self._handler_failed(kp, exc, "post_handler of")
 
-    # -- listing ---------------------------------------------------------------------
-
-    def list_kprobes(self) -> str:
-        """The probes in the debugfs ``kprobes/list`` format."""
-        lines = []
-        placed = [(kp.addr or site.addr, kp, site) for site in self.table.values()
-                  for kp in site.probes if kp is not self.modules.probe]  # fmt: skip
-        for addr, kp, site in sorted(placed, key=lambda entry: entry[0]):
-            flags = "[DISABLED]" if kp.disabled or not site.armed else ""
-            flags += "[FTRACE]" if kp.ftrace else ""
-            lines.append(f"{addr:016x}  k  {self._list_place(addr)}{'  ' if flags else ''}{flags}")
-        for kp in self.gone:  # their module's symbols are gone with it
-            lines.append(f"{kp.addr or 0:016x}  k  {kp.where()}  [GONE]")
-        return "\n".join(lines) + ("\n" if lines else "")
-
-    def _list_place(self, addr: int) -> str:
-        """``sym+0xoff``, then the module's name for a module's probe (kprobes/list)."""
-        sym = self.symbols.lookup(addr)
-        if sym is None:
-            return f"{addr:#x}"
-        place = f"{sym.name}+{addr - sym.address:#x}"
-        return f"{place}  {sym.module}" if sym.module is not None else place
-
     def original_text(self, addr: int, n: int) -> bytes:
         """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the
         bytes they replaced."""

@@ -127,6 +127,8 @@ class KretprobeManager:
         self.table = 0
         self.entries: list[KretprobeInstance | None] = [None] * TABLE_ENTRIES
         self.by_slot: dict[int, KretprobeInstance] = {}
+        self.entry_probes: set[int] = set()
+        """``id`` of each registered return probe's entry kprobe (kprobes/list shows ``r``)."""
         self.stale_returns = 0
         self.reclaimed = 0
         self.handler_errors = 0
@@ -171,12 +173,14 @@ class KretprobeManager:
         self.kprobes.register_kprobe(kp)
         rp.kp = kp
         rp.registered = True
+        self.entry_probes.add(id(kp))
 
     def unregister_kretprobe(self, rp: Kretprobe) -> None:
         """Stop probing new calls; calls in flight still return through the trampoline."""
         if not rp.registered or rp.kp is None:
             raise KprobeError("kretprobe is not registered", symbol=rp.symbol_name)
         self.kprobes.unregister_kprobe(rp.kp)
+        self.entry_probes.discard(id(rp.kp))
         rp.kp = None
         rp.registered = False
 

@@ -41,10 +41,13 @@ class _Base:
     capture: int | None = None
     const: int = 0
 
-    def at(self, offset: int, size: int, *, string: bool = False, user: bool = False) -> Capture:
+    def at(
+        self, offset: int, size: int, *, string: bool = False, user: bool = False,
+        mixed: bool = False,
+    ) -> Capture:
         return Capture(
             offset=(self.const + offset) & MASK64, size=size, reg=self.reg,
-            from_capture=self.capture, string=string, user=user,
+            from_capture=self.capture, string=string, user=user, mixed=mixed and not user,
         )  # fmt: skip
 
 
@@ -52,6 +55,7 @@ class _Planner:
     def __init__(self, string_size: int) -> None:
         self.captures: list[Capture] = []
         self.string_size = string_size
+        self.mixed = False  # the argument being planned reads mixed (FetchArg.mixed)
 
     def read(self, capture: Capture) -> _Base:
         self.captures.append(capture)
@@ -81,7 +85,7 @@ class _Planner:
                     raise Unrecordable(f"@{expr} is not resolved to an address")
                 return _Base(const=address & MASK64)
             case fetch.Deref(offset, inner, user):
-                return self.read(self.base(inner).at(offset, 8, user=user))
+                return self.read(self.base(inner).at(offset, 8, user=user, mixed=self.mixed))
             case fetch.Retval():
                 raise Unrecordable("$retval is known at the return only")
             case fetch.Comm() | fetch.ImmString():
@@ -90,13 +94,14 @@ class _Planner:
 
     def argument(self, arg: FetchArg) -> None:
         ftype, src = arg.type, arg.source
+        self.mixed = arg.mixed
         if arg.count:
             if ftype.is_string:
                 raise Unrecordable(f"{arg.name}: arrays of strings are read on a stop")
             assert isinstance(src, Deref)
             base = self.base(src.inner)
             for i in range(arg.count):
-                self.read(base.at(src.offset + i * ftype.size, ftype.size))
+                self.read(base.at(src.offset + i * ftype.size, ftype.size, mixed=arg.mixed))
             return
         if ftype.kind in ("string", "ustring"):
             user_type = ftype.kind == "ustring"
@@ -106,11 +111,15 @@ class _Planner:
                 where, offset, user = self.base(src.inner), src.offset, src.user or user_type
             else:
                 where, offset, user = self.base(src), 0, user_type
-            self.read(where.at(offset, self.string_size, string=True, user=user))
+            self.read(
+                where.at(offset, self.string_size, string=True, user=user, mixed=arg.mixed)
+            )
             return
         if ftype.kind != "symstr" and isinstance(src, Deref):
             # the last dereference reads the type's size (ST_MEM)
-            self.read(self.base(src.inner).at(src.offset, ftype.size, user=src.user))
+            self.read(
+                self.base(src.inner).at(src.offset, ftype.size, user=src.user, mixed=arg.mixed)
+            )
             return
         self.base(src)
 

@@ -85,6 +85,16 @@ def user_read_allowed(address: int, size: int) -> bool:
     return address + size <= _TASK_SIZE_MAX
 
 
+# The address space a read goes to: the kernel's, the user's, or (a kernel read on a
+# kernel with the ``mixed_reads`` rule, :mod:`kprobevm.tracing.kernel_rules`) the
+# user's below TASK_SIZE and the kernel's above.
+KERNEL, USER, MIXED = 0, 1, 2
+
+
+def _space(user: bool, mixed: bool) -> int:
+    return USER if user else MIXED if mixed else KERNEL
+
+
 class FetchContext(Protocol):
     """The stopped guest as fetch arguments see it (one hit, one vCPU)."""
 
@@ -277,14 +287,16 @@ class _Fault(Exception):
     """A read failed: the argument's value is ``None`` (printed ``(fault)``)."""
 
 
-def _read_word(ctx: FetchContext, address: int, user: bool) -> int:
-    return int.from_bytes(_read(ctx, address, 8, user), "little")
+def _read_word(ctx: FetchContext, address: int, space: int) -> int:
+    return int.from_bytes(_read(ctx, address, 8, space), "little")
 
 
-def _read(ctx: FetchContext, address: int, size: int, user: bool) -> bytes:
+def _read(ctx: FetchContext, address: int, size: int, space: int) -> bytes:
     address &= MASK64
+    if space == MIXED:
+        space = USER if address < _TASK_SIZE_MAX else KERNEL
     try:
-        if user:
+        if space == USER:
             if not user_read_allowed(address, size):
                 raise _Fault
             data = ctx.read_user(address, size)
@@ -299,14 +311,14 @@ def _read(ctx: FetchContext, address: int, size: int, user: bool) -> bytes:
     return data
 
 
-def _read_string(ctx: FetchContext, address: int, user: bool) -> bytes:
+def _read_string(ctx: FetchContext, address: int, space: int) -> bytes:
     """A NUL-terminated string, at most 4095 bytes; faults anywhere before the NUL fault it."""
     out = bytearray()
     address &= MASK64
     while len(out) < MAX_STRING_SIZE:
         # Read up to the page end at most: a fault past the NUL must not count.
         chunk = min(256, PAGE_SIZE - (address % PAGE_SIZE), MAX_STRING_SIZE - len(out))
-        data = _read(ctx, address, chunk, user)
+        data = _read(ctx, address, chunk, space)
         nul = data.find(b"\0")
         if nul >= 0:
             out += data[:nul]
@@ -316,8 +328,9 @@ def _read_string(ctx: FetchContext, address: int, user: bool) -> bytes:
     return bytes(out[: MAX_STRING_SIZE - 1])
 
 
-def _compile_source(src: FetchSource) -> _Getter:
-    """Stage 1 and 2 of process_fetch_insn: the value before it is stored."""
+def _compile_source(src: FetchSource, mixed: bool = False) -> _Getter:
+    """Stage 1 and 2 of process_fetch_insn: the value before it is stored (``mixed``:
+    kernel reads below TASK_SIZE read user memory)."""
     match src:
         case Reg(name):
             return lambda ctx: ctx.reg(name) & MASK64
@@ -343,8 +356,8 @@ def _compile_source(src: FetchSource) -> _Getter:
                 return lambda ctx: resolved
             return lambda ctx: _lookup_symbol(ctx, sym, sym_offset)
         case Deref(offset, inner, user):
-            get = _compile_source(inner)
-            return lambda ctx: _read_word(ctx, get(ctx) + offset, user)
+            get, space = _compile_source(inner, mixed), _space(user, mixed)
+            return lambda ctx: _read_word(ctx, get(ctx) + offset, space)
         case Comm() | ImmString():
             raise TypeError(f"{src!r} is a string and has no numeric value")
     raise TypeError(f"unknown fetch source {src!r}")
@@ -382,6 +395,9 @@ class FetchArg:
     type: FetchType = DEFAULT_TYPE
     count: int = 0  # array length, 0 for a scalar
     bitfield: Bitfield | None = None
+    mixed: bool = False
+    """Kernel reads of user addresses read user memory (the guest kernel's
+    ``mixed_reads`` rule, set when the event is planned)."""
     _compiled: list[_Fetcher] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
@@ -410,26 +426,27 @@ class FetchArg:
         ftype, src, bitfield = self.type, self.source, self.bitfield
         if ftype.kind in ("string", "ustring"):
             return _guard(self._string_fetcher())
+        mixed = self.mixed
         if ftype.kind == "symstr":
-            get = _compile_source(src)
+            get = _compile_source(src, mixed)
             return _guard(lambda ctx: ctx.describe(get(ctx)))
         if isinstance(src, Deref):
             # The last dereference becomes the store itself: read type.size bytes (ST_MEM).
-            inner = _compile_source(src.inner)
-            off, user, size = src.offset, src.user, ftype.size
+            inner = _compile_source(src.inner, mixed)
+            off, space, size = src.offset, _space(src.user, mixed), ftype.size
 
             def load(ctx: FetchContext) -> int:
-                return _to_int(_read(ctx, inner(ctx) + off, size, user), ftype)
+                return _to_int(_read(ctx, inner(ctx) + off, size, space), ftype)
 
             number: _Getter = load
         else:
-            number = _compile_source(src)
+            number = _compile_source(src, mixed)
         if ftype.kind == "symbol":
             return _guard(lambda ctx: _symbolic(ctx, number(ctx)))
         return _guard(lambda ctx: _store_number(number(ctx), ftype, bitfield))
 
     def _string_fetcher(self) -> _Fetcher:
-        user_type = self.type.kind == "ustring"
+        user_type, mixed = self.type.kind == "ustring", self.mixed
         src = self.source
         if isinstance(src, Comm):
             return lambda ctx: ctx.comm().encode("utf-8", "surrogateescape")[:15]
@@ -437,23 +454,24 @@ class FetchArg:
             data = src.data
             return lambda ctx: data
         if isinstance(src, Deref):
-            inner = _compile_source(src.inner)
-            off, user = src.offset, src.user or user_type
-            return lambda ctx: _read_string(ctx, inner(ctx) + off, user)
+            inner = _compile_source(src.inner, mixed)
+            off, space = src.offset, _space(src.user or user_type, mixed)
+            return lambda ctx: _read_string(ctx, inner(ctx) + off, space)
         # An immediate (\IMM, never dereferenced) is the string's address.
-        addr = _compile_source(src)
-        return lambda ctx: _read_string(ctx, addr(ctx), user_type)
+        addr, space = _compile_source(src, mixed), _space(user_type, mixed)
+        return lambda ctx: _read_string(ctx, addr(ctx), space)
 
     def _compile_array(self) -> _Fetcher:
         count, ftype, src, bitfield = self.count, self.type, self.source, self.bitfield
+        mixed = self.mixed
         if ftype.is_string:
             # An array of char pointers: element i is the string at *(base + off + 8*i).
             if not isinstance(src, Deref):
                 first = self._compile_element()
                 return lambda ctx: (first(ctx),) + (None,) * (count - 1)
-            base = _compile_source(src.inner)
-            off, user = src.offset, src.user
-            str_user = user or ftype.kind == "ustring"
+            base = _compile_source(src.inner, mixed)
+            off, space = src.offset, _space(src.user, mixed)
+            str_space = _space(src.user or ftype.kind == "ustring", mixed)
 
             def strings(ctx: FetchContext) -> ArgValue:
                 try:
@@ -463,16 +481,16 @@ class FetchArg:
                 out: list[ArgValue] = []
                 for i in range(count):
                     try:
-                        ptr = _read_word(ctx, start + 8 * i + off, user)
-                        out.append(_read_string(ctx, ptr, str_user))
+                        ptr = _read_word(ctx, start + 8 * i + off, space)
+                        out.append(_read_string(ctx, ptr, str_space))
                     except _Fault:
                         out.append(None)
                 return tuple(out)
 
             return strings
         assert isinstance(src, Deref)  # the parser allows arrays of memory only
-        base = _compile_source(src.inner)
-        off, size = src.offset, ftype.size
+        base = _compile_source(src.inner, mixed)
+        off, size, space = src.offset, ftype.size, _space(False, mixed)
 
         def numbers(ctx: FetchContext) -> ArgValue:
             try:
@@ -482,7 +500,7 @@ class FetchArg:
             out: list[ArgValue] = []
             for i in range(count):
                 try:
-                    raw = _to_int(_read(ctx, start + i * size, size, False), ftype)
+                    raw = _to_int(_read(ctx, start + i * size, size, space), ftype)
                 except _Fault:
                     out.append(None)
                     continue

@@ -3,7 +3,7 @@
 The line is trace_print_context() (kernel/trace/trace_output.c) with the default trace
 options, then print_kprobe_event() / print_kretprobe_event() (trace_kprobe.c)::
 
-                 cat-1234    [001] d.Z..    12.345678: myprobe: (do_sys_openat2+0x0/0x170) dfd=-100
+                 cat-1234    [001] ..Zff    12.345678: myprobe: (do_sys_openat2+0x0/0x170) dfd=-100
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from kprobevm.tracing.fetch import ArgValue, FetchArg, FetchContext, Symbolic, format_value
 
 __all__ = [
+    "FTRACE_CONTEXT_FLAGS",
     "INT3_CONTEXT_FLAGS",
     "EventHit",
     "fetch_args",
@@ -25,11 +26,13 @@ __all__ = [
 ]
 
 # The latency column (irqs-off, need-resched, hardirq/softirq, preempt depth,
-# migrate-disable) as a 6.1 kernel records it for a kprobe taken through int3: the #BP
-# handler runs with interrupts off ('d') inside irqentry_nmi_enter(), which counts as NMI
-# and hard IRQ ('Z'); a non-preemptible kernel keeps a zero preempt depth. need-resched
+# migrate-disable) as the 6.1 guest kernel shows it (measured against its tracefs):
+# a kprobe taken through int3 runs inside irqentry_nmi_enter(), NMI and hard IRQ ('Z'),
+# its depths shown as 'ff'; a kprobe run from ftrace (a function's ftrace call site), a
+# jump-optimized one and a return probe's handler run in plain task context. need-resched
 # is unknown to us and shown as '.'.
-INT3_CONTEXT_FLAGS = "d.Z.."
+INT3_CONTEXT_FLAGS = "..Zff"
+FTRACE_CONTEXT_FLAGS = "....."
 
 TASK_COMM_LEN = 16
 

@@ -9,8 +9,8 @@ to one sink; they run on the engine's trap thread, where nothing may reach for S
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError
@@ -19,9 +19,8 @@ from kprobevm.kernel.tasks import TASK_COMM_LEN
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec
-from kprobevm.tracing.events import ResolvedEvent
 from kprobevm.tracing.fetch import THREAD_SIZE, ArgValue, FetchArg
-from kprobevm.tracing.format import EventHit
+from kprobevm.tracing.format import FTRACE_CONTEXT_FLAGS, INT3_CONTEXT_FLAGS, EventHit
 from kprobevm.tracing.plan import PlannedProbe
 from kprobevm.tracing.resolve import lookup_symbol
 from kprobevm.x86.constants import MASK64
@@ -34,17 +33,26 @@ if TYPE_CHECKING:
 
 __all__ = ["HitBuilder", "HitContext", "PlacedEvent"]
 
-_UNKNOWN_COMM = "<...>"  # what the trace file prints for a pid with no saved comm
+_UNKNOWN_COMM = "<...>"
+HIJACKED_RETURN = "$stack0"
+"""A ``fixed`` entry for the return address at a function's entry, as the kernel's return
+probe has already replaced it when a later-defined return probe on the same function
+runs first (the newest_first rule): the kernel's trampoline."""
+_REGISTERS = frozenset(("ip", "orig_ax"))  # what the trace file prints for a pid with no saved comm
 
 
 class HitContext:
     """The stopped guest as fetch arguments see it: registers, memory, ``current``.
 
     Only guest memory through the gdbstub (``regs.memory``): a handler runs with the VM
-    stopped on the trap thread, where SSH would deadlock.
+    stopped on the trap thread, where SSH would deadlock. ``fixed`` gives registers the
+    values the kernel's handler would see instead of the engine's (``ip`` one past the
+    probe, as after an int3; ``orig_ax`` as the kernel's entry path sets it);
+    ``stack_aliases`` maps a word on the stack to what the kernel would have there (our
+    return trampoline's address to the kernel's).
     """
 
-    __slots__ = ("_layout", "_memory", "_regs", "_symbols", "_task")
+    __slots__ = ("_aliases", "_fixed", "_layout", "_memory", "_regs", "_symbols", "_task")
 
     def __init__(
         self,
@@ -53,6 +61,8 @@ class HitContext:
         layout: TaskLayout | None,
         memory: GuestMemory | None = None,
         task: tuple[str, int] | None = None,
+        fixed: Mapping[str, int] | None = None,
+        stack_aliases: Mapping[int, int] | None = None,
     ) -> None:
         assert regs.memory is not None
         self._regs = regs
@@ -60,8 +70,13 @@ class HitContext:
         self._symbols = symbols
         self._layout = layout
         self._task = task
+        self._fixed = fixed or {}
+        self._aliases = stack_aliases or {}
 
     def reg(self, name: str) -> int:
+        fixed = self._fixed.get(name)
+        if fixed is not None and name in _REGISTERS:
+            return fixed
         if name == "orig_ax":
             return MASK64  # the int3 entry pushes -1: no system call number
         return self._regs[name]
@@ -91,14 +106,17 @@ class HitContext:
 
     def stack(self, n: int) -> int:
         """regs_get_kernel_stack_nth(): 0 when the word is off the task's stack."""
+        if n == 0 and HIJACKED_RETURN in self._fixed:
+            return self._fixed[HIJACKED_RETURN]
         sp = self._regs.sp
         address = (sp + 8 * n) & MASK64
         if address & ~(THREAD_SIZE - 1) != sp & ~(THREAD_SIZE - 1):
             return 0
         try:
-            return self._memory.u64(address)
+            word = self._memory.u64(address)
         except GuestFaultError:
             return 0
+        return self._aliases.get(word, word)
 
     def task(self) -> tuple[str, int]:
         """``current``'s comm and pid (``<...>``, -1 without the kernel's BTF or on a fault)."""
@@ -161,24 +179,35 @@ class HitBuilder:
     count_only: bool
     tsc_khz: int
     """The guest's TSC rate, for a recorded hit's timestamp (0: not known)."""
+    stack_aliases: dict[int, int] = field(default_factory=dict)
+    """Stack words read as the kernel would have them (see :class:`HitContext`); filled
+    once the return trampoline is in place."""
+    kernel_trampoline: int = 0
+    """The kernel's own return trampoline (0: unknown)."""
 
-    def place(self, plan: PlannedProbe, spec: RecordSpec | None) -> PlacedEvent:
+    def place(
+        self, plan: PlannedProbe, spec: RecordSpec | None, *, hijacked: bool = False
+    ) -> PlacedEvent:
         """The engine probe for ``plan``, not registered yet: recorded with ``spec`` when
-        given, else stopping the guest at each hit (at the return for a return probe)."""
+        given, else stopping the guest at each hit (at the return for a return probe).
+        ``hijacked``: a return probe on the same function runs before this event in the
+        kernel, so its return address reads as the kernel's trampoline."""
         res = plan.resolved
         counter: list[PlacedEvent] = []  # filled below: the handler counts on its event
         probe: Kprobe | Kretprobe
         if spec is not None:
-            probe = Kprobe(addr=res.address, pre_handler=self._recorded(res, counter), record=spec)
+            probe = Kprobe(
+                addr=res.address, pre_handler=self._recorded(plan, counter), record=spec
+            )
         elif res.event.is_return:
-            hit, describe = self._stopped(res, counter), self.symbols.describe
+            hit, describe = self._stopped(plan, counter, False), self.symbols.describe
 
             def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
                 hit(regs, describe(ri.ret_addr), res.where)
 
             probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=res.event.maxactive)
         else:
-            hit, where = self._stopped(res, counter), res.where
+            hit, where = self._stopped(plan, counter, hijacked), res.where
 
             def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
                 hit(regs, where, None)
@@ -188,8 +217,9 @@ class HitBuilder:
         counter.append(placed)
         return placed
 
-    def _emitter(self, res: ResolvedEvent) -> _Emit:
-        sink, ev = self.sink, res.event
+    def _emitter(self, plan: PlannedProbe) -> _Emit:
+        sink, ev = self.sink, plan.resolved.event
+        flags = _context_flags(plan)
 
         def emit(
             values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
@@ -198,16 +228,21 @@ class HitBuilder:
             sink(EventHit(
                 event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
                 timestamp_ns=timestamp_ns, where=where, args=values, function=function,
+                flags=flags,
             ))  # fmt: skip
 
         return emit
 
     def _stopped(
-        self, res: ResolvedEvent, counter: list[PlacedEvent]
+        self, plan: PlannedProbe, counter: list[PlacedEvent], hijacked: bool
     ) -> Callable[[PtRegs, str, str | None], None]:
         """The handler body of a hit that stops the guest: (regs, where, function)."""
+        res = plan.resolved
         symbols, layout, clock, args = self.symbols, self.layout, self.clock, res.args
-        count_only, started_ns, emit = self.count_only, self.started_ns, self._emitter(res)
+        count_only, started_ns, emit = self.count_only, self.started_ns, self._emitter(plan)
+        fixed, aliases = _fixed_regs(plan), self.stack_aliases
+        if hijacked and self.kernel_trampoline:
+            fixed[HIJACKED_RETURN] = self.kernel_trampoline
         predictor = ReadPredictor()
 
         def hit(regs: PtRegs, where: str, function: str | None) -> None:
@@ -220,7 +255,9 @@ class HitBuilder:
             assert regs.memory is not None
             reader = HitReader(regs.memory)
             reader.read_ahead(regs, predictor.guess(regs.cpu))
-            ctx = HitContext(regs, symbols, layout, memory=reader)
+            ctx = HitContext(
+                regs, symbols, layout, memory=reader, fixed=fixed, stack_aliases=aliases
+            )
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
             predictor.remember(regs.cpu, reader.reads)
@@ -229,20 +266,47 @@ class HitBuilder:
         return hit
 
     def _recorded(
-        self, res: ResolvedEvent, counter: list[PlacedEvent]
+        self, plan: PlannedProbe, counter: list[PlacedEvent]
     ) -> Callable[[Kprobe, PtRegs], None]:
         """The pre_handler of a recorded event, run on the host after the hit."""
+        res = plan.resolved
         symbols, layout, tsc_khz, args = self.symbols, self.layout, self.tsc_khz, res.args
-        where, emit = res.where, self._emitter(res)
+        where, emit = res.where, self._emitter(plan)
+        fixed, aliases = _fixed_regs(plan), self.stack_aliases
 
         def recorded(kp: Kprobe, regs: PtRegs) -> None:
             """A hit the guest recorded: the same fetch, against the record."""
             assert isinstance(regs, RecordedRegs) and regs.memory is not None
             counter[0].hits += 1
             r = regs.record
-            ctx = HitContext(regs, symbols, layout, memory=regs.memory, task=(r.comm, r.pid))
+            ctx = HitContext(
+                regs, symbols, layout, memory=regs.memory, task=(r.comm, r.pid), fixed=fixed,
+                stack_aliases=aliases,
+            )  # fmt: skip
             values = tuple((a, a.fetch(ctx)) for a in args)
             timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
             emit(values, r.comm, r.pid, r.cpu, timestamp, where, None)
 
         return recorded
+
+
+def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:
+    """Registers the kernel's handler sees otherwise than our engine's stop shows them.
+
+    At an entry probe ``ip`` is one past the probe (int3 leaves it there; the kernel's
+    ftrace and jump-optimized paths set it so); ``orig_ax`` is -1 on the int3 path and
+    0 where ftrace built the registers. A return probe's registers are the engine's.
+    """
+    if plan.event.is_return:
+        return {}
+    fixed = {"ip": (plan.resolved.address + 1) & MASK64}
+    if plan.ftrace:
+        fixed["orig_ax"] = 0
+    return fixed
+
+
+def _context_flags(plan: PlannedProbe) -> str:
+    """The latency flags the kernel's line shows for this probe (see ``format``)."""
+    if plan.event.is_return or plan.ftrace:
+        return FTRACE_CONTEXT_FLAGS
+    return INT3_CONTEXT_FLAGS

@@ -10,15 +10,17 @@ the events itself or must stop at each hit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError
+from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
 from kprobevm.tracing.errors import probe_error
 from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent
 from kprobevm.tracing.fetch import Comm, Deref, FetchArg, ImmString, describe_source
+from kprobevm.tracing.kernel_rules import LATEST, KernelRules, kernel_rules
 from kprobevm.tracing.parse import parse_event
 from kprobevm.tracing.registry import EventRegistry
 from kprobevm.tracing.resolve import resolve_event
@@ -37,12 +39,17 @@ __all__ = [
 ]
 
 
+def _kernel_space(arg: FetchArg) -> str:
+    """What a kernel-space read of ``arg`` reads (the mixed_reads rule: user below TASK_SIZE)."""
+    return "kernel (user below TASK_SIZE)" if arg.mixed else "kernel"
+
+
 def fetch_plan(arg: FetchArg) -> str:
     """One argument's fetch plan in words (``reg si -> user string``)."""
     src = arg.source
     kind = arg.type.kind
     if kind in ("string", "ustring") and isinstance(src, Deref):
-        space = "user" if src.user or kind == "ustring" else "kernel"
+        space = "user" if src.user or kind == "ustring" else _kernel_space(arg)
         text = f"{describe_source(src.inner)} -> {space} string at {src.offset:+#x}"
     elif kind in ("string", "ustring") and not isinstance(src, Comm | ImmString):
         space = "user" if kind == "ustring" else "kernel"
@@ -51,11 +58,11 @@ def fetch_plan(arg: FetchArg) -> str:
         text = describe_source(src)
         if isinstance(src, Deref):
             text = text.rsplit(" -> ", 1)[0] + (
-                f" -> {'user' if src.user else 'kernel'} {arg.type.size}-byte load"
+                f" -> {'user' if src.user else _kernel_space(arg)} {arg.type.size}-byte load"
                 f" at {src.offset:+#x}"
             )
-    if kind == "string" and "user string" not in text and isinstance(src, Deref):
-        # x86_64 6.1 refuses kernel reads of user addresses: a user pointer needs ustring.
+    if kind == "string" and not arg.mixed and "user" not in text and isinstance(src, Deref):
+        # A kernel without the mixed_reads rule refuses kernel reads of user addresses.
         text += " (a user pointer reads (fault): use :ustring or +u)"
     return f"{arg.name}={arg.comm}: {text}"
 
@@ -77,6 +84,11 @@ class PlannedProbe:
     """The instruction the int3 displaces (past the NOP on a function's ftrace site)."""
     place: int
     """Where the int3 goes."""
+    ftrace: bool = False
+    """The guest kernel would place this probe through ftrace (a function's ftrace call
+    site, on a kernel with the ftrace_kprobes rule): its lines show that context."""
+    rules: KernelRules = LATEST
+    """The guest kernel's rules this probe was planned with."""
 
     @property
     def event(self) -> ProbeEvent:
@@ -151,6 +163,7 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
     """
     if any(e.symbol_name is not None and e.symbol_name not in vm.symbols for e in events):
         vm.refresh_symbols()  # a module loaded since kallsyms was read
+    rules = kernel_rules(vm)
     boundary = _boundary_checker(vm)
     registry = EventRegistry(existing=guest_event_names(vm, events))
     planned = []
@@ -181,8 +194,22 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
                 "FAIL_REG_PROBE", position, event.command,
                 f"cannot probe `{insn.mnemonic} {insn.op_str}`: {insn.refusal}",
             )  # fmt: skip
-        planned.append(PlannedProbe(resolved, insn, place))
+        if rules.mixed_reads:
+            resolved = replace(resolved, args=tuple(replace(a, mixed=True) for a in resolved.args))
+        ftrace = _on_ftrace_site(vm, rules, resolved, place)
+        planned.append(PlannedProbe(resolved, insn, place, ftrace, rules))
     return planned
+
+
+def _on_ftrace_site(vm: VM, rules: KernelRules, resolved: ResolvedEvent, place: int) -> bool:
+    """Whether the kernel would take this probe through ftrace: at a function's ftrace
+    call site (the mcount table, or the ftrace NOP at an entry without a vmlinux)."""
+    if not rules.ftrace_kprobes:
+        return False
+    if place != resolved.address or resolved.address in vm.patch_sites.ftrace:
+        return True
+    entry = vm.kprobes.original_text(resolved.address, len(FTRACE_NOP))
+    return resolved.function_offset == 0 and entry == FTRACE_NOP
 
 
 def record_specs(

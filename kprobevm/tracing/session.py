@@ -15,7 +15,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Self
 
 from kprobevm.closing import Closing
@@ -26,6 +26,7 @@ from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 from kprobevm.tracing.fetch import ArgValue
 from kprobevm.tracing.format import EventHit
 from kprobevm.tracing.hits import HitBuilder, HitContext, PlacedEvent
+from kprobevm.tracing.kernel_rules import kernel_rules
 from kprobevm.tracing.plan import (
     PlannedProbe,
     check_definitions,
@@ -34,6 +35,7 @@ from kprobevm.tracing.plan import (
     plan_events,
     record_specs,
 )
+from kprobevm.tracing.resolve import lookup_symbol
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -93,6 +95,8 @@ class TraceSession(Closing):
     placed: list[PlacedEvent] = field(default_factory=list, init=False)
     finished: list[PlacedEvent] = field(default_factory=list, init=False)
     started_ns: int = field(default=0, init=False)
+    _comms: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+    """Each pid's comm at its latest hit drained (what the trace file prints for it)."""
 
     def start(self) -> None:
         """Place every probe, recorded or stopping as ``mode`` decides.
@@ -108,16 +112,26 @@ class TraceSession(Closing):
             log.warning("no kernel BTF (vmlinux): comm and pid of hits are unknown")
         self._choose_mode(layout is not None)
         self.started_ns = self.clock()
+        rules = kernel_rules(vm)
+        trampoline = lookup_symbol(symbols, rules.rethook_trampoline or "")
         builder = HitBuilder(
             symbols=symbols, layout=layout, sink=self.on_hit or self.hits.put,
             clock=self.clock, started_ns=self.started_ns, count_only=self.count_only,
             tsc_khz=self._tsc_khz,
+            kernel_trampoline=trampoline or 0,
         )  # fmt: skip
-        placed = [builder.place(p, spec) for p, spec in zip(self.plan, self._specs, strict=True)]
+        placed = [
+            builder.place(p, spec, hijacked=self._hijacked(i, rules.newest_first))
+            for i, (p, spec) in enumerate(zip(self.plan, self._specs, strict=True))
+        ]
+        # The engine runs the probes of one address in the order they were registered;
+        # the kernel runs the newest definition first (the newest_first rule), so the
+        # probes go in last definition first.
+        order = list(reversed(placed)) if rules.newest_first else placed
         # One registration per probe: vm.register_kprobes() (one stop for the batch)
         # fails on the 6.1 engine when the first probe installs the trap channel.
         try:
-            for p in placed:
+            for p in order:
                 if isinstance(p.probe, Kretprobe):
                     vm.register_kretprobe(p.probe)
                     p.entry = p.probe.kp
@@ -127,6 +141,28 @@ class TraceSession(Closing):
         except BaseException:
             self.stop()
             raise
+        self.placed.sort(key=placed.index)
+        self._alias_trampoline(builder)
+
+    def _hijacked(self, index: int, newest_first: bool) -> bool:
+        """Whether a return probe on the same function runs before entry event ``index``
+        in the kernel (defined after it when the newest runs first), having replaced the
+        return address by the time this event reads it."""
+        p = self.plan[index]
+        if p.event.is_return:
+            return False
+        others = self.plan[index + 1 :] if newest_first else self.plan[:index]
+        return any(q.event.is_return and q.resolved.address == p.resolved.address
+                   for q in others)  # fmt: skip
+
+    def _alias_trampoline(self, builder: HitBuilder) -> None:
+        """A stack word holding our return trampoline reads as the kernel's own."""
+        if not any(p.event.is_return for p in self.plan):
+            return
+        name = kernel_rules(self.vm).rethook_trampoline
+        ours = self.vm.kretprobes.trampoline
+        if name is not None and ours:
+            builder.stack_aliases[ours] = self.vm.symbols[name]
 
     def _choose_mode(self, have_btf: bool) -> None:
         """Record every event when ``mode`` allows and each can be; else stop at each hit."""
@@ -198,12 +234,25 @@ class TraceSession(Closing):
         return [error for p in placed for error in p.handler_errors()]
 
     def drain(self) -> Iterator[EventHit]:
-        """Yield the hits queued so far, without waiting for more (none with ``on_hit``)."""
+        """Yield the hits queued so far, without waiting for more (none with ``on_hit``).
+
+        Each hit's ``comm`` is its pid's comm at the latest hit drained so far: the trace
+        file prints a pid's last saved comm, not the one at the hit, so a line from
+        before an exec shows the program the pid became (``$comm`` keeps the old one).
+        """
+        hits: list[EventHit] = []
         while True:
             try:
-                yield self.hits.get_nowait()
+                hits.append(self.hits.get_nowait())
             except queue.Empty:
-                return
+                break
+        comms = self._comms
+        for hit in hits:
+            if hit.pid > 0:
+                comms[hit.pid] = hit.comm
+        for hit in hits:
+            comm = comms.get(hit.pid, hit.comm)
+            yield hit if comm == hit.comm else replace(hit, comm=comm)
 
     def __enter__(self) -> Self:
         self.start()

@@ -51,6 +51,9 @@ CAPTURE_HEADER = struct.Struct("<Qq")  # the address read, then its status
 #: Set in a stamp that marks the rest of the ring as padding (the next record wrapped).
 PAD_BIT = 1 << 63
 EFAULT = 14
+TASK_SIZE_MAX = (1 << 47) - 4096
+"""Where user space ends for a 64-bit task (4-level paging): a mixed read below it is a
+user read."""
 
 # The program's pushes, first to last: read from %rsp up, they are the first 15 fields
 # of struct pt_regs (r15 ... di), so one ``rep movsq`` copies them into the record.
@@ -72,7 +75,9 @@ class Capture:
 
     The address is ``offset`` plus a base: the register ``reg`` of the snapshot, or the
     u64 read by capture number ``from_capture`` (nested ``+8(+0(%di))``), or nothing
-    (an absolute address). ``user`` reads go through the ``*_user_nofault`` helpers.
+    (an absolute address). ``user`` reads go through the ``*_user_nofault`` helpers;
+    ``mixed`` reads through them below TASK_SIZE and through the kernel ones above, as a
+    kernel's own kernel-space fetch does since Linux 5.8 (the choice is made at the hit).
     """
 
     offset: int
@@ -81,6 +86,7 @@ class Capture:
     from_capture: int | None = None
     string: bool = False
     user: bool = False
+    mixed: bool = False
 
     def __post_init__(self) -> None:
         if self.reg is not None and self.from_capture is not None:
@@ -151,10 +157,13 @@ class CopyHelpers:
     task_pid: int
     task_comm: int
 
-    def helper_for(self, cap: Capture) -> int:
+    def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
+        """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
+        if user is None:
+            user = cap.user
         if cap.string:
-            return self.strncpy_from_user if cap.user else self.strncpy_from_kernel
-        return self.copy_from_user if cap.user else self.copy_from_kernel
+            return self.strncpy_from_user if user else self.strncpy_from_kernel
+        return self.copy_from_user if user else self.copy_from_kernel
 
 
 def _rec(offset: int, size: int | None = None) -> asm.Mem:
@@ -355,7 +364,18 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.mov(_rec(here), "rsi")  # the address read
         a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
         a.mov("edx", cap.size)
-        a.call(helpers.helper_for(cap))
+        if cap.mixed and not cap.user:
+            # below TASK_SIZE the user copy, above it the kernel's
+            a.movabs("rax", TASK_SIZE_MAX)
+            a.cmp("rsi", "rax")
+            a.jcc("ae", f"{name}_c{i}_kernel")
+            a.call(helpers.helper_for(cap, user=True))
+            a.jmp(f"{name}_c{i}_copied")
+            a.label(f"{name}_c{i}_kernel")
+            a.call(helpers.helper_for(cap, user=False))
+            a.label(f"{name}_c{i}_copied")
+        else:
+            a.call(helpers.helper_for(cap))
         if not cap.string:  # copy_*: 0 or -EFAULT; the status is the bytes read
             a.test("rax", "rax")
             a.jcc("ne", status)

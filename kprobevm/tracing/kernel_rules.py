@@ -1,0 +1,175 @@
+"""What a kprobe event prints that depends on the guest's kernel, decided from that kernel.
+
+Each rule is a behaviour of the kernel's kprobe events that changed at some release, or
+that hangs on the kernel's configuration; :data:`RULES` lists them with the kernel change
+that brought each. :func:`kernel_rules` decides them for one guest from facts read out
+of it (:class:`KernelFacts`): a symbol that the change added or that the configuration
+builds in, else the version in ``linux_banner``. The differential harness
+(:mod:`kprobevm.tracing.differential`) is what finds the rules; add one here when it
+shows a difference that a kernel explains.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import KprobeVMError
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+
+__all__ = [
+    "RULES",
+    "KernelFacts",
+    "KernelRule",
+    "KernelRules",
+    "kernel_facts",
+    "kernel_rules",
+    "parse_version",
+]
+
+_VERSION_RE = re.compile(r"Linux version (\d+)\.(\d+)(?:\.(\d+))?")
+_BANNER_SIZE = 256
+
+
+def parse_version(banner: str) -> tuple[int, int, int]:
+    """(major, minor, patch) from ``linux_banner`` (``Linux version 6.1.0-57-cloud-amd64
+    ...``); raises :class:`~kprobevm.errors.KprobeVMError` for text of another shape."""
+    m = _VERSION_RE.search(banner)
+    if m is None:
+        raise KprobeVMError(f"no kernel version in {banner[:80]!r}")
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """What the rules are decided from: the version and the names in kallsyms."""
+
+    version: tuple[int, int, int]
+    symbols: Container[str]
+
+    def has(self, name: str) -> bool:
+        """Whether kallsyms names ``name``."""
+        return name in self.symbols
+
+    def at_least(self, major: int, minor: int) -> bool:
+        """Whether the kernel is ``major.minor`` or later."""
+        return self.version[:2] >= (major, minor)
+
+
+@dataclass(frozen=True)
+class KernelRule:
+    """One version- or configuration-dependent behaviour, and where it came from."""
+
+    name: str
+    behaviour: str
+    change: str
+    """The kernel change that brought it (release, title)."""
+    decide: Callable[[KernelFacts], bool]
+    """Whether a kernel with these facts has the behaviour."""
+
+
+def _mixed_reads(facts: KernelFacts) -> bool:
+    # The helper this change introduced; a kernel without kallsyms names falls back
+    # on the release.
+    return facts.has("strncpy_from_user_nofault") or facts.at_least(5, 8)
+
+
+def _ftrace_kprobes(facts: KernelFacts) -> bool:
+    return facts.has("kprobe_ftrace_handler")
+
+
+RULES: tuple[KernelRule, ...] = (
+    KernelRule(
+        name="mixed_reads",
+        behaviour=(
+            "a kernel-space read (`string`, `+OFF(...)`, `@SYM`) of an address below "
+            "TASK_SIZE reads user memory, so `+0(%si):string` of a user file name prints "
+            "the name, not (fault)"
+        ),
+        change=(
+            "Linux 5.8, 'tracing/kprobes: handle mixed kernel/userspace probes better' "
+            "(with x86 selecting ARCH_HAS_NON_OVERLAPPING_ADDRESS_SPACE in the same series)"
+        ),
+        decide=_mixed_reads,
+    ),
+    KernelRule(
+        name="newest_first",
+        behaviour=(
+            "events on one address run newest definition first: their lines for one hit "
+            "come out in the reverse of the order they were defined"
+        ),
+        change=(
+            "every release with aggregate kprobes: add_new_kprobe() puts a probe without "
+            "a post handler (every trace event) at the head of the aggregate's list"
+        ),
+        decide=lambda facts: True,
+    ),
+    KernelRule(
+        name="ftrace_kprobes",
+        behaviour=(
+            "a probe on a function's ftrace call site runs from ftrace, not int3: its "
+            "line's flags are `.....` and `%orig_ax` reads 0"
+        ),
+        change="Linux 3.15 (x86), 'kprobes/x86: Support kprobes on ftrace' (KPROBES_ON_FTRACE)",
+        decide=_ftrace_kprobes,
+    ),
+)
+"""Every rule kprobevm knows, in one place."""
+
+
+@dataclass(frozen=True)
+class KernelRules:
+    """The rules decided for one kernel (see :data:`RULES` for what each means)."""
+
+    version: tuple[int, int, int]
+    mixed_reads: bool
+    newest_first: bool
+    ftrace_kprobes: bool
+    rethook_trampoline: str | None
+    """The kernel's name for the return trampoline a return probe puts on the stack
+    (``arch_rethook_trampoline`` since 5.19, ``__kretprobe_trampoline`` before that,
+    ``kretprobe_trampoline`` before 5.14), None when kallsyms names none of them."""
+
+    @classmethod
+    def decide(cls, facts: KernelFacts) -> KernelRules:
+        """Each rule of :data:`RULES` decided for ``facts``."""
+        got = {rule.name: rule.decide(facts) for rule in RULES}
+        names = ("arch_rethook_trampoline", "__kretprobe_trampoline", "kretprobe_trampoline")
+        trampoline = next((n for n in names if facts.has(n)), None)
+        return cls(
+            version=facts.version, mixed_reads=got["mixed_reads"],
+            newest_first=got["newest_first"], ftrace_kprobes=got["ftrace_kprobes"],
+            rethook_trampoline=trampoline,
+        )  # fmt: skip
+
+
+LATEST = KernelRules(
+    version=(6, 1, 0), mixed_reads=True, newest_first=True, ftrace_kprobes=True,
+    rethook_trampoline="arch_rethook_trampoline",
+)  # fmt: skip
+"""The rules of the default image's kernel: for planning without a guest."""
+
+
+def kernel_facts(vm: VM) -> KernelFacts:
+    """The facts of ``vm``'s kernel: ``linux_banner`` read from its memory, and its
+    kallsyms (no SSH: usable on the trap thread's side of a session)."""
+    symbols = vm.symbols
+    raw = vm.read(symbols["linux_banner"], _BANNER_SIZE)
+    banner = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    return KernelFacts(parse_version(banner), symbols)
+
+
+_DECIDED: weakref.WeakKeyDictionary[VM, KernelRules] = weakref.WeakKeyDictionary()
+
+
+def kernel_rules(vm: VM) -> KernelRules:
+    """The rules of ``vm``'s kernel, decided once per guest."""
+    rules = _DECIDED.get(vm)
+    if rules is None:
+        rules = _DECIDED[vm] = KernelRules.decide(kernel_facts(vm))
+    return rules
