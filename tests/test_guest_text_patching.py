@@ -1,9 +1,10 @@
-"""Our probes on a function's ftrace site, side by side with the guest's own ftrace.
+"""Our probes side by side with the guest's own text patching: ftrace, static keys.
 
 The guest's ftrace verifies the five NOP bytes at a function's entry before it patches
 them; an int3 of ours there made its function tracer and its own kprobes fail, and ftrace
 turn itself off until reboot. Probes on the NOP now put their int3 after it. Each test
-here runs the guest's function tracer or tracefs kprobes on the very function we probe,
+here runs the guest's function tracer, tracefs kprobes or a tracepoint (a static key the
+kernel flips by rewriting text, through int3s of its own) on the very function we probe,
 and checks the guest's ``dmesg`` as well as its console (the image boots ``quiet``: an
 ftrace WARNING never reaches the console).
 """
@@ -16,11 +17,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from kprobevm.errors import ProbeRefused
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordSpec
+from kprobevm.x86.insn import boundaries
 from kprobevm.x86.ptregs import PtRegs
 from tests.conftest import kernel_trouble
 
@@ -185,3 +188,38 @@ def test_an_ftrace_site_followed_by_patched_text_keeps_the_int3_on_the_nop(
         assert guest.read(held, 1) == b"\xcc"
     finally:
         guest.unregister_kprobe(kp)
+
+
+def test_tracepoint_static_keys_flip_around_our_probes(guest: VM) -> None:
+    """Enabling a tracepoint rewrites its jump label in the function we probe (the kernel
+    puts an int3 of its own there for the while): both go on working."""
+    func = "kmem_cache_alloc"
+    start, size = guest.symbols[func], guest.symbols.size(func)
+    labels = [s for s in guest.patch_sites.sites
+              if s.reason == "jump label" and start <= s.start < start + size]  # fmt: skip
+    assert labels, f"no jump label in {func}"
+    before = guest.read(start, size)
+    # around each jump label: the instruction boundaries just before and just after it
+    bounds = boundaries(before, start)
+    near = sorted({a for s in labels for a in bounds
+                   if s.start - 16 <= a < s.start or s.end <= a < s.end + 16})  # fmt: skip
+    kps = [Kprobe(symbol_name=func), *(Kprobe(addr=a) for a in near)]
+    placed = []
+    for kp in kps:
+        try:
+            guest.register_kprobe(kp)
+            placed.append(kp)
+        except ProbeRefused:
+            pass  # a lock prefix, an exception-table entry: the kernel refuses those too
+    assert len(placed) >= 3, (near, placed)
+    try:
+        for _ in range(3):
+            guest.run(f"echo 1 > {T}/events/kmem/kmem_cache_alloc/enable; {OPENS}", check=True)
+            # the key flipped: a jump label of the function changed (our int3s read through)
+            assert guest.kprobes.original_text(start, size) != before
+            guest.run(f"echo 0 > {T}/events/kmem/kmem_cache_alloc/enable; {OPENS}", check=True)
+        assert "kmem_cache_alloc: call_site=" in _trace(guest)
+        assert placed[0].nhit >= 30
+    finally:
+        guest.unregister_kprobes(placed)
+    assert guest.read(start, size) == before
