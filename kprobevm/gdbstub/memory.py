@@ -3,6 +3,8 @@
 Virtual addresses are read in the context of the gdbstub's current vCPU (its CR3);
 physical ones through QEMU's ``PhyMemMode``. QEMU answers ``E14`` (EFAULT) for an ``m``
 at an address it cannot translate or reach: that becomes :class:`GuestFaultError`.
+Where guest RAM is shared with the host, a :class:`DirectMemory` answers reads first,
+at memory speed; writes always go through the gdbstub (TCG must see code writes).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from kprobevm.errors import GdbErrorReply, GuestFaultError
 from kprobevm.gdbstub.packet import parse_memory_request
 from kprobevm.x86.constants import PAGE_SIZE
 
-__all__ = ["EFAULT", "GuestMemory", "MemoryTransport"]
+__all__ = ["EFAULT", "DirectMemory", "GuestMemory", "MemoryTransport"]
 
 EFAULT = 0x0E
 """The errno QEMU's gdbstub puts in ``Exx`` when guest memory cannot be accessed."""
@@ -28,16 +30,29 @@ class MemoryTransport(Protocol):
     def write_phys(self, addr: int, data: bytes) -> None: ...
 
 
+class DirectMemory(Protocol):
+    """Guest memory with no gdbstub (guest RAM mapped on the host), the VM running or not.
+    Reads return None, and a data write False, where the gdbstub must do it instead."""
+
+    def read_virt(self, addr: int, n: int) -> bytes | None: ...
+    def read_phys(self, paddr: int, n: int) -> bytes | None: ...
+    def write_data(self, addr: int, data: bytes) -> bool: ...
+
+
 class GuestMemory:
     """Guest memory by address: bytes, fixed-width integers, bounded C strings."""
 
-    def __init__(self, transport: MemoryTransport) -> None:
+    def __init__(self, transport: MemoryTransport, direct: DirectMemory | None = None) -> None:
         self.transport = transport
+        self.direct = direct
+        """Where reads go first (None: every read is a gdbstub round trip)."""
 
     # -- bytes -------------------------------------------------------------------------
 
     def read(self, addr: int, n: int) -> bytes:
         """``n`` bytes at virtual ``addr``."""
+        if self.direct is not None and (data := self.direct.read_virt(addr, n)) is not None:
+            return data
         try:
             return self.transport.read_memory(addr, n)
         except GdbErrorReply as exc:
@@ -53,6 +68,8 @@ class GuestMemory:
 
     def read_phys(self, paddr: int, n: int) -> bytes:
         """``n`` bytes at guest-physical ``paddr``."""
+        if self.direct is not None and (data := self.direct.read_phys(paddr, n)) is not None:
+            return data
         try:
             return self.transport.read_phys(paddr, n)
         except GdbErrorReply as exc:

@@ -39,7 +39,7 @@ class HitReader(GuestMemory):
     """Guest memory for one hit, answered from a batch read ahead where it can be."""
 
     def __init__(self, memory: GuestMemory) -> None:
-        super().__init__(memory.transport)
+        super().__init__(memory.transport, memory.direct)
         self._batch: list[tuple[int, bytes]] = []
         self.reads: list[tuple[int, int]] = []
         """Every (address, size) this hit read, in order: the next hit's guess."""

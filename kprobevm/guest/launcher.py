@@ -29,6 +29,7 @@ from kprobevm.errors import (
     VMError,
     VMLaunchFailure,
 )
+from kprobevm.guest.guestram import RamFile, create_ram_file, parse_memory_size, sweep_stale_ram
 from kprobevm.guest.image import DEFAULT_MEMORY, READY_MARKER, SLOT_RESERVE, Image, default_image
 from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 from kprobevm.guest.shell import GuestShell
@@ -98,13 +99,16 @@ async def _qmp_execute(path: str, command: str, args: dict[str, Any] | None,
     raise AssertionError("unreachable")
 
 
-def _kill_group(proc: subprocess.Popen[bytes], private_dir: str) -> None:
-    """Last resort (garbage collection or interpreter exit): kill QEMU, drop its directory."""
+def _kill_group(proc: subprocess.Popen[bytes], private_dir: str, ram: RamFile | None) -> None:
+    """Last resort (garbage collection or interpreter exit): kill QEMU, drop its directory
+    and its RAM file."""
     if proc.poll() is None:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
     shutil.rmtree(private_dir, ignore_errors=True)
+    if ram is not None:
+        ram.remove()
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class _Launch:
     private_dir: Path
     ssh_port: int
     gdb: str | tuple[str, int]
+    ram: RamFile | None
 
 
 class QemuMachine:
@@ -126,7 +131,10 @@ class QemuMachine:
         self.qmp_path = launch.private_dir / "qmp.sock"
         self.serial_path = launch.private_dir / "serial.log"
         self.output_path = launch.private_dir / "qemu.log"
-        self._finalizer = weakref.finalize(self, _kill_group, proc, str(launch.private_dir))
+        self.ram = launch.ram
+        """The file that holds guest RAM, shared with the host (None: QEMU's own RAM)."""
+        self._finalizer = weakref.finalize(self, _kill_group, proc, str(launch.private_dir),
+                                           launch.ram)  # fmt: skip
 
     @property
     def command(self) -> list[str]:
@@ -193,8 +201,8 @@ class QemuMachine:
 
 
 def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str, smp: int,
-             accel: str, private_dir: Path, ssh_port: int,
-             gdb_tcp: bool | int) -> tuple[list[str], str | tuple[str, int]]:
+             accel: str, private_dir: Path, ssh_port: int, gdb_tcp: bool | int,
+             ram: RamFile | None) -> tuple[list[str], str | tuple[str, int]]:
     gdb: str | tuple[str, int]
     if gdb_tcp is False:
         gdb = str(private_dir / "gdb.sock")
@@ -216,6 +224,8 @@ def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str
         # romfile= (empty): no iPXE option ROM for SeaBIOS to run; we boot with -kernel.
         "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
+    if ram is not None:
+        command += ram.qemu_args()
     return command, gdb
 
 
@@ -266,9 +276,21 @@ def _wait_ready(machine: QemuMachine, ssh_port: int, key: Path, deadline: float,
         time.sleep(0.05 if not marker_seen else 0.2)
 
 
+def _ram_file(name: str, spec: _GuestSpec) -> RamFile | None:
+    """A RAM file for the guest, or None (said on stderr: every read then costs a gdbstub
+    round trip, and draining recorded hits a VM stop)."""
+    try:
+        return create_ram_file(name, parse_memory_size(spec.memory))
+    except (OSError, ValueError) as exc:
+        log.warning("%s: guest RAM not shared with the host (%s): memory reads go through "
+                    "the gdbstub", name, exc)  # fmt: skip
+        return None
+
+
 def _sweep_stale_dirs() -> None:
-    """Remove private directories left by a process that was killed (its QEMU died with it
-    through the parent-death signal, but nobody removed the sockets and logs)."""
+    """Remove private directories and RAM files left by a process that was killed (its QEMU
+    died with it through the parent-death signal, but nobody removed its files)."""
+    sweep_stale_ram()
     for directory in Path(tempfile.gettempdir()).glob("kprobevm-*"):
         try:
             owner = int((directory / "owner").read_text())
@@ -294,6 +316,8 @@ class _GuestSpec:
     smp: int
     gdb_tcp: bool | int
     key: Path
+    shared_ram: bool
+    """Guest RAM in a file the host maps too (:mod:`kprobevm.guest.guestram`)."""
     expect_marker: bool
     """The initramfs is the image's: its init prints the ready marker on the serial line."""
 
@@ -305,16 +329,19 @@ def _launch(qemu: str, spec: _GuestSpec, *, name: str, accel: str,
     private_dir = Path(tempfile.mkdtemp(prefix=f"kprobevm-{name}-"))  # mode 0700
     (private_dir / "owner").write_text(f"{os.getpid()}\n")
     ssh_port = _free_port()
+    ram = _ram_file(name, spec) if spec.shared_ram else None
     command, gdb = _command(
         qemu, kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, memory=spec.memory,
         smp=spec.smp, accel=accel, private_dir=private_dir, ssh_port=ssh_port,
-        gdb_tcp=spec.gdb_tcp,
+        gdb_tcp=spec.gdb_tcp, ram=ram,
     )
-    launch = _Launch(command, private_dir, ssh_port, gdb)
+    launch = _Launch(command, private_dir, ssh_port, gdb, ram)
     try:
         proc = _spawn(command, private_dir / "qemu.log")
     except OSError as exc:
         shutil.rmtree(private_dir, ignore_errors=True)
+        if ram is not None:
+            ram.remove()
         raise VMLaunchFailure(f"{name}: could not start QEMU: {exc}", command=command) from exc
     machine = QemuMachine(proc, launch, name)
     log.info("%s: QEMU pid %d, %s", name, proc.pid, private_dir)
@@ -344,6 +371,7 @@ def boot(
     qemu: str | os.PathLike[str] | None = None,
     timeout: float = 60.0,
     name: str | None = None,
+    shared_ram: bool = True,
 ) -> VM:
     """Boot a guest (the default image unless told otherwise) and return its `VM` once SSH
     answers. Use it as a context manager: leaving the ``with`` powers the guest off.
@@ -365,6 +393,9 @@ def boot(
             ``qemu-system-x86_64`` (``scripts/fetch-qemu`` prints a newer one's path).
         timeout: seconds to wait for the guest's SSH before giving up.
         name: the VM's name in logs, errors and its journal (``vmN`` by default).
+        shared_ram: keep guest RAM in a file on ``/dev/shm`` that the host maps too, for
+            reads at memory speed and recorded hits drained without a VM stop (when it
+            cannot, stderr says so and the gdbstub does it all).
 
     Returns the running `VM`.
 
@@ -391,7 +422,7 @@ def boot(
                                   command=[binary, f"-{what}", str(path)])
 
     spec = _GuestSpec(kernel_path, initrd_path, cmdline, memory, smp, gdb_tcp, image.ssh_key,
-                      expect_marker=initrd_path == image.initrd)  # fmt: skip
+                      shared_ram, expect_marker=initrd_path == image.initrd)  # fmt: skip
     machine, shell, ssh_port = _launch_trying(binary, spec, accel, name=name, timeout=timeout)
     return VM(
         GuestEndpoints(

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kprobevm.closing import Closing
-from kprobevm.errors import KprobeVMError, VMError, VMLost
+from kprobevm.errors import GuestFaultError, KprobeVMError, VMError, VMLost
 from kprobevm.gdbstub.transport import GdbAddress, GdbTransport, format_gdb_address
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
+    from kprobevm.guest.guestram import GuestRam, PagingRoot, RamReader
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
     from kprobevm.kernel.kallsyms import KernelSymbols
@@ -209,10 +210,49 @@ class VM(Closing):
 
     @functools.cached_property
     def memory(self) -> GuestMemory:
-        """Raw guest memory: only for code that already holds the VM stopped."""
+        """Raw guest memory: only for code that already holds the VM stopped (reads of
+        shared guest RAM need no stop, but the gdbstub answers what the mapping cannot)."""
         from kprobevm.gdbstub.memory import GuestMemory
 
-        return GuestMemory(self.target.client)
+        return GuestMemory(self.target.client, self.ram_reader)
+
+    @functools.cached_property
+    def guest_ram(self) -> GuestRam | None:
+        """Guest RAM mapped on the host (None: this guest's RAM is not shared with us)."""
+        from kprobevm.guest.guestram import GuestRam
+
+        ram = getattr(self.machine, "ram", None)
+        return GuestRam(ram) if ram is not None else None
+
+    @functools.cached_property
+    def ram_reader(self) -> RamReader | None:
+        """Reads served from :attr:`guest_ram` (None without it)."""
+        from kprobevm.guest.guestram import RamReader
+
+        ram = self.guest_ram
+        return RamReader(ram, self._paging_root) if ram is not None else None
+
+    def _paging_root(self) -> PagingRoot | None:
+        """The kernel's own page table (``init_top_pgt``), found through the gdbstub and
+        checked by walking its own address; None (said on stderr) when it cannot be."""
+        from kprobevm.guest.guestram import START_KERNEL_MAP, PagingRoot
+        from kprobevm.x86.pagetable import translate
+
+        ram = self.guest_ram
+        try:
+            top, phys_base = self.symbols["init_top_pgt"], self.symbols["phys_base"]
+            with self.target.stopped() as client:
+                la57 = bool(client.read_registers(wide=False)["cr4"] >> 12 & 1)
+                base = int.from_bytes(client.read_memory(phys_base, 8), "little")
+            root = PagingRoot(top - START_KERNEL_MAP + base, la57)
+            assert ram is not None
+            if translate(ram.read_phys, root.cr3, top, la57=la57).paddr != root.cr3:
+                raise GuestFaultError(top, "init_top_pgt does not map itself")
+        except (KprobeVMError, KeyError) as exc:
+            self.log.warning("%s: kernel memory reads go through the gdbstub: cannot find the "
+                             "kernel's page table (%s)", self.name, exc)  # fmt: skip
+            return None
+        return root
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes of guest virtual memory (kernel addresses: any vCPU's view)."""

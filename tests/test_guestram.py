@@ -1,0 +1,164 @@
+"""Guest RAM shared with the host: the file, its layout, reads through a synthetic page
+table, and on a real guest every read the mapping answers equal to the gdbstub's."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from kprobevm.errors import GuestFaultError
+from kprobevm.gdbstub.memory import GuestMemory
+from kprobevm.guest.guestram import (
+    GuestRam,
+    PagingRoot,
+    RamFile,
+    RamReader,
+    create_ram_file,
+    parse_memory_size,
+    sweep_stale_ram,
+)
+from kprobevm.guest.launcher import boot
+from kprobevm.guest.vm import VM
+from kprobevm.x86.pagetable import PRESENT, PS, RW
+
+MiB = 1 << 20
+
+
+def test_memory_sizes_as_qemu_reads_them() -> None:
+    assert parse_memory_size("544M") == 544 * MiB
+    assert parse_memory_size("2G") == 2 << 30
+    assert parse_memory_size("1024") == 1024 * MiB  # a bare number is MiB
+    assert parse_memory_size("65536k") == 64 * MiB
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_memory_size("lots")
+
+
+def test_the_file_is_private_and_swept_when_its_owner_is_gone(tmp_path: Path) -> None:
+    ram = create_ram_file("t", 4 * MiB, base=tmp_path)
+    assert ram.path.stat().st_size == 4 * MiB
+    assert stat.S_IMODE(ram.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ram.path.parent.stat().st_mode) == 0o700
+    assert "share=on" in " ".join(ram.qemu_args())
+    assert sweep_stale_ram(tmp_path) == []  # we are alive
+    (ram.path.parent / "owner").write_text("999999999\n")  # no such process
+    assert sweep_stale_ram(tmp_path) == [ram.path.parent]
+    assert not ram.path.exists()
+
+
+def test_a_base_too_small_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="MiB free"):
+        create_ram_file("t", 1 << 60, base=tmp_path)
+
+
+def _ram(tmp_path: Path, size: int) -> GuestRam:
+    path = tmp_path / "ram"
+    with path.open("wb") as f:
+        f.truncate(size)
+    return GuestRam(RamFile(path, size))
+
+
+def test_physical_reads_and_the_pc_machines_split(tmp_path: Path) -> None:
+    ram = _ram(tmp_path, 16 * MiB)
+    ram.write_phys(0x1000, b"hello")
+    assert ram.read_phys(0x1000, 5) == b"hello"
+    assert ram.read_if_ram(16 * MiB - 2, 4) is None
+    with pytest.raises(GuestFaultError):
+        ram.read_phys(16 * MiB, 1)
+    path = tmp_path / "big"  # a 4 GiB guest: the layout only (the file is sparse)
+    with path.open("wb") as f:
+        f.truncate(4 << 30)
+    big = GuestRam(RamFile(path, 4 << 30))
+    assert big.ranges == [(0, 0xC000_0000, 0), (1 << 32, (1 << 32) + (1 << 30), 0xC000_0000)]
+    big.write_phys(1 << 32, b"high")
+    assert big.read_phys(1 << 32, 4) == b"high"
+    assert not big.covers(0xC000_0000, 1)  # the PCI hole
+
+
+KERNEL = 0xFFFF_FFFF_8100_0000
+
+
+def _entry(ram: GuestRam, table: int, index: int, value: int) -> None:
+    ram.write_phys(table + 8 * index, value.to_bytes(8, "little"))
+
+
+def test_kernel_reads_walk_the_kernels_page_table(tmp_path: Path) -> None:
+    ram = _ram(tmp_path, 16 * MiB)
+    pgd, pud, pmd, pt = 0x10000, 0x11000, 0x12000, 0x13000
+    idx = [(KERNEL >> s) & 0x1FF for s in (39, 30, 21, 12)]
+    _entry(ram, pgd, idx[0], pud | PRESENT | RW)
+    _entry(ram, pud, idx[1], pmd | PRESENT | RW)
+    _entry(ram, pmd, idx[2], pt | PRESENT | RW)
+    _entry(ram, pt, idx[3], 0x200000 | PRESENT)  # a 4 KiB page
+    _entry(ram, pt, idx[3] + 1, 0x300000 | PRESENT)  # the next page, elsewhere
+    _entry(ram, pmd, idx[2] + 1, 0x400000 | PRESENT | PS)  # a 2 MiB page
+    ram.write_phys(0x200FFE, b"ab")
+    ram.write_phys(0x300000, b"cd")
+    ram.write_phys(0x400000 + 0x1234, b"huge")
+    looked: list[int] = []
+
+    def root() -> PagingRoot:
+        looked.append(1)
+        return PagingRoot(pgd, la57=False)
+
+    reader = RamReader(ram, root)
+    assert reader.read_virt(KERNEL + 0xFFE, 4) == b"abcd"  # across two pages
+    assert reader.read_virt(KERNEL + (2 << 20) + 0x1234, 4) == b"huge"
+    assert reader.read_virt(KERNEL + (4 << 20), 4) is None  # not present: the gdbstub says
+    assert reader.read_virt(0x400000, 4) is None  # user memory: the vCPU's view
+    assert reader.read_phys(0x300000, 2) == b"cd"
+    assert reader.read_phys(64 * MiB, 2) is None
+    assert looked == [1]  # the root is found once
+
+
+def test_no_root_means_every_virtual_read_goes_to_the_gdbstub(tmp_path: Path) -> None:
+    reader = RamReader(_ram(tmp_path, MiB), lambda: None)
+    assert reader.read_virt(KERNEL, 8) is None
+    assert reader.read_phys(0, 8) == bytes(8)
+
+
+def test_five_level_paging(tmp_path: Path) -> None:
+    ram = _ram(tmp_path, 16 * MiB)
+    tables = [0x10000, 0x11000, 0x12000, 0x13000, 0x14000]
+    addr = 0xFF11_0000_0000_0000 | 0x1000  # in the la57 direct map
+    for level, shift in enumerate((48, 39, 30, 21, 12)):
+        target = tables[level + 1] if level < 4 else 0x200000
+        _entry(ram, tables[level], (addr >> shift) & 0x1FF, target | PRESENT | RW)
+    ram.write_phys(0x200000, b"la57")
+    assert RamReader(ram, lambda: PagingRoot(tables[0], la57=True)).read_virt(addr, 4) == b"la57"
+
+
+@pytest.mark.vm
+def test_the_mapping_reads_what_the_gdbstub_reads(vm: VM) -> None:
+    reader = vm.ram_reader
+    assert reader is not None and vm.guest_ram is not None
+    assert vm.guest_ram.path.parent.parent == Path("/dev/shm")
+    functions = list(vm.symbols.functions())
+    addresses = [f.address for f in functions[:: max(1, len(functions) // 300)]]
+    addresses += [vm.symbols[name] for name in ("linux_banner", "init_task", "jiffies_64")]
+    with vm.target.stopped() as client:
+        gdbstub = GuestMemory(client)
+        # the init task's stack pointer: its stack, in vmalloc space or the direct map
+        layout = vm.task_layout
+        assert layout is not None
+        addresses.append(gdbstub.u64(vm.symbols["init_task"] + layout.stack) & ~0xFFF)
+        served = reader.reads
+        for addr in addresses:
+            assert vm.memory.read(addr, 48) == gdbstub.read(addr, 48), hex(addr)
+        assert reader.reads - served == len(addresses)
+        assert reader.read_virt(0x400000, 8) is None  # user memory stays the gdbstub's
+        phys = vm.translate(vm.symbols["linux_banner"])
+        assert reader.read_phys(phys, 16) == gdbstub.read_phys(phys, 16)
+
+
+@pytest.mark.vm
+def test_the_ram_file_goes_with_the_guest_and_can_be_declined() -> None:
+    with boot(name="noram", shared_ram=False) as vm:
+        assert vm.guest_ram is None and vm.ram_reader is None
+        assert vm.read(vm.symbols["linux_banner"], 5) == b"Linux"
+    with boot(name="ram") as vm:
+        assert vm.guest_ram is not None
+        path = vm.guest_ram.path
+        assert path.exists()
+    assert not path.exists() and not path.parent.exists()
