@@ -186,3 +186,28 @@ def test_hits_arrive_without_a_flush(vm: VM) -> None:
     finally:
         vm.unregister_kprobe(kp)
     assert vm.target.on_idle is None  # no recorded probe left: no idle stops either
+
+
+def test_steady_state_recording_stops_the_vm_only_when_the_ring_asks(vm: VM) -> None:
+    """With guest RAM shared, the trap thread drains the ring through the mapping with
+    the VM running: a stop is only ever the ring's half-full watch (the fallback)."""
+    seen: list[int] = []
+    kp = Kprobe(symbol_name="vfs_read", pre_handler=lambda kp, regs: seen.append(regs.dx),
+                record=RecordSpec())  # fmt: skip
+    vm.register_kprobe(kp)
+    try:
+        channel = vm.kprobes.channel
+        recorder = channel.recorder  # type: ignore[attr-defined]
+        assert channel.drains_running  # type: ignore[attr-defined]
+        stops, asked = vm.target.stops, channel.stats.ring_stops
+        vm.run("i=0; while [ $i -lt 3000 ]; do read x </etc/passwd; i=$((i+1)); done",
+               check=True, timeout=120)  # fmt: skip
+        deadline = time.monotonic() + 5.0
+        while kp.nhit < 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kp.nhit >= 3000 and len(seen) == kp.nhit
+        assert recorder.running_drains > 0
+        # the host keeps up or the ring asks: no other stop (3000 reads of a byte each)
+        assert vm.target.stops - stops == channel.stats.ring_stops - asked
+    finally:
+        vm.unregister_kprobe(kp)

@@ -101,8 +101,13 @@ class Target:
         reached the guest once it is past N."""
         self.on_stop: StopHandler | None = None
         self.on_idle: Callable[[], None] | None = None
-        """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
+        """Called on the trap thread after ``idle_interval`` s with no stop: with the VM
+        stopped, or running when ``idle_needs_stop`` is false."""
         self.idle_interval = 1.0
+        self.idle_needs_stop = True
+        self.stops = 0
+        """Times the VM stopped: a trap reported, or an interrupt of ours."""
+        self._idle_running: int | None = None  # the trap thread, in a running idle call
         self.stop_timeout = 10.0
         """Seconds an interrupt waits for the VM's stop reply."""
         self._lock = threading.RLock()  # held by whoever talks to the stub
@@ -129,6 +134,11 @@ class Target:
             finally:
                 self._depth -= 1
             return
+        if self._idle_running == me:
+            # the trap thread's idle call, VM running: a handler in it wants a stop
+            with self._stopped_by_trap_thread():
+                yield self.client
+            return
         if self._thread is not None and self._thread.is_alive():
             with self._borrow_from_trap_thread():
                 yield self.client
@@ -154,6 +164,7 @@ class Target:
 
     def _stop_vm(self) -> None:
         """Interrupt the running VM; a trap that raced the interrupt is handled first."""
+        self.stops += 1
         stop = self.client.interrupt(timeout=self.stop_timeout)
         if stop is not None:
             self._dispatch(stop)
@@ -292,6 +303,7 @@ class Target:
                     with self._lock:
                         stop = self.client.poll_stop()
                         if stop is not None:
+                            self.stops += 1
                             self._dispatch(stop)
                             if not self._quit and not self._pause_requests:
                                 self._resume_vm()
@@ -308,10 +320,29 @@ class Target:
             with self._cond:
                 self._cond.notify_all()
 
+    @contextlib.contextmanager
+    def _stopped_by_trap_thread(self) -> Iterator[None]:
+        self._stop_vm()
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            if not self._quit:
+                self._resume_vm()
+
     def _serve_idle(self, idle: Callable[[], None]) -> None:
-        """Stop the VM for the idle callback (a drain of recorded hits), then resume."""
+        """The idle callback (a drain of recorded hits), with the VM stopped for it unless
+        it can do without (shared guest RAM)."""
         with self._lock:
             if self._quit or self._pause_requests or not self.running:
+                return
+            if not self.idle_needs_stop:
+                self._idle_running = threading.get_ident()
+                try:
+                    idle()
+                finally:
+                    self._idle_running = None
                 return
             self._stop_vm()
             owner, self._owner = self._owner, threading.get_ident()

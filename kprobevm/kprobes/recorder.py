@@ -5,10 +5,14 @@ record program (:mod:`kprobevm.x86.record`) that writes the registers, ``current
 and comm, the TSC and the probe's memory reads into a ring in slot memory, then runs the
 displaced instruction. The :class:`Recorder` owns that ring. It drains it when the guest
 asks (a watched store once the ring is half full), on the trap thread's idle tick, and
-before probes go; each :class:`Record` then reaches the probe's ``pre_handler`` with a
-:class:`RecordedRegs` snapshot whose memory answers from the record's reads. This is
-the kernel's trace-event model (record now, read later), bought with what a stop costs:
-the handlers cannot change registers, and a string is cut at its capture size.
+before probes go. Where guest RAM is shared with the host, the idle tick drains with the
+VM running: records are read through the mapping, each one's stamp before the rest (the
+guest writes the stamp last), and the new tail is stored the same way, so steady-state
+tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
+``pre_handler`` with a :class:`RecordedRegs` snapshot whose memory answers from the
+record's reads. This is the kernel's trace-event model (record now, read later), bought
+with what a stop costs: the handlers cannot change registers, and a string is cut at its
+capture size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
-from kprobevm.gdbstub.memory import GuestMemory
+from kprobevm.gdbstub.memory import DirectMemory, GuestMemory
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import record as rec
 from kprobevm.x86.constants import PAGE_SIZE
@@ -197,6 +201,9 @@ class Recorder:
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
         self.tail = 0
         self.drains = 0
+        """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
+        self.running_drains = 0
+        """Drains through shared guest RAM with the VM running."""
         self.records = 0
         self.late = 0
         """Records of probes gone by the time they were drained."""
@@ -229,10 +236,20 @@ class Recorder:
             kp.count_reader = functools.partial(self.read_count, probe_id)
         return probe_id
 
+    @property
+    def direct(self) -> DirectMemory | None:
+        """Guest RAM shared with the host (None: every access is a gdbstub one)."""
+        return self.memory.direct
+
     def read_count(self, probe_id: int) -> int:
-        """The guest's hit counter of probe ``probe_id`` (stops the VM for the read)."""
+        """The guest's hit counter of probe ``probe_id`` (through shared RAM, else with the
+        VM stopped for the read)."""
+        address = self.layout.counters + 16 * probe_id
+        direct = self.direct
+        if direct is not None and (raw := direct.read_virt(address, 8)) is not None:
+            return int(_U64.unpack(raw)[0])
         with self.target.stopped():
-            return int(_U64.unpack(self.memory.read(self.layout.counters + 16 * probe_id, 8))[0])
+            return int(_U64.unpack(self.memory.read(address, 8))[0])
 
     def remove(self, probe_id: int) -> None:
         """Forget an id; it is reused last (a record still being written is dropped).
@@ -274,45 +291,85 @@ class Recorder:
 
     # -- the drain -------------------------------------------------------------------
 
-    def drain(self) -> list[tuple[Kprobe, Record]]:
-        """Take every complete record out of the ring (VM stopped); update the counters.
+    def drain(self, *, running: bool = False) -> list[tuple[Kprobe, Record]]:
+        """Take every complete record out of the ring; update the counters.
 
-        The new tail goes with the next resume. A record still being written (another
-        vCPU stopped inside a program) stays, with everything after it, for next time.
+        With the VM stopped, or ``running`` (through shared guest RAM only). A record
+        still being written stays, with everything after it, for next time. The new tail
+        is stored through shared RAM, else it goes with the next resume.
         """
         ring = self.layout
+        direct = self.direct
+        if running and direct is None:
+            raise KprobeError("draining a running guest's ring needs shared guest RAM")
         head = self.memory.u64(ring.head)
         # The host is the tail's only writer, and its last write may still be queued.
         tail = self.tail
         self._read_counters()
         if head == tail:
             return []
-        self.drains += 1
+        if running:
+            self.running_drains += 1
+            pos, out = self._take_running(tail, head)
+        else:
+            self.drains += 1
+            pos, out = self._take(tail, head)
+        self.records += len(out)
+        if pos != tail:
+            self.tail = pos
+            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
+                self.target.queue_write(ring.tail, _U64.pack(pos))
+        return out
+
+    def _take(self, tail: int, head: int) -> tuple[int, list[tuple[Kprobe, Record]]]:
+        """The complete records from ``tail``, read in one go (nothing writes the ring
+        meanwhile: the VM is stopped); where the next drain starts."""
         data = self._ring_bytes(tail, head)
         out: list[tuple[Kprobe, Record]] = []
         pos = tail
-        mask = ring.ring_size - 1
+        mask = self.layout.ring_size - 1
         while pos < head:
             at = pos - tail
             stamp = _U64.unpack_from(data, at)[0]
             if stamp == pos + 1:
                 _, size, probe_id, *_ = rec.RECORD_HEADER.unpack_from(data, at)
-                probe = self.probes.get(probe_id)
-                if probe is None:
-                    self.late += 1
-                else:
-                    record = decode_record(data[at : at + size], probe.layout)
-                    out.append((probe.kp, record))
+                self._deliver(out, probe_id, data[at : at + size])
                 pos += size
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
             else:
                 break
-        self.records += len(out)
-        if pos != tail:
-            self.tail = pos
-            self.target.queue_write(ring.tail, _U64.pack(pos))
-        return out
+        return pos, out
+
+    def _take_running(self, tail: int, head: int) -> tuple[int, list[tuple[Kprobe, Record]]]:
+        """As :meth:`_take` while vCPUs write the ring: each record's stamp is read on its
+        own before the rest of it (one copy could load the rest first, and x86 keeps
+        loads in order only across separate loads)."""
+        ring, memory = self.layout, self.memory
+        out: list[tuple[Kprobe, Record]] = []
+        pos = tail
+        mask = ring.ring_size - 1
+        while pos < head:
+            at = ring.ring + (pos & mask)
+            stamp = memory.u64(at)
+            if stamp == pos + 1:
+                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack(
+                    memory.read(at, rec.RECORD_HEADER.size)
+                )
+                self._deliver(out, probe_id, memory.read(at, size))
+                pos += size
+            elif stamp == (pos + 1) | rec.PAD_BIT:
+                pos = (pos | mask) + 1
+            else:
+                break
+        return pos, out
+
+    def _deliver(self, out: list[tuple[Kprobe, Record]], probe_id: int, data: bytes) -> None:
+        probe = self.probes.get(probe_id)
+        if probe is None:
+            self.late += 1
+        else:
+            out.append((probe.kp, decode_record(data, probe.layout)))
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
         ring = self.layout

@@ -95,6 +95,8 @@ class TrapStats:
     """Hits found on another vCPU than the one QEMU reported (SMP)."""
     promoted: int = 0
     """Hot sites given a watchpoint of their own."""
+    ring_stops: int = 0
+    """Stops of the record ring's half-full watch (the guest asking for a drain)."""
 
     def per_hit_us(self) -> dict[str, float]:
         """Mean microseconds per hit in each phase."""

@@ -64,6 +64,9 @@ SLOT_SIZE = 128
 TABLE_PAGES = TABLE_SLOTS * ENTRY_SIZE // PAGE_SIZE
 WATCH = BreakpointKind.WRITE_WATCH
 RECORD_DRAIN_INTERVAL = 0.1
+RUNNING_DRAIN_INTERVAL = 0.01
+"""Seconds between drains through shared guest RAM: a look at the ring's head costs
+microseconds and no stop, so often enough that the ring rarely reaches its watched mark."""
 """Seconds between drains of the record ring while recorded probes exist."""
 
 
@@ -123,6 +126,8 @@ class WatchpointChannel(TrapChannel):
         self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
         self.recorder: Recorder | None = None
+        self.drains_running = False
+        """Recorded hits are drained through shared guest RAM with the VM running."""
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
         self._regs_ns = 0
@@ -297,17 +302,38 @@ class WatchpointChannel(TrapChannel):
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
             self.recorder = recorder
-            target.idle_interval = RECORD_DRAIN_INTERVAL
-        target.on_idle = self.flush_records
+            self.drains_running = self._ring_shared(recorder)
+            if self.drains_running:
+                target.idle_interval, target.idle_needs_stop = RUNNING_DRAIN_INTERVAL, False
+            else:
+                target.idle_interval = RECORD_DRAIN_INTERVAL
+        target.on_idle = self._drain_running if self.drains_running else self.flush_records
         return self.recorder
 
-    def flush_records(self) -> None:
+    def _ring_shared(self, recorder: Recorder) -> bool:
+        """Whether the ring can be drained with the VM running (shared guest RAM that
+        reaches it); said on stderr when not."""
+        direct = recorder.direct
+        if direct is not None and direct.read_virt(recorder.layout.head, 8) is not None:
+            return True
+        why = "guest RAM is not shared with the host" if direct is None else \
+            "the kernel's page table was not found"
+        log.warning("recorded hits are drained with a VM stop every %g s and whenever the "
+                    "ring is half full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
+        return False
+
+    def flush_records(self, *, running: bool = False) -> None:
+        """Hand every recorded hit so far to its probe's handler (VM stopped, unless
+        ``running`` through shared guest RAM)."""
         recorder = self.recorder
         if recorder is None or not recorder.probes:
             return
         run = self.ctx.handlers.run_recorded
-        for kp, record in recorder.drain():
+        for kp, record in recorder.drain(running=running):
             run(kp, record)
+
+    def _drain_running(self) -> None:
+        self.flush_records(running=True)
 
     def release_record_id(self, kp: Kprobe) -> None:
         if self.recorder is not None and kp.record_id is not None:
@@ -335,6 +361,7 @@ class WatchpointChannel(TrapChannel):
         client = self.ctx.target.client
         mailbox = self.pages.mailbox
         if self.recorder is not None and watch.address == self.recorder.layout.drain:
+            self.stats.ring_stops += 1
             self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
                 self._handle_every_vcpu(client, stop.thread or "")
@@ -468,7 +495,7 @@ class WatchpointChannel(TrapChannel):
             if self.recorder is not None:
                 self.flush_records()
                 client.remove_breakpoint(WATCH, self.recorder.layout.drain, 1)
-                target.on_idle = None
+                target.on_idle, target.idle_needs_stop = None, True
                 self.recorder = None
             self.hot.forget_all()
         self.quiescence.wait_until_out_of(self.area)

@@ -1,0 +1,133 @@
+"""What shared guest RAM buys: a recorded probe's cost to the guest against the guest
+kernel's own kprobe, VM stops per recorded hit, and a stopping handler's memory reads.
+
+The per-hit cost is the guest's own time: a ``dd bs=1`` loop makes one ``vfs_read`` per
+byte, timed by the guest's monotonic clock (``/proc/timer_list``; the guest's busybox
+``date`` has no nanoseconds), minus the same loop unprobed, divided by the hits.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kprobevm.bench.workload import HOT_FUNCTION, run_opens
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.tracing import ProbeEvent, parse_event
+from kprobevm.tracing.session import TraceSession, plan_events
+from kprobevm.x86.ptregs import PtRegs
+
+if TYPE_CHECKING:
+    from kprobevm.guest.vm import VM
+
+__all__ = ["DD_EVENT", "DdRound", "StoppingReads", "measure_dd", "measure_stopping_reads"]
+
+DD_EVENT = "p:rd vfs_read count=%dx:u64"
+_TRACEFS = "/sys/kernel/tracing"
+_NOW = "grep -m1 'now at' /proc/timer_list"
+_NS = re.compile(r"now at (\d+) nsecs")
+
+
+def _dd_ns(vm: VM, n: int) -> int:
+    """Guest nanoseconds for ``n`` one-byte reads (and writes) by dd."""
+    out = vm.run(f"{_NOW}; dd if=/dev/zero of=/dev/null bs=1 count={n} 2>/dev/null; {_NOW}",
+                 check=True, timeout=600).stdout  # fmt: skip
+    start, end = (int(m) for m in _NS.findall(out))
+    return end - start
+
+
+@dataclass(frozen=True)
+class DdRound:
+    """One round of the dd loop three ways: guest ns per hit over the unprobed loop."""
+
+    unprobed_ns: int
+    guest_kprobe_ns_per_hit: float
+    kprobevm_ns_per_hit: float
+    kprobevm_hits: int
+    vm_stops: int
+    ring_stops: int
+
+    @property
+    def ratio(self) -> float:
+        """kprobevm's recorded probe against the guest's own kprobe (<= 1: not slower)."""
+        return self.kprobevm_ns_per_hit / self.guest_kprobe_ns_per_hit
+
+
+def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
+    """The dd loop under the guest's own ``p:rd vfs_read`` (tracefs): ns, hits."""
+    vm.run(f"echo '{DD_EVENT.replace('p:rd', 'p:bench/rd')}' >> {_TRACEFS}/kprobe_events"
+           f" && echo 1 > {_TRACEFS}/events/bench/rd/enable", check=True)  # fmt: skip
+    try:
+        ns = _dd_ns(vm, n)
+        profile = vm.run(f"cat {_TRACEFS}/kprobe_profile", check=True).stdout
+    finally:
+        vm.run(f"echo 0 > {_TRACEFS}/events/bench/rd/enable;"
+               f" echo '-:bench/rd' >> {_TRACEFS}/kprobe_events; echo > {_TRACEFS}/trace")
+    hits = next(int(line.split()[1]) for line in profile.splitlines() if line.split()[:1] == ["rd"])
+    return ns, hits
+
+
+def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int]:
+    """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
+    ring stops meanwhile."""
+    event = parse_event(DD_EVENT)
+    assert isinstance(event, ProbeEvent)
+    session = TraceSession(vm, plan_events(vm, [event]), mode="record")
+    with session:
+        stats = vm.kprobes.channel.stats
+        stops, ring = vm.target.stops, stats.ring_stops
+        ns = _dd_ns(vm, n)
+        stops, ring = vm.target.stops - stops, stats.ring_stops - ring
+    hits = sum(1 for _ in session.drain())
+    return ns, hits, stops, ring
+
+
+def measure_dd(vm: VM, n: int) -> DdRound:
+    """One round: unprobed, the guest's kprobe, kprobevm's recorded probe."""
+    base = _dd_ns(vm, n)
+    guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
+    ours_ns, ours_hits, stops, ring = _kprobevm_ns(vm, n)
+    return DdRound(
+        unprobed_ns=base,
+        guest_kprobe_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
+        kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
+        kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StoppingReads:
+    """A stopping probe whose handler reads 32 bytes of the kernel stack."""
+
+    hits: int
+    hits_per_s: float
+    read_us_median: float
+    read_us_p90: float
+
+
+def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
+    """Hits per second on the no-fork open loop, and each handler read's time."""
+    times: list[float] = []
+
+    def handler(kp: Kprobe, regs: PtRegs) -> None:
+        assert regs.memory is not None
+        sp = regs.sp
+        start = time.perf_counter()
+        regs.memory.read(sp, 32)
+        times.append(time.perf_counter() - start)
+
+    kp = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=handler)
+    vm.register_kprobe(kp)
+    try:
+        run = run_opens(vm, opens)
+        hits = kp.nhit
+    finally:
+        vm.unregister_kprobe(kp)
+    micros = sorted(t * 1e6 for t in times)
+    return StoppingReads(
+        hits=hits, hits_per_s=hits / run.seconds, read_us_median=statistics.median(micros),
+        read_us_p90=micros[int(0.9 * (len(micros) - 1))],
+    )  # fmt: skip
