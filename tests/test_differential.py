@@ -59,9 +59,11 @@ TRACED: tuple[tuple[str, ...], ...] = (
         "p do_filp_open",
         "p:ks ksys_write+0 buf=+0(%si):x8[2]",
     ),
-    (  # return probes: r, %return, maxactive, $retval typed, a return on an entry's address
+    (  # return probes: r, %return, maxactive, $retval typed, a return on an entry's address,
+       # two on one function
         "p:k1 do_sys_openat2 s0=$stack0:symbol",
         "r:or do_sys_openat2 $retval ret=$retval:s32 c=$comm ip=%ip oa=%orig_ax",
+        "r:or2 do_sys_openat2 ret=$retval:s32",  # two return probes on one function
         "p:fo2 do_filp_open%return err=$retval:b1@63/64",
         "r:gr getname_flags ret=$retval:b1@63/64 cs=%cs",
         "r10:mr ksys_write rv=$retval:s32",
