@@ -160,8 +160,10 @@ def test_rules_are_decided_from_the_kernel() -> None:
     assert parse_version("Linux version 6.1.0-57-cloud-amd64 (debian-kernel@...)") == (6, 1, 0)
     old = KernelRules.decide(KernelFacts((5, 4, 0), {"kretprobe_trampoline"}))
     assert not old.mixed_reads and old.rethook_trampoline == "kretprobe_trampoline"
+    assert not old.kretprobed
     new = KernelRules.decide(KernelFacts((6, 1, 0), {"arch_rethook_trampoline"}))
     assert new.mixed_reads and new.newest_first and not new.ftrace_kprobes
+    assert new.kretprobed
 
 
 # --- real guests ------------------------------------------------------------------------

@@ -188,6 +188,9 @@ class HitBuilder:
     once the return trampoline is in place."""
     kernel_trampoline: int = 0
     """The kernel's own return trampoline (0: unknown)."""
+    kretprobed: bool = True
+    """The kernel prints a return to its trampoline as :data:`KRETPROBED` (the
+    kretprobed rule); else as the trampoline's symbol."""
 
     def place(
         self, plan: PlannedProbe, spec: RecordSpec | None, *, hijacked: bool = False
@@ -205,9 +208,14 @@ class HitBuilder:
             )
         elif res.event.is_return:
             hit, describe = self._stopped(plan, counter, False), self.symbols.describe
+            # the kernel's instance of a call another return probe hooked first returns
+            # to that probe's trampoline (the kretprobed rule says how that prints)
+            hooked = KRETPROBED
+            if not self.kretprobed and self.kernel_trampoline:
+                hooked = describe(self.kernel_trampoline)
 
             def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
-                hit(regs, KRETPROBED if ri.chained else describe(ri.ret_addr), res.where)
+                hit(regs, hooked if ri.chained else describe(ri.ret_addr), res.where)
 
             probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=res.event.maxactive)
         else:

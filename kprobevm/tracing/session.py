@@ -122,7 +122,7 @@ class TraceSession(Closing):
             symbols=symbols, layout=layout, sink=self.on_hit or self.hits.put,
             clock=self.clock, started_ns=self.started_ns, count_only=self.count_only,
             tsc_khz=self._tsc_khz,
-            kernel_trampoline=trampoline or 0,
+            kernel_trampoline=trampoline or 0, kretprobed=rules.kretprobed,
         )  # fmt: skip
         placed = [
             builder.place(p, spec, hijacked=self._hijacked(i, rules.newest_first))
