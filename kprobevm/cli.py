@@ -284,6 +284,8 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
+            if session.record_refused is not None:
+                _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)
         except BrokenPipeError:
             reader_gone = True  # `| head`: stop tracing, no error

@@ -205,3 +205,16 @@ def test_a_handler_that_raises_exits_3(
     assert any(d["event"] == "open" and d["comm"] == "cat" for d in docs), out
     assert not any(d["event"] == "openret" for d in docs), out
     assert "probes removed" in err
+
+
+@pytest.mark.vm
+def test_auto_mode_says_why_it_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    """Events whose record program would not fit its cell are traced stopping at each
+    hit, and stderr says why."""
+    from tests.test_trace import CROWDED
+
+    code, out, err = run(capsys, "trace", "--boot", *CROWDED, "--", "cat /etc/hostname")
+    assert code == cli.EXIT_OK, err
+    assert "kprobevm: not recorded, stopping at each hit: do_sys_openat2+0x0/0x" in err, err
+    assert "over the 2,048 of its cell" in err
+    assert any(": c1: " in line and 'fn="/etc/hostname"' in line for line in out.splitlines())

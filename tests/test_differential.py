@@ -4,7 +4,8 @@ the placed probes compared as debugfs ``kprobes/list`` lines.
 
 The guest kernel is the oracle. One guest per kernel of :data:`KERNELS` (module scope);
 each batch of :data:`TRACED` runs once through tracefs, then through kprobevm recorded
-(when every event of the batch can be recorded) and stopping.
+(when every event of the batch can be recorded) and stopping; :data:`CROWDED` runs as
+``--mode auto`` takes it, which must fall back to stopping.
 """
 
 from __future__ import annotations
@@ -59,13 +60,23 @@ TRACED: tuple[tuple[str, ...], ...] = (
         "p do_filp_open",
         "p:ks ksys_write+0 buf=+0(%si):x8[2]",
     ),
-    (  # return probes: r, %return, maxactive, $retval typed, a return on an entry's address
+    (  # return probes: r, %return, maxactive, $retval typed, a return on an entry's address,
+       # two on one function
         "p:k1 do_sys_openat2 s0=$stack0:symbol",
         "r:or do_sys_openat2 $retval ret=$retval:s32 c=$comm ip=%ip oa=%orig_ax",
+        "r:or2 do_sys_openat2 ret=$retval:s32",  # two return probes on one function
         "p:fo2 do_filp_open%return err=$retval:b1@63/64",
         "r:gr getname_flags ret=$retval:b1@63/64 cs=%cs",
         "r10:mr ksys_write rv=$retval:s32",
         "r:mr close_fd rv=$retval:s32",
+    ),
+    (  # five events with arrays on one address: their record program would not fit its
+       # cell, so --mode auto stops at each hit (CROWDED)
+        "p:c1 do_sys_openat2 ar=+0(%si):x8[8] w=+0(%si):u16[4] fn=+0(%si):ustring",
+        "p:c2 do_sys_openat2 ar=+0(%si):u8[8] dfd=%di:s32",
+        "p:c3 do_sys_openat2 q=+0(%dx):x64[3] fl=+0(%dx):x64",
+        "p:c4 do_sys_openat2 s=+0(%si):s8[6] fn=+0(%si):string",
+        "p:c5 do_sys_openat2 h=+0(%si):x16[4] c=$comm",
     ),
 )
 """Definitions the guest accepts, in batches placed together."""
@@ -149,8 +160,10 @@ def test_rules_are_decided_from_the_kernel() -> None:
     assert parse_version("Linux version 6.1.0-57-cloud-amd64 (debian-kernel@...)") == (6, 1, 0)
     old = KernelRules.decide(KernelFacts((5, 4, 0), {"kretprobe_trampoline"}))
     assert not old.mixed_reads and old.rethook_trampoline == "kretprobe_trampoline"
+    assert not old.kretprobed
     new = KernelRules.decide(KernelFacts((6, 1, 0), {"arch_rethook_trampoline"}))
     assert new.mixed_reads and new.newest_first and not new.ftrace_kprobes
+    assert new.kretprobed
 
 
 # --- real guests ------------------------------------------------------------------------
@@ -190,16 +203,22 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
             print(f"\n{request.param} {mode}: {matched}/{compared} lines identical")
 
 
-def _has_return(batch: tuple[str, ...]) -> bool:
-    return any(d.startswith("r") or "%return" in d for d in batch)
+CROWDED = len(TRACED) - 1
+"""The batch whose events on one address need a record program larger than its cell."""
 
 
-RUNS = [
-    (index, mode)
-    for index, batch in enumerate(TRACED)
-    for mode in ("record", "stop")
-    if mode == "stop" or not _has_return(batch)  # return probes always stop the guest
-]
+def _modes(index: int, batch: tuple[str, ...]) -> tuple[str, ...]:
+    """How kprobevm's side runs a batch: recorded and stopping, as ``--mode auto`` takes
+    it where it cannot record (falling back to stopping, which the test checks), and
+    only stopping with a return probe (return probes always stop the guest)."""
+    if any(d.startswith("r") or "%return" in d for d in batch):
+        return ("stop",)
+    if index == CROWDED:
+        return ("auto",)
+    return ("record", "stop")
+
+
+RUNS = [(index, mode) for index, batch in enumerate(TRACED) for mode in _modes(index, batch)]
 
 
 @pytest.mark.vm
@@ -210,6 +229,8 @@ def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, m
     guest = harness.guest_run(index)
     assert guest.of(COMM), "the workload made no line on the guest's side"
     ours = diff.run_kprobevm(vm, definitions, WORKLOAD, mode=mode)
+    if mode == "auto":
+        assert ours.record_refused is not None and "record program" in ours.record_refused
     result = diff.compare_lines(guest.of(COMM), ours.of(COMM))
     harness.count(mode, result)
     assert result.identical, result.describe()

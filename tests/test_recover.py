@@ -309,7 +309,7 @@ def test_giving_returns_back_leaves_the_guest_table_to_the_trampoline() -> None:
     rp = Kretprobe(symbol_name="do_nanosleep")
     ri = KretprobeInstance(rp=rp, slot=slot, ret_addr=0xFFFFFFFF81234567, cpu=0,
                            data=bytearray(), index=0)  # fmt: skip
-    returns.entries[0], returns.by_slot[slot] = ri, ri
+    returns.entries[0] = returns.by_slot[slot] = [ri]
     rp.active = 1
     assert returns.unhijack_all() == 1
     assert memory.words[slot] == 0xFFFFFFFF81234567

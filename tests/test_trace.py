@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kprobevm.errors import ProbeSyntaxError
+from kprobevm.errors import KprobeError, ProbeSyntaxError
 from kprobevm.guest.vm import VM
 from kprobevm.tracing import EventHit, ProbeEvent, parse_event
 from kprobevm.tracing.session import TraceSession, args_of, plan_events
@@ -74,6 +74,40 @@ def test_return_probe_shows_enoent(vm: VM) -> None:
     assert doc["function"] == "do_sys_openat2" and doc["args"] == {
         "arg1": 0xFFFFFFFFFFFFFFFE, "ret": -2}  # fmt: skip
     json.dumps(doc)
+
+
+CROWDED = (
+    "p:c1 do_sys_openat2 ar=+0(%si):x8[8] w=+0(%si):u16[4] fn=+0(%si):ustring",
+    "p:c2 do_sys_openat2 ar=+0(%si):u8[8] dfd=%di:s32",
+    "p:c3 do_sys_openat2 q=+0(%dx):x64[3] fl=+0(%dx):x64",
+    "p:c4 do_sys_openat2 s=+0(%si):s8[6] fn=+0(%si):string",
+    "p:c5 do_sys_openat2 h=+0(%si):x16[4] c=$comm",
+)
+"""Five events with arrays on one address: their record program would not fit its cell."""
+
+
+def test_auto_mode_stops_where_the_record_program_would_not_fit(vm: VM) -> None:
+    """``auto`` falls back to stopping at each hit, and says why; ``record`` refuses
+    before anything is placed."""
+    plan = plan_events(vm, events(*CROWDED))
+    with pytest.raises(KprobeError, match="over the 2,048 of its cell"):
+        TraceSession(vm, plan, mode="record").start()
+    assert not vm.kprobes.table, "a refused session placed nothing"
+    session = TraceSession(vm, plan)
+    with session:
+        vm.run("cat /etc/hostname; true")
+    assert not session.recorded and session.record_refused is not None
+    assert session.record_refused.startswith("do_sys_openat2+0x0/0x")
+    assert "kprobes/c1, kprobes/c2, kprobes/c3, kprobes/c4, kprobes/c5" in session.record_refused
+    assert not session.handler_errors() and session.missed() == 0
+    hits = [h for h in session.drain() if h.comm == "cat"]
+    ours = [h for h in hits if args_of(h).get("fn") == b"/etc/hostname"]
+    assert {h.event for h in ours} == {"c1", "c4"}, [h.line() for h in hits]
+    c1 = next(h for h in ours if h.event == "c1")
+    assert c1.line().endswith(
+        ' ar={0x2f,0x65,0x74,0x63,0x2f,0x68,0x6f,0x73} w={25903,25460,26671,29551}'
+        ' fn="/etc/hostname"'
+    ), c1.line()
 
 
 def test_count_only_counts_every_call(vm: VM) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from kprobevm.errors import KprobeError
-from kprobevm.kprobes.recorder import decode_record
+from kprobevm.kprobes.recorder import RecordSpec, decode_record, program_size
 from kprobevm.x86 import record as rec
 from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
 from tests._x86_unicorn import GPRS, Machine, unicorn
@@ -225,3 +225,33 @@ def test_program_fits_its_cell() -> None:
     with pytest.raises(KprobeError, match="over 16"):
         rec.check_program_fits(b"\x90" * 17, 16, "somewhere")
     rec.check_program_fits(b"\x90" * 16, 16, "somewhere")
+
+
+def test_a_programs_size_is_known_before_it_is_placed() -> None:
+    """A trace session sizes a site's program before there is a ring or a cell:
+    wherever the program goes, its size is the same."""
+    rng = random.Random(5)
+    for _ in range(20):
+        specs = []
+        for _ in range(rng.randint(1, 4)):
+            captures: list[Capture] = []
+            for _ in range(rng.randint(0, 6)):
+                base = rng.choice(("reg", "capture", "const")) if captures else "reg"
+                captures.append(Capture(
+                    offset=rng.choice((0, 8, -16, 0x12345678, (1 << 64) - 8)),
+                    size=rng.choice((1, 2, 4, 8, 64, 256)),
+                    reg="si" if base == "reg" else None,
+                    from_capture=rng.randrange(len(captures)) if base == "capture" else None,
+                    string=rng.random() < 0.3, user=rng.random() < 0.3,
+                    mixed=rng.random() < 0.5,
+                ))  # fmt: skip
+            specs.append(RecordSpec(captures=tuple(captures)))
+        here = rec.build_record_program(
+            PROGRAM, probes=tuple((PROBE_ID + i, RecordLayout(s.captures))
+                                  for i, s in enumerate(specs)),
+            probe_ip=PROBE_IP, ring=RING_LAYOUT, helpers=HELPER_ADDRS, cont=CONT,
+        ).code  # fmt: skip
+        assert program_size(specs, probe_ip=PROBE_IP) == len(here)
+    counted = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
+    only_count = [RecordSpec(count_only=True)] * 2
+    assert program_size(only_count, probe_ip=PROBE_IP) == len(counted.code)

@@ -52,7 +52,8 @@ BATCH = (
 COUNTED = ("ksys_write", "path_init")
 """Batch members without handlers: counted in the guest (the record ring's pages too)."""
 RETURNS = ("do_nanosleep", "pipe_read")
-"""Return probes of the kretprobe phase: both sleep with the call in flight."""
+"""Return probes of the kretprobe phase: both sleep with the call in flight (pipe_read
+gets two, as two return probes on one function share the call's hijack)."""
 HOLD = "do_sys_openat2"
 """The handler phase's probe: its pre_handler sleeps, holding the VM stopped."""
 TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic", "invalid opcode")
@@ -81,7 +82,8 @@ vm.journal_path = Path(journal)
 say = lambda *words: os.write(1, (" ".join(map(str, words)) + "\n").encode())
 hit = lambda kp, regs: None
 if phase == "kretprobe":
-    rps = [Kretprobe(symbol_name=name, handler=hit) for name in RETURNS]
+    # two on pipe_read: each blocked reader's call carries both probes' instances
+    rps = [Kretprobe(symbol_name=name, handler=hit) for name in (*RETURNS, RETURNS[-1])]
     for rp in rps:
         vm.register_kretprobe(rp)
     say("armed")

@@ -9,11 +9,13 @@ address back in the slot, frees the entry, does a watched store (the host runs
 no host for any of this: with the host gone, or the probe unregistered, a pending return
 still lands where it should.
 
-Instances live per stack slot, which is per (task stack, depth): the kernel's
-per-task instance list. ``maxactive`` bounds the instances of one kretprobe in flight; a
-hit past it counts in ``nmissed``. An instance whose stack slot no longer holds the
-trampoline (a function that never returned, like ``do_exit``) is reclaimed when the
-table needs room.
+Calls live per stack slot, which is per (task stack, depth): the kernel's per-task
+instance list. Several return probes on one function share the call's one hijack: each
+gets its own instance (a :data:`Chain` per slot), and at the return every handler runs,
+the last hooked first, as the kernel's rethook runs them. ``maxactive`` bounds the
+instances of one kretprobe in flight; a hit past it counts in ``nmissed``. A call whose
+stack slot no longer holds the trampoline (a function that never returned, like
+``do_exit``) is reclaimed when the table needs room.
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import KprobeManager
 
-__all__ = ["Kretprobe", "KretprobeInstance", "KretprobeManager"]
+__all__ = ["Chain", "Kretprobe", "KretprobeInstance", "KretprobeManager"]
 
 log = logging.getLogger(__name__)
 
 TABLE_ENTRIES = 4096 // ENTRY
 
 RetHandler = Callable[["KretprobeInstance", PtRegs], Any]
+
+Chain = list["KretprobeInstance"]
+"""The instances of one call whose return the trampoline took, in the order their entry
+handlers ran (the kernel's rethook list for one frame); all share the first's table
+entry and real return address."""
 
 
 @dataclass(eq=False)
@@ -65,6 +72,11 @@ class KretprobeInstance:
     queued_at: int = -1
     """``Target.write_backs`` when its table entry and hijack were queued: until the
     count moves on they are not in the guest, and the slot still holds the real address."""
+    chained: bool = False
+    """Another return probe on this function took this call's return first (it runs
+    earlier at the entry): the kernel's instance then holds that probe's trampoline as
+    its return address, which tracefs prints as ``[unknown/kretprobe'd]``. ``ret_addr``
+    is the real caller all the same."""
 
 
 @dataclass(eq=False)
@@ -125,8 +137,10 @@ class KretprobeManager:
         self.trampoline = 0
         self.store_end = 0
         self.table = 0
-        self.entries: list[KretprobeInstance | None] = [None] * TABLE_ENTRIES
-        self.by_slot: dict[int, KretprobeInstance] = {}
+        self.entries: list[Chain | None] = [None] * TABLE_ENTRIES
+        """The call holding each guest table entry (None: free)."""
+        self.by_slot: dict[int, Chain] = {}
+        """The call in flight whose return address was at each stack slot."""
         self.entry_probes: set[int] = set()
         """``id`` of each registered return probe's entry kprobe (kprobes/list shows ``r``)."""
         self.stale_returns = 0
@@ -216,11 +230,16 @@ class KretprobeManager:
         layout = self.layout
         ret_addr = memory.u64(slot)
         task = memory.u64(regs.gs_base + layout.current) if layout is not None else 0
+        chain = self._hooked_call(slot, ret_addr)
         ri = KretprobeInstance(
             rp=rp, slot=slot, ret_addr=ret_addr, cpu=regs.cpu,
             data=bytearray(rp.data_size), task=task,
         )  # fmt: skip
-        if layout is not None and task:
+        if chain is not None:  # another return probe on this function hooked this call
+            first = chain[0]
+            ri.ret_addr, ri.index, ri.queued_at = first.ret_addr, first.index, first.queued_at
+            ri.task_stack, ri.chained = first.task_stack, True
+        elif layout is not None and task:
             ri.task_stack = memory.u64(task + layout.stack)
         self._entry_reads.remember(regs.cpu, memory.reads)
         if rp.entry_handler is not None:
@@ -229,16 +248,28 @@ class KretprobeManager:
                     return
             except Exception as exc:
                 self._handler_failed(rp, exc, "entry_handler")
+        if chain is not None:
+            chain.append(ri)  # the call's one hijack returns through every instance
+            rp.active += 1
+            return
         old = self.by_slot.pop(slot, None)
         if old is not None:  # the call that used this slot before never came back
             self._free(old)
+            # its guest entry goes too: the trampoline must find only this call's
+            self.target.queue_write(self.table + ENTRY * old[0].index, bytes(ENTRY))
+        if ret_addr == self.trampoline:
+            # our trampoline already, with no call of ours behind it: hooking would make
+            # the trampoline return into itself
+            rp.nmissed += 1
+            return
         index = self._alloc()
         if index is None:
             rp.nmissed += 1
             return
         ri.index = index
-        self.entries[index] = ri
-        self.by_slot[slot] = ri
+        chain = [ri]
+        self.entries[index] = chain
+        self.by_slot[slot] = chain
         rp.active += 1
         # Both writes ride with the resume: the table entry first, then the hijack.
         target = self.target
@@ -246,12 +277,25 @@ class KretprobeManager:
         target.queue_write(slot, struct.pack("<Q", self.trampoline))
         ri.queued_at = target.write_backs
 
-    def _dead(self, ri: KretprobeInstance) -> bool:
+    def _hooked_call(self, slot: int, ret_addr: int) -> Chain | None:
+        """The call at ``slot`` if a return probe already hooked it at this very entry
+        (several return probes on one function): its hijack is still queued, or the
+        slot holds our trampoline already, which only this call's entry can have put
+        there. A call left at the slot from before is not this one."""
+        chain = self.by_slot.get(slot)
+        if chain is None:
+            return None
+        if chain[0].queued_at == self.target.write_backs or ret_addr == self.trampoline:
+            return chain
+        return None
+
+    def _dead(self, chain: Chain) -> bool:
         """A call that will never come back through the trampoline.
 
         Its stack slot lost our address (the stack moved on), or its task has exited
         (a function like do_exit that never returns) or is gone (stack pointer changed).
         """
+        ri = chain[0]
         if ri.queued_at == self.target.write_backs:
             return False  # its hijack is still queued: the slot is not ours yet
         memory = self.memory
@@ -272,61 +316,71 @@ class KretprobeManager:
             return True  # its task_struct is gone with it
 
     def _reclaim(self, rp: Kretprobe | None = None) -> bool:
-        """Free the dead instances (of ``rp``, or all); True if any was freed."""
+        """Free the dead calls (those with an instance of ``rp``, or all); True if any
+        instance was freed."""
         freed = False
-        for ri in list(self.by_slot.values()):
-            if rp is not None and ri.rp is not rp:
+        for chain in list(self.by_slot.values()):
+            if rp is not None and all(ri.rp is not rp for ri in chain):
                 continue
-            if self._dead(ri):
-                self.by_slot.pop(ri.slot, None)
-                self._free(ri)
-                self.memory.write(self.table + ENTRY * ri.index, bytes(ENTRY))
-                self.reclaimed += 1
+            if self._dead(chain):
+                first = chain[0]
+                self.by_slot.pop(first.slot, None)
+                self._free(chain)
+                self.memory.write(self.table + ENTRY * first.index, bytes(ENTRY))
+                self.reclaimed += len(chain)
                 freed = True
         return freed
 
     def _alloc(self) -> int | None:
         for _ in range(2):
-            for i, ri in enumerate(self.entries):
-                if ri is None:
+            for i, chain in enumerate(self.entries):
+                if chain is None:
                     return i
             if not self._reclaim():
                 break
         return None
 
-    def _free(self, ri: KretprobeInstance) -> None:
-        if 0 <= ri.index < len(self.entries) and self.entries[ri.index] is ri:
-            self.entries[ri.index] = None
-        ri.rp.active -= 1
+    def _free(self, chain: Chain) -> None:
+        """Give the call's table entry (host side) and every instance's count back."""
+        index = chain[0].index
+        if 0 <= index < len(self.entries) and self.entries[index] is chain:
+            self.entries[index] = None
+        for ri in chain:
+            ri.rp.active -= 1
 
     # -- the return (trap thread, VM stopped) ------------------------------------------
 
     def on_return(self, gregs: dict[str, int], cpu: int, *, redirect: bool) -> dict[str, int]:
-        """Run the handler of the return that stopped at the trampoline's store.
+        """Run the handlers of the return that stopped at the trampoline's store: every
+        return probe's on that call, the last hooked first (the kernel's order).
 
-        Returns the registers (gdb names) the handler changed, to be written back.
+        Returns the registers (gdb names) the handlers changed, to be written back.
         """
         slot = gregs["rsp"]
-        ri = self.by_slot.pop(slot, None)
-        if ri is None:
+        chain = self.by_slot.pop(slot, None)
+        if chain is None:
             self.stale_returns += 1
             return {}
-        self._free(ri)
-        rp = ri.rp
+        self._free(chain)
+        ret_addr = chain[0].ret_addr
         # For a return QEMU did not report (SMP), the host does the trampoline's ret: the
         # vCPU leaves the trampoline now, so a late report cannot pass for another return.
-        leave = {"rip": ri.ret_addr, "rsp": slot + 8} if redirect else {}
-        if not rp.registered or rp.handler is None:
+        leave = {"rip": ret_addr, "rsp": slot + 8} if redirect else {}
+        runs = [ri for ri in reversed(chain) if ri.rp.registered and ri.rp.handler is not None]
+        if not runs:
             return leave
         gregs = dict(gregs)
-        gregs["rip"] = ri.ret_addr
+        gregs["rip"] = ret_addr
         gregs["rsp"] = slot + 8  # as right after the function's ret
         regs = PtRegs.from_gdb(gregs, cpu=cpu, memory=self.memory)
-        rp.nhit += 1
-        try:
-            rp.handler(ri, regs)
-        except Exception as exc:
-            self._handler_failed(rp, exc, "handler")
+        for ri in runs:  # one pt_regs for all, as the kernel passes its one frame
+            rp = ri.rp
+            assert rp.handler is not None
+            rp.nhit += 1
+            try:
+                rp.handler(ri, regs)
+            except Exception as exc:
+                self._handler_failed(rp, exc, "handler")
         return to_gdb_names(regs.changes(), skip=("ip", "sp")) | leave
 
     # -- teardown ------------------------------------------------------------------------
@@ -340,7 +394,8 @@ class KretprobeManager:
         hijacked after this, and the table goes with the slot area."""
         memory = self.memory
         restored = 0
-        for ri in list(self.by_slot.values()):
+        for chain in list(self.by_slot.values()):
+            ri = chain[0]
             try:
                 pending = memory.u64(ri.slot) == self.trampoline
             except GuestFaultError:
@@ -348,6 +403,6 @@ class KretprobeManager:
             if pending:
                 memory.write(ri.slot, struct.pack("<Q", ri.ret_addr))
                 restored += 1
-            self._free(ri)
+            self._free(chain)
         self.by_slot.clear()
         return restored

@@ -46,6 +46,7 @@ __all__ = [
     "Recorder",
     "copy_helpers",
     "decode_record",
+    "program_size",
 ]
 
 RING_PAGES = 64  # 256 KiB
@@ -388,6 +389,37 @@ class Recorder:
         raw = self.memory.read(self.layout.counters, 16 * top)
         for probe_id, probe in self.probes.items():
             probe.kp.nmissed = struct.unpack_from("<Q", raw, 16 * probe_id + 8)[0]
+
+
+_SOMEWHERE = 0xFFFFFFFFFE000000  # an address in the slot area's range, for a size only
+_SOME_RING = rec.RingLayout(
+    head=_SOMEWHERE, tail=_SOMEWHERE + _CONTROL_TAIL, drain=_SOMEWHERE + _CONTROL_DRAIN,
+    busy=_SOMEWHERE + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=_SOMEWHERE + PAGE_SIZE,
+    ring=_SOMEWHERE + 8 * PAGE_SIZE, ring_size=RING_PAGES * PAGE_SIZE,
+    high_water=RING_PAGES * PAGE_SIZE // 2,
+)  # fmt: skip
+_SOME_HELPERS = rec.CopyHelpers(
+    copy_from_kernel=0xFFFFFFFF81000000, copy_from_user=0xFFFFFFFF81000100,
+    strncpy_from_kernel=0xFFFFFFFF81000200, strncpy_from_user=0xFFFFFFFF81000300,
+    cpu_number=0x1000, current_task=0x2000, task_pid=0x500, task_comm=0x700,
+)  # fmt: skip
+
+
+def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
+    """Bytes of the program of a site recording ``specs`` (one per probe, as
+    :meth:`Recorder.write_program` builds it), wherever it goes: the program's shape does
+    not depend on addresses (every branch, call and memory operand in it has a 32-bit
+    displacement), so a trace session can tell before placing anything whether it fits
+    its :data:`PROGRAM_SIZE` cell."""
+    at, cont = _SOMEWHERE + 64 * PAGE_SIZE, _SOMEWHERE + 65 * PAGE_SIZE
+    if all(spec.count_only for spec in specs):
+        counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
+        return len(rec.build_count_program(at, counters=counters, cont=cont).code)
+    probes = tuple((i, rec.RecordLayout(spec.captures)) for i, spec in enumerate(specs))
+    return len(rec.build_record_program(
+        at, probes=probes, probe_ip=probe_ip, ring=_SOME_RING, helpers=_SOME_HELPERS,
+        cont=cont,
+    ).code)  # fmt: skip
 
 
 def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelpers:

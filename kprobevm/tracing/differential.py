@@ -273,6 +273,9 @@ class SideRun:
 
     lines: tuple[TraceLine, ...]
     kprobes_list: tuple[str, ...]
+    record_refused: str | None = None
+    """kprobevm's side in ``auto`` mode: why its events stopped the guest instead of
+    being recorded (None: recorded, or the guest's side)."""
 
     def of(self, comm: str) -> list[TraceLine]:
         """The lines of the tasks named ``comm`` (the workload's own)."""
@@ -406,7 +409,9 @@ def run_kprobevm(
         raise DifferentialError("kprobevm's handlers raised:\n" + "\n".join(errors))
     names = arg_names(definitions)
     text = "\n".join(hit.line() for hit in session.drain())
-    return SideRun(tuple(parse_trace(text, names)), parse_kprobes_list(listed))
+    return SideRun(
+        tuple(parse_trace(text, names)), parse_kprobes_list(listed), session.record_refused
+    )
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,17 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.x86.ptregs import PtRegs
 
-__all__ = ["HitBuilder", "HitContext", "PlacedEvent"]
+__all__ = ["KRETPROBED", "HitBuilder", "HitContext", "PlacedEvent"]
 
 _UNKNOWN_COMM = "<...>"
 HIJACKED_RETURN = "$stack0"
 """A ``fixed`` entry for the return address at a function's entry, as the kernel's return
 probe has already replaced it when a later-defined return probe on the same function
 runs first (the newest_first rule): the kernel's trampoline."""
+KRETPROBED = "[unknown/kretprobe'd]"
+"""What the kernel prints for a return address that is its return trampoline: the
+return of a call another return probe on the same function hooked first, whose
+instance kept that probe's trampoline as the address to return to."""
 _REGISTERS = frozenset(("ip", "orig_ax"))  # what the trace file prints for a pid with no saved comm
 
 
@@ -184,6 +188,9 @@ class HitBuilder:
     once the return trampoline is in place."""
     kernel_trampoline: int = 0
     """The kernel's own return trampoline (0: unknown)."""
+    kretprobed: bool = True
+    """The kernel prints a return to its trampoline as :data:`KRETPROBED` (the
+    kretprobed rule); else as the trampoline's symbol."""
 
     def place(
         self, plan: PlannedProbe, spec: RecordSpec | None, *, hijacked: bool = False
@@ -201,9 +208,14 @@ class HitBuilder:
             )
         elif res.event.is_return:
             hit, describe = self._stopped(plan, counter, False), self.symbols.describe
+            # the kernel's instance of a call another return probe hooked first returns
+            # to that probe's trampoline (the kretprobed rule says how that prints)
+            hooked = KRETPROBED
+            if not self.kretprobed and self.kernel_trampoline:
+                hooked = describe(self.kernel_trampoline)
 
             def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
-                hit(regs, describe(ri.ret_addr), res.where)
+                hit(regs, hooked if ri.chained else describe(ri.ret_addr), res.where)
 
             probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=res.event.maxactive)
         else:

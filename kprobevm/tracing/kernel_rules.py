@@ -118,6 +118,20 @@ RULES: tuple[KernelRule, ...] = (
         change="Linux 3.15 (x86), 'kprobes/x86: Support kprobes on ftrace' (KPROBES_ON_FTRACE)",
         decide=_ftrace_kprobes,
     ),
+    KernelRule(
+        name="kretprobed",
+        behaviour=(
+            "a return address that is the kernel's return trampoline (the return of a call "
+            "that another return probe on the function hooked first) prints as "
+            "`[unknown/kretprobe'd]`; before, a return line printed the trampoline's "
+            "symbol with its offset"
+        ),
+        change=(
+            "Linux 5.15, 'tracing: Show kretprobe unknown indicator only for "
+            "kretprobe_trampoline' (the address is compared, not the name)"
+        ),
+        decide=lambda facts: facts.at_least(5, 15),
+    ),
 )
 """Every rule kprobevm knows, in one place."""
 
@@ -130,6 +144,7 @@ class KernelRules:
     mixed_reads: bool
     newest_first: bool
     ftrace_kprobes: bool
+    kretprobed: bool
     rethook_trampoline: str | None
     """The kernel's name for the return trampoline a return probe puts on the stack
     (``arch_rethook_trampoline`` since 5.19, ``__kretprobe_trampoline`` before that,
@@ -144,13 +159,13 @@ class KernelRules:
         return cls(
             version=facts.version, mixed_reads=got["mixed_reads"],
             newest_first=got["newest_first"], ftrace_kprobes=got["ftrace_kprobes"],
-            rethook_trampoline=trampoline,
+            kretprobed=got["kretprobed"], rethook_trampoline=trampoline,
         )  # fmt: skip
 
 
 LATEST = KernelRules(
     version=(6, 1, 0), mixed_reads=True, newest_first=True, ftrace_kprobes=True,
-    rethook_trampoline="arch_rethook_trampoline",
+    kretprobed=True, rethook_trampoline="arch_rethook_trampoline",
 )  # fmt: skip
 """The rules of the default image's kernel: for planning without a guest."""
 

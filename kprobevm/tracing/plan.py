@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError
 from kprobevm.kernel.patchsites import FTRACE_NOP
-from kprobevm.kprobes.recorder import RecordSpec
+from kprobevm.kprobes.recorder import PROGRAM_SIZE, RecordSpec, program_size
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
 from kprobevm.tracing.errors import probe_error
 from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent
@@ -237,7 +237,24 @@ def record_specs(
             specs.append(record_spec(p.resolved.args, string_size=string_size))
         except Unrecordable as exc:
             return specs, f"{ev.group}/{ev.event}: {exc}"
-    return specs, ""
+    return specs, _program_too_large(plan, specs)
+
+
+def _program_too_large(plan: Sequence[PlannedProbe], specs: Sequence[RecordSpec]) -> str:
+    """Why the events of one address cannot be recorded together ("" if they can): the
+    guest runs one record program per address, in a cell of :data:`PROGRAM_SIZE` bytes."""
+    at: dict[int, list[int]] = {}
+    for i, p in enumerate(plan):
+        at.setdefault(p.place, []).append(i)
+    for place, indices in at.items():
+        size = program_size([specs[i] for i in indices], probe_ip=place)
+        if size > PROGRAM_SIZE:
+            names = ", ".join(f"{plan[i].event.group}/{plan[i].event.event}" for i in indices)
+            return (
+                f"{plan[indices[0]].resolved.where}: the record program of {names} takes"
+                f" {size:,} bytes, over the {PROGRAM_SIZE:,} of its cell"
+            )
+    return ""
 
 
 def check_definitions(texts: Sequence[str]) -> tuple[list[ProbeEvent], list[str]]:

@@ -89,6 +89,10 @@ class TraceSession(Closing):
     """Bytes a recorded string keeps (its NUL included)."""
     recorded: bool = field(default=False, init=False)
     """Whether the events are recorded by the guest (decided in :meth:`start`)."""
+    record_refused: str | None = field(default=None, init=False)
+    """In ``auto`` mode, why the events stop the guest at each hit instead of being
+    recorded (a return probe, an argument the guest cannot read ahead, a record program
+    too large for its cell, ...); None when they are recorded or ``stop`` was asked for."""
     _specs: list[RecordSpec | None] = field(default_factory=list, init=False, repr=False)
     _tsc_khz: int = field(default=0, init=False, repr=False)
     hits: queue.SimpleQueue[EventHit] = field(default_factory=queue.SimpleQueue, init=False)
@@ -118,7 +122,7 @@ class TraceSession(Closing):
             symbols=symbols, layout=layout, sink=self.on_hit or self.hits.put,
             clock=self.clock, started_ns=self.started_ns, count_only=self.count_only,
             tsc_khz=self._tsc_khz,
-            kernel_trampoline=trampoline or 0,
+            kernel_trampoline=trampoline or 0, kretprobed=rules.kretprobed,
         )  # fmt: skip
         placed = [
             builder.place(p, spec, hijacked=self._hijacked(i, rules.newest_first))
@@ -175,6 +179,9 @@ class TraceSession(Closing):
         if self.mode == "record" and why:
             raise KprobeError(f"cannot record these events: {why}")
         self.recorded = self.mode != "stop" and not why
+        if self.mode == "auto" and why:
+            self.record_refused = why
+            log.info("the events stop the guest at each hit: %s", why)
         self._specs = [*specs] if self.recorded else [None] * len(self.plan)
         if self.recorded and not self.count_only:
             raw = self.vm.read(self.vm.symbols["tsc_khz"], 4)
