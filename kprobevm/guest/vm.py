@@ -357,6 +357,7 @@ class VM(Closing):
         with self._lock:
             if self._kprobes is None:
                 from kprobevm.kprobes.core import KprobeManager
+                from kprobevm.x86.arch import has_ibt
 
                 # over SSH, now: nothing below may wait on SSH while the VM is held stopped
                 reserve = self.slot_reserve
@@ -368,7 +369,7 @@ class VM(Closing):
                     symbols=self.symbols, blacklist=self.kprobe_blacklist,
                     patch_sites=self.patch_sites, target=self.target, memory=self.memory,
                     channel_installer=channel_installer, refresh_symbols=self.refresh_symbols,
-                    module_layout=self._module_layout,
+                    module_layout=self._module_layout, ibt=has_ibt(self.symbols),
                 )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes
