@@ -175,7 +175,7 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
         if joins:
             registry.add(event)
         resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary,
-                                 adjust=entry_adjust(vm))
+                                 adjust=entry_adjust(vm) if rules.ibt_entry else None)
         if not joins:
             registry.add(event)
         position = _position_of_place(event)
