@@ -305,10 +305,15 @@ class VM(Closing):
 
     @functools.cached_property
     def kprobe_blacklist(self) -> Blacklist:
-        """Where probes are refused (the kernel's kprobe blacklist and ours)."""
+        """Where probes are refused (the kernel's kprobe blacklist and ours). Parts it
+        cannot rebuild (no vmlinux, a kernel without KPROBES or KALLSYMS_ALL) are in its
+        ``missing`` and said on stderr: probes there are not refused."""
         from kprobevm.kernel.blacklist import Blacklist
 
-        return Blacklist.build(self.symbols, self.vmlinux)
+        blacklist = Blacklist.build(self.symbols, self.vmlinux)
+        for part in blacklist.missing:
+            self.log.warning("kprobe blacklist incomplete: %s", part)
+        return blacklist
 
     def blacklist(self) -> str:
         """The blacklist in the debugfs ``kprobes/blacklist`` format."""
