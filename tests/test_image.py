@@ -352,6 +352,8 @@ def test_built_in_modules_need_no_file(tmp_path: Path) -> None:
     (moddir / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
     builtin = builtin_modules(moddir, b"virtio_net.license=GPL\0virtio_net.file=x\0")
     assert builtin == {"virtio_pci", "virtio_net"}
+    initcalls = ["__initcall__kmod_virtio_net__384_4370_virtio_net_driver_init6", "vfs_read"]
+    assert builtin_modules(None, symbols=initcalls) == {"virtio_net"}
     assert module_order(moddir, ["virtio_pci", "virtio-net"], builtin) == []
     with pytest.raises(ImageError, match="neither built in nor found"):
         module_order(None, ["failover"], builtin)

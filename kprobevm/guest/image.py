@@ -568,16 +568,19 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _modinfo_section(vmlinux: Path) -> bytes:
-    """The vmlinux's ``.modinfo`` section (built-in modules' information), or b"" when it
-    has none or is no ELF (a stand-in in tests)."""
+def _builtin_evidence(vmlinux: Path) -> tuple[bytes, list[str]]:
+    """What a vmlinux says of its built-in modules: its ``.modinfo`` section and its
+    symbol names (b"" and none for a vmlinux cut from a bzImage, or no ELF: a stand-in
+    in tests)."""
     from kprobevm.kernel.vmlinux import Vmlinux
 
     try:
         with Vmlinux(vmlinux) as elf:
-            return elf.read_section(".modinfo") if elf.has_section(".modinfo") else b""
+            modinfo = elf.read_section(".modinfo") if elf.has_section(".modinfo") else b""
+            symbols = elf.symbols
+            return modinfo, [s.name for s in symbols] if symbols is not None else []
     except VmlinuxError:
-        return b""
+        return b"", []
 
 
 def _banner_release(vmlinux: Path) -> str:
@@ -614,7 +617,7 @@ def _assemble(key: str, inputs: dict[str, object], target: Path, *, vmlinuz: Pat
             (out / "vmlinux").symlink_to(vmlinux.resolve())
         else:
             (out / "vmlinux").write_bytes(vmlinux)
-        builtin = builtin_modules(moddir, _modinfo_section(out / "vmlinux"))
+        builtin = builtin_modules(moddir, *_builtin_evidence(out / "vmlinux"))
         _log("writing the initramfs")
         initrd, modules = _initramfs(moddir, builtin, out)
         _write_secret(out / "initrd.cpio", initrd)

@@ -1,7 +1,7 @@
 """The initramfs's parts that need no recipe: the newc archive writer, and kernel modules
 put in load order from their own ``.modinfo`` (Debian's kernel package has no modules.dep).
-A module the kernel has built in (``modules.builtin``, or its name in the vmlinux's own
-``.modinfo`` section, where kbuild keeps built-in modules' information) needs no file.
+A module the kernel has built in (``modules.builtin``, or its name in the vmlinux's
+initcall symbols) needs no file.
 
 The archive is written here, in memory, so that building an image needs no root and no
 fakeroot: every entry's owner, mode and device numbers are set directly.
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from kprobevm.errors import ImageError
@@ -118,12 +119,21 @@ def _module_name(text: str) -> str:
     return text.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
 
 
-def builtin_modules(moddir: Path | None, modinfo: bytes = b"") -> frozenset[str]:
+_INITCALL = re.compile(r"__initcall__kmod_([A-Za-z0-9_]+?)__\d+_\d+_")
+
+
+def builtin_modules(moddir: Path | None, modinfo: bytes = b"",
+                    symbols: Iterable[str] = ()) -> frozenset[str]:
     """Modules the kernel has built in: ``modules.builtin`` in ``moddir`` (Debian ships
-    it), and the ``NAME.`` prefixes of ``modinfo``, the vmlinux's ``.modinfo`` section
-    (any kernel since 5.2 keeps its built-in modules' information there; a self-built
-    kernel may come without ``modules.builtin``)."""
+    it; ``make modules_install`` writes it), the ``NAME.`` prefixes of ``modinfo`` (a
+    ``.modinfo`` section, where a vmlinux keeps one), and the module names in the
+    vmlinux's initcall symbols (``__initcall__kmod_virtio_net__...``, since 5.13): a
+    self-built kernel whose modules were never installed says so only there."""
     names: set[str] = set()
+    for name in symbols:
+        match = _INITCALL.match(name)
+        if match is not None:
+            names.add(match.group(1))
     if moddir is not None:
         try:
             text = (moddir / "modules.builtin").read_text()
