@@ -50,14 +50,27 @@ def _progress(message: str) -> None:
     print(f"kprobevm: {message}", file=sys.stderr, flush=True)
 
 
-def _add_boot_options(parser: argparse.ArgumentParser) -> None:
-    """The guest options shared by every sub-command that boots a VM."""
+def _add_boot_options(parser: argparse.ArgumentParser, *, vmlinux: bool = True) -> None:
+    """The guest options shared by every sub-command that boots a VM (``vmlinux``: add
+    ``--vmlinux`` here; sub-commands that also attach have it already)."""
     group = parser.add_argument_group("guest")
     group.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     group.add_argument("--memory", default=DEFAULT_MEMORY,
                        help=f"guest RAM (default {DEFAULT_MEMORY})")
     group.add_argument("--kernel", type=Path, help="a bzImage instead of the default image's")
     group.add_argument("--initrd", type=Path, help="an initramfs instead of the default one")
+    group.add_argument("--kernel-package", metavar="NAME",
+                       help="boot a Debian kernel package instead of the default image's"
+                            " kernel: a package or metapackage (linux-image-6.12-cloud-amd64)"
+                            " or a local .deb; its image is built on first use")
+    if vmlinux:
+        group.add_argument("--vmlinux", type=Path, metavar="V",
+                           help="with --kernel: a self-built kernel's vmlinux (its symbols,"
+                                " BTF and DWARF are used as they are)")
+    group.add_argument("--modules", type=Path, metavar="DIR",
+                       help="with --kernel and --vmlinux: where the self-built kernel's"
+                            " modules are installed (lib/modules/RELEASE or its root), when"
+                            " virtio-net or virtio-pci are modules")
     group.add_argument("--append", default="", help="extra kernel command-line words")
     group.add_argument("--kaslr", action="store_true", help="boot without nokaslr")
     group.add_argument("--accel", default="tcg", choices=("tcg", "kvm", "auto"),
@@ -77,7 +90,8 @@ def _boot(args: argparse.Namespace) -> VM:
     return boot(
         kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
         smp=args.smp, accel=args.accel, kaslr=args.kaslr, timeout=args.timeout,
-        qemu=args.qemu,
+        qemu=args.qemu, kernel_package=args.kernel_package,
+        vmlinux=args.vmlinux if args.kernel is not None else None, modules=args.modules,
     )
 
 
@@ -100,10 +114,11 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
                         help="the attached guest's SSH address (runs CMD, reads kallsyms)")
     attach.add_argument("--ssh-key", type=Path, metavar="K", help="private key for --ssh")
     attach.add_argument("--vmlinux", type=Path, metavar="V",
-                        help="the attached guest's vmlinux (its BTF gives comm and pid)")
+                        help="the attached guest's vmlinux (its BTF gives comm and pid);"
+                             " with --boot --kernel, a self-built kernel's")
     attach.add_argument("--kallsyms", type=Path, metavar="F",
                         help="the attached guest's /proc/kallsyms as a file")
-    _add_boot_options(parser)
+    _add_boot_options(parser, vmlinux=False)
 
 
 def _guest(args: argparse.Namespace) -> VM:

@@ -1,7 +1,8 @@
 """The kprobevm pytest plugin (pytest11 entry point): a booted guest and a probe session.
 
 - ``kprobevm_vm`` (session): the guest, booted once (``--kprobevm-kernel``,
-  ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-smp`` choose what boots,
+  ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-kernel-package``,
+  ``--kprobevm-smp`` choose what boots,
   ``--kprobevm-qemu`` (else ``$KPROBEVM_QEMU``) the QEMU that boots it).
 - ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
   test placed, checks the probed functions' text is as before and the serial console
@@ -70,6 +71,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot this initramfs instead of the default image's")
     group.addoption("--kprobevm-image", type=Path, metavar="DIR",
                     help="a built image directory (scripts/build-image) instead of the default")
+    group.addoption("--kprobevm-kernel-package", metavar="NAME",
+                    help="boot a Debian kernel package's image (linux-image-6.12-cloud-amd64,"
+                         " a versioned name, or a local .deb), built on first use")
     group.addoption("--kprobevm-smp", type=int, default=1, metavar="N",
                     help="vCPUs of the guest (default 1)")
     group.addoption("--kprobevm-qemu", metavar="PATH",
@@ -122,7 +126,8 @@ def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     image_dir: Path | None = opt("kprobevm_image")
     image = Image.load(image_dir) if image_dir is not None else None
     with boot(image, kernel=opt("kprobevm_kernel"), initrd=opt("kprobevm_initrd"),
-              smp=opt("kprobevm_smp"), qemu=opt("kprobevm_qemu"), name="session") as guest:
+              smp=opt("kprobevm_smp"), qemu=opt("kprobevm_qemu"), name="session",
+              kernel_package=opt("kprobevm_kernel_package")) as guest:
         request.config.stash[_VM_KEY] = guest
         try:
             yield guest

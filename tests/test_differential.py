@@ -22,9 +22,27 @@ from kprobevm.tracing.kernel_rules import KernelFacts, KernelRules, kernel_rules
 WORKLOAD = "cat /etc/passwd /proc/version /nonexistent >/dev/null 2>&1; true"
 COMM = "cat"
 
-KERNELS: dict[str, dict[str, object]] = {"default": {}}
+KERNELS: dict[str, dict[str, object]] = {
+    "default": {},
+    "6.12-cloud": {"kernel_package": "linux-image-6.12-cloud-amd64"},
+}
 """Each guest kernel the harness runs on, as ``kprobevm.boot()`` arguments; a kernel the
 project learns to boot goes here and runs the whole harness."""
+
+KNOWN: dict[tuple[str, str], str] = {
+    ("6.12-cloud", "lines-4-stop"): (
+        "6.12 types an untyped $retval from the function's BTF prototype (do_sys_openat2's "
+        "long prints arg1=3, kprobevm x64 0x3), and its return trampoline leaves pt_regs' cs "
+        "unset (stack contents; kprobevm gives __KERNEL_CS)"
+    ),
+    ("6.12-cloud", "error_log"): (
+        "6.12 puts BAD_STRING's caret on the type, not the fetch; and on IBT vfs_read+4 is "
+        "the entry, so `$arg1` there is taken, which kprobevm's parser (no guest yet) refuses"
+    ),
+}
+"""Differences the harness found on a kernel and kprobevm does not settle yet, by
+(kernel, run): those runs are expected to fail (strictly: a run that passes says the
+entry is out of date)."""
 
 TRACED: tuple[tuple[str, ...], ...] = (
     (  # strings, user and mixed reads, nested derefs, @SYM, immediates, $comm, multi-probe
@@ -174,6 +192,7 @@ class Harness:
     """One booted guest, each batch's tracefs run kept for both modes, and the tally."""
 
     vm: VM
+    kernel: str
     tracefs: dict[int, diff.SideRun] = field(default_factory=dict)
     tally: dict[str, list[int]] = field(default_factory=dict)
 
@@ -184,6 +203,12 @@ class Harness:
         if index not in self.tracefs:
             self.tracefs[index] = diff.run_tracefs(self.vm, self.batch(index), WORKLOAD)
         return self.tracefs[index]
+
+    def expect_known(self, request: pytest.FixtureRequest, run: str) -> None:
+        """Mark this run an expected failure when :data:`KNOWN` lists it for this kernel."""
+        reason = KNOWN.get((self.kernel, run))
+        if reason is not None:
+            request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
 
     def count(self, mode: str, result: diff.Comparison) -> None:
         seen = self.tally.setdefault(mode, [0, 0])
@@ -197,7 +222,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     import kprobevm
 
     with kprobevm.boot(name=f"diff-{request.param}", **KERNELS[request.param]) as vm:  # type: ignore[arg-type]
-        h = Harness(vm)
+        h = Harness(vm, request.param)
         yield h
         for mode, (compared, matched) in sorted(h.tally.items()):
             print(f"\n{request.param} {mode}: {matched}/{compared} lines identical")
@@ -223,7 +248,9 @@ RUNS = [(index, mode) for index, batch in enumerate(TRACED) for mode in _modes(i
 
 @pytest.mark.vm
 @pytest.mark.parametrize(("index", "mode"), RUNS)
-def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, mode: str) -> None:
+def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, mode: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    harness.expect_known(request, f"lines-{index}-{mode}")
     vm = harness.vm
     definitions = harness.batch(index)
     guest = harness.guest_run(index)
@@ -238,7 +265,9 @@ def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, m
 
 
 @pytest.mark.vm
-def test_error_log_as_the_guest_writes_it(harness: Harness) -> None:
+def test_error_log_as_the_guest_writes_it(harness: Harness,
+                                         request: pytest.FixtureRequest) -> None:
+    harness.expect_known(request, "error_log")
     vm = harness.vm
     cases = [[diff.expand(d, vm) for d in case] for case in REJECTED]
     guest: list[str] = []

@@ -316,3 +316,44 @@ def test_rebuild_with_nothing_changed_is_a_no_op() -> None:
     elapsed = time.monotonic() - started
     assert again == first
     assert elapsed < 30.0, f"no-op build took {elapsed:.2f} s"
+
+
+# -- kernel packages other than the default -------------------------------------------------
+
+
+def test_metapackages_resolve_to_their_kernel_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    shows = {
+        "linux-image-6.12-cloud-amd64": "Package: linux-image-6.12-cloud-amd64\n"
+        "Version: 6.12.118-1~deb12u1\n"
+        "Depends: linux-image-6.12.118+deb12-cloud-amd64 (= 6.12.118-1~deb12u1)\n",
+        "linux-image-6.12.118+deb12-cloud-amd64":
+        "Package: linux-image-6.12.118+deb12-cloud-amd64\n"
+        "Version: 6.12.118-1~deb12u1\nDepends: kmod, linux-base (>= 4.3~)\n",
+    }
+    monkeypatch.setattr(image_mod, "_apt_show", shows.get)
+    want = KernelPackage("linux-image-6.12.118+deb12-cloud-amd64", "6.12.118-1~deb12u1")
+    assert image_mod._query_kernel_package("linux-image-6.12-cloud-amd64") == want
+    assert image_mod._query_kernel_package("linux-image-6.12.118+deb12-cloud-amd64") == want
+    assert image_mod._query_kernel_package("linux-image-none") is None
+
+
+def test_a_name_that_is_no_kernel_package_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not a Debian kernel package"):
+        image_mod.resolve_kernel_package(tmp_path, "bash")
+    with pytest.raises(ImageError, match="does not exist"):
+        image_mod.resolve_kernel_package(tmp_path, str(tmp_path / "missing.deb"))
+
+
+def test_built_in_modules_need_no_file(tmp_path: Path) -> None:
+    from kprobevm.guest.initramfs import builtin_modules, module_order
+
+    moddir = tmp_path / "lib" / "modules" / "6.12.0"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    builtin = builtin_modules(moddir, b"virtio_net.license=GPL\0virtio_net.file=x\0")
+    assert builtin == {"virtio_pci", "virtio_net"}
+    initcalls = ["__initcall__kmod_virtio_net__384_4370_virtio_net_driver_init6", "vfs_read"]
+    assert builtin_modules(None, symbols=initcalls) == {"virtio_net"}
+    assert module_order(moddir, ["virtio_pci", "virtio-net"], builtin) == []
+    with pytest.raises(ImageError, match="neither built in nor found"):
+        module_order(None, ["failover"], builtin)

@@ -16,7 +16,7 @@ import pytest
 from kprobevm import cli
 from kprobevm.errors import JournalError
 from kprobevm.gdbstub.client import GdbClient
-from kprobevm.guest.image import default_image
+from kprobevm.guest.image import default_image, kernel_package_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.qemu_builds import fetch_qemu
 from kprobevm.guest.vm import VM
@@ -70,16 +70,30 @@ def _trouble(log: str) -> list[str]:
     return [line for line in log.splitlines() if any(t in line for t in TROUBLE)]
 
 
-@pytest.fixture(params=["system", "bookworm-backports"])
-def qemu(request: pytest.FixtureRequest) -> str | None:
-    """The host's QEMU (None: as boot() resolves it), and QEMU 10.0 fetched into the cache."""
-    return None if request.param == "system" else str(fetch_qemu(request.param).binary)
+GUESTS = {
+    "system": ("system", None),
+    "bookworm-backports": ("bookworm-backports", None),
+    "6.12-cloud": ("system", "linux-image-6.12-cloud-amd64"),
+}
+"""(QEMU, kernel package) of each guest the SIGKILL test runs on: the host's QEMU (as
+boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel; the
+host's QEMU on Debian's 6.12 cloud kernel (IBT, CALL_PADDING)."""
+
+
+@pytest.fixture(params=sorted(GUESTS))
+def guest(request: pytest.FixtureRequest) -> tuple[str | None, str | None]:
+    """The QEMU binary (None: as boot() resolves it) and kernel package (None: the default)."""
+    qemu, package = GUESTS[request.param]
+    return (None if qemu == "system" else str(fetch_qemu(qemu).binary)), package
 
 
 @pytest.mark.vm
-def test_sigkill_with_armed_probe_then_recover(tmp_path: Path, qemu: str | None) -> None:
-    image = default_image()
-    with boot(name="recover", qemu=qemu) as vm:
+def test_sigkill_with_armed_probe_then_recover(
+    tmp_path: Path, guest: tuple[str | None, str | None]
+) -> None:
+    qemu, package = guest
+    image = default_image() if package is None else kernel_package_image(package)
+    with boot(name="recover", qemu=qemu, kernel_package=package) as vm:
         gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
         text_before, gate_before = _read_text(gdb, func, size, gate)
         assert text_before[0] != 0xCC

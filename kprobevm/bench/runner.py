@@ -121,14 +121,15 @@ def _median_run(runs: Sequence[Run]) -> Run:
 
 
 def run(config: BenchConfig = FULL, progress: Progress | None = None, *,
-        qemu: str | None = None) -> BenchReport:
-    """Boot (``qemu``: the QEMU binary, as ``boot`` takes it), measure everything, power
-    off; the figures of this one run."""
+        qemu: str | None = None, kernel_package: str | None = None) -> BenchReport:
+    """Boot (``qemu``: the QEMU binary, as ``boot`` takes it; ``kernel_package``: a Debian
+    kernel package's image instead of the default), measure everything, power off; the
+    figures of this one run."""
     import kprobevm
 
     say = progress or (lambda _msg: None)
     notes: list[str] = []
-    with kprobevm.boot(name="bench", qemu=qemu) as vm:
+    with kprobevm.boot(name="bench", qemu=qemu, kernel_package=kernel_package) as vm:
         env = environment(vm)
         _ = vm.symbols  # kallsyms over SSH, before any timing
         run_opens(vm, min(config.opens, 1000))  # warm the page cache and TCG
@@ -191,7 +192,7 @@ def run(config: BenchConfig = FULL, progress: Progress | None = None, *,
             notes.append(f"{hit_idle} hits on the supposedly idle probes")
         env["loadavg_end"] = _loadavg()
 
-    gdbmi = _measure_gdbmi(config, qemu)
+    gdbmi = _measure_gdbmi(config, qemu, kernel_package)
     say(f"kprobevm_gdbmi: {gdbmi.hits_per_s or 0:,.1f} hits/s {gdbmi.reason}")
     env["loadavg_end"] = _loadavg()
     env["baseline_runs_ops_per_s"] = [round(r.ops_per_s, 1) for r in baselines]
@@ -222,14 +223,15 @@ def _memory_at(vm: VM, names: Sequence[str]) -> dict[str, float]:
             "slot_pages": float(stats.get("pages", 0)), "slots_used": float(stats.get("used", 0))}
 
 
-def _measure_gdbmi(config: BenchConfig, qemu: str | None) -> HitRate:
+def _measure_gdbmi(config: BenchConfig, qemu: str | None,
+                   kernel_package: str | None = None) -> HitRate:
     """The engine with its gdbstub client swapped for a real gdb, on a fresh VM."""
     import kprobevm
     from kprobevm.errors import KprobeVMError
     from kprobevm.gdbstub.gdbmi_client import GdbMiClient
 
     try:
-        with kprobevm.boot(name="bench-gdbmi", qemu=qemu) as vm:
+        with kprobevm.boot(name="bench-gdbmi", qemu=qemu, kernel_package=kernel_package) as vm:
             # before the gdbstub is first opened
             vm.use_gdbstub_client(GdbMiClient.connect)
             _ = vm.symbols
@@ -252,11 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-q", "--silent", action="store_true", help="no progress lines")
     ap.add_argument("--qemu", metavar="PATH",
                     help="the QEMU binary (default: $KPROBEVM_QEMU, else qemu-system-x86_64)")
+    ap.add_argument("--kernel-package", metavar="NAME",
+                    help="boot a Debian kernel package's image instead of the default")
     args = ap.parse_args(argv)
     config = QUICK if args.quick else FULL
     progress: Progress | None = None if args.silent else (
         lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    report = run(config, progress, qemu=args.qemu)
+    report = run(config, progress, qemu=args.qemu, kernel_package=args.kernel_package)
     report = replace(report, environment={**report.environment, "mode": "quick" if args.quick
                                            else "full"})
     table = markdown(report)

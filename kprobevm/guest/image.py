@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kprobevm.errors import ImageError, VmlinuxError
 from kprobevm.guest.bzimage import extract_vmlinux
-from kprobevm.guest.initramfs import Cpio, module_order
+from kprobevm.guest.initramfs import Cpio, builtin_modules, module_order
 
 __all__ = [
     "BUILD_VERSION",
@@ -47,9 +47,12 @@ __all__ = [
     "SECRET_MODE",
     "SLOT_RESERVE",
     "Image",
+    "KernelPackage",
+    "SelfBuilt",
     "build_image",
     "cache_dir",
     "default_image",
+    "kernel_package_image",
 ]
 
 BUILD_VERSION = 1
@@ -232,10 +235,15 @@ def _log(message: str) -> None:
 
 @dataclass(frozen=True)
 class KernelPackage:
-    """The kernel package the recipe resolves to (``apt-cache`` names the current one)."""
+    """The kernel package an image is built from (``apt-cache`` names the current one of a
+    metapackage), or a local ``.deb``."""
 
     name: str
     version: str
+    deb: Path | None = None
+    """A local ``.deb`` given by path (None: downloaded with apt)."""
+    sha256: str = ""
+    """The local ``.deb``'s content hash (part of the cache key)."""
 
 
 def _apt_lists_fingerprint() -> str:
@@ -252,25 +260,85 @@ def _apt_lists_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _query_kernel_package(metapackage: str) -> KernelPackage | None:
+_DEPENDS_ON_KERNEL = re.compile(r"^Depends:.*?(linux-image-[^\s,(]+) \(= ([^)]+)\)", re.M)
+
+
+def _apt_show(name: str) -> str | None:
     proc = subprocess.run(
-        ["apt-cache", "show", "--no-all-versions", metapackage],
+        ["apt-cache", "show", "--no-all-versions", name],
         capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
     )
-    match = re.search(r"^Depends:.*?(linux-image-[^\s,(]+) \(= ([^)]+)\)", proc.stdout, re.M)
-    if proc.returncode != 0 or match is None:
+    return proc.stdout if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def _query_kernel_package(metapackage: str) -> KernelPackage | None:
+    """The kernel package ``metapackage`` stands for, through apt-cache: a metapackage's
+    exact dependency (``linux-image-6.12-cloud-amd64`` -> ``linux-image-6.12.118+deb12-
+    cloud-amd64``), followed while that is a metapackage too; a package that depends on
+    no kernel package is the kernel package itself."""
+    text = _apt_show(metapackage)
+    if text is None:
         return None
-    return KernelPackage(match.group(1), match.group(2))
+    found: KernelPackage | None = None
+    for _ in range(4):
+        dep = _DEPENDS_ON_KERNEL.search(text)
+        if dep is None:
+            if found is not None:
+                return found
+            package = re.search(r"^Package: (\S+)", text, re.M)
+            version = re.search(r"^Version: (\S+)", text, re.M)
+            if package is None or version is None:
+                return None
+            return KernelPackage(package.group(1), version.group(1))
+        found = KernelPackage(dep.group(1), dep.group(2))
+        deeper = _apt_show(found.name)
+        if deeper is None:
+            return found
+        text = deeper
+    return found
+
+
+def local_kernel_deb(path: Path) -> KernelPackage:
+    """The kernel package in a local ``.deb`` (``dpkg-deb -f``), its content hashed."""
+    if not path.is_file():
+        raise ImageError(f"kernel package file {path} does not exist", step="resolve kernel")
+    out = _run("resolve kernel", ["dpkg-deb", "-f", str(path), "Package", "Version"])
+    fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    if "Package" not in fields or "Version" not in fields:
+        raise ImageError(f"{path} has no Package and Version fields", step="resolve kernel",
+                         command=f"dpkg-deb -f {path} Package Version", output=out)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return KernelPackage(fields["Package"], fields["Version"], deb=path.resolve(),
+                         sha256=digest.hexdigest())
+
+
+def _memo_path(cache: Path, metapackage: str) -> Path:
+    """Where the resolution of ``metapackage`` is remembered (the default's at the old
+    place, so existing caches keep theirs)."""
+    if metapackage == KERNEL_METAPACKAGE:
+        return cache / "kernel-package.json"
+    return cache / "kernel-packages" / f"{metapackage}.json"
 
 
 def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -> KernelPackage:
-    """The kernel package behind ``metapackage``, remembered per state of apt's lists.
+    """The kernel package behind ``metapackage`` (a metapackage, a kernel package or a
+    local ``.deb``), remembered per state of apt's lists.
 
     ``apt-cache`` takes over a second here (no binary package cache), so its answer is
     kept in the cache and reused while the lists are unchanged; this keeps a no-op build
     well under a second.
     """
-    memo = cache / "kernel-package.json"
+    if metapackage.endswith(".deb"):
+        return local_kernel_deb(Path(metapackage))
+    if not re.fullmatch(r"linux-image-[A-Za-z0-9.+~-]+", metapackage):
+        raise ImageError(
+            f"{metapackage!r} is not a Debian kernel package name (linux-image-...) "
+            "or a .deb file", step="resolve kernel",
+        )
+    memo = _memo_path(cache, metapackage)
     fingerprint = _apt_lists_fingerprint()
     try:
         data = json.loads(memo.read_text())
@@ -285,7 +353,7 @@ def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -
         fingerprint = _apt_lists_fingerprint()
         found = _query_kernel_package(metapackage)
     if found is None:
-        offline = _newest_cached_deb(cache)
+        offline = _newest_cached_deb(cache, metapackage)
         if offline is None:
             raise ImageError(
                 f"apt-cache does not know {metapackage} (run apt-get update as root)",
@@ -294,6 +362,7 @@ def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -
         _log(f"apt-cache does not know {metapackage}: using the cached {offline.name}")
         return offline
     _private_dir(cache)
+    memo.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(memo, json.dumps({
         "fingerprint": fingerprint, "metapackage": metapackage,
         "name": found.name, "version": found.version,
@@ -301,9 +370,10 @@ def resolve_kernel_package(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -
     return found
 
 
-def _newest_cached_deb(cache: Path) -> KernelPackage | None:
-    debs = sorted((cache / "debs").glob("linux-image-*-cloud-amd64_*.deb"),
-                  key=lambda p: p.stat().st_mtime)
+def _newest_cached_deb(cache: Path, metapackage: str = KERNEL_METAPACKAGE) -> KernelPackage | None:
+    pattern = ("linux-image-*-cloud-amd64_*.deb" if metapackage == KERNEL_METAPACKAGE
+               else f"{metapackage}_*.deb")
+    debs = sorted((cache / "debs").glob(pattern), key=lambda p: p.stat().st_mtime)
     if not debs:
         return None
     name, version = debs[-1].name.split("_")[:2]
@@ -322,16 +392,25 @@ def _recipe_files() -> list[Path]:
     return sorted(p for p in RECIPE_DIR.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def recipe_inputs(cache: Path) -> dict[str, object]:
-    """Everything an image is made from; its hash is the cache key."""
-    kernel = resolve_kernel_package(cache)
-    return {
+def _recipe_hashes() -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _recipe_files()}
+
+
+def recipe_inputs(cache: Path, kernel_package: str = KERNEL_METAPACKAGE) -> dict[str, object]:
+    """Everything an image is made from; its hash is the cache key. The default image's
+    inputs are those it always had; a local ``.deb`` adds its content hash."""
+    kernel = (resolve_kernel_package(cache) if kernel_package == KERNEL_METAPACKAGE
+              else resolve_kernel_package(cache, kernel_package))
+    inputs: dict[str, object] = {
         "build_version": BUILD_VERSION,
         "kernel_package": kernel.name,
         "kernel_version": kernel.version,
         "host_packages": _host_versions(),
-        "recipe": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _recipe_files()},
+        "recipe": _recipe_hashes(),
     }
+    if kernel.deb is not None:
+        inputs["kernel_deb_sha256"] = kernel.sha256
+    return inputs
 
 
 def cache_key(inputs: dict[str, object]) -> str:
@@ -342,6 +421,11 @@ def cache_key(inputs: dict[str, object]) -> str:
 
 
 def _download_kernel(cache: Path, kernel: KernelPackage) -> Path:
+    """The kernel package's ``.deb``: a local one as given, else from ``debs/`` in the
+    cache, downloaded there first (kept: a later build of the same version needs no
+    network)."""
+    if kernel.deb is not None:
+        return kernel.deb
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     pattern = f"{kernel.name}_{kernel.version.replace(':', '%3a')}_*.deb"
@@ -396,7 +480,11 @@ def _keys(out: Path) -> tuple[bytes, bytes]:
     return public + b" kprobevm\n", host.read_bytes()
 
 
-def _initramfs(extracted: Path, release: str, out: Path) -> tuple[bytes, list[str]]:
+def _initramfs(moddir: Path | None, builtin: frozenset[str],
+               out: Path) -> tuple[bytes, list[str]]:
+    """The initramfs (returned) and the modules its init loads, in order; the keys are
+    written to ``out``. ``moddir`` holds the kernel's modules (None: it has none), and
+    the recipe's modules in ``builtin`` are left out."""
     cpio = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "proc", "sys", "dev",
               "run", "tmp", "var/log", "lib/modules", "mnt"):
@@ -424,10 +512,16 @@ def _initramfs(extracted: Path, release: str, out: Path) -> tuple[bytes, list[st
     cpio.file("root/.ssh/authorized_keys", authorized, 0o600)
     cpio.file("etc/dropbear/dropbear_ed25519_host_key", host_key, 0o600)
 
-    moddir = extracted / "lib" / "modules" / release
-    modules = module_order(moddir, _recipe_list("modules"))
+    modules = module_order(moddir, _recipe_list("modules"), builtin)
     loaded = {n for n, _ in modules}
-    spare = [m for m in module_order(moddir, _recipe_list("spare-modules")) if m[0] not in loaded]
+    spare: list[tuple[str, bytes]] = []
+    for name in _recipe_list("spare-modules"):
+        try:
+            spare += [m for m in module_order(moddir, [name], builtin) if m[0] not in loaded]
+        except ImageError as exc:
+            # spare modules serve tests that load one by hand; a kernel without them
+            # still makes a guest, and says so
+            _log(f"spare module {name} left out: {exc}")
     for name, data in (*modules, *spare):
         cpio.file(f"lib/modules/{name}.ko", data)
     cpio.file("etc/modules.order", "".join(f"{n}\n" for n, _ in modules).encode())
@@ -440,40 +534,100 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> None:
-    started = time.monotonic()
-    kernel = KernelPackage(str(inputs["kernel_package"]), str(inputs["kernel_version"]))
-    deb = _download_kernel(cache, kernel)
+@dataclass(frozen=True)
+class SelfBuilt:
+    """A developer's own kernel: the bzImage, its vmlinux (used where it is, DWARF or
+    not) and, when its virtio drivers are modules, the directory they are installed in
+    (``lib/modules/RELEASE``, or an ``INSTALL_MOD_PATH`` holding one)."""
+
+    kernel: Path
+    vmlinux: Path
+    modules: Path | None = None
+
+    def module_dir(self) -> Path | None:
+        """The ``lib/modules/RELEASE`` directory inside ``modules`` (or ``modules`` itself)."""
+        if self.modules is None:
+            return None
+        if not self.modules.is_dir():
+            raise ImageError(f"modules directory {self.modules} does not exist", step="modules")
+        releases = sorted((self.modules / "lib" / "modules").glob("*/"))
+        if len(releases) > 1:
+            raise ImageError(
+                f"{self.modules} holds modules of several kernels "
+                f"({', '.join(r.name for r in releases)}): name one lib/modules/RELEASE",
+                step="modules",
+            )
+        return releases[0] if releases else self.modules
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _builtin_evidence(vmlinux: Path) -> tuple[bytes, list[str]]:
+    """What a vmlinux says of its built-in modules: its ``.modinfo`` section and its
+    symbol names (b"" and none for a vmlinux cut from a bzImage, or no ELF: a stand-in
+    in tests)."""
+    from kprobevm.kernel.vmlinux import Vmlinux
+
+    try:
+        with Vmlinux(vmlinux) as elf:
+            modinfo = elf.read_section(".modinfo") if elf.has_section(".modinfo") else b""
+            symbols = elf.symbols
+            return modinfo, [s.name for s in symbols] if symbols is not None else []
+    except VmlinuxError:
+        return b"", []
+
+
+def _banner_release(vmlinux: Path) -> str:
+    """The release in a vmlinux's ``linux_banner`` (``Linux version RELEASE ...``)."""
+    from kprobevm.kernel.vmlinux import Vmlinux
+
+    try:
+        with Vmlinux(vmlinux) as elf:
+            rodata = elf.read_section(".rodata")
+    except VmlinuxError as exc:
+        raise ImageError(f"{vmlinux} is not a usable vmlinux: {exc}",
+                         step="self-built kernel") from exc
+    match = re.search(rb"Linux version (\S+)", rodata)
+    if match is None:
+        raise ImageError(f"{vmlinux} has no linux_banner in .rodata", step="self-built kernel")
+    return match.group(1).decode(errors="replace")
+
+
+def _assemble(key: str, inputs: dict[str, object], target: Path, *, vmlinuz: Path,
+              vmlinux: Path | bytes, config: Path | None, moddir: Path | None,
+              describe: dict[str, object], started: float) -> None:
+    """Write an image directory from a kernel's files and move it into place at
+    ``target``: ``vmlinux`` as bytes is written, as a path is linked (used as given)."""
     # mkdtemp makes the work directory 0700 and the image directory in it is 0700 too, so
     # the secrets are private while they are written and after the rename into place.
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=target.parent))
     try:
-        extracted = work / "deb"
-        _log(f"unpacking {deb.name}")
-        _run("unpack kernel", ["dpkg-deb", "-x", str(deb), str(extracted)])
-        vmlinuz = sorted((extracted / "boot").glob("vmlinuz-*"))
-        if not vmlinuz:
-            raise ImageError(f"{deb.name} holds no boot/vmlinuz-*", step="unpack kernel")
-        release = vmlinuz[0].name.removeprefix("vmlinuz-")
         out = work / "image"
         out.mkdir(mode=PRIVATE_DIR_MODE)
-        shutil.copyfile(vmlinuz[0], out / "vmlinuz")
-        shutil.copyfile(extracted / "boot" / f"config-{release}", out / "config")
-        _log("extracting vmlinux from the bzImage")
-        try:
-            (out / "vmlinux").write_bytes(extract_vmlinux((out / "vmlinuz").read_bytes()))
-        except VmlinuxError as exc:
-            raise ImageError(str(exc), step="extract vmlinux") from exc
+        shutil.copyfile(vmlinuz, out / "vmlinuz")
+        if config is not None:
+            shutil.copyfile(config, out / "config")
+        if isinstance(vmlinux, Path):
+            (out / "vmlinux").symlink_to(vmlinux.resolve())
+        else:
+            (out / "vmlinux").write_bytes(vmlinux)
+        builtin = builtin_modules(moddir, *_builtin_evidence(out / "vmlinux"))
         _log("writing the initramfs")
-        initrd, modules = _initramfs(extracted, release, out)
+        initrd, modules = _initramfs(moddir, builtin, out)
         _write_secret(out / "initrd.cpio", initrd)
+        wanted = [m.replace("-", "_") for m in _recipe_list("modules")]
         manifest = {
             "key": key,
             "inputs": inputs,
-            "kernel_package": kernel.name,
-            "kernel_version": kernel.version,
-            "kernel_release": release,
+            **describe,
             "modules": modules,
+            "builtin_modules": sorted(m for m in wanted if m in builtin),
             "cmdline": DEFAULT_CMDLINE,
             "slot_reserve": list(SLOT_RESERVE),
             "ready_marker": READY_MARKER,
@@ -487,15 +641,99 @@ def _build(cache: Path, key: str, inputs: dict[str, object], target: Path) -> No
     _log(f"image {key} built in {time.monotonic() - started:.1f} s: {target}")
 
 
-def build_image(*, force: bool = False, cache: Path | None = None) -> Image:
-    """Build the default image unless an identical one is cached; return it.
+def _build(cache: Path, key: str, inputs: dict[str, object], target: Path,
+           kernel: KernelPackage | None = None) -> None:
+    """Build the image of a kernel package: download (or take) the .deb, unpack it, take
+    its kernel, config and modules, extract the vmlinux."""
+    started = time.monotonic()
+    if kernel is None:
+        kernel = KernelPackage(str(inputs["kernel_package"]), str(inputs["kernel_version"]))
+    deb = _download_kernel(cache, kernel)
+    work = Path(tempfile.mkdtemp(prefix=f".unpack-{key}-", dir=target.parent))
+    try:
+        extracted = work / "deb"
+        _log(f"unpacking {deb.name}")
+        _run("unpack kernel", ["dpkg-deb", "-x", str(deb), str(extracted)])
+        vmlinuz = sorted((extracted / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise ImageError(f"{deb.name} holds no boot/vmlinuz-*: not a kernel image package",
+                             step="unpack kernel")
+        release = vmlinuz[0].name.removeprefix("vmlinuz-")
+        _log("extracting vmlinux from the bzImage")
+        try:
+            vmlinux = extract_vmlinux(vmlinuz[0].read_bytes())
+        except VmlinuxError as exc:
+            raise ImageError(str(exc), step="extract vmlinux") from exc
+        moddir = extracted / "lib" / "modules" / release
+        config = extracted / "boot" / f"config-{release}"
+        _assemble(key, inputs, target, vmlinuz=vmlinuz[0], vmlinux=vmlinux,
+                  config=config if config.is_file() else None,
+                  moddir=moddir if moddir.is_dir() else None,
+                  describe={"kernel_package": kernel.name, "kernel_version": kernel.version,
+                            "kernel_release": release},
+                  started=started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    The cache root and ``images/`` are created 0700; a cached image is made private by
-    :meth:`Image.load` if it is not.
+
+def _self_built_inputs(kernel: SelfBuilt) -> dict[str, object]:
+    """A self-built kernel's inputs: the bzImage's content, the vmlinux by path, size and
+    mtime (hashing a DWARF vmlinux of hundreds of MB would cost more than the build), and
+    every module file's by the same."""
+    for what, path in (("kernel", kernel.kernel), ("vmlinux", kernel.vmlinux)):
+        if not path.is_file():
+            raise ImageError(f"{what} file {path} does not exist", step="self-built kernel")
+    vm = kernel.vmlinux.resolve().stat()
+    moddir = kernel.module_dir()
+    modules: list[str] = []
+    if moddir is not None:
+        for path in sorted(moddir.rglob("*.ko*")) + sorted(moddir.glob("modules.builtin")):
+            st = path.stat()
+            modules.append(f"{path.relative_to(moddir)} {st.st_size} {st.st_mtime_ns}")
+    return {
+        "build_version": BUILD_VERSION,
+        "self_built": {
+            "kernel_sha256": _file_sha256(kernel.kernel),
+            "vmlinux": f"{kernel.vmlinux.resolve()} {vm.st_size} {vm.st_mtime_ns}",
+            "modules": str(moddir.resolve()) if moddir is not None else None,
+            "module_files": hashlib.sha256("\n".join(modules).encode()).hexdigest(),
+        },
+        "host_packages": _host_versions(),
+        "recipe": _recipe_hashes(),
+    }
+
+
+def _build_self_built(key: str, inputs: dict[str, object], target: Path,
+                      kernel: SelfBuilt) -> None:
+    started = time.monotonic()
+    release = _banner_release(kernel.vmlinux)
+    config = next((c for c in (kernel.vmlinux.parent / ".config",) if c.is_file()), None)
+    _assemble(key, inputs, target, vmlinuz=kernel.kernel, vmlinux=kernel.vmlinux,
+              config=config, moddir=kernel.module_dir(),
+              describe={"kernel_package": "self-built", "kernel_version": release,
+                        "kernel_release": release, "kernel_source": str(kernel.kernel)},
+              started=started)
+
+
+def build_image(*, force: bool = False, cache: Path | None = None,
+                kernel_package: str = KERNEL_METAPACKAGE,
+                self_built: SelfBuilt | None = None) -> Image:
+    """Build an image unless an identical one is cached; return it.
+
+    ``kernel_package``: a Debian kernel package or metapackage name, or a local ``.deb``
+    (the default: the current 6.1 cloud kernel); ``self_built``: a developer's own kernel
+    instead. The cache root and ``images/`` are created 0700; a cached image is made
+    private by :meth:`Image.load` if it is not.
     """
     cache = cache or cache_dir()
     _private_dir(cache)
-    inputs = recipe_inputs(cache)
+    if self_built is not None:
+        inputs = _self_built_inputs(self_built)
+        package = None
+    else:
+        inputs = recipe_inputs(cache, kernel_package)
+        package = (local_kernel_deb(Path(kernel_package)) if kernel_package.endswith(".deb")
+                   else None)
     key = cache_key(inputs)
     images = cache / "images"
     target = images / key
@@ -508,7 +746,10 @@ def build_image(*, force: bool = False, cache: Path | None = None) -> Image:
             if not force:
                 return Image.load(target)
             shutil.rmtree(target)
-        _build(cache, key, inputs, target)
+        if self_built is not None:
+            _build_self_built(key, inputs, target, self_built)
+        else:
+            _build(cache, key, inputs, target, package)
     return Image.load(target)
 
 
@@ -533,16 +774,26 @@ def default_image() -> Image:
     return build_image()
 
 
+def kernel_package_image(name: str) -> Image:
+    """The image of Debian kernel package ``name`` (a metapackage such as
+    ``linux-image-6.12-cloud-amd64``, a versioned package, or a local ``.deb``), built on
+    first use: the package is downloaded once into ``debs/``."""
+    return build_image(kernel_package=name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/build-image``: build (or find) the default image and print its directory."""
     parser = argparse.ArgumentParser(prog="build-image", description=main.__doc__)
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--json", action="store_true", help="print the manifest")
+    parser.add_argument("--kernel-package", default=KERNEL_METAPACKAGE, metavar="NAME",
+                        help="a Debian kernel package or metapackage, or a local .deb"
+                             f" (default {KERNEL_METAPACKAGE})")
     args = parser.parse_args(argv)
     # The warning about an image made private, in the same form as the progress lines.
     logging.basicConfig(level=logging.WARNING, format="kprobevm: %(message)s")
     try:
-        image = build_image(force=args.force)
+        image = build_image(force=args.force, kernel_package=args.kernel_package)
     except ImageError as exc:
         print(f"build-image: {exc}", file=sys.stderr)
         return 2

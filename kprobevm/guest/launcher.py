@@ -30,7 +30,16 @@ from kprobevm.errors import (
     VMLaunchFailure,
 )
 from kprobevm.guest.guestram import RamFile, create_ram_file, parse_memory_size, sweep_stale_ram
-from kprobevm.guest.image import DEFAULT_MEMORY, READY_MARKER, SLOT_RESERVE, Image, default_image
+from kprobevm.guest.image import (
+    DEFAULT_MEMORY,
+    READY_MARKER,
+    SLOT_RESERVE,
+    Image,
+    SelfBuilt,
+    build_image,
+    default_image,
+    kernel_package_image,
+)
 from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 from kprobevm.guest.shell import GuestShell
 from kprobevm.guest.vm import VM, GuestEndpoints
@@ -372,6 +381,9 @@ def boot(
     timeout: float = 60.0,
     name: str | None = None,
     shared_ram: bool = True,
+    kernel_package: str | None = None,
+    vmlinux: Path | str | None = None,
+    modules: Path | str | None = None,
 ) -> VM:
     """Boot a guest (the default image unless told otherwise) and return its `VM` once SSH
     answers. Use it as a context manager: leaving the ``with`` powers the guest off.
@@ -396,6 +408,13 @@ def boot(
         shared_ram: keep guest RAM in a file on ``/dev/shm`` that the host maps too, for
             reads at memory speed and recorded hits drained without a VM stop (when it
             cannot, stderr says so and the gdbstub does it all).
+        kernel_package: boot a Debian kernel package's image instead of the default: a
+            package or metapackage name (``linux-image-6.12-cloud-amd64``) or a local
+            ``.deb``; built on first use with that kernel's own modules.
+        vmlinux, modules: with ``kernel``, a self-built kernel: its vmlinux (symbols,
+            BTF, DWARF if it has them; used where it is) and, when its virtio drivers are
+            modules, the directory they are installed in. An image with an initramfs of
+            those modules is built on first use.
 
     Returns the running `VM`.
 
@@ -411,8 +430,8 @@ def boot(
         origin = f" (from ${QEMU_ENV})" if qemu is None and os.environ.get(QEMU_ENV) else ""
         raise QEMUNotFound(f"{name}: QEMU binary {wanted!r}{origin} not found",
                            command=[wanted])
-    # The image is needed even with another kernel and initrd: its SSH key reaches the guest.
-    image = image or default_image()
+    image, kernel = _choose_image(image, kernel=kernel, kernel_package=kernel_package,
+                                  vmlinux=vmlinux, modules=modules, name=name)
     kernel_path = Path(kernel) if kernel is not None else image.kernel
     initrd_path = Path(initrd) if initrd is not None else image.initrd
     cmdline = kernel_cmdline(image.cmdline, kaslr=kaslr, append=append)
@@ -434,6 +453,31 @@ def boot(
         kernel_cmdline=cmdline,
         shell=shell,  # the connection readiness already made (a new one costs ~1 s)
     )  # fmt: skip
+
+
+def _choose_image(
+    image: Image | None, *, kernel: Path | str | None, kernel_package: str | None,
+    vmlinux: Path | str | None, modules: Path | str | None, name: str,
+) -> tuple[Image, Path | str | None]:
+    """The image to boot and the kernel to boot it with (None: the image's). The image
+    is needed even with another kernel and initrd: its SSH key reaches the guest."""
+    if kernel_package is not None:
+        if image is not None or kernel is not None or vmlinux is not None:
+            raise VMLaunchFailure(
+                f"{name}: kernel_package={kernel_package!r} names the kernel; it cannot go "
+                "with image, kernel or vmlinux", command=[],
+            )
+        return kernel_package_image(kernel_package), None
+    if vmlinux is not None or modules is not None:
+        if kernel is None or vmlinux is None or image is not None:
+            raise VMLaunchFailure(
+                f"{name}: a self-built kernel needs kernel (its bzImage) and vmlinux "
+                "(modules if its virtio drivers are modules), and no image", command=[],
+            )
+        built = build_image(self_built=SelfBuilt(
+            Path(kernel), Path(vmlinux), Path(modules) if modules is not None else None))
+        return built, None
+    return image or default_image(), kernel
 
 
 def _launch_trying(

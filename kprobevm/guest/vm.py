@@ -345,10 +345,15 @@ class VM(Closing):
 
     @functools.cached_property
     def kprobe_blacklist(self) -> Blacklist:
-        """Where probes are refused (the kernel's kprobe blacklist and ours)."""
+        """Where probes are refused (the kernel's kprobe blacklist and ours). Parts it
+        cannot rebuild (no vmlinux, a kernel without KPROBES or KALLSYMS_ALL) are in its
+        ``missing`` and said on stderr: probes there are not refused."""
         from kprobevm.kernel.blacklist import Blacklist
 
-        return Blacklist.build(self.symbols, self.vmlinux)
+        blacklist = Blacklist.build(self.symbols, self.vmlinux)
+        for part in blacklist.missing:
+            self.log.warning("kprobe blacklist incomplete: %s", part)
+        return blacklist
 
     def blacklist(self) -> str:
         """The blacklist in the debugfs ``kprobes/blacklist`` format."""
@@ -397,6 +402,7 @@ class VM(Closing):
         with self._lock:
             if self._kprobes is None:
                 from kprobevm.kprobes.core import KprobeManager
+                from kprobevm.x86.arch import has_ibt
 
                 # over SSH, now: nothing below may wait on SSH while the VM is held stopped
                 reserve = self.slot_reserve
@@ -408,7 +414,7 @@ class VM(Closing):
                     symbols=self.symbols, blacklist=self.kprobe_blacklist,
                     patch_sites=self.patch_sites, target=self.target, memory=self.memory,
                     channel_installer=channel_installer, refresh_symbols=self.refresh_symbols,
-                    module_layout=self._module_layout,
+                    module_layout=self._module_layout, ibt=has_ibt(self.symbols),
                 )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes

@@ -31,7 +31,9 @@ __all__ = [
     "BtfType",
     "BtfVar",
     "CurrentTaskLocation",
+    "cpu_number_location",
     "current_task_location",
+    "percpu_location",
 ]
 
 BTF_MAGIC = 0xEB9F
@@ -463,7 +465,21 @@ def current_task_location(syms: KernelSymbols | None, btf: Btf) -> CurrentTaskLo
     the symbol's 'address' is the offset), else from BTF's ``.data..percpu`` DATASEC; both
     agree on a stock kernel.
     """
-    for var, member in (("pcpu_hot", "current_task"), ("current_task", None)):
+    return percpu_location(syms, btf, (("pcpu_hot", "current_task"), ("current_task", None)))
+
+
+def cpu_number_location(syms: KernelSymbols | None, btf: Btf) -> CurrentTaskLocation:
+    """The per-CPU slot holding this CPU's number: ``pcpu_hot.cpu_number`` (6.2 moved it
+    there, as 6.12 has it) or the ``cpu_number`` variable (6.1)."""
+    return percpu_location(syms, btf, (("pcpu_hot", "cpu_number"), ("cpu_number", None)))
+
+
+def percpu_location(
+    syms: KernelSymbols | None, btf: Btf, candidates: tuple[tuple[str, str | None], ...]
+) -> CurrentTaskLocation:
+    """The first of ``candidates`` (a per-CPU variable, and a member of it or None) this
+    kernel has, as an offset from the per-CPU base."""
+    for var, member in candidates:
         offset: int | None = None
         if syms is not None and var in syms:
             offset = syms[var]
@@ -479,6 +495,10 @@ def current_task_location(syms: KernelSymbols | None, btf: Btf) -> CurrentTaskLo
                 f"per-CPU variable {var} is at {offset:#x}: not an offset from 0 (a kernel that "
                 "does not link .data..percpu at 0 is not supported)"
             )
-        member_offset = 0 if member is None else btf.struct_member_offset(var, member)
+        try:
+            member_offset = 0 if member is None else btf.struct_member_offset(var, member)
+        except BtfError:
+            continue  # a struct of that name without the member: try the next
         return CurrentTaskLocation(var, offset, member_offset)
-    raise BtfError("neither pcpu_hot nor current_task is a per-CPU variable of this kernel")
+    names = " or ".join(f"{v}.{m}" if m else v for v, m in candidates)
+    raise BtfError(f"neither {names} is a per-CPU variable of this kernel")

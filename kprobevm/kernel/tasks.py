@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.kernel.btf import Btf, current_task_location
+from kprobevm.kernel.btf import Btf, cpu_number_location, current_task_location
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
@@ -33,6 +33,8 @@ class TaskLayout:
     tgid: int
     stack: int
     exit_state: int
+    cpu_number: int = 0
+    """Offset of this CPU's number from the per-CPU base."""
 
     @classmethod
     def build(cls, symbols: KernelSymbols, vmlinux: Vmlinux) -> TaskLayout:
@@ -48,6 +50,7 @@ class TaskLayout:
             tgid=field("tgid"),
             stack=field("stack"),
             exit_state=field("exit_state"),
+            cpu_number=cpu_number_location(symbols, btf).offset,
         )
 
     def current_task(self, memory: GuestMemory, gs_base: int) -> int:

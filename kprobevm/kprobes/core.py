@@ -13,6 +13,11 @@ patches them, so an int3 there would make the guest's function tracer or its own
 kprobes fail (and ftrace turn itself off until reboot). The int3 goes on the instruction
 after the NOP instead; the probe still reports the NOP's address, its handlers see that
 address in ``regs.ip``, and its post_handler runs as after the NOP, as ftrace runs it.
+
+On a kernel built with X86_KERNEL_IBT a function may start with ``endbr64`` (or its
+sealed form), and the kernel's ``arch_adjust_kprobe_addr()`` moves a probe at ``func+0``
+to ``func+4``, past it: the probe's address is then ``func+4``, where the ftrace NOP is,
+and :meth:`KprobeManager.resolve` does the same.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from kprobevm import faults
 from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
-from kprobevm.x86.arch import can_probe
+from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
@@ -192,12 +197,15 @@ class KprobeManager:
         channel_installer: ChannelInstaller,
         refresh_symbols: Callable[[], bool] | None = None,
         module_layout: Callable[[], ModuleLayout | None] = lambda: None,
+        ibt: bool = False,
     ) -> None:
         """``channel_installer`` puts a trap channel in the guest for this table's
         handlers: on the first registration, and again after a close.
         ``refresh_symbols`` reads kallsyms again when a name is not found (a module loaded
-        since); ``module_layout`` names a ``struct module`` for probes in modules."""
+        since); ``module_layout`` names a ``struct module`` for probes in modules; ``ibt``:
+        the kernel is built with X86_KERNEL_IBT (entry probes go past an ``endbr64``)."""
         self.symbols = symbols
+        self.ibt = ibt
         self.blacklist = blacklist
         self.patch_sites = patch_sites
         self.target = target
@@ -245,6 +253,22 @@ class KprobeManager:
 
     def resolve(self, kp: Kprobe) -> int:
         """The probe's address (the kernel's ``_kprobe_addr``)."""
+        return self.resolve_entry(kp)[0]
+
+    def resolve_entry(self, kp: Kprobe) -> tuple[int, bool]:
+        """The probe's address and whether it is its function's entry (the kernel's
+        ``_kprobe_addr`` with ``arch_adjust_kprobe_addr``: past an ``endbr64`` on IBT)."""
+        addr = self._given_address(kp)
+        sym = self.symbols.lookup(addr)
+        if sym is None or sym.type not in "Tt":
+            return addr, False  # refused later, as not in kernel text
+        offset = addr - sym.address
+        if not self.ibt:
+            return addr, offset == 0
+        offset, on_entry = adjust_kprobe_addr(self.original_text(sym.address, 4), offset)
+        return sym.address + offset, on_entry
+
+    def _given_address(self, kp: Kprobe) -> int:
         if kp.symbol_name is not None and kp.addr is not None:
             raise ProbeRefused(
                 "EINVAL", "give symbol_name or addr, not both",

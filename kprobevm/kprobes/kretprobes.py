@@ -175,9 +175,8 @@ class KretprobeManager:
             )  # fmt: skip
         kp = Kprobe(symbol_name=rp.symbol_name, addr=rp.addr, pre_handler=self._entry_for(rp))
         self.kprobes.look_up_names([kp])
-        addr = self.kprobes.resolve(kp)
-        sym = self.symbols.lookup(addr)
-        if sym is None or sym.address != addr:
+        addr, on_entry = self.kprobes.resolve_entry(kp)
+        if not on_entry:
             raise ProbeRefused(
                 "BAD_RETPROBE", "not a function's entry", address=addr, symbol=rp.symbol_name
             )

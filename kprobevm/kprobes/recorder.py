@@ -432,7 +432,7 @@ def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelp
             copy_from_user=syms["copy_from_user_nofault"],
             strncpy_from_kernel=syms["strncpy_from_kernel_nofault"],
             strncpy_from_user=syms["strncpy_from_user_nofault"],
-            cpu_number=syms["cpu_number"],
+            cpu_number=layout.cpu_number,
             current_task=layout.current,
             task_pid=layout.pid,
             task_comm=layout.comm,

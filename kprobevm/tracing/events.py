@@ -112,6 +112,8 @@ class ResolvedEvent:
     function_offset: int
     function_size: int
     args: tuple[FetchArg, ...]  # @SYM addresses filled in
+    on_entry: bool = False
+    """At its function's entry: offset 0, or past an ``endbr64`` on an IBT kernel."""
 
     @property
     def where(self) -> str:

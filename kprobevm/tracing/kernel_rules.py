@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.x86.arch import has_ibt
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -132,6 +133,19 @@ RULES: tuple[KernelRule, ...] = (
         ),
         decide=lambda facts: facts.at_least(5, 15),
     ),
+    KernelRule(
+        name="ibt_entry",
+        behaviour=(
+            "a function that starts with `endbr64` (or its sealed nop4) has its entry at "
+            "+4: a probe at +0 or +4 goes to +4 and prints `func+0x4`, and `$argN` and "
+            "return probes take +4 as the entry"
+        ),
+        change=(
+            "Linux 5.18, 'x86/ibt,kprobes: Cure sym+0 equals fentry woes' "
+            "(arch_adjust_kprobe_addr), on kernels built with X86_KERNEL_IBT"
+        ),
+        decide=lambda facts: has_ibt(facts.symbols),
+    ),
 )
 """Every rule kprobevm knows, in one place."""
 
@@ -149,6 +163,7 @@ class KernelRules:
     """The kernel's name for the return trampoline a return probe puts on the stack
     (``arch_rethook_trampoline`` since 5.19, ``__kretprobe_trampoline`` before that,
     ``kretprobe_trampoline`` before 5.14), None when kallsyms names none of them."""
+    ibt_entry: bool = False
 
     @classmethod
     def decide(cls, facts: KernelFacts) -> KernelRules:
@@ -160,6 +175,7 @@ class KernelRules:
             version=facts.version, mixed_reads=got["mixed_reads"],
             newest_first=got["newest_first"], ftrace_kprobes=got["ftrace_kprobes"],
             kretprobed=got["kretprobed"], rethook_trampoline=trampoline,
+            ibt_entry=got["ibt_entry"],
         )  # fmt: skip
 
 

@@ -23,7 +23,8 @@ from kprobevm.tracing.fetch import Comm, Deref, FetchArg, ImmString, describe_so
 from kprobevm.tracing.kernel_rules import LATEST, KernelRules, kernel_rules
 from kprobevm.tracing.parse import parse_event
 from kprobevm.tracing.registry import EventRegistry
-from kprobevm.tracing.resolve import resolve_event
+from kprobevm.tracing.resolve import EntryAdjust, resolve_event
+from kprobevm.x86.arch import adjust_kprobe_addr
 from kprobevm.x86.insn import MAX_INSN_SIZE, Insn, InsnKind, check_boundary, decode
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
         joins = (event.group, event.event) in registry.events
         if joins:
             registry.add(event)
-        resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary)
+        resolved = resolve_event(event, vm.symbols, is_insn_boundary=boundary,
+                                 adjust=entry_adjust(vm) if rules.ibt_entry else None)
         if not joins:
             registry.add(event)
         position = _position_of_place(event)
@@ -201,6 +203,18 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
     return planned
 
 
+def entry_adjust(vm: VM) -> EntryAdjust | None:
+    """The guest kernel's ``arch_adjust_kprobe_addr()`` (None when it is built without
+    X86_KERNEL_IBT), reading a function's first bytes as they were before our probes."""
+    if not vm.kprobes.ibt:
+        return None
+
+    def adjust(start: int, offset: int) -> tuple[int, bool]:
+        return adjust_kprobe_addr(vm.kprobes.original_text(start, 4), offset)
+
+    return adjust
+
+
 def _on_ftrace_site(vm: VM, rules: KernelRules, resolved: ResolvedEvent, place: int) -> bool:
     """Whether the kernel would take this probe through ftrace: at a function's ftrace
     call site (the mcount table, or the ftrace NOP at an entry without a vmlinux)."""
@@ -209,7 +223,7 @@ def _on_ftrace_site(vm: VM, rules: KernelRules, resolved: ResolvedEvent, place: 
     if place != resolved.address or resolved.address in vm.patch_sites.ftrace:
         return True
     entry = vm.kprobes.original_text(resolved.address, len(FTRACE_NOP))
-    return resolved.function_offset == 0 and entry == FTRACE_NOP
+    return resolved.on_entry and entry == FTRACE_NOP
 
 
 def record_specs(

@@ -20,7 +20,7 @@ from kprobevm.tracing.fetch import Deref, FetchSource, SymbolAddress
 from kprobevm.tracing.kernel_text import from_kernel_text, kernel_words, to_kernel_text
 from kprobevm.x86.constants import MASK64
 
-__all__ = ["check_unique", "lookup_symbol", "on_func_entry", "resolve_event"]
+__all__ = ["EntryAdjust", "check_unique", "lookup_symbol", "on_func_entry", "resolve_event"]
 
 _DESCRIBE_RE = re.compile(
     r"^(?P<name>\S+)\+0x(?P<off>[0-9a-f]+)/0x(?P<size>[0-9a-f]+)(?: \[\S+\])?$"
@@ -45,18 +45,31 @@ def lookup_symbol(symbols: SymbolTable, name: str) -> int | None:
         return None
 
 
+EntryAdjust = Callable[[int, int], tuple[int, bool]]
+"""The kernel's ``arch_adjust_kprobe_addr()``: (function start, offset in it) -> (the
+probe's offset, whether that is the function's entry). None: x86 without IBT, where the
+entry is offset 0 and nothing moves."""
+
+
+def _adjust(adjust: EntryAdjust | None, start: int, offset: int) -> tuple[int, bool]:
+    if adjust is None:
+        return offset, offset == 0
+    return adjust(start, offset)
+
+
 def on_func_entry(
-    symbols: SymbolTable, symbol: str, offset: int
+    symbols: SymbolTable, symbol: str, offset: int, adjust: EntryAdjust | None = None
 ) -> Literal["entry", "not_entry", "enoent"]:
-    """kprobe_on_func_entry(): is SYM+OFFS the start of the symbol it falls in?"""
+    """kprobe_on_func_entry(): is SYM+OFFS the entry of the symbol it falls in (offset
+    0, or 0 and 4 behind an ``endbr64`` on an IBT kernel)?"""
     base = lookup_symbol(symbols, from_kernel_text(symbol))
     if base is None:
         return "enoent"
     where = _describe(symbols, base + offset)
     if where is None:
         return "enoent"
-    # x86 without IBT: the entry is offset 0 of the containing symbol.
-    return "entry" if where[1] == 0 else "not_entry"
+    _, entry = _adjust(adjust, base + offset - where[1], where[1])
+    return "entry" if entry else "not_entry"
 
 
 def check_unique(log: ProbeLog, symbols: SymbolTable, symbol: str) -> None:
@@ -75,11 +88,13 @@ def resolve_event(
     symbols: SymbolTable,
     *,
     is_insn_boundary: Callable[[int], bool] | None = None,
+    adjust: EntryAdjust | None = None,
 ) -> ResolvedEvent:
     """Place ``event`` against the guest's symbols with the kernel's registration checks.
 
     ``symbols`` answers for the guest's kallsyms; ``is_insn_boundary``, when given, says
-    whether an address starts an instruction (unchecked without it). Returns the event
+    whether an address starts an instruction (unchecked without it); ``adjust`` moves an
+    entry probe past an ``endbr64`` on an IBT kernel (see :data:`EntryAdjust`). Returns the event
     with its address, containing function and ``@SYM`` arguments filled in. Raises
     :class:`~kprobevm.errors.ProbeSyntaxError` with BAD_RETPROBE, NON_UNIQ_SYMBOL,
     BAD_PROBE_ADDR, BAD_INSN_BNDRY or FAIL_REG_PROBE, its caret at the probe point as the
@@ -90,7 +105,7 @@ def resolve_event(
     name = event.symbol_name
     if name is not None:
         kname = to_kernel_text(name)
-        entry = on_func_entry(symbols, kname, event.offset)
+        entry = on_func_entry(symbols, kname, event.offset, adjust)
         if entry == "not_entry" and event.is_return:
             log.fail("BAD_RETPROBE", 0)
         if event.module is None:
@@ -116,7 +131,10 @@ def resolve_event(
     where = _describe(symbols, address)
     if where is None:
         log.fail("BAD_PROBE_ADDR", 0, f"0x{address:x} is in no symbol")
-    if event.is_return and where[1] != 0:
+    offset, on_entry = _adjust(adjust, address - where[1], where[1])
+    address += offset - where[1]
+    where = (where[0], offset, where[2])
+    if event.is_return and not on_entry:
         log.fail("FAIL_REG_PROBE", 0, "a kretprobe must be at a function entry")
     if is_insn_boundary is not None and not is_insn_boundary(address):
         log.fail("BAD_INSN_BNDRY", 0)
@@ -127,6 +145,7 @@ def resolve_event(
         function_offset=where[1],
         function_size=where[2],
         args=tuple(args),
+        on_entry=on_entry,
     )
 
 
