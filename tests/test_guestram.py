@@ -11,6 +11,7 @@ import pytest
 from kprobevm.errors import GuestFaultError
 from kprobevm.gdbstub.memory import GuestMemory
 from kprobevm.guest.guestram import (
+    FileRam,
     GuestRam,
     PagingRoot,
     RamFile,
@@ -19,8 +20,12 @@ from kprobevm.guest.guestram import (
     parse_memory_size,
     sweep_stale_ram,
 )
-from kprobevm.guest.launcher import boot
-from kprobevm.guest.vm import VM
+from kprobevm.guest.image import default_image
+from kprobevm.guest.launcher import QemuMachine, boot
+from kprobevm.guest.processram import ProcessRam
+from kprobevm.guest.vm import VM, attach
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86.pagetable import PRESENT, PS, RW
 
 MiB = 1 << 20
@@ -52,11 +57,11 @@ def test_a_base_too_small_is_refused(tmp_path: Path) -> None:
         create_ram_file("t", 1 << 60, base=tmp_path)
 
 
-def _ram(tmp_path: Path, size: int) -> GuestRam:
+def _ram(tmp_path: Path, size: int) -> FileRam:
     path = tmp_path / "ram"
     with path.open("wb") as f:
         f.truncate(size)
-    return GuestRam(RamFile(path, size))
+    return FileRam(RamFile(path, size))
 
 
 def test_physical_reads_and_the_pc_machines_split(tmp_path: Path) -> None:
@@ -69,7 +74,7 @@ def test_physical_reads_and_the_pc_machines_split(tmp_path: Path) -> None:
     path = tmp_path / "big"  # a 4 GiB guest: the layout only (the file is sparse)
     with path.open("wb") as f:
         f.truncate(4 << 30)
-    big = GuestRam(RamFile(path, 4 << 30))
+    big = FileRam(RamFile(path, 4 << 30))
     assert big.ranges == [(0, 0xC000_0000, 0), (1 << 32, (1 << 32) + (1 << 30), 0xC000_0000)]
     big.write_phys(1 << 32, b"high")
     assert big.read_phys(1 << 32, 4) == b"high"
@@ -132,7 +137,7 @@ def test_five_level_paging(tmp_path: Path) -> None:
 @pytest.mark.vm
 def test_the_mapping_reads_what_the_gdbstub_reads(vm: VM) -> None:
     reader = vm.ram_reader
-    assert reader is not None and vm.guest_ram is not None
+    assert reader is not None and isinstance(vm.guest_ram, FileRam)
     assert vm.guest_ram.path.parent.parent == Path("/dev/shm")
     functions = list(vm.symbols.functions())
     addresses = [f.address for f in functions[:: max(1, len(functions) // 300)]]
@@ -158,7 +163,44 @@ def test_the_ram_file_goes_with_the_guest_and_can_be_declined() -> None:
         assert vm.guest_ram is None and vm.ram_reader is None
         assert vm.read(vm.symbols["linux_banner"], 5) == b"Linux"
     with boot(name="ram") as vm:
-        assert vm.guest_ram is not None
+        assert isinstance(vm.guest_ram, FileRam)
         path = vm.guest_ram.path
         assert path.exists()
     assert not path.exists() and not path.parent.exists()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("gdb_tcp", [False, True], ids=["unix", "tcp"])
+def test_an_attached_guest_is_read_from_the_qemu_process(tmp_path: Path, gdb_tcp: bool) -> None:
+    """A QEMU kprobevm did not start: found behind its gdbstub, its RAM read through
+    /proc/PID/mem, and recorded hits drained with the VM running."""
+    with boot(name="attached-ram", shared_ram=False, gdb_tcp=gdb_tcp) as booted:
+        kallsyms = tmp_path / "kallsyms"
+        kallsyms.write_text(booted.read_file("/proc/kallsyms"))
+        assert booted.endpoints.gdb is not None and isinstance(booted.machine, QemuMachine)
+        vm = attach(booted.endpoints.gdb, kallsyms=kallsyms, vmlinux=default_image().vmlinux,
+                    kernel_cmdline=booted.read_file("/proc/cmdline").strip())  # fmt: skip
+        try:
+            ram = vm.guest_ram
+            assert isinstance(ram, ProcessRam) and ram.pid == booted.machine.proc.pid
+            banner = vm.symbols["linux_banner"]
+            reader = vm.ram_reader
+            assert reader is not None
+            served = reader.reads
+            with vm.target.stopped() as client:
+                assert vm.memory.read(banner, 64) == GuestMemory(client).read(banner, 64)
+            assert reader.reads == served + 1
+            seen: list[int] = []
+            kp = Kprobe(symbol_name="do_sys_openat2", record=RecordSpec(),
+                        pre_handler=lambda kp, regs: seen.append(regs.di))  # fmt: skip
+            vm.register_kprobe(kp)
+            try:
+                assert vm.kprobes.channel.drains_running  # type: ignore[attr-defined]
+                booted.run("for i in 1 2 3 4 5 6 7 8; do cat /etc/passwd; done >/dev/null",
+                           check=True)  # fmt: skip
+                vm.flush_records()
+                assert len(seen) >= 8
+            finally:
+                vm.unregister_kprobe(kp)
+        finally:
+            vm.close()

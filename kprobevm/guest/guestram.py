@@ -30,6 +30,7 @@ from kprobevm.x86.pagetable import ADDR_MASK, PRESENT, PS
 __all__ = [
     "SHM_DIR",
     "START_KERNEL_MAP",
+    "FileRam",
     "GuestRam",
     "PagingRoot",
     "RamFile",
@@ -116,27 +117,26 @@ def sweep_stale_ram(base: Path = SHM_DIR) -> list[Path]:
 
 
 class GuestRam:
-    """Guest-physical memory through a host mapping of the RAM file (data reads, and
-    data writes the guest reads back, such as a ring's tail)."""
+    """Guest-physical RAM seen from the host: the ``pc`` machine's layout over a byte
+    store (a mapping of the RAM file, or the memory of the QEMU process). Reads of data,
+    and data writes the guest reads back, such as a ring's tail."""
 
-    def __init__(self, ram: RamFile) -> None:
-        try:
-            fd = os.open(ram.path, os.O_RDWR)
-        except OSError as exc:
-            raise VMError(f"cannot open the guest RAM file {ram.path}: {exc}") from exc
-        try:
-            self._map = mmap.mmap(fd, ram.size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-        finally:
-            os.close(fd)
-        self.size = ram.size
-        self.path = ram.path
-        low = ram.size if ram.size < _LOWMEM_SPLIT else _LOWMEM_GB_ALIGNED
+    def __init__(self, size: int, where: str) -> None:
+        self.size = size
+        self.where = where
+        """The file or process the RAM is read from, for messages."""
+        low = size if size < _LOWMEM_SPLIT else _LOWMEM_GB_ALIGNED
         self._low = low
-        # (guest-physical start, end, file offset)
+        # (guest-physical start, end, offset in the store)
         self.ranges = [(0, low, 0)]
-        if ram.size > low:
-            self.ranges.append((_HIGH_START, _HIGH_START + ram.size - low, low))
+        if size > low:
+            self.ranges.append((_HIGH_START, _HIGH_START + size - low, low))
+
+    def _get(self, at: int, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _put(self, at: int, data: bytes) -> None:
+        raise NotImplementedError
 
     def _offset(self, paddr: int, n: int) -> int:
         if paddr >= 0 and paddr + n <= self._low:
@@ -147,32 +147,57 @@ class GuestRam:
         raise GuestFaultError(paddr, f"{n} bytes at {paddr:#x} are not in guest RAM")
 
     def read_if_ram(self, paddr: int, n: int) -> bytes | None:
-        """``n`` bytes at ``paddr`` if they are guest RAM in this file, else None."""
-        if paddr >= 0 and paddr + n <= self._low:
-            return self._map[paddr : paddr + n]
+        """``n`` bytes at ``paddr`` if they are guest RAM, else None."""
         if not self.covers(paddr, n):
             return None
-        at = self._offset(paddr, n)
-        return self._map[at : at + n]
+        return self._get(self._offset(paddr, n), n)
 
     def covers(self, paddr: int, n: int) -> bool:
-        """Whether ``n`` bytes at ``paddr`` are guest RAM in this file."""
+        """Whether ``n`` bytes at ``paddr`` are guest RAM."""
         return any(start <= paddr and paddr + n <= end for start, end, _ in self.ranges)
 
     def read_phys(self, paddr: int, n: int) -> bytes:
         """``n`` bytes of guest RAM at ``paddr``, read now (the guest may be running)."""
-        at = self._offset(paddr, n)
-        return self._map[at : at + n]
+        return self._get(self._offset(paddr, n), n)
 
     def u64(self, paddr: int) -> int:
         """The little-endian u64 at ``paddr`` (a page-table entry, a ring's head)."""
-        at = self._offset(paddr, 8)
-        return int.from_bytes(self._map[at : at + 8], "little")
+        return int.from_bytes(self._get(self._offset(paddr, 8), 8), "little")
 
     def write_phys(self, paddr: int, data: bytes) -> None:
         """Store data (never code: TCG would not see it) at guest-physical ``paddr``."""
-        at = self._offset(paddr, len(data))
+        self._put(self._offset(paddr, len(data)), data)
+
+    def close(self) -> None:
+        """Let go of the store."""
+
+
+class FileRam(GuestRam):
+    """Guest RAM through a host mapping of the RAM file of a guest kprobevm booted."""
+
+    def __init__(self, ram: RamFile) -> None:
+        super().__init__(ram.size, str(ram.path))
+        try:
+            fd = os.open(ram.path, os.O_RDWR)
+        except OSError as exc:
+            raise VMError(f"cannot open the guest RAM file {ram.path}: {exc}") from exc
+        try:
+            self._map = mmap.mmap(fd, ram.size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        finally:
+            os.close(fd)
+        self.path = ram.path
+
+    def _get(self, at: int, n: int) -> bytes:
+        return self._map[at : at + n]
+
+    def _put(self, at: int, data: bytes) -> None:
         self._map[at : at + len(data)] = data
+
+    def read_if_ram(self, paddr: int, n: int) -> bytes | None:
+        if paddr >= 0 and paddr + n <= self._low:
+            return self._map[paddr : paddr + n]  # every read goes here: no calls
+        return super().read_if_ram(paddr, n)
 
     def close(self) -> None:
         self._map.close()

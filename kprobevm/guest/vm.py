@@ -218,11 +218,32 @@ class VM(Closing):
 
     @functools.cached_property
     def guest_ram(self) -> GuestRam | None:
-        """Guest RAM mapped on the host (None: this guest's RAM is not shared with us)."""
-        from kprobevm.guest.guestram import GuestRam
+        """Guest RAM read on the host: the RAM file of a guest we booted, the QEMU
+        process's memory for an attached one (None: everything through the gdbstub)."""
+        from kprobevm.guest.guestram import FileRam
 
-        ram = getattr(self.machine, "ram", None)
-        return GuestRam(ram) if ram is not None else None
+        if self.machine is not None:
+            ram = getattr(self.machine, "ram", None)
+            return FileRam(ram) if ram is not None else None
+        return self._attached_ram()
+
+    def _attached_ram(self) -> GuestRam | None:
+        """The RAM mapping of the QEMU behind the gdbstub, recognised by bytes the gdbstub
+        reads; None (said on stderr, with why) when it is not ours to read."""
+        from kprobevm.guest.processram import find_process_ram, gdbstub_peer_pid
+
+        try:
+            pid = gdbstub_peer_pid(self.target.client.fileno())
+            with self.target.stopped() as client:
+                samples = []
+                for name in ("linux_banner", "init_task"):
+                    paddr = self.translate(self.symbols[name])
+                    samples.append((paddr, client.read_phys(paddr, 64)))
+                return find_process_ram(pid, samples)
+        except (KprobeVMError, OSError) as exc:
+            self.log.warning("%s: guest memory reads go through the gdbstub (%s)", self.name,
+                             exc)  # fmt: skip
+            return None
 
     @functools.cached_property
     def ram_reader(self) -> RamReader | None:
