@@ -501,9 +501,13 @@ def test_trap_thread_sees_a_hang_up_and_stopped_raises_in_time() -> None:
         with target.stopped():
             pass
 
-    assert isinstance(within(borrow), KprobeVMError)
-    assert isinstance(target.error, GdbConnectionClosed)
-    target.close()
+    # a stub that hangs up is a lost VM: the trap thread ends with it, each borrower
+    # gets it at once, and nothing is resumed after
+    assert isinstance(within(borrow), VMLost)
+    assert isinstance(target.error, VMLost) and target.error is target.lost
+    assert isinstance(target.lost.__cause__, GdbConnectionClosed)
+    assert isinstance(within(borrow, 0.5), VMLost)
+    assert within(target.close) is None
 
 
 def test_trap_thread_dying_of_a_handler_bug_does_not_hang_stopped() -> None:
@@ -581,8 +585,57 @@ def test_trap_thread_exit_stop_is_vm_lost() -> None:
         with target.stopped():
             pass
 
-    within(borrow)  # returns or raises in the tree, in time
-    target.close()
+    exc = within(borrow)
+    assert isinstance(exc, VMLost) and exc.qemu_exited and "W00" in str(exc)
+    assert within(target.close) is None
+
+
+def test_a_hang_up_inside_stopped_is_vm_lost_and_nothing_is_resumed_after() -> None:
+    """The stub hangs up while a caller holds the VM stopped (no trap thread): the
+    caller's GdbConnectionClosed became VMLost, and stopped()'s own resume on the way
+    out no longer replaced it with a second GdbConnectionClosed."""
+    explained: list[tuple[str, bool]] = []
+
+    def explain(why: str, exited: bool) -> VMLost:
+        explained.append((why, exited))
+        return VMLost(f"faults: {why}", exitcode=0, serial_log="Kernel panic - not syncing")
+
+    c, stub, t = connect()
+    target = Target(c, name="faults", explain_loss=explain)
+    target.stop_timeout = 0.5
+    resumed(c, t)
+
+    def read_after_hang_up() -> None:
+        with target.stopped() as client:
+            stub.close()
+            client.threads()
+
+    exc = within(read_after_hang_up)
+    assert isinstance(exc, VMLost) and exc.exitcode == 0 and "Kernel panic" in str(exc)
+    assert isinstance(exc.__cause__, GdbConnectionClosed)
+    assert b"qfThreadInfo" in (exc.__cause__.sent or b"")  # the body's, not the resume's
+    assert explained == [("the gdbstub closed the connection", False)]  # said once
+    for call in (target.resume, target.start, read_after_hang_up):
+        assert isinstance(within(call, 0.5), VMLost)
+    assert len(explained) == 1
+    assert within(target.close) is None
+
+
+def test_a_vm_lost_in_a_handler_is_not_a_handler_error() -> None:
+    """A handler's read that finds the guest gone ends the trap thread with VMLost; it
+    is not kept as the handler's own exception."""
+    from kprobevm.kprobes.core import Kprobe, KprobeManager, ProbeSite
+
+    def handler(kp: Kprobe, regs: object) -> None:
+        raise VMLost("faults: gone under the handler")
+
+    kp = Kprobe(addr=0x1000, pre_handler=handler)
+    site = ProbeSite(addr=0x1000, insn=None, slot=None, probes=[kp])  # type: ignore[arg-type]
+    manager = KprobeManager.__new__(KprobeManager)
+    manager.handler_errors = 0
+    with pytest.raises(VMLost):
+        manager.run_pre_handlers(site, None)  # type: ignore[arg-type]
+    assert kp.nerrors == 0 and manager.handler_errors == 0
 
 
 def test_a_silent_interrupt_ends_stopped_at_its_timeout() -> None:

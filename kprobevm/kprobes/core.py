@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm import faults
-from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
+from kprobevm.errors import LOST_ERRORS, KprobeError, ProbeRefused, SymbolError
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import can_probe
 from kprobevm.x86.ptregs import PtRegs
@@ -519,6 +519,20 @@ class KprobeManager:
                 self._channel.close()
                 self._channel = None
 
+    def abandon(self) -> None:
+        """The guest is gone: forget every probe and the channel without touching it
+        (nothing of ours outlives the guest). Probes end unregistered, as after
+        :meth:`close`; a count-only probe's hits were counted in the guest and went
+        with it (its ``nhit`` keeps what the host counted)."""
+        with self._mutex:
+            for kp in [*self.gone, *(kp for s in self.table.values() for kp in s.probes)]:
+                kp.count_reader = None
+                self._forget(kp)
+            self.table.clear()
+            self.gone.clear()
+            self.modules.probe = None
+            self._channel = None
+
     def _site_of(self, kp: Kprobe) -> ProbeSite:
         if not kp.registered:
             raise KprobeError("probe is not registered", symbol=kp.symbol_name)
@@ -584,6 +598,8 @@ class KprobeManager:
             try:
                 if kp.pre_handler(kp, regs):
                     skip = True
+            except LOST_ERRORS:
+                raise  # the guest is gone: not the handler's fault, and nothing goes on
             except Exception as exc:  # a handler's bug never stops the engine
                 self._handler_failed(kp, exc, "pre_handler of")
         return skip
@@ -611,6 +627,8 @@ class KprobeManager:
                     "a recorded probe's handler changed registers: the hit is over",
                     symbol=kp.symbol_name, address=kp.addr,
                 )  # fmt: skip
+        except LOST_ERRORS:
+            raise
         except Exception as exc:
             self._handler_failed(kp, exc, "pre_handler of recorded")
 
@@ -620,6 +638,8 @@ class KprobeManager:
                 continue
             try:
                 kp.post_handler(kp, regs)
+            except LOST_ERRORS:
+                raise
             except Exception as exc:
                 self._handler_failed(kp, exc, "post_handler of")
 

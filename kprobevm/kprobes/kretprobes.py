@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
+from kprobevm.errors import LOST_ERRORS, GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
 from kprobevm.kprobes.core import Kprobe, keep_handler_error
 from kprobevm.x86.ptregs import PtRegs, to_gdb_names
@@ -223,6 +223,8 @@ class KretprobeManager:
             try:
                 if rp.entry_handler(ri, regs):
                     return
+            except LOST_ERRORS:
+                raise
             except Exception as exc:
                 self._handler_failed(rp, exc, "entry_handler")
         old = self.by_slot.pop(slot, None)
@@ -321,6 +323,8 @@ class KretprobeManager:
         rp.nhit += 1
         try:
             rp.handler(ri, regs)
+        except LOST_ERRORS:
+            raise
         except Exception as exc:
             self._handler_failed(rp, exc, "handler")
         return to_gdb_names(regs.changes(), skip=("ip", "sp")) | leave
