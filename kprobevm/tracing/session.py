@@ -198,12 +198,17 @@ class TraceSession(Closing):
         return [error for p in placed for error in p.handler_errors()]
 
     def drain(self) -> Iterator[EventHit]:
-        """Yield the hits queued so far, without waiting for more (none with ``on_hit``)."""
+        """Yield the hits queued so far, without waiting for more (none with ``on_hit``);
+        then, while probes are placed in a guest that is gone (rebooted, panicked), raise
+        :class:`~kprobevm.errors.VMLost`: a tracer waiting for hits learns it here."""
         while True:
             try:
                 yield self.hits.get_nowait()
             except queue.Empty:
-                return
+                break
+        lost = self.vm.lost if self.placed else None
+        if lost is not None:
+            raise lost.again()
 
     def __enter__(self) -> Self:
         self.start()
