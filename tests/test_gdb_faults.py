@@ -638,6 +638,41 @@ def test_a_vm_lost_in_a_handler_is_not_a_handler_error() -> None:
     assert kp.nerrors == 0 and manager.handler_errors == 0
 
 
+def test_two_threads_borrowing_the_vm_at_once_take_turns() -> None:
+    """Two borrowers of a VM the trap thread runs: both saw the pause and used the
+    client at once, and one took the other's reply (seen as a short memory reply when a
+    guest rebooted under a busy session)."""
+    target, _c, _stub, t = _target()
+    t.ram[:8] = b"A" * 8
+    t.ram[0x100:0x110] = b"B" * 16
+    target.start()
+    failures: list[str] = []
+
+    def borrow(addr: int, n: int, byte: bytes) -> None:
+        for _ in range(100):
+            try:
+                with target.stopped() as client:
+                    data = client.read_memory(addr, n)
+                    time.sleep(0.001)
+                    data += client.read_memory(addr, n)
+            except KprobeVMError as exc:
+                failures.append(repr(exc))
+                return
+            if data != byte * (2 * n):
+                failures.append(f"{byte!r} borrower read {data!r}")
+                return
+
+    threads = [threading.Thread(target=borrow, args=(RAM_BASE, 8, b"A")),
+               threading.Thread(target=borrow, args=(RAM_BASE + 0x100, 16, b"B"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE * 5)
+        assert not thread.is_alive(), "hang"
+    assert not failures, failures[:3]
+    assert within(target.close) is None
+
+
 def test_a_silent_interrupt_ends_stopped_at_its_timeout() -> None:
     """QEMU 8.1+ pausing without a word: stopped() raises after stop_timeout."""
     target, c, stub, t = _target()

@@ -17,12 +17,15 @@ Lock order, outermost first (a thread takes them in this order only):
    nor lock 1: handlers must not register or unregister probes (the kernel forbids it
    too), and the trap thread's own table change (a module going) needs the VM stopped,
    which it already is.
-3. ``Target._lock``: the conversation with the stub; the trap thread holds it while it
+3. ``Target._turn``: held by the one thread (never the trap thread) that holds the VM
+   stopped, for as long as it does: borrowers take turns, since the trap thread's
+   pause serves all that wait for it at once, and they share one client.
+4. ``Target._lock``: the conversation with the stub; the trap thread holds it while it
    handles one stop, a borrower while it holds the VM stopped.
-4. ``Target._cond``: the hand-over between a borrower and the trap thread.
-5. ``Target._loss_lock``: held while a loss is explained (the facade's callback waits
+5. ``Target._cond``: the hand-over between a borrower and the trap thread.
+6. ``Target._loss_lock``: held while a loss is explained (the facade's callback waits
    briefly for QEMU's exit status); takes no other lock.
-6. ``Journal._lock``: one record appended at a time.
+7. ``Journal._lock``: one record appended at a time.
 
 Every wait on another thread has a deadline (the hand-over, the trap thread's end), and
 so does every wait on the guest (a stop reply, a reply).
@@ -138,6 +141,7 @@ class Target:
         self.idle_interval = 1.0
         self.stop_timeout = 10.0
         """Seconds an interrupt waits for the VM's stop reply."""
+        self._turn = threading.Lock()  # held by the thread that holds the VM stopped
         self._lock = threading.RLock()  # held by whoever talks to the stub
         self._owner: int | None = None  # thread ident that holds the VM stopped
         self._depth = 0
@@ -163,25 +167,32 @@ class Target:
                 self._depth -= 1
             return
         self._raise_if_lost()
-        with self._lost_on_hang_up():
-            if self._thread is not None and self._thread.is_alive():
-                with self._borrow_from_trap_thread():
-                    yield self.client
-                return
-            with self._lock:
-                was_running = self.running
-                if was_running:
-                    self._stop_vm()
-                self._owner = me
-                try:
-                    yield self.client
-                finally:
-                    self._owner = None
-                    start, self._start_when_released = self._start_when_released, False
-                    if was_running and self._reachable:
-                        self._resume_vm()
-            if start:
-                self.start()
+        if not self._turn.acquire(timeout=HANDOVER_DEADLINE):
+            raise VMError(f"{self.name}: another thread held the VM stopped for"
+                          f" {HANDOVER_DEADLINE:g} s")
+        try:
+            self._raise_if_lost()  # it may have gone while we waited our turn
+            with self._lost_on_hang_up():
+                if self._thread is not None and self._thread.is_alive():
+                    with self._borrow_from_trap_thread():
+                        yield self.client
+                    return
+                with self._lock:
+                    was_running = self.running
+                    if was_running:
+                        self._stop_vm()
+                    self._owner = me
+                    try:
+                        yield self.client
+                    finally:
+                        self._owner = None
+                        start, self._start_when_released = self._start_when_released, False
+                        if was_running and self._reachable:
+                            self._resume_vm()
+                if start:
+                    self.start()
+        finally:
+            self._turn.release()
 
     # -- a lost VM ---------------------------------------------------------------------
 
