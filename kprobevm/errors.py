@@ -169,8 +169,9 @@ class VMLost(VMError):
 
     Carries what is known of the end: ``exitcode`` (QEMU's exit status, None while it
     runs or when it is not ours), ``qemu_exited`` (QEMU is known to have exited: its
-    gdbstub said so, or its process ended), QEMU's output and the serial log's tail
-    (a guest panic says why there).
+    gdbstub said so, or its process ended), ``guest_said`` (the console line that says
+    how the guest kernel ended: its panic, or its reboot), QEMU's output and the serial
+    log's tail.
     """
 
     def __init__(
@@ -179,17 +180,21 @@ class VMLost(VMError):
         *,
         exitcode: int | None = None,
         qemu_exited: bool = False,
+        guest_said: str = "",
         output: str = "",
         serial_log: str = "",
     ):
         self.reason = message
         self.exitcode = exitcode
         self.qemu_exited = qemu_exited or exitcode is not None
+        self.guest_said = guest_said
         self.output = output
         self.serial_log = serial_log
         text = message
         if exitcode is not None:
             text += f"\n  QEMU exit status: {exitcode}"
+        if guest_said:
+            text += f"\n  guest kernel: {guest_said}"
         if output.strip():
             text += "\n  qemu output:\n" + _tail(output)
         if serial_log.strip():
@@ -200,7 +205,8 @@ class VMLost(VMError):
         """The same loss as a new exception, for another thread or call to raise (an
         exception object raised twice would carry both tracebacks); its cause is kept."""
         copy = VMLost(self.reason, exitcode=self.exitcode, qemu_exited=self.qemu_exited,
-                      output=self.output, serial_log=self.serial_log)
+                      guest_said=self.guest_said, output=self.output,
+                      serial_log=self.serial_log)
         copy.__cause__ = self.__cause__
         return copy
 

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -70,6 +71,17 @@ class Machine(Protocol):
 
     def output(self) -> str:
         """The tail of QEMU's own output (stdout and stderr)."""
+
+
+_LAST_WORDS = re.compile(r"Kernel panic - not syncing: .*|reboot: .*")
+
+
+def last_words(serial: str) -> str:
+    """The console line that says how the guest kernel ended: its panic (a panic's call
+    trace pushes it out of a log's last lines), else its last reboot line; '' if none."""
+    said: list[str] = _LAST_WORDS.findall(serial)
+    panics = [line for line in said if line.startswith("Kernel panic")]
+    return (panics or said or [""])[-1].strip()
 
 
 LOSS_EXIT_WAIT = 3.0
@@ -256,10 +268,11 @@ class VM(Closing):
                 return self._lost.again()
             machine = self.machine
             exitcode = machine.wait_exit(LOSS_EXIT_WAIT) if machine is not None else None
+            serial = self.serial_log()
             lost = VMLost(
                 f"{self.name}: {why}", exitcode=exitcode, qemu_exited=exited,
-                output=machine.output() if machine is not None else "",
-                serial_log=self.serial_log(),
+                guest_said=last_words(serial),
+                output=machine.output() if machine is not None else "", serial_log=serial,
             )  # fmt: skip
             if only_if_exited and not lost.qemu_exited:
                 return lost
