@@ -101,6 +101,12 @@ class Kretprobe:
     kp: Kprobe | None = field(default=None, init=False, repr=False)
     active: int = field(default=0, init=False)
 
+    @property
+    def gone(self) -> bool:
+        """Its function's module was unloaded: out of the guest, still registered until
+        unregistered (the kernel's ``[GONE]``)."""
+        return self.kp is not None and self.kp.gone
+
 
 class KretprobeManager:
     """Registered return probes of one guest and the instances in flight."""
