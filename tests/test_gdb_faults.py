@@ -638,6 +638,32 @@ def test_a_vm_lost_in_a_handler_is_not_a_handler_error() -> None:
     assert kp.nerrors == 0 and manager.handler_errors == 0
 
 
+def test_a_hang_up_under_a_borrower_ends_the_trap_thread_with_vm_lost() -> None:
+    """The stub hangs up during a borrower's request: the trap thread, let go, went
+    back to select() on the socket the hang-up had closed and died of EBADF (logged as
+    an error, kept as a raw OSError) while the borrower was still explaining the loss."""
+    def explain(why: str, exited: bool) -> VMLost:
+        time.sleep(0.3)  # as the facade waits for QEMU's exit status
+        return VMLost(f"faults: {why}", exitcode=0)
+
+    c, stub, _t = connect()
+    target = Target(c, name="faults", explain_loss=explain)
+    target.start()
+
+    def borrow() -> None:
+        with target.stopped() as client:
+            stub.close()
+            client.threads()
+
+    assert isinstance(within(borrow), VMLost)
+    thread = target._thread
+    assert thread is not None
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert isinstance(target.error, VMLost) and target.error is target.lost
+    assert within(target.close) is None
+
+
 def test_two_threads_borrowing_the_vm_at_once_take_turns() -> None:
     """Two borrowers of a VM the trap thread runs: both saw the pause and used the
     client at once, and one took the other's reply (seen as a short memory reply when a

@@ -364,6 +364,10 @@ class Target:
         sock = self.client.fileno()
         try:
             while not self._quit:
+                if self.client.closed:
+                    # hung up under another thread's request (a borrower's): its socket
+                    # is closed, and select() on it would fail, or watch a reused fd
+                    raise GdbConnectionClosed("the stub closed the connection")
                 # A stop reply can come in the same read as the replies to the register
                 # writes sent with the last resume (GdbClient.cont reads those after the
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
