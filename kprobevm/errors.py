@@ -14,7 +14,8 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- VMLaunchFailure          QEMU failed to start (exit code, command line, log tail)
      |    |    +-- QEMUNotFound        the QEMU binary is missing
      |    |    +-- GuestNotReady       the guest never answered SSH within the timeout
-     |    +-- VMLost                   QEMU went away while we used it
+     |    +-- VMLost                   QEMU went away while we used it (exit status,
+     |                                 serial log tail)
      +-- GuestCommandError            ``vm.run(check=True)`` saw a non-zero status
      +-- GuestCommandTimeout          ``vm.run`` did not finish in time
      +-- GdbError                     the gdbstub conversation failed (packet sent, reply received)
@@ -45,6 +46,7 @@ import shlex
 from collections.abc import Sequence
 
 __all__ = [
+    "LOST_ERRORS",
     "AmbiguousSymbol",
     "GdbConnectionClosed",
     "GdbError",
@@ -163,7 +165,50 @@ class GuestNotReady(VMLaunchFailure):
 
 
 class VMLost(VMError):
-    """QEMU went away (or its gdbstub or SSH did) while kprobevm was using it."""
+    """QEMU went away (or its gdbstub or SSH did) while kprobevm was using it.
+
+    Carries what is known of the end: ``exitcode`` (QEMU's exit status, None while it
+    runs or when it is not ours), ``qemu_exited`` (QEMU is known to have exited: its
+    gdbstub said so, or its process ended), ``guest_said`` (the console line that says
+    how the guest kernel ended: its panic, or its reboot), QEMU's output and the serial
+    log's tail.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        qemu_exited: bool = False,
+        guest_said: str = "",
+        output: str = "",
+        serial_log: str = "",
+    ):
+        self.reason = message
+        self.exitcode = exitcode
+        self.qemu_exited = qemu_exited or exitcode is not None
+        self.guest_said = guest_said
+        self.output = output
+        self.serial_log = serial_log
+        text = message
+        if exitcode is not None:
+            text += f"\n  QEMU exit status: {exitcode}"
+        if guest_said:
+            text += f"\n  guest kernel: {guest_said}"
+        if output.strip():
+            text += "\n  qemu output:\n" + _tail(output)
+        if serial_log.strip():
+            text += "\n  serial log tail:\n" + _tail(serial_log)
+        super().__init__(text)
+
+    def again(self) -> VMLost:
+        """The same loss as a new exception, for another thread or call to raise (an
+        exception object raised twice would carry both tracebacks); its cause is kept."""
+        copy = VMLost(self.reason, exitcode=self.exitcode, qemu_exited=self.qemu_exited,
+                      guest_said=self.guest_said, output=self.output,
+                      serial_log=self.serial_log)
+        copy.__cause__ = self.__cause__
+        return copy
 
 
 class GuestCommandError(KprobeVMError):
@@ -233,6 +278,11 @@ class GdbTimeout(GdbError):
 
 class GdbConnectionClosed(GdbError):
     """The stub closed the connection."""
+
+
+LOST_ERRORS: tuple[type[KprobeVMError], ...] = (VMLost, GdbConnectionClosed)
+"""The errors after which the guest cannot be reached any more: code that catches a
+handler's (or a best-effort step's) failure and goes on must let these through."""
 
 
 class GuestMemoryError(KprobeVMError):

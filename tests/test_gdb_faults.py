@@ -501,9 +501,13 @@ def test_trap_thread_sees_a_hang_up_and_stopped_raises_in_time() -> None:
         with target.stopped():
             pass
 
-    assert isinstance(within(borrow), KprobeVMError)
-    assert isinstance(target.error, GdbConnectionClosed)
-    target.close()
+    # a stub that hangs up is a lost VM: the trap thread ends with it, each borrower
+    # gets it at once, and nothing is resumed after
+    assert isinstance(within(borrow), VMLost)
+    assert isinstance(target.error, VMLost) and target.error is target.lost
+    assert isinstance(target.lost.__cause__, GdbConnectionClosed)
+    assert isinstance(within(borrow, 0.5), VMLost)
+    assert within(target.close) is None
 
 
 def test_trap_thread_dying_of_a_handler_bug_does_not_hang_stopped() -> None:
@@ -581,8 +585,118 @@ def test_trap_thread_exit_stop_is_vm_lost() -> None:
         with target.stopped():
             pass
 
-    within(borrow)  # returns or raises in the tree, in time
-    target.close()
+    exc = within(borrow)
+    assert isinstance(exc, VMLost) and exc.qemu_exited and "W00" in str(exc)
+    assert within(target.close) is None
+
+
+def test_a_hang_up_inside_stopped_is_vm_lost_and_nothing_is_resumed_after() -> None:
+    """The stub hangs up while a caller holds the VM stopped (no trap thread): the
+    caller's GdbConnectionClosed became VMLost, and stopped()'s own resume on the way
+    out no longer replaced it with a second GdbConnectionClosed."""
+    explained: list[tuple[str, bool]] = []
+
+    def explain(why: str, exited: bool) -> VMLost:
+        explained.append((why, exited))
+        return VMLost(f"faults: {why}", exitcode=0, serial_log="Kernel panic - not syncing")
+
+    c, stub, t = connect()
+    target = Target(c, name="faults", explain_loss=explain)
+    target.stop_timeout = 0.5
+    resumed(c, t)
+
+    def read_after_hang_up() -> None:
+        with target.stopped() as client:
+            stub.close()
+            client.threads()
+
+    exc = within(read_after_hang_up)
+    assert isinstance(exc, VMLost) and exc.exitcode == 0 and "Kernel panic" in str(exc)
+    assert isinstance(exc.__cause__, GdbConnectionClosed)
+    assert b"qfThreadInfo" in (exc.__cause__.sent or b"")  # the body's, not the resume's
+    assert explained == [("the gdbstub closed the connection", False)]  # said once
+    for call in (target.resume, target.start, read_after_hang_up):
+        assert isinstance(within(call, 0.5), VMLost)
+    assert len(explained) == 1
+    assert within(target.close) is None
+
+
+def test_a_vm_lost_in_a_handler_is_not_a_handler_error() -> None:
+    """A handler's read that finds the guest gone ends the trap thread with VMLost; it
+    is not kept as the handler's own exception."""
+    from kprobevm.kprobes.core import Kprobe, KprobeManager, ProbeSite
+
+    def handler(kp: Kprobe, regs: object) -> None:
+        raise VMLost("faults: gone under the handler")
+
+    kp = Kprobe(addr=0x1000, pre_handler=handler)
+    site = ProbeSite(addr=0x1000, insn=None, slot=None, probes=[kp])  # type: ignore[arg-type]
+    manager = KprobeManager.__new__(KprobeManager)
+    manager.handler_errors = 0
+    with pytest.raises(VMLost):
+        manager.run_pre_handlers(site, None)  # type: ignore[arg-type]
+    assert kp.nerrors == 0 and manager.handler_errors == 0
+
+
+def test_a_hang_up_under_a_borrower_ends_the_trap_thread_with_vm_lost() -> None:
+    """The stub hangs up during a borrower's request: the trap thread, let go, went
+    back to select() on the socket the hang-up had closed and died of EBADF (logged as
+    an error, kept as a raw OSError) while the borrower was still explaining the loss."""
+    def explain(why: str, exited: bool) -> VMLost:
+        time.sleep(0.3)  # as the facade waits for QEMU's exit status
+        return VMLost(f"faults: {why}", exitcode=0)
+
+    c, stub, _t = connect()
+    target = Target(c, name="faults", explain_loss=explain)
+    target.start()
+
+    def borrow() -> None:
+        with target.stopped() as client:
+            stub.close()
+            client.threads()
+
+    assert isinstance(within(borrow), VMLost)
+    thread = target._thread
+    assert thread is not None
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert isinstance(target.error, VMLost) and target.error is target.lost
+    assert within(target.close) is None
+
+
+def test_two_threads_borrowing_the_vm_at_once_take_turns() -> None:
+    """Two borrowers of a VM the trap thread runs: both saw the pause and used the
+    client at once, and one took the other's reply (seen as a short memory reply when a
+    guest rebooted under a busy session)."""
+    target, _c, _stub, t = _target()
+    t.ram[:8] = b"A" * 8
+    t.ram[0x100:0x110] = b"B" * 16
+    target.start()
+    failures: list[str] = []
+
+    def borrow(addr: int, n: int, byte: bytes) -> None:
+        for _ in range(100):
+            try:
+                with target.stopped() as client:
+                    data = client.read_memory(addr, n)
+                    time.sleep(0.001)
+                    data += client.read_memory(addr, n)
+            except KprobeVMError as exc:
+                failures.append(repr(exc))
+                return
+            if data != byte * (2 * n):
+                failures.append(f"{byte!r} borrower read {data!r}")
+                return
+
+    threads = [threading.Thread(target=borrow, args=(RAM_BASE, 8, b"A")),
+               threading.Thread(target=borrow, args=(RAM_BASE + 0x100, 16, b"B"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE * 5)
+        assert not thread.is_alive(), "hang"
+    assert not failures, failures[:3]
+    assert within(target.close) is None
 
 
 def test_a_silent_interrupt_ends_stopped_at_its_timeout() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import JournalError
-from kprobevm.kprobes.journal import Journal, journal_gdb_address, pending_writes
+from kprobevm.kprobes.journal import Journal, journal_gdb_address, journal_lost, pending_writes
 
 
 def test_pending_writes_are_newest_first_and_skip_undone(tmp_path: Path) -> None:
@@ -91,3 +91,16 @@ def test_a_clean_close_settles_its_own_session_and_recovery_every_one(tmp_path: 
     assert [e.what for e in pending_writes(path)] == ["a"]
     path.write_text(path.read_text() + '{"op":"close","clean":true,"by":"recover"}\n')
     assert pending_writes(path) == []
+
+
+def test_a_session_whose_guest_went_settles_and_says_why(tmp_path: Path) -> None:
+    """A guest that exited took our writes with it: the session settles its journal
+    and says why, so that ``kprobevm recover`` has nothing to do and can say so."""
+    path = tmp_path / "j"
+    j = Journal(path)
+    j.record("virt", 0x1000, b"\x0f", b"\xcc", "int3")
+    j.close(clean=True, lost="vm1: the guest exited (W00, status 0)")
+    assert pending_writes(path) == []
+    assert journal_lost(path) == "vm1: the guest exited (W00, status 0)"
+    Journal(path).close(clean=True)  # the next session on the path: no loss of its own
+    assert journal_lost(path) == ""

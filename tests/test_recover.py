@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from kprobevm import cli
-from kprobevm.errors import JournalError
+from kprobevm.errors import JournalError, VMLost
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.guest.image import default_image, kernel_package_image
 from kprobevm.guest.launcher import boot
@@ -343,3 +343,26 @@ def test_a_torn_last_line_is_cut_before_recovery_writes_its_own(tmp_path: Path) 
     assert report.ok and [e.what for e in report.restored] == ["int3 f"]
     assert pending_writes(journal) == []  # readable, and settled
     Journal(journal).close(clean=True)  # a new session starts on it
+
+
+def test_recover_with_the_gdbstub_gone_says_so_in_the_tree(tmp_path: Path) -> None:
+    """A journal whose QEMU has exited: with writes pending, VMLost says they went with
+    the guest (a raw FileNotFoundError before); a journal its session settled when the
+    guest went needs no gdbstub, and the summary says why there was nothing to do."""
+    gone = str(tmp_path / "no-such-gdb.sock")
+    pending = tmp_path / "pending.journal"
+    j = Journal(pending, gdb=gone)
+    j.record("virt", 0x1000, b"\x0f", b"\xcc", "int3 f")
+    j.close(clean=False)
+    with pytest.raises(VMLost, match="1 writes are pending"):
+        recover(pending)
+    assert len(pending_writes(pending)) == 1  # left for a recover that can reach it
+
+    settled = tmp_path / "settled.journal"
+    j = Journal(settled, gdb=gone)
+    j.record("virt", 0x1000, b"\x0f", b"\xcc", "int3 f")
+    j.close(clean=True, lost="vm1: the guest exited (W00, status 0)")
+    report = recover(settled)
+    assert report.ok and not report.restored
+    assert "the session's guest is gone (vm1: the guest exited" in report.summary()
+    assert cli.main(["recover", str(pending)]) == cli.EXIT_VM

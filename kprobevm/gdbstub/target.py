@@ -17,13 +17,23 @@ Lock order, outermost first (a thread takes them in this order only):
    nor lock 1: handlers must not register or unregister probes (the kernel forbids it
    too), and the trap thread's own table change (a module going) needs the VM stopped,
    which it already is.
-3. ``Target._lock``: the conversation with the stub; the trap thread holds it while it
+3. ``Target._turn``: held by the one thread (never the trap thread) that holds the VM
+   stopped, for as long as it does: borrowers take turns, since the trap thread's
+   pause serves all that wait for it at once, and they share one client.
+4. ``Target._lock``: the conversation with the stub; the trap thread holds it while it
    handles one stop, a borrower while it holds the VM stopped.
-4. ``Target._cond``: the hand-over between a borrower and the trap thread.
-5. ``Journal._lock``: one record appended at a time.
+5. ``Target._cond``: the hand-over between a borrower and the trap thread.
+6. ``Target._loss_lock``: held while a loss is explained (the facade's callback waits
+   briefly for QEMU's exit status); takes no other lock.
+7. ``Journal._lock``: one record appended at a time.
 
 Every wait on another thread has a deadline (the hand-over, the trap thread's end), and
 so does every wait on the guest (a stop reply, a reply).
+
+A VM that goes away (QEMU exits on a guest reboot or panic and says ``W``, or its
+gdbstub hangs up) is *lost*: the first party to notice it keeps a :class:`VMLost` in
+:attr:`Target.lost`, the trap thread ends with it, and every later ``stopped()`` raises
+it at once. Nothing is resumed or written after that; there is nothing left to restore.
 """
 
 from __future__ import annotations
@@ -37,11 +47,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from kprobevm.errors import GdbError, GdbErrorReply, VMError, VMLost
+from kprobevm.errors import (
+    LOST_ERRORS,
+    GdbConnectionClosed,
+    GdbError,
+    GdbErrorReply,
+    VMError,
+    VMLost,
+)
 from kprobevm.gdbstub.packet import StopReply, parse_thread_id
 from kprobevm.gdbstub.transport import GdbTransport
 
-__all__ = ["StopHandler", "Target", "cpu_of_thread", "vcpu_quiescent", "vcpu_rips"]
+__all__ = [
+    "LossExplainer",
+    "StopHandler",
+    "Target",
+    "cpu_of_thread",
+    "vcpu_quiescent",
+    "vcpu_rips",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +75,10 @@ milliseconds; only a handler that hangs takes this long)."""
 
 StopHandler = Callable[[StopReply], None]
 """Called on the trap thread, VM stopped, for every stop the trap thread sees."""
+
+LossExplainer = Callable[[str, bool], VMLost]
+"""``explain(why, exited)``: the :class:`VMLost` for a lost VM, with the facts its owner
+knows (QEMU's exit status, the serial log's tail); ``exited`` when QEMU said it exits."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,9 +117,17 @@ def vcpu_quiescent(client: GdbTransport, thread: str, ours: Callable[[int], bool
 class Target:
     """Serialises access to a gdbstub client and runs the trap thread."""
 
-    def __init__(self, client: GdbTransport, *, name: str = "vm") -> None:
+    def __init__(
+        self, client: GdbTransport, *, name: str = "vm", explain_loss: LossExplainer | None = None
+    ) -> None:
+        """``explain_loss`` makes the error for a lost VM (default: the reason alone)."""
         self.client = client
         self.name = name
+        self._explain_loss = explain_loss or self._plain_loss
+        self.lost: VMLost | None = None
+        """Why the VM is gone, once it is (the first reason noticed)."""
+        self._loss_lock = threading.Lock()
+        self._closed = False
         self._start_when_released = False
         self.before_resume: list[bytes] = []
         """Packets (register writes) to send with the next resume, in the same write."""
@@ -110,6 +146,7 @@ class Target:
         self._idle_running: int | None = None  # the trap thread, in a running idle call
         self.stop_timeout = 10.0
         """Seconds an interrupt waits for the VM's stop reply."""
+        self._turn = threading.Lock()  # held by the thread that holds the VM stopped
         self._lock = threading.RLock()  # held by whoever talks to the stub
         self._owner: int | None = None  # thread ident that holds the VM stopped
         self._depth = 0
@@ -134,29 +171,76 @@ class Target:
             finally:
                 self._depth -= 1
             return
+        self._raise_if_lost()
         if self._idle_running == me:
-            # the trap thread's idle call, VM running: a handler in it wants a stop
-            with self._stopped_by_trap_thread():
+            # the trap thread's idle call, VM running: a handler in it wants a stop (it
+            # takes no turn: a thread with the turn may be waiting for this one)
+            with self._lost_on_hang_up(), self._stopped_by_trap_thread():
                 yield self.client
             return
-        if self._thread is not None and self._thread.is_alive():
-            with self._borrow_from_trap_thread():
-                yield self.client
-            return
-        with self._lock:
-            was_running = self.running
-            if was_running:
-                self._stop_vm()
-            self._owner = me
-            try:
-                yield self.client
-            finally:
-                self._owner = None
-                start, self._start_when_released = self._start_when_released, False
-                if was_running:
-                    self._resume_vm()
-        if start:
-            self.start()
+        if not self._turn.acquire(timeout=HANDOVER_DEADLINE):
+            raise VMError(f"{self.name}: another thread held the VM stopped for"
+                          f" {HANDOVER_DEADLINE:g} s")
+        try:
+            self._raise_if_lost()  # it may have gone while we waited our turn
+            with self._lost_on_hang_up():
+                if self._thread is not None and self._thread.is_alive():
+                    with self._borrow_from_trap_thread():
+                        yield self.client
+                    return
+                with self._lock:
+                    was_running = self.running
+                    if was_running:
+                        self._stop_vm()
+                    self._owner = me
+                    try:
+                        yield self.client
+                    finally:
+                        self._owner = None
+                        start, self._start_when_released = self._start_when_released, False
+                        if was_running and self._reachable:
+                            self._resume_vm()
+                if start:
+                    self.start()
+        finally:
+            self._turn.release()
+
+    # -- a lost VM ---------------------------------------------------------------------
+
+    @property
+    def _reachable(self) -> bool:
+        """Neither lost nor hung up: the stub can still be spoken to."""
+        return self.lost is None and not self.client.closed
+
+    def _plain_loss(self, why: str, exited: bool) -> VMLost:
+        return VMLost(f"{self.name}: {why}", qemu_exited=exited)
+
+    def _lose(self, why: str, *, exited: bool = False,
+              cause: BaseException | None = None) -> VMLost:
+        """Note that the VM is gone (the first reason noticed is kept) and return the
+        error to raise for it."""
+        with self._loss_lock:
+            if self.lost is None:
+                lost = self._explain_loss(why, exited)
+                lost.__cause__ = cause
+                self.lost = lost
+                log.warning("%s", lost.reason)
+            return self.lost.again()
+
+    def _raise_if_lost(self) -> None:
+        if self.lost is not None:
+            raise self.lost.again()
+
+    @contextlib.contextmanager
+    def _lost_on_hang_up(self) -> Iterator[None]:
+        """A connection the stub closed (not we) means the VM is lost: QEMU is exiting,
+        or its gdbstub went away."""
+        try:
+            yield
+        except GdbConnectionClosed as exc:
+            if self._closed:
+                raise
+            raise self._lose("the gdbstub closed the connection", cause=exc) from exc
 
     @property
     def running(self) -> bool:
@@ -197,9 +281,12 @@ class Target:
 
     def _dispatch(self, stop: StopReply) -> None:
         if stop.exited:
+            # QEMU says so as it exits (a guest reboot or panic under -no-reboot)
             code = stop.exit_status if stop.kind == "W" else stop.signal
-            raise VMLost(f"{self.name}: the guest exited ({stop.raw.decode(errors='replace')}"
-                         f", {'status' if stop.kind == 'W' else 'signal'} {code})")
+            raise self._lose(
+                f"the guest exited ({stop.raw.decode(errors='replace')},"
+                f" {'status' if stop.kind == 'W' else 'signal'} {code})", exited=True,
+            )  # fmt: skip
         handler = self.on_stop
         if handler is None:
             return
@@ -211,7 +298,8 @@ class Target:
 
     def resume(self) -> None:
         """Let a stopped VM run (when nobody holds it stopped)."""
-        with self._lock:
+        self._raise_if_lost()
+        with self._lock, self._lost_on_hang_up():
             if not self.running:
                 self._resume_vm()
 
@@ -228,12 +316,13 @@ class Target:
         if self._owner == threading.get_ident():
             self._start_when_released = True
             return
+        self._raise_if_lost()
         self._quit = False
         self.error = None
         self._thread = threading.Thread(
             target=self._loop, name=f"kprobevm-trap-{self.name}", daemon=True
         )
-        with self._lock:
+        with self._lock, self._lost_on_hang_up():
             if not self.running:
                 self._resume_vm()
         self._thread.start()
@@ -251,9 +340,10 @@ class Target:
                           f" {HANDOVER_DEADLINE:g} s (a handler still running?)")
         self._thread = None
         # The thread does not resume once told to quit: it may have stopped the VM (a
-        # trap, or a pause just served) right before. Resume, with any register writes.
-        with self._lock:
-            if self._owner is None and not self.running:
+        # trap, or a pause just served) right before. Resume, with any register writes
+        # (a lost VM has nothing to resume).
+        with self._lock, self._lost_on_hang_up():
+            if self._owner is None and not self.running and self._reachable:
                 self._resume_vm()
 
     @contextlib.contextmanager
@@ -266,6 +356,7 @@ class Target:
                 thread = self._thread
                 if self.error is not None or thread is None or not thread.is_alive():
                     self._pause_requests -= 1
+                    self._raise_if_lost()
                     raise VMLost(f"{self.name}: trap thread died") from self.error
                 if time.monotonic() > deadline:
                     self._pause_requests -= 1
@@ -285,6 +376,10 @@ class Target:
         sock = self.client.fileno()
         try:
             while not self._quit:
+                if self.client.closed:
+                    # hung up under another thread's request (a borrower's): its socket
+                    # is closed, and select() on it would fail, or watch a reused fd
+                    raise GdbConnectionClosed("the stub closed the connection")
                 # A stop reply can come in the same read as the replies to the register
                 # writes sent with the last resume (GdbClient.cont reads those after the
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
@@ -310,8 +405,13 @@ class Target:
                 if self._pause_requests:
                     self._serve_pause()
         except (GdbError, VMLost, OSError) as exc:
-            log.error("%s: trap thread stopped: %s", self.name, exc)
-            self.error = exc
+            if isinstance(exc, GdbConnectionClosed) and not self._closed:
+                self._lose("the gdbstub closed the connection", cause=exc)
+            if self.lost is not None and isinstance(exc, LOST_ERRORS):
+                self.error = self.lost  # said once, by _lose
+            else:
+                log.error("%s: trap thread stopped: %s", self.name, exc)
+                self.error = exc
             with self._cond:
                 self._cond.notify_all()
         except Exception as exc:  # a handler's own bug: still say why the thread is gone
@@ -328,7 +428,7 @@ class Target:
             yield
         finally:
             self._owner = None
-            if not self._quit:
+            if not self._quit and self._reachable:
                 self._resume_vm()
 
     def _serve_idle(self, idle: Callable[[], None]) -> None:
@@ -350,7 +450,7 @@ class Target:
                 idle()
             finally:
                 self._owner = owner
-            if not self._quit and not self._pause_requests:
+            if not self._quit and not self._pause_requests and self._reachable:
                 self._resume_vm()
 
     def _serve_pause(self) -> None:
@@ -363,11 +463,15 @@ class Target:
                 while self._pause_requests:
                     self._cond.wait()
                 self._paused = False
-            if not self._quit:
+            if not self._quit and self._reachable:
                 self._resume_vm()
 
     def close(self) -> None:
-        self.stop()
+        """End the trap thread; from now on a closed connection is ours, not a loss."""
+        try:
+            self.stop()
+        finally:
+            self._closed = True
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -156,6 +156,13 @@ class QemuMachine:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """QEMU's exit status once it has exited (waiting up to ``timeout`` s), else None."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def qmp(self, command: str, args: dict[str, Any] | None = None,
             timeout: float = 5.0) -> Any:
         """Execute one QMP command (a fresh connection each time) and return its result."""

@@ -107,7 +107,13 @@ class GuestShell(Closing):
                     continue
                 if channel.eof_received and channel.exit_status_ready():
                     break
-                if channel.closed and not channel.exit_status_ready():
+                if channel.closed:
+                    # paramiko closes every channel of a connection that drops (QEMU
+                    # exiting on a guest reboot), and that also marks the status ready
+                    # (-1) with no EOF: without this the wait ran to the timeout
+                    transport = self._client.get_transport()
+                    if transport is None or not transport.is_active():
+                        raise VMLost(f"the SSH connection dropped while {command!r} ran")
                     raise VMLost(f"the guest closed the channel of {command!r} without a status")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

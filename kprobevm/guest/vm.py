@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kprobevm.closing import Closing
-from kprobevm.errors import GuestFaultError, KprobeVMError, VMError, VMLost
+from kprobevm.errors import GdbError, GuestFaultError, KprobeVMError, VMError, VMLost
 from kprobevm.gdbstub.transport import GdbAddress, GdbTransport, format_gdb_address
 
 if TYPE_CHECKING:
@@ -56,12 +57,37 @@ def _connect_rsp(address: GdbAddress) -> GdbTransport:
 
 
 class Machine(Protocol):
-    """What a launcher hands the VM so that closing the VM stops its QEMU."""
+    """What a launcher hands the VM so that closing the VM stops its QEMU, and a lost
+    VM can say how QEMU ended."""
 
     def shutdown(self, timeout: float = ...) -> None: ...
 
     @property
     def command(self) -> list[str]: ...
+
+    def alive(self) -> bool: ...
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """QEMU's exit status once it has exited (waiting up to ``timeout`` s), else None."""
+
+    def output(self) -> str:
+        """The tail of QEMU's own output (stdout and stderr)."""
+
+
+_LAST_WORDS = re.compile(r"Kernel panic - not syncing: .*|reboot: .*")
+
+
+def last_words(serial: str) -> str:
+    """The console line that says how the guest kernel ended: its panic (a panic's call
+    trace pushes it out of a log's last lines), else its last reboot line; '' if none."""
+    said: list[str] = _LAST_WORDS.findall(serial)
+    panics = [line for line in said if line.startswith("Kernel panic")]
+    return (panics or said or [""])[-1].strip()
+
+
+LOSS_EXIT_WAIT = 3.0
+"""Seconds a lost VM waits for its QEMU to exit, for the exit status: QEMU says ``W``
+on the gdbstub (and SSH drops) as it begins to exit, not once it has."""
 
 
 GdbConnect = Callable[[GdbAddress], GdbTransport]
@@ -117,6 +143,8 @@ class VM(Closing):
         self._journal: Journal | None = None
         self.journal_path: Path | None = None
         self._closed = False
+        self._lost: VMLost | None = None
+        self._loss_lock = threading.Lock()
 
     def use_gdbstub_client(self, connect: GdbConnect) -> None:
         """Reach the gdbstub through ``connect`` (for example a real gdb over gdb/MI, to
@@ -157,12 +185,26 @@ class VM(Closing):
     def run(
         self, command: str, *, timeout: float = 60.0, check: bool = False
     ) -> RunResult:
-        """Run a shell command in the guest; like ``subprocess.run`` with text output."""
-        return self.shell.run(command, timeout=timeout, check=check)
+        """Run a shell command in the guest; like ``subprocess.run`` with text output.
+        Raises :class:`VMLost` (with QEMU's exit status) when the guest goes meanwhile."""
+        with self._ssh_loss():
+            return self.shell.run(command, timeout=timeout, check=check)
 
     def read_file(self, path: str) -> str:
         """Read a guest file (for example ``/proc/kallsyms``) as text."""
-        return self.shell.read_file(path)
+        with self._ssh_loss():
+            return self.shell.read_file(path)
+
+    @contextlib.contextmanager
+    def _ssh_loss(self) -> Iterator[None]:
+        """SSH that went away carries what is known of QEMU; when QEMU has exited (a
+        guest reboot or panic), the whole VM is lost, not only its SSH."""
+        try:
+            yield
+        except VMError as exc:
+            if not isinstance(exc, VMLost) and (self.machine is None or self.machine.alive()):
+                raise
+            raise self._loss(f"SSH: {exc}", only_if_exited=True) from exc
 
     def serial_log(self) -> str:
         """The guest's serial console output so far ('' when none is recorded)."""
@@ -176,10 +218,12 @@ class VM(Closing):
 
     @property
     def target(self) -> Target:
-        """Run control over the gdbstub (connected on first use; the guest keeps running)."""
+        """Run control over the gdbstub (connected on first use; the guest keeps running).
+        Raises :class:`VMLost` once the guest is gone."""
         with self._lock:
-            if self._target is not None and self._target.client.closed and not self._closed:
-                raise VMLost(f"{self.name}: the gdbstub connection is gone; {self._qemu_state()}")
+            if not self._closed and (self._lost is not None or (
+                    self._target is not None and self._target.client.closed)):
+                raise self._loss("the gdbstub connection is gone")
             if self._target is None:
                 from kprobevm.gdbstub.target import Target
 
@@ -187,26 +231,54 @@ class VM(Closing):
                     raise VMError(f"{self.name}: no gdbstub address for this guest")
                 from kprobevm.trap.watchdog import Watchdog
 
-                client = self._connect_gdbstub(self.endpoints.gdb)
+                try:
+                    client = self._connect_gdbstub(self.endpoints.gdb)
+                except (OSError, GdbError) as exc:
+                    if self.machine is not None and not self.machine.alive():
+                        raise self._loss(f"cannot connect to the gdbstub: {exc}") from exc
+                    raise VMError(f"{self.name}: cannot connect to the gdbstub at"
+                                  f" {format_gdb_address(self.endpoints.gdb)}: {exc}") from exc
                 # QEMU neither resumes the VM nor drops our watchpoints when we vanish:
                 # from here on, a death of this process (with the VM held stopped for a
                 # registration or a handler, say) gets the gdbstub detached
                 self._watchdog = Watchdog(client.fileno())
                 # connecting to QEMU's gdbstub stops the VM: let it run on
                 client.cont()
-                self._target = Target(client, name=self.name)
+                self._target = Target(client, name=self.name, explain_loss=self._loss)
             return self._target
 
-    def _qemu_state(self) -> str:
-        """What we know of QEMU, for an error: alive, and its output when it died."""
-        machine = self.machine
-        alive = getattr(machine, "alive", None)
-        if machine is None or alive is None:
-            return "QEMU was not started by us"
-        if alive():
-            return "QEMU is still running"
-        output = getattr(machine, "output", lambda: "")()
-        return "QEMU has exited:\n" + "\n".join(output.splitlines()[-10:])
+    # -- a guest that went away ----------------------------------------------------------
+
+    @property
+    def lost(self) -> VMLost | None:
+        """Why the guest is gone (QEMU exited on a reboot or panic, its gdbstub or SSH
+        went away), or None while it is there; asks nothing of the guest, so a thread
+        waiting for hits can poll it."""
+        if self._lost is None and self.machine is not None and not self.machine.alive():
+            self._loss("QEMU exited")
+        return self._lost
+
+    def _loss(self, why: str, exited: bool = False, *, only_if_exited: bool = False) -> VMLost:
+        """The :class:`VMLost` for ``why``, with what is known of QEMU: its exit status
+        (waited for briefly), its output and the serial log's tail. The first loss
+        noticed is kept (:attr:`lost`; with ``only_if_exited``, only when QEMU is known
+        to have exited: SSH alone may go while the guest lives); each call returns a
+        fresh error to raise. Takes no VM lock: the trap thread calls it."""
+        with self._loss_lock:
+            if self._lost is not None:
+                return self._lost.again()
+            machine = self.machine
+            exitcode = machine.wait_exit(LOSS_EXIT_WAIT) if machine is not None else None
+            serial = self.serial_log()
+            lost = VMLost(
+                f"{self.name}: {why}", exitcode=exitcode, qemu_exited=exited,
+                guest_said=last_words(serial),
+                output=machine.output() if machine is not None else "", serial_log=serial,
+            )  # fmt: skip
+            if only_if_exited and not lost.qemu_exited:
+                return lost
+            self._lost = lost
+            return lost.again()
 
     @functools.cached_property
     def memory(self) -> GuestMemory:
@@ -596,6 +668,10 @@ class VM(Closing):
 
         The lock only marks the VM closed: restoring the guest waits on the trap thread,
         which may itself need a property of this VM (and so the lock) to finish its hit.
+        A guest that is gone (QEMU exited on a reboot or panic) has nothing to restore:
+        close() then only lets go, in seconds, and raises nothing, unless the guest may
+        still hold our probes (an attached QEMU whose gdbstub went away): then it raises
+        :class:`VMLost` naming the journal to give to ``kprobevm recover``.
         """
         with self._lock:
             if self._closed:
@@ -614,18 +690,47 @@ class VM(Closing):
 
     def _restore_guest(self) -> None:
         """Unregister every probe, take the trap channel out, close the journal."""
-        clean = True
+        clean = False
+        lost: VMLost | None = None
         try:
             if self._kprobes is not None:
                 self._kprobes.close()
-        except BaseException:
-            clean = False
-            raise
+            clean = True
+        except VMLost as exc:
+            lost = exc
+            assert self._kprobes is not None
+            self._kprobes.abandon()
         finally:
-            if self._target is not None:
-                self._close_target()
-            if self._journal is not None:
-                self._journal.close(clean=clean)
+            try:
+                if self._target is not None:
+                    self._close_target()
+            except VMLost as exc:  # noticed only as the trap thread let go
+                lost = lost or exc
+            finally:
+                if self._journal is not None:
+                    self._settle_journal(clean, lost)
+        if lost is not None and not clean and not self._guest_ends(lost):
+            raise VMLost(
+                f"{self.name}: the gdbstub went away and QEMU may still run with"
+                f" kprobevm's probes in the guest: run 'kprobevm recover"
+                f" {self.journal_path}' once it can be reached",
+            ) from lost
+
+    def _guest_ends(self, lost: VMLost) -> bool:
+        """Whether nothing of ours can outlive the lost guest: QEMU has exited, or it is
+        ours and close() is about to stop it."""
+        return lost.qemu_exited or self.machine is not None
+
+    def _settle_journal(self, clean: bool, lost: VMLost | None) -> None:
+        """Close the journal: settled when every write was undone, or when the guest
+        that held them is gone with them (``kprobevm recover`` then finds nothing to do
+        and says why); left for recovery otherwise."""
+        assert self._journal is not None
+        if clean or lost is None or not self._guest_ends(lost):
+            self._journal.close(clean=clean)
+            return
+        self.log.info("%s: the guest is gone; nothing to restore", self.name)
+        self._journal.close(clean=True, lost=lost.reason)
 
     def _close_target(self) -> None:
         """End the trap thread and the connection; the watchdog leaves quietly, or, when

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm import faults
-from kprobevm.errors import KprobeError, ProbeRefused, SymbolError
+from kprobevm.errors import LOST_ERRORS, KprobeError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
@@ -586,6 +586,20 @@ class KprobeManager:
                 self._channel.close()
                 self._channel = None
 
+    def abandon(self) -> None:
+        """The guest is gone: forget every probe and the channel without touching it
+        (nothing of ours outlives the guest). Probes end unregistered, as after
+        :meth:`close`; a count-only probe's hits were counted in the guest and went
+        with it (its ``nhit`` keeps what the host counted)."""
+        with self._mutex:
+            for kp in [*self.gone, *(kp for s in self.table.values() for kp in s.probes)]:
+                kp.count_reader = None
+                self._forget(kp)
+            self.table.clear()
+            self.gone.clear()
+            self.modules.probe = None
+            self._channel = None
+
     def site_of(self, kp: Kprobe) -> ProbeSite:
         """The aggregate probe holding ``kp`` (its int3 may sit past an ftrace NOP)."""
         if not kp.registered:
@@ -651,31 +665,33 @@ class KprobeManager:
                 if self._run_ftrace_handlers(kp, site, regs):
                     return True  # ftrace goes where the handler sent it: no int3 after
                 continue
-            if kp.pre_handler is None:
-                continue
-            try:
-                if kp.pre_handler(kp, regs):
-                    skip = True
-            except Exception as exc:  # a handler's bug never stops the engine
-                self._handler_failed(kp, exc, "pre_handler of")
+            handler = kp.pre_handler
+            if handler is not None and self._call(kp, handler, regs, "pre_handler of"):
+                skip = True
         return skip
+
+    def _call(self, kp: Kprobe, handler: PreHandler, regs: PtRegs, which: str) -> Any:
+        """A handler's return; an exception of its own is kept on ``kp`` (None returned):
+        a handler's bug never stops the engine. A lost guest is not the handler's fault,
+        and nothing goes on: that one is raised."""
+        try:
+            return handler(kp, regs)
+        except LOST_ERRORS:
+            raise
+        except Exception as exc:
+            self._handler_failed(kp, exc, which)
+            return None
 
     def _run_ftrace_handlers(self, kp: Kprobe, site: ProbeSite, regs: PtRegs) -> bool:
         """An ftrace site's probe, as ftrace runs it: pre_handler at the NOP's address,
         then post_handler just past the NOP, where the int3 is; True when the
         pre_handler moved ``regs.ip`` and asked for it."""
         regs.place_at(kp.addr or site.addr)
-        try:
-            if kp.pre_handler is not None and kp.pre_handler(kp, regs):
-                return True
-        except Exception as exc:
-            self._handler_failed(kp, exc, "pre_handler of")
+        if kp.pre_handler is not None and self._call(kp, kp.pre_handler, regs, "pre_handler of"):
+            return True
         regs.place_at(site.addr)  # an ip moved without asking is not followed
         if kp.post_handler is not None:
-            try:
-                kp.post_handler(kp, regs)
-            except Exception as exc:
-                self._handler_failed(kp, exc, "post_handler of")
+            self._call(kp, kp.post_handler, regs, "post_handler of")
             regs.place_at(site.addr)
         return False
 
@@ -702,6 +718,8 @@ class KprobeManager:
                     "a recorded probe's handler changed registers: the hit is over",
                     symbol=kp.symbol_name, address=kp.addr,
                 )  # fmt: skip
+        except LOST_ERRORS:
+            raise
         except Exception as exc:
             self._handler_failed(kp, exc, "pre_handler of recorded")
 
@@ -709,10 +727,7 @@ class KprobeManager:
         for kp in site.probes:
             if kp.disabled or kp.post_handler is None or kp.ftrace:
                 continue
-            try:
-                kp.post_handler(kp, regs)
-            except Exception as exc:
-                self._handler_failed(kp, exc, "post_handler of")
+            self._call(kp, kp.post_handler, regs, "post_handler of")
 
     def original_text(self, addr: int, n: int) -> bytes:
         """``n`` bytes of guest text as the kernel has them, our probes' int3s read as the

@@ -116,12 +116,14 @@ class Journal:
         with self._lock:
             self._append({"op": "undone", "seq": seq})
 
-    def close(self, *, clean: bool) -> None:
-        """Close the journal; a clean close means nothing is left to recover."""
+    def close(self, *, clean: bool, lost: str = "") -> None:
+        """Close the journal; a clean close means nothing is left to recover. ``lost``
+        says why the guest went away with the writes still in it (settled all the same:
+        they went with it)."""
         with self._lock:
             if self._file.closed:
                 return
-            self._append({"op": "close", "clean": clean})
+            self._append({"op": "close", "clean": clean, **({"lost": lost} if lost else {})})
             os.fsync(self._file.fileno())
             self._file.close()
 
@@ -183,6 +185,17 @@ def journal_gdb_address(path: Path) -> str:
     if found is None:
         raise JournalError("journal has no 'open' record", path=str(path))
     return found
+
+
+def journal_lost(path: Path) -> str:
+    """Why the last session's guest went away with its writes in it ('' when it did not)."""
+    lost = ""
+    for record in _read(path):
+        if record.get("op") == "open":
+            lost = ""
+        elif record.get("op") == "close" and record.get("lost"):
+            lost = str(record["lost"])
+    return lost
 
 
 def journal_notes(path: Path) -> dict[str, object]:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
+from kprobevm.errors import LOST_ERRORS, GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
 from kprobevm.kprobes.core import Kprobe, keep_handler_error
 from kprobevm.x86.ptregs import PtRegs, to_gdb_names
@@ -112,6 +112,12 @@ class Kretprobe:
     registered: bool = field(default=False, init=False)
     kp: Kprobe | None = field(default=None, init=False, repr=False)
     active: int = field(default=0, init=False)
+
+    @property
+    def gone(self) -> bool:
+        """Its function's module was unloaded: out of the guest, still registered until
+        unregistered (the kernel's ``[GONE]``)."""
+        return self.kp is not None and self.kp.gone
 
 
 class KretprobeManager:
@@ -245,6 +251,8 @@ class KretprobeManager:
             try:
                 if rp.entry_handler(ri, regs):
                     return
+            except LOST_ERRORS:
+                raise
             except Exception as exc:
                 self._handler_failed(rp, exc, "entry_handler")
         if chain is not None:
@@ -378,6 +386,8 @@ class KretprobeManager:
             rp.nhit += 1
             try:
                 rp.handler(ri, regs)
+            except LOST_ERRORS:
+                raise
             except Exception as exc:
                 self._handler_failed(rp, exc, "handler")
         return to_gdb_names(regs.changes(), skip=("ip", "sp")) | leave

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kprobevm import faults
-from kprobevm.errors import GdbErrorReply, JournalError, KprobeError
+from kprobevm.errors import GdbError, GdbErrorReply, JournalError, KprobeError, VMLost
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.gdbstub.target import vcpu_quiescent, vcpu_rips
 from kprobevm.gdbstub.transport import parse_gdb_address
@@ -26,6 +26,7 @@ from kprobevm.kprobes.journal import (
     drop_torn_tail,
     hold_journal,
     journal_gdb_address,
+    journal_lost,
     journal_notes,
     pending_writes,
 )
@@ -46,6 +47,8 @@ class RecoveryReport:
     """Calls in flight through the kretprobe trampoline given their return address back."""
     already: list[JournalEntry] = field(default_factory=list)
     conflicts: list[tuple[JournalEntry, bytes]] = field(default_factory=list)
+    lost: str = ""
+    """Why the session's guest went away with its writes (they went with it)."""
 
     @property
     def ok(self) -> bool:
@@ -56,6 +59,8 @@ class RecoveryReport:
             f"restored {len(self.restored)}, already restored {len(self.already)},"
             f" conflicts {len(self.conflicts)}"
         ]
+        if self.lost:
+            lines.append(f"  nothing to restore: the session's guest is gone ({self.lost})")
         for entry, found in self.conflicts:
             lines.append(
                 f"  left alone: {entry.what} at {entry.address:#x}: expected"
@@ -84,7 +89,9 @@ def _restore(client: GdbClient, entry: JournalEntry, report: RecoveryReport) -> 
 def recover(journal: Path, *, gdb: str | None = None, timeout: float = 10.0) -> RecoveryReport:
     """Restore the guest behind ``journal`` (gdbstub address from the journal unless given).
 
-    Raises :class:`JournalError` while the session that writes the journal is alive.
+    Raises :class:`JournalError` while the session that writes the journal is alive,
+    and :class:`VMLost` when writes are pending and the gdbstub cannot be reached (a
+    journal whose guest is known to be gone has none: its session settled it).
     """
     try:
         held = journal.open("a", encoding="utf-8")
@@ -101,9 +108,17 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
     address = gdb or journal_gdb_address(journal)
     if not address:
         raise JournalError("the journal names no gdbstub address: pass gdb=", path=str(journal))
-    report = RecoveryReport()
+    report = RecoveryReport(lost=journal_lost(journal))
     areas = [int(m[1], 16) for e in entries if (m := _AREA.search(e.what))]
-    client = GdbClient.connect(parse_gdb_address(address))
+    try:
+        client = GdbClient.connect(parse_gdb_address(address))
+    except (OSError, GdbError) as exc:
+        if not entries:
+            return report  # nothing to restore, and no guest to detach from
+        raise VMLost(
+            f"cannot reach the gdbstub at {address} ({exc}): {len(entries)} writes are"
+            f" pending; if that QEMU has exited, they went with its guest",
+        ) from exc
     # a recovery killed while it holds the VM stopped must not leave it so
     watchdog = Watchdog(client.fileno())
     try:

@@ -241,7 +241,9 @@ class TraceSession(Closing):
         return [error for p in placed for error in p.handler_errors()]
 
     def drain(self) -> Iterator[EventHit]:
-        """Yield the hits queued so far, without waiting for more (none with ``on_hit``).
+        """Yield the hits queued so far, without waiting for more (none with ``on_hit``);
+        then, while probes are placed in a guest that is gone (rebooted, panicked), raise
+        :class:`~kprobevm.errors.VMLost`: a tracer waiting for hits learns it here.
 
         Each hit's ``comm`` is its pid's comm at the latest hit drained so far: the trace
         file prints a pid's last saved comm, not the one at the hit, so a line from
@@ -260,6 +262,9 @@ class TraceSession(Closing):
         for hit in hits:
             comm = comms.get(hit.pid, hit.comm)
             yield hit if comm == hit.comm else replace(hit, comm=comm)
+        lost = self.vm.lost if self.placed else None
+        if lost is not None:
+            raise lost.again()
 
     def __enter__(self) -> Self:
         self.start()

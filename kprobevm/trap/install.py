@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import KprobeVMError
+from kprobevm.errors import LOST_ERRORS, KprobeVMError
 from kprobevm.trap.breakpoint import BreakpointChannel
 from kprobevm.trap.channel import ChannelContext, ChannelKind, ReturnProbes, TrapChannel
 from kprobevm.trap.watchpoint import WatchpointChannel
@@ -41,6 +41,8 @@ def install_channel(
             fast = WatchpointChannel.install(
                 ctx, reserve=reserve, returns=returns, task_layout=task_layout
             )
+        except LOST_ERRORS:
+            raise  # no guest to fall back in
         except KprobeVMError as exc:
             reason = str(exc)
             log.warning("fast trap channel unavailable (%s); using the #BP breakpoint", exc)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm import faults
-from kprobevm.errors import KprobeError, KprobeVMError, ProbeTextChanged
+from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeTextChanged
 from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
@@ -268,6 +268,8 @@ class WatchpointChannel(TrapChannel):
                 faults.kill_point("promote_site")
                 self.rebuild_site(site)
                 self.stats.promoted += 1
+        except LOST_ERRORS:
+            raise
         except KprobeVMError as exc:  # it stays on byte 0, which works
             log.warning("could not promote the probe at %#x: %s", site.addr, exc)
 
