@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -449,3 +450,12 @@ def test_parse_event_on_near_miss_syntax(text: str) -> None:
         again = parse_event(event.definition())
         assert isinstance(again, ProbeEvent)
         assert [a.comm for a in again.args] == [a.comm for a in event.args]
+
+
+def test_an_empty_module_and_symbol_read_back() -> None:
+    """``p :`` is a probe on symbol "" of module "" (the kernel keeps it pending until
+    such a module loads); its kprobe_events line keeps the colon."""
+    event = parse_event("p :")
+    assert isinstance(event, ProbeEvent)
+    assert event.definition() == "p:kprobes/p___0 :"
+    assert parse_event(event.definition()) == replace(event, command="p:kprobes/p___0 :")

@@ -912,10 +912,14 @@ def test_a_probe_with_a_handler_turns_a_counted_site_into_a_stopping_one(vm: VM)
         handled = Kprobe(symbol_name="vfs_read", pre_handler=lambda kp, regs: seen.append(1))
         vm.register_kprobe(handled)
         try:
-            assert not counted.counted and counted.registered and counted.nhit == hits
+            # the guest's count is kept (the guest runs on: it may have grown meanwhile);
+            # from the turn on both count every hit on the host
+            kept = counted.nhit - handled.nhit
+            assert not counted.counted and counted.registered and kept >= hits
             assert vm.list_kprobes().count("vfs_read+0x0") == 2
             open_workload(vm, 5)
-            assert counted.nhit - hits == handled.nhit == len(seen) > 0
+            assert counted.nhit - handled.nhit == kept
+            assert handled.nhit == len(seen) > 0
         finally:
             vm.unregister_kprobe(handled)
     finally:

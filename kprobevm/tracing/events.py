@@ -41,7 +41,7 @@ class ProbeEvent:
         """The name kallsyms is asked for: ``MOD:SYM`` or ``SYM``."""
         if self.symbol is None:
             return None
-        return f"{self.module}:{self.symbol}" if self.module else self.symbol
+        return f"{self.module}:{self.symbol}" if self.module is not None else self.symbol
 
     @property
     def place(self) -> str:
