@@ -24,6 +24,9 @@ from kprobevm.tracing import (
     parse_events,
     resolve_event,
 )
+from kprobevm.tracing.btf_args import BtfValue, FunctionPrototype
+from kprobevm.tracing.kernel_rules import LATEST
+from kprobevm.tracing.parse import GuestKernel
 
 
 class FakeSymbols:
@@ -238,7 +241,7 @@ BAD = [
     ("r1000000:myprobeaccept inet_csk_accept", "MAXACT_TOO_BIG"),
     ("r10fuzz:myprobeaccept inet_csk_accept", "BAD_MAXACT"),
     ("r0 vfs_read", "BAD_MAXACT"),  # the doc says 0 means default; 6.1's code says no
-    ("p vfs_read+4 $arg1", "BAD_VAR"),  # $argN only at a function entry
+    ("p vfs_read+8 $arg1", "BAD_VAR"),  # $argN only at a function entry
     ("r vfs_read $arg1", "BAD_VAR"),  # ... of a kprobe, in 6.1
     ("p 0xffffffff81300000 $arg1", "BAD_VAR"),
     ("p vfs_read $stack1:x8[8]", "BAD_STRING"),  # arrays need memory
@@ -405,6 +408,21 @@ def test_fentry_is_judged_by_the_containing_symbol_with_symbols() -> None:
     assert isinstance(ok, ProbeEvent) and ok.fentry
 
 
+def test_an_ibt_entry_is_for_the_guest_to_judge() -> None:
+    # +4 may be the entry past endbr64: let through without a guest, then judged by it
+    maybe = parse_event("p vfs_read+4 $arg1")
+    assert isinstance(maybe, ProbeEvent) and maybe.fentry
+    with pytest.raises(ProbeSyntaxError) as info:
+        parse_event("p vfs_read+4 $arg1", kernel=GuestKernel(SYMS))
+    assert info.value.code == "BAD_VAR"
+
+    def ibt(start: int, offset: int) -> tuple[int, bool]:
+        return (4, True) if offset in (0, 4) else (offset, False)
+
+    ok = parse_event("p vfs_read+4 $arg1", kernel=GuestKernel(SYMS, adjust=ibt))
+    assert isinstance(ok, ProbeEvent) and ok.fentry
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.text(max_size=80))
 def test_parse_event_raises_only_probe_syntax_error(text: str) -> None:
@@ -459,3 +477,61 @@ def test_an_empty_module_and_symbol_read_back() -> None:
     assert isinstance(event, ProbeEvent)
     assert event.definition() == "p:kprobes/p___0 :"
     assert parse_event(event.definition()) == replace(event, command="p:kprobes/p___0 :")
+
+
+# --- a later kernel's dialect: BTF arguments and where its carets go -------------------
+
+_LONG = BtfValue("s64")
+_CHARP = BtfValue("x64", char_pointer=True)
+_PROTOS = {
+    "vfs_read": FunctionPrototype(
+        returns=_LONG,
+        params=(("file", BtfValue("x64")), ("buf", _CHARP), ("count", BtfValue("u64"))),
+    ),
+    "do_sys_openat2": FunctionPrototype(returns=None, params=()),  # as if void(void)
+}
+LATER = GuestKernel(
+    SYMS, rules=replace(LATEST, btf_args=True, sticky_deref_offset=True),
+    prototype=_PROTOS.get,
+)  # fmt: skip
+
+
+def _later(text: str) -> ProbeEvent:
+    event = parse_event(text, kernel=LATER)
+    assert isinstance(event, ProbeEvent)
+    return event
+
+
+def test_btf_arguments_name_and_type_parameters() -> None:
+    ev = _later("p:a vfs_read count $arg1 b=buf:ustring")
+    assert [(a.name, a.comm, a.type.name) for a in ev.args] == [
+        ("count", "count", "u64"), ("file", "file", "x64"), ("b", "buf:ustring", "ustring"),
+    ]  # fmt: skip
+    assert ev.args[0].source == fetch.Arg(3)
+    assert ev.args[2].source == fetch.Deref(0, fetch.Arg(2), user=True)  # read through buf
+    assert [a.name for a in _later("p:b vfs_read $arg*").args] == ["file", "buf", "count"]
+    assert _later("r:c vfs_read $retval").args[0].type.name == "s64"
+    assert _later("r:d vfs_read $retval:x32").args[0].type.name == "x32"
+
+
+@pytest.mark.parametrize(
+    ("marked", "code"),
+    [
+        ("r:e do_sys_openat2 ^$retval", "NO_RETVAL"),
+        ("p:e vfs_read ^nosuch", "NO_BTFARG"),
+        ("p:e do_sys_openat2 ^dfd", "NO_BTF_ENTRY"),
+        ("p:e vfs_read+8 ^$arg1", "NOFENTRY_ARGS"),
+        ("p:e vfs_read ^$argx", "BAD_VAR"),
+        ("p:e vfs_read $arg* ^$arg*", "DOUBLE_ARGS"),
+        ("p:e vfs_read ^$arg9", "NO_BTFARG"),
+        ("r:e vfs_read ^$retval:string", "BAD_TYPE4STR"),
+        # the type's offset counted from past "+u0(" (one short: the kernel's arithmetic)
+        ("p:e vfs_read a=+u0(%si):u8[^4]", "BAD_STRING"),
+    ],
+)
+def test_a_later_kernel_rejects_as_it_does(marked: str, code: str) -> None:
+    position = marked.index("^")
+    command = marked.replace("^", "", 1)
+    with pytest.raises(ProbeSyntaxError) as info:
+        parse_event(command, kernel=LATER)
+    assert (info.value.code, info.value.position) == (code, position), str(info.value)

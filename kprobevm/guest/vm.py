@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from kprobevm.guest.guestram import GuestRam, PagingRoot, RamReader
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
+    from kprobevm.kernel.btf import Btf
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
@@ -422,6 +423,19 @@ class VM(Closing):
             return None
         slide = self.kaslr_slide
         return elf.with_slide(slide) if slide else elf
+
+    @functools.cached_property
+    def btf(self) -> Btf | None:
+        """The kernel's BTF (the vmlinux ``.BTF`` section; None without a vmlinux or BTF)."""
+        from kprobevm.kernel.btf import Btf
+
+        if self.vmlinux is None:
+            return None
+        try:
+            return Btf.from_vmlinux(self.vmlinux)
+        except KprobeVMError as exc:
+            self.log.warning("no BTF: %s", exc)
+            return None
 
     @functools.cached_property
     def task_layout(self) -> TaskLayout | None:

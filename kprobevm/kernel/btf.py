@@ -413,6 +413,31 @@ class Btf:
             return "function"
         return prefix + (t.name or "(anonymous)")
 
+    def int_encoding(self, type_id: int) -> tuple[bool, int]:
+        """(signed, bits) of an INT type: what ``BTF_INT_ENCODING`` and ``BTF_INT_BITS`` say."""
+        t = self.type(type_id)
+        if t.kind != BtfKind.INT:
+            raise BtfError(f"type {t.id} ({t.kind.name} {t.name!r}) is not an integer")
+        (word,) = struct.unpack_from("<I", self._data, self._offsets[type_id] + 12)
+        return bool((word >> 24) & 1), word & 0xFF
+
+    def func_proto(self, name: str) -> tuple[int, list[tuple[str, int]]] | None:
+        """The prototype of function ``name`` (the first FUNC of that name): its return
+        type id (0 for ``void``) and each parameter's (name, type id); None when BTF has
+        no such function."""
+        ids = [i for i in self._names().get(name, []) if self.type(i).kind == BtfKind.FUNC]
+        if not ids:
+            return None
+        proto = self.type(self.type(ids[0]).size_or_type)
+        if proto.kind != BtfKind.FUNC_PROTO:
+            return None
+        base = self._offsets[proto.id] + 12
+        params = []
+        for i in range(proto.vlen):
+            name_off, ptype = struct.unpack_from("<II", self._data, base + 8 * i)
+            params.append((self._string(name_off), ptype))
+        return proto.size_or_type, params
+
     # -- variables ---------------------------------------------------------------------
 
     def find_var(self, name: str) -> BtfVar:

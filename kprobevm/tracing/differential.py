@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
 from kprobevm.tracing.errors import ERROR_MESSAGES, UNLOGGED
 from kprobevm.tracing.events import EventDeletion, ProbeEvent
+from kprobevm.tracing.kernel_rules import LATEST, KernelRules, kernel_rules
 from kprobevm.tracing.parse import parse_event
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "SideRun",
     "TraceLine",
     "compare_lines",
+    "default_maxactive",
     "error_log_entry",
     "expand",
     "kprobevm_errors",
@@ -256,9 +258,11 @@ def parse_error_log(text: str) -> list[ErrorLogEntry]:
     return out
 
 
-def error_log_entry(exc: ProbeSyntaxError) -> ErrorLogEntry | None:
-    """What the kernel writes to ``error_log`` for ``exc`` (None when it writes nothing)."""
-    if exc.code in UNLOGGED:
+def error_log_entry(exc: ProbeSyntaxError, rules: KernelRules = LATEST) -> ErrorLogEntry | None:
+    """What a kernel with ``rules`` writes to ``error_log`` for ``exc`` (None when it
+    writes nothing)."""
+    logged = exc.code == "NEED_STRING_TYPE" and rules.comm_type_logged
+    if exc.code in UNLOGGED and not logged:
         return None
     return ErrorLogEntry(ERROR_MESSAGES[exc.code], exc.text, exc.position)
 
@@ -317,19 +321,24 @@ def _shared_name(vm: VM) -> str:
     raise DifferentialError("no function name is shared by two symbols")
 
 
-def _events(definitions: Sequence[str]) -> list[ProbeEvent]:
+def _events(definitions: Sequence[str], vm: VM) -> list[ProbeEvent]:
+    """The definitions parsed as ``vm``'s kernel parses them."""
+    from kprobevm.tracing.plan import guest_kernel
+
+    guest = guest_kernel(vm)
     events = []
     for text in definitions:
-        parsed = parse_event(text)
+        parsed = parse_event(text, kernel=guest)
         if isinstance(parsed, EventDeletion):
             raise DifferentialError(f"{text!r} deletes; a differential run only places")
         events.append(parsed)
     return events
 
 
-def arg_names(definitions: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Each event's argument names, from its definitions (to split its lines' values)."""
-    return {e.event: tuple(a.name for a in e.args) for e in _events(definitions)}
+def arg_names(definitions: Sequence[str], vm: VM) -> dict[str, tuple[str, ...]]:
+    """Each event's argument names, from its definitions as ``vm``'s kernel names them
+    (to split its lines' values)."""
+    return {e.event: tuple(a.name for a in e.args) for e in _events(definitions, vm)}
 
 
 KERNEL_ONLY_FLAGS = ("[OPTIMIZED]", "[FTRACE]")
@@ -370,7 +379,7 @@ def run_tracefs(vm: VM, definitions: Sequence[str], workload: str) -> SideRun:
     guest's ``error_log`` otherwise). The events are enabled for the workload only and
     removed at the end.
     """
-    events = _events(definitions)
+    events = _events(definitions, vm)
     _clear_tracefs(vm)
     try:
         placed = vm.run(_quoted_writes(definitions, f"{TRACEFS}/kprobe_events"))
@@ -387,7 +396,8 @@ def run_tracefs(vm: VM, definitions: Sequence[str], workload: str) -> SideRun:
         trace = vm.read_file(f"{TRACEFS}/trace")
     finally:
         _clear_tracefs(vm)
-    return SideRun(tuple(parse_trace(trace, arg_names(definitions))), parse_kprobes_list(listed))
+    names = arg_names(definitions, vm)
+    return SideRun(tuple(parse_trace(trace, names)), parse_kprobes_list(listed))
 
 
 def run_kprobevm(
@@ -397,7 +407,7 @@ def run_kprobevm(
     ``workload``, and return the lines kprobevm prints for it."""
     from kprobevm.tracing.session import TraceSession, plan_events
 
-    events = _events(definitions)
+    events = _events(definitions, vm)
     session = TraceSession(vm, plan_events(vm, events), mode=mode)
     with session:
         if mode in ("record", "stop") and session.recorded != (mode == "record"):
@@ -407,7 +417,7 @@ def run_kprobevm(
     errors = session.handler_errors()
     if errors:
         raise DifferentialError("kprobevm's handlers raised:\n" + "\n".join(errors))
-    names = arg_names(definitions)
+    names = arg_names(definitions, vm)
     text = "\n".join(hit.line() for hit in session.drain())
     return SideRun(
         tuple(parse_trace(text, names)), parse_kprobes_list(listed), session.record_refused
@@ -440,20 +450,33 @@ def kprobevm_errors(vm: VM, definitions: Sequence[str]) -> Registration:
     """What kprobevm says the kernel makes of ``definitions`` written one by one (each
     accepted one placed, on paper, before the next): ``error_log`` entries, and the
     ``kprobe_events`` lines of the accepted ones."""
-    from kprobevm.tracing.plan import plan_events
+    from kprobevm.tracing.plan import guest_kernel, plan_events
 
+    guest = guest_kernel(vm)
     accepted: list[ProbeEvent] = []
     out: list[ErrorLogEntry] = []
     for text in definitions:
         try:
-            parsed = parse_event(text)
+            parsed = parse_event(text, kernel=guest)
             if isinstance(parsed, EventDeletion):
                 raise DifferentialError(f"{text!r} deletes; only placing is compared")
             plan_events(vm, [*accepted, parsed])
         except ProbeSyntaxError as exc:
-            entry = error_log_entry(exc)
+            entry = error_log_entry(exc, kernel_rules(vm))
             if entry is not None:
                 out.append(entry)
             continue
         accepted.append(parsed)
-    return Registration(tuple(out), tuple(e.definition() for e in accepted))
+    default = default_maxactive(vm) if any(e.is_return for e in accepted) else 0
+    return Registration(tuple(out), tuple(e.definition(default) for e in accepted))
+
+
+def default_maxactive(vm: VM) -> int:
+    """register_kretprobe()'s maxactive for a return probe given none: 10, or two per
+    possible CPU of the guest when that is more."""
+    possible = vm.run("cat /sys/devices/system/cpu/possible").stdout.strip()
+    cpus = 0
+    for part in possible.split(","):
+        first, _, last = part.partition("-")
+        cpus += int(last or first) - int(first) + 1
+    return max(10, 2 * cpus)

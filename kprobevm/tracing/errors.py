@@ -70,14 +70,24 @@ ERROR_MESSAGES: dict[str, str] = {
     "DIFF_ARG_TYPE": "Argument type or name is different from existing probe",
     "SAME_PROBE": "There is already the exact same probe event",
     "EVENT_TOO_BIG": "Event too big (too many fields?)",
+    # Later kernels' errors (the btf_args rule), as the Debian 6.12.118 kernel has them.
+    "NOSUP_BTFARG": "BTF is not available or not supported",
+    "NO_BTF_ENTRY": "No BTF entry for this probe point",
+    "NO_BTFARG": "This variable is not found at this probe point",
+    "NO_RETVAL": "This function returns 'void' type",
+    "BAD_TYPE4STR": "This type does not fit for string.",
+    "NOFENTRY_ARGS": "$arg* can be used only on function entry or exit",
+    "DOUBLE_ARGS": "$arg* can be used only once in the parameters",
     # Rejections 6.1 makes with -EINVAL but no error_log line. The names are ours
     # (NEED_STRING_TYPE is the name kernels after 6.1 gave the same check).
     "EINVAL": "Invalid argument (the kernel logs no error for this)",
     "NEED_STRING_TYPE": "$comm and immediate-string only accepts string type",
+    # A definition the guest kernel takes and kprobevm cannot place yet (our own code).
+    "UNSUPPORTED": "kprobevm does not support this yet",
 }
 
-UNLOGGED = frozenset({"EINVAL", "NEED_STRING_TYPE"})
-"""Codes for rejections the 6.1 kernel makes without writing ``error_log``."""
+UNLOGGED = frozenset({"EINVAL", "NEED_STRING_TYPE", "UNSUPPORTED"})
+"""Codes for rejections the 6.1 kernel makes without writing ``error_log`` (and ours)."""
 
 
 def probe_error(code: str, position: int, command: str, detail: str = "") -> ProbeSyntaxError:

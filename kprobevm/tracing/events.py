@@ -50,9 +50,12 @@ class ProbeEvent:
             return f"0x{self.address or 0:016x}"
         return f"{self.symbol_name}+{self.offset}" if self.offset else self.symbol_name
 
-    def definition(self) -> str:
-        """The line ``cat kprobe_events`` shows for this event (trace_kprobe_show)."""
-        head = self.kind + (str(self.maxactive) if self.is_return and self.maxactive else "")
+    def definition(self, default_maxactive: int = 0) -> str:
+        """The line ``cat kprobe_events`` shows for this event (trace_kprobe_show); a
+        registered return probe without a maxactive shows ``default_maxactive``, the
+        kernel's own (register_kretprobe's, from the number of possible CPUs)."""
+        maxactive = self.maxactive or default_maxactive
+        head = self.kind + (str(maxactive) if self.is_return and maxactive else "")
         words = [f"{head}:{self.group}/{self.event}", self.place]
         words += [f"{a.name}={a.comm}" for a in self.args]
         return " ".join(words)

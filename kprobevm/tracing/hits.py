@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.x86.ptregs import PtRegs
 
-__all__ = ["KRETPROBED", "HitBuilder", "HitContext", "PlacedEvent"]
+__all__ = ["KRETPROBED", "RETURN_FRAME_CS", "HitBuilder", "HitContext", "PlacedEvent"]
 
 _UNKNOWN_COMM = "<...>"
 HIJACKED_RETURN = "$stack0"
@@ -42,6 +42,11 @@ KRETPROBED = "[unknown/kretprobe'd]"
 """What the kernel prints for a return address that is its return trampoline: the
 return of a call another return probe on the same function hooked first, whose
 instance kept that probe's trampoline as the address to return to."""
+RETURN_FRAME_CS = "%cs@frame"
+"""A ``fixed`` entry: how far below a return's stack pointer the kernel's return
+trampoline frame has its ``pt_regs`` cs word, which a kernel with the selector_cs rule
+fills only in its low 16 bits; ``%cs`` reads that word so."""
+_KERNEL_CS_FRAME = 40  # arch_rethook_trampoline: 3 pushes and flags, then cs
 _REGISTERS = frozenset(("ip", "orig_ax"))  # what the trace file prints for a pid with no saved comm
 
 
@@ -83,6 +88,11 @@ class HitContext:
             return fixed
         if name == "orig_ax":
             return MASK64  # the int3 entry pushes -1: no system call number
+        below = self._fixed.get(RETURN_FRAME_CS)
+        if name == "cs" and below is not None:
+            # our trampoline leaves that word as the function left it (rethook.py)
+            stale = self._memory.u64((self._regs.sp - below) & MASK64)
+            return (stale & ~0xFFFF & MASK64) | (self._regs.cs & 0xFFFF)
         return self._regs[name]
 
     def read(self, address: int, size: int) -> bytes:
@@ -307,10 +317,11 @@ def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:
 
     At an entry probe ``ip`` is one past the probe (int3 leaves it there; the kernel's
     ftrace and jump-optimized paths set it so); ``orig_ax`` is -1 on the int3 path and
-    0 where ftrace built the registers. A return probe's registers are the engine's.
+    0 where ftrace built the registers. A return probe's registers are the engine's,
+    but for ``%cs`` on a kernel whose return trampoline sets only its low 16 bits.
     """
     if plan.event.is_return:
-        return {}
+        return {RETURN_FRAME_CS: _KERNEL_CS_FRAME} if plan.rules.selector_cs else {}
     fixed = {"ip": (plan.resolved.address + 1) & MASK64}
     if plan.ftrace:
         fixed["orig_ax"] = 0

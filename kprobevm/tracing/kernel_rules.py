@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.kernel.btf import BtfError
 from kprobevm.x86.arch import has_ibt
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
+    from kprobevm.kernel.btf import Btf
 
 __all__ = [
     "RULES",
@@ -48,14 +50,26 @@ def parse_version(banner: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class KernelFacts:
-    """What the rules are decided from: the version and the names in kallsyms."""
+    """What the rules are decided from: the version, the names in kallsyms, and the
+    kernel's BTF when there is one."""
 
     version: tuple[int, int, int]
     symbols: Container[str]
+    btf: Btf | None = None
 
     def has(self, name: str) -> bool:
         """Whether kallsyms names ``name``."""
         return name in self.symbols
+
+    def has_member(self, struct: str, member: str) -> bool | None:
+        """Whether BTF's ``struct`` has ``member`` (None: no BTF, or no such struct)."""
+        if self.btf is None:
+            return None
+        try:
+            self.btf.member(struct, member)
+        except BtfError as exc:
+            return False if "has no member" in str(exc) else None
+        return True
 
     def at_least(self, major: int, minor: int) -> bool:
         """Whether the kernel is ``major.minor`` or later."""
@@ -82,6 +96,17 @@ def _mixed_reads(facts: KernelFacts) -> bool:
 
 def _ftrace_kprobes(facts: KernelFacts) -> bool:
     return facts.has("kprobe_ftrace_handler")
+
+
+def _btf_args(facts: KernelFacts) -> bool:
+    # trace_btf.o, built only with PROBE_EVENTS_BTF_ARGS (6.6 on), defines it; 6.5 had
+    # the same in trace_probe.c as a static function, which kallsyms may not name
+    return facts.has("btf_find_func_proto")
+
+
+def _selector_cs(facts: KernelFacts) -> bool:
+    member = facts.has_member("pt_regs", "csx")
+    return member if member is not None else facts.at_least(6, 9)
 
 
 RULES: tuple[KernelRule, ...] = (
@@ -146,6 +171,68 @@ RULES: tuple[KernelRule, ...] = (
         ),
         decide=lambda facts: has_ibt(facts.symbols),
     ),
+    KernelRule(
+        name="btf_args",
+        behaviour=(
+            "an argument may name a parameter of the probed function (`count`), a bare "
+            "`$argN` or `$arg*` becomes the parameters' names, an argument without a type "
+            "takes its BTF type (`$retval` of a `long` function prints `3`, not `0x3`), "
+            "`$retval` of a `void` function is refused (NO_RETVAL) and `:string` checks "
+            "the BTF type (BAD_TYPE4STR)"
+        ),
+        change=(
+            "Linux 6.5, 'tracing/probes: Support function parameters if BTF is available' "
+            "and 'tracing/probes: Add BTF retval type support' (PROBE_EVENTS_BTF_ARGS), "
+            "with 6.6's 'tracing/probes: Add string type check with BTF'"
+        ),
+        decide=_btf_args,
+    ),
+    KernelRule(
+        name="sticky_deref_offset",
+        behaviour=(
+            "the error position of an argument moves past a `+OFF(` it parsed and stays "
+            "there: a later error in the same argument (BAD_STRING of "
+            "`+u0(%si):u8[4]`) has its caret that many bytes further right"
+        ),
+        change=(
+            "Linux 6.5, 'tracing/probes: Move event parameter fetching code to common "
+            "parser' (the position became the parse context's offset)"
+        ),
+        decide=lambda facts: facts.at_least(6, 5),
+    ),
+    KernelRule(
+        name="entry_args_at_return",
+        behaviour=(
+            "a return probe may fetch the function's arguments (`$argN`, a parameter's "
+            "name): the kernel keeps them at the entry for the return"
+        ),
+        change="Linux 6.11, 'tracing/probes: Support $argN in return probe (kprobe and fprobe)'",
+        decide=lambda facts: facts.has("store_trace_entry_data"),
+    ),
+    KernelRule(
+        name="comm_type_logged",
+        behaviour=(
+            "`$comm` or an immediate string with a type other than `string` is logged "
+            "in error_log (NEED_STRING_TYPE, its caret on the type); before, it was "
+            "refused in silence"
+        ),
+        change="Linux 6.8, 'tracing/probes: Fix to show a parse error for bad type for $comm'",
+        decide=lambda facts: facts.at_least(6, 8),
+    ),
+    KernelRule(
+        name="selector_cs",
+        behaviour=(
+            "`%cs` of a return probe reads the return trampoline's frame: `__KERNEL_CS` "
+            "in its low 16 bits over whatever the stack held there (the function's own "
+            "stack contents)"
+        ),
+        change=(
+            "Linux 6.9, 'x86/ptrace: Cleanup the definition of the pt_regs structure' "
+            "(`cs` became a u16 in a union with the 64-bit `csx` slot, so the "
+            "trampoline's `regs->cs = __KERNEL_CS` sets only the low 16 bits)"
+        ),
+        decide=_selector_cs,
+    ),
 )
 """Every rule kprobevm knows, in one place."""
 
@@ -164,6 +251,11 @@ class KernelRules:
     (``arch_rethook_trampoline`` since 5.19, ``__kretprobe_trampoline`` before that,
     ``kretprobe_trampoline`` before 5.14), None when kallsyms names none of them."""
     ibt_entry: bool = False
+    btf_args: bool = False
+    sticky_deref_offset: bool = False
+    entry_args_at_return: bool = False
+    comm_type_logged: bool = False
+    selector_cs: bool = False
 
     @classmethod
     def decide(cls, facts: KernelFacts) -> KernelRules:
@@ -175,7 +267,10 @@ class KernelRules:
             version=facts.version, mixed_reads=got["mixed_reads"],
             newest_first=got["newest_first"], ftrace_kprobes=got["ftrace_kprobes"],
             kretprobed=got["kretprobed"], rethook_trampoline=trampoline,
-            ibt_entry=got["ibt_entry"],
+            ibt_entry=got["ibt_entry"], btf_args=got["btf_args"],
+            sticky_deref_offset=got["sticky_deref_offset"],
+            entry_args_at_return=got["entry_args_at_return"],
+            comm_type_logged=got["comm_type_logged"], selector_cs=got["selector_cs"],
         )  # fmt: skip
 
 
@@ -187,12 +282,12 @@ LATEST = KernelRules(
 
 
 def kernel_facts(vm: VM) -> KernelFacts:
-    """The facts of ``vm``'s kernel: ``linux_banner`` read from its memory, and its
-    kallsyms (no SSH: usable on the trap thread's side of a session)."""
+    """The facts of ``vm``'s kernel: ``linux_banner`` read from its memory, its kallsyms
+    and its BTF (no SSH: usable on the trap thread's side of a session)."""
     symbols = vm.symbols
     raw = vm.read(symbols["linux_banner"], _BANNER_SIZE)
     banner = raw.split(b"\0", 1)[0].decode("ascii", "replace")
-    return KernelFacts(parse_version(banner), symbols)
+    return KernelFacts(parse_version(banner), symbols, vm.btf)
 
 
 _DECIDED: weakref.WeakKeyDictionary[VM, KernelRules] = weakref.WeakKeyDictionary()

@@ -13,11 +13,14 @@ bytes of the command as the kernel rebuilds it (its words joined by single space
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from kprobevm.tracing.btf_args import FunctionPrototype
 from kprobevm.tracing.errors import ProbeLog, probe_error
 from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent, SymbolTable
 from kprobevm.tracing.fetch import FetchArg
+from kprobevm.tracing.kernel_rules import LATEST, KernelRules
 from kprobevm.tracing.kernel_text import (
     SPACE_RE,
     UINT_MAX,
@@ -33,14 +36,16 @@ from kprobevm.tracing.parse_arg import (
     FL_FENTRY,
     FL_KERNEL,
     FL_RETURN,
+    Dialect,
     parse_probe_arg,
     split_symbol_offset,
 )
-from kprobevm.tracing.resolve import check_unique, on_func_entry, resolve_event
+from kprobevm.tracing.resolve import EntryAdjust, check_unique, on_func_entry, resolve_event
 
 # The values and placing live in their own modules; these names stay importable here.
 __all__ = [
     "EventDeletion",
+    "GuestKernel",
     "ProbeEvent",
     "ResolvedEvent",
     "SymbolTable",
@@ -50,6 +55,33 @@ __all__ = [
     "parse_events",
     "resolve_event",
 ]
+
+ENDBR_SIZE = 4  # an IBT kernel's function entry is past its endbr64
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """What the parser needs of the guest to parse as its kernel does: its symbols, where
+    its functions' entries are, its rules, and its functions' BTF prototypes."""
+
+    symbols: SymbolTable
+    rules: KernelRules = LATEST
+    adjust: EntryAdjust | None = None
+    """The kernel's ``arch_adjust_kprobe_addr()`` (None: x86 without IBT)."""
+    prototype: Callable[[str], FunctionPrototype | None] | None = None
+    """A function's prototype from the kernel's BTF (None: no BTF)."""
+
+    def dialect(self, symbol: str | None) -> Dialect:
+        """How this kernel parses the arguments of a probe on ``symbol``."""
+        rules = self.rules
+        function = None
+        if rules.btf_args and symbol is not None and ":" not in symbol and self.prototype:
+            function = self.prototype(from_kernel_text(symbol))
+        return Dialect(
+            btf_args=rules.btf_args, sticky_deref_offset=rules.sticky_deref_offset,
+            entry_args_at_return=rules.entry_args_at_return, function=function,
+        )  # fmt: skip
+
 
 KPROBE_EVENT_SYSTEM = "kprobes"
 MAX_EVENT_NAME_LEN = 64
@@ -77,15 +109,19 @@ def parse_events(
     return [parse_event(line, symbols=symbols) for line in _split_lines(text)]
 
 
-def parse_event(text: str, *, symbols: SymbolTable | None = None) -> ProbeEvent | EventDeletion:
-    """Parse one kprobe_events definition as the 6.1 kernel does.
+def parse_event(
+    text: str, *, symbols: SymbolTable | None = None, kernel: GuestKernel | None = None
+) -> ProbeEvent | EventDeletion:
+    """Parse one kprobe_events definition as the 6.1 kernel does, or as ``kernel`` does.
 
     ``text`` is one line as written to tracefs (a ``#`` comment may follow). Without
-    ``symbols`` only what needs no guest is checked (the kernel's syntax errors); with the
-    guest's symbols the symbol checks run too, at the point and in the order the kernel
-    runs them. Returns a :class:`ProbeEvent` for ``p``/``r``, an :class:`EventDeletion`
-    for ``-:``. Raises :class:`~kprobevm.errors.ProbeSyntaxError` with the kernel's error
-    name and caret position, or EINVAL for no definition or more than one line.
+    ``symbols`` or ``kernel`` only what needs no guest is checked (the kernel's syntax
+    errors; a probe at ``SYM+4`` may be an IBT kernel's entry, so ``$argN`` is let
+    through there); with the guest's symbols the symbol checks run too, at the point and
+    in the order the kernel runs them; with ``kernel`` its rules and BTF decide as well.
+    Returns a :class:`ProbeEvent` for ``p``/``r``, an :class:`EventDeletion` for ``-:``.
+    Raises :class:`~kprobevm.errors.ProbeSyntaxError` with the kernel's error name and
+    caret position, or EINVAL for no definition or more than one line.
     """
     lines = list(_split_lines(text))
     if len(lines) != 1:
@@ -94,7 +130,9 @@ def parse_event(text: str, *, symbols: SymbolTable | None = None) -> ProbeEvent 
     argv = kernel_words(lines[0])
     if argv[0][0] == "-":
         return _parse_deletion(argv)
-    return _parse_probe(argv, symbols)
+    if kernel is None and symbols is not None:
+        kernel = GuestKernel(symbols)
+    return _parse_probe(argv, kernel)
 
 
 def _parse_deletion(argv: list[str]) -> EventDeletion:
@@ -116,7 +154,7 @@ def _parse_deletion(argv: list[str]) -> EventDeletion:
     )
 
 
-def _parse_probe(argv: list[str], symbols: SymbolTable | None) -> ProbeEvent:
+def _parse_probe(argv: list[str], kernel: GuestKernel | None) -> ProbeEvent:
     """__trace_kprobe_create(): a ``p``/``r`` definition from its words (kernel text)."""
     command = " ".join(argv)
     head = argv[0]
@@ -167,19 +205,19 @@ def _parse_probe(argv: list[str], symbols: SymbolTable | None) -> ProbeEvent:
             log.fail("BAD_PROBE_ADDR", 0)
         if is_return:
             flags |= FL_RETURN
-        if symbols is None:
-            # Assume the symbol exists: the kernel then judges entry by the offset alone
-            # (x86 without IBT, as the Debian 6.1 kernels are built).
-            if offset == 0:
+        if kernel is None:
+            # Assume the symbol exists: the kernel then judges entry by the offset, 0 or
+            # (an IBT kernel's entry, past endbr64) 4; the guest decides that one later.
+            if offset in (0, ENDBR_SIZE) and not is_return:
                 flags |= FL_FENTRY
         else:
-            entry = on_func_entry(symbols, symbol, offset)
-            if entry == "entry":
+            entry = on_func_entry(kernel.symbols, symbol, offset, kernel.adjust)
+            if entry == "entry" and not is_return:
                 flags |= FL_FENTRY
             elif entry == "not_entry" and is_return:
                 log.fail("BAD_RETPROBE", 0)
             if ":" not in symbol:
-                check_unique(log, symbols, symbol)
+                check_unique(log, kernel.symbols, symbol)
     elif is_return:
         flags |= FL_RETURN
 
@@ -196,11 +234,15 @@ def _parse_probe(argv: list[str], symbols: SymbolTable | None) -> ProbeEvent:
         name = name[: MAX_EVENT_NAME_LEN - 1]
         event = name[0] + name[1:].replace(":", "_").replace(".", "_")
 
+    dialect = kernel.dialect(symbol) if kernel is not None else Dialect()
+    words = argv[2:]
+    if dialect.btf_args:
+        words = _expand_meta_args(log, words, flags, dialect)
     args: list[FetchArg] = []
     size = 0
-    for i, word in enumerate(argv[2 : 2 + MAX_TRACE_ARGS]):
+    for i, word in enumerate(words[:MAX_TRACE_ARGS]):
         log.index = i + 2
-        arg, size = parse_probe_arg(log, word, i, flags, args, size)
+        arg, size = parse_probe_arg(log, word, i, flags, args, size, dialect)
         args.append(arg)
 
     module: str | None = None
@@ -219,9 +261,56 @@ def _parse_probe(argv: list[str], symbols: SymbolTable | None) -> ProbeEvent:
         command=from_kernel_text(command),
         fentry=bool(flags & FL_FENTRY),
     )
-    if symbols is not None:
-        resolve_event(probe, symbols)
+    if kernel is not None:
+        resolve_event(probe, kernel.symbols, adjust=kernel.adjust)
     return probe
+
+
+def _expand_meta_args(log: ProbeLog, words: list[str], flags: int, dialect: Dialect) -> list[str]:
+    """traceprobe_expand_meta_args(): a bare ``$argN[:TYPE]`` becomes the Nth parameter's
+    name (with the type), ``$arg*`` every parameter's, when BTF knows the function."""
+    entry_or_exit = flags in (FL_KERNEL | FL_FENTRY, FL_KERNEL | FL_RETURN)
+    every = -1
+    found = False
+    for i, word in enumerate(words):
+        if not word.startswith("$arg"):
+            continue
+        log.index = i + 2
+        if not entry_or_exit:
+            log.fail("NOFENTRY_ARGS", 0)
+        if isdigit(word[4:5]):
+            found = True
+        elif word[4:5] != "*":
+            log.fail("BAD_VAR", 0)
+        elif every >= 0:
+            log.fail("DOUBLE_ARGS", 0)
+        else:
+            found, every = True, i
+    function = dialect.function
+    if not found:
+        return words
+    if function is None or not function.params:
+        if every >= 0:
+            log.fail("NOSUP_BTFARG", 0)
+        return words
+    names = [name for name, _ in function.params]
+    out: list[str] = []
+    for i, word in enumerate(words):
+        log.index = i + 2
+        if i == every:
+            out += names
+        elif word.startswith("$arg"):
+            digits = len(word[4:]) - len(word[4:].lstrip("0123456789"))
+            rest = word[4 + digits :]
+            if rest and rest[0] != ":":
+                log.fail("BAD_VAR", 0)
+            n = int(word[4 : 4 + digits])
+            if not 0 < n <= len(names):
+                log.fail("NO_BTFARG", 0)
+            out.append(names[n - 1] + rest)
+        else:
+            out.append(word)
+    return out
 
 
 def _parse_event_name(log: ProbeLog, text: str, offset: int, group: str) -> tuple[str, str | None]:

@@ -3,11 +3,15 @@
 Follows ``traceprobe_parse_probe_arg`` and what it calls (kernel/trace/trace_probe.c):
 ``[NAME=]FETCHARG[:TYPE]``, the fetch expression compiled into the kernel's ops (counted,
 since the kernel refuses more than it has room for), the type and array rules and the
-store op they pick, with the kernel's error names and caret positions.
+store op they pick, with the kernel's error names and caret positions. Where a later
+kernel parses otherwise (BTF arguments, error positions), :class:`Dialect` says so.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from kprobevm.tracing.btf_args import BtfValue, FunctionPrototype
 from kprobevm.tracing.errors import ProbeLog
 from kprobevm.tracing.fetch import (
     DEFAULT_TYPE,
@@ -43,6 +47,7 @@ __all__ = [
     "FL_FENTRY",
     "FL_KERNEL",
     "FL_RETURN",
+    "Dialect",
     "parse_probe_arg",
     "split_symbol_offset",
 ]
@@ -74,6 +79,21 @@ FL_KERNEL = 2
 FL_FENTRY = 4
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """How the guest kernel parses arguments where kernels differ (the parsing rules of
+    :data:`~kprobevm.tracing.kernel_rules.RULES`); the default is 6.1's."""
+
+    btf_args: bool = False
+    """Arguments may name the probed function's parameters and take their BTF types."""
+    sticky_deref_offset: bool = False
+    """An error after a ``+OFF(...)`` in the same argument has its caret past ``+OFF(``."""
+    entry_args_at_return: bool = False
+    """A return probe may fetch the function's arguments (kprobevm cannot yet)."""
+    function: FunctionPrototype | None = None
+    """The probed function's prototype from the guest's BTF (None: not known)."""
+
+
 def _next_op(log: ProbeLog, idx: int, offset: int) -> int:
     """One more fetch op in the kernel's array, or TOO_MANY_OPS when it is full."""
     idx += 1
@@ -92,7 +112,13 @@ def split_symbol_offset(expr: str) -> tuple[str, int] | None:
 
 
 def parse_probe_arg(
-    log: ProbeLog, word: str, i: int, flags: int, previous: list[FetchArg], size: int
+    log: ProbeLog,
+    word: str,
+    i: int,
+    flags: int,
+    previous: list[FetchArg],
+    size: int,
+    dialect: Dialect = Dialect(),
 ) -> tuple[FetchArg, int]:
     """traceprobe_parse_probe_arg(): ``[NAME=]FETCHARG[:TYPE]``; returns it and the new size."""
     eq = word.find("=")
@@ -104,11 +130,13 @@ def parse_probe_arg(
         name, body, offset = word[:eq], word[eq + 1 :], eq + 1
     else:
         name, body, offset = f"arg{i + 1}", word, 0
+        if dialect.btf_args and is_good_name(word.split(":", 1)[0]):
+            name = word.split(":", 1)[0]  # a parameter's name names its argument
     if not is_good_name(name):
         log.fail("BAD_ARG_NAME", 0)
     if name in RESERVED_FIELD_NAMES or any(a.name == name for a in previous):
         log.fail("USED_ARG_NAME", 0)
-    return _parse_arg_body(log, name, body, offset, flags, size)
+    return _parse_arg_body(log, name, body, offset, flags, size, dialect)
 
 
 def _find_fetch_type(t: str | None) -> FetchType | None:
@@ -152,7 +180,7 @@ def _top_op(src: FetchSource) -> str:
 
 
 def _parse_arg_body(
-    log: ProbeLog, name: str, body: str, offset: int, flags: int, size: int
+    log: ProbeLog, name: str, body: str, offset: int, flags: int, size: int, dialect: Dialect
 ) -> tuple[FetchArg, int]:
     """traceprobe_parse_probe_arg_body(): type, array, the fetch ops and their checks."""
     if len(body) > MAX_ARGSTR_LEN:
@@ -193,11 +221,24 @@ def _parse_arg_body(
         ftype = _find_fetch_type(t)
     if ftype is None:
         log.fail("BAD_TYPE", type_pos)
+
+    src, idx = _parse_fetch(log, arg, flags, offset, 0, dialect)
+    # Errors after the fetch: a kernel with the sticky offset counts them from past the
+    # outermost +OFF( it parsed.
+    late = offset + ((_deref_lead(arg) or 0) if dialect.sticky_deref_offset else 0)
+    type_pos += late - offset
+    btf = _btf_value(arg, flags, dialect)
+    if btf is not None:
+        if t is None:
+            ftype = FETCH_TYPES[btf.fetch_type or "x64"]
+        elif "string" in t and not btf.char_array:
+            if not btf.char_pointer:
+                log.fail("BAD_TYPE4STR", late)
+            idx = _next_op(log, idx, late)  # read through the char pointer first
+            src = Deref(0, src, user=t[:1] == "u")
     size += ftype.size * (count or 1)
     if size > MAX_PROBE_EVENT_SIZE:
         log.fail("EVENT_TOO_BIG", offset)
-
-    src, idx = _parse_fetch(log, arg, flags, offset, 0)
     top = _top_op(src)
 
     # The store op (FETCH_OP_ST_*), as traceprobe_parse_probe_arg_body() picks it.
@@ -208,14 +249,14 @@ def _parse_arg_body(
         elif top not in ("DEREF", "UDEREF", "IMM", "COMM", "DATA"):
             log.fail("BAD_STRING", type_pos)
         if ftype.kind == "symstr" or top in ("IMM", "COMM", "DATA") or count:
-            idx = _next_op(log, idx, offset)
+            idx = _next_op(log, idx, late)
         store = "ST_USTRING" if ftype.kind == "ustring" or top == "UDEREF" else "ST_STRING"
         if ftype.kind == "symstr":
             store = "ST_SYMSTR"
     elif top in ("DEREF", "UDEREF"):
         store = "ST_MEM" if top == "DEREF" else "ST_UMEM"
     else:
-        idx = _next_op(log, idx, offset)
+        idx = _next_op(log, idx, late)
         store = "ST_RAW"
 
     bitfield: Bitfield | None = None
@@ -228,7 +269,7 @@ def _parse_arg_body(
     if count:
         if store not in ("ST_MEM", "ST_STRING", "ST_USTRING"):
             log.fail("BAD_STRING", type_pos)
-        idx = _next_op(log, idx, offset)
+        idx = _next_op(log, idx, late)
 
     fetch_arg = FetchArg(
         name=from_kernel_text(name),
@@ -239,6 +280,33 @@ def _parse_arg_body(
         bitfield=bitfield,
     )
     return fetch_arg, size
+
+
+def _btf_value(arg: str, flags: int, dialect: Dialect) -> BtfValue | None:
+    """What the guest's BTF says of the value ``arg`` fetches: ``$retval`` in a return
+    probe, or a parameter named at the entry (None: no BTF type, or a 6.1 dialect)."""
+    function = dialect.function
+    if not dialect.btf_args or function is None:
+        return None
+    if arg == "$retval":
+        return function.returns if flags & FL_RETURN else None
+    found = function.param(arg) if is_good_name(arg) else None
+    return found[1] if found is not None else None
+
+
+def _deref_lead(arg: str) -> int | None:
+    """How far ``+|-[u]OFFS(`` moves the kernel's error position: to just inside the
+    brace, one byte short for ``+u``/``-u`` (the kernel's own arithmetic); None when
+    ``arg`` is no such dereference."""
+    if arg[:1] not in ("+", "-"):
+        return None
+    s = arg[0] + arg[2:] if arg[1:2] == "u" else arg
+    if s[0] == "+":
+        s = s[1:]
+    paren = s.find("(")
+    if paren < 0:
+        return None
+    return paren + 1 + (1 if s[:1] != "-" else 0)
 
 
 def _parse_bitfield(t: str, ftype: FetchType) -> Bitfield | None:
@@ -258,12 +326,12 @@ def _parse_bitfield(t: str, ftype: FetchType) -> Bitfield | None:
 
 
 def _parse_fetch(
-    log: ProbeLog, arg: str, flags: int, offs: int, idx: int
+    log: ProbeLog, arg: str, flags: int, offs: int, idx: int, dialect: Dialect
 ) -> tuple[FetchSource, int]:
     """parse_probe_arg(): one fetch expression; ``idx`` counts the kernel's op slots."""
     head = arg[:1]
     if head == "$":
-        return _parse_var(log, arg[1:], flags, offs), idx
+        return _parse_var(log, arg[1:], flags, offs, dialect), idx
     if head == "%":
         if arg[1:] not in X86_64_REGISTERS:
             log.fail("BAD_REG_NAME", offs)
@@ -289,7 +357,7 @@ def _parse_fetch(
         idx = _next_op(log, idx, offs)
         return Deref(0, inner), idx
     if head in ("+", "-"):
-        return _parse_deref(log, arg, flags, offs, idx)
+        return _parse_deref(log, arg, flags, offs, idx, dialect)
     if head == "\\":
         if arg[1:2] == '"':
             text = arg[2:]
@@ -300,7 +368,27 @@ def _parse_fetch(
         if value is None:
             log.fail("BAD_IMM", offs + 1)
         return Imm(value), idx
+    if dialect.btf_args and (head.isalpha() or head == "_") and head.isascii():
+        return _parse_btf_param(log, arg, flags, offs, dialect), idx
     log.fail("BAD_FETCH_ARG", offs)
+
+
+def _parse_btf_param(log: ProbeLog, arg: str, flags: int, offs: int, dialect: Dialect) -> Arg:
+    """parse_btf_arg(): a parameter of the probed function, by name."""
+    entry = flags == FL_KERNEL | FL_FENTRY
+    if not entry and flags != FL_KERNEL | FL_RETURN:
+        log.fail("NOSUP_BTFARG", offs)
+    if "." in arg or "-" in arg:
+        log.fail("UNSUPPORTED", offs, "BTF field access (->, .)")
+    function = dialect.function
+    if function is None or not function.params:
+        log.fail("NO_BTF_ENTRY", offs)
+    found = function.param(arg)
+    if found is None:
+        log.fail("NO_BTFARG", offs)
+    if not entry:
+        log.fail("UNSUPPORTED", offs, "a parameter at a function's return")
+    return Arg(found[0] + 1)
 
 
 def _str_to_immediate(s: str) -> int | None:
@@ -315,7 +403,7 @@ def _str_to_immediate(s: str) -> int | None:
 
 
 def _parse_deref(
-    log: ProbeLog, arg: str, flags: int, offs: int, idx: int
+    log: ProbeLog, arg: str, flags: int, offs: int, idx: int, dialect: Dialect
 ) -> tuple[FetchSource, int]:
     """``+|-[u]OFFS(FETCHARG)``, with the kernel's own pointer walk (and its caret positions)."""
     user = arg[1:2] == "u"
@@ -336,18 +424,23 @@ def _parse_deref(
     if close < 0:
         log.fail("DEREF_OPEN_BRACE", offs + len(rest))
     # Whatever follows the last ')' is dropped, as the kernel drops it.
-    inner, idx = _parse_fetch(log, rest[:close], flags, offs, idx)
+    inner, idx = _parse_fetch(log, rest[:close], flags, offs, idx, dialect)
     if isinstance(inner, Comm | ImmString):
         log.fail("COMM_CANT_DEREF", offs)
     idx = _next_op(log, idx, offs)
     return Deref(value, inner, user), idx
 
 
-def _parse_var(log: ProbeLog, var: str, flags: int, offs: int) -> FetchSource:
+def _parse_var(log: ProbeLog, var: str, flags: int, offs: int, dialect: Dialect) -> FetchSource:
     """parse_probe_vars(): ``$retval``, ``$stack[N]``, ``$comm``, ``$argN``."""
-    if var == "retval":
+    if var == "retval" or (dialect.btf_args and var.startswith("retval")):
         if not flags & FL_RETURN:
             log.fail("RETVAL_ON_PROBE", offs)
+        function = dialect.function
+        if dialect.btf_args and var != "retval":  # taken for a parameter's name
+            log.fail("NO_BTFARG" if function and function.params else "NO_BTF_ENTRY", offs)
+        if dialect.btf_args and function is not None and function.returns is None:
+            log.fail("NO_RETVAL", offs)
         return Retval()
     if var.startswith("stack"):
         rest = var[5:]
@@ -363,6 +456,8 @@ def _parse_var(log: ProbeLog, var: str, flags: int, offs: int) -> FetchSource:
         return Stack(n)
     if var in ("comm", "COMM"):
         return Comm()
+    if dialect.entry_args_at_return and flags == FL_KERNEL | FL_RETURN and var.startswith("arg"):
+        log.fail("UNSUPPORTED", offs, "a function's argument at its return")
     if flags == FL_KERNEL | FL_FENTRY and var.startswith("arg"):
         # Only at a function's entry of a kprobe (not a kretprobe) in 6.1.
         n = kstrtoul(var[3:], 10)

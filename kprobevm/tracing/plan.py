@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 from kprobevm.errors import KprobeError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.recorder import PROGRAM_SIZE, RecordSpec, program_size
+from kprobevm.tracing.btf_args import FunctionPrototype, function_prototype
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, Unrecordable, record_spec
 from kprobevm.tracing.errors import probe_error
 from kprobevm.tracing.events import EventDeletion, ProbeEvent, ResolvedEvent
 from kprobevm.tracing.fetch import Comm, Deref, FetchArg, ImmString, describe_source
 from kprobevm.tracing.kernel_rules import LATEST, KernelRules, kernel_rules
-from kprobevm.tracing.parse import parse_event
+from kprobevm.tracing.parse import GuestKernel, parse_event
 from kprobevm.tracing.registry import EventRegistry
 from kprobevm.tracing.resolve import EntryAdjust, resolve_event
 from kprobevm.x86.arch import adjust_kprobe_addr
@@ -35,6 +36,7 @@ __all__ = [
     "check_definitions",
     "fetch_plan",
     "guest_event_names",
+    "guest_kernel",
     "plan_events",
     "record_specs",
 ]
@@ -165,10 +167,15 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
     if any(e.symbol_name is not None and e.symbol_name not in vm.symbols for e in events):
         vm.refresh_symbols()  # a module loaded since kallsyms was read
     rules = kernel_rules(vm)
+    guest = guest_kernel(vm)
     boundary = _boundary_checker(vm)
     registry = EventRegistry(existing=guest_event_names(vm, events))
     planned = []
     for event in events:
+        # parsed again as the guest's kernel parses it: its entries, rules and BTF types
+        reparsed = parse_event(event.command, kernel=guest)
+        assert isinstance(reparsed, ProbeEvent)
+        event = reparsed
         # the kernel checks a join with an existing event before the address, and a
         # new name against the guest's events after it (register_trace_kprobe)
         joins = (event.group, event.event) in registry.events
@@ -201,6 +208,24 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
         ftrace = _on_ftrace_site(vm, rules, resolved, place)
         planned.append(PlannedProbe(resolved, insn, place, ftrace, rules))
     return planned
+
+
+def guest_kernel(vm: VM) -> GuestKernel:
+    """``vm``'s kernel as the parser needs it: symbols, entries, rules, BTF prototypes."""
+    rules = kernel_rules(vm)
+    btf = vm.btf
+    prototype = None
+    if btf is not None:
+        known: dict[str, FunctionPrototype | None] = {}
+
+        def prototype(name: str) -> FunctionPrototype | None:
+            if name not in known:
+                known[name] = function_prototype(btf, name)
+            return known[name]
+
+    return GuestKernel(
+        vm.symbols, rules, entry_adjust(vm) if rules.ibt_entry else None, prototype
+    )
 
 
 def entry_adjust(vm: VM) -> EntryAdjust | None:

@@ -11,14 +11,18 @@ from __future__ import annotations
 from kprobevm.x86 import asm
 from kprobevm.x86.asm import mem, rip
 
-__all__ = ["ENTRY", "RETURN_VALUE", "assemble_trampoline", "build_trampoline"]
+__all__ = ["ENTRY", "KEPT_BELOW_SLOT", "RETURN_VALUE", "assemble_trampoline", "build_trampoline"]
 
 ENTRY = 16
 """Instance table entry: u64 stack slot (0 = free), u64 real return address."""
 RETURN_VALUE = 3
 """The byte the trampoline's watched store writes."""
 _SAVED = ("rax", "rcx", "rdx")
-_SLOT = 8 * (1 + len(_SAVED))  # the slot's offset from rsp after pushfq and the saves
+KEPT_BELOW_SLOT = 40
+"""Bytes below the slot the trampoline leaves as the function left them: where the
+kernel's own trampoline frame has its ``pt_regs`` cs word (32 below the slot), which a
+6.9+ kernel fills only in part (kernel_rules' selector_cs), so a return probe reads them."""
+_SLOT = 8 * (1 + len(_SAVED)) + KEPT_BELOW_SLOT  # the slot's offset from rsp after the saves
 
 
 def build_trampoline(base: int, *, table: int, entries: int, mailbox: int) -> tuple[bytes, int]:
@@ -35,7 +39,8 @@ def assemble_trampoline(base: int, *, table: int, entries: int, mailbox: int) ->
     it before the watched store, so the host sees the function's return registers.
     """
     a = asm.Assembler(base)
-    a.lea("rsp", mem("rsp", -8))  # back onto the slot (lea keeps the flags)
+    # below the slot and the words kept there (lea keeps the flags)
+    a.lea("rsp", mem("rsp", -8 - KEPT_BELOW_SLOT))
     a.pushfq()
     for reg in _SAVED:
         a.push(reg)
@@ -61,6 +66,7 @@ def assemble_trampoline(base: int, *, table: int, entries: int, mailbox: int) ->
     for reg in reversed(_SAVED):
         a.pop(reg)
     a.popfq()
+    a.lea("rsp", mem("rsp", KEPT_BELOW_SLOT))  # back onto the slot
     a.mov(rip(mailbox, size=1), RETURN_VALUE)
     a.label("store_end")
     a.jmp_next()  # a late stop still lands here (see ooline.TB_BREAK)
