@@ -27,6 +27,7 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |                                 (also a ``KeyError``)
      +-- GuestMemoryError             guest memory could not be accessed
      |    +-- GuestFaultError          an address is not mapped (address, and why)
+     |    +-- TaskWalkError            the guest's task list could not be walked (task, count)
      +-- SymbolError                  kernel symbols
      |    +-- SymbolNotFound           no such symbol (also a ``KeyError``)
      |    +-- AmbiguousSymbol          a name that several symbols share
@@ -71,6 +72,7 @@ __all__ = [
     "SlotExhausted",
     "SymbolError",
     "SymbolNotFound",
+    "TaskWalkError",
     "UnknownRegister",
     "VMError",
     "VMLaunchFailure",
@@ -297,6 +299,16 @@ class GuestFaultError(GuestMemoryError):
         self.reason = reason
         self.level = level
         super().__init__(f"guest fault at {address:#x}: {reason}")
+
+
+class TaskWalkError(GuestMemoryError):
+    """The guest's task list could not be walked: ``task`` is where it broke off and
+    ``walked`` how many tasks came before."""
+
+    def __init__(self, message: str, *, task: int, walked: int) -> None:
+        self.task = task
+        self.walked = walked
+        super().__init__(f"task list walk: {message} (after {walked} tasks)")
 
 
 class SymbolError(KprobeVMError):

@@ -1,10 +1,11 @@
 """Instruction slots: the kernel's kprobe_insn_cache, kept on the host for guest pages.
 
 Slots are fixed-size cells in executable slot pages. A slot is CLEAN (free), USED
-(holds a probe's out-of-line code) or DIRTY (freed, but a vCPU may still be executing
-it). Dirty slots become clean only in garbage collection, and only once the engine says
-no vCPU can be inside them (the kernel waits for an RCU-tasks grace period; the trap
-channel checks every vCPU's RIP and waits for each vCPU's quiescent state, see
+(holds a probe's out-of-line code) or DIRTY (freed, but a vCPU, or a task preempted
+inside, may still be executing it). Dirty slots become clean only in garbage collection,
+and only once the engine says nothing can be inside them (the kernel waits for an
+RCU-tasks grace period; the trap channel checks every vCPU's RIP and waits for each
+vCPU's quiescent state, or on a preemptible kernel for every task to be seen out, see
 :mod:`kprobevm.trap.grace`). Collection also frees empty pages but keeps one.
 """
 
@@ -93,7 +94,8 @@ class SlotCache:
         self.pages: dict[int, SlotPage] = {}
         self.in_use: InUse = lambda start, end: False
         self.grace_over: Callable[[float], bool] = lambda freed_at: True
-        """grace_over(freed_at): has every vCPU passed a quiescent state since then?"""
+        """grace_over(freed_at): has everything that may have been inside at ``freed_at``
+        (a vCPU, a preempted task) been seen out since?"""
         self.before_collect: Callable[[], None] = lambda: None
 
     # -- allocation ------------------------------------------------------------------

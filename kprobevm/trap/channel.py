@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.recorder import Record
+    from kprobevm.trap.grace import GraceRule
     from kprobevm.x86.ptregs import PtRegs
 
 __all__ = [
@@ -124,6 +125,11 @@ class TrapChannel(abc.ABC):
         self.fallback_reason: str | None = None
         """Why the faster channel could not be used (None: this is the one asked for)."""
         self._handler_end = 0
+
+    @property
+    def grace_rule(self) -> GraceRule | None:
+        """The grace period freed slot memory waits for (None: this channel has no slots)."""
+        return None
 
     def read_insn(self, addr: int) -> x86insn.Insn:
         """The instruction at ``addr``, refused when it cannot be probed."""

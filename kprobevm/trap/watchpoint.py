@@ -30,7 +30,7 @@ from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
 from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
-from kprobevm.trap.grace import Quiescence
+from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
 from kprobevm.x86 import asm, ooline
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe
     from kprobevm.kprobes.slots import Slot
+    from kprobevm.trap.grace import GraceRule
     from kprobevm.x86.slotmap import Reserve
 
 __all__ = ["ChannelPages", "WatchpointChannel"]
@@ -121,7 +122,10 @@ class WatchpointChannel(TrapChannel):
         self.ret_store = returns.store_end
         """RIP after the kretprobe trampoline's watched store."""
         self.task_layout = task_layout
-        self.quiescence = Quiescence(ctx.target, threads, ours=area.contains)
+        self.quiescence = Quiescence(
+            ctx.target, threads, ours=area.contains,
+            guest=GuestTasks(ctx.memory, ctx.symbols, task_layout()),
+        )  # fmt: skip
         self.slots = self.quiescence.slot_cache(area, SLOT_SIZE, grace_seconds=0.05)
         self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
@@ -181,8 +185,14 @@ class WatchpointChannel(TrapChannel):
                                  "IDT vector 3 -> stub")  # fmt: skip
             faults.kill_point("idt_gate")
             memory.write(gate.addr, gate.replacement)
-        return cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
-                   returns=returns, task_layout=task_layout)  # fmt: skip
+        channel = cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
+                      returns=returns, task_layout=task_layout)  # fmt: skip
+        channel.quiescence.rule  # noqa: B018 (read from the kernel now, and logged)
+        return channel
+
+    @property
+    def grace_rule(self) -> GraceRule:
+        return self.quiescence.rule
 
     # -- sites -----------------------------------------------------------------------
 
