@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kprobevm.gdbstub.client import GdbClient
 from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.x86.pagetable import la57_enabled
 from kprobevm.x86.slotmap import find_slot_pmd
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ def read_state(facts: GuestFacts) -> dict[str, bytes]:
     try:
         state = {name: client.read_memory(addr, size)
                  for name, (addr, size) in facts.places.items()}  # fmt: skip
-        _, pmd = find_slot_pmd(client.read_phys, client.read_registers()["cr3"])
+        regs = client.read_registers()
+        _, pmd = find_slot_pmd(client.read_phys, regs["cr3"], la57=la57_enabled(regs["cr4"]))
         state[f"slot PMD entry {pmd:#x}"] = client.read_phys(pmd, 8)
         return state
     finally:

@@ -44,9 +44,14 @@ from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 from kprobevm.guest.shell import GuestShell
 from kprobevm.guest.vm import VM, GuestEndpoints
 
-__all__ = ["SLOT_RESERVE", "QemuMachine", "boot", "kernel_cmdline"]
+__all__ = ["DEFAULT_CPU", "LA57_CPU", "SLOT_RESERVE", "QemuMachine", "boot", "kernel_cmdline"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CPU = "qemu64,+rdrand"
+"""QEMU's ``-cpu`` for a guest unless told otherwise (RDRAND feeds the guest's entropy)."""
+LA57_CPU = "qemu64,+rdrand,+la57"
+"""The default CPU with 5-level paging: the 6.1 cloud kernel turns LA57 on when it sees it."""
 
 _PR_SET_PDEATHSIG = 1
 _KVM_READY_TIMEOUT = 8.0
@@ -218,7 +223,7 @@ class QemuMachine:
 
 def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str, smp: int,
              accel: str, private_dir: Path, ssh_port: int, gdb_tcp: bool | int,
-             ram: RamFile | None) -> tuple[list[str], str | tuple[str, int]]:
+             ram: RamFile | None, cpu: str) -> tuple[list[str], str | tuple[str, int]]:
     gdb: str | tuple[str, int]
     if gdb_tcp is False:
         gdb = str(private_dir / "gdb.sock")
@@ -230,7 +235,7 @@ def _command(qemu: str, *, kernel: Path, initrd: Path, cmdline: str, memory: str
     command = [
         qemu,
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-machine", "pc", "-accel", accel, "-cpu", "qemu64,+rdrand",
+        "-machine", "pc", "-accel", accel, "-cpu", cpu,
         "-m", memory, "-smp", str(smp),
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-serial", f"file:{private_dir / 'serial.log'}",
@@ -336,6 +341,7 @@ class _GuestSpec:
     """Guest RAM in a file the host maps too (:mod:`kprobevm.guest.guestram`)."""
     expect_marker: bool
     """The initramfs is the image's: its init prints the ready marker on the serial line."""
+    cpu: str = DEFAULT_CPU
 
 
 def _launch(qemu: str, spec: _GuestSpec, *, name: str, accel: str,
@@ -349,7 +355,7 @@ def _launch(qemu: str, spec: _GuestSpec, *, name: str, accel: str,
     command, gdb = _command(
         qemu, kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, memory=spec.memory,
         smp=spec.smp, accel=accel, private_dir=private_dir, ssh_port=ssh_port,
-        gdb_tcp=spec.gdb_tcp, ram=ram,
+        gdb_tcp=spec.gdb_tcp, ram=ram, cpu=spec.cpu,
     )
     launch = _Launch(command, private_dir, ssh_port, gdb, ram)
     try:
@@ -383,6 +389,7 @@ def boot(
     smp: int = 1,
     accel: str = "tcg",
     kaslr: bool = False,
+    cpu: str = DEFAULT_CPU,
     gdb_tcp: bool | int = False,
     qemu: str | os.PathLike[str] | None = None,
     timeout: float = 60.0,
@@ -405,7 +412,10 @@ def boot(
         smp: the number of vCPUs.
         accel: ``tcg``, ``kvm``, or ``auto`` (KVM when ``/dev/kvm`` is usable, back to TCG,
             said on stderr, when the KVM guest dies or hangs).
-        kaslr: boot with KASLR on (the default image boots ``nokaslr``).
+        kaslr: boot with KASLR on (the default image boots ``nokaslr``): the kernel's
+            virtual and physical base and its direct map, vmalloc and vmemmap bases move.
+        cpu: QEMU's ``-cpu`` (default ``qemu64,+rdrand``); :data:`LA57_CPU` adds ``la57``,
+            which the guest kernel takes as 5-level paging.
         gdb_tcp: the gdbstub on 127.0.0.1 (a port, or True for a free one) instead of a
             unix socket in the VM's private directory.
         qemu: the QEMU binary, by name on PATH or by path; None: ``$KPROBEVM_QEMU``, else
@@ -448,7 +458,7 @@ def boot(
                                   command=[binary, f"-{what}", str(path)])
 
     spec = _GuestSpec(kernel_path, initrd_path, cmdline, memory, smp, gdb_tcp, image.ssh_key,
-                      shared_ram, expect_marker=initrd_path == image.initrd)  # fmt: skip
+                      shared_ram, expect_marker=initrd_path == image.initrd, cpu=cpu)  # fmt: skip
     machine, shell, ssh_port = _launch_trying(binary, spec, accel, name=name, timeout=timeout)
     return VM(
         GuestEndpoints(

@@ -371,11 +371,11 @@ class VM(Closing):
 
     def translate(self, vaddr: int) -> int:
         """Guest physical address of ``vaddr``, by walking the page tables on the host."""
-        from kprobevm.x86.pagetable import translate
+        from kprobevm.x86.pagetable import la57_enabled, translate
 
         with self.target.stopped() as client:
             regs = client.read_registers()
-            t = translate(client.read_phys, regs["cr3"], vaddr, la57=bool(regs["cr4"] >> 12 & 1))
+            t = translate(client.read_phys, regs["cr3"], vaddr, la57=la57_enabled(regs["cr4"]))
             return t.paddr
 
     # -- the kernel's symbols and image ------------------------------------------------
@@ -475,13 +475,18 @@ class VM(Closing):
 
     @functools.cached_property
     def slot_reserve(self) -> Reserve | None:
-        """The reserved physical range (``memmap=SIZE$BASE``) where slots live."""
-        from kprobevm.x86.slotmap import parse_memmap_reserve
+        """The reserved physical range (``memmap=SIZE$BASE``) where slots live, checked
+        against the guest's own ``/proc/iomem`` when SSH reaches it (KASLR picks the
+        kernel's physical address at boot: it must have kept clear of the range)."""
+        from kprobevm.x86.slotmap import check_reserve, parse_memmap_reserve
 
         cmdline = self.kernel_cmdline
         if cmdline is None:
             cmdline = self.read_file("/proc/cmdline") if self.endpoints.ssh else ""
-        return parse_memmap_reserve(cmdline)
+        reserve = parse_memmap_reserve(cmdline)
+        if reserve is not None and self.endpoints.ssh is not None:
+            check_reserve(self.read_file("/proc/iomem"), reserve)
+        return reserve
 
     @property
     def journal(self) -> Journal:

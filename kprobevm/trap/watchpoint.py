@@ -43,6 +43,7 @@ from kprobevm.x86.idt import (
     encode_idt_gate,
     gate_address,
 )
+from kprobevm.x86.pagetable import la57_enabled
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.slotmap import SlotArea, flush_tlbs
 from kprobevm.x86.stub import ENTRY_SIZE, build_int3_stub
@@ -154,7 +155,9 @@ class WatchpointChannel(TrapChannel):
         idt = ctx.symbols["idt_table"]
         expected = ctx.symbols.get("asm_exc_int3")
         with ctx.target.stopped() as client:
-            area = SlotArea(memory, journal, reserve, client.read_registers()["cr3"],
+            regs = client.read_registers()
+            area = SlotArea(memory, journal, reserve, regs["cr3"],
+                            la57=la57_enabled(regs["cr4"]),
                             flush_tlbs=lambda: flush_tlbs(ctx.target.client))  # fmt: skip
             area.setup()
             pages = ChannelPages.map(area)

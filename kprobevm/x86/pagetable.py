@@ -31,6 +31,7 @@ __all__ = [
     "X86_CR4_LA57",
     "PageTableEntry",
     "Translation",
+    "la57_enabled",
     "pte_index",
     "translate",
     "walk",
@@ -51,6 +52,12 @@ NX = 1 << 63
 
 X86_CR4_LA57 = 1 << 12
 """CR4.LA57: 5-level paging."""
+
+
+def la57_enabled(cr4: int) -> bool:
+    """Whether the vCPU whose CR4 this is walks 5-level page tables: decided from the
+    guest's own register, since a CPU offering ``la57`` does not make the kernel use it."""
+    return bool(cr4 & X86_CR4_LA57)
 
 PAGE_SIZE_4K = 1 << 12
 PAGE_SIZE_2M = 1 << 21

@@ -2,9 +2,10 @@
 
 The guest kernel never hands out the physical range reserved on its command line
 (``memmap=SIZE$BASE``). We take 4 KiB pages from it and map them through one page table
-of our own, hung in an empty PMD entry of the top PUD (PGD[511] -> PUD[511], the module
-and fixmap region, shared by every address space), so the pages sit within +-2 GiB of
-kernel text and rel32 jumps reach both ways. x86 caches no non-present entries, so a new
+of our own, hung in an empty PMD entry of the top PUD (PGD[511] -> PUD[511] with 4-level
+paging, PML5[511] -> P4D[511] -> PUD[511] with 5-level: the module and fixmap region,
+shared by every address space), so the pages sit within +-2 GiB of kernel text (where
+KASLR puts it, too) and rel32 jumps reach both ways. x86 caches no non-present entries, so a new
 mapping needs no TLB flush; removing one does (CR3 rewritten on every vCPU).
 """
 
@@ -21,13 +22,13 @@ from kprobevm.errors import GuestFaultError, KprobeError
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.pagetable import (
     ACCESSED,
-    ADDR_MASK,
     DIRTY,
+    LEVEL_NAMES,
     NX,
     PAGE_SIZE_2M,
     PRESENT,
-    PS,
     RW,
+    walk,
 )
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "ExecutablePages",
     "Reserve",
     "SlotArea",
+    "check_reserve",
     "find_slot_pmd",
     "flush_tlbs",
     "parse_memmap_reserve",
@@ -47,6 +49,9 @@ __all__ = [
 
 PMD_SPAN = PAGE_SIZE_2M
 """The slot area: what one page-middle-directory entry maps."""
+TOP_PUD_REGION = 0xFFFFFFFFC0000000
+"""The last GiB of the address space (modules, fixmap): what the top PUD entry maps, in
+4- and 5-level paging alike."""
 # The module area ends at 0xffffffffff000000 on x86-64; modules are loaded from its
 # bottom, so we search for an empty PMD from its top down.
 TOP_PMD_INDEXES = range(503, 479, -1)
@@ -79,6 +84,36 @@ def parse_memmap_reserve(cmdline: str) -> Reserve | None:
     return None
 
 
+_IOMEM_LINE = re.compile(r"^( *)([0-9a-f]+)-([0-9a-f]+) : (.*)$")
+_KERNEL_IMAGE = ("Kernel code", "Kernel rodata", "Kernel data", "Kernel bss")
+
+
+def check_reserve(iomem: str, reserve: Reserve) -> None:
+    """Raise KprobeError unless the guest's own ``/proc/iomem`` (read as root) shows
+    ``reserve`` inside one top-level ``Reserved`` range and no part of the kernel image in
+    it: with KASLR the kernel picks its physical load address at boot, and a ``memmap=``
+    the kernel did not honour would hand slot pages to the guest's allocator."""
+    end = reserve.base + reserve.size
+    covered = False
+    for line in iomem.splitlines():
+        m = _IOMEM_LINE.match(line)
+        if m is None:
+            continue
+        start, last, name = int(m[2], 16), int(m[3], 16), m[4].strip()
+        if name in _KERNEL_IMAGE and start < end and last >= reserve.base:
+            raise KprobeError(
+                f"the guest kernel's {name} ({start:#x}-{last:#x}) lies in the slot reserve"
+                f" {reserve.base:#x}-{end - 1:#x}: choose another memmap= range"
+            )
+        if not m[1] and name == "Reserved" and start <= reserve.base and last >= end - 1:
+            covered = True
+    if not covered:
+        raise KprobeError(
+            f"the guest's /proc/iomem shows no reserved range over the slot reserve"
+            f" {reserve.base:#x}-{end - 1:#x} (memmap= not honoured, or beyond guest RAM)"
+        )
+
+
 class SlotArea:
     """2 MiB of kernel virtual space backed by reserved pages, mapped by the host."""
 
@@ -89,11 +124,14 @@ class SlotArea:
         reserve: Reserve,
         cr3: int,
         *,
+        la57: bool,
         flush_tlbs: Callable[[], None],
     ) -> None:
-        """``flush_tlbs`` drops every vCPU's TLB (VM stopped): the host writes page tables
+        """``la57`` is the guest's paging mode (CR4.LA57, :func:`la57_enabled`);
+        ``flush_tlbs`` drops every vCPU's TLB (VM stopped): the host writes page tables
         behind the guest's back, so an unmapped page stays reachable through a vCPU's
         cached translation until then."""
+        self.la57 = la57
         self.flush_tlbs = flush_tlbs
         self.memory = memory
         self.journal = journal
@@ -110,7 +148,8 @@ class SlotArea:
 
     def setup(self) -> int:
         """Find an empty PMD at the top of the module area and hang our page table there."""
-        self.base, self.pmd_entry_phys = find_slot_pmd(self.memory.read_phys, self.cr3)
+        self.base, self.pmd_entry_phys = find_slot_pmd(self.memory.read_phys, self.cr3,
+                                                       la57=self.la57)
         self.memory.write_phys(self.pte_table, bytes(PAGE_SIZE))
         entry = self.pte_table | PRESENT | RW | ACCESSED
         new = struct.pack("<Q", entry)
@@ -174,24 +213,28 @@ class SlotArea:
         self._mapped.clear()
 
 
-def find_slot_pmd(read_phys: Callable[[int, int], bytes], cr3: int) -> tuple[int, int]:
+def find_slot_pmd(
+    read_phys: Callable[[int, int], bytes], cr3: int, *, la57: bool
+) -> tuple[int, int]:
     """Where a slot area would go now: its base address and the physical address of its
-    PMD entry (the first empty one from the top of the module area down)."""
-
-    def entry(table_phys: int, index: int) -> int:
-        value: int = struct.unpack("<Q", read_phys(table_phys + 8 * index, 8))[0]
-        return value
-
-    pgd_e = entry(cr3 & ADDR_MASK, 511)
-    if not pgd_e & PRESENT:
-        raise GuestFaultError(0xFFFFFF8000000000, "PGD[511] not present", level=4)
-    pud_e = entry(pgd_e & ADDR_MASK, 511)
-    if not pud_e & PRESENT or pud_e & PS:
-        raise GuestFaultError(0xFFFFFFFFC0000000, "PUD[511] not a page table", level=3)
-    pmd_table = pud_e & ADDR_MASK
+    PMD entry (the first empty one from the top of the module area down). ``la57`` is the
+    guest's paging mode: with 5-level paging the walk has one table more above the PUD."""
+    entries = walk(read_phys, cr3, TOP_PUD_REGION, la57=la57)
+    pud = next((e for e in entries if e.level == 3), None)
+    if pud is None or not pud.present or pud.huge:
+        last = entries[-1]
+        state = "a 1 GiB page" if last.huge else "not present"
+        raise GuestFaultError(
+            TOP_PUD_REGION,
+            f"{LEVEL_NAMES[last.level]}[{last.index}] {state} ({len(entries)} levels walked,"
+            f" {'5' if la57 else '4'}-level paging): no page table for the module area",
+            level=last.level,
+        )
+    pmd_table = pud.next_paddr
     for index in TOP_PMD_INDEXES:
-        if entry(pmd_table, index) == 0:
-            return 0xFFFFFFFFC0000000 + index * PMD_SPAN, pmd_table + 8 * index
+        raw = read_phys(pmd_table + 8 * index, 8)
+        if int.from_bytes(raw, "little") == 0:
+            return TOP_PUD_REGION + index * PMD_SPAN, pmd_table + 8 * index
     raise KprobeError("no empty PMD entry at the top of the module area")
 
 
