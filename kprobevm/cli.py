@@ -72,7 +72,11 @@ def _add_boot_options(parser: argparse.ArgumentParser, *, vmlinux: bool = True) 
                             " modules are installed (lib/modules/RELEASE or its root), when"
                             " virtio-net or virtio-pci are modules")
     group.add_argument("--append", default="", help="extra kernel command-line words")
-    group.add_argument("--kaslr", action="store_true", help="boot without nokaslr")
+    group.add_argument("--kaslr", action="store_true",
+                       help="boot with KASLR on (the default image boots nokaslr)")
+    group.add_argument("--cpu", default=None, metavar="MODEL",
+                       help="QEMU's -cpu (default qemu64,+rdrand; qemu64,+rdrand,+la57 for"
+                            " 5-level paging)")
     group.add_argument("--accel", default="tcg", choices=("tcg", "kvm", "auto"),
                        help="accelerator (auto tries KVM, falls back to TCG)")
     group.add_argument("--timeout", type=float, default=60.0, metavar="S",
@@ -84,7 +88,7 @@ def _add_boot_options(parser: argparse.ArgumentParser, *, vmlinux: bool = True) 
 
 def _boot(args: argparse.Namespace) -> VM:
     """Boot from the parsed options (imported late: ``kprobevm --help`` stays fast)."""
-    from kprobevm.guest.launcher import boot
+    from kprobevm.guest.launcher import DEFAULT_CPU, boot
 
     _progress("booting the guest")
     return boot(
@@ -92,6 +96,7 @@ def _boot(args: argparse.Namespace) -> VM:
         smp=args.smp, accel=args.accel, kaslr=args.kaslr, timeout=args.timeout,
         qemu=args.qemu, kernel_package=args.kernel_package,
         vmlinux=args.vmlinux if args.kernel is not None else None, modules=args.modules,
+        cpu=args.cpu or DEFAULT_CPU,
     )
 
 

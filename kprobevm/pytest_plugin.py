@@ -2,7 +2,7 @@
 
 - ``kprobevm_vm`` (session): the guest, booted once (``--kprobevm-kernel``,
   ``--kprobevm-initrd``, ``--kprobevm-image``, ``--kprobevm-kernel-package``,
-  ``--kprobevm-smp`` choose what boots,
+  ``--kprobevm-smp``, ``--kprobevm-kaslr``, ``--kprobevm-cpu`` choose what boots,
   ``--kprobevm-qemu`` (else ``$KPROBEVM_QEMU``) the QEMU that boots it).
 - ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
   test placed, checks the probed functions' text is as before and the serial console
@@ -76,6 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          " a versioned name, or a local .deb), built on first use")
     group.addoption("--kprobevm-smp", type=int, default=1, metavar="N",
                     help="vCPUs of the guest (default 1)")
+    group.addoption("--kprobevm-kaslr", action="store_true",
+                    help="boot the guest with KASLR on (the default image boots nokaslr)")
+    group.addoption("--kprobevm-cpu", metavar="MODEL",
+                    help="QEMU's -cpu for the guest (qemu64,+rdrand,+la57: 5-level paging)")
     group.addoption("--kprobevm-qemu", metavar="PATH",
                     help=f"the QEMU binary (default: ${QEMU_ENV}, else qemu-system-x86_64)")
 
@@ -120,13 +124,14 @@ def kprobevm_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     if reason is not None:
         pytest.skip(reason)
     from kprobevm.guest.image import Image
-    from kprobevm.guest.launcher import boot
+    from kprobevm.guest.launcher import DEFAULT_CPU, boot
 
     opt = request.config.getoption
     image_dir: Path | None = opt("kprobevm_image")
     image = Image.load(image_dir) if image_dir is not None else None
     with boot(image, kernel=opt("kprobevm_kernel"), initrd=opt("kprobevm_initrd"),
-              smp=opt("kprobevm_smp"), qemu=opt("kprobevm_qemu"), name="session",
+              smp=opt("kprobevm_smp"), kaslr=opt("kprobevm_kaslr"), qemu=opt("kprobevm_qemu"),
+              cpu=opt("kprobevm_cpu") or DEFAULT_CPU, name="session",
               kernel_package=opt("kprobevm_kernel_package")) as guest:
         request.config.stash[_VM_KEY] = guest
         try:

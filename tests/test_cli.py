@@ -120,6 +120,28 @@ def test_qemu_option_reaches_boot(
     assert [kw["qemu"] for kw in seen] == ["/opt/qemu/bin/qemu-system-x86_64", None]
 
 
+@pytest.mark.parametrize("argv", BOOTING, ids=lambda argv: argv[0])
+def test_kaslr_and_cpu_reach_boot(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that boots takes --kaslr and --cpu; without them boot() gets nokaslr
+    and the default CPU."""
+    from kprobevm.guest import launcher
+
+    seen: list[dict[str, object]] = []
+
+    def fake_boot(*args: object, **kwargs: object) -> NoReturn:
+        seen.append(kwargs)
+        raise VMLaunchFailure("not booting in this test")
+
+    monkeypatch.setattr(launcher, "boot", fake_boot)
+    sub, rest = argv[0], argv[1:]
+    assert run(capsys, sub, "--kaslr", "--cpu", launcher.LA57_CPU, *rest)[0] == cli.EXIT_VM
+    assert run(capsys, *argv)[0] == cli.EXIT_VM
+    assert [(kw["kaslr"], kw["cpu"]) for kw in seen] == [
+        (True, launcher.LA57_CPU), (False, launcher.DEFAULT_CPU)]  # fmt: skip
+
+
 @pytest.mark.vm
 def test_trace_boot_json(capsys: pytest.CaptureFixture[str]) -> None:
     """The real thing, end to end: boot, place, run, print JSON lines, remove, power off."""

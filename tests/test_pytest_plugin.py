@@ -102,6 +102,7 @@ def test_the_qemu_checked_is_the_one_named(
 def test_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--kprobevm-kernel*", "*--kprobevm-image*",
+                                 "*--kprobevm-kaslr*", "*--kprobevm-cpu*",
                                  "*--kprobevm-qemu*"])
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.vm:*"])
