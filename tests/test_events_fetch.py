@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from kprobevm.errors import GuestFaultError
 from kprobevm.tracing import ProbeEvent, parse_event
 from kprobevm.tracing.fetch import FetchArg, Symbolic, kernel_read_allowed
+from kprobevm.x86.addrspace import FIVE_LEVEL, FOUR_LEVEL, AddressSpace
 
 KBASE = 0xFFFF_8880_0000_0000
 UBASE = 0x7FFD_0000_0000
@@ -207,3 +209,27 @@ def test_evaluation_is_cheap() -> None:
         for a in args:
             a.fetch(g)
     assert time.perf_counter() - start < 10.0  # a hang guard (about 0.05 s)
+
+
+def test_five_level_paging_moves_the_kernel_half_and_task_size() -> None:
+    """With LA57 the kernel's stacks and vmalloc live below 0xffff800000000000 (the
+    4-level kernel half) and user space reaches past 1 << 47: reads follow the guest's
+    split, as its copy_from_kernel_nofault_allowed() and access_ok() do."""
+    g = FakeGuest()
+    stack5 = 0xFFA0_0000_1234_0000  # a 5-level vmalloc'd kernel stack
+    user5 = 0x7F_0000_0000_0000  # a user mapping above 47 bits
+    g.poke(stack5, (0x8000).to_bytes(8, "little"))
+    g.poke(user5, b"/high\0")
+    g.regs["dx"], g.regs["si"] = stack5, user5
+    text = "p f fl=+0(%dx):x64 s=+0(%si):string u=+0(%si):ustring"
+    four = {name: a.format(a.fetch(g)) for name, a in args_of(text).items()}
+    assert four == {"fl": "(fault)", "s": "(fault)", "u": "(fault)"}
+    five = {name: a.format(replace(a, split=FIVE_LEVEL, mixed=True).fetch(g))
+            for name, a in args_of(text).items()}  # fmt: skip
+    assert five == {"fl": "0x8000", "s": '"/high"', "u": '"/high"'}
+    assert AddressSpace.from_cr4(0x16B0) == FIVE_LEVEL
+    assert AddressSpace.from_cr4(0x6B0) == FOUR_LEVEL
+    assert FIVE_LEVEL.task_size_max == (1 << 56) - 4096
+    assert FIVE_LEVEL.kernel_start == 0xFF00_0000_0000_0000
+    assert FOUR_LEVEL.kernel_start == 0xFFFF_8000_0000_0000
+    assert kernel_read_allowed(stack5, FIVE_LEVEL) and not kernel_read_allowed(stack5)

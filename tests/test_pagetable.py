@@ -8,6 +8,7 @@ import pytest
 
 from kprobevm.errors import GuestFaultError
 from kprobevm.guest.vm import VM
+from kprobevm.x86.constants import MASK64
 from kprobevm.x86.pagetable import (
     GLOBAL,
     NX,
@@ -19,6 +20,7 @@ from kprobevm.x86.pagetable import (
     RW,
     USER,
     X86_CR4_LA57,
+    la57_enabled,
     pte_index,
     translate,
     walk,
@@ -134,16 +136,17 @@ def test_user_and_writable_combine_over_levels() -> None:
 
 
 def first_mapped_4k(rp: Callable[[int, int], bytes], cr3: int, start: int,
-                    end: int) -> int | None:
-    """The lowest address in [start, end) mapped by a 4K page (4-level paging)."""
+                    end: int, *, la57: bool = False) -> int | None:
+    """The lowest address in [start, end) mapped by a 4K page (4- or 5-level paging)."""
+    top = 5 if la57 else 4
 
     def scan(table: int, level: int, base: int) -> int | None:
         data = rp(table, 4096)
         shift = 12 + 9 * (level - 1)
         for i in range(512):
             va = base | (i << shift)
-            if level == 4:
-                va = va | (0xFFFF << 48) if i >= 256 else va
+            if level == top and i >= 256:  # sign-extend the top-level half
+                va |= MASK64 & ~((1 << (shift + 9)) - 1)
             if va + (1 << shift) <= start or va >= end:
                 continue
             entry = int.from_bytes(data[8 * i:8 * i + 8], "little")
@@ -156,27 +159,40 @@ def first_mapped_4k(rp: Callable[[int, int], bytes], cr3: int, start: int,
                 return found
         return None
 
-    return scan(cr3 & ~0xFFF & ((1 << 52) - 1), 4, 0)
+    return scan(cr3 & ~0xFFF & ((1 << 52) - 1), top, 0)
 
 
-@pytest.mark.vm
-def test_walk_agrees_with_the_gdbstub(vm: VM) -> None:
-    """Kernel text, the direct map and a vmalloc address: virtual read == physical read."""
+def check_walks(vm: VM) -> None:
+    """Kernel text, the direct map and a vmalloc address: virtual read == physical read.
+    The direct map and vmalloc bases are the guest's own (``page_offset_base``,
+    ``vmalloc_base``): KASLR and 5-level paging move them."""
+    syms = vm.symbols
+    ktext = syms["_text"]
     # QEMU takes one gdbstub client: use the facade's, with the guest held stopped
     with vm.target.stopped() as c:
         regs = c.read_registers()
-        cr3, la57 = regs["cr3"], bool(regs["cr4"] & X86_CR4_LA57)
+        cr3, la57 = regs["cr3"], la57_enabled(regs["cr4"])
         rp: Callable[[int, int], bytes] = c.read_phys
-        text = translate(rp, cr3, KTEXT, la57=la57)
-        assert c.read_phys(text.paddr, 64) == c.read_memory(KTEXT, 64)
-        direct = translate(rp, cr3, 0xFFFF888000100000, la57=la57)
+        direct_base = int.from_bytes(c.read_memory(syms["page_offset_base"], 8), "little")
+        vmalloc = int.from_bytes(c.read_memory(syms["vmalloc_base"], 8), "little")
+        text = translate(rp, cr3, ktext, la57=la57)
+        assert c.read_phys(text.paddr, 64) == c.read_memory(ktext, 64)
+        direct = translate(rp, cr3, direct_base + 0x100000, la57=la57)
         assert direct.paddr == 0x100000
-        assert c.read_phys(direct.paddr, 64) == c.read_memory(0xFFFF888000100000, 64)
+        assert c.read_phys(direct.paddr, 64) == c.read_memory(direct_base + 0x100000, 64)
+        # the kernel's text through the direct map: the same bytes at two addresses
+        assert c.read_memory(direct_base + text.paddr, 64) == c.read_memory(ktext, 64)
         # vmalloc: the first 4K page mapped in the vmalloc area, found by scanning tables.
-        va = first_mapped_4k(rp, cr3, 0xFFFFC90000000000, 0xFFFFE90000000000)
-        assert va is not None, "nothing mapped in the vmalloc area"
+        va = first_mapped_4k(rp, cr3, vmalloc, vmalloc + (32 << 40), la57=la57)
+        assert va is not None, f"nothing mapped in the vmalloc area from {vmalloc:#x}"
         vmap = translate(rp, cr3, va + 0x10, la57=la57)
         assert vmap.page_size == PAGE_SIZE_4K
         assert c.read_phys(vmap.paddr, 32) == c.read_memory(va + 0x10, 32)
     # and the facade's own translate() gives the same answer
-    assert vm.translate(KTEXT) == text.paddr
+    assert vm.translate(ktext) == text.paddr
+
+
+@pytest.mark.vm
+def test_walk_agrees_with_the_gdbstub(vm: VM) -> None:
+    """Kernel text, the direct map and a vmalloc address (see check_walks)."""
+    check_walks(vm)

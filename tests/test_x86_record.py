@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from kprobevm.errors import KprobeError
 from kprobevm.kprobes.recorder import RecordSpec, decode_record, program_size
 from kprobevm.x86 import record as rec
+from kprobevm.x86.addrspace import FIVE_LEVEL, FOUR_LEVEL
 from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
 from tests._x86_unicorn import GPRS, Machine, unicorn
 
@@ -255,3 +256,20 @@ def test_a_programs_size_is_known_before_it_is_placed() -> None:
     counted = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
     only_count = [RecordSpec(count_only=True)] * 2
     assert program_size(only_count, probe_ip=PROBE_IP) == len(counted.code)
+
+
+def test_a_mixed_read_splits_at_the_guests_task_size() -> None:
+    """A mixed read picks the user or kernel copy by comparing with TASK_SIZE_MAX: the
+    guest's, which 5-level paging moves from (1 << 47) - 4096 to (1 << 56) - 4096."""
+    layout = RecordLayout((Capture(0, 64, reg="si", string=True, mixed=True),))
+    for split in (FOUR_LEVEL, FIVE_LEVEL):
+        helpers = replace(HELPER_ADDRS, task_size_max=split.task_size_max)
+        code = rec.build_record_program(
+            PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+            helpers=helpers, cont=CONT,
+        ).code  # fmt: skip
+        assert struct.pack("<Q", split.task_size_max) in code
+    m, length = _machine(layout)  # 4-level: a user address below TASK_SIZE_MAX
+    run = _run(m, length)
+    assert [c[0] for c in run.calls] == [3]  # strncpy_from_user_nofault
+    assert decode_record(m.read(RING, layout.size), layout).reads[0].data == b"/etc/passwd\0"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
     from kprobevm.trap.channel import ChannelKind, TrapChannel, TrapHandlers
     from kprobevm.trap.watchdog import Watchdog
+    from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import Reserve
 
 
@@ -377,6 +378,15 @@ class VM(Closing):
             regs = client.read_registers()
             t = translate(client.read_phys, regs["cr3"], vaddr, la57=la57_enabled(regs["cr4"]))
             return t.paddr
+
+    @functools.cached_property
+    def address_space(self) -> AddressSpace:
+        """Where the guest's user space ends and its kernel half begins: its paging mode,
+        read from CR4 (LA57) of the first vCPU (the kernel sets it alike on every one)."""
+        from kprobevm.x86.addrspace import AddressSpace
+
+        with self.target.stopped() as client:
+            return AddressSpace.from_cr4(client.read_registers()["cr4"])
 
     # -- the kernel's symbols and image ------------------------------------------------
 

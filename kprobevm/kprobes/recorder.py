@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe, ProbeSite
+    from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
 
 __all__ = [
@@ -422,8 +423,11 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     ).code)  # fmt: skip
 
 
-def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelpers:
-    """The kernel functions and per-CPU offsets the record program uses."""
+def copy_helpers(
+    syms: KernelSymbols, layout: TaskLayout | None, split: AddressSpace
+) -> rec.CopyHelpers:
+    """The kernel functions and per-CPU offsets the record program uses; ``split`` is the
+    guest's paging mode's user/kernel split."""
     if layout is None:
         raise KprobeError("recorded probes need the kernel's BTF (task_struct offsets)")
     try:
@@ -436,6 +440,7 @@ def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelp
             current_task=layout.current,
             task_pid=layout.pid,
             task_comm=layout.comm,
+            task_size_max=split.task_size_max,
         )
     except KeyError as exc:
         raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kprobevm.errors import GuestFaultError
+from kprobevm.x86.addrspace import FOUR_LEVEL, AddressSpace
 from kprobevm.x86.constants import MASK64, PAGE_SIZE
 from kprobevm.x86.ptregs import ARG_REGS
 
@@ -68,21 +69,15 @@ X86_64_ARG_REGS = ARG_REGS
 # masks with it).
 THREAD_SIZE = 16384
 MAX_STRING_SIZE = 4096  # PATH_MAX: a fetched string keeps at most 4095 bytes
-# x86-64 copy_from_kernel_nofault_allowed(): only canonical kernel-half addresses
-# (4-level paging, 48-bit virtual addresses), so a plain deref of a user pointer faults.
-_KERNEL_HALF = 0xFFFF_8000_0000_0000
-# access_ok() for the user half: below TASK_SIZE_MAX (1 << 47) - PAGE_SIZE.
-_TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
+def kernel_read_allowed(address: int, space: AddressSpace = FOUR_LEVEL) -> bool:
+    """Whether x86-64 6.1 lets a probe read kernel memory at ``address`` (else it faults):
+    ``space`` is the guest's paging mode's split (:class:`AddressSpace`)."""
+    return space.kernel_read_allowed(address)
 
 
-def kernel_read_allowed(address: int) -> bool:
-    """Whether x86-64 6.1 lets a probe read kernel memory at ``address`` (else it faults)."""
-    return address >= _KERNEL_HALF
-
-
-def user_read_allowed(address: int, size: int) -> bool:
+def user_read_allowed(address: int, size: int, space: AddressSpace = FOUR_LEVEL) -> bool:
     """Whether ``access_ok`` passes a user read of ``size`` bytes at ``address``."""
-    return address + size <= _TASK_SIZE_MAX
+    return space.user_read_allowed(address, size)
 
 
 # The address space a read goes to: the kernel's, the user's, or (a kernel read on a
@@ -91,8 +86,16 @@ def user_read_allowed(address: int, size: int) -> bool:
 KERNEL, USER, MIXED = 0, 1, 2
 
 
-def _space(user: bool, mixed: bool) -> int:
-    return USER if user else MIXED if mixed else KERNEL
+@dataclass(frozen=True)
+class _Space:
+    """Where one read goes (KERNEL, USER or MIXED) and the guest's user/kernel split."""
+
+    kind: int
+    split: AddressSpace
+
+
+def _space(user: bool, mixed: bool, split: AddressSpace) -> _Space:
+    return _Space(USER if user else MIXED if mixed else KERNEL, split)
 
 
 class FetchContext(Protocol):
@@ -287,21 +290,22 @@ class _Fault(Exception):
     """A read failed: the argument's value is ``None`` (printed ``(fault)``)."""
 
 
-def _read_word(ctx: FetchContext, address: int, space: int) -> int:
+def _read_word(ctx: FetchContext, address: int, space: _Space) -> int:
     return int.from_bytes(_read(ctx, address, 8, space), "little")
 
 
-def _read(ctx: FetchContext, address: int, size: int, space: int) -> bytes:
+def _read(ctx: FetchContext, address: int, size: int, space: _Space) -> bytes:
     address &= MASK64
-    if space == MIXED:
-        space = USER if address < _TASK_SIZE_MAX else KERNEL
+    kind, split = space.kind, space.split
+    if kind == MIXED:
+        kind = USER if address < split.task_size_max else KERNEL
     try:
-        if space == USER:
-            if not user_read_allowed(address, size):
+        if kind == USER:
+            if not split.user_read_allowed(address, size):
                 raise _Fault
             data = ctx.read_user(address, size)
         else:
-            if not kernel_read_allowed(address):
+            if not split.kernel_read_allowed(address):
                 raise _Fault
             data = ctx.read(address, size)
     except GuestFaultError as exc:
@@ -311,7 +315,7 @@ def _read(ctx: FetchContext, address: int, size: int, space: int) -> bytes:
     return data
 
 
-def _read_string(ctx: FetchContext, address: int, space: int) -> bytes:
+def _read_string(ctx: FetchContext, address: int, space: _Space) -> bytes:
     """A NUL-terminated string, at most 4095 bytes; faults anywhere before the NUL fault it."""
     out = bytearray()
     address &= MASK64
@@ -328,9 +332,9 @@ def _read_string(ctx: FetchContext, address: int, space: int) -> bytes:
     return bytes(out[: MAX_STRING_SIZE - 1])
 
 
-def _compile_source(src: FetchSource, mixed: bool = False) -> _Getter:
+def _compile_source(src: FetchSource, mixed: bool, split: AddressSpace) -> _Getter:
     """Stage 1 and 2 of process_fetch_insn: the value before it is stored (``mixed``:
-    kernel reads below TASK_SIZE read user memory)."""
+    kernel reads below TASK_SIZE read user memory; ``split``: where TASK_SIZE is)."""
     match src:
         case Reg(name):
             return lambda ctx: ctx.reg(name) & MASK64
@@ -356,7 +360,7 @@ def _compile_source(src: FetchSource, mixed: bool = False) -> _Getter:
                 return lambda ctx: resolved
             return lambda ctx: _lookup_symbol(ctx, sym, sym_offset)
         case Deref(offset, inner, user):
-            get, space = _compile_source(inner, mixed), _space(user, mixed)
+            get, space = _compile_source(inner, mixed, split), _space(user, mixed, split)
             return lambda ctx: _read_word(ctx, get(ctx) + offset, space)
         case Comm() | ImmString():
             raise TypeError(f"{src!r} is a string and has no numeric value")
@@ -398,6 +402,9 @@ class FetchArg:
     mixed: bool = False
     """Kernel reads of user addresses read user memory (the guest kernel's
     ``mixed_reads`` rule, set when the event is planned)."""
+    split: AddressSpace = FOUR_LEVEL
+    """Where the guest's user space ends and its kernel half begins (its paging mode,
+    set when the event is planned)."""
     _compiled: list[_Fetcher] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
@@ -426,27 +433,27 @@ class FetchArg:
         ftype, src, bitfield = self.type, self.source, self.bitfield
         if ftype.kind in ("string", "ustring"):
             return _guard(self._string_fetcher())
-        mixed = self.mixed
+        mixed, split = self.mixed, self.split
         if ftype.kind == "symstr":
-            get = _compile_source(src, mixed)
+            get = _compile_source(src, mixed, split)
             return _guard(lambda ctx: ctx.describe(get(ctx)))
         if isinstance(src, Deref):
             # The last dereference becomes the store itself: read type.size bytes (ST_MEM).
-            inner = _compile_source(src.inner, mixed)
-            off, space, size = src.offset, _space(src.user, mixed), ftype.size
+            inner = _compile_source(src.inner, mixed, split)
+            off, space, size = src.offset, _space(src.user, mixed, split), ftype.size
 
             def load(ctx: FetchContext) -> int:
                 return _to_int(_read(ctx, inner(ctx) + off, size, space), ftype)
 
             number: _Getter = load
         else:
-            number = _compile_source(src, mixed)
+            number = _compile_source(src, mixed, split)
         if ftype.kind == "symbol":
             return _guard(lambda ctx: _symbolic(ctx, number(ctx)))
         return _guard(lambda ctx: _store_number(number(ctx), ftype, bitfield))
 
     def _string_fetcher(self) -> _Fetcher:
-        user_type, mixed = self.type.kind == "ustring", self.mixed
+        user_type, mixed, split = self.type.kind == "ustring", self.mixed, self.split
         src = self.source
         if isinstance(src, Comm):
             return lambda ctx: ctx.comm().encode("utf-8", "surrogateescape")[:15]
@@ -454,24 +461,24 @@ class FetchArg:
             data = src.data
             return lambda ctx: data
         if isinstance(src, Deref):
-            inner = _compile_source(src.inner, mixed)
-            off, space = src.offset, _space(src.user or user_type, mixed)
+            inner = _compile_source(src.inner, mixed, split)
+            off, space = src.offset, _space(src.user or user_type, mixed, split)
             return lambda ctx: _read_string(ctx, inner(ctx) + off, space)
         # An immediate (\IMM, never dereferenced) is the string's address.
-        addr, space = _compile_source(src, mixed), _space(user_type, mixed)
+        addr, space = _compile_source(src, mixed, split), _space(user_type, mixed, split)
         return lambda ctx: _read_string(ctx, addr(ctx), space)
 
     def _compile_array(self) -> _Fetcher:
         count, ftype, src, bitfield = self.count, self.type, self.source, self.bitfield
-        mixed = self.mixed
+        mixed, split = self.mixed, self.split
         if ftype.is_string:
             # An array of char pointers: element i is the string at *(base + off + 8*i).
             if not isinstance(src, Deref):
                 first = self._compile_element()
                 return lambda ctx: (first(ctx),) + (None,) * (count - 1)
-            base = _compile_source(src.inner, mixed)
-            off, space = src.offset, _space(src.user, mixed)
-            str_space = _space(src.user or ftype.kind == "ustring", mixed)
+            base = _compile_source(src.inner, mixed, split)
+            off, space = src.offset, _space(src.user, mixed, split)
+            str_space = _space(src.user or ftype.kind == "ustring", mixed, split)
 
             def strings(ctx: FetchContext) -> ArgValue:
                 try:
@@ -489,8 +496,8 @@ class FetchArg:
 
             return strings
         assert isinstance(src, Deref)  # the parser allows arrays of memory only
-        base = _compile_source(src.inner, mixed)
-        off, size, space = src.offset, ftype.size, _space(False, mixed)
+        base = _compile_source(src.inner, mixed, split)
+        off, size, space = src.offset, ftype.size, _space(False, mixed, split)
 
         def numbers(ctx: FetchContext) -> ArgValue:
             try:

@@ -168,6 +168,7 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
         vm.refresh_symbols()  # a module loaded since kallsyms was read
     rules = kernel_rules(vm)
     guest = guest_kernel(vm)
+    split = vm.address_space
     boundary = _boundary_checker(vm)
     registry = EventRegistry(existing=guest_event_names(vm, events))
     planned = []
@@ -203,8 +204,9 @@ def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
                 "FAIL_REG_PROBE", position, event.command,
                 f"cannot probe `{insn.mnemonic} {insn.op_str}`: {insn.refusal}",
             )  # fmt: skip
-        if rules.mixed_reads:
-            resolved = replace(resolved, args=tuple(replace(a, mixed=True) for a in resolved.args))
+        # the guest's rule for kernel reads of user addresses, and its paging mode's split
+        resolved = replace(resolved, args=tuple(
+            replace(a, mixed=rules.mixed_reads, split=split) for a in resolved.args))
         ftrace = _on_ftrace_site(vm, rules, resolved, place)
         planned.append(PlannedProbe(resolved, insn, place, ftrace, rules))
     return planned

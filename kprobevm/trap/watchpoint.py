@@ -34,6 +34,7 @@ from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
 from kprobevm.x86 import asm, ooline
+from kprobevm.x86.addrspace import AddressSpace
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.idt import (
     BP_VECTOR,
@@ -312,7 +313,8 @@ class WatchpointChannel(TrapChannel):
             programs = self.quiescence.slot_cache(self.area, PROGRAM_SIZE, grace_seconds=1.0)
             recorder = Recorder(
                 self.ctx.memory, target, self.area, programs,
-                helpers=copy_helpers(self.ctx.symbols, self.task_layout()),
+                helpers=copy_helpers(self.ctx.symbols, self.task_layout(),
+                                     AddressSpace(la57=self.area.la57)),
                 describe=self.ctx.symbols.describe,
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86 import asm
+from kprobevm.x86.addrspace import FOUR_LEVEL
 from kprobevm.x86.asm import mem, rip
 
 __all__ = [
@@ -51,9 +52,9 @@ CAPTURE_HEADER = struct.Struct("<Qq")  # the address read, then its status
 #: Set in a stamp that marks the rest of the ring as padding (the next record wrapped).
 PAD_BIT = 1 << 63
 EFAULT = 14
-TASK_SIZE_MAX = (1 << 47) - 4096
-"""Where user space ends for a 64-bit task (4-level paging): a mixed read below it is a
-user read."""
+TASK_SIZE_MAX = FOUR_LEVEL.task_size_max
+"""Where user space ends for a 64-bit task under 4-level paging (5-level: see
+:class:`~kprobevm.x86.addrspace.AddressSpace`): a mixed read below it is a user read."""
 
 # The program's pushes, first to last: read from %rsp up, they are the first 15 fields
 # of struct pt_regs (r15 ... di), so one ``rep movsq`` copies them into the record.
@@ -156,6 +157,10 @@ class CopyHelpers:
     """Per-CPU offset of the ``current`` pointer."""
     task_pid: int
     task_comm: int
+    task_size_max: int = TASK_SIZE_MAX
+    """The guest's ``TASK_SIZE_MAX`` (its paging mode's): a mixed read below it goes
+    through the user copies. :func:`~kprobevm.kprobes.recorder.copy_helpers` sets it
+    from the guest."""
 
     def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
         """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
@@ -366,7 +371,7 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.mov("edx", cap.size)
         if cap.mixed and not cap.user:
             # below TASK_SIZE the user copy, above it the kernel's
-            a.movabs("rax", TASK_SIZE_MAX)
+            a.movabs("rax", helpers.task_size_max)
             a.cmp("rsi", "rax")
             a.jcc("ae", f"{name}_c{i}_kernel")
             a.call(helpers.helper_for(cap, user=True))

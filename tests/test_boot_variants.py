@@ -1,0 +1,268 @@
+"""The default image's kernel booted with KASLR on, with 5-level paging, and with both: a
+conformance subset on one guest (2 vCPUs) per variant of :data:`BOOT_VARIANTS`.
+
+Each variant checks what moves with it against the guest itself: the slide (kallsyms and
+the IDT), the paging mode (CR4 and ``/proc/cpuinfo``), page walks through the guest's own
+direct-map and vmalloc bases, the slot reserve against ``/proc/iomem`` (the kernel's
+physical base moves too), the blacklist against debugfs, patch sites against the guest's
+text and ``available_filter_functions``; then stopping and recorded probes on hot
+functions on both vCPUs, a return probe, trace lines against the guest's own tracefs,
+and a SIGKILLed host whose guest ``recover`` restores. At the end the probed functions'
+text is what it was at boot and the console shows no trouble.
+
+The SIGKILL test runs first: QEMU takes one gdbstub client, and the child it kills must
+have it before the module's VM connects its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kprobevm.gdbstub.client import GdbClient
+from kprobevm.guest.image import default_image
+from kprobevm.guest.launcher import boot
+from kprobevm.guest.vm import VM
+from kprobevm.kernel.blacklist import Blacklist
+from kprobevm.kernel.kaslr import slide_from_idt
+from kprobevm.kernel.patchsites import FTRACE_NOP
+from kprobevm.kernel.vmlinux import Vmlinux
+from kprobevm.kprobes.kretprobes import Kretprobe
+from kprobevm.kprobes.recover import recover
+from kprobevm.tracing import differential as diff
+from kprobevm.x86.pagetable import la57_enabled
+from tests._boot_variants import BOOT_VARIANTS
+from tests.conftest import kernel_trouble
+from tests.test_differential import COMM, REJECTED, RUNS, TRACED, WORKLOAD
+from tests.test_kprobes_smp import MIN_SEEN, TARGET, record_on_every_cpu, run_on_every_cpu
+from tests.test_pagetable import check_walks
+from tests.test_recover import CHILD, _probe_facts, _read_text
+
+pytestmark = pytest.mark.vm
+
+NCPUS = 2
+FUNCS = ("do_sys_openat2", "getname", "do_filp_open", "getname_flags", "ksys_write",
+         "close_fd", "do_exit", "vfs_read")
+"""Every function a probe of this module goes into (the differential corpus included)."""
+PINNED = f"taskset -c 0 sh -c '{WORKLOAD}'"
+"""The differential workload on vCPU 0: the CPU column is compared, and there are two."""
+ENOENT = -2
+
+
+@dataclass
+class Variant:
+    """One booted guest of a variant and what was true of it at boot."""
+
+    name: str
+    options: dict[str, object]
+    vm: VM
+    text: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Function -> (address, sha256 of its text) before any probe."""
+
+
+def _text_digests(vm: VM) -> dict[str, tuple[int, str]]:
+    """The probed functions' text, read through a gdbstub client of our own that leaves
+    the stub free again (the module's VM has not connected yet)."""
+    gdb = vm.endpoints.gdb
+    assert isinstance(gdb, str)
+    syms = vm.symbols
+    client = GdbClient.connect(gdb)
+    try:
+        return {name: (syms[name], hashlib.sha256(
+            client.read_memory(syms[name], syms.size(name))).hexdigest()) for name in FUNCS}
+    finally:
+        client.detach()
+
+
+@pytest.fixture(scope="module", params=sorted(BOOT_VARIANTS))
+def variant(request: pytest.FixtureRequest) -> Iterator[Variant]:
+    options = BOOT_VARIANTS[request.param]
+    with boot(smp=NCPUS, name=f"var-{request.param}", **options) as vm:  # type: ignore[arg-type]
+        yield Variant(request.param, options, vm, _text_digests(vm))
+
+
+def test_sigkill_with_armed_probe_then_recover(variant: Variant, tmp_path: Path) -> None:
+    """A host SIGKILLed with a stopping probe armed on both vCPUs' hot path: the guest
+    runs its workload on, and ``recover`` puts back the text, the IDT gate and the PMD."""
+    vm = variant.vm
+    gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
+    text_before, gate_before = _read_text(gdb, func, size, gate)
+    journal = tmp_path / "session.journal"
+    cmdline = vm.read_file("/proc/cmdline").strip()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, gdb, str(kallsyms), cmdline,
+         str(default_image().vmlinux), str(journal)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("armed watchpoint"), line
+        vm.run("(for c in 0 1; do taskset -c $c sh -c 'for i in $(seq 300); do"
+               " cat /proc/version; done >/tmp/out-'$c'; echo done >/tmp/fin-'$c &"
+               " done) >/dev/null 2>&1 &")  # fmt: skip
+        hits = 0
+        while hits < 30:
+            hits = int(child.stdout.readline().split()[1])
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 120
+    while vm.run("cat /tmp/fin-0 /tmp/fin-1 2>/dev/null").stdout.split() != ["done", "done"]:
+        assert time.monotonic() < deadline, "guest workload stalled after the host died"
+        time.sleep(0.5)
+    assert vm.run("cat /tmp/out-0 /tmp/out-1 | wc -l").stdout.strip() == "600"
+    orphan, _ = _read_text(gdb, func + 5, 1, gate)  # past the ftrace NOP
+    assert orphan == b"\xcc", "the killed host's int3 should still be in the text"
+    report = recover(journal)
+    assert report.ok, report.summary()
+    whats = " ".join(e.what for e in report.restored)
+    assert "int3" in whats and "IDT" in whats and "PMD" in whats
+    assert _read_text(gdb, func, size, gate) == (text_before, gate_before)
+    assert not kernel_trouble(vm.serial_log())
+
+
+def test_layout_is_the_guests(variant: Variant) -> None:
+    """The slide from guest memory equals kallsyms' and the IDT's; the paging mode read
+    from CR4 is the one the guest reports; walks agree with the gdbstub; the slot reserve
+    is reserved in the guest's /proc/iomem, clear of where KASLR put the kernel."""
+    vm = variant.vm
+    kaslr, la57 = bool(variant.options.get("kaslr")), "la57" in str(variant.options.get("cpu"))
+    cmdline = vm.read_file("/proc/cmdline").split()
+    assert ("nokaslr" in cmdline) is not kaslr
+    cpuinfo = vm.read_file("/proc/cpuinfo").split()
+    with vm.target.stopped() as c:
+        cr4 = c.read_registers()["cr4"]
+    assert la57_enabled(cr4) is la57 is ("la57" in cpuinfo)
+    syms = vm.symbols
+    with Vmlinux(default_image().vmlinux) as link:
+        slide = vm.kaslr_slide
+        assert slide == syms["_text"] - link.text_base
+    assert slide_from_idt(vm.read, syms["asm_exc_int3"] - slide) == slide
+    assert vm.vmlinux is not None and vm.vmlinux.slide == slide
+    check_walks(vm)
+    assert vm.slot_reserve is not None  # and check_reserve passed on the guest's iomem
+    iomem = vm.read_file("/proc/iomem")
+    code = next(ln for ln in iomem.splitlines() if ln.strip().endswith(": Kernel code"))
+    print(f"\n{variant.name}: slide {slide:#x}, kernel code at {code.split()[0]},"
+          f" {'5' if la57 else '4'}-level paging")
+
+
+def test_blacklist_is_the_guests_debugfs(variant: Variant) -> None:
+    vm = variant.vm
+    theirs = vm.read_file("/sys/kernel/debug/kprobes/blacklist")
+    assert len(Blacklist.parse_debugfs(theirs)) > 300
+    assert vm.kprobe_blacklist.missing == []
+    assert vm.kprobe_blacklist.format_debugfs(kernel_only=True) == theirs
+
+
+def test_patch_sites_are_where_the_guest_has_them(variant: Variant) -> None:
+    """Slid ftrace sites hold ftrace's NOP, slid jump labels a jump or a NOP, and every
+    function with an ftrace site of ours is one the guest's ftrace lists."""
+    vm = variant.vm
+    syms, sites = vm.symbols, vm.patch_sites
+    stext, etext = syms["_stext"], syms["_etext"]
+    ftrace = sorted(a for a in sites.ftrace if stext <= a < etext)
+    labels = [s.start for s in sites.sites if s.reason == "jump label" and stext <= s.start < etext]
+    assert len(ftrace) > 30000 and len(labels) > 3000
+    with vm.target.stopped() as c:
+        not_nop = [a for a in ftrace[:: len(ftrace) // 400] if c.read_memory(a, 5) != FTRACE_NOP]
+        label_bytes = [c.read_memory(a, 5) for a in labels[:: len(labels) // 300]]
+    assert not not_nop, [hex(a) for a in not_nop[:5]]
+    odd = [b.hex() for b in label_bytes
+           if b != FTRACE_NOP and b[0] not in (0xE9, 0xEB) and b[:2] != b"\x66\x90"]
+    assert not odd, odd[:5]
+    listed = {ln.strip() for ln in vm.read_file(
+        "/sys/kernel/tracing/available_filter_functions").splitlines() if "[" not in ln}
+    ours = {s.name for a in ftrace if (s := syms.lookup(a)) is not None and s.address == a}
+    assert ours <= listed, sorted(ours - listed)[:5]
+    assert len(ours) > 0.99 * len({n for n in listed if not n.startswith("__ftrace_invalid")})
+
+
+def test_stopping_probes_on_every_vcpu(variant: Variant) -> None:
+    """A pre handler on do_sys_openat2 and a pre+post pair inside getname, both vCPUs."""
+    run = run_on_every_cpu(variant.vm, NCPUS)
+    assert run.opens is not None and run.pushes is not None
+    assert not run.wrong_cpu, run.wrong_cpu[:5]
+    for cpu in range(NCPUS):
+        assert run.names[cpu][TARGET] >= MIN_SEEN, (cpu, run.names[cpu].most_common(3))
+        assert run.pairs[cpu] >= MIN_SEEN, (cpu, run.pairs)
+    assert run.lost == 0 and not run.mismatches, (run.lost, run.mismatches[:5])
+    assert run.opens.nerrors == 0 and run.pushes.nerrors == 0
+
+
+def test_recorded_probes_on_every_vcpu(variant: Variant) -> None:
+    record_on_every_cpu(variant.vm, NCPUS, 300)
+
+
+def test_kretprobe_sees_enoent(variant: Variant) -> None:
+    vm = variant.vm
+    values: list[int] = []
+    rp = Kretprobe(symbol_name="do_sys_openat2",
+                   handler=lambda ri, regs: values.append(regs.ax - (regs.ax >> 63 << 64)))
+    vm.register_kretprobe(rp)
+    try:
+        r = vm.run("cat /no/such/file; cat /proc/version >/dev/null; true")
+    finally:
+        vm.unregister_kretprobe(rp)
+    assert "No such file" in r.stderr
+    assert ENOENT in values and any(v >= 0 for v in values)
+    assert rp.nhit == len(values) and rp.active == 0
+
+
+@dataclass
+class _Tracefs:
+    runs: dict[tuple[str, int], diff.SideRun] = field(default_factory=dict)
+
+
+_TRACEFS = _Tracefs()
+
+
+@pytest.mark.parametrize(("index", "mode"), RUNS)
+def test_trace_lines_as_the_guests_tracefs(variant: Variant, index: int, mode: str) -> None:
+    """The differential harness's corpus on this variant (workload pinned to vCPU 0)."""
+    vm = variant.vm
+    definitions = [diff.expand(d, vm) for d in TRACED[index]]
+    key = (variant.name, index)
+    if key not in _TRACEFS.runs:
+        _TRACEFS.runs[key] = diff.run_tracefs(vm, definitions, PINNED)
+    guest = _TRACEFS.runs[key]
+    assert guest.of(COMM), "the workload made no line on the guest's side"
+    ours = diff.run_kprobevm(vm, definitions, PINNED, mode=mode)
+    result = diff.compare_lines(guest.of(COMM), ours.of(COMM))
+    assert result.identical, result.describe()
+    assert ours.kprobes_list == guest.kprobes_list
+
+
+def test_error_log_as_the_guest_writes_it(variant: Variant) -> None:
+    vm = variant.vm
+    guest: list[str] = []
+    ours: list[str] = []
+    for case in [[diff.expand(d, vm) for d in case] for case in REJECTED]:
+        for side, run in ((guest, diff.tracefs_errors), (ours, diff.kprobevm_errors)):
+            result = run(vm, case)
+            side += [e.text() for e in result.errors] + list(result.accepted)
+    assert ours == guest
+
+
+def test_text_as_at_boot_and_no_trouble(variant: Variant) -> None:
+    """Last: no probe left, every probed function's text as it was at boot, a quiet
+    console and a dmesg without warnings."""
+    vm = variant.vm
+    assert vm.list_kprobes() == ""
+    now = {name: (addr, hashlib.sha256(vm.read(addr, vm.symbols.size(name))).hexdigest())
+           for name, (addr, _) in variant.text.items()}
+    assert now == variant.text
+    assert not kernel_trouble(vm.serial_log())
+    dmesg = vm.run("dmesg", check=True).stdout
+    assert "WARNING:" not in dmesg and "------------[ cut" not in dmesg, dmesg[-3000:]
