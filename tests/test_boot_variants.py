@@ -3,7 +3,8 @@ conformance subset on one guest (2 vCPUs) per variant of :data:`BOOT_VARIANTS`.
 
 Each variant checks what moves with it against the guest itself: the slide (kallsyms and
 the IDT), the paging mode (CR4 and ``/proc/cpuinfo``), page walks through the guest's own
-direct-map and vmalloc bases, the slot reserve against ``/proc/iomem`` (the kernel's
+direct-map and vmalloc bases, reads of shared guest RAM through the kernel's page table,
+the slot reserve against ``/proc/iomem`` (the kernel's
 physical base moves too), the blacklist against debugfs, patch sites against the guest's
 text and ``available_filter_functions``; then stopping and recorded probes on hot
 functions on both vCPUs, a return probe, trace lines against the guest's own tracefs,
@@ -151,6 +152,14 @@ def test_layout_is_the_guests(variant: Variant) -> None:
     assert slide_from_idt(vm.read, syms["asm_exc_int3"] - slide) == slide
     assert vm.vmlinux is not None and vm.vmlinux.slide == slide
     check_walks(vm)
+    # shared guest RAM: kernel reads through the kernel's own page table, walked on the
+    # host in the guest's paging mode, read what the gdbstub reads
+    reader = vm.ram_reader
+    assert reader is not None
+    root = reader.root()
+    assert root is not None and root.la57 is la57
+    for addr in (syms["linux_banner"], syms["init_task"], syms["_text"] + 0x1000):
+        assert reader.read_virt(addr, 64) == vm.read(addr, 64), hex(addr)
     assert vm.slot_reserve is not None  # and check_reserve passed on the guest's iomem
     iomem = vm.read_file("/proc/iomem")
     code = next(ln for ln in iomem.splitlines() if ln.strip().endswith(": Kernel code"))

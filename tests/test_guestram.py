@@ -17,6 +17,7 @@ from kprobevm.guest.guestram import (
     RamFile,
     RamReader,
     create_ram_file,
+    pa_symbol,
     parse_memory_size,
     sweep_stale_ram,
 )
@@ -204,3 +205,11 @@ def test_an_attached_guest_is_read_from_the_qemu_process(tmp_path: Path, gdb_tcp
                 vm.unregister_kprobe(kp)
         finally:
             vm.close()
+
+
+def test_pa_symbol_wraps_a_negative_phys_base() -> None:
+    """With KASLR the image often moves further in virtual than in physical memory: the
+    guest's phys_base is then a negative u64 (seen: 0xffffffffe3400000 for
+    init_top_pgt 0xffffffffadc10000 at physical 0x11010000)."""
+    assert pa_symbol(0xFFFFFFFFADC10000, 0xFFFFFFFFE3400000) == 0x11010000
+    assert pa_symbol(0xFFFFFFFF82C10000, 0) == 0x2C10000  # nokaslr

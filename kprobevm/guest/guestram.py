@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kprobevm.errors import GuestFaultError, VMError
-from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.constants import MASK64, PAGE_SIZE
 from kprobevm.x86.pagetable import ADDR_MASK, PRESENT, PS
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "RamFile",
     "RamReader",
     "create_ram_file",
+    "pa_symbol",
     "parse_memory_size",
     "sweep_stale_ram",
 ]
@@ -205,7 +206,14 @@ class FileRam(GuestRam):
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 """Where the kernel image is mapped: its virtual address minus this plus ``phys_base``
-is its physical address."""
+is its physical address (:func:`pa_symbol`)."""
+
+
+def pa_symbol(vaddr: int, phys_base: int) -> int:
+    """The kernel's ``__pa_symbol()``: the physical address of a kernel-image address.
+    ``phys_base`` is the u64 the guest holds, which wraps below zero when KASLR moved the
+    image further in virtual than in physical memory (the sum wraps back)."""
+    return (vaddr - START_KERNEL_MAP + phys_base) & MASK64
 _KERNEL_HALF = 1 << 63
 _SHIFTS_4 = (39, 30, 21, 12)
 _SHIFTS_5 = (48, 39, 30, 21, 12)

@@ -330,16 +330,16 @@ class VM(Closing):
     def _paging_root(self) -> PagingRoot | None:
         """The kernel's own page table (``init_top_pgt``), found through the gdbstub and
         checked by walking its own address; None (said on stderr) when it cannot be."""
-        from kprobevm.guest.guestram import START_KERNEL_MAP, PagingRoot
-        from kprobevm.x86.pagetable import translate
+        from kprobevm.guest.guestram import PagingRoot, pa_symbol
+        from kprobevm.x86.pagetable import la57_enabled, translate
 
         ram = self.guest_ram
         try:
             top, phys_base = self.symbols["init_top_pgt"], self.symbols["phys_base"]
             with self.target.stopped() as client:
-                la57 = bool(client.read_registers(wide=False)["cr4"] >> 12 & 1)
+                la57 = la57_enabled(client.read_registers(wide=False)["cr4"])
                 base = int.from_bytes(client.read_memory(phys_base, 8), "little")
-            root = PagingRoot(top - START_KERNEL_MAP + base, la57)
+            root = PagingRoot(pa_symbol(top, base), la57)
             assert ram is not None
             if translate(ram.read_phys, root.cr3, top, la57=la57).paddr != root.cr3:
                 raise GuestFaultError(top, "init_top_pgt does not map itself")
