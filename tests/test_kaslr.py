@@ -195,3 +195,7 @@ def test_kaslr_guest_slide_matches_kallsyms() -> None:
             addr = syms["linux_banner"]
             assert guest.read(addr, 64) == elf.read(addr, 64)
             assert elf.read(addr, 14) == b"Linux version "
+        # the first read came before kallsyms was loaded: the kernel's page table for
+        # shared-RAM reads was still found (looked up before the VM was held stopped)
+        reader = guest.ram_reader
+        assert reader is not None and reader.root() is not None

@@ -308,6 +308,7 @@ class VM(Closing):
 
         try:
             pid = gdbstub_peer_pid(self.target.client.fileno())
+            self._symbols_before_stopping()
             with self.target.stopped() as client:
                 samples = []
                 for name in ("linux_banner", "init_task"):
@@ -349,13 +350,22 @@ class VM(Closing):
             return None
         return root
 
+    def _symbols_before_stopping(self) -> None:
+        """Load kallsyms now when they come over SSH: a kernel read through shared RAM
+        first looks up the kernel's page table by symbol, and SSH cannot answer while the
+        VM is held stopped (the lookup would wait out the command's timeout)."""
+        if "symbols" not in self.__dict__ and (self.kallsyms_path or self.endpoints.ssh):
+            self.symbols  # noqa: B018
+
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes of guest virtual memory (kernel addresses: any vCPU's view)."""
+        self._symbols_before_stopping()
         with self.target.stopped():
             return self.memory.read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
         """Write guest virtual memory (read-only pages too: the gdbstub writes physically)."""
+        self._symbols_before_stopping()
         with self.target.stopped():
             self.memory.write(address, data)
 
