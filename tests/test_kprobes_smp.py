@@ -50,9 +50,11 @@ def run_on_every_cpu(vm: VM, ncpus: int) -> SmpRun:
     """do_sys_openat2 (pre) and getname's ``push %rbx`` (pre+post) probed, while each vCPU
     runs OPENS_PER_CPU opens pinned with taskset."""
     syms = vm.symbols
-    # cpu_number is a per-CPU variable: its kallsyms value is the offset in the per-CPU
-    # area, which %gs points at in the kernel.
-    cpu_number = syms["cpu_number"]
+    # the CPU's number is per-CPU data (cpu_number, or pcpu_hot.cpu_number since 6.2): an
+    # offset in the per-CPU area, which %gs points at in the kernel
+    layout = vm.task_layout
+    assert layout is not None
+    cpu_number = layout.cpu_number
     run = SmpRun(ncpus)
 
     def on_open(kp: Kprobe, regs: PtRegs) -> None:
