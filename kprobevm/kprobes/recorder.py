@@ -9,6 +9,14 @@ before probes go; each :class:`Record` then reaches the probe's ``pre_handler`` 
 :class:`RecordedRegs` snapshot whose memory answers from the record's reads. This is
 the kernel's trace-event model (record now, read later), bought with what a stop costs:
 the handlers cannot change registers, and a string is cut at its capture size.
+
+Every hit is accounted for. The guest counts each record it completes and each hit it
+misses (ring full, CPU busy); the host adds both to ``guest_hits``, the misses to
+``nmissed``. An unregistered probe's id *retires*: a vCPU may still be inside its
+program (or in an interrupt taken there), so the id is reused only once every vCPU has
+been seen quiescent since (:mod:`kprobevm.trap.grace`) and the ring has been drained
+past every record it could have written. A record of a retired probe reaches no handler
+and counts in its ``nmissed``. Once settled, ``nhit + nmissed == guest_hits``.
 """
 
 from __future__ import annotations
@@ -156,8 +164,19 @@ class RecordedRegs(PtRegs):
 
 @dataclass(eq=False)
 class _RecordedProbe:
+    """A probe's id in use: its record layout, and what its counters held last time."""
+
     kp: Kprobe
     layout: rec.RecordLayout
+    count_only: bool
+    hits: int = 0
+    """The guest's counter of records written (count-only: hits) as last folded into kp."""
+    missed: int = 0
+    retired_at: float | None = None
+    """When its probe was unregistered (None: still registered)."""
+    settle_head: int | None = None
+    """The ring's head once no vCPU could still write its records: the id is free when
+    the host has drained this far."""
 
 
 class Recorder:
@@ -191,13 +210,15 @@ class Recorder:
         self.helpers = helpers
         self.programs = programs
         self.probes: dict[int, _RecordedProbe] = {}
+        self.retiring: dict[int, _RecordedProbe] = {}
+        """Ids of unregistered probes whose hits in flight are not all counted yet."""
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
         self.tail = 0
         self.drains = 0
         self.records = 0
         self.late = 0
-        """Records of probes gone by the time they were drained."""
+        """Records whose id belongs to no probe, live or retiring: lost (never expected)."""
 
     @staticmethod
     def _contiguous(pages: int, area: SlotArea) -> int:
@@ -221,7 +242,7 @@ class Recorder:
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
                 symbol=kp.symbol_name,
             )  # fmt: skip
-        self.probes[probe_id] = _RecordedProbe(kp, layout)
+        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -233,20 +254,26 @@ class Recorder:
             return int(_U64.unpack(self.memory.read(self.layout.counters + 16 * probe_id, 8))[0])
 
     def remove(self, probe_id: int) -> None:
-        """Forget an id; it is reused last (a record still being written is dropped).
-        A count-only probe keeps the hits its counter holds."""
-        kp = self.probes.pop(probe_id).kp
+        """Retire an id whose probe is unregistered (its site no longer enters the
+        program for it; VM stopped). Its counters are still read, and its records still
+        counted, until :meth:`drain` finds it settled; then the id is free again. A
+        count-only probe keeps the hits its counter holds."""
+        probe = self.probes.pop(probe_id)
+        self._read_counters({probe_id: probe})
+        kp = probe.kp
         if kp.count_reader is not None:
-            total = kp.nhit
             kp.count_reader = None
-            kp.nhit = total
-        self._free_ids.append(probe_id)
+            kp.nhit += probe.hits  # what the live reader added, kept
+        probe.retired_at = self.programs.clock()
+        self.retiring[probe_id] = probe
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
         old = self.site_programs.pop(site.addr, None)
         cell = self.programs.get_insn_slot()
-        ids = [kp.record_id for kp in site.probes if kp.record_id is not None]
+        # a disabled member records nothing, as its handler would not run
+        ids = [kp.record_id for kp in site.probes
+               if kp.record_id is not None and not kp.disabled]  # fmt: skip
         if all(kp.record is not None and kp.record.count_only for kp in site.probes):
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
@@ -272,18 +299,22 @@ class Recorder:
 
     # -- the drain -------------------------------------------------------------------
 
-    def drain(self) -> list[tuple[Kprobe, Record]]:
+    def drain(self, *, closing: bool = False) -> list[tuple[Kprobe, Record]]:
         """Take every complete record out of the ring (VM stopped); update the counters.
 
         The new tail goes with the next resume. A record still being written (another
         vCPU stopped inside a program) stays, with everything after it, for next time.
+        A record of a retired probe is counted in its ``nmissed``, and retired ids that
+        have settled are freed. ``closing``: no vCPU can enter a program any more (the
+        channel is going and has waited for every vCPU), so every retired id settles.
         """
         ring = self.layout
         head = self.memory.u64(ring.head)
         # The host is the tail's only writer, and its last write may still be queued.
         tail = self.tail
-        self._read_counters()
+        self._read_counters(self.probes | self.retiring)
         if head == tail:
+            self._settle(head, closing=closing)
             return []
         self.drains += 1
         data = self._ring_bytes(tail, head)
@@ -296,11 +327,14 @@ class Recorder:
             if stamp == pos + 1:
                 _, size, probe_id, *_ = rec.RECORD_HEADER.unpack_from(data, at)
                 probe = self.probes.get(probe_id)
-                if probe is None:
-                    self.late += 1
-                else:
+                if probe is not None:
                     record = decode_record(data[at : at + size], probe.layout)
                     out.append((probe.kp, record))
+                elif (retired := self.retiring.get(probe_id)) is not None:
+                    if not retired.count_only:  # (its counter holds the hit already)
+                        retired.kp.nmissed += 1  # its handler will not run: it is gone
+                else:
+                    self.late += 1
                 pos += size
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
@@ -310,7 +344,27 @@ class Recorder:
         if pos != tail:
             self.tail = pos
             self.target.queue_write(ring.tail, _U64.pack(pos))
+        self._settle(head, closing=closing)
         return out
+
+    def _settle(self, head: int, *, closing: bool) -> None:
+        """Free the retired ids no vCPU can still write records for, once the host has
+        read past the last record they could have written (VM stopped; ``head`` read in
+        this stop)."""
+        if not self.retiring:
+            return
+        waiting = [p for p in self.retiring.values() if p.settle_head is None]
+        if waiting and not closing:
+            self.programs.before_collect()  # which vCPUs are quiescent now
+        for probe in waiting:
+            assert probe.retired_at is not None
+            if closing or self.programs.grace_over(probe.retired_at):
+                probe.settle_head = head
+        for probe_id, probe in list(self.retiring.items()):
+            if probe.settle_head is not None and self.tail >= probe.settle_head:
+                # its counters were read in this stop, and cannot move any more
+                del self.retiring[probe_id]
+                self._free_ids.append(probe_id)
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
         ring = self.layout
@@ -322,13 +376,22 @@ class Recorder:
             data += self.memory.read(ring.ring, n - first)
         return data
 
-    def _read_counters(self) -> None:
-        if not self.probes:
+    def _read_counters(self, probes: dict[int, _RecordedProbe]) -> None:
+        """Add what the guest's counters of ``probes`` gained since the last read to
+        their Kprobes' figures."""
+        if not probes:
             return
-        top = max(self.probes) + 1
-        raw = self.memory.read(self.layout.counters, 16 * top)
-        for probe_id, probe in self.probes.items():
-            probe.kp.nmissed = struct.unpack_from("<Q", raw, 16 * probe_id + 8)[0]
+        lo, hi = min(probes), max(probes) + 1
+        raw = self.memory.read(self.layout.counters + 16 * lo, 16 * (hi - lo))
+        for probe_id, probe in probes.items():
+            hits, missed = struct.unpack_from("<QQ", raw, 16 * (probe_id - lo))
+            new_hits, new_missed = hits - probe.hits, missed - probe.missed
+            probe.hits, probe.missed = hits, missed
+            kp = probe.kp
+            kp.guest_hits += new_hits + new_missed
+            kp.nmissed += new_missed
+            if probe.count_only and probe.retired_at is not None:
+                kp.nhit += new_hits  # no live reader adds them any more
 
 
 def copy_helpers(syms: KernelSymbols, layout: TaskLayout | None) -> rec.CopyHelpers:
