@@ -101,8 +101,11 @@ class Target:
         reached the guest once it is past N."""
         self.on_stop: StopHandler | None = None
         self.on_idle: Callable[[], None] | None = None
-        """Called on the trap thread, VM stopped, after ``idle_interval`` s with no stop."""
+        """Called on the trap thread, VM stopped, every ``idle_interval`` s: in a stop of
+        its own when the guest is quiet, else in the next hit's stop (a guest that stops
+        all the time must still have its recorded hits drained)."""
         self.idle_interval = 1.0
+        self._last_idle = 0.0
         self.stop_timeout = 10.0
         """Seconds an interrupt waits for the VM's stop reply."""
         self._lock = threading.RLock()  # held by whoever talks to the stub
@@ -279,9 +282,11 @@ class Target:
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
                 buffered = self.client.running and self.client.stop_buffered
                 idle = self.on_idle
+                wait = 1.0
+                if idle is not None:
+                    wait = max(0.0, self._last_idle + self.idle_interval - time.monotonic())
                 readable, _, _ = select.select(
-                    [sock, self._wake_r], [], [],
-                    0.0 if buffered else (self.idle_interval if idle else 1.0),
+                    [sock, self._wake_r], [], [], 0.0 if buffered else wait,
                 )  # fmt: skip
                 if not readable and not buffered and idle is not None:
                     self._serve_idle(idle)
@@ -293,6 +298,10 @@ class Target:
                         stop = self.client.poll_stop()
                         if stop is not None:
                             self._dispatch(stop)
+                            idle = self.on_idle  # due while hits keep the VM stopping?
+                            if idle is not None and not self._quit and (
+                                    time.monotonic() - self._last_idle >= self.idle_interval):
+                                self._run_idle(idle)
                             if not self._quit and not self._pause_requests:
                                 self._resume_vm()
                 if self._pause_requests:
@@ -312,15 +321,21 @@ class Target:
         """Stop the VM for the idle callback (a drain of recorded hits), then resume."""
         with self._lock:
             if self._quit or self._pause_requests or not self.running:
+                self._last_idle = time.monotonic()  # not due again at once: no busy loop
                 return
             self._stop_vm()
-            owner, self._owner = self._owner, threading.get_ident()
-            try:
-                idle()
-            finally:
-                self._owner = owner
+            self._run_idle(idle)
             if not self._quit and not self._pause_requests:
                 self._resume_vm()
+
+    def _run_idle(self, idle: Callable[[], None]) -> None:
+        """The idle callback, on the trap thread with the VM stopped."""
+        owner, self._owner = self._owner, threading.get_ident()
+        try:
+            idle()
+        finally:
+            self._owner = owner
+            self._last_idle = time.monotonic()
 
     def _serve_pause(self) -> None:
         with self._lock:
