@@ -180,9 +180,10 @@ def test_every_hit_reaches_its_handler_or_counts_as_missed() -> None:
     # the id stays out of use while a vCPU may still write for it
     others = [_probe(guest, f"p{i}") for i in range(3)]
     assert opens_id not in [kp.record_id for kp in others]
+    assert opens.settling == 1 and reads.settling == 0
     guest.grace.since = guest.grace.clock + 1  # every vCPU seen quiescent since
     guest.drain()
-    assert opens_id not in guest.recorder.retiring
+    assert opens_id not in guest.recorder.retiring and opens.settling == 0
     assert opens.nhit + opens.nmissed == opens.guest_hits == 4
     assert reads.nhit + reads.nmissed == reads.guest_hits == 1
 

@@ -309,19 +309,17 @@ class _Churn:
 
     def cycle(self) -> None:
         """Unregister the oldest probes, register as many on functions that had none."""
-        if not self._settling_now():  # every probe gone so far has its final figures
-            self._fold(self.settling)
-            self.settling = []
+        settled = [p for p in self.settling
+                   if isinstance(p.probe, Kprobe) and not p.probe.settling]  # fmt: skip
+        if settled:  # their figures are final
+            self._fold(settled)
+            self.settling = [p for p in self.settling if p not in settled]
         going: list[_Placed] = []
         if len(self.placed) >= self.config.live:
             going = [self.placed.popleft() for _ in range(self.config.swap)]
         self.unregister(going)
         want = self.config.live - len(self.placed)
         self.register([self.waiting.popleft() for _ in range(min(want, len(self.waiting)))])
-
-    def _settling_now(self) -> int:
-        channel = self.vm.kprobes.installed_channel
-        return channel.records_settling() if channel is not None else 0
 
     def register(self, functions: Sequence[str]) -> None:
         new = []

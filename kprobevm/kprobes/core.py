@@ -96,6 +96,10 @@ class Kprobe:
     """Recorded probes: hits the guest counted, records written and hits missed, read at
     each drain. Once the probe's hits in flight are settled (``settle_records``),
     ``nhit + nmissed == guest_hits``: none was lost uncounted."""
+    settling: int = field(default=0, init=False)
+    """Recorded probes: unregistrations whose hits in flight are not all counted yet (a
+    vCPU may still be inside the probe's program); at 0, ``nmissed`` and ``guest_hits``
+    are final until it is registered again."""
     nerrors: int = field(default=0, init=False)
     """Handler exceptions caught (the handler's hit still counts in nhit)."""
     errors: list[str] = field(default_factory=list, init=False, repr=False)

@@ -266,6 +266,7 @@ class Recorder:
             kp.nhit += probe.hits  # what the live reader added, kept
         probe.retired_at = self.programs.clock()
         self.retiring[probe_id] = probe
+        kp.settling += 1
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
@@ -365,6 +366,7 @@ class Recorder:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)
+                probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
         ring = self.layout
