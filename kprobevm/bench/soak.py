@@ -399,7 +399,7 @@ def _rss_kb() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise KprobeVMError("no VmRSS in /proc/self/status: not Linux?")
 
 
 def run_session(spec: dict[str, Any]) -> SessionResult:
