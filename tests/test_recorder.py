@@ -185,7 +185,43 @@ def test_hits_arrive_without_a_flush(vm: VM) -> None:
         assert "cat" in seen
     finally:
         vm.unregister_kprobe(kp)
-    assert vm.target.on_idle is None  # no recorded probe left: no idle stops either
+    # no recorded probe left: the idle stops end once its retired id has settled
+    deadline = time.monotonic() + 5.0
+    while vm.target.on_idle is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vm.target.on_idle is None
+    assert kp.nhit + kp.nmissed == kp.guest_hits
+
+
+def test_hits_arrive_while_stops_keep_coming(vm: VM) -> None:
+    """The idle drain is due every 0.1 s even when a stopping probe's hits leave no quiet
+    moment: it then runs in a hit's stop. Recorded hits keep arriving, and an unregistered
+    recorded probe's id settles, with nobody asking."""
+    stopping = Kprobe(symbol_name="vfs_read", pre_handler=lambda kp, regs: None)
+    seen: list[int] = []
+    recorded = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: seen.append(1),
+                      record=RecordSpec())  # fmt: skip
+    stop_file = "/tmp/stops.stop"
+    vm.register_kprobes([stopping, recorded])
+    try:
+        vm.run(f"rm -f {stop_file}; (timeout 60 sh -c 'while [ ! -e {stop_file} ];"
+               f" do head -c1 /etc/passwd >/dev/null; done' >/dev/null 2>&1 &)", check=True)
+        recorder = vm.kprobes.channel.recorder  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        drains, stops = recorder.drains + recorder.running_drains, stopping.nhit
+        time.sleep(2.0)
+        assert stopping.nhit - stops > 100  # the guest stopped all the time
+        # about 20 (the ring never filled)
+        assert recorder.drains + recorder.running_drains - drains >= 5 and seen
+        vm.unregister_kprobe(recorded)
+        deadline = time.monotonic() + 30.0
+        while vm.kprobes.channel.records_settling() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not vm.kprobes.channel.records_settling()
+        assert recorded.nhit + recorded.nmissed == recorded.guest_hits > 0
+    finally:
+        vm.run(f"touch {stop_file}")
+        vm.unregister_kprobe(stopping)
 
 
 def test_steady_state_recording_stops_the_vm_only_when_the_ring_asks(vm: VM) -> None:

@@ -1,9 +1,11 @@
 """What a harness round must leave as it found: a guest's probed text, IDT gate 3 and
 the slot PMD entry, read through a short gdbstub connection (the session under test, a
-separate process, needs the stub to itself the rest of the time)."""
+separate process, needs the stub to itself the rest of the time), and a console with no
+sign of kernel trouble."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,10 @@ from kprobevm.x86.slotmap import find_slot_pmd
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["GuestFacts", "guest_facts", "read_state"]
+__all__ = ["KERNEL_TROUBLE", "GuestFacts", "console_trouble", "guest_facts", "read_state"]
+
+KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
+"""A kernel in trouble says so on the console ("panic=-1" on its command line is none)."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,9 @@ def read_state(facts: GuestFacts) -> dict[str, bytes]:
         return state
     finally:
         client.detach()
+
+
+def console_trouble(vm: VM, start: int = 0) -> tuple[str, ...]:
+    """The serial console's lines from offset ``start`` on that show kernel trouble."""
+    return tuple(line for line in vm.serial_log()[start:].splitlines()
+                 if KERNEL_TROUBLE.search(line))  # fmt: skip

@@ -137,10 +137,13 @@ class Target:
         reached the guest once it is past N."""
         self.on_stop: StopHandler | None = None
         self.on_idle: Callable[[], None] | None = None
-        """Called on the trap thread after ``idle_interval`` s with no stop: with the VM
-        stopped, or running when ``idle_needs_stop`` is false."""
+        """Called on the trap thread every ``idle_interval`` s: when the guest is quiet, in
+        a stop of its own, or with the VM running when ``idle_needs_stop`` is false; else
+        in the next hit's stop (a guest that stops all the time must still have its
+        recorded hits drained)."""
         self.idle_interval = 1.0
         self.idle_needs_stop = True
+        self._last_idle = 0.0
         self.stops = 0
         """Times the VM stopped: a trap reported, or an interrupt of ours."""
         self._idle_running: int | None = None  # the trap thread, in a running idle call
@@ -385,9 +388,11 @@ class Target:
                 # "c"): it then waits in the client's buffer and the socket stays quiet.
                 buffered = self.client.running and self.client.stop_buffered
                 idle = self.on_idle
+                wait = 1.0
+                if idle is not None:
+                    wait = max(0.0, self._last_idle + self.idle_interval - time.monotonic())
                 readable, _, _ = select.select(
-                    [sock, self._wake_r], [], [],
-                    0.0 if buffered else (self.idle_interval if idle else 1.0),
+                    [sock, self._wake_r], [], [], 0.0 if buffered else wait,
                 )  # fmt: skip
                 if not readable and not buffered and idle is not None:
                     self._serve_idle(idle)
@@ -400,6 +405,10 @@ class Target:
                         if stop is not None:
                             self.stops += 1
                             self._dispatch(stop)
+                            idle = self.on_idle  # due while hits keep the VM stopping?
+                            if idle is not None and not self._quit and (
+                                    time.monotonic() - self._last_idle >= self.idle_interval):
+                                self._run_idle(idle)
                             if not self._quit and not self._pause_requests:
                                 self._resume_vm()
                 if self._pause_requests:
@@ -436,6 +445,7 @@ class Target:
         it can do without (shared guest RAM)."""
         with self._lock:
             if self._quit or self._pause_requests or not self.running:
+                self._last_idle = time.monotonic()  # not due again at once: no busy loop
                 return
             if not self.idle_needs_stop:
                 self._idle_running = threading.get_ident()
@@ -443,15 +453,21 @@ class Target:
                     idle()
                 finally:
                     self._idle_running = None
+                    self._last_idle = time.monotonic()
                 return
             self._stop_vm()
-            owner, self._owner = self._owner, threading.get_ident()
-            try:
-                idle()
-            finally:
-                self._owner = owner
+            self._run_idle(idle)
             if not self._quit and not self._pause_requests and self._reachable:
                 self._resume_vm()
+
+    def _run_idle(self, idle: Callable[[], None]) -> None:
+        """The idle callback, on the trap thread with the VM stopped."""
+        owner, self._owner = self._owner, threading.get_ident()
+        try:
+            idle()
+        finally:
+            self._owner = owner
+            self._last_idle = time.monotonic()
 
     def _serve_pause(self) -> None:
         with self._lock:

@@ -666,6 +666,13 @@ class VM(Closing):
         if self._kprobes is not None:
             self._kprobes.flush_records()
 
+    def settle_records(self, timeout: float = 10.0) -> None:
+        """Wait until every unregistered recorded probe's hits in flight are counted:
+        its ``nhit + nmissed`` then equals its ``guest_hits``. Raises
+        :class:`KprobeError` after ``timeout`` seconds."""
+        if self._kprobes is not None:
+            self._kprobes.settle_records(timeout)
+
     @property
     def can_record(self) -> bool:
         """Whether recorded probes can be placed (the trap channel records; installs it)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,16 @@ class Kprobe:
     the host later, with the hit's registers and reads (:mod:`kprobevm.kprobes.recorder`)."""
     _nhit: int = field(default=0, init=False, repr=False)
     nmissed: int = field(default=0, init=False)
+    """Hits whose handler did not run: re-entered, or (recorded) the ring was full, or
+    the record reached the host after the probe was unregistered."""
+    guest_hits: int = field(default=0, init=False)
+    """Recorded probes: hits the guest counted, records written and hits missed, read at
+    each drain. Once the probe's hits in flight are settled (``settle_records``),
+    ``nhit + nmissed == guest_hits``: none was lost uncounted."""
+    settling: int = field(default=0, init=False)
+    """Recorded probes: unregistrations whose hits in flight are not all counted yet (a
+    vCPU may still be inside the probe's program); at 0, ``nmissed`` and ``guest_hits``
+    are final until it is registered again."""
     nerrors: int = field(default=0, init=False)
     """Handler exceptions caught (the handler's hit still counts in nhit)."""
     errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -563,6 +574,23 @@ class KprobeManager:
             with self._mutex, self.target.stopped():
                 self._channel.flush_records()
 
+    def settle_records(self, timeout: float = 10.0) -> None:
+        """Wait, the guest running, until the hits in flight of every unregistered
+        recorded probe are counted (its ``nmissed`` and ``guest_hits`` final), as the
+        kernel's unregister waits for handlers in flight. Raises :class:`KprobeError`
+        after ``timeout`` seconds (a vCPU never seen in user mode or idle)."""
+        deadline = time.monotonic() + timeout
+        while (channel := self._channel) is not None and channel.records_settling():
+            self.flush_records()  # a drain notes quiescent vCPUs and frees settled ids
+            if not channel.records_settling():
+                return
+            if time.monotonic() > deadline:
+                raise KprobeError(
+                    f"{channel.records_settling()} unregistered recorded probe(s) still"
+                    f" have hits in flight after {timeout:.0f} s"
+                )  # fmt: skip
+            time.sleep(0.02)
+
     def get_kprobe(self, addr: int) -> Kprobe | None:
         """The first probe at ``addr`` (the kernel returns the aggregate)."""
         site = self.table.get(self.int3_place(addr))
@@ -705,8 +733,11 @@ class KprobeManager:
         """A recorded hit of ``kp``: its pre_handler, with the hit's registers and reads."""
         from kprobevm.kprobes.recorder import RecordedRegs
 
-        if kp.disabled or (kp.record is not None and kp.record.count_only):
+        if kp.record is not None and kp.record.count_only:
             return  # a counted probe's nhit is the guest's counter
+        if kp.disabled:
+            kp.nmissed += 1  # written as it was being disabled: its handler does not run
+            return
         kp.nhit += 1
         if kp.pre_handler is None:
             return

@@ -13,6 +13,14 @@ tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
 record's reads. This is the kernel's trace-event model (record now, read later), bought
 with what a stop costs: the handlers cannot change registers, and a string is cut at its
 capture size.
+
+Every hit is accounted for. The guest counts each record it completes and each hit it
+misses (ring full, CPU busy); the host adds both to ``guest_hits``, the misses to
+``nmissed``. An unregistered probe's id *retires*: a vCPU may still be inside its
+program (or in an interrupt taken there), so the id is reused only once every vCPU has
+been seen quiescent since (:mod:`kprobevm.trap.grace`) and the ring has been drained
+past every record it could have written. A record of a retired probe reaches no handler
+and counts in its ``nmissed``. Once settled, ``nhit + nmissed == guest_hits``.
 """
 
 from __future__ import annotations
@@ -164,8 +172,19 @@ class RecordedRegs(PtRegs):
 
 @dataclass(eq=False)
 class _RecordedProbe:
+    """A probe's id in use: its record layout, and what its counters held last time."""
+
     kp: Kprobe
     layout: rec.RecordLayout
+    count_only: bool
+    hits: int = 0
+    """The guest's counter of records written (count-only: hits) as last folded into kp."""
+    missed: int = 0
+    retired_at: float | None = None
+    """When its probe was unregistered (None: still registered)."""
+    settle_head: int | None = None
+    """The ring's head once no vCPU could still write its records: the id is free when
+    the host has drained this far."""
 
 
 class Recorder:
@@ -199,6 +218,8 @@ class Recorder:
         self.helpers = helpers
         self.programs = programs
         self.probes: dict[int, _RecordedProbe] = {}
+        self.retiring: dict[int, _RecordedProbe] = {}
+        """Ids of unregistered probes whose hits in flight are not all counted yet."""
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
         self.tail = 0
@@ -208,7 +229,7 @@ class Recorder:
         """Drains through shared guest RAM with the VM running."""
         self.records = 0
         self.late = 0
-        """Records of probes gone by the time they were drained."""
+        """Records whose id belongs to no probe, live or retiring: lost (never expected)."""
 
     @staticmethod
     def _contiguous(pages: int, area: SlotArea) -> int:
@@ -232,7 +253,7 @@ class Recorder:
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
                 symbol=kp.symbol_name,
             )  # fmt: skip
-        self.probes[probe_id] = _RecordedProbe(kp, layout)
+        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -254,20 +275,27 @@ class Recorder:
             return int(_U64.unpack(self.memory.read(address, 8))[0])
 
     def remove(self, probe_id: int) -> None:
-        """Forget an id; it is reused last (a record still being written is dropped).
-        A count-only probe keeps the hits its counter holds."""
-        kp = self.probes.pop(probe_id).kp
+        """Retire an id whose probe is unregistered (its site no longer enters the
+        program for it; VM stopped). Its counters are still read, and its records still
+        counted, until :meth:`drain` finds it settled; then the id is free again. A
+        count-only probe keeps the hits its counter holds."""
+        probe = self.probes.pop(probe_id)
+        self._read_counters({probe_id: probe})
+        kp = probe.kp
         if kp.count_reader is not None:
-            total = kp.nhit
             kp.count_reader = None
-            kp.nhit = total
-        self._free_ids.append(probe_id)
+            kp.nhit += probe.hits  # what the live reader added, kept
+        probe.retired_at = self.programs.clock()
+        self.retiring[probe_id] = probe
+        kp.settling += 1
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
         old = self.site_programs.pop(site.addr, None)
         cell = self.programs.get_insn_slot()
-        ids = [kp.record_id for kp in site.probes if kp.record_id is not None]
+        # a disabled member records nothing, as its handler would not run
+        ids = [kp.record_id for kp in site.probes
+               if kp.record_id is not None and not kp.disabled]  # fmt: skip
         if all(kp.record is not None and kp.record.count_only for kp in site.probes):
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
@@ -293,12 +321,16 @@ class Recorder:
 
     # -- the drain -------------------------------------------------------------------
 
-    def drain(self, *, running: bool = False) -> list[tuple[Kprobe, Record]]:
+    def drain(self, *, running: bool = False, closing: bool = False) -> list[tuple[Kprobe, Record]]:
         """Take every complete record out of the ring; update the counters.
 
         With the VM stopped, or ``running`` (through shared guest RAM only). A record
         still being written stays, with everything after it, for next time. The new tail
-        is stored through shared RAM, else it goes with the next resume.
+        is stored through shared RAM, else it goes with the next resume. A record of a
+        retired probe is counted in its ``nmissed``, and retired ids that have settled are
+        freed (judged with the VM stopped: it asks which vCPUs are quiescent).
+        ``closing``: no vCPU can enter a program any more (the channel is going and has
+        waited for every vCPU), so every retired id settles.
         """
         ring = self.layout
         direct = self.direct
@@ -307,8 +339,9 @@ class Recorder:
         head = self.memory.u64(ring.head)
         # The host is the tail's only writer, and its last write may still be queued.
         tail = self.tail
-        self._read_counters()
+        self._read_counters(self.probes | self.retiring)
         if head == tail:
+            self._settle(head, closing=closing, running=running)
             return []
         if running:
             self.running_drains += 1
@@ -321,6 +354,7 @@ class Recorder:
             self.tail = pos
             if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
                 self.target.queue_write(ring.tail, _U64.pack(pos))
+        self._settle(head, closing=closing, running=running)
         return out
 
     def _take(self, tail: int, head: int) -> tuple[int, list[tuple[Kprobe, Record]]]:
@@ -368,10 +402,38 @@ class Recorder:
 
     def _deliver(self, out: list[tuple[Kprobe, Record]], probe_id: int, data: bytes) -> None:
         probe = self.probes.get(probe_id)
-        if probe is None:
-            self.late += 1
-        else:
+        if probe is not None:
             out.append((probe.kp, decode_record(data, probe.layout)))
+        elif (retired := self.retiring.get(probe_id)) is not None:
+            if not retired.count_only:  # (its counter holds the hit already)
+                retired.kp.nmissed += 1  # its handler will not run: it is gone
+        else:
+            self.late += 1
+
+    def unjudged(self) -> bool:
+        """Whether a retired id still waits to be judged settled (a drain with the VM
+        stopped does that)."""
+        return any(p.settle_head is None for p in self.retiring.values())
+
+    def _settle(self, head: int, *, closing: bool, running: bool) -> None:
+        """Free the retired ids no vCPU can still write records for, once the host has
+        read past the last record they could have written (``head`` read in this drain;
+        whether vCPUs are quiescent is only asked with the VM stopped)."""
+        if not self.retiring:
+            return
+        waiting = [] if running else [p for p in self.retiring.values() if p.settle_head is None]
+        if waiting and not closing:
+            self.programs.before_collect()  # which vCPUs are quiescent now
+        for probe in waiting:
+            assert probe.retired_at is not None
+            if closing or self.programs.grace_over(probe.retired_at):
+                probe.settle_head = head
+        for probe_id, probe in list(self.retiring.items()):
+            if probe.settle_head is not None and self.tail >= probe.settle_head:
+                # its counters were read in this stop, and cannot move any more
+                del self.retiring[probe_id]
+                self._free_ids.append(probe_id)
+                probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
         ring = self.layout
@@ -383,13 +445,22 @@ class Recorder:
             data += self.memory.read(ring.ring, n - first)
         return data
 
-    def _read_counters(self) -> None:
-        if not self.probes:
+    def _read_counters(self, probes: dict[int, _RecordedProbe]) -> None:
+        """Add what the guest's counters of ``probes`` gained since the last read to
+        their Kprobes' figures."""
+        if not probes:
             return
-        top = max(self.probes) + 1
-        raw = self.memory.read(self.layout.counters, 16 * top)
-        for probe_id, probe in self.probes.items():
-            probe.kp.nmissed = struct.unpack_from("<Q", raw, 16 * probe_id + 8)[0]
+        lo, hi = min(probes), max(probes) + 1
+        raw = self.memory.read(self.layout.counters + 16 * lo, 16 * (hi - lo))
+        for probe_id, probe in probes.items():
+            hits, missed = struct.unpack_from("<QQ", raw, 16 * (probe_id - lo))
+            new_hits, new_missed = hits - probe.hits, missed - probe.missed
+            probe.hits, probe.missed = hits, missed
+            kp = probe.kp
+            kp.guest_hits += new_hits + new_missed
+            kp.nmissed += new_missed
+            if probe.count_only and probe.retired_at is not None:
+                kp.nhit += new_hits  # no live reader adds them any more
 
 
 _SOMEWHERE = 0xFFFFFFFFFE000000  # an address in the slot area's range, for a size only

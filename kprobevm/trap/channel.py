@@ -159,6 +159,10 @@ class TrapChannel(abc.ABC):
     def release_record_id(self, kp: Kprobe) -> None:  # noqa: B027 (as flush_records)
         """An unregistered recorded probe gives its id back."""
 
+    def records_settling(self) -> int:
+        """Unregistered recorded probes whose hits in flight are not all counted yet."""
+        return 0
+
     def why_not_counting(self) -> str | None:
         """Why probes cannot be counted in the guest here (None: they can; VM stopped)."""
         return None if self.records else f"the {self.name} channel cannot record"

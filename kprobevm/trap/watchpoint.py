@@ -343,21 +343,33 @@ class WatchpointChannel(TrapChannel):
         """Hand every recorded hit so far to its probe's handler (VM stopped, unless
         ``running`` through shared guest RAM)."""
         recorder = self.recorder
-        if recorder is None or not recorder.probes:
+        if recorder is None or not (recorder.probes or recorder.retiring):
             return
         run = self.ctx.handlers.run_recorded
         for kp, record in recorder.drain(running=running):
             run(kp, record)
+        if not (recorder.probes or recorder.retiring):  # no idle stops for an empty ring
+            self.ctx.target.on_idle = None
 
     def _drain_running(self) -> None:
-        self.flush_records(running=True)
+        """The idle drain through shared RAM: with the VM running, or stopped when the
+        tick falls in a hit's stop. A retired id is judged settled only with the VM
+        stopped (it asks which vCPUs are quiescent), so while one waits it gets a stop."""
+        recorder = self.recorder
+        if recorder is not None and recorder.unjudged() and self.ctx.target.running:
+            with self.ctx.target.stopped():
+                self.flush_records()
+            return
+        self.flush_records(running=self.ctx.target.running)
 
     def release_record_id(self, kp: Kprobe) -> None:
+        """The id retires; idle drains go on until its hits in flight are counted."""
         if self.recorder is not None and kp.record_id is not None:
             self.recorder.remove(kp.record_id)
-            if not self.recorder.probes:  # no idle stops for an empty ring
-                self.ctx.target.on_idle = None
         kp.record_id = None
+
+    def records_settling(self) -> int:
+        return len(self.recorder.retiring) if self.recorder is not None else 0
 
     # -- the hot path (trap thread, VM stopped) --------------------------------------
 
@@ -503,20 +515,25 @@ class WatchpointChannel(TrapChannel):
         """Restore the IDT, drop the watchpoints, wait for vCPUs to leave, unmap."""
         target = self.ctx.target
         target.stop()
+        recorder = self.recorder
         with target.stopped() as client:
             # calls in flight return to their callers directly again
             self.returns.unhijack_all()
             self._unhook_gate()
             client.remove_breakpoint(WATCH, self.pages.mailbox, 1)
             client.remove_breakpoint(WATCH, self.pages.mailbox + RETURN_WATCH, 1)
-            if self.recorder is not None:
+            if recorder is not None:
                 self.flush_records()
-                client.remove_breakpoint(WATCH, self.recorder.layout.drain, 1)
+                client.remove_breakpoint(WATCH, recorder.layout.drain, 1)
                 target.on_idle, target.idle_needs_stop = None, True
-                self.recorder = None
             self.hot.forget_all()
         self.quiescence.wait_until_out_of(self.area)
         with target.stopped() as client:
+            if recorder is not None:  # the records written since, and the final counts
+                run = self.ctx.handlers.run_recorded
+                for kp, record in recorder.drain(closing=True):
+                    run(kp, record)
+                self.recorder = None
             self.area.teardown()
             flush_tlbs(client)
 
