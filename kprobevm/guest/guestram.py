@@ -200,6 +200,11 @@ class FileRam(GuestRam):
             return self._map[paddr : paddr + n]  # every read goes here: no calls
         return super().read_if_ram(paddr, n)
 
+    def u64(self, paddr: int) -> int:
+        if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
+            return int.from_bytes(self._map[paddr : paddr + 8], "little")
+        return super().u64(paddr)
+
     def close(self) -> None:
         self._map.close()
 
