@@ -345,10 +345,9 @@ class Recorder:
             return []
         if running:
             self.running_drains += 1
-            pos, out = self._take_running(tail, head)
         else:
             self.drains += 1
-            pos, out = self._take(tail, head)
+        pos, out = self._take(tail, head, running=running)
         self.records += len(out)
         if pos != tail:
             self.tail = pos
@@ -357,42 +356,35 @@ class Recorder:
         self._settle(head, closing=closing, running=running)
         return out
 
-    def _take(self, tail: int, head: int) -> tuple[int, list[tuple[Kprobe, Record]]]:
-        """The complete records from ``tail``, read in one go (nothing writes the ring
-        meanwhile: the VM is stopped); where the next drain starts."""
-        data = self._ring_bytes(tail, head)
-        out: list[tuple[Kprobe, Record]] = []
-        pos = tail
-        mask = self.layout.ring_size - 1
-        while pos < head:
-            at = pos - tail
-            stamp = _U64.unpack_from(data, at)[0]
-            if stamp == pos + 1:
-                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack_from(data, at)
-                self._deliver(out, probe_id, data[at : at + size])
-                pos += size
-            elif stamp == (pos + 1) | rec.PAD_BIT:
-                pos = (pos | mask) + 1
-            else:
-                break
-        return pos, out
-
-    def _take_running(self, tail: int, head: int) -> tuple[int, list[tuple[Kprobe, Record]]]:
-        """As :meth:`_take` while vCPUs write the ring: each record's stamp is read on its
-        own before the rest of it (one copy could load the rest first, and x86 keeps
-        loads in order only across separate loads)."""
+    def _take(
+        self, tail: int, head: int, *, running: bool
+    ) -> tuple[int, list[tuple[Kprobe, Record]]]:
+        """The complete records from ``tail``, and where the next drain starts. With the
+        VM stopped the ring is read in one go (nothing writes it meanwhile); while vCPUs
+        write it, each record's stamp is read on its own before the rest of it (one copy
+        could load the rest first, and x86 keeps loads in order only across loads)."""
         ring, memory = self.layout, self.memory
+        mask = ring.ring_size - 1
+        if running:
+
+            def read(pos: int, n: int) -> bytes:
+                return memory.read(ring.ring + (pos & mask), n)
+
+        else:
+            data = self._ring_bytes(tail, head)
+
+            def read(pos: int, n: int) -> bytes:
+                return data[pos - tail : pos - tail + n]
+
         out: list[tuple[Kprobe, Record]] = []
         pos = tail
-        mask = ring.ring_size - 1
         while pos < head:
-            at = ring.ring + (pos & mask)
-            stamp = memory.u64(at)
+            stamp = _U64.unpack(read(pos, _U64.size))[0]
             if stamp == pos + 1:
                 _, size, probe_id, *_ = rec.RECORD_HEADER.unpack(
-                    memory.read(at, rec.RECORD_HEADER.size)
+                    read(pos, rec.RECORD_HEADER.size)
                 )
-                self._deliver(out, probe_id, memory.read(at, size))
+                self._deliver(out, probe_id, read(pos, size))
                 pos += size
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
