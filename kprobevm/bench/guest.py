@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
@@ -10,32 +12,56 @@ from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["measure_guest_kprobe"]
+__all__ = ["GuestKprobeRun", "measure_guest_kprobe", "under_guest_kprobe"]
 
 _TRACEFS = "/sys/kernel/tracing"
 _EVENT = "bench/openat"
 
+T = TypeVar("T")
 
-def measure_guest_kprobe(vm: VM, opens: int) -> HitRate:
-    """Place ``p:bench/openat do_sys_openat2``, enable it, run the workload, read
-    ``kprobe_profile``, then disable and remove it."""
-    name, description = "guest_kprobe", "guest kernel's own kprobe (tracefs)"
+
+@dataclass(frozen=True)
+class GuestKprobeRun(Generic[T]):
+    """What ran under the guest's own kprobe: the body's result and the event's
+    ``kprobe_profile`` columns (hits, missed; None when the event is not listed)."""
+
+    result: T
+    profile: tuple[str, ...] | None
+
+
+def under_guest_kprobe(
+    vm: VM, event: str, probe: str, body: Callable[[], T]
+) -> GuestKprobeRun[T] | str:
+    """Place ``p:GROUP/EVENT PROBE...`` through the guest's tracefs (mounted if need be),
+    enable it, run ``body``, read its ``kprobe_profile`` row, then disable and remove it
+    whatever happened; the reason instead when tracefs would not take it."""
     setup = vm.run(
         f"cd {_TRACEFS} 2>/dev/null || {{ mount -t tracefs nodev {_TRACEFS} && cd {_TRACEFS}; }}"
-        f" && echo 'p:{_EVENT} {HOT_FUNCTION}' >> kprobe_events"
-        f" && echo 1 > events/{_EVENT}/enable"
+        f" && echo 'p:{event} {probe}' >> kprobe_events"
+        f" && echo 1 > events/{event}/enable"
     )
     if setup.returncode != 0:
-        return HitRate(name, description, reason=f"tracefs setup failed: {setup.stderr.strip()}")
+        return f"tracefs setup failed: {setup.stderr.strip()}"
     try:
-        run = run_opens(vm, opens)
+        result = body()
         profile = vm.run(f"cat {_TRACEFS}/kprobe_profile", check=True).stdout
     finally:
-        vm.run(f"echo 0 > {_TRACEFS}/events/{_EVENT}/enable;"
-               f" echo '-:{_EVENT}' >> {_TRACEFS}/kprobe_events")
-    for line in profile.splitlines():
-        cols = line.split()
-        if cols and cols[0] in (_EVENT, _EVENT.split("/")[1]):
-            return HitRate(name, description, int(cols[1]), run,
-                           extra={"nmissed": float(cols[2])} if len(cols) > 2 else {})
-    return HitRate(name, description, reason=f"{_EVENT} not in kprobe_profile")
+        vm.run(f"echo 0 > {_TRACEFS}/events/{event}/enable;"
+               f" echo '-:{event}' >> {_TRACEFS}/kprobe_events")
+    names = (event, event.split("/")[1])
+    row = next((tuple(cols[1:]) for line in profile.splitlines()
+                if (cols := line.split()) and cols[0] in names), None)  # fmt: skip
+    return GuestKprobeRun(result, row)
+
+
+def measure_guest_kprobe(vm: VM, opens: int) -> HitRate:
+    """``p:bench/openat do_sys_openat2`` from the guest's tracefs over the workload."""
+    name, description = "guest_kprobe", "guest kernel's own kprobe (tracefs)"
+    run = under_guest_kprobe(vm, _EVENT, HOT_FUNCTION, lambda: run_opens(vm, opens))
+    if isinstance(run, str):
+        return HitRate(name, description, reason=run)
+    if run.profile is None:
+        return HitRate(name, description, reason=f"{_EVENT} not in kprobe_profile")
+    hits, *missed = run.profile
+    return HitRate(name, description, int(hits), run.result,
+                   extra={"nmissed": float(missed[0])} if missed else {})  # fmt: skip

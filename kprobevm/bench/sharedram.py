@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kprobevm.bench.guest import under_guest_kprobe
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
+from kprobevm.errors import VMError
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.tracing import ProbeEvent, parse_event
 from kprobevm.tracing.session import TraceSession, plan_events
@@ -58,16 +60,13 @@ class DdRound:
 
 def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
     """The dd loop under the guest's own ``p:rd vfs_read`` (tracefs): ns, hits."""
-    vm.run(f"echo '{DD_EVENT.replace('p:rd', 'p:bench/rd')}' >> {_TRACEFS}/kprobe_events"
-           f" && echo 1 > {_TRACEFS}/events/bench/rd/enable", check=True)  # fmt: skip
-    try:
-        ns = _dd_ns(vm, n)
-        profile = vm.run(f"cat {_TRACEFS}/kprobe_profile", check=True).stdout
-    finally:
-        vm.run(f"echo 0 > {_TRACEFS}/events/bench/rd/enable;"
-               f" echo '-:bench/rd' >> {_TRACEFS}/kprobe_events; echo > {_TRACEFS}/trace")
-    hits = next(int(line.split()[1]) for line in profile.splitlines() if line.split()[:1] == ["rd"])
-    return ns, hits
+    run = under_guest_kprobe(vm, "bench/rd", DD_EVENT.split(" ", 1)[1], lambda: _dd_ns(vm, n))
+    if isinstance(run, str):
+        raise VMError(f"the guest's own kprobe was not placed: {run}")
+    if run.profile is None:
+        raise VMError("the guest's own kprobe is not in kprobe_profile")
+    vm.run(f"echo > {_TRACEFS}/trace")
+    return run.result, int(run.profile[0])
 
 
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int]:
