@@ -18,10 +18,6 @@ have it before the module's VM connects its own.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +42,7 @@ from tests.conftest import kernel_trouble
 from tests.test_differential import COMM, REJECTED, RUNS, TRACED, WORKLOAD
 from tests.test_kprobes_smp import MIN_SEEN, TARGET, record_on_every_cpu, run_on_every_cpu
 from tests.test_pagetable import check_walks
-from tests.test_recover import CHILD, _probe_facts, _read_text
+from tests.test_recover import _probe_facts, _read_text, sigkill_mid_hits
 
 pytestmark = pytest.mark.vm
 
@@ -101,26 +97,12 @@ def test_sigkill_with_armed_probe_then_recover(variant: Variant, tmp_path: Path)
     gdb, kallsyms, func, size, gate = _probe_facts(vm, tmp_path)
     text_before, gate_before = _read_text(gdb, func, size, gate)
     journal = tmp_path / "session.journal"
-    cmdline = vm.read_file("/proc/cmdline").strip()
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, gdb, str(kallsyms), cmdline,
-         str(vm.vmlinux_path or default_image().vmlinux), str(journal)],
-        stdout=subprocess.PIPE, text=True,
+    sigkill_mid_hits(
+        vm, gdb, kallsyms, vm.vmlinux_path or default_image().vmlinux, journal, hits=30,
+        workload="(for c in 0 1; do taskset -c $c sh -c 'for i in $(seq 300); do"
+                 " cat /proc/version; done >/tmp/out-'$c'; echo done >/tmp/fin-'$c &"
+                 " done) >/dev/null 2>&1 &",
     )  # fmt: skip
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line.startswith("armed watchpoint"), line
-        vm.run("(for c in 0 1; do taskset -c $c sh -c 'for i in $(seq 300); do"
-               " cat /proc/version; done >/tmp/out-'$c'; echo done >/tmp/fin-'$c &"
-               " done) >/dev/null 2>&1 &")  # fmt: skip
-        hits = 0
-        while hits < 30:
-            hits = int(child.stdout.readline().split()[1])
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
     deadline = time.monotonic() + 120
     while vm.run("cat /tmp/fin-0 /tmp/fin-1 2>/dev/null").stdout.split() != ["done", "done"]:
         assert time.monotonic() < deadline, "guest workload stalled after the host died"

@@ -80,6 +80,30 @@ boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel;
 host's QEMU on Debian's 6.12 cloud kernel (IBT, CALL_PADDING)."""
 
 
+def sigkill_mid_hits(vm: VM, gdb: str, kallsyms: Path, vmlinux: Path, journal: Path, *,
+                     workload: str, hits: int) -> None:
+    """Start a host (:data:`CHILD`) that arms a probe on do_sys_openat2, start
+    ``workload`` in the guest, and SIGKILL that host in the middle of its hits, once it
+    has handled ``hits`` of them."""
+    cmdline = vm.read_file("/proc/cmdline").strip()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, gdb, str(kallsyms), cmdline, str(vmlinux), str(journal)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("armed watchpoint"), line
+        vm.run(workload)
+        handled = 0
+        while handled < hits:
+            handled = int(child.stdout.readline().split()[1])
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.fixture(params=sorted(GUESTS))
 def guest(request: pytest.FixtureRequest) -> tuple[str | None, str | None]:
     """The QEMU binary (None: as boot() resolves it) and kernel package (None: the default)."""
@@ -99,28 +123,11 @@ def test_sigkill_with_armed_probe_then_recover(
         assert text_before[0] != 0xCC
 
         journal = tmp_path / "session.journal"
-        cmdline = vm.read_file("/proc/cmdline").strip()
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, gdb, str(kallsyms), cmdline, str(image.vmlinux),
-             str(journal)],
-            stdout=subprocess.PIPE, text=True,
+        sigkill_mid_hits(
+            vm, gdb, kallsyms, image.vmlinux, journal, hits=50,
+            workload="(for i in $(seq 1500); do cat /proc/version; done >/tmp/out;"
+                     " echo done >/tmp/fin) >/dev/null 2>&1 &",
         )  # fmt: skip
-        try:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            assert line.startswith("armed watchpoint"), line
-            vm.run(
-                "(for i in $(seq 1500); do cat /proc/version; done >/tmp/out;"
-                " echo done >/tmp/fin) >/dev/null 2>&1 &"
-            )
-            # wait until the host has handled hits, then kill it in the middle of them
-            hits = 0
-            while hits < 50:
-                hits = int(child.stdout.readline().split()[1])
-            os.kill(child.pid, signal.SIGKILL)
-        finally:
-            child.kill()
-            child.wait()
 
         # Nobody handles the probe now: the guest must run the workload to the end.
         deadline = time.monotonic() + 120
