@@ -75,19 +75,21 @@ def run_on_every_cpu(vm: VM, ncpus: int) -> SmpRun:
         if (i := x86insn.decode(code[a - getname.address :], a)).mnemonic == "push"
     )
     assert push.op_str == "rbx"
+    # a hit in flight is its task's, known by its stack pointer: on a preemptible kernel
+    # the task can be switched out between the pre and post stops, even onto another vCPU
     in_flight: dict[int, tuple[int, int]] = {}
 
     def push_pre(kp: Kprobe, regs: PtRegs) -> None:
-        if regs.cpu in in_flight:
-            run.lost += 1  # the post of the previous hit on this vCPU never came
-        in_flight[regs.cpu] = (regs.sp, regs.bx)
+        if regs.sp in in_flight:
+            run.lost += 1  # the post of this task's previous hit here never came
+        in_flight[regs.sp] = (regs.sp, regs.bx)
 
     def push_post(kp: Kprobe, regs: PtRegs) -> None:
         assert regs.memory is not None
-        if regs.cpu not in in_flight:
+        if regs.sp + 8 not in in_flight:
             run.lost += 1
             return
-        sp, bx = in_flight.pop(regs.cpu)
+        sp, bx = in_flight.pop(regs.sp + 8)
         pushed = regs.memory.u64(regs.sp)
         if (regs.sp, pushed, regs.ip) != (sp - 8, bx, push.next_addr):
             run.mismatches.append(f"cpu {regs.cpu}: sp={regs.sp:#x} [sp]={pushed:#x}")
