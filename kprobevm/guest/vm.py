@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
+    from kprobevm.kernel.stacktrace import StackTracer
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kernel.vmlinux import Vmlinux
     from kprobevm.kprobes.core import Kprobe, KprobeManager
@@ -458,6 +459,13 @@ class VM(Closing):
             return None
 
     @functools.cached_property
+    def stack_tracer(self) -> StackTracer:
+        """Kernel stack traces, unwound on the host with the vmlinux's ORC tables."""
+        from kprobevm.kernel.stacktrace import StackTracer
+
+        return StackTracer.for_guest(self.vmlinux, self.symbols, self.read)
+
+    @functools.cached_property
     def task_layout(self) -> TaskLayout | None:
         """Where ``current`` and its fields are (from the vmlinux BTF; None without it)."""
         from kprobevm.kernel.tasks import TaskLayout
@@ -547,6 +555,7 @@ class VM(Closing):
                     patch_sites=self.patch_sites, target=self.target, memory=self.memory,
                     channel_installer=channel_installer, refresh_symbols=self.refresh_symbols,
                     module_layout=self._module_layout, ibt=has_ibt(self.symbols),
+                    stack_tracer=lambda: self.stack_tracer,
                 )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes

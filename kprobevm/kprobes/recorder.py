@@ -78,6 +78,16 @@ class RecordSpec:
 
     captures: tuple[rec.Capture, ...] = ()
     count_only: bool = False
+    stack_size: int = 0
+    """Bytes of the kernel stack (from ``sp`` up, to the stack's top at most) copied into
+    each record, for a stack trace unwound on the host (``Kprobe(stack=True)``); 0: none."""
+
+    @property
+    def layout_captures(self) -> tuple[rec.Capture, ...]:
+        """The reads the record holds: the captures, then the stack copy if any."""
+        if not self.stack_size:
+            return self.captures
+        return (*self.captures, rec.Capture(offset=0, size=self.stack_size, reg="sp", stack=True))
 
 
 @dataclass(frozen=True)
@@ -247,7 +257,7 @@ class Recorder:
             raise ProbeRefused("ENOSPC", f"more than {MAX_RECORD_IDS} recorded probes",
                                symbol=kp.symbol_name)  # fmt: skip
         probe_id = self._free_ids.pop(0)
-        layout = rec.RecordLayout(spec.captures)
+        layout = rec.RecordLayout(spec.layout_captures)
         if layout.size > self.layout.ring_size // 8:
             raise ProbeRefused(
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
@@ -479,7 +489,7 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     if all(spec.count_only for spec in specs):
         counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
         return len(rec.build_count_program(at, counters=counters, cont=cont).code)
-    probes = tuple((i, rec.RecordLayout(spec.captures)) for i, spec in enumerate(specs))
+    probes = tuple((i, rec.RecordLayout(spec.layout_captures)) for i, spec in enumerate(specs))
     return len(rec.build_record_program(
         at, probes=probes, probe_ip=probe_ip, ring=_SOME_RING, helpers=_SOME_HELPERS,
         cont=cont,

@@ -88,8 +88,14 @@ class Capture:
     string: bool = False
     user: bool = False
     mixed: bool = False
+    stack: bool = False
+    """A copy of the kernel stack from ``sp`` up: at most ``size`` bytes, clamped to the
+    top of the stack (its ``THREAD_SIZE`` block), else to the end of ``sp``'s page; the
+    status is the bytes copied."""
 
     def __post_init__(self) -> None:
+        if self.stack and (self.reg != "sp" or self.offset or self.string or self.user):
+            raise ValueError("a stack capture is a kernel copy at %sp + 0")
         if self.reg is not None and self.from_capture is not None:
             raise ValueError("a capture has one base: a register or an earlier capture")
         if self.reg is not None and self.reg not in SNAPSHOT_REGS:
@@ -367,6 +373,11 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.movabs("rax", asm.to_u64(cap.offset))
         a.add("rsi", "rax")
         a.mov(_rec(here), "rsi")  # the address read
+        if cap.stack:
+            _stack_copy(s, helpers, i, here)
+            a.label(status)
+            a.mov(_rec(here + 8), "rax")
+            continue
         a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
         a.mov("edx", cap.size)
         if cap.mixed and not cap.user:
@@ -387,6 +398,36 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
             a.mov("eax", cap.size)
         a.label(status)
         a.mov(_rec(here + 8), "rax")
+
+
+STACK_BLOCK = 16384
+"""x86-64's THREAD_SIZE (and IRQ_STACK_SIZE): a task's stack is a block of this size
+and alignment, so a copy from ``sp`` to the block's end stays on the stack."""
+
+
+def _stack_copy(s: _Site, helpers: CopyHelpers, i: int, here: int) -> None:
+    """Copy the stack from ``sp`` (in rsi) to the top of its block, at most the capture's
+    size; where that faults (an IRQ or exception stack not aligned so), to the end of the
+    page instead. rax: the bytes copied, or the copy's error."""
+    a, name, size = s.a, f"{s.name}_c{i}", s.layout.captures[i].size
+    for try_, block in enumerate((STACK_BLOCK, 4096)):
+        a.mov("rsi", _rec(here))
+        a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
+        a.mov("rax", "rsi")
+        a.and_("rax", block - 1)
+        a.mov("edx", block)
+        a.sub("rdx", "rax")  # bytes from sp to the block's end
+        a.cmp("rdx", size)
+        a.jcc("be", f"{name}_len{try_}")
+        a.mov("edx", size)
+        a.label(f"{name}_len{try_}")
+        a.mov(_rec(here + 8), "rdx")  # kept across the call
+        a.call(helpers.copy_from_kernel)
+        a.test("rax", "rax")
+        a.jcc("ne", f"{name}_failed{try_}")
+        a.mov("rax", _rec(here + 8))
+        a.jmp(f"{name}_status")
+        a.label(f"{name}_failed{try_}")
 
 
 def _complete(s: _Site) -> None:
