@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
 from kprobevm.gdbstub.transport import format_gdb_address, parse_gdb_address
 from kprobevm.guest.image import DEFAULT_MEMORY
+from kprobevm.kernel.stacktrace import DEFAULT_STACK_SIZE
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def _print_hits(session: TraceSession, out: TextIO, as_json: bool) -> int:
 def _hit_text(hit: EventHit, as_json: bool) -> str:
     if as_json:
         return json.dumps(hit.to_json(), separators=(",", ":")) + "\n"
-    return hit.line() + "\n"
+    return "\n".join(hit.lines()) + "\n"
 
 
 def _run_in_guest(
@@ -279,6 +280,15 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         print(f"kprobevm {sub}: --string-size {args.string_size} is not in 1..4096",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    stacktrace, stack_size = getattr(args, "stacktrace", False), getattr(args, "stack_size", 0)
+    if stacktrace and not 8 <= stack_size <= 4096:
+        print(f"kprobevm {sub}: --stack-size {stack_size} is not in 8..4096", file=sys.stderr)
+        return EXIT_USAGE
+    returns = [f"{e.group}/{e.event}" for e in events if e.is_return]
+    if stacktrace and returns:
+        print(f"kprobevm {sub}: --stacktrace is for entry probes; {', '.join(returns)} is a"
+              " return probe", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
         try:
@@ -292,14 +302,15 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         if args.mode == "record":
             _, why = trace.record_specs(
                 vm, plan, count_only=count_only, string_size=args.string_size,
-                have_btf=vm.task_layout is not None,
+                have_btf=vm.task_layout is not None, stack_size=stack_size if stacktrace else 0,
             )  # fmt: skip
             if why:
                 print(f"kprobevm {sub}: --mode record: {why}", file=sys.stderr)
                 return EXIT_USAGE
         session = trace.TraceSession(
-            vm, plan, count_only=count_only, mode=args.mode, string_size=args.string_size
-        )
+            vm, plan, count_only=count_only, mode=args.mode, string_size=args.string_size,
+            stacktrace=stacktrace, stack_size=stack_size or DEFAULT_STACK_SIZE,
+        )  # fmt: skip
         session.start()
         reader_gone = False
         try:
@@ -516,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help=cmd_trace.__doc__, description=cmd_trace.__doc__,
                            epilog=TRACE_EPILOG, formatter_class=raw)
     _add_session_options(trace)
+    trace.add_argument("--stacktrace", action="store_true",
+                       help="after each line, the kernel stack at the hit as tracefs prints"
+                            " it with options/stacktrace and sym-offset (entry probes),"
+                            " unwound on the host with the vmlinux's ORC tables")
+    trace.add_argument("--stack-size", type=int, default=DEFAULT_STACK_SIZE, metavar="N",
+                       help="with --stacktrace, bytes of stack a recorded hit copies from"
+                            f" %%sp up (default {DEFAULT_STACK_SIZE}; 8..4096): a deeper"
+                            " stack is cut there")
     trace.add_argument("words", nargs=argparse.REMAINDER, metavar="DEF... [-- CMD...]")
     trace.set_defaults(func=cmd_trace)
 

@@ -115,4 +115,3 @@ class StackTracer:
     def lines(self, stack: KernelStack) -> list[str]:
         """``stack`` as tracefs prints it under ``<stack trace>`` (with sym-offset)."""
         return stack.lines(self.symbols.describe)
-

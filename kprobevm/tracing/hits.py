@@ -175,8 +175,13 @@ class PlacedEvent:
         return self.probe.errors + (self.entry.errors if self.entry is not None else [])
 
 
-_Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]
-"""An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function)."""
+_Emit = Callable[
+    [tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None,
+     tuple[str, ...] | None],
+    None,
+]  # fmt: skip
+"""An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function,
+stack)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,9 @@ class HitBuilder:
     kretprobed: bool = True
     """The kernel prints a return to its trampoline as :data:`KRETPROBED` (the
     kretprobed rule); else as the trampoline's symbol."""
+    stacktrace: bool = False
+    """Each entry hit carries the kernel stack (``options/stacktrace``), unwound on the
+    host (``Kprobe(stack=True)``)."""
 
     def place(
         self, plan: PlannedProbe, spec: RecordSpec | None, *, hijacked: bool = False
@@ -214,8 +222,9 @@ class HitBuilder:
         probe: Kprobe | Kretprobe
         if spec is not None:
             probe = Kprobe(
-                addr=res.address, pre_handler=self._recorded(plan, counter), record=spec
-            )
+                addr=res.address, pre_handler=self._recorded(plan, counter), record=spec,
+                stack=self.stacktrace,
+            )  # fmt: skip
         elif res.event.is_return:
             hit, describe = self._stopped(plan, counter, False), self.symbols.describe
             # the kernel's instance of a call another return probe hooked first returns
@@ -234,7 +243,7 @@ class HitBuilder:
             def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
                 hit(regs, where, None)
 
-            probe = Kprobe(addr=res.address, pre_handler=pre_handler)
+            probe = Kprobe(addr=res.address, pre_handler=pre_handler, stack=self.stacktrace)
         placed = PlacedEvent(plan, probe)
         counter.append(placed)
         return placed
@@ -246,11 +255,12 @@ class HitBuilder:
         def emit(
             values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
             timestamp_ns: int, where: str, function: str | None,
+            stack: tuple[str, ...] | None = None,
         ) -> None:
             sink(EventHit(
                 event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
                 timestamp_ns=timestamp_ns, where=where, args=values, function=function,
-                flags=flags,
+                flags=flags, stack=stack,
             ))  # fmt: skip
 
         return emit
@@ -283,7 +293,8 @@ class HitBuilder:
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
             predictor.remember(regs.cpu, reader.reads)
-            emit(values, comm, pid, regs.cpu, now - started_ns, where, function)
+            stack = _stack_lines(regs, symbols)
+            emit(values, comm, pid, regs.cpu, now - started_ns, where, function, stack)
 
         return hit
 
@@ -307,9 +318,16 @@ class HitBuilder:
             )  # fmt: skip
             values = tuple((a, a.fetch(ctx)) for a in args)
             timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
-            emit(values, r.comm, r.pid, r.cpu, timestamp, where, None)
+            emit(values, r.comm, r.pid, r.cpu, timestamp, where, None, _stack_lines(regs, symbols))
 
         return recorded
+
+
+def _stack_lines(regs: PtRegs, symbols: KernelSymbols) -> tuple[str, ...] | None:
+    """The hit's stack (from ``Kprobe(stack=True)``) as ``%pS`` entries, if it has one."""
+    if regs.stack is None:
+        return None
+    return tuple(symbols.describe(addr) for addr in regs.stack.entries)
 
 
 def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:

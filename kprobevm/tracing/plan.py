@@ -260,8 +260,12 @@ def record_specs(
     count_only: bool = False,
     string_size: int = DEFAULT_STRING_SIZE,
     have_btf: bool = True,
+    stack_size: int = 0,
 ) -> tuple[list[RecordSpec], str]:
-    """Each event's record spec, or why the events cannot all be recorded ("" if they can)."""
+    """Each event's record spec, or why the events cannot all be recorded ("" if they can).
+
+    ``stack_size``: bytes of kernel stack each record copies, for a stack trace (0: none).
+    """
     specs: list[RecordSpec] = []
     for p in plan:
         ev = p.resolved.event
@@ -275,7 +279,8 @@ def record_specs(
             specs.append(RecordSpec(count_only=True))
             continue
         try:
-            specs.append(record_spec(p.resolved.args, string_size=string_size))
+            spec = record_spec(p.resolved.args, string_size=string_size)
+            specs.append(replace(spec, stack_size=stack_size))
         except Unrecordable as exc:
             return specs, f"{ev.group}/{ev.event}: {exc}"
     return specs, _program_too_large(plan, specs)

@@ -186,9 +186,7 @@ def _regs_word(regs: Mapping[str, int] | int, name: str, read: StackReader) -> i
     return regs.get(name)
 
 
-def _cfa(
-    state: _State, orc: OrcEntry, table_format: OrcFormat, read: StackReader
-) -> int | None:
+def _cfa(state: _State, orc: OrcEntry, table_format: OrcFormat, read: StackReader) -> int | None:
     """The caller's stack pointer before the call: the entry's base plus its offset."""
     reg = orc.sp_reg
     if reg in (ORC_REG_SP, ORC_REG_SP_INDIRECT):
