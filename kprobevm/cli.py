@@ -281,8 +281,9 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     stacktrace, stack_size = getattr(args, "stacktrace", False), getattr(args, "stack_size", 0)
-    if stacktrace and not 8 <= stack_size <= 4096:
-        print(f"kprobevm {sub}: --stack-size {stack_size} is not in 8..4096", file=sys.stderr)
+    if stacktrace and (not 8 <= stack_size <= 4096 or stack_size % 8):
+        print(f"kprobevm {sub}: --stack-size {stack_size} is not a multiple of 8 in 8..4096",
+              file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     returns = [f"{e.group}/{e.event}" for e in events if e.is_return]
     if stacktrace and returns:
@@ -533,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                             " unwound on the host with the vmlinux's ORC tables")
     trace.add_argument("--stack-size", type=int, default=DEFAULT_STACK_SIZE, metavar="N",
                        help="with --stacktrace, bytes of stack a recorded hit copies from"
-                            f" %%sp up (default {DEFAULT_STACK_SIZE}; 8..4096): a deeper"
+                            f" %%sp up (default {DEFAULT_STACK_SIZE}; 8..4096, a multiple of"
+                            " 8), and as many from the stack below an IRQ stack: a deeper"
                             " stack is cut there")
     trace.add_argument("words", nargs=argparse.REMAINDER, metavar="DEF... [-- CMD...]")
     trace.set_defaults(func=cmd_trace)

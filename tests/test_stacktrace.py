@@ -35,7 +35,7 @@ from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing import differential as diff
 from kprobevm.tracing.format import EventHit
 from kprobevm.x86.ptregs import PtRegs
-from kprobevm.x86.unwind_orc import PT_REGS, unwind
+from kprobevm.x86.unwind_orc import PT_REGS, KernelStack, unwind
 
 # --- the ORC format and the walk, on made-up tables ---------------------------------------
 
@@ -215,13 +215,14 @@ def test_interrupt_stacks_cross_to_the_interrupted_stack(
 
 @pytest.mark.vm
 def test_kprobe_stack_true_from_python(vm: VM, text_kept: None) -> None:
-    stacks: list[tuple[str, ...]] = []
+    stacks: list[KernelStack] = []
 
     def handler(kp: Kprobe, regs: PtRegs) -> None:
-        assert regs.stack is not None and regs.stack.error is None
-        stacks.append(tuple(vm.stack_tracer.lines(regs.stack)))
+        assert regs.stack is not None
+        stacks.append(regs.stack)
 
-    for record in (None, RecordSpec(stack_size=512)):
+    # stopping; recorded with the default copy; recorded with too small a copy
+    for record in (None, RecordSpec(), RecordSpec(stack_size=64)):
         kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=handler, stack=True, record=record)
         vm.register_kprobe(kp)
         try:
@@ -229,6 +230,12 @@ def test_kprobe_stack_true_from_python(vm: VM, text_kept: None) -> None:
             vm.flush_records()
         finally:
             vm.unregister_kprobe(kp)
-        assert kp.nerrors == 0, kp.errors
-    assert stacks and all(s[0] == " => do_sys_openat2+0x1/0x170" for s in stacks)
-    assert all(s[-1].startswith(" => entry_SYSCALL_64_after_hwframe+") for s in stacks)
+        assert kp.nerrors == 0 and stacks, kp.errors
+        lines = [vm.stack_tracer.lines(s) for s in stacks]
+        assert all(s[0] == " => do_sys_openat2+0x1/0x170" for s in lines)
+        if record is None or record.stack_size == 0:
+            assert all(s.error is None for s in stacks), stacks[0].error
+            assert all(s[-1].startswith(" => entry_SYSCALL_64_after_hwframe+") for s in lines)
+        else:  # the walk ends where the copy does, and says so
+            assert all("64 bytes of stack the record holds" in (s.error or "") for s in stacks)
+        stacks.clear()

@@ -758,6 +758,10 @@ class KprobeManager:
         regs = RecordedRegs.of(record, self.memory, ip=kp.addr if kp.ftrace else None)
         if kp.stack:
             self._attach_stack(kp, regs)
+            stack, size = regs.stack, kp.record.stack_size if kp.record else 0
+            if stack is not None and stack.error is not None:
+                why = f"{stack.error}, past the {size} bytes of stack the record holds?"
+                regs.stack = replace(stack, error=why)
         try:
             kp.pre_handler(kp, regs)
             if regs.changes():

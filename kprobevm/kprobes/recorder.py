@@ -79,15 +79,15 @@ class RecordSpec:
     captures: tuple[rec.Capture, ...] = ()
     count_only: bool = False
     stack_size: int = 0
-    """Bytes of the kernel stack (from ``sp`` up, to the stack's top at most) copied into
-    each record, for a stack trace unwound on the host (``Kprobe(stack=True)``); 0: none."""
+    """Bytes of kernel stack each record copies, for a stack trace unwound on the host
+    (``Kprobe(stack=True)``): from ``sp`` up to the stack's top, at most this many, and
+    as many again from the stack below when the hit is on the IRQ stack. A record takes
+    only the bytes copied. 0: none."""
 
     @property
-    def layout_captures(self) -> tuple[rec.Capture, ...]:
-        """The reads the record holds: the captures, then the stack copy if any."""
-        if not self.stack_size:
-            return self.captures
-        return (*self.captures, rec.Capture(offset=0, size=self.stack_size, reg="sp", stack=True))
+    def layout(self) -> rec.RecordLayout:
+        """Where each part of this spec's records lies."""
+        return rec.RecordLayout(self.captures, self.stack_size)
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ def decode_record(raw: bytes, layout: rec.RecordLayout) -> Record:
         start = at + rec.CAPTURE_HEADER.size
         data = raw[start : start + max(0, min(status, cap.size))]
         reads.append(CapturedRead(address, status, data, cap.string))
+    if layout.stack_size:
+        for address, status, data in rec.stack_slices(raw, layout):
+            reads.append(CapturedRead(address, status, data, False))
     return Record(
         probe_id=probe_id, cpu=cpu, pid=pid,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"), tsc=tsc,
@@ -257,7 +260,7 @@ class Recorder:
             raise ProbeRefused("ENOSPC", f"more than {MAX_RECORD_IDS} recorded probes",
                                symbol=kp.symbol_name)  # fmt: skip
         probe_id = self._free_ids.pop(0)
-        layout = rec.RecordLayout(spec.layout_captures)
+        layout = spec.layout
         if layout.size > self.layout.ring_size // 8:
             raise ProbeRefused(
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
@@ -489,7 +492,7 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     if all(spec.count_only for spec in specs):
         counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
         return len(rec.build_count_program(at, counters=counters, cont=cont).code)
-    probes = tuple((i, rec.RecordLayout(spec.layout_captures)) for i, spec in enumerate(specs))
+    probes = tuple((i, spec.layout) for i, spec in enumerate(specs))
     return len(rec.build_record_program(
         at, probes=probes, probe_ip=probe_ip, ring=_SOME_RING, helpers=_SOME_HELPERS,
         cont=cont,

@@ -37,6 +37,7 @@ __all__ = [
     "build_count_program",
     "build_record_program",
     "check_program_fits",
+    "stack_slices",
 ]
 
 #: pt_regs names in the record's register snapshot, in ``struct pt_regs`` order.
@@ -70,6 +71,14 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+STACK_BLOCK = 16384
+"""x86-64's THREAD_SIZE and IRQ_STACK_SIZE: a stack is a block of this size and
+alignment, so a copy from ``sp`` to the block's end stays on the stack."""
+MAX_STACK_COPY = 4096
+KERNEL_HALF = 0xFF00000000000000
+"""The lowest kernel address of either paging mode: a saved stack pointer is above it."""
+
+
 @dataclass(frozen=True)
 class Capture:
     """One read the guest makes at a hit: ``size`` bytes (a string: at most) at an address.
@@ -88,14 +97,7 @@ class Capture:
     string: bool = False
     user: bool = False
     mixed: bool = False
-    stack: bool = False
-    """A copy of the kernel stack from ``sp`` up: at most ``size`` bytes, clamped to the
-    top of the stack (its ``THREAD_SIZE`` block), else to the end of ``sp``'s page; the
-    status is the bytes copied."""
-
     def __post_init__(self) -> None:
-        if self.stack and (self.reg != "sp" or self.offset or self.string or self.user):
-            raise ValueError("a stack capture is a kernel copy at %sp + 0")
         if self.reg is not None and self.from_capture is not None:
             raise ValueError("a capture has one base: a register or an earlier capture")
         if self.reg is not None and self.reg not in SNAPSHOT_REGS:
@@ -109,6 +111,26 @@ class RecordLayout:
     """Where each part of one probe's record lies; the program and the decoder share it."""
 
     captures: tuple[Capture, ...]
+    stack_size: int = 0
+    """Bytes of kernel stack copied after the captures, at most, in each of two slices:
+    from ``sp`` to the top of its stack, and (on the IRQ stack) from the stack pointer
+    saved at that top to the top of the stack below. The record then has a size of its
+    own (see :func:`stack_slices`); 0: no stack."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stack_size <= MAX_STACK_COPY or self.stack_size % 8:
+            raise ValueError(f"stack copy of {self.stack_size} bytes: not a multiple of 8"
+                             f" in 0..{MAX_STACK_COPY}")  # fmt: skip
+
+    @property
+    def fixed_size(self) -> int:
+        """Bytes before the stack slices: header, registers, captures."""
+        end = REGS_OFFSET + 8 * len(SNAPSHOT_REGS)
+        return end + sum(CAPTURE_HEADER.size + _align8(c.size) for c in self.captures)
+
+    def stack_copy_length(self, sp: int) -> int:
+        """The slice reserved for a stack at ``sp``: up to its top, at most ``stack_size``."""
+        return min(self.stack_size, STACK_BLOCK - (sp & (STACK_BLOCK - 1)))
 
     @property
     def capture_offsets(self) -> tuple[int, ...]:
@@ -122,9 +144,10 @@ class RecordLayout:
 
     @property
     def size(self) -> int:
-        """Bytes reserved in the ring for one record (a multiple of 8)."""
-        end = REGS_OFFSET + 8 * len(SNAPSHOT_REGS)
-        return end + sum(CAPTURE_HEADER.size + _align8(c.size) for c in self.captures)
+        """Bytes reserved in the ring for one record, at most (a multiple of 8)."""
+        if not self.stack_size:
+            return self.fixed_size
+        return self.fixed_size + 2 * (CAPTURE_HEADER.size + self.stack_size)
 
 
 @dataclass(frozen=True)
@@ -245,10 +268,14 @@ def build_record_program(
     a.jcc("ne", "missed_all")  # this CPU is inside a record program already
     for n, (probe_id, layout) in enumerate(probes):
         site = _Site(a, f"p{n}", probe_id, layout, ring)
+        if layout.stack_size:
+            _stack_extent(site, helpers)
         _reserve(site)
         _header(site, helpers)
         _registers(site, probe_ip)
         _captures(site, helpers)
+        if layout.stack_size:
+            _stack_slices(site, helpers)
         _complete(site)
     a.lea("rax", rip(ring.busy))
     a.mov(busy, 0)
@@ -275,14 +302,16 @@ class _Site:
 def _reserve(s: _Site) -> None:
     """Reserve [head, head + total): the record, preceded by padding to the ring's end
     when it would not fit before it. Full (the host is behind): count it as missed.
-    Leaves the record's address in rbx, its reservation's start in r12."""
-    a, name, size, ring = s.a, s.name, s.layout.size, s.ring
+    Leaves the record's address in rbx, its reservation's start in r12. A record with a
+    stack has its size in rbp (:func:`_stack_extent`)."""
+    a, name, ring = s.a, s.name, s.ring
+    size: int | str = "rbp" if s.layout.stack_size else s.layout.size
     mask = ring.ring_size - 1
     a.mov("rax", rip(ring.head))
     a.label(f"{name}_reserve")
     a.mov("rdx", "rax")
     a.and_("rdx", mask)
-    a.mov("ecx", size)
+    a.mov("rcx" if size == "rbp" else "ecx", size)
     a.lea("rsi", mem("rdx", 0, "rcx"))
     a.cmp("rsi", ring.ring_size)
     a.jcc("be", f"{name}_fits")
@@ -307,7 +336,11 @@ def _reserve(s: _Site) -> None:
     a.bts("r8", 63)  # the padding stamp
     a.mov(mem("rdi", 0, "rdx"), "r8")
     a.label(f"{name}_placed")
-    a.lea("r12", mem("r12", -size, "rcx"))  # the record's start
+    if isinstance(size, str):
+        a.add("r12", "rcx")
+        a.sub("r12", size)  # the record's start
+    else:
+        a.lea("r12", mem("r12", -size, "rcx"))  # the record's start
     a.mov("rbx", "r12")
     a.and_("rbx", mask)
     a.add("rbx", "rdi")  # rbx = the record, kept across the calls
@@ -316,7 +349,10 @@ def _reserve(s: _Site) -> None:
 def _header(s: _Site, helpers: CopyHelpers) -> None:
     """Size, probe id, CPU, TSC, and ``current``'s pid and comm."""
     a = s.a
-    a.mov(_rec(8, 4), s.layout.size)
+    if s.layout.stack_size:
+        a.mov(_rec(8), "ebp")
+    else:
+        a.mov(_rec(8, 4), s.layout.size)
     a.mov(_rec(12, 2), s.probe_id)
     a.mov(_rec(14), "r13w")
     a.rdtsc()
@@ -373,11 +409,6 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.movabs("rax", asm.to_u64(cap.offset))
         a.add("rsi", "rax")
         a.mov(_rec(here), "rsi")  # the address read
-        if cap.stack:
-            _stack_copy(s, helpers, i, here)
-            a.label(status)
-            a.mov(_rec(here + 8), "rax")
-            continue
         a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
         a.mov("edx", cap.size)
         if cap.mixed and not cap.user:
@@ -400,34 +431,105 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.mov(_rec(here + 8), "rax")
 
 
-STACK_BLOCK = 16384
-"""x86-64's THREAD_SIZE (and IRQ_STACK_SIZE): a task's stack is a block of this size
-and alignment, so a copy from ``sp`` to the block's end stays on the stack."""
+def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
+    """Before the reservation, what the stack slices will take (the record's size is
+    then the program's to tell): r14 the first slice's length (``sp`` to the top of its
+    stack, at most ``stack_size``); r15 the stack pointer saved at that top when the
+    slice reaches it and it is a kernel address (the IRQ stack's link to the stack it
+    left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
+    a, name, stack = s.a, f"{s.name}_stk", s.layout.stack_size
+    a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
+    a.mov("rax", "rsi")
+    a.and_("rax", STACK_BLOCK - 1)
+    a.mov("ecx", STACK_BLOCK)
+    a.sub("rcx", "rax")  # bytes to the top
+    a.mov("r14", "rcx")
+    a.cmp("r14", stack)
+    a.jcc("be", f"{name}_len")
+    a.mov("r14", stack)
+    a.label(f"{name}_len")
+    a.xor("r15d", "r15d")
+    a.cmp("r14", "rcx")
+    a.jcc("ne", f"{name}_size")  # the slice stops short of the top
+    a.sub("rsp", 8)  # the top word, read as any other: it may not be mapped
+    a.mov("rdi", "rsp")
+    a.lea("rsi", mem("rsi", -8, "r14"))
+    a.mov("edx", 8)
+    a.call(helpers.copy_from_kernel)
+    a.pop("r15")
+    a.test("rax", "rax")
+    a.jcc("ne", f"{name}_unlinked")
+    a.movabs("rax", KERNEL_HALF)
+    a.cmp("r15", "rax")
+    a.jcc("ae", f"{name}_size")  # else pt_regs' ss, or an iret frame's: no stack below
+    a.label(f"{name}_unlinked")
+    a.xor("r15d", "r15d")
+    a.label(f"{name}_size")
+    a.lea("rbp", mem("r14", s.layout.fixed_size + 2 * CAPTURE_HEADER.size + 7, disp32=True))
+    a.and_("rbp", -8)
+    a.test("r15", "r15")
+    a.jcc("e", f"{name}_sized")
+    a.mov("rax", "r15")
+    a.and_("rax", STACK_BLOCK - 1)
+    a.mov("ecx", STACK_BLOCK)
+    a.sub("rcx", "rax")
+    a.cmp("rcx", stack)
+    a.jcc("be", f"{name}_len2")
+    a.mov("ecx", stack)
+    a.label(f"{name}_len2")
+    a.add("rcx", 7)
+    a.and_("rcx", -8)
+    a.add("rbp", "rcx")
+    a.label(f"{name}_sized")
 
 
-def _stack_copy(s: _Site, helpers: CopyHelpers, i: int, here: int) -> None:
-    """Copy the stack from ``sp`` (in rsi) to the top of its block, at most the capture's
-    size; where that faults (an IRQ or exception stack not aligned so), to the end of the
-    page instead. rax: the bytes copied, or the copy's error."""
-    a, name, size = s.a, f"{s.name}_c{i}", s.layout.captures[i].size
+def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
+    """Both slices after the captures, each a header (address, status) and its bytes;
+    the second header follows the first slice's reservation (r14, aligned)."""
+    a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
+    a.mov("rsi", _rec(REGS_OFFSET + 8 * SNAPSHOT_REGS.index("sp")))
+    a.mov(_rec(at), "rsi")
+    _slice_copy(s, helpers, "rbx", at, f"{name}1")
+    below = at + CAPTURE_HEADER.size  # from rbp, the first slice's reservation past rbx
+    a.lea("rbp", mem("r14", 7))
+    a.and_("rbp", -8)
+    a.add("rbp", "rbx")
+    a.mov(mem("rbp", below, size=8, disp32=True), "r15")
+    a.mov("rax", -EFAULT)
+    a.test("r15", "r15")
+    a.jcc("e", f"{name}2_status")
+    _slice_copy(s, helpers, "rbp", below, f"{name}2")
+
+
+def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -> None:
+    """Copy the stack from the address in the header at ``base + at`` to the top of its
+    block, at most ``stack_size`` bytes; where that faults (a stack not aligned so), to
+    the end of the page. The header's status: the bytes copied, or the copy's error."""
+    a, stack = s.a, s.layout.stack_size
+
+    def field(offset: int) -> asm.Mem:
+        return mem(base, at + offset, size=8, disp32=True)
+
     for try_, block in enumerate((STACK_BLOCK, 4096)):
-        a.mov("rsi", _rec(here))
-        a.lea("rdi", _rec(here + CAPTURE_HEADER.size))
+        a.mov("rsi", field(0))
+        a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
         a.mov("rax", "rsi")
         a.and_("rax", block - 1)
         a.mov("edx", block)
-        a.sub("rdx", "rax")  # bytes from sp to the block's end
-        a.cmp("rdx", size)
+        a.sub("rdx", "rax")  # bytes to the block's end
+        a.cmp("rdx", stack)
         a.jcc("be", f"{name}_len{try_}")
-        a.mov("edx", size)
+        a.mov("edx", stack)
         a.label(f"{name}_len{try_}")
-        a.mov(_rec(here + 8), "rdx")  # kept across the call
+        a.mov(field(8), "rdx")  # kept across the call
         a.call(helpers.copy_from_kernel)
         a.test("rax", "rax")
         a.jcc("ne", f"{name}_failed{try_}")
-        a.mov("rax", _rec(here + 8))
+        a.mov("rax", field(8))
         a.jmp(f"{name}_status")
         a.label(f"{name}_failed{try_}")
+    a.label(f"{name}_status")
+    a.mov(field(8), "rax")
 
 
 def _complete(s: _Site) -> None:
@@ -455,3 +557,18 @@ def check_program_fits(code: bytes, size: int, where: str) -> None:
     """Raise when a program is larger than the cell it goes into."""
     if len(code) > size:
         raise KprobeError(f"record program for {where} takes {len(code)} bytes, over {size}")
+
+
+def stack_slices(raw: bytes, layout: RecordLayout) -> list[tuple[int, int, bytes]]:
+    """The stack slices of one record: (address, status, bytes) of the copy from ``sp``,
+    then of the copy from the stack below (address 0 and -EFAULT when there is none).
+    The second slice's header follows the first's reservation, which ``sp`` decides."""
+    out = []
+    at = layout.fixed_size
+    for _ in range(2):
+        address, status = CAPTURE_HEADER.unpack_from(raw, at)
+        reserved = layout.stack_copy_length(address) if address else 0
+        start = at + CAPTURE_HEADER.size
+        out.append((address, status, raw[start : start + max(0, min(status, reserved))]))
+        at = start + _align8(reserved)
+    return out
