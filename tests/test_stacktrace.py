@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -126,6 +127,9 @@ def test_trace_text_with_stacks_parses_back() -> None:
     assert hit.to_json()["stack"] == ["do_sys_openat2+0x1/0x170", "x+0x5/0x10"]
     parsed = diff.parse_trace("\n".join([*lines, hit.line()]))
     assert [p.stack for p in parsed] == [hit.stack, None]
+    cut = replace(hit, stack_cut="cannot read pt_regs at 0x10")
+    assert cut.lines()[-1] == " => <stack cut: cannot read pt_regs at 0x10>"
+    assert cut.to_json()["stack_cut"] == "cannot read pt_regs at 0x10"
 
 
 def test_stacktrace_usage_errors_come_before_any_boot(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,8 +147,7 @@ DEFINITIONS = (
     "p:m do_mmap len=%dx:u64",  # from the mmap system call, and from exec's ELF loader
 )
 WORKLOAD = (
-    "for i in 1 2 3; do cat /etc/passwd /proc/version; head -c1 /etc/passwd; done >/dev/null;"
-    " true"
+    "for i in 1 2 3; do cat /etc/passwd /proc/version; head -c1 /etc/passwd; done >/dev/null; true"
 )
 COMMS = ("cat", "head")
 PROBED = ("do_sys_openat2", "vfs_read", "do_mmap", "hrtimer_interrupt")
@@ -239,3 +242,21 @@ def test_kprobe_stack_true_from_python(vm: VM, text_kept: None) -> None:
         else:  # the walk ends where the copy does, and says so
             assert all("64 bytes of stack the record holds" in (s.error or "") for s in stacks)
         stacks.clear()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("mode", ["record", "stop"])
+def test_stacks_through_module_frames_use_the_module_orc(
+    vm: VM, mode: str, text_kept: None
+) -> None:
+    # skb_to_sgvec is called by virtio_net (a module) for each packet the guest sends;
+    # the SSH session's output sends some
+    definitions, workload = ["p:x skb_to_sgvec"], "cat /etc/passwd; sleep 0.2"
+    guest = {
+        line.stack for line in diff.run_tracefs(vm, definitions, workload, stacktrace=True).lines
+    }
+    ours = {line.stack for line in diff.run_kprobevm(vm, definitions, workload, mode=mode,
+                                                     stacktrace=True).lines}  # fmt: skip
+    assert ours and all(s and "[virtio_net]" in s[1] for s in ours), ours
+    assert ours & guest, (ours, guest)  # the same path through the module, whole
+    assert all(s and not s[-1].startswith("<stack cut") for s in ours), ours

@@ -1,18 +1,24 @@
 """What a recorded stack trace costs the guest: the ``dd bs=1`` loop on ``vfs_read``
 recorded without a stack and with one (``trace --stacktrace``'s stack copy), each per
-hit over the same loop unprobed, as :mod:`kprobevm.bench.sharedram` measures.
+hit over the same loop unprobed, timed by the guest's own clock as
+:mod:`kprobevm.bench.sharedram` does.
 
-The guest's own kprobe with ``options/stacktrace`` is measured beside them for scale.
-Every stack the host unwinds is checked to end in the system call entry, so a figure
-never comes from a walk that stopped early.
+On a loaded host the guest's clock runs on while its vCPU thread waits for a core, so
+one dd run can take twice as long as the next for no reason of the guest's. Each way is
+therefore run ``reps`` times in one session, interleaved with the others round by
+round, and its fastest run is taken: the run the host disturbed least. The guest's own
+kprobe with ``options/stacktrace`` is measured the same way, for scale. Every stack the
+host unwinds is checked to end at the system call entry, so no figure comes from a walk
+that stopped early.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kprobevm.bench.guest import under_guest_kprobe
 from kprobevm.bench.sharedram import DD_EVENT, _dd_ns
 from kprobevm.errors import VMError
 from kprobevm.tracing import ProbeEvent, parse_event
@@ -21,74 +27,98 @@ from kprobevm.tracing.session import TraceSession, plan_events
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["StackRound", "measure_stack_round"]
+__all__ = ["WAYS", "StackFigures", "measure_stacks"]
 
 _TRACEFS = "/sys/kernel/tracing"
 _SYSCALL_ENTRY = "entry_SYSCALL_64_after_hwframe+"
+WAYS = ("unprobed", "recorded", "recorded_stack", "guest_stacktrace")
 
 
-@dataclass(frozen=True)
-class StackRound:
-    """One round: guest ns per hit over the unprobed dd loop, each way."""
+@dataclass
+class StackFigures:
+    """Guest ns of each dd run, by way; hits and VM stops of the probed ways."""
 
-    unprobed_ns: int
-    recorded_ns_per_hit: float
-    stack_ns_per_hit: float
-    guest_stacktrace_ns_per_hit: float
-    recorded_hits: int
-    stack_hits: int
-    recorded_stops: int
-    stack_stops: int
+    reads: int
     stack_size: int
+    runs: dict[str, list[int]] = field(default_factory=lambda: {w: [] for w in WAYS})
+    hits: dict[str, list[int]] = field(default_factory=lambda: {w: [] for w in WAYS})
+    stops: dict[str, list[int]] = field(default_factory=lambda: {w: [] for w in WAYS})
+
+    def per_hit(self, way: str) -> float:
+        """Guest ns per hit over the unprobed loop, fastest run against fastest run."""
+        hits = statistics.median(self.hits[way])
+        return (min(self.runs[way]) - min(self.runs["unprobed"])) / max(hits, 1)
 
     @property
     def ratio(self) -> float:
         """A recorded hit with its stack against one without (the goal: at most 2)."""
-        return self.stack_ns_per_hit / self.recorded_ns_per_hit
+        return self.per_hit("recorded_stack") / self.per_hit("recorded")
 
 
-def _recorded(vm: VM, n: int, *, stacktrace: bool, stack_size: int) -> tuple[int, int, int]:
-    """The dd loop under ``trace --mode record`` (``--stacktrace``): ns, hits, VM stops."""
+def _session(vm: VM, *, stacktrace: bool, stack_size: int) -> TraceSession:
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
-    session = TraceSession(
+    return TraceSession(
         vm, plan_events(vm, [event]), mode="record", stacktrace=stacktrace, stack_size=stack_size
     )
-    with session:
-        stops = vm.target.stops
-        ns = _dd_ns(vm, n)
-        stops = vm.target.stops - stops
+
+
+def _checked_hits(session: TraceSession, stacktrace: bool) -> int:
     hits = 0
     for hit in session.drain():
         hits += 1
         if stacktrace and not (hit.stack and hit.stack[-1].startswith(_SYSCALL_ENTRY)):
-            raise VMError(f"a recorded stack ended early: {hit.stack}")
-    return ns, hits, stops
+            raise VMError(f"a recorded stack ended early: {hit.stack} ({hit.stack_cut})")
+    return hits
 
 
-def _guest_stacktrace_ns(vm: VM, n: int) -> tuple[int, int]:
-    """The dd loop under the guest's own kprobe with ``options/stacktrace``: ns, hits."""
-    vm.run(f"echo 1 > {_TRACEFS}/options/stacktrace")
+def measure_stacks(vm: VM, reads: int, stack_size: int, reps: int) -> StackFigures:
+    """Each way ``reps`` times (``reads`` one-byte reads a run), in turn, order rotated."""
+    fig = StackFigures(reads, stack_size)
+    for rep in range(reps):
+        order = WAYS[rep % len(WAYS) :] + WAYS[: rep % len(WAYS)]
+        for way in order:
+            _measure(vm, way, fig)
+    return fig
+
+
+def _measure(vm: VM, way: str, fig: StackFigures) -> None:
+    n = fig.reads
+    if way == "unprobed":
+        fig.runs[way].append(_dd_ns(vm, n))
+        return
+    if way == "guest_stacktrace":
+        ns, hits = _under_guest_stacktrace(vm, lambda: _dd_ns(vm, n))
+        fig.runs[way].append(ns)
+        fig.hits[way].append(hits)
+        return
+    stacktrace = way == "recorded_stack"
+    with _session(vm, stacktrace=stacktrace, stack_size=fig.stack_size) as session:
+        stops = vm.target.stops
+        fig.runs[way].append(_dd_ns(vm, n))
+        fig.stops[way].append(vm.target.stops - stops)
+    fig.hits[way].append(_checked_hits(session, stacktrace))
+
+
+def _under_guest_stacktrace(vm: VM, body: Callable[[], int]) -> tuple[int, int]:
+    """``body`` under the guest's own ``p:bench/rd`` kprobe with ``options/stacktrace``:
+    its result, and the probe's hits from ``kprobe_profile``."""
+    probe = DD_EVENT.split(" ", 1)[1]
+    vm.run(
+        f"echo 'p:bench/rd {probe}' >> {_TRACEFS}/kprobe_events;"
+        f" echo 1 > {_TRACEFS}/options/stacktrace; echo 1 > {_TRACEFS}/events/bench/rd/enable",
+        check=True,
+    )
     try:
-        run = under_guest_kprobe(vm, "bench/rd", DD_EVENT.split(" ", 1)[1], lambda: _dd_ns(vm, n))
+        ns = body()
+        profile = vm.run(f"cat {_TRACEFS}/kprobe_profile", check=True).stdout
     finally:
-        vm.run(f"echo 0 > {_TRACEFS}/options/stacktrace; echo > {_TRACEFS}/trace")
-    if isinstance(run, str) or run.profile is None:
-        raise VMError(f"the guest's own kprobe was not placed: {run}")
-    return run.result, int(run.profile[0])
-
-
-def measure_stack_round(vm: VM, n: int, stack_size: int) -> StackRound:
-    """Unprobed, recorded, recorded with the stack, the guest's kprobe with its stack."""
-    base = _dd_ns(vm, n)
-    rec_ns, rec_hits, rec_stops = _recorded(vm, n, stacktrace=False, stack_size=stack_size)
-    stk_ns, stk_hits, stk_stops = _recorded(vm, n, stacktrace=True, stack_size=stack_size)
-    guest_ns, guest_hits = _guest_stacktrace_ns(vm, n)
-    return StackRound(
-        unprobed_ns=base,
-        recorded_ns_per_hit=(rec_ns - base) / max(rec_hits, 1),
-        stack_ns_per_hit=(stk_ns - base) / max(stk_hits, 1),
-        guest_stacktrace_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
-        recorded_hits=rec_hits, stack_hits=stk_hits, recorded_stops=rec_stops,
-        stack_stops=stk_stops, stack_size=stack_size,
-    )  # fmt: skip
+        vm.run(
+            f"echo 0 > {_TRACEFS}/events/bench/rd/enable; echo 0 > {_TRACEFS}/options/stacktrace;"
+            f" echo '-:bench/rd' >> {_TRACEFS}/kprobe_events; echo > {_TRACEFS}/trace"
+        )
+    hits = next((int(cols[1]) for line in profile.splitlines()
+                 if (cols := line.split()) and cols[0] in ("bench/rd", "rd")), 0)  # fmt: skip
+    if not hits:
+        raise VMError(f"the guest's kprobe_profile has no bench/rd hits:\n{profile}")
+    return ns, hits

@@ -463,7 +463,7 @@ class VM(Closing):
         """Kernel stack traces, unwound on the host with the vmlinux's ORC tables."""
         from kprobevm.kernel.stacktrace import StackTracer
 
-        return StackTracer.for_guest(self.vmlinux, self.symbols, self.read)
+        return StackTracer.for_guest(self.vmlinux, self.symbols, self.read, self.btf)
 
     @functools.cached_property
     def task_layout(self) -> TaskLayout | None:

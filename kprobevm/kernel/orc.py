@@ -20,11 +20,16 @@ import bisect
 import re
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kprobevm.errors import VmlinuxError
 from kprobevm.kernel.vmlinux import Vmlinux
 from kprobevm.x86.constants import MASK64
+
+if TYPE_CHECKING:
+    from kprobevm.kernel.btf import Btf
 
 __all__ = [
     "ORC_REG_BP",
@@ -37,6 +42,7 @@ __all__ = [
     "ORC_REG_SP",
     "ORC_REG_SP_INDIRECT",
     "ORC_REG_UNDEFINED",
+    "ModuleOrcLayout",
     "OrcEntry",
     "OrcFormat",
     "OrcTable",
@@ -57,6 +63,7 @@ ORC_REG_BP_INDIRECT = 8
 ORC_REG_SP_INDIRECT = 9
 
 _ENTRY = struct.Struct("<hhH")
+_MAX_MODULE_ORCS = 1 << 20
 _VERSION_RE = re.compile(r"Linux version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -200,3 +207,40 @@ class OrcTable:
         if not self.text[0] <= ip <= self.text[1]:
             return None
         return self.entry(bisect.bisect_right(self._ips, ip) - 1)
+
+
+@dataclass(frozen=True)
+class ModuleOrcLayout:
+    """Where ``struct module`` keeps the module's ORC tables (``arch``, a ``struct
+    mod_arch_specific``: ``num_orcs``, ``orc_unwind_ip``, ``orc_unwind``), which the
+    kernel sorted when it loaded the module (``unwind_module_init``)."""
+
+    num_orcs: int
+    orc_unwind_ip: int
+    orc_unwind: int
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> ModuleOrcLayout:
+        """The offsets from the kernel's BTF."""
+        names = ("num_orcs", "orc_unwind_ip", "orc_unwind")
+        return cls(*(btf.member("module", f"arch.{name}").offset for name in names))
+
+    def table(
+        self, read: Callable[[int, int], bytes], module: int, fmt: OrcFormat
+    ) -> OrcTable | None:
+        """The tables of the module whose ``struct module`` is at ``module`` (None: it
+        has none), read from guest memory."""
+        num = int.from_bytes(read(module + self.num_orcs, 4), "little")
+        ip_table = int.from_bytes(read(module + self.orc_unwind_ip, 8), "little")
+        entries = int.from_bytes(read(module + self.orc_unwind, 8), "little")
+        if not num or not ip_table or not entries:
+            return None
+        if num > _MAX_MODULE_ORCS:
+            raise VmlinuxError(f"module at {module:#x} claims {num} ORC entries")
+        rel = array("i")
+        rel.frombytes(read(ip_table, 4 * num))
+        ips = [(ip_table + 4 * i + r) & MASK64 for i, r in enumerate(rel)]
+        raw = read(entries, _ENTRY.size * num)
+        if any(ips[i] > ips[i + 1] for i in range(num - 1)):
+            raise VmlinuxError(f"module at {module:#x}: its ORC table is not sorted")
+        return OrcTable(ips, raw, fmt, (ips[0], ips[-1]))

@@ -757,7 +757,7 @@ class KprobeManager:
             return
         regs = RecordedRegs.of(record, self.memory, ip=kp.addr if kp.ftrace else None)
         if kp.stack:
-            self._attach_stack(kp, regs)
+            self._attach_stack(kp, regs, live=False)
             stack, size = regs.stack, kp.record.stack_size if kp.record else 0
             if stack is not None and stack.error is not None:
                 why = f"{stack.error}, past the {size} bytes of stack the record holds?"
@@ -774,16 +774,17 @@ class KprobeManager:
         except Exception as exc:
             self._handler_failed(kp, exc, "pre_handler of recorded")
 
-    def _attach_stack(self, kp: Kprobe, regs: PtRegs) -> None:
+    def _attach_stack(self, kp: Kprobe, regs: PtRegs, *, live: bool = True) -> None:
         """``regs.stack`` for ``kp``'s handler: the walk starts one past the probe, at the
-        ``regs->ip`` a kernel kprobe handler sees (after int3, or from ftrace)."""
+        ``regs->ip`` a kernel kprobe handler sees (after int3, or from ftrace). ``live``:
+        the guest is stopped at the hit (not a recorded hit's memory)."""
         if regs.stack is not None:
             return
         if self._stack_tracer is None or regs.memory is None:
             raise KprobeError("no stack tracer: stack=True needs the VM's vmlinux", address=kp.addr)
         ip = (kp.addr or regs.ip) + 1
         try:
-            regs.stack = self._stack_tracer().at_hit(regs.as_dict(), regs.memory, ip=ip)
+            regs.stack = self._stack_tracer().at_hit(regs.as_dict(), regs.memory, ip=ip, live=live)
         except LOST_ERRORS:
             raise
         except KprobeVMError as exc:

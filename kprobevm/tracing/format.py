@@ -91,6 +91,9 @@ class EventHit:
     stack: tuple[str, ...] | None = None
     """With ``--stacktrace``: the kernel stack at the hit, innermost first, each entry as
     ``%pS`` prints it (``__x64_sys_openat+0x6a/0xa0``)."""
+    stack_cut: str | None = None
+    """Why the stack ends before the stack's end (a recorded copy too short, a frame the
+    walk could not read); None when it is whole."""
 
     @property
     def is_return(self) -> bool:
@@ -106,8 +109,9 @@ class EventHit:
         prints it: a ``<stack trace>`` entry and one `` => `` line per frame."""
         if self.stack is None:
             return [format_event_line(self)]
+        cut = [] if self.stack_cut is None else [f" => <stack cut: {self.stack_cut}>"]
         return [format_event_line(self), format_stack_header(self),
-                *(f" => {entry}" for entry in self.stack)]  # fmt: skip
+                *(f" => {entry}" for entry in self.stack), *cut]  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         """Stable field names for ``--json`` (one object per hit)."""
@@ -126,6 +130,7 @@ class EventHit:
             out["function"] = without_offset(self.function)
         if self.stack is not None:
             out["stack"] = list(self.stack)
+            out["stack_cut"] = self.stack_cut
         return out
 
 

@@ -177,7 +177,7 @@ class PlacedEvent:
 
 _Emit = Callable[
     [tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None,
-     tuple[str, ...] | None],
+     tuple[tuple[str, ...], str | None] | None],
     None,
 ]  # fmt: skip
 """An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function,
@@ -255,12 +255,13 @@ class HitBuilder:
         def emit(
             values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
             timestamp_ns: int, where: str, function: str | None,
-            stack: tuple[str, ...] | None = None,
+            stack: tuple[tuple[str, ...], str | None] | None = None,
         ) -> None:
             sink(EventHit(
                 event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
                 timestamp_ns=timestamp_ns, where=where, args=values, function=function,
-                flags=flags, stack=stack,
+                flags=flags, stack=stack[0] if stack else None,
+                stack_cut=stack[1] if stack else None,
             ))  # fmt: skip
 
         return emit
@@ -323,11 +324,14 @@ class HitBuilder:
         return recorded
 
 
-def _stack_lines(regs: PtRegs, symbols: KernelSymbols) -> tuple[str, ...] | None:
-    """The hit's stack (from ``Kprobe(stack=True)``) as ``%pS`` entries, if it has one."""
+def _stack_lines(
+    regs: PtRegs, symbols: KernelSymbols
+) -> tuple[tuple[str, ...], str | None] | None:
+    """The hit's stack (from ``Kprobe(stack=True)``) as ``%pS`` entries, and why it was
+    cut short if it was; None without one."""
     if regs.stack is None:
         return None
-    return tuple(symbols.describe(addr) for addr in regs.stack.entries)
+    return tuple(symbols.describe(addr) for addr in regs.stack.entries), regs.stack.error
 
 
 def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from kprobevm.kernel.orc import (
     FP_ORC_ENTRY,
@@ -29,12 +30,18 @@ from kprobevm.kernel.orc import (
     ORC_REG_UNDEFINED,
     OrcEntry,
     OrcFormat,
-    OrcTable,
     OrcType,
 )
 from kprobevm.x86.constants import MASK64
 
-__all__ = ["MAX_STACK_ENTRIES", "PT_REGS", "KernelStack", "StackReader", "unwind"]
+__all__ = [
+    "MAX_STACK_ENTRIES",
+    "PT_REGS",
+    "KernelStack",
+    "OrcLookup",
+    "StackReader",
+    "unwind",
+]
 
 MAX_STACK_ENTRIES = 128
 """A walk stops here (bad data could loop; the kernel's own trace keeps fewer)."""
@@ -48,6 +55,15 @@ PT_REGS = {
 _IRET_FRAME_OFFSET = PT_REGS["ip"]
 _SP_BASES = {ORC_REG_R10: "r10", ORC_REG_R13: "r13", ORC_REG_DI: "di", ORC_REG_DX: "dx"}
 _STACK_BLOCK = 1 << 12  # the wrong-direction check compares sp within one page
+
+class OrcLookup(Protocol):
+    """Where the walk finds the ORC entry of an address (``orc_find``), and its layout."""
+
+    @property
+    def format(self) -> OrcFormat: ...
+
+    def find(self, ip: int) -> OrcEntry | None: ...
+
 
 StackReader = Callable[[int], int | None]
 """A u64 of guest stack memory at an address, None when it cannot be read (a fault, or
@@ -86,7 +102,7 @@ class _State:
 
 def unwind(
     regs: Mapping[str, int],
-    table: OrcTable,
+    table: OrcLookup,
     read: StackReader,
     is_text: Callable[[int], bool],
     *,
@@ -127,7 +143,7 @@ def _fail(state: _State, why: str) -> None:
     state.done = True
 
 
-def _next_frame(state: _State, table: OrcTable, read: StackReader) -> None:
+def _next_frame(state: _State, table: OrcLookup, read: StackReader) -> None:
     """``unwind_next_frame``: move ``state`` to the caller's frame, or end the walk."""
     if state.regs is not None:
         cs = _regs_word(state.regs, "cs", read)
