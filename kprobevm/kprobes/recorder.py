@@ -26,9 +26,10 @@ and counts in its ``nmissed``. Once settled, ``nhit + nmissed == guest_hits``.
 from __future__ import annotations
 
 import functools
+import logging
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CapturedRead",
@@ -261,6 +264,8 @@ class Recorder:
                                symbol=kp.symbol_name)  # fmt: skip
         probe_id = self._free_ids.pop(0)
         layout = spec.layout
+        if spec.stack_size:
+            layout = replace(layout, stack_block=self.helpers.thread_size)
         if layout.size > self.layout.ring_size // 8:
             raise ProbeRefused(
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
@@ -517,6 +522,19 @@ def copy_helpers(
             task_pid=layout.pid,
             task_comm=layout.comm,
             task_size_max=split.task_size_max,
+            thread_size=_thread_size(syms),
         )
     except KeyError as exc:
         raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc
+
+
+def _thread_size(syms: KernelSymbols) -> int:
+    """The kernel's THREAD_SIZE: the init task's stack, ``__end_init_task -
+    __start_init_task`` (x86-64's 16 KiB when kallsyms lacks either)."""
+    start, end = syms.get("__start_init_task"), syms.get("__end_init_task")
+    size = end - start if start is not None and end is not None else 0
+    if size < 4096 or size & (size - 1):
+        log.warning("kernel stack size unknown (__start_init_task, __end_init_task): "
+                    "stack copies assume %d bytes", rec.STACK_BLOCK)  # fmt: skip
+        return rec.STACK_BLOCK
+    return size

@@ -72,8 +72,9 @@ def _align8(n: int) -> int:
 
 
 STACK_BLOCK = 16384
-"""x86-64's THREAD_SIZE and IRQ_STACK_SIZE: a stack is a block of this size and
-alignment, so a copy from ``sp`` to the block's end stays on the stack."""
+"""x86-64's THREAD_SIZE (and IRQ_STACK_SIZE) without KASAN: a stack is a block of this
+size and alignment, so a copy from ``sp`` to the block's end stays on the stack. The
+recorder sets the guest's own (:attr:`CopyHelpers.thread_size`)."""
 MAX_STACK_COPY = 4096
 KERNEL_HALF = 0xFF00000000000000
 """The lowest kernel address of either paging mode: a saved stack pointer is above it."""
@@ -116,11 +117,15 @@ class RecordLayout:
     from ``sp`` to the top of its stack, and (on the IRQ stack) from the stack pointer
     saved at that top to the top of the stack below. The record then has a size of its
     own (see :func:`stack_slices`); 0: no stack."""
+    stack_block: int = STACK_BLOCK
+    """The guest's stack size and alignment (its THREAD_SIZE)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.stack_size <= MAX_STACK_COPY or self.stack_size % 8:
             raise ValueError(f"stack copy of {self.stack_size} bytes: not a multiple of 8"
                              f" in 0..{MAX_STACK_COPY}")  # fmt: skip
+        if self.stack_block & (self.stack_block - 1) or self.stack_block < 4096:
+            raise ValueError(f"stack size {self.stack_block} is not a power of two >= 4096")
 
     @property
     def fixed_size(self) -> int:
@@ -130,7 +135,8 @@ class RecordLayout:
 
     def stack_copy_length(self, sp: int) -> int:
         """The slice reserved for a stack at ``sp``: up to its top, at most ``stack_size``."""
-        return min(self.stack_size, STACK_BLOCK - (sp & (STACK_BLOCK - 1)))
+        block = self.stack_block
+        return min(self.stack_size, block - (sp & (block - 1)))
 
     @property
     def capture_offsets(self) -> tuple[int, ...]:
@@ -190,6 +196,9 @@ class CopyHelpers:
     """The guest's ``TASK_SIZE_MAX`` (its paging mode's): a mixed read below it goes
     through the user copies. :func:`~kprobevm.kprobes.recorder.copy_helpers` sets it
     from the guest."""
+    thread_size: int = STACK_BLOCK
+    """The guest's kernel stack size (``__end_init_task - __start_init_task``), set by
+    :func:`~kprobevm.kprobes.recorder.copy_helpers`: where a stack copy stops."""
 
     def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
         """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
@@ -437,11 +446,11 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     stack, at most ``stack_size``); r15 the stack pointer saved at that top when the
     slice reaches it and it is a kernel address (the IRQ stack's link to the stack it
     left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
-    a, name, stack = s.a, f"{s.name}_stk", s.layout.stack_size
+    a, name, stack, block = s.a, f"{s.name}_stk", s.layout.stack_size, s.layout.stack_block
     a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
     a.mov("rax", "rsi")
-    a.and_("rax", STACK_BLOCK - 1)
-    a.mov("ecx", STACK_BLOCK)
+    a.and_("rax", block - 1)
+    a.mov("ecx", block)
     a.sub("rcx", "rax")  # bytes to the top
     a.mov("r14", "rcx")
     a.cmp("r14", stack)
@@ -470,8 +479,8 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     a.test("r15", "r15")
     a.jcc("e", f"{name}_sized")
     a.mov("rax", "r15")
-    a.and_("rax", STACK_BLOCK - 1)
-    a.mov("ecx", STACK_BLOCK)
+    a.and_("rax", block - 1)
+    a.mov("ecx", block)
     a.sub("rcx", "rax")
     a.cmp("rcx", stack)
     a.jcc("be", f"{name}_len2")
@@ -510,7 +519,7 @@ def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -
     def field(offset: int) -> asm.Mem:
         return mem(base, at + offset, size=8, disp32=True)
 
-    for try_, block in enumerate((STACK_BLOCK, 4096)):
+    for try_, block in enumerate((s.layout.stack_block, 4096)):
         a.mov("rsi", field(0))
         a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
         a.mov("rax", "rsi")
