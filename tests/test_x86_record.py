@@ -324,6 +324,34 @@ def test_a_stack_copying_program_listing_assembles_to_its_bytes() -> None:
     layout = RecordLayout((Capture(0, 8, reg="di"),), 2048)
     program = rec.build_record_program(
         PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
-        ring=RING_LAYOUT, helpers=HELPER_ADDRS, cont=CONT,
+        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30), cont=CONT,
     )  # fmt: skip
     assert gas_text(program.listing) == program.code
+
+
+def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
+    # task_struct.stack (at TASK + 0x30) is the 16 KiB stack under STACK: the copy needs
+    # no fault-tolerant helper, and the top (pt_regs' ss there) is never read as a link
+    layout = RecordLayout((), 512)
+    helpers = replace(HELPER_ADDRS, task_stack=0x30)
+    code = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+        helpers=helpers, cont=CONT,
+    ).code  # fmt: skip
+    m, _ = _machine(layout)
+    m.write(PROGRAM, code)
+    m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    m.write(STACK - 0x100, bytes(range(248)) + struct.pack("<Q", 0x18))
+    run = _run(m, len(code))
+    _untouched(run)
+    size = struct.unpack_from("<I", m.read(RING + 8, 4))[0]
+    stack, below = decode_record(m.read(RING, size), layout).reads
+    assert (stack.address, stack.status) == (STACK - 0x100, 0x100)
+    assert stack.data == m.read(STACK - 0x100, 0x100)
+    assert below.status == -EFAULT and not run.calls
+    # an address outside current's stack goes through the kernel's helper as before
+    m.write(TASK + 0x30, struct.pack("<Q", STACK))
+    m.write(CONTROL, bytes(8))
+    m.write(CONTROL + 64, bytes(8))
+    run = _run(m, len(code))
+    assert [c[0] for c in run.calls] == [0, 0]  # the top word, then the slice

@@ -523,6 +523,7 @@ def copy_helpers(
             task_comm=layout.comm,
             task_size_max=split.task_size_max,
             thread_size=_thread_size(syms),
+            task_stack=layout.stack,
         )
     except KeyError as exc:
         raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc

@@ -199,6 +199,9 @@ class CopyHelpers:
     thread_size: int = STACK_BLOCK
     """The guest's kernel stack size (``__end_init_task - __start_init_task``), set by
     :func:`~kprobevm.kprobes.recorder.copy_helpers`: where a stack copy stops."""
+    task_stack: int = 0
+    """Offset of ``task_struct.stack`` (0: unknown). A stack copy from within
+    ``current``'s own stack, which is mapped whole, is then a plain ``rep movsq``."""
 
     def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
         """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
@@ -448,6 +451,18 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
     a, name, stack, block = s.a, f"{s.name}_stk", s.layout.stack_size, s.layout.stack_block
     a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
+    if helpers.task_stack:
+        # on current's stack: to its top, and the top holds pt_regs, no link below
+        _on_task_stack(s, helpers, f"{name}_other")
+        a.mov("r14d", block)
+        a.sub("r14", "rcx")
+        a.cmp("r14", stack)
+        a.jcc("be", f"{name}_task_len")
+        a.mov("r14", stack)
+        a.label(f"{name}_task_len")
+        a.xor("r15d", "r15d")
+        a.jmp(f"{name}_size")
+        a.label(f"{name}_other")
     a.mov("rax", "rsi")
     a.and_("rax", block - 1)
     a.mov("ecx", block)
@@ -510,6 +525,20 @@ def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
     _slice_copy(s, helpers, "rbp", below, f"{name}2")
 
 
+def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
+    """On to ``other`` unless rsi is an 8-byte aligned address in ``current``'s own
+    stack (mapped whole: a copy to its top cannot fault); else rcx = rsi - its base."""
+    a = s.a
+    a.mov("rax", mem(disp=helpers.current_task, seg="gs"))
+    a.mov("rax", mem("rax", helpers.task_stack, disp32=True))  # the stack's base
+    a.mov("rcx", "rsi")
+    a.sub("rcx", "rax")
+    a.cmp("rcx", s.layout.stack_block)
+    a.jcc("ae", other)
+    a.test("esi", 7)
+    a.jcc("ne", other)
+
+
 def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -> None:
     """Copy the stack from the address in the header at ``base + at`` to the top of its
     block, at most ``stack_size`` bytes; where that faults (a stack not aligned so), to
@@ -519,6 +548,23 @@ def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -
     def field(offset: int) -> asm.Mem:
         return mem(base, at + offset, size=8, disp32=True)
 
+    if helpers.task_stack:
+        a.mov("rsi", field(0))
+        _on_task_stack(s, helpers, f"{name}_other")
+        a.mov("edx", s.layout.stack_block)
+        a.sub("rdx", "rcx")  # bytes to the top
+        a.cmp("rdx", stack)
+        a.jcc("be", f"{name}_task_len")
+        a.mov("edx", stack)
+        a.label(f"{name}_task_len")
+        a.mov(field(8), "rdx")
+        a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
+        a.mov("rcx", "rdx")
+        a.shr("rcx", 3)
+        a.rep_movsq()
+        a.mov("rax", field(8))
+        a.jmp(f"{name}_status")
+        a.label(f"{name}_other")
     for try_, block in enumerate((s.layout.stack_block, 4096)):
         a.mov("rsi", field(0))
         a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
