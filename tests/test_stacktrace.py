@@ -37,6 +37,7 @@ from kprobevm.tracing import differential as diff
 from kprobevm.tracing.format import EventHit
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.unwind_orc import PT_REGS, KernelStack, unwind
+from tests.conftest import kernel_trouble
 
 # --- the ORC format and the walk, on made-up tables ---------------------------------------
 
@@ -260,3 +261,29 @@ def test_stacks_through_module_frames_use_the_module_orc(
     assert ours and all(s and "[virtio_net]" in s[1] for s in ours), ours
     assert ours & guest, (ours, guest)  # the same path through the module, whole
     assert all(s and not s[-1].startswith("<stack cut") for s in ours), ours
+
+
+@pytest.fixture(scope="module")
+def newer_guest() -> Iterator[VM]:
+    """Debian's 6.12 cloud kernel: ORC entries in the 6.4+ layout, IBT (``func+4``)."""
+    import kprobevm
+
+    with kprobevm.boot(name="stacks-6.12", kernel_package="linux-image-6.12-cloud-amd64") as vm:
+        start = len(vm.serial_log())
+        yield vm
+        trouble = kernel_trouble(vm.serial_log()[start:])
+        assert not trouble, trouble
+
+
+@pytest.mark.vm
+def test_stacks_identical_to_tracefs_on_a_newer_kernel(newer_guest: VM) -> None:
+    vm = newer_guest
+    assert vm.stack_tracer.table.format is SIGNAL_FORMAT  # decided from its linux_banner
+    before = {name: vm.read(vm.symbols[name], 64) for name in PROBED}
+    guest = _workload_lines(diff.run_tracefs(vm, DEFINITIONS, WORKLOAD, stacktrace=True))
+    assert guest and all(line.stack for line in guest)
+    for mode in ("record", "stop"):
+        ours = diff.run_kprobevm(vm, DEFINITIONS, WORKLOAD, mode=mode, stacktrace=True)
+        result = diff.compare_lines(guest, _workload_lines(ours))
+        assert result.identical, f"{mode}: {result.describe()}"
+    assert {name: vm.read(vm.symbols[name], 64) for name in PROBED} == before
