@@ -531,11 +531,14 @@ def copy_helpers(
 
 def _thread_size(syms: KernelSymbols) -> int:
     """The kernel's THREAD_SIZE: the init task's stack, ``__end_init_task -
-    __start_init_task`` (x86-64's 16 KiB when kallsyms lacks either)."""
-    start, end = syms.get("__start_init_task"), syms.get("__end_init_task")
-    size = end - start if start is not None and end is not None else 0
-    if size < 4096 or size & (size - 1):
-        log.warning("kernel stack size unknown (__start_init_task, __end_init_task): "
-                    "stack copies assume %d bytes", rec.STACK_BLOCK)  # fmt: skip
-        return rec.STACK_BLOCK
-    return size
+    __start_init_task`` (``__*_init_stack`` in 6.x kernels such as 6.12); x86-64's 16 KiB,
+    said on stderr, when kallsyms names neither pair."""
+    for first, last in (("__start_init_stack", "__end_init_stack"),
+                        ("__start_init_task", "__end_init_task")):  # fmt: skip
+        start, end = syms.get(first), syms.get(last)
+        size = end - start if start is not None and end is not None else 0
+        if size >= 4096 and not size & (size - 1):
+            return size
+    log.warning("kernel stack size unknown (no __start_init_stack or __start_init_task "
+                "pair in kallsyms): stack copies assume %d bytes", rec.STACK_BLOCK)  # fmt: skip
+    return rec.STACK_BLOCK
