@@ -56,6 +56,7 @@ _IRET_FRAME_OFFSET = PT_REGS["ip"]
 _SP_BASES = {ORC_REG_R10: "r10", ORC_REG_R13: "r13", ORC_REG_DI: "di", ORC_REG_DX: "dx"}
 _STACK_BLOCK = 1 << 12  # the wrong-direction check compares sp within one page
 
+
 class OrcLookup(Protocol):
     """Where the walk finds the ORC entry of an address (``orc_find``), and its layout."""
 
