@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.guest.console import KERNEL_TROUBLE, kernel_trouble
 from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 
 if TYPE_CHECKING:
@@ -39,15 +39,7 @@ __all__ = ["KERNEL_TROUBLE", "EventProbe", "ProbeSession", "kernel_trouble"]
 
 SERIAL_TAIL_LINES = 40
 
-# A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
-
 _VM_KEY = pytest.StashKey["VM"]()
-
-
-def kernel_trouble(text: str) -> list[str]:
-    """Console lines that show an oops, a BUG, a GP fault, an unhandled int3 or a panic."""
-    return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
 
 
 def _qemu_missing(config: pytest.Config) -> str | None:
