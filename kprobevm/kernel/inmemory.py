@@ -45,14 +45,19 @@ class KernelInMemory:
         """Core and module symbols, the modules read now through ``read`` (guest virtual
         memory, the guest stopped); the core's alone when the kernel has no module list
         or no BTF to read it by (:attr:`modules_missing` says why)."""
-        entries: list[tuple[int, str, str, str | None]] = [
-            (s.address, s.type, s.name, None) for s in self.core
-        ]
         modules = self.core.get("modules")
-        if modules is not None and self.btf is not None:
-            layout = ModuleKallsymsLayout.from_btf(self.btf)
-            entries += [(a, t, n, m) for a, t, n, m in module_kallsyms(read, modules, layout)]
-        return KernelSymbols(entries)
+        if modules is None or self.btf is None:
+            return self.core
+        layout = ModuleKallsymsLayout.from_btf(self.btf)
+        found = module_kallsyms(read, modules, layout)
+        if not found:
+            return self.core
+        # the core's columns in kallsyms order, then each module's as the file lists them
+        addrs, types, names, mods = self.core.columns()
+        return KernelSymbols.from_columns(
+            addrs + [a for a, _, _, _ in found], types + [t for _, t, _, _ in found],
+            names + [n for _, _, n, _ in found], mods + [m for _, _, _, m in found],
+        )  # fmt: skip
 
     @property
     def modules_missing(self) -> str | None:

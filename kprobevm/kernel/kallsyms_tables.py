@@ -34,7 +34,7 @@ import array
 import itertools
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kprobevm.errors import GuestFaultError, SymbolError
@@ -169,31 +169,33 @@ def _token_tables(image: bytes) -> list[tuple[int, int]]:
     return found
 
 
-def _markers_before(image: bytes, limit: int) -> list[tuple[int, list[int]]]:
+def _markers_before(image: bytes, limit: int) -> Iterator[tuple[int, list[int]]]:
     """Candidate ``kallsyms_markers`` arrays ending at most ``_MAX_SEQS_GAP`` before
-    ``limit``: 8-aligned, starting with 0, strictly increasing by what 256 names take."""
-    out: list[tuple[int, list[int]]] = []
+    ``limit``, nearest first: 8-aligned, starting with 0, strictly increasing by what
+    256 names take."""
     lo = max(0, limit - _MAX_SEQS_GAP)
-    at = limit - limit % _ALIGN
-    while at >= lo:
+    end = limit
+    while True:
         # markers[0] is 0 and markers[1] is what the first 256 names take.
-        at = image.rfind(b"\0\0\0\0", lo, at + 4)
-        if at < 0:
-            break
-        if at % _ALIGN == 0 and at + 8 <= limit:
-            first = struct.unpack_from("<I", image, at + 4)[0]
-            if 2 * 256 <= first <= _MAX_NAME_ENTRY * 256:
-                marks = [0]
-                pos = at + 4
-                while pos + 4 <= limit:
-                    value = struct.unpack_from("<I", image, pos)[0]
-                    if not 2 * 256 <= value - marks[-1] <= _MAX_NAME_ENTRY * 256:
-                        break
-                    marks.append(value)
-                    pos += 4
-                out.append((at, marks))
-        at -= 1
-    return out
+        found = image.rfind(b"\0\0\0\0", lo, end)
+        if found < 0:
+            return
+        at = found - found % _ALIGN
+        end = at + 3  # the next window to look at starts before ``at``
+        if at < lo or at + 8 > limit or image[at : at + 4] != b"\0\0\0\0":
+            continue
+        first = struct.unpack_from("<I", image, at + 4)[0]
+        if not 2 * 256 <= first <= _MAX_NAME_ENTRY * 256:
+            continue
+        marks = [0]
+        pos = at + 4
+        while pos + 4 <= limit:
+            value = struct.unpack_from("<I", image, pos)[0]
+            if not 2 * 256 <= value - marks[-1] <= _MAX_NAME_ENTRY * 256:
+                break
+            marks.append(value)
+            pos += 4
+        yield at, marks
 
 
 def _walk_names(image: bytes, start: int, count: int) -> list[int] | None:
@@ -345,21 +347,18 @@ def decode_kallsyms(image: bytes, text: int, tables: KallsymsTables) -> KernelSy
                               tables.encoding)  # fmt: skip
     assert addrs is not None
     names: list[str] = []
-    types: list[str] = []
     at = tables.names
     for _ in range(tables.count):
         n = image[at]
         if n & 0x80:
             n = (n & 0x7F) | (image[at + 1] << 7)
             at += 1
-        full = "".join([tokens[c] for c in image[at + 1 : at + 1 + n]])
+        names.append("".join([tokens[c] for c in image[at + 1 : at + 1 + n]]))
         at += 1 + n
-        types.append(full[:1])
-        names.append(full[1:])
-    entries: list[tuple[int, str, str, str | None]] = [
-        (a, t, n, None) for a, t, n in zip(addrs, types, names, strict=True)
-    ]
-    syms = KernelSymbols(entries)
+    # the first character a name expands to is its type letter
+    types = [full[:1] for full in names]
+    names = [full[1:] for full in names]
+    syms = KernelSymbols.from_columns(addrs, types, names, [None] * len(names))
     if syms.get("_text") != text:
         got = syms.get("_text")
         raise SymbolError(
