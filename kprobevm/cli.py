@@ -312,6 +312,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
+            if vm.trap_fallback is not None:
+                _progress(f"trap channel: breakpoint, slow (each hit stops the VM and QEMU may"
+                          f" flush its translation cache: tens of hits per second), because"
+                          f" {vm.trap_fallback}")  # fmt: skip
             if session.record_refused is not None:
                 _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)

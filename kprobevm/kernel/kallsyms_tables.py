@@ -258,6 +258,7 @@ def find_kallsyms_tables(image: bytes, text: int) -> KallsymsTables:
         )
     tried: list[str] = []
     for token_table, token_index in tables:
+        seen = len(tried)
         for markers, marks in _markers_before(image, token_table):
             found = _names_before(image, markers, marks)
             if found is None:
@@ -274,7 +275,8 @@ def find_kallsyms_tables(image: bytes, text: int) -> KallsymsTables:
                 token_table=token_table, token_index=token_index, addresses=addresses,
                 relative_base=base, encoding=encoding, count=count,
             )  # fmt: skip
-        tried.append(f"token table at {text + token_table:#x}: no markers before it")
+        if len(tried) == seen:
+            tried.append(f"token table at {text + token_table:#x}: no markers before it")
     raise SymbolError(
         f"kallsyms tables not found in the kernel image at {text:#x}: " + "; ".join(tried[:6])
     )
