@@ -462,12 +462,24 @@ class VM(Closing):
 
         image = self.kernel_image
         ram = self.guest_ram
-        if ram is not None and ram.covers(image.phys, image.size):
-            data = ram.read_phys(image.phys, image.size)  # read-only tables: no stop needed
-        else:
+
+        def read(vaddr: int, size: int) -> bytes:
+            paddr = image.phys + vaddr - image.text  # the image is physically contiguous
+            if ram is not None and ram.covers(paddr, size):
+                return ram.read_phys(paddr, size)  # read-only tables: no stop needed
             with self.target.stopped() as client:
-                data = client.read_phys(image.phys, image.size)
-        found = KernelInMemory.decode(image, data)
+                return client.read_phys(paddr, size)
+
+        found = None
+        if image.rodata is not None:
+            start, size = image.rodata
+            try:
+                found = KernelInMemory.decode(image, read(start, size), start)
+            except KprobeVMError as exc:
+                self.log.info("%s: kallsyms not in the read-only data (%s); reading the"
+                              " whole kernel image", self.name, exc)  # fmt: skip
+        if found is None:
+            found = KernelInMemory.decode(image, read(image.text, image.size))
         if found.modules_missing is not None:
             self.log.warning("%s: no module symbols: %s", self.name, found.modules_missing)
         return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kprobevm.errors import SymbolError
 from kprobevm.kernel.btf import Btf
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.kernel.kallsyms_tables import KallsymsTables, KernelImage, kallsyms_from_image
@@ -32,13 +33,20 @@ class KernelInMemory:
     """None when the kernel has no ``.BTF`` (built without ``DEBUG_INFO_BTF``)."""
 
     @classmethod
-    def decode(cls, image: KernelImage, data: bytes) -> KernelInMemory:
-        """From ``data``, the whole image read from ``_text``."""
-        core, tables = kallsyms_from_image(data, image.text)
+    def decode(cls, image: KernelImage, data: bytes, base: int | None = None) -> KernelInMemory:
+        """From ``data``: the image's memory from virtual ``base`` (``_text`` when None),
+        which must hold the kallsyms tables and ``.BTF``."""
+        base = image.text if base is None else base
+        core, tables = kallsyms_from_image(data, image.text, base)
         btf = None
         start, stop = core.get("__start_BTF"), core.get("__stop_BTF")
-        if start is not None and stop is not None and image.contains(start) and stop > start:
-            btf = Btf(data[start - image.text : stop - image.text])
+        if start is not None and stop is not None and stop > start:
+            if not base <= start < stop <= base + len(data):
+                raise SymbolError(
+                    f".BTF {start:#x}..{stop:#x} is not in the {len(data):#x} bytes read"
+                    f" at {base:#x}"
+                )
+            btf = Btf(data[start - base : stop - base])
         return cls(image=image, tables=tables, core=core, btf=btf)
 
     def symbols(self, read: ReadFn) -> KernelSymbols:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from kprobevm.errors import GuestFaultError, SymbolError
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.x86.constants import MASK64
-from kprobevm.x86.pagetable import ADDR_MASK, PAGE_SIZE_2M, PRESENT, translate, walk
+from kprobevm.x86.pagetable import ADDR_MASK, NX, PAGE_SIZE_2M, PRESENT, PS, RW, translate, walk
 
 __all__ = [
     "KERNEL_IMAGE_WINDOW",
@@ -74,6 +74,10 @@ class KernelImage:
     text: int
     phys: int
     size: int
+    rodata: tuple[int, int] | None = None
+    """``(start, size)`` of the read-only data (kallsyms and BTF live there), told by the
+    page directory: from the first read-only non-executable 2 MiB page to the first
+    writable one; None when the mapping does not show it."""
 
     def contains(self, vaddr: int) -> bool:
         """Whether ``vaddr`` is inside the mapped image."""
@@ -95,7 +99,8 @@ def find_kernel_image(read_phys: ReadPhys, cr3: int, *, la57: bool = False) -> K
         )
     table = pd.paddr - 8 * pd.index
     raw = read_phys(table, 4096)
-    present = [bool(e & PRESENT) for e in struct.unpack("<512Q", raw)]
+    pd_entries = struct.unpack("<512Q", raw)
+    present = [bool(e & PRESENT) for e in pd_entries]
     try:
         first = present.index(True)
     except ValueError:
@@ -107,7 +112,25 @@ def find_kernel_image(read_phys: ReadPhys, cr3: int, *, la57: bool = False) -> K
         count += 1
     text = KERNEL_IMAGE_WINDOW + first * PAGE_SIZE_2M
     phys = translate(read_phys, cr3, text, la57=la57).paddr & ADDR_MASK
-    return KernelImage(text=text, phys=phys, size=count * PAGE_SIZE_2M)
+    return KernelImage(text=text, phys=phys, size=count * PAGE_SIZE_2M,
+                       rodata=_rodata(pd_entries[first : first + count], text))  # fmt: skip
+
+
+def _rodata(entries: tuple[int, ...], text: int) -> tuple[int, int] | None:
+    """Read-only data in the image's page-directory entries: text is mapped read-only
+    and executable, rodata read-only and not executable, data writable (``.text`` and
+    ``.rodata`` tails mapped with 4 KiB pages may sit between)."""
+
+    def huge(e: int, rw: bool, nx: bool) -> bool:
+        return bool(e & PS) and bool(e & RW) is rw and bool(e & NX) is nx
+
+    start = next((k for k, e in enumerate(entries) if huge(e, False, True)), None)
+    if start is None:
+        return None
+    end = next((k for k in range(start, len(entries)) if huge(entries[k], True, True)), None)
+    if end is None:
+        return None
+    return text + start * PAGE_SIZE_2M, (end - start) * PAGE_SIZE_2M
 
 
 @dataclass(frozen=True)
@@ -246,15 +269,17 @@ def _names_before(image: bytes, markers_at: int, marks: list[int]) -> tuple[int,
     return None
 
 
-def find_kallsyms_tables(image: bytes, text: int) -> KallsymsTables:
-    """The kallsyms tables in ``image`` (the kernel image read from ``_text`` at virtual
-    address ``text``). Raises :class:`SymbolError` with what was seen when they are not
-    there (a kernel built without ``CONFIG_KALLSYMS``, or an image read wrongly)."""
+def find_kallsyms_tables(image: bytes, text: int, base: int | None = None) -> KallsymsTables:
+    """The kallsyms tables in ``image``, kernel memory read from virtual address ``base``
+    (``text``, where ``_text`` is, when None); offsets in the result are into ``image``.
+    Raises :class:`SymbolError` with what was seen when they are not there (a kernel
+    built without ``CONFIG_KALLSYMS``, or memory read wrongly)."""
+    where = text if base is None else base
     tables = _token_tables(image)
     if not tables:
         raise SymbolError(
-            f"no kallsyms token table in the {len(image) >> 20} MiB kernel image at "
-            f"{text:#x} (a kernel without CONFIG_KALLSYMS?)"
+            f"no kallsyms token table in {len(image) >> 20} MiB of kernel memory at "
+            f"{where:#x} (a kernel without CONFIG_KALLSYMS?)"
         )
     tried: list[str] = []
     for token_table, token_index in tables:
@@ -262,12 +287,12 @@ def find_kallsyms_tables(image: bytes, text: int) -> KallsymsTables:
         for markers, marks in _markers_before(image, token_table):
             found = _names_before(image, markers, marks)
             if found is None:
-                tried.append(f"markers at {text + markers:#x}: no names before them")
+                tried.append(f"markers at {where + markers:#x}: no names before them")
                 continue
             num_syms, count = found
             layout = _addresses(image, text, num_syms, token_index, count)
             if layout is None:
-                tried.append(f"{count} names at {text + num_syms + 8:#x}: no address table")
+                tried.append(f"{count} names at {where + num_syms + 8:#x}: no address table")
                 continue
             addresses, base, encoding = layout
             return KallsymsTables(
@@ -276,9 +301,9 @@ def find_kallsyms_tables(image: bytes, text: int) -> KallsymsTables:
                 relative_base=base, encoding=encoding, count=count,
             )  # fmt: skip
         if len(tried) == seen:
-            tried.append(f"token table at {text + token_table:#x}: no markers before it")
+            tried.append(f"token table at {where + token_table:#x}: no markers before it")
     raise SymbolError(
-        f"kallsyms tables not found in the kernel image at {text:#x}: " + "; ".join(tried[:6])
+        f"kallsyms tables not found in kernel memory at {where:#x}: " + "; ".join(tried[:6])
     )
 
 
@@ -370,7 +395,10 @@ def decode_kallsyms(image: bytes, text: int, tables: KallsymsTables) -> KernelSy
     return syms
 
 
-def kallsyms_from_image(image: bytes, text: int) -> tuple[KernelSymbols, KallsymsTables]:
-    """Find and decode the core kernel's kallsyms in ``image`` (read from ``_text``)."""
-    tables = find_kallsyms_tables(image, text)
+def kallsyms_from_image(
+    image: bytes, text: int, base: int | None = None
+) -> tuple[KernelSymbols, KallsymsTables]:
+    """Find and decode the core kernel's kallsyms in ``image`` (kernel memory read from
+    ``base``, by default from ``_text`` at ``text``)."""
+    tables = find_kallsyms_tables(image, text, base)
     return decode_kallsyms(image, text, tables), tables
