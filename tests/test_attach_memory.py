@@ -21,6 +21,8 @@ from kprobevm.guest.vm import VM, attach
 from kprobevm.kernel.blacklist import Blacklist
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.kernel.kprobe_blacklist_list import kprobe_blacklist_ranges
+from kprobevm.kernel.patchsites import PatchSites
+from kprobevm.kernel.patchsites_memory import LiveTables
 from kprobevm.kernel.tasks import TaskLayout
 from tests.conftest import kernel_trouble
 
@@ -66,6 +68,32 @@ def check_memory_tables(vm: VM) -> None:
 def test_memory_tables_are_the_guests(vm: VM) -> None:
     """The default guest (nokaslr): what memory says is what the guest says."""
     check_memory_tables(vm)
+
+
+def test_patch_sites_from_memory(vm: VM) -> None:
+    """Run-time patched text from the kernel's own tables in memory is what the vmlinux
+    tables say, less what the kernel freed after boot, plus modules' ftrace sites."""
+    assert vm.vmlinux is not None
+    ref = PatchSites.build(vm.symbols, vm.vmlinux)
+    live = LiveTables(vm.symbols, vm.memory.read, vm.kernel_in_memory.btf)
+    with vm.target.stopped():
+        mine = PatchSites.build(vm.symbols, None, live=live)
+
+    def of(sites: PatchSites, reason: str) -> set[tuple[int, int]]:
+        return {(s.start, s.end) for s in sites.sites if s.reason == reason}
+
+    for reason in ("jump label", "static call", "exception table", "static call trampoline"):
+        assert of(mine, reason) == of(ref, reason), reason
+        assert of(mine, reason), reason
+    assert mine.missing == [".altinstructions: in the init memory the kernel freed after boot"]
+    if vm.read_file("/sys/devices/system/cpu/possible").strip() == "0":
+        # one possible CPU: the kernel freed its lock-prefix table, never to switch again
+        assert not of(mine, "SMP lock prefix")
+    # ftrace's own records: every core site outside init text (freed), and modules'
+    init = vm.symbols["_sinittext"], vm.symbols["_einittext"]
+    assert {a for a in ref.ftrace if not init[0] <= a < init[1]} <= mine.ftrace
+    extra = [vm.symbols.lookup(a) for a in mine.ftrace - ref.ftrace]
+    assert extra and all(s is not None and s.module for s in extra)
 
 
 @pytest.mark.parametrize("kernel", [None, "linux-image-6.12-cloud-amd64"], ids=["6.1", "6.12"])

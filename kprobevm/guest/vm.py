@@ -603,8 +603,17 @@ class VM(Closing):
     def patch_sites(self) -> PatchSites:
         """Text the guest kernel rewrites at run time (jump labels, alternatives, ...)."""
         from kprobevm.kernel.patchsites import PatchSites
+        from kprobevm.kernel.patchsites_memory import LiveTables
 
-        return PatchSites.build(self.symbols, self.vmlinux, self.read)
+        if self.vmlinux is not None or self.btf is None:
+            return PatchSites.build(self.symbols, self.vmlinux, self.read)
+        # no vmlinux: the kernel's own tables, as it keeps them in memory
+        live = LiveTables(self.symbols, self.memory.read, self.btf)
+        with self.target.stopped():
+            sites = PatchSites.build(self.symbols, None, self.read, live=live)
+        for part in sites.missing:
+            self.log.warning("run-time patched text not fully known: %s", part)
+        return sites
 
     @functools.cached_property
     def slot_reserve(self) -> Reserve | None:
