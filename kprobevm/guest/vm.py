@@ -125,10 +125,10 @@ class VM(Closing):
         shell: GuestShell | None = None,
     ) -> None:
         """``machine`` is the QEMU we started (None when attached); ``vmlinux`` and
-        ``kallsyms`` are host files of the running kernel (optional: kallsyms is read from
-        the guest, and without vmlinux there is no BTF, so no ``current`` and no recorded
-        probes); ``kernel_cmdline`` saves reading /proc/cmdline over SSH; ``shell`` is an
-        SSH connection already made to the guest."""
+        ``kallsyms`` are host files of the running kernel (optional: kallsyms is read
+        over SSH, else from the kernel's own tables in guest memory; BTF comes from the
+        vmlinux, else, with no SSH, from the image in memory); ``kernel_cmdline`` saves
+        reading /proc/cmdline over SSH; ``shell`` is an SSH connection already made."""
         self.endpoints = endpoints
         self._connect_gdbstub: GdbConnect = _connect_rsp
         self._channel_kind: ChannelKind = "watchpoint"
@@ -994,8 +994,11 @@ def attach(
 ) -> VM:
     """A `VM` for a QEMU that kprobevm did not start; closing it leaves QEMU running.
 
-    ``kallsyms`` (a file) saves reading /proc/kallsyms over SSH; ``kernel_cmdline``
-    tells where the reserved slot memory is when there is no SSH to read /proc/cmdline.
+    The gdbstub alone is enough: with no ``vmlinux``, ``kallsyms`` or ``ssh``, symbols
+    (modules' too), BTF, the kprobe blacklist and the run-time patched text are read from
+    the kernel's own tables in guest memory. ``kallsyms`` (a file) saves reading
+    /proc/kallsyms over SSH; ``kernel_cmdline`` tells where the reserved slot memory is
+    when there is no SSH to read /proc/cmdline.
     """
     return VM(
         GuestEndpoints(
