@@ -19,11 +19,18 @@ def _align(buf: bytearray) -> None:
     buf.extend(bytes(-len(buf) % 8))
 
 
-def _tables(symbols: list[tuple[int, str, str]], *, new_order: bool, seqs: int) -> bytes:
+def _tables(
+    symbols: list[tuple[int, str, str]],
+    *,
+    new_order: bool,
+    seqs: int,
+    encoding: str = "absolute_percpu",
+) -> bytes:
     """kallsyms tables as scripts/kallsyms lays them out: names with one token per
-    character (every code not used by a name gets a token of its own), base-relative
-    offsets with absolute per-CPU; ``new_order`` puts the addresses after the token
-    index (6.4+), ``seqs`` bytes per symbol of kallsyms_seqs_of_names (0: none)."""
+    character (every code not used by a name gets a token of its own), addresses as
+    ``encoding`` says (base-relative offsets with absolute per-CPU, plain base-relative,
+    or absolute pointers); ``new_order`` puts the addresses after the token index (6.4+),
+    ``seqs`` bytes per symbol of kallsyms_seqs_of_names (0: none)."""
     chars = {ord(c) for _, t, n in symbols for c in t + n}
     tokens = [bytes([c]) if c in chars else b"#%d#" % c for c in range(256)]
     names = bytearray()
@@ -33,10 +40,18 @@ def _tables(symbols: list[tuple[int, str, str]], *, new_order: bool, seqs: int) 
             markers.append(len(names))
         names += bytes([len(t) + len(n)]) + (t + n).encode()
     base = symbols[0][0]
-    offsets = b"".join(struct.pack("<i", base - a - 1) for a, _, _ in symbols)
-    addresses = bytearray(offsets)
-    _align(addresses)
-    addresses += struct.pack("<Q", base)
+    if encoding == "absolute":
+        addresses = bytearray(b"".join(struct.pack("<Q", a) for a, _, _ in symbols))
+    else:
+        relative = encoding == "relative"
+        addresses = bytearray(
+            b"".join(
+                struct.pack("<I", a - base) if relative else struct.pack("<i", base - a - 1)
+                for a, _, _ in symbols
+            )
+        )
+        _align(addresses)
+        addresses += struct.pack("<Q", base)
     out = bytearray(b"\xcc" * 4096)  # some "text" before
     if not new_order:
         out += addresses
@@ -68,6 +83,18 @@ def test_decode_every_layout(new_order: bool, seqs: int) -> None:
     syms, tables = kallsyms_from_image(image, TEXT)
     assert tables.encoding == "absolute_percpu"
     assert tables.count == len(SYMBOLS)
+    assert [(s.address, s.type, s.name) for s in syms] == SYMBOLS
+
+
+@pytest.mark.parametrize("new_order", [False, True], ids=["6.1-order", "6.4-order"])
+@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+def test_decode_other_address_encodings(new_order: bool, encoding: str) -> None:
+    """Per-CPU symbols not absolute (plain offsets from the base), and no base-relative
+    table at all (``kallsyms_addresses``)."""
+    image = _tables(SYMBOLS, new_order=new_order, seqs=3, encoding=encoding)
+    syms, tables = kallsyms_from_image(image, TEXT)
+    assert tables.encoding == encoding
+    assert (tables.relative_base is None) is (encoding == "absolute")
     assert [(s.address, s.type, s.name) for s in syms] == SYMBOLS
 
 

@@ -31,6 +31,7 @@ image, ``_text`` at its first 2 MiB (KASLR moves it in 2 MiB steps).
 from __future__ import annotations
 
 import array
+import bisect
 import itertools
 import struct
 import sys
@@ -57,6 +58,7 @@ KERNEL_IMAGE_WINDOW = 0xFFFFFFFF80000000
 
 ReadPhys = Callable[[int, int], bytes]
 
+_KERNEL_HALF = 1 << 63
 _DIGIT_TOKENS = b"".join(b"%d\0" % d for d in range(10))
 _ALIGN = 8
 _MAX_SEQS_GAP = 4 << 20
@@ -354,11 +356,12 @@ def _decode_addresses(
 
 
 def _plausible(values: list[int], text: int) -> bool:
-    """Sorted, and most of them inside the kernel image window after ``text``."""
+    """Sorted, and the lowest kernel-half address is ``_text``'s (the image's first
+    byte: per-CPU offsets are small, every other symbol lies above it)."""
     if any(a > b for a, b in itertools.pairwise(values)):
         return False
-    inside = sum(1 for v in values[:: max(1, len(values) // 512)] if text <= v < 1 << 64)
-    return inside * 2 > len(values[:: max(1, len(values) // 512)])
+    kernel = bisect.bisect_left(values, _KERNEL_HALF)
+    return kernel < len(values) and values[kernel] == text
 
 
 def decode_kallsyms(image: bytes, text: int, tables: KallsymsTables) -> KernelSymbols:
