@@ -24,6 +24,7 @@ from kprobevm.kernel.kprobe_blacklist_list import kprobe_blacklist_ranges
 from kprobevm.kernel.patchsites import PatchSites
 from kprobevm.kernel.patchsites_memory import LiveTables
 from kprobevm.kernel.tasks import TaskLayout
+from kprobevm.kernel.trace_events_list import trace_event_names
 from tests.conftest import kernel_trouble
 
 pytestmark = pytest.mark.vm
@@ -94,6 +95,21 @@ def test_patch_sites_from_memory(vm: VM) -> None:
     assert {a for a in ref.ftrace if not init[0] <= a < init[1]} <= mine.ftrace
     extra = [vm.symbols.lookup(a) for a in mine.ftrace - ref.ftrace]
     assert extra and all(s is not None and s.module for s in extra)
+
+
+def test_trace_events_from_memory(vm: VM) -> None:
+    """The kernel's event list read from memory names what tracefs ``events/`` lists."""
+    listing = vm.run(
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing;"
+        " cd /sys/kernel/tracing/events && for d in */*/; do echo ${d%/}; done",
+        check=True,
+    ).stdout.split()
+    btf, head = vm.kernel_in_memory.btf, vm.symbols["ftrace_events"]  # SSH: not stopped
+    assert btf is not None
+    with vm.target.stopped():
+        ours = trace_event_names(vm.memory.read, head, btf)
+    assert len(listing) > 1000
+    assert {f"{g}/{e}" for g, e in ours} == set(listing)
 
 
 @pytest.mark.parametrize("kernel", [None, "linux-image-6.12-cloud-amd64"], ids=["6.1", "6.12"])
