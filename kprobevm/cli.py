@@ -116,7 +116,8 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
                        help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
     attach = parser.add_argument_group("attach")
     attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
-                        help="the attached guest's SSH address (runs CMD, reads kallsyms)")
+                        help="the attached guest's SSH address (runs CMD, reads kallsyms);"
+                             " without it, symbols come from guest memory and CMD cannot run")
     attach.add_argument("--ssh-key", type=Path, metavar="K", help="private key for --ssh")
     attach.add_argument("--vmlinux", type=Path, metavar="V",
                         help="the attached guest's vmlinux (its BTF gives comm and pid);"
@@ -133,6 +134,9 @@ def _guest(args: argparse.Namespace) -> VM:
     from kprobevm.guest.vm import attach
 
     _progress(f"attaching to {args.attach}")
+    if args.ssh is None and args.vmlinux is None:
+        _progress("no --ssh or --vmlinux: symbols, BTF, module symbols and the kprobe"
+                  " blacklist are read from guest memory")  # fmt: skip
     return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
                   kallsyms=args.kallsyms)
 
@@ -279,6 +283,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         print(f"kprobevm {sub}: --string-size {args.string_size} is not in 1..4096",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if args.command and not args.boot and args.ssh is None:
+        print(f"kprobevm {sub}: -- CMD runs in the guest over SSH, and --attach has no --ssh"
+              " HOST:PORT: give --ssh, or trace for --duration S", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
         try:
@@ -304,6 +312,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
+            if vm.trap_fallback is not None:
+                _progress(f"trap channel: breakpoint, slow (each hit stops the VM and QEMU may"
+                          f" flush its translation cache: tens of hits per second), because"
+                          f" {vm.trap_fallback}")  # fmt: skip
             if session.record_refused is not None:
                 _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)
