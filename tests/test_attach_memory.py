@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.cli import main
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.image import default_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM, attach
@@ -25,7 +26,6 @@ from kprobevm.kernel.patchsites import PatchSites
 from kprobevm.kernel.patchsites_memory import LiveTables
 from kprobevm.kernel.tasks import TaskLayout
 from kprobevm.kernel.trace_events_list import trace_event_names
-from tests.conftest import kernel_trouble
 
 pytestmark = pytest.mark.vm
 
