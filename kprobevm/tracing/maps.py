@@ -148,7 +148,7 @@ def format_map(name: str, snap: MapSnapshot) -> str:
             top = max(b.count for b in snap.buckets)
             for b in snap.buckets[used[0] : used[-1] + 1]:
                 label = _bucket_label(b, snap.kind == "hist")
-                lines.append(f"{label:<20}{b.count:>8} |{_bar(b.count, top)}|")
+                lines.append(f"{label:<16}{b.count:>8} |{_bar(b.count, top)}|")
     if snap.dropped:
         lines.append(f"@{name}: {snap.dropped} hit(s) dropped: a CPU's table was full"
                      f" ({snap.capacity} keys)")  # fmt: skip
