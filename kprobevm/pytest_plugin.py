@@ -6,7 +6,8 @@
   ``--kprobevm-qemu`` (else ``$KPROBEVM_QEMU``) the QEMU that boots it).
 - ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
   test placed, checks the probed functions' text is as before and the serial console
-  shows no oops, and fails the test otherwise.
+  shows no oops, and fails the test otherwise. ``kprobes.hist(...)`` and
+  ``kprobes.count_by(...)`` place maps the guest keeps (``.read()`` snapshots them).
 - the ``vm`` marker: without that QEMU the marked tests skip, saying why.
 - a failing test that used the guest gets the serial log's tail in its report.
 """

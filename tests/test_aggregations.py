@@ -54,6 +54,10 @@ def test_count_by_comm_matches_the_guests_own_kprobe(vm: VM, kprobes: ProbeSessi
     assert final.dropped == 0 and final.total == by_comm.kp.nhit + by_comm.kp.nmissed
     assert final.total == sum(final.per_cpu)
     assert "@vfs_read[dd]: " + str(theirs) in format_map("vfs_read", final)
+    by_cpu = kprobes.count_by("vfs_read", "cpu")
+    vm.run(_dd(n), check=True)
+    by_cpu.close()
+    assert by_cpu.read().count_of(0) >= n and by_cpu.read().counts[0][0] == 0  # one vCPU
     writes = w.read()
     # one pid (dd's) wrote n bytes one at a time, then its "records in/out" lines
     assert any(n < count <= n + 3 for _, count in writes.counts), writes.counts

@@ -245,7 +245,8 @@ def test_auto_mode_says_why_it_stops(capsys: pytest.CaptureFixture[str]) -> None
 @pytest.mark.vm
 def test_count_by_and_hist_boot(capsys: pytest.CaptureFixture[str]) -> None:
     """``count --by comm``: dd's 300 reads under its comm, ``@[FUNC, KEY]: N`` ascending;
-    ``hist --linear --json``: bs=5 reads in the [5, 6) bucket; both counted in the guest."""
+    ``hist --linear --json`` on 2 vCPUs: bs=5 reads in the [5, 6) bucket, the CPUs'
+    regions summed; both counted in the guest."""
     code, out, err = run(
         capsys, "count", "--boot", "--by", "comm", "vfs_read",
         "--", "dd if=/dev/zero of=/dev/null bs=1 count=300 2>/dev/null",
@@ -255,7 +256,7 @@ def test_count_by_and_hist_boot(capsys: pytest.CaptureFixture[str]) -> None:
     assert ("@[vfs_read, dd]", 300) in counts, out
     assert [n for _, n in counts] == sorted(n for _, n in counts)
     code, out, err = run(
-        capsys, "hist", "--boot", "--json", "--field", "count", "--linear", "0,10,1",
+        capsys, "hist", "--boot", "--smp", "2", "--json", "--field", "count", "--linear", "0,10,1",
         "p:rd vfs_read count=%dx:u64",
         "--", "dd if=/dev/zero of=/dev/null bs=5 count=200 2>/dev/null",
     )  # fmt: skip
@@ -263,7 +264,8 @@ def test_count_by_and_hist_boot(capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(out)
     assert doc["map"] == "rd" and doc["kind"] == "lhist" and doc["dropped"] == 0
     assert {"lo": 5, "hi": 6, "count": 200} in doc["buckets"], doc
-    assert doc["total"] == sum(b["count"] for b in doc["buckets"])
+    assert doc["total"] == sum(b["count"] for b in doc["buckets"]) == sum(doc["per_cpu"])
+    assert len(doc["per_cpu"]) == 2  # a region per vCPU
 
 
 def test_hist_bad_input_needs_no_guest(capsys: pytest.CaptureFixture[str]) -> None:
