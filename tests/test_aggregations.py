@@ -129,3 +129,19 @@ def test_bad_input_is_refused_with_nothing_placed(vm: VM) -> None:
     with pytest.raises(ValueError, match="min < max"):
         vm.hist(READ_EVENT, "count", linear=(10, 0, 1))
     assert vm.list_kprobes() == before
+
+
+def test_a_map_shares_its_address_with_no_other_probe(vm: VM, kprobes: ProbeSession) -> None:
+    """Another probe at a map's address is refused (EBUSY), either way round; the map
+    goes on counting as before."""
+    m = kprobes.count_by("vfs_read", "comm")
+    with pytest.raises(ProbeRefused, match="EBUSY: a probe keeping a map"):
+        vm.count_by("vfs_read", "pid")
+    with pytest.raises(ProbeRefused, match="EBUSY: a probe keeping a map"):
+        kprobes.event("p:t vfs_read")
+    vm.run(_dd(100), check=True)
+    assert m.read().count_of("dd") == 100
+    m.close()
+    kprobes.event("p:t2 vfs_write")
+    with pytest.raises(ProbeRefused, match="EBUSY: a probe keeping a map"):
+        vm.count_by("vfs_write", "comm")

@@ -209,3 +209,16 @@ def test_listing_assembles_to_the_program(aggregation: Aggregation) -> None:
         field=aggregation.field, ring=RING_LAYOUT, helpers=HELPER_ADDRS, cont=CONT,
     )  # fmt: skip
     assert gas_text(built.listing) == built.code
+
+
+def test_an_unsigned_field_under_a_negative_min() -> None:
+    """Buckets of 7 from -5: an unsigned value is never below min (3 lands in [2, 9))."""
+    field = AggregateField("dx", size=8)
+    m, layout, n = _machine(Aggregation(field=field, linear=(-5, 100, 7)))
+    for value in (0, 3, 99, 100, 1 << 63):
+        _hit(m, n, rdx=value)
+    snap, _ = _snapshot(m, layout)
+    got = {(b.lo, b.hi): b.count for b in snap.buckets if b.count}  # type: ignore[attr-defined]
+    assert got == {(-5, 2): 1, (2, 9): 1, (93, 100): 1, (100, None): 2}
+    with pytest.raises(ValueError, match="power of two"):
+        Aggregation(by="pid", entries=12)

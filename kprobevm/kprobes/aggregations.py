@@ -57,7 +57,11 @@ class Aggregation:
     def __post_init__(self) -> None:
         if self.field is not None and self.by != "none":
             raise ValueError("a histogram has no key here: give by='none'")
+        if self.by in ("pid", "comm") and (self.entries < 8 or self.entries & (self.entries - 1)):
+            raise ValueError(f"a table of {self.entries} entries: needs a power of two >= 8")
         if self.linear is not None:
+            if any(not -(1 << 63) <= v < 1 << 64 for v in self.linear):
+                raise ValueError(f"linear histogram {self.linear}: a bound is over 64 bits")
             if self.field is None:
                 raise ValueError("a linear histogram needs a field")
             lo, hi, step = self.linear

@@ -230,6 +230,7 @@ class Recorder:
         self.maps: dict[int, agg.MapLayout] = {}
         """Probe id -> its aggregate map; kept (for the last read) until the id is freed."""
         self._map_pool: dict[int, list[int]] = {}  # pages -> freed maps of that many
+        self._fresh: list[int] = []  # ids added since the last program was written
         self.tail = 0
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
@@ -264,6 +265,7 @@ class Recorder:
         if spec.aggregate is not None:
             self.maps[probe_id] = self._new_map(spec.aggregate)
         self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
+        self._fresh.append(probe_id)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -301,12 +303,19 @@ class Recorder:
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
+        fresh, self._fresh = self._fresh, []
+        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
+        if aggregating and len(site.probes) != 1:
+            for probe_id in fresh:  # as if never added: the registration fails
+                if self.probes[probe_id].kp in site.probes:
+                    self._forget(probe_id)
+            raise ProbeRefused("EBUSY", "a probe keeping a map cannot share its address",
+                               address=site.addr, symbol=aggregating[0].symbol_name)  # fmt: skip
         old = self.site_programs.pop(site.addr, None)
         cell = self.programs.get_insn_slot()
         # a disabled member records nothing, as its handler would not run
         ids = [kp.record_id for kp in site.probes
                if kp.record_id is not None and not kp.disabled]  # fmt: skip
-        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
         if aggregating:
             code = self._aggregate_program(site, aggregating[0], cell.address, cont)
         elif all(kp.record is not None and kp.record.count_only for kp in site.probes):
@@ -327,11 +336,16 @@ class Recorder:
             self.programs.free_insn_slot(old)
         return cell.address
 
+    def _forget(self, probe_id: int) -> None:
+        """Undo :meth:`add` of a probe no vCPU has run (its registration failed)."""
+        probe = self.probes.pop(probe_id)
+        probe.kp.record_id, probe.kp.count_reader = None, None
+        if (old_map := self.maps.pop(probe_id, None)) is not None:
+            self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
+        self._free_ids.insert(0, probe_id)
+
     def _aggregate_program(self, site: ProbeSite, kp: Kprobe, at: int, cont: int) -> bytes:
         """The program of a site whose probe folds its hits into a map."""
-        if len(site.probes) != 1:
-            raise ProbeRefused("EBUSY", "an aggregating probe cannot share its address",
-                               symbol=kp.symbol_name)  # fmt: skip
         if kp.disabled or kp.record_id is None:
             return rec.build_count_program(at, counters=(), cont=cont).code
         assert kp.record is not None and kp.record.aggregate is not None

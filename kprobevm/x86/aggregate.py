@@ -284,13 +284,17 @@ def _linear_bucket(
     lo, hi, step = linear
     below, above = ("l", "ge") if field.signed else ("b", "ae")
     a.xor("ecx", "ecx")
-    a.movabs("rdx", asm.to_u64(lo))
-    a.cmp("rax", "rdx")
-    a.jcc(below, "bucket")
+    if field.signed or lo >= 0:  # (an unsigned value is never below a negative min)
+        a.movabs("rdx", asm.to_u64(lo))
+        a.cmp("rax", "rdx")
+        a.jcc(below, "bucket")
     a.mov("ecx", buckets - 1)
-    a.movabs("rdx", asm.to_u64(hi))
-    a.cmp("rax", "rdx")
-    a.jcc(above, "bucket")
+    if not field.signed and hi <= 0:
+        a.jmp("bucket")  # every unsigned value is at or above max
+    else:
+        a.movabs("rdx", asm.to_u64(hi))
+        a.cmp("rax", "rdx")
+        a.jcc(above, "bucket")
     a.movabs("rdx", asm.to_u64(lo))
     a.sub("rax", "rdx")
     a.xor("edx", "edx")
