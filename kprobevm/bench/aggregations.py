@@ -37,16 +37,6 @@ class MapRound:
     vm_stops: int
     """VM stops while the two maps' loops ran (placing, removing and reading excluded)."""
 
-    @property
-    def hist_ratio(self) -> float:
-        """hist against the guest's own kprobe (<= 1: not slower)."""
-        return self.hist_ns_per_hit / self.guest_kprobe_ns_per_hit
-
-    @property
-    def count_ratio(self) -> float:
-        """count --by comm against the guest's own kprobe."""
-        return self.count_by_comm_ns_per_hit / self.guest_kprobe_ns_per_hit
-
 
 def _probed_ns(vm: VM, n: int, place: Callable[[], AggregateProbe]) -> tuple[int, int, int]:
     """The loop under the map ``place()`` puts in: guest ns, the map's hits, VM stops
@@ -58,25 +48,33 @@ def _probed_ns(vm: VM, n: int, place: Callable[[], AggregateProbe]) -> tuple[int
     return ns, placed.read().total, stops
 
 
-def measure_maps(vm: VM, n: int) -> MapRound:
+def measure_maps(vm: VM, n: int, *, reverse: bool = False) -> MapRound:
     """One round of the dd loop of ``n`` bytes under each probe, each run bracketed by
     the loop unprobed just before and just after it (the host's load moves the guest's
-    clock, and only neighbouring runs see the same load)."""
-    bases: list[int] = [_dd_ns(vm, n)]
-    guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
-    bases.append(_dd_ns(vm, n))
-    hist_ns, hist_hits, hist_stops = _probed_ns(vm, n, lambda: vm.hist(DD_EVENT, "count"))
-    bases.append(_dd_ns(vm, n))
-    count_ns, count_hits, count_stops = _probed_ns(vm, n, lambda: vm.count_by("vfs_read", "comm"))
-    bases.append(_dd_ns(vm, n))
+    clock, and only neighbouring runs see the same load). ``reverse``: the probes in the
+    opposite order (alternate rounds so that none always goes first)."""
 
-    def per_hit(ns: int, i: int, hits: int) -> float:
-        return (ns - (bases[i] + bases[i + 1]) / 2) / max(hits, 1)
+    def guest() -> tuple[int, int, int]:
+        ns, hits = _guest_kprobe_ns(vm, n)
+        return ns, hits, 0
 
+    runs: dict[str, Callable[[], tuple[int, int, int]]] = {
+        "guest": guest,
+        "hist": lambda: _probed_ns(vm, n, lambda: vm.hist(DD_EVENT, "count")),
+        "count": lambda: _probed_ns(vm, n, lambda: vm.count_by("vfs_read", "comm")),
+    }
+    per_hit: dict[str, float] = {}
+    hits: dict[str, int] = {}
+    stops, bases = 0, [_dd_ns(vm, n)]
+    for name in reversed(runs) if reverse else runs:
+        ns, hits[name], run_stops = runs[name]()
+        bases.append(_dd_ns(vm, n))
+        stops += run_stops
+        per_hit[name] = (ns - (bases[-2] + bases[-1]) / 2) / max(hits[name], 1)
     return MapRound(
         unprobed_ns=sum(bases) // len(bases),
-        guest_kprobe_ns_per_hit=per_hit(guest_ns, 0, guest_hits),
-        hist_ns_per_hit=per_hit(hist_ns, 1, hist_hits),
-        count_by_comm_ns_per_hit=per_hit(count_ns, 2, count_hits),
-        hist_hits=hist_hits, count_hits=count_hits, vm_stops=hist_stops + count_stops,
+        guest_kprobe_ns_per_hit=per_hit["guest"],
+        hist_ns_per_hit=per_hit["hist"],
+        count_by_comm_ns_per_hit=per_hit["count"],
+        hist_hits=hits["hist"], count_hits=hits["count"], vm_stops=stops,
     )  # fmt: skip
