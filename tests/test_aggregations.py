@@ -47,10 +47,14 @@ def test_count_by_comm_matches_the_guests_own_kprobe(vm: VM, kprobes: ProbeSessi
     assert theirs >= n
     by_comm, w = kprobes.count_by("vfs_read", "comm"), kprobes.count_by("p:x vfs_write", "pid")
     vm.run(_dd(n), check=True)
-    live = by_comm.read()
+    before = vm.target.stops
+    live = by_comm.read()  # through shared RAM: the guest runs on
+    assert vm.target.stops == before
+    stopped = by_comm.read(stop=True)
+    assert vm.target.stops > before
     by_comm.close()
     final = by_comm.read()
-    assert live.count_of("dd") == final.count_of("dd") == theirs
+    assert live.count_of("dd") == final.count_of("dd") == theirs == stopped.count_of("dd")
     assert final.dropped == 0 and final.total == by_comm.kp.nhit + by_comm.kp.nmissed
     assert final.total == sum(final.per_cpu)
     assert "@vfs_read[dd]: " + str(theirs) in format_map("vfs_read", final)

@@ -237,10 +237,10 @@ class AggregateProbe(Closing):
             raise KprobeError(f"the {vm.trap_channel} channel keeps no maps in the guest")
         return recorder  # type: ignore[no-any-return]
 
-    def _read_twice(self) -> tuple[bytes, bytes]:
+    def _read_twice(self, *, stop: bool = False) -> tuple[bytes, bytes]:
         base, size = self.layout.base, self.layout.size
         direct = self.recorder.direct
-        if direct is not None:
+        if direct is not None and not stop:
             first = direct.read_virt(base, size)
             second = direct.read_virt(base, size) if first is not None else None
             if first is not None and second is not None:
@@ -249,11 +249,13 @@ class AggregateProbe(Closing):
             data = self.vm.memory.read(base, size)
         return data, data
 
-    def read(self) -> MapSnapshot:
-        """The map now (the last one once closed)."""
+    def read(self, *, stop: bool = False) -> MapSnapshot:
+        """The map now (the last one once closed). With guest RAM shared it is read while
+        the guest runs, each CPU's region a moment after the one before; ``stop`` holds
+        the VM stopped for the read instead: every CPU's counts at one instant."""
         if self.final is not None:
             return self.final
-        return decode_map(self.layout, *self._read_twice())
+        return decode_map(self.layout, *self._read_twice(stop=stop))
 
     def close(self) -> None:
         """Unregister, wait for hits in flight, read the map one last time (once)."""
