@@ -222,3 +222,20 @@ def test_an_unsigned_field_under_a_negative_min() -> None:
     assert got == {(-5, 2): 1, (2, 9): 1, (93, 100): 1, (100, None): 2}
     with pytest.raises(ValueError, match="power of two"):
         Aggregation(by="pid", entries=12)
+
+
+def test_a_mixed_read_takes_the_user_copy_below_task_size() -> None:
+    """As the kernel's own fetch since 5.8: a kernel-space read of a user address reads
+    user memory (the user copy), a kernel address the kernel's copy."""
+    field = AggregateField("di", size=1, deref=True, mixed=True)
+    m, layout, n = _machine(Aggregation(field=field, linear=(0, 256, 1)))
+    m.write(USER, b"\x07")
+    m.write(KDATA, b"\x09")
+    calls: list[int] = []
+    m.uc.hook_add(unicorn.UC_HOOK_CODE, lambda _u, a, _s, _d: calls.append(a),
+                  begin=HELPERS, end=HELPERS + 0x3F)  # fmt: skip
+    _hit(m, n, rdi=USER)
+    _hit(m, n, rdi=KDATA)
+    snap, _ = _snapshot(m, layout)
+    assert snap.buckets[8].count == 1 and snap.buckets[10].count == 1  # type: ignore[attr-defined]
+    assert calls == [HELPER_ADDRS.copy_from_user, HELPER_ADDRS.copy_from_kernel]

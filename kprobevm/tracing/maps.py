@@ -61,7 +61,7 @@ def aggregate_field(arg: FetchArg) -> AggregateField:
         raise ProbeRefused("EINVAL", f"field {arg.name}={arg.comm}: {why}")
     assert reg is not None
     return AggregateField(reg, size=arg.type.size, signed=arg.type.signed, deref=deref,
-                          offset=offset, user=user)  # fmt: skip
+                          offset=offset, user=user, mixed=deref and arg.mixed)  # fmt: skip
 
 
 def place_map(

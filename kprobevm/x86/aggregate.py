@@ -58,7 +58,9 @@ _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing's multiplier (2**64 / phi)
 @dataclass(frozen=True)
 class AggregateField:
     """The value a histogram counts: a snapshot register, or ``size`` bytes at
-    ``offset`` past it (``deref``), as ``size`` bytes ``signed`` or not."""
+    ``offset`` past it (``deref``), as ``size`` bytes ``signed`` or not. A ``user`` read
+    goes through the user copy; a ``mixed`` one through it below TASK_SIZE and the
+    kernel's above (the kernel's own fetch rule since 5.8, as for a record's reads)."""
 
     reg: str
     size: int = 8
@@ -66,6 +68,7 @@ class AggregateField:
     deref: bool = False
     offset: int = 0
     user: bool = False
+    mixed: bool = False
 
     def __post_init__(self) -> None:
         if self.reg not in SNAPSHOT_REGS or self.reg == "ip":
@@ -251,7 +254,17 @@ def _field_value(a: asm.Assembler, field: AggregateField, helpers: CopyHelpers) 
         a.lea("rdi", mem("rbx", HDR_SCRATCH, disp32=True))
         a.mov(mem("rdi", 0, size=8), 0)  # the bytes past the read's size read as 0
         a.mov("edx", field.size)
-        a.call(helpers.copy_from_user if field.user else helpers.copy_from_kernel)
+        if field.mixed and not field.user:
+            a.movabs("rax", helpers.task_size_max)
+            a.cmp("rsi", "rax")
+            a.jcc("ae", "kernel_read")
+            a.call(helpers.copy_from_user)
+            a.jmp("copied")
+            a.label("kernel_read")
+            a.call(helpers.copy_from_kernel)
+            a.label("copied")
+        else:
+            a.call(helpers.copy_from_user if field.user else helpers.copy_from_kernel)
         a.test("rax", "rax")
         a.jcc("ne", "faulted")
         a.mov("rax", mem("rbx", HDR_SCRATCH, disp32=True))
