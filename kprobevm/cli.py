@@ -411,7 +411,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does."""
+    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does
+    (``--by comm|pid|cpu``: ``@[FUNC, KEY]: N``, counted in the guest)."""
     funcs = _probe_words(args, "functions")
     if not funcs:
         return EXIT_USAGE
@@ -429,6 +430,10 @@ def cmd_count(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         keys.append(_count_key(func, event))
     args.keys = keys
+    if args.by is not None:
+        from kprobevm.maps_cli import cmd_count_by
+
+        return cmd_count_by(args, definitions, keys)
     return _session(args, definitions, count_only=True)
 
 
@@ -506,6 +511,8 @@ as the kernel does.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; later sub-commands (trace, count, list, ...) add themselves here."""
+    from kprobevm import maps_cli
+
     parser = argparse.ArgumentParser(
         prog="kprobevm", description="Linux kprobes for a QEMU x86_64 guest, driven from the host.",
     )
@@ -535,8 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="FUNC: a symbol (vfs_read, vfs_read%return) or a definition."
                                   "\n\n" + EXIT_EPILOG, formatter_class=raw)
     _add_session_options(count)
+    maps_cli.add_by_option(count)
     count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
     count.set_defaults(func=cmd_count)
+    maps_cli.add_hist_parser(sub)
 
     lst = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
     _add_guest_options(lst)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.patchsites import PatchSites
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kernel.vmlinux import Vmlinux
+    from kprobevm.kprobes.aggregations import AggregateProbe
     from kprobevm.kprobes.core import Kprobe, KprobeManager
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
@@ -795,6 +796,26 @@ class VM(Closing):
         :class:`KprobeError` after ``timeout`` seconds."""
         if self._kprobes is not None:
             self._kprobes.settle_records(timeout)
+
+    def count_by(self, definition: str, by: str) -> AggregateProbe:
+        """Count the hits of ``definition`` (a symbol or a ``p`` line) by ``comm``, ``pid``
+        or ``cpu`` in the guest, no stop per hit; ``.read()`` snapshots the map,
+        ``close()`` removes the probe (:mod:`kprobevm.tracing.maps`)."""
+        from kprobevm.tracing.maps import BY_KEYS, place_map
+
+        key = next((k for k in BY_KEYS if k == by), None)
+        if key is None:
+            raise ValueError(f"count by {by!r}: one of {', '.join(BY_KEYS)}")
+        return place_map(self, definition, by=key)
+
+    def hist(
+        self, definition: str, field: str, *, linear: tuple[int, int, int] | None = None
+    ) -> AggregateProbe:
+        """A log2 histogram (``linear``: (min, max, step) buckets) of the argument ``field``
+        of ``definition``, kept in the guest; ``.read()`` snapshots it."""
+        from kprobevm.tracing.maps import place_map
+
+        return place_map(self, definition, field=field, linear=linear)
 
     @property
     def can_record(self) -> bool:
