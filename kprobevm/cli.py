@@ -117,7 +117,8 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
                        help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
     attach = parser.add_argument_group("attach")
     attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
-                        help="the attached guest's SSH address (runs CMD, reads kallsyms)")
+                        help="the attached guest's SSH address (runs CMD, reads kallsyms);"
+                             " without it, symbols come from guest memory and CMD cannot run")
     attach.add_argument("--ssh-key", type=Path, metavar="K", help="private key for --ssh")
     attach.add_argument("--vmlinux", type=Path, metavar="V",
                         help="the attached guest's vmlinux (its BTF gives comm and pid);"
@@ -134,6 +135,9 @@ def _guest(args: argparse.Namespace) -> VM:
     from kprobevm.guest.vm import attach
 
     _progress(f"attaching to {args.attach}")
+    if args.ssh is None and args.vmlinux is None:
+        _progress("no --ssh or --vmlinux: symbols, BTF, module symbols and the kprobe"
+                  " blacklist are read from guest memory")  # fmt: skip
     return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
                   kallsyms=args.kallsyms)
 
@@ -290,6 +294,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         print(f"kprobevm {sub}: --stacktrace is for entry probes; {', '.join(returns)} is a"
               " return probe", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if args.command and not args.boot and args.ssh is None:
+        print(f"kprobevm {sub}: -- CMD runs in the guest over SSH, and --attach has no --ssh"
+              " HOST:PORT: give --ssh, or trace for --duration S", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
         try:
@@ -316,6 +324,10 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
+            if vm.trap_fallback is not None:
+                _progress(f"trap channel: breakpoint, slow (each hit stops the VM and QEMU may"
+                          f" flush its translation cache: tens of hits per second), because"
+                          f" {vm.trap_fallback}")  # fmt: skip
             if session.record_refused is not None:
                 _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)
@@ -411,7 +423,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does."""
+    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does
+    (``--by comm|pid|cpu``: ``@[FUNC, KEY]: N``, counted in the guest)."""
     funcs = _probe_words(args, "functions")
     if not funcs:
         return EXIT_USAGE
@@ -429,6 +442,10 @@ def cmd_count(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         keys.append(_count_key(func, event))
     args.keys = keys
+    if args.by is not None:
+        from kprobevm.maps_cli import cmd_count_by
+
+        return cmd_count_by(args, definitions, keys)
     return _session(args, definitions, count_only=True)
 
 
@@ -506,6 +523,8 @@ as the kernel does.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; later sub-commands (trace, count, list, ...) add themselves here."""
+    from kprobevm import maps_cli
+
     parser = argparse.ArgumentParser(
         prog="kprobevm", description="Linux kprobes for a QEMU x86_64 guest, driven from the host.",
     )
@@ -544,8 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="FUNC: a symbol (vfs_read, vfs_read%return) or a definition."
                                   "\n\n" + EXIT_EPILOG, formatter_class=raw)
     _add_session_options(count)
+    maps_cli.add_by_option(count)
     count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
     count.set_defaults(func=cmd_count)
+    maps_cli.add_hist_parser(sub)
 
     lst = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
     _add_guest_options(lst)

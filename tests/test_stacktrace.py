@@ -18,6 +18,7 @@ from dataclasses import replace
 import pytest
 
 from kprobevm import cli
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.orc import (
     END_FORMAT,
@@ -37,7 +38,6 @@ from kprobevm.tracing import differential as diff
 from kprobevm.tracing.format import EventHit
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.unwind_orc import PT_REGS, KernelStack, unwind
-from tests.conftest import kernel_trouble
 
 # --- the ORC format and the walk, on made-up tables ---------------------------------------
 

@@ -52,7 +52,11 @@ class TaskLayout:
 
     @classmethod
     def build(cls, symbols: KernelSymbols, vmlinux: Vmlinux) -> TaskLayout:
-        btf = Btf.from_vmlinux(vmlinux)
+        return cls.from_btf(symbols, Btf.from_vmlinux(vmlinux))
+
+    @classmethod
+    def from_btf(cls, symbols: KernelSymbols, btf: Btf) -> TaskLayout:
+        """From the kernel's BTF however it was had (the vmlinux, or guest memory)."""
 
         def field(name: str) -> int:
             return btf.struct_member_offset("task_struct", name)

@@ -419,6 +419,12 @@ class KprobeManager:
                     "EBUSY", "recorded and stopping probes cannot share an address",
                     address=addr, symbol=kp.symbol_name,
                 )  # fmt: skip
+            if any(p.record is not None and p.record.aggregate is not None
+                   for p in (*site.probes, kp)):  # fmt: skip
+                raise ProbeRefused(
+                    "EBUSY", "a probe keeping a map in the guest cannot share an address",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
             with self.target.stopped():
                 had_post = site.wants_post
                 # ftrace runs its probes before the int3 after the NOP is reached

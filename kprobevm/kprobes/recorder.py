@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.memory import DirectMemory, GuestMemory
 from kprobevm.kprobes.slots import Slot, SlotCache
+from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.ptregs import PtRegs
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.target import Target
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
+    from kprobevm.kprobes.aggregations import Aggregation
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
@@ -86,6 +88,9 @@ class RecordSpec:
     (``Kprobe(stack=True)``): from ``sp`` up to the stack's top, at most this many, and
     as many again from the stack below when the hit is on the IRQ stack. A record takes
     only the bytes copied. 0: none."""
+    aggregate: Aggregation | None = None
+    """Count-only probes may fold each hit into a map in the guest instead
+    (:mod:`kprobevm.kprobes.aggregations`)."""
 
     @property
     def layout(self) -> rec.RecordLayout:
@@ -238,6 +243,10 @@ class Recorder:
         """Ids of unregistered probes whose hits in flight are not all counted yet."""
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
+        self.maps: dict[int, agg.MapLayout] = {}
+        """Probe id -> its aggregate map; kept (for the last read) until the id is freed."""
+        self._map_pool: dict[int, list[int]] = {}  # pages -> freed maps of that many
+        self._fresh: list[int] = []  # ids added since the last program was written
         self.tail = 0
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
@@ -271,7 +280,10 @@ class Recorder:
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
                 symbol=kp.symbol_name,
             )  # fmt: skip
+        if spec.aggregate is not None:
+            self.maps[probe_id] = self._new_map(spec.aggregate)
         self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
+        self._fresh.append(probe_id)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -309,12 +321,22 @@ class Recorder:
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
+        fresh, self._fresh = self._fresh, []
+        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
+        if aggregating and len(site.probes) != 1:
+            for probe_id in fresh:  # as if never added: the registration fails
+                if self.probes[probe_id].kp in site.probes:
+                    self._forget(probe_id)
+            raise ProbeRefused("EBUSY", "a probe keeping a map cannot share its address",
+                               address=site.addr, symbol=aggregating[0].symbol_name)  # fmt: skip
         old = self.site_programs.pop(site.addr, None)
         cell = self.programs.get_insn_slot()
         # a disabled member records nothing, as its handler would not run
         ids = [kp.record_id for kp in site.probes
                if kp.record_id is not None and not kp.disabled]  # fmt: skip
-        if all(kp.record is not None and kp.record.count_only for kp in site.probes):
+        if aggregating:
+            code = self._aggregate_program(site, aggregating[0], cell.address, cont)
+        elif all(kp.record is not None and kp.record.count_only for kp in site.probes):
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
                              if kp.record_id is not None and not kp.disabled)
@@ -331,6 +353,41 @@ class Recorder:
         if old is not None:
             self.programs.free_insn_slot(old)
         return cell.address
+
+    def _forget(self, probe_id: int) -> None:
+        """Undo :meth:`add` of a probe no vCPU has run (its registration failed)."""
+        probe = self.probes.pop(probe_id)
+        probe.kp.record_id, probe.kp.count_reader = None, None
+        if (old_map := self.maps.pop(probe_id, None)) is not None:
+            self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
+        self._free_ids.insert(0, probe_id)
+
+    def _aggregate_program(self, site: ProbeSite, kp: Kprobe, at: int, cont: int) -> bytes:
+        """The program of a site whose probe folds its hits into a map."""
+        if kp.disabled or kp.record_id is None:
+            return rec.build_count_program(at, counters=(), cont=cont).code
+        assert kp.record is not None and kp.record.aggregate is not None
+        return agg.build_aggregate_program(
+            at, probe_id=kp.record_id, layout=self.maps[kp.record_id],
+            field=kp.record.aggregate.field, ring=self.layout, helpers=self.helpers, cont=cont,
+        ).code  # fmt: skip
+
+    @staticmethod
+    def _map_pages(layout: agg.MapLayout) -> int:
+        return -(-layout.size // PAGE_SIZE)
+
+    def _new_map(self, aggregation: Aggregation) -> agg.MapLayout:
+        """A zeroed map in slot memory, one region per vCPU (VM stopped)."""
+        ncpus = len(self.target.client.threads())
+        layout = aggregation.layout(0, ncpus)
+        pages = self._map_pages(layout)
+        pool = self._map_pool.get(pages)
+        if pool:
+            base = pool.pop()
+            self.memory.write(base, bytes(pages * PAGE_SIZE))
+        else:
+            base = self._contiguous(pages, self.area)
+        return aggregation.layout(base, ncpus)
 
     def drop_program(self, site: ProbeSite) -> None:
         cell = self.site_programs.pop(site.addr, None)
@@ -443,6 +500,8 @@ class Recorder:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)
+                if (old_map := self.maps.pop(probe_id, None)) is not None:
+                    self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
                 probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
