@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.memory import DirectMemory, GuestMemory
+from kprobevm.kernel.tasks import kernel_thread_size
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
@@ -589,15 +590,11 @@ def copy_helpers(
 
 
 def _thread_size(syms: KernelSymbols) -> int:
-    """The kernel's THREAD_SIZE: the init task's stack, ``__end_init_task -
-    __start_init_task`` (``__*_init_stack`` in 6.x kernels such as 6.12); x86-64's 16 KiB,
-    said on stderr, when kallsyms names neither pair."""
-    for first, last in (("__start_init_stack", "__end_init_stack"),
-                        ("__start_init_task", "__end_init_task")):  # fmt: skip
-        start, end = syms.get(first), syms.get(last)
-        size = end - start if start is not None and end is not None else 0
-        if size >= 4096 and not size & (size - 1):
-            return size
+    """The kernel's THREAD_SIZE (:func:`kernel_thread_size`); x86-64's 16 KiB, said on
+    stderr, when kallsyms does not bound the init task's stack."""
+    size = kernel_thread_size(syms)
+    if size is not None:
+        return size
     log.warning("kernel stack size unknown (no __start_init_stack or __start_init_task "
                 "pair in kallsyms): stack copies assume %d bytes", rec.STACK_BLOCK)  # fmt: skip
     return rec.STACK_BLOCK
