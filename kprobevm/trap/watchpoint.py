@@ -28,7 +28,7 @@ from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeTextCh
 from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
-from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
+from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers, ring_pages_fitting
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
@@ -58,13 +58,18 @@ if TYPE_CHECKING:
     from kprobevm.trap.grace import GraceRule
     from kprobevm.x86.slotmap import Reserve
 
-__all__ = ["ChannelPages", "WatchpointChannel"]
+__all__ = ["CHANNEL_PAGES", "ChannelPages", "WatchpointChannel"]
 
 log = logging.getLogger(__name__)
 
 SLOT_SIZE = 128
 """Two halves: the entry code and its continuation copy."""
 TABLE_PAGES = TABLE_SLOTS * ENTRY_SIZE // PAGE_SIZE
+CHANNEL_PAGES = 1 + 2 + TABLE_PAGES + 2 + 1
+"""Slot memory the channel itself takes: our page table, the stub, mailbox, hash table,
+trampoline and return table pages, and the first slot page."""
+SLOT_HEADROOM = 8
+"""Pages a record ring leaves for slot and program pages (256 slots or 16 programs)."""
 WATCH = BreakpointKind.WRITE_WATCH
 RECORD_DRAIN_INTERVAL = 0.1
 RUNNING_DRAIN_INTERVAL = 0.01
@@ -316,6 +321,7 @@ class WatchpointChannel(TrapChannel):
                 helpers=copy_helpers(self.ctx.symbols, self.task_layout(),
                                      AddressSpace(la57=self.area.la57)),
                 describe=self.ctx.symbols.describe,
+                ring_pages=ring_pages_fitting(self.area.free_pages, keep=SLOT_HEADROOM),
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
             self.recorder = recorder
