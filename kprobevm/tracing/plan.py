@@ -9,6 +9,7 @@ the events itself or must stop at each hit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ __all__ = [
     "plan_events",
     "record_specs",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _kernel_space(arg: FetchArg) -> str:
@@ -144,6 +147,10 @@ def guest_event_names(vm: VM, events: Sequence[ProbeEvent]) -> set[tuple[str, st
     """Which of the events' GROUP/EVENT names the guest's tracefs already has."""
     names = sorted({f"{e.group}/{e.event}" for e in events})
     if not names:
+        return set()
+    if vm.endpoints.ssh is None:
+        log.warning("no SSH into the guest: its own tracefs events are not checked for"
+                    " names these events share (EVENT_EXIST)")  # fmt: skip
         return set()
     # names are C identifiers (parse_event checked them): safe in a shell word
     found = vm.run(

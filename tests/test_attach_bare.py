@@ -1,0 +1,200 @@
+"""A QEMU started by hand with only a gdbstub (or only QMP), no memmap= and no SSH, running
+a busy open loop as init: probed by ``count`` and ``trace`` on the fast channel, with
+slot memory from the first MiB the guest kernel keeps reserved; the loop runs on, the
+kernel text and the slot pages are as before, the journal is settled.
+
+Until symbols come from guest memory, the tests hand attach the default image's vmlinux
+and the session guest's kallsyms (the same kernel, booted nokaslr too)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kprobevm import cli
+from kprobevm.bench.bareqemu import MARK_EVERY, BareQemu
+from kprobevm.gdbstub.transport import format_gdb_address
+from kprobevm.guest.monitor import gdbstub_of_chardev, qmp_execute
+from kprobevm.guest.vm import VM, attach
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec, ring_pages_fitting
+from kprobevm.tracing.kernel_rules import parse_version
+from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.lowmem import LOW_FLOOR, find_low_memory
+from kprobevm.x86.pagetable import la57_enabled
+from tests.conftest import kernel_trouble
+
+FUNC = "do_sys_openat2"
+
+
+@pytest.fixture(scope="module")
+def kallsyms(vm: VM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bare") / "kallsyms"
+    path.write_text(vm.read_file("/proc/kallsyms"))
+    return path
+
+
+@pytest.fixture
+def bare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[BareQemu]:
+    monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
+    with BareQemu() as qemu:
+        qemu.wait_loop()
+        yield qemu
+        assert not kernel_trouble(qemu.console())
+
+
+def _text_and_slots(
+    qemu: BareQemu, kallsyms: Path, reserve: tuple[int, int]
+) -> tuple[bytes, bytes]:
+    """The probed function's text and the first-MiB slot pages, read by a VM of their own."""
+    with attach(qemu.gdb, vmlinux=qemu.vmlinux, kallsyms=kallsyms, name="look") as look:
+        func = look.symbols.symbol(FUNC)
+        return look.read(func.address, func.size), look.read_phys(*reserve)
+
+
+def _journal_settled(directory: Path) -> None:
+    journals = list(directory.glob("*.journal"))
+    assert journals, "no journal was written"
+    for path in journals:
+        last = json.loads(path.read_text().splitlines()[-1])
+        assert last["op"] == "close" and last["clean"], (path, last)
+        assert any('"slot_reserve"' in line for line in path.read_text().splitlines())
+
+
+def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
+    """The loop's own count, read at the console between two of its marks, against the
+    guest's count of a count-only probe read at the same two moments."""
+    vm = attach(bare.gdb, vmlinux=bare.vmlinux, kallsyms=kallsyms)
+    with vm:
+        kp = Kprobe(symbol_name=FUNC, record=RecordSpec(count_only=True))
+        vm.register_kprobe(kp)
+        assert vm.trap_channel == "watchpoint" and vm.trap_fallback is None
+        assert vm.slot_memory is not None and "first MiB" in vm.slot_memory
+        # a mark is printed after its round's open: the count read right after seeing
+        # mark a has every open of rounds 1..a; the same holds at mark b
+        a = bare.next_mark(bare.mark().rounds)
+        n0 = kp.nhit
+        b = bare.next_mark(a.rounds + 4 * MARK_EVERY - 1)
+        n1 = kp.nhit
+        vm.unregister_kprobe(kp)
+    rounds = b.rounds - a.rounds
+    # reading the count takes a moment: the loop may be up to a few rounds further
+    assert rounds <= n1 - n0 <= rounds + 8, (rounds, n1 - n0)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.vm
+def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
+    bare: BareQemu, kallsyms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bare.gdb is not None
+    before = bare.mark().rounds
+    low = (LOW_FLOOR, PAGE_SIZE)
+    text, _ = _text_and_slots(bare, kallsyms, low)
+    where = format_gdb_address(bare.gdb)
+    common = ("--attach", where, "--vmlinux", str(bare.vmlinux), "--kallsyms", str(kallsyms))
+    start = bare.mark().rounds
+    code, out, err = _run(capsys, "count", *common, "--duration", "3", FUNC)
+    end = bare.next_mark(bare.mark().rounds).rounds
+    assert code == cli.EXIT_OK, err
+    assert "trap channel: watchpoint; slot memory:" in err and "first MiB" in err, err
+    assert "slow trap channel" not in err
+    hits = int(re.fullmatch(rf"@\[{FUNC}\]: (\d+)\n", out)[1])  # type: ignore[index]
+    # every open the loop made while probed: at least the rounds between the marks read
+    # just before and just after (a round is one open), at most those plus a mark's worth
+    assert hits > 0
+    assert hits <= end - start + MARK_EVERY, (hits, start, end)
+    code, out, err = _run(capsys, "trace", *common, "--duration", "2",
+                          f"p:open {FUNC} filename=+0(%si):ustring")  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    lines = out.splitlines()
+    assert lines and all('filename="/proc/version"' in line for line in lines), lines[:5]
+    assert all(line.lstrip().startswith("cat-") for line in lines), lines[:5]
+    _count_sees_every_open(bare, kallsyms)
+    after_text, slots = _text_and_slots(bare, kallsyms, (LOW_FLOOR, 8 * PAGE_SIZE))
+    assert after_text == text
+    assert slots == bytes(len(slots)), "the slot pages were not wiped"
+    assert bare.next_mark(bare.mark().rounds).rounds > before  # the loop runs on
+    _journal_settled(tmp_path / "journals")
+
+
+@pytest.mark.vm
+def test_attach_through_qmp_only_starts_the_gdbstub_and_stops_it_after(
+    tmp_path: Path, kallsyms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
+    with BareQemu(gdb=False, qmp=True) as qemu:
+        qemu.wait_loop()
+        assert qemu.qmp is not None
+        vm = attach(qmp=qemu.qmp, vmlinux=qemu.vmlinux, kallsyms=kallsyms)
+        assert vm.monitor_gdbstub is not None and vm.monitor_gdbstub.started
+        seen: list[str] = []
+        with vm:
+            func = vm.symbols.symbol(FUNC)
+            text = vm.read(func.address, func.size)
+            kp = Kprobe(symbol_name=FUNC, record=RecordSpec(), pre_handler=lambda kp, regs:
+                        seen.append(regs.record.comm if isinstance(regs, RecordedRegs) else ""))
+            vm.register_kprobe(kp)
+            assert vm.trap_channel == "watchpoint"
+            qemu.next_mark(qemu.mark().rounds + MARK_EVERY)
+            vm.flush_records()
+            vm.unregister_kprobe(kp)
+            assert vm.read(func.address, func.size) == text
+        assert seen and set(seen) == {"cat"}
+        devices = qmp_execute(qemu.qmp, "query-chardev")
+        assert not [d for d in devices if d.get("label") == "gdb"], devices
+        qemu.next_mark(qemu.mark().rounds)  # the loop runs on
+        assert not kernel_trouble(qemu.console())
+        _journal_settled(tmp_path / "journals")
+
+
+@pytest.mark.vm
+def test_first_mib_pages_are_the_ones_the_guest_calls_reserved(vm: VM) -> None:
+    """The pages chosen, against the guest's own /proc/kpageflags (KPF_RESERVED) and
+    /proc/iomem (System RAM)."""
+    symbols = vm.symbols
+    banner = vm.read(symbols["linux_banner"], 200).split(b"\0")[0].decode()
+    with vm.target.stopped() as client:
+        la57 = la57_enabled(client.read_registers()["cr4"])
+        low = find_low_memory(vm.memory.read, symbols, vm.btf, version=parse_version(banner),
+                              la57=la57, min_pages=24)  # fmt: skip
+    assert low.checked_page_flags
+    first, count = low.reserve.base // PAGE_SIZE, low.reserve.size // PAGE_SIZE
+    out = vm.run(f"dd if=/proc/kpageflags bs=8 skip={first} count={count} 2>/dev/null"
+                 " | od -An -tx8 -v -w8", check=True).stdout  # fmt: skip
+    flags = [int(word, 16) for word in out.split()]
+    kpf_reserved = 32
+    assert len(flags) == count and all(f >> kpf_reserved & 1 for f in flags)
+    ram = [tuple(int(x, 16) for x in line.split(" : ")[0].split("-"))
+           for line in vm.read_file("/proc/iomem").splitlines()
+           if line.endswith(" : System RAM") and not line.startswith(" ")]  # fmt: skip
+    end = low.reserve.base + low.reserve.size - 1
+    assert any(s <= low.reserve.base and end <= e for s, e in ram), ram
+    assert low.reserve.base >= LOW_FLOOR and end < low.trampoline < 0x100000
+
+
+def test_gdbstub_chardev_addresses() -> None:
+    assert gdbstub_of_chardev("disconnected:tcp:127.0.0.1:1234,server=on") == ("127.0.0.1", 1234)
+    assert gdbstub_of_chardev("disconnected:tcp:0.0.0.0:1234,server=on") == ("127.0.0.1", 1234)
+    assert gdbstub_of_chardev("disconnected:unix:/tmp/g.sock,server=on") == "/tmp/g.sock"
+    with pytest.raises(Exception, match="has a client already"):
+        gdbstub_of_chardev("tcp:127.0.0.1:1234,server=on <-> 127.0.0.1:5555")
+    with pytest.raises(Exception, match="not a socket"):
+        gdbstub_of_chardev("stdio")
+
+
+def test_ring_follows_the_slot_memory_found() -> None:
+    assert ring_pages_fitting(4096, keep=8) == 64  # a 16 MiB memmap= reserve
+    assert ring_pages_fitting(136 - 22, keep=8) == 64  # the first MiB on the default guest
+    assert ring_pages_fitting(40, keep=8) == 16
+    with pytest.raises(Exception, match="too few"):
+        ring_pages_fitting(16, keep=8)
