@@ -9,7 +9,11 @@ and the session guest's kallsyms (the same kernel, booted nokaslr too)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from kprobevm.guest.monitor import gdbstub_of_chardev, qmp_execute
 from kprobevm.guest.vm import VM, attach
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec, ring_pages_fitting
+from kprobevm.kprobes.recover import recover
 from kprobevm.tracing.kernel_rules import parse_version
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.lowmem import LOW_FLOOR, find_low_memory
@@ -59,7 +64,7 @@ def _text_and_slots(
 def _journal_settled(directory: Path) -> None:
     journals = list(directory.glob("*.journal"))
     assert journals, "no journal was written"
-    for path in journals:
+    for path in [j for j in journals if j.parent == directory]:
         last = json.loads(path.read_text().splitlines()[-1])
         assert last["op"] == "close" and last["clean"], (path, last)
         assert any('"slot_reserve"' in line for line in path.read_text().splitlines())
@@ -86,6 +91,48 @@ def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
     assert rounds <= n1 - n0 <= rounds + 8, (rounds, n1 - n0)
 
 
+# The host that gets killed: attaches with no memmap= and no SSH, arms a probe.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+import kprobevm
+from kprobevm.gdbstub.transport import parse_gdb_address
+from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recover import recover
+gdb, kallsyms, vmlinux, journal = sys.argv[1:5]
+vm = kprobevm.attach(parse_gdb_address(gdb), kallsyms=kallsyms, vmlinux=vmlinux)
+vm.journal_path = Path(journal)
+kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
+vm.register_kprobe(kp)
+print("armed", vm.trap_channel, flush=True)
+while True:
+    time.sleep(0.2)
+    print("hits", kp.nhit, flush=True)
+"""
+
+
+def _killed_session_is_recovered(bare: BareQemu, kallsyms: Path, tmp_path: Path) -> None:
+    """SIGKILL a host with a probe armed on first-MiB slots; recover unmaps and wipes."""
+    assert bare.gdb is not None
+    journal = tmp_path / "killed.journal"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, format_gdb_address(bare.gdb), str(kallsyms),
+         str(bare.vmlinux), str(journal)],
+        stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["armed", "watchpoint"]
+        while not (line := child.stdout.readline()).startswith("hits") or line.split()[1] == "0":
+            assert line, "the killed host's probe saw no hit"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    report = recover(journal)
+    assert report.ok and report.restored, report.summary()
+    assert report.wiped == 136, report.summary()  # 0x10000-0x97fff on the default guest
+
+
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -98,8 +145,7 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
 ) -> None:
     assert bare.gdb is not None
     before = bare.mark().rounds
-    low = (LOW_FLOOR, PAGE_SIZE)
-    text, _ = _text_and_slots(bare, kallsyms, low)
+    text, _ = _text_and_slots(bare, kallsyms, (LOW_FLOOR, PAGE_SIZE))
     where = format_gdb_address(bare.gdb)
     common = ("--attach", where, "--vmlinux", str(bare.vmlinux), "--kallsyms", str(kallsyms))
     start = bare.mark().rounds
@@ -109,8 +155,8 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
     assert "trap channel: watchpoint; slot memory:" in err and "first MiB" in err, err
     assert "slow trap channel" not in err
     hits = int(re.fullmatch(rf"@\[{FUNC}\]: (\d+)\n", out)[1])  # type: ignore[index]
-    # every open the loop made while probed: at least the rounds between the marks read
-    # just before and just after (a round is one open), at most those plus a mark's worth
+    # no more opens than the loop made around the session (a round is one open); that
+    # none is missed is checked against marks in _count_sees_every_open
     assert hits > 0
     assert hits <= end - start + MARK_EVERY, (hits, start, end)
     code, out, err = _run(capsys, "trace", *common, "--duration", "2",
@@ -119,10 +165,15 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
     lines = out.splitlines()
     assert lines and all('filename="/proc/version"' in line for line in lines), lines[:5]
     assert all(line.lstrip().startswith("cat-") for line in lines), lines[:5]
-    _count_sees_every_open(bare, kallsyms)
-    after_text, slots = _text_and_slots(bare, kallsyms, (LOW_FLOOR, 8 * PAGE_SIZE))
+    first_mib = (LOW_FLOOR, 136 * PAGE_SIZE)  # 0x10000-0x97fff on the default guest
+    after_text, slots = _text_and_slots(bare, kallsyms, first_mib)
     assert after_text == text
-    assert slots == bytes(len(slots)), "the slot pages were not wiped"
+    assert slots == bytes(len(slots)), "a clean close did not wipe the slot pages"
+    _count_sees_every_open(bare, kallsyms)
+    _killed_session_is_recovered(bare, kallsyms, tmp_path)
+    after_text, slots = _text_and_slots(bare, kallsyms, first_mib)
+    assert after_text == text
+    assert slots == bytes(len(slots)), "recover did not wipe the slot pages"
     assert bare.next_mark(bare.mark().rounds).rounds > before  # the loop runs on
     _journal_settled(tmp_path / "journals")
 

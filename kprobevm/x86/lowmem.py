@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIRST_RESERVED_VERSION",
     "LOW_FLOOR",
+    "ONE_MIB",
     "LowMemory",
     "e820_ram",
     "find_low_memory",
