@@ -87,8 +87,10 @@ def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
         n1 = kp.nhit
         vm.unregister_kprobe(kp)
     rounds = b.rounds - a.rounds
-    # reading the count takes a moment: the loop may be up to a few rounds further
-    assert rounds <= n1 - n0 <= rounds + 8, (rounds, n1 - n0)
+    # the console shows a mark a little after its round (the UART drains its buffer on
+    # its own time) and the count is read a little after the mark is seen: each read
+    # may be a round or two past its mark, either way, never a mark's worth
+    assert rounds - 2 <= n1 - n0 <= rounds + 8, (rounds, n1 - n0)
 
 
 # The host that gets killed: attaches with no memmap= and no SSH, arms a probe.

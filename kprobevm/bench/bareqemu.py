@@ -11,6 +11,7 @@ many opens the guest made and how fast, with nothing else in the guest to ask.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -35,14 +36,17 @@ LOOP = (
     f" i=$((i+1)); [ $((i%{MARK_EVERY})) -eq 0 ] && echo loop $i >&3; done >/dev/null"
 )
 _MARK = re.compile(rb"^loop (\d+)\r?$", re.M)
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
 class LoopMark:
-    """The loop's last count on the console, and when the host read it."""
+    """The loop's last count on the console, when the host read it, and the CPU time the
+    QEMU process had used by then (seconds, all its threads)."""
 
     rounds: int
     at: float
+    cpu: float = 0.0
 
 
 class BareQemu:
@@ -101,7 +105,17 @@ class BareQemu:
         except OSError:
             raw = b""
         found = _MARK.findall(raw)
-        return LoopMark(int(found[-1]) if found else 0, time.monotonic())
+        return LoopMark(int(found[-1]) if found else 0, time.monotonic(), self.cpu_seconds())
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the QEMU process so far: on a loaded host the
+        guest's wall-clock rate is as much the other processes' as its own, while the
+        CPU time QEMU spends per loop round is the guest's work (0.0 once it is gone)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / _TICKS
 
     def wait_loop(self, timeout: float = 60.0) -> LoopMark:
         """Wait for the loop's first line (the guest booted to its init)."""
@@ -126,9 +140,13 @@ class BareQemu:
             time.sleep(0.005)
         return mark
 
-    def rate(self, seconds: float) -> float:
-        """Loop rounds per second over about ``seconds``, between two marks."""
+    def window(self, seconds: float) -> tuple[LoopMark, LoopMark]:
+        """Two marks about ``seconds`` apart, each taken as soon as the loop prints it."""
         start = self.next_mark(self.mark().rounds)
         time.sleep(seconds)
-        end = self.next_mark(self.mark().rounds)
+        return start, self.next_mark(self.mark().rounds)
+
+    def rate(self, seconds: float) -> float:
+        """Loop rounds per second over about ``seconds``, between two marks."""
+        start, end = self.window(seconds)
         return (end.rounds - start.rounds) / (end.at - start.at)
