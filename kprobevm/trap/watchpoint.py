@@ -161,6 +161,17 @@ class WatchpointChannel(TrapChannel):
         idt = ctx.symbols["idt_table"]
         expected = ctx.symbols.get("asm_exc_int3")
         with ctx.target.stopped() as client:
+            # before anything is written: a vector 3 someone else hooked may be a killed
+            # session's stub, running from the very pages we would zero
+            gate_addr = gate_address(idt, BP_VECTOR)
+            original = memory.read(gate_addr, GATE_SIZE)
+            real_handler = decode_idt_gate(original)
+            if expected is not None and expected != real_handler:
+                raise KprobeError(
+                    f"IDT vector 3 points at {ctx.symbols.describe(real_handler)},"
+                    " not asm_exc_int3: someone else owns the #BP vector",
+                    address=real_handler,
+                )
             regs = client.read_registers()
             area = SlotArea(memory, journal, reserve, regs["cr3"],
                             la57=la57_enabled(regs["cr4"]),
@@ -173,15 +184,6 @@ class WatchpointChannel(TrapChannel):
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
-            gate_addr = gate_address(idt, BP_VECTOR)
-            original = memory.read(gate_addr, GATE_SIZE)
-            real_handler = decode_idt_gate(original)
-            if expected is not None and expected != real_handler:
-                raise KprobeError(
-                    f"IDT vector 3 points at {ctx.symbols.describe(real_handler)},"
-                    " not asm_exc_int3: someone else owns the #BP vector",
-                    address=real_handler,
-                )
             stub = build_int3_stub(
                 pages.stub, table=pages.table, table_slots=TABLE_SLOTS, real_handler=real_handler
             )
