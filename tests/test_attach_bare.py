@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from kprobevm.gdbstub.transport import format_gdb_address
 from kprobevm.guest.monitor import gdbstub_of_chardev, qmp_execute
 from kprobevm.guest.vm import VM, attach
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec, ring_pages_fitting
 from kprobevm.kprobes.recover import recover
 from kprobevm.tracing.kernel_rules import parse_version
@@ -100,6 +102,7 @@ from pathlib import Path
 import kprobevm
 from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recover import recover
 gdb, kallsyms, vmlinux, journal = sys.argv[1:5]
 vm = kprobevm.attach(parse_gdb_address(gdb), kallsyms=kallsyms, vmlinux=vmlinux)
@@ -196,13 +199,20 @@ def test_attach_through_qmp_only_starts_the_gdbstub_and_stops_it_after(
             text = vm.read(func.address, func.size)
             kp = Kprobe(symbol_name=FUNC, record=RecordSpec(), pre_handler=lambda kp, regs:
                         seen.append(regs.record.comm if isinstance(regs, RecordedRegs) else ""))
+            returns: list[int] = []
+            rp = Kretprobe(symbol_name="do_filp_open",  # stopping: not on kp's address
+                           handler=lambda ri, regs: returns.append(regs.ax))  # fmt: skip
             vm.register_kprobe(kp)
+            vm.register_kretprobe(rp)
             assert vm.trap_channel == "watchpoint"
             qemu.next_mark(qemu.mark().rounds + MARK_EVERY)
             vm.flush_records()
+            vm.unregister_kretprobe(rp)
             vm.unregister_kprobe(kp)
             assert vm.read(func.address, func.size) == text
         assert seen and set(seen) == {"cat"}
+        # each open of /proc/version returns a struct file *, not an ERR_PTR
+        assert returns and all(0xFFFF800000000000 <= f < (1 << 64) - 4095 for f in returns)
         devices = qmp_execute(qemu.qmp, "query-chardev")
         assert not [d for d in devices if d.get("label") == "gdb"], devices
         qemu.next_mark(qemu.mark().rounds)  # the loop runs on
@@ -251,3 +261,38 @@ def test_ring_follows_the_slot_memory_found() -> None:
     assert ring_pages_fitting(40, keep=8) == 16
     with pytest.raises(Exception, match="too few"):
         ring_pages_fitting(16, keep=8)
+
+
+def test_an_older_kernel_or_a_hole_in_ram_gives_no_first_mib_pages() -> None:
+    """The decisions on their inputs: a kernel before 5.13 is refused before anything is
+    read, and only e820 RAM counts (a fake guest: a page-offset map of bytes)."""
+
+    def nothing(address: int, size: int) -> bytes:
+        raise AssertionError("nothing is read for a kernel that gives the first MiB away")
+
+    from kprobevm.errors import NoSlotMemory
+    from kprobevm.kernel.kallsyms import KernelSymbols
+
+    with pytest.raises(NoSlotMemory, match=r"Linux 5\.10\.0 gives the first MiB"):
+        find_low_memory(nothing, KernelSymbols.from_text(""), None, version=(5, 10, 0),
+                        la57=False, min_pages=22)  # fmt: skip
+    page_offset, table, header = 0xFFFF888000000000, 0xFFFFFFFF82000000, 0xFFFFFFFF82001000
+    e820 = struct.pack("<I", 2) + struct.pack("<QQI", 0x1000, 0x40000, 1) \
+        + struct.pack("<QQI", 0x41000, 0x5EC00, 2)  # RAM to 0x41000, then reserved
+    memory = {
+        table: struct.pack("<Q", table + 0x100), table + 0x100: e820,
+        header: struct.pack("<Q", page_offset + 0x98000),
+    }
+
+    def read(address: int, size: int) -> bytes:
+        for base, data in memory.items():
+            if base <= address and address + size <= base + len(data):
+                return data[address - base : address - base + size]
+        raise AssertionError(f"read {address:#x}+{size}")
+
+    symbols = KernelSymbols.from_text(f"{table:x} D e820_table\n{header:x} D real_mode_header\n")
+    low = find_low_memory(read, symbols, None, version=(6, 1, 0), la57=False, min_pages=22)
+    assert (low.reserve.base, low.reserve.size) == (LOW_FLOOR, 0x41000 - LOW_FLOOR)
+    assert low.trampoline == 0x98000 and not low.checked_page_flags
+    with pytest.raises(NoSlotMemory, match="the fast channel needs 64"):
+        find_low_memory(read, symbols, None, version=(6, 1, 0), la57=False, min_pages=64)
