@@ -23,7 +23,7 @@ from types import TracebackType
 
 from kprobevm.errors import VMError
 from kprobevm.gdbstub.transport import GdbAddress
-from kprobevm.guest.image import default_image
+from kprobevm.guest.image import Image, default_image
 from kprobevm.guest.launcher import DEFAULT_CPU, _free_port
 from kprobevm.guest.qemu_builds import resolve_qemu
 
@@ -53,8 +53,10 @@ class BareQemu:
     """One bare QEMU (TCG, 1 vCPU) running the open loop; killed on leaving the ``with``."""
 
     def __init__(self, *, gdb: bool = True, qmp: bool = False, memory: str = "544M",
-                 qemu: str | None = None, kaslr: bool = False) -> None:  # fmt: skip
-        image = default_image()
+                 qemu: str | None = None, kaslr: bool = False,
+                 image: Image | None = None) -> None:  # fmt: skip
+        """``image``: whose kernel and initramfs (default: the default image's)."""
+        image = image if image is not None else default_image()
         self.vmlinux = image.vmlinux
         self.directory = Path(tempfile.mkdtemp(prefix="kprobevm-bare-"))
         self.serial = self.directory / "serial.log"
