@@ -197,8 +197,13 @@ def test_attach_through_qmp_only_starts_the_gdbstub_and_stops_it_after(
         with vm:
             func = vm.symbols.symbol(FUNC)
             text = vm.read(func.address, func.size)
-            kp = Kprobe(symbol_name=FUNC, record=RecordSpec(), pre_handler=lambda kp, regs:
-                        seen.append(regs.record.comm if isinstance(regs, RecordedRegs) else ""))
+            kp = Kprobe(
+                symbol_name=FUNC,
+                record=RecordSpec(),
+                pre_handler=lambda kp, regs: seen.append(
+                    regs.record.comm if isinstance(regs, RecordedRegs) else ""
+                ),
+            )
             returns: list[int] = []
             rp = Kretprobe(symbol_name="do_filp_open",  # stopping: not on kp's address
                            handler=lambda ri, regs: returns.append(regs.ax))  # fmt: skip
@@ -277,10 +282,14 @@ def test_an_older_kernel_or_a_hole_in_ram_gives_no_first_mib_pages() -> None:
         find_low_memory(nothing, KernelSymbols.from_text(""), None, version=(5, 10, 0),
                         la57=False, min_pages=22)  # fmt: skip
     page_offset, table, header = 0xFFFF888000000000, 0xFFFFFFFF82000000, 0xFFFFFFFF82001000
-    e820 = struct.pack("<I", 2) + struct.pack("<QQI", 0x1000, 0x40000, 1) \
-        + struct.pack("<QQI", 0x41000, 0x5EC00, 2)  # RAM to 0x41000, then reserved
+    e820 = (
+        struct.pack("<I", 2)
+        + struct.pack("<QQI", 0x1000, 0x40000, 1)
+        + struct.pack("<QQI", 0x41000, 0x5EC00, 2)
+    )  # RAM to 0x41000, then reserved
     memory = {
-        table: struct.pack("<Q", table + 0x100), table + 0x100: e820,
+        table: struct.pack("<Q", table + 0x100),
+        table + 0x100: e820,
         header: struct.pack("<Q", page_offset + 0x98000),
     }
 

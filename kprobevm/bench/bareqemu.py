@@ -75,8 +75,9 @@ class BareQemu:
         if self.qmp is not None:
             command += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
         self.command = command
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     def __enter__(self) -> BareQemu:
         return self
