@@ -503,9 +503,12 @@ class VM(Closing):
 
     @functools.cached_property
     def slot_reserve(self) -> Reserve | None:
-        """The reserved physical range (``memmap=SIZE$BASE``) where slots live, checked
-        against the guest's own ``/proc/iomem`` when SSH reaches it (KASLR picks the
-        kernel's physical address at boot: it must have kept clear of the range)."""
+        """The reserved physical range where slots live: the ``memmap=SIZE$BASE`` of the
+        kernel command line (over SSH, else from the kernel's memory), checked against the
+        guest's own ``/proc/iomem`` when SSH reaches it (KASLR picks the kernel's physical
+        address at boot: it must have kept clear of the range); without one, the pages of
+        the first MiB the kernel keeps reserved (:meth:`_first_mib_reserve`). None when
+        neither can be had: :attr:`slot_memory_missing` says why."""
         from kprobevm.x86.slotmap import check_reserve, parse_memmap_reserve
 
         cmdline = self.kernel_cmdline
@@ -562,9 +565,10 @@ class VM(Closing):
         except LOST_ERRORS:
             raise
         except (KprobeVMError, KeyError) as exc:
+            why = f"kallsyms has no {exc}" if isinstance(exc, KeyError) else str(exc)
             if not isinstance(exc, (NoSlotMemory, KeyError)):
-                exc = NoSlotMemory(f"the guest kernel could not be read: {exc}")
-            self.slot_memory_missing = f"no memmap= reserve on the kernel command line, and {exc}"
+                why = f"the guest kernel could not be read: {exc}"
+            self.slot_memory_missing = f"no memmap= reserve on the kernel command line, and {why}"
             return None
         self.slot_memory = low.describe()
         self.log.info("%s: slot memory: %s", self.name, self.slot_memory)

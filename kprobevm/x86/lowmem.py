@@ -162,7 +162,7 @@ def find_low_memory(
         raise NoSlotMemory(
             f"Linux {'.'.join(map(str, version))} gives the first MiB of RAM to its page"
             f" allocator (only {'.'.join(map(str, FIRST_RESERVED_VERSION[:2]))} and later keep"
-            " it reserved), and the guest has no memmap= reserve"
+            " it reserved)"
         )
     try:
         header = symbols.get("real_mode_header")
