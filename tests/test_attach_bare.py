@@ -63,13 +63,14 @@ def _text_and_slots(
         return look.read(func.address, func.size), look.read_phys(*reserve)
 
 
-def _journal_settled(directory: Path) -> None:
+def _journal_settled(directory: Path, *, slots: bool = True) -> None:
     journals = list(directory.glob("*.journal"))
     assert journals, "no journal was written"
     for path in [j for j in journals if j.parent == directory]:
         last = json.loads(path.read_text().splitlines()[-1])
         assert last["op"] == "close" and last["clean"], (path, last)
-        assert any('"slot_reserve"' in line for line in path.read_text().splitlines())
+        noted = any('"slot_reserve"' in line for line in path.read_text().splitlines())
+        assert noted == slots, path
 
 
 def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
@@ -181,6 +182,32 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
     assert slots == bytes(len(slots)), "recover did not wipe the slot pages"
     assert bare.next_mark(bare.mark().rounds).rounds > before  # the loop runs on
     _journal_settled(tmp_path / "journals")
+
+
+@pytest.mark.vm
+def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
+    kallsyms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A first MiB the firmware table calls ACPI data (not RAM) and no memmap= reserve:
+    no slot memory can be proven, so count runs on the breakpoint channel and says so."""
+    monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
+    with BareQemu(append="memmap=0x88000#0x10000") as qemu:
+        qemu.wait_loop()
+        assert qemu.gdb is not None
+        common = ("--attach", format_gdb_address(qemu.gdb), "--vmlinux", str(qemu.vmlinux),
+                  "--kallsyms", str(kallsyms))  # fmt: skip
+        code, out, err = _run(capsys, "count", *common, "--duration", "2", FUNC)
+        assert code == cli.EXIT_OK, err
+        assert re.fullmatch(rf"@\[{FUNC}\]: [1-9]\d*\n", out), out
+        said = [line for line in err.splitlines() if "slow trap channel" in line]
+        assert len(said) == 1, err
+        assert "no memmap= reserve on the kernel command line" in said[0]
+        assert "unused reserved pages in one run" in said[0]
+        assert "tens of hits per second instead of thousands" in said[0]
+        qemu.next_mark(qemu.mark().rounds)  # the loop runs on
+        assert not kernel_trouble(qemu.console())
+        _journal_settled(tmp_path / "journals", slots=False)
 
 
 @pytest.mark.vm

@@ -54,20 +54,21 @@ class BareQemu:
 
     def __init__(self, *, gdb: bool = True, qmp: bool = False, memory: str = "544M",
                  qemu: str | None = None, kaslr: bool = False,
-                 image: Image | None = None) -> None:  # fmt: skip
-        """``image``: whose kernel and initramfs (default: the default image's)."""
+                 image: Image | None = None, append: str = "") -> None:  # fmt: skip
+        """``image``: whose kernel and initramfs (default: the default image's);
+        ``append``: more kernel command line, before the init's."""
         image = image if image is not None else default_image()
         self.vmlinux = image.vmlinux
         self.directory = Path(tempfile.mkdtemp(prefix="kprobevm-bare-"))
         self.serial = self.directory / "serial.log"
         self.gdb: GdbAddress | None = ("127.0.0.1", _free_port()) if gdb else None
         self.qmp: str | None = str(self.directory / "qmp.sock") if qmp else None
-        append = (f"console=ttyS0 panic=-1 oops=panic quiet {'' if kaslr else 'nokaslr'}"
-                  f' rdinit=/bin/sh -- -c "{LOOP}"')  # fmt: skip
+        cmdline = (f"console=ttyS0 panic=-1 oops=panic quiet {'' if kaslr else 'nokaslr'}"
+                   f' {append} rdinit=/bin/sh -- -c "{LOOP}"')  # fmt: skip
         command = [
             resolve_qemu(qemu), "-nodefaults", "-display", "none", "-no-reboot",
             "-machine", "pc", "-accel", "tcg", "-cpu", DEFAULT_CPU, "-m", memory,
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
             "-serial", f"file:{self.serial}",
         ]  # fmt: skip
         if self.gdb is not None:
