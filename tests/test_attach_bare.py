@@ -189,10 +189,12 @@ def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
     kallsyms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """A first MiB the firmware table calls ACPI data (not RAM) and no memmap= reserve:
-    no slot memory can be proven, so count runs on the breakpoint channel and says so."""
+    """A first MiB the e820 table calls ACPI data (not RAM), and a memmap= reserve with no
+    memory behind it (past the guest's RAM, as the kernel's e820 tables show with no
+    SSH to read /proc/iomem): no slot memory can be proven, so count runs on the
+    breakpoint channel and says why."""
     monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
-    with BareQemu(append="memmap=0x88000#0x10000") as qemu:
+    with BareQemu(append="memmap=16M$0x30000000 memmap=0x88000#0x10000") as qemu:
         qemu.wait_loop()
         assert qemu.gdb is not None
         common = ("--attach", format_gdb_address(qemu.gdb), "--vmlinux", str(qemu.vmlinux),
@@ -202,7 +204,7 @@ def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
         assert re.fullmatch(rf"@\[{FUNC}\]: [1-9]\d*\n", out), out
         said = [line for line in err.splitlines() if "slow trap channel" in line]
         assert len(said) == 1, err
-        assert "no memmap= reserve on the kernel command line" in said[0]
+        assert "the memmap= reserve 0x30000000-0x30ffffff is not in one RAM range" in said[0]
         assert "unused reserved pages in one run" in said[0]
         assert "tens of hits per second instead of thousands" in said[0]
         qemu.next_mark(qemu.mark().rounds)  # the loop runs on
@@ -332,3 +334,17 @@ def test_an_older_kernel_or_a_hole_in_ram_gives_no_first_mib_pages() -> None:
     assert low.trampoline == 0x98000 and not low.checked_page_flags
     with pytest.raises(NoSlotMemory, match="the fast channel needs 64"):
         find_low_memory(read, symbols, None, version=(6, 1, 0), la57=False, min_pages=64)
+
+
+def test_a_memmap_reserve_is_judged_by_the_kernels_e820_tables() -> None:
+    from kprobevm.errors import NoSlotMemory
+    from kprobevm.x86.lowmem import check_reserve_e820
+    from kprobevm.x86.slotmap import Reserve
+
+    firmware = [(0x1000, 0x9FC00), (0x100000, 0x21FE0000)]
+    kernel = [(0x1000, 0x9FC00), (0x100000, 0x1F000000), (0x20000000, 0x21FE0000)]
+    check_reserve_e820(kernel, firmware, Reserve(0x1F000000, 0x1000000))
+    with pytest.raises(NoSlotMemory, match="overlaps RAM 0x100000-0x1effffff"):
+        check_reserve_e820(kernel, firmware, Reserve(0x1E000000, 0x2000000))
+    with pytest.raises(NoSlotMemory, match="no guest memory behind it"):
+        check_reserve_e820(kernel, firmware, Reserve(0x30000000, 0x1000000))

@@ -518,10 +518,38 @@ class VM(Closing):
         reserve = parse_memmap_reserve(cmdline)
         if reserve is not None and self.endpoints.ssh is not None:
             check_reserve(self.read_file("/proc/iomem"), reserve)
+        elif reserve is not None:
+            refused = self._reserve_refused(reserve)
+            if refused is not None:
+                self.log.warning("%s: %s; looking in the first MiB", self.name, refused)
+                return self._first_mib_reserve(refused)
         if reserve is not None:
             self.slot_memory = f"the memmap= reserve {reserve.base:#x}+{reserve.size:#x}"
             return reserve
-        return self._first_mib_reserve()
+        return self._first_mib_reserve("no memmap= reserve on the kernel command line")
+
+    def _reserve_refused(self, reserve: Reserve) -> str | None:
+        """With no SSH: why ``reserve`` cannot be used, by the kernel's e820 tables (None:
+        it can; also when they cannot be read, said on stderr)."""
+        from kprobevm.errors import NoSlotMemory
+        from kprobevm.x86.lowmem import check_reserve_e820, e820_ram
+
+        self._symbols_before_stopping()
+        btf = self.btf
+        try:
+            with self.target.stopped():
+                read, symbols = self.memory.read, self.symbols
+                check_reserve_e820(e820_ram(read, symbols, btf),
+                                   e820_ram(read, symbols, btf, "e820_table_firmware"),
+                                   reserve)  # fmt: skip
+        except LOST_ERRORS:
+            raise
+        except NoSlotMemory as exc:
+            return str(exc)
+        except (KprobeVMError, KeyError) as exc:
+            self.log.warning("%s: the memmap= reserve is used unchecked: the kernel's e820"
+                             " table could not be read (%s)", self.name, exc)  # fmt: skip
+        return None
 
     def _saved_command_line(self) -> str:
         """The kernel's command line from its memory (``saved_command_line``), for a guest
@@ -545,10 +573,10 @@ class VM(Closing):
     when there is no slot memory: then :attr:`slot_memory_missing` says why)."""
     slot_memory_missing: str | None = None
 
-    def _first_mib_reserve(self) -> Reserve | None:
-        """With no ``memmap=``: the pages of the first MiB the guest kernel keeps reserved
-        and unused (:mod:`kprobevm.x86.lowmem`); None, with the reason kept, when none can
-        be proven so."""
+    def _first_mib_reserve(self, why: str) -> Reserve | None:
+        """With no usable ``memmap=`` (``why``): the pages of the first MiB the guest
+        kernel keeps reserved and unused (:mod:`kprobevm.x86.lowmem`); None, with the
+        reason kept, when none can be proven so."""
         from kprobevm.errors import NoSlotMemory
         from kprobevm.tracing.kernel_rules import parse_version
         from kprobevm.trap.watchpoint import CHANNEL_PAGES
@@ -565,10 +593,10 @@ class VM(Closing):
         except LOST_ERRORS:
             raise
         except (KprobeVMError, KeyError) as exc:
-            why = f"kallsyms has no {exc}" if isinstance(exc, KeyError) else str(exc)
+            reason = f"kallsyms has no {exc}" if isinstance(exc, KeyError) else str(exc)
             if not isinstance(exc, (NoSlotMemory, KeyError)):
-                why = f"the guest kernel could not be read: {exc}"
-            self.slot_memory_missing = f"no memmap= reserve on the kernel command line, and {why}"
+                reason = f"the guest kernel could not be read: {exc}"
+            self.slot_memory_missing = f"{why}, and {reason}"
             return None
         self.slot_memory = low.describe()
         self.log.info("%s: slot memory: %s", self.name, self.slot_memory)

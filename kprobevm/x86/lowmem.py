@@ -51,6 +51,7 @@ __all__ = [
     "LOW_FLOOR",
     "ONE_MIB",
     "LowMemory",
+    "check_reserve_e820",
     "e820_ram",
     "find_low_memory",
 ]
@@ -108,9 +109,12 @@ def _base(read: Read, symbols: KernelSymbols, name: str, default: int) -> int:
     return _u64(read, where) if where is not None else default
 
 
-def e820_ram(read: Read, symbols: KernelSymbols, btf: Btf | None) -> list[tuple[int, int]]:
+def e820_ram(
+    read: Read, symbols: KernelSymbols, btf: Btf | None, table_name: str = "e820_table"
+) -> list[tuple[int, int]]:
     """The RAM ranges ``(start, end)`` of the kernel's own ``e820_table`` (the table it
-    allocates from, after its own and the command line's changes)."""
+    allocates from, after its own and the command line's changes), or of another of its
+    tables (``e820_table_firmware``: the firmware's, as it came)."""
     offset, entry_size = _E820_ENTRIES, _E820_ENTRY.size
     if btf is not None:
         try:
@@ -118,7 +122,7 @@ def e820_ram(read: Read, symbols: KernelSymbols, btf: Btf | None) -> list[tuple[
             entry_size = btf.type_size("e820_entry")
         except BtfError:
             pass
-    table = _u64(read, symbols["e820_table"])
+    table = _u64(read, symbols[table_name])
     count = int.from_bytes(read(table, 4), "little")
     if not 0 < count <= _E820_MAX:
         raise NoSlotMemory(
@@ -131,6 +135,27 @@ def e820_ram(read: Read, symbols: KernelSymbols, btf: Btf | None) -> list[tuple[
         if kind == E820_TYPE_RAM:
             ram.append((addr, addr + size))
     return ram
+
+
+def check_reserve_e820(
+    ram: list[tuple[int, int]], firmware_ram: list[tuple[int, int]], reserve: Reserve
+) -> None:
+    """Raise NoSlotMemory unless a ``memmap=`` reserve lies in the firmware's RAM (there
+    is memory behind it) and outside the kernel's (the kernel honoured it): what
+    ``/proc/iomem`` would show, read from the kernel's e820 tables when no SSH reaches it
+    (the kernel image never lies outside the kernel's e820 RAM)."""
+    end = reserve.base + reserve.size
+    if not any(s <= reserve.base and end <= e for s, e in firmware_ram):
+        raise NoSlotMemory(
+            f"the memmap= reserve {reserve.base:#x}-{end - 1:#x} is not in one RAM range of"
+            " the firmware's e820 table: no guest memory behind it"
+        )
+    for start, stop in ram:
+        if start < end and reserve.base < stop:
+            raise NoSlotMemory(
+                f"the memmap= reserve {reserve.base:#x}-{end - 1:#x} overlaps RAM"
+                f" {start:#x}-{stop - 1:#x} in the kernel's e820_table: not honoured"
+            )
 
 
 def _reserved_flags(
