@@ -115,6 +115,9 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
                        help="boot the default image (or --kernel/--initrd) for this run")
     which.add_argument("--attach", type=parse_gdb_address, metavar="GDB_SOCKET",
                        help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
+    which.add_argument("--attach-qmp", metavar="SOCKET",
+                       help="a running QEMU's QMP socket: its gdbstub is used, or started"
+                            " for the session and stopped after")
     attach = parser.add_argument_group("attach")
     attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
                         help="the attached guest's SSH address (runs CMD, reads kallsyms);"
@@ -134,12 +137,30 @@ def _guest(args: argparse.Namespace) -> VM:
         return _boot(args)
     from kprobevm.guest.vm import attach
 
-    _progress(f"attaching to {args.attach}")
+    if args.attach is None:
+        _progress(f"attaching through the QMP monitor {args.attach_qmp}")
+    else:
+        _progress(f"attaching to {format_gdb_address(args.attach)}")
     if args.ssh is None and args.vmlinux is None:
         _progress("no --ssh or --vmlinux: symbols, BTF, module symbols and the kprobe"
                   " blacklist are read from guest memory")  # fmt: skip
-    return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
-                  kallsyms=args.kallsyms)
+    vm = attach(args.attach, qmp=args.attach_qmp, ssh=args.ssh, ssh_key=args.ssh_key,
+                vmlinux=args.vmlinux, kallsyms=args.kallsyms)
+    if vm.monitor_gdbstub is not None:
+        how = "started" if vm.monitor_gdbstub.started else "found"
+        _progress(f"gdbstub {how} through QMP: {format_gdb_address(vm.monitor_gdbstub.address)}")
+    return vm
+
+
+def _say_channel(vm: VM) -> None:
+    """The trap channel in use on stderr: the slow fallback with its reason and cost."""
+    from kprobevm.trap.install import FALLBACK_COST
+
+    if vm.trap_channel == "breakpoint" and vm.trap_fallback is not None:
+        _progress(f"slow trap channel (breakpoint on the #BP vector): {vm.trap_fallback};"
+                  f" {FALLBACK_COST}")  # fmt: skip
+    elif vm.trap_channel == "watchpoint" and vm.slot_memory is not None:
+        _progress(f"trap channel: watchpoint; slot memory: {vm.slot_memory}")
 
 
 def _probe_error(sub: str, exc: ProbeSyntaxError) -> int:
@@ -324,10 +345,7 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
-            if vm.trap_fallback is not None:
-                _progress(f"trap channel: breakpoint, slow (each hit stops the VM and QEMU may"
-                          f" flush its translation cache: tens of hits per second), because"
-                          f" {vm.trap_fallback}")  # fmt: skip
+            _say_channel(vm)
             if session.record_refused is not None:
                 _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)

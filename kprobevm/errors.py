@@ -37,6 +37,7 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- ProbeRefused             a safety check refused the probe (kernel error name)
      |    +-- ProbeTextChanged         the guest changed bytes we own
      |    +-- SlotExhausted            no instruction slot could be had
+     |    +-- NoSlotMemory             no guest memory for slots could be found (why)
      +-- ProbeSyntaxError             a kprobe_events definition is invalid (code, position)
      +-- JournalError                 the write journal is unreadable or does not match the guest
 """
@@ -64,6 +65,7 @@ __all__ = [
     "KaslrError",
     "KprobeError",
     "KprobeVMError",
+    "NoSlotMemory",
     "ProbeRefused",
     "ProbeSyntaxError",
     "ProbeTextChanged",
@@ -387,6 +389,11 @@ class ProbeTextChanged(KprobeError):
 
 class SlotExhausted(KprobeError):
     """No instruction slot is free, even after garbage collection."""
+
+
+class NoSlotMemory(KprobeError):
+    """No guest memory for slots: no ``memmap=`` reserve, and none the guest kernel keeps
+    unused that could be proven so (the message says which check failed)."""
 
 
 class ProbeSyntaxError(KprobeVMError, ValueError):

@@ -18,7 +18,9 @@ from kprobevm.kprobes.core import Kprobe
 def test_no_slot_memory_falls_back_to_the_breakpoint_channel_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with kprobevm.boot(name="fallback") as booted:
+    # The first MiB's pages from 64 KiB up are marked reserved in the kernel's e820
+    # table (not RAM), so none of them is taken for slots either.
+    with kprobevm.boot(name="fallback", append="memmap=0x88000$0x10000") as booted:
         assert booted.kernel_cmdline is not None and "memmap=" in booted.kernel_cmdline
         assert booted.endpoints.gdb is not None
         # The same guest as a user's QEMU without memmap= would be: nothing reserved.
@@ -32,7 +34,9 @@ def test_no_slot_memory_falls_back_to_the_breakpoint_channel_and_says_why(
         with vm, caplog.at_level(logging.WARNING):
             vm.register_kprobe(kp)
             assert vm.trap_channel == "breakpoint"
-            assert vm.trap_fallback is not None and "reserved memory" in vm.trap_fallback
+            assert vm.trap_fallback is not None and "no slot memory" in vm.trap_fallback
+            assert "no memmap= reserve" in vm.trap_fallback
+            assert "unused reserved pages in one run" in vm.trap_fallback, vm.trap_fallback
             assert any("fast trap channel unavailable" in r.getMessage()
                        for r in caplog.records)  # fmt: skip
             vm.run("cat /proc/version >/dev/null", check=True)

@@ -28,13 +28,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kprobevm.closing import Closing
-from kprobevm.errors import GdbError, GuestFaultError, KprobeVMError, VMError, VMLost
+from kprobevm.errors import (
+    LOST_ERRORS,
+    GdbError,
+    GuestFaultError,
+    KprobeVMError,
+    VMError,
+    VMLost,
+)
 from kprobevm.gdbstub.transport import GdbAddress, GdbTransport, format_gdb_address
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.guest.guestram import GuestRam, PagingRoot, RamReader
+    from kprobevm.guest.monitor import MonitorGdbstub
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
     from kprobevm.kernel.btf import Btf
@@ -626,18 +634,104 @@ class VM(Closing):
 
     @functools.cached_property
     def slot_reserve(self) -> Reserve | None:
-        """The reserved physical range (``memmap=SIZE$BASE``) where slots live, checked
-        against the guest's own ``/proc/iomem`` when SSH reaches it (KASLR picks the
-        kernel's physical address at boot: it must have kept clear of the range)."""
+        """The reserved physical range where slots live: the ``memmap=SIZE$BASE`` of the
+        kernel command line (over SSH, else from the kernel's memory), checked against the
+        guest's own ``/proc/iomem`` when SSH reaches it (KASLR picks the kernel's physical
+        address at boot: it must have kept clear of the range); without one, the pages of
+        the first MiB the kernel keeps reserved (:meth:`_first_mib_reserve`). None when
+        neither can be had: :attr:`slot_memory_missing` says why."""
         from kprobevm.x86.slotmap import check_reserve, parse_memmap_reserve
 
         cmdline = self.kernel_cmdline
         if cmdline is None:
-            cmdline = self.read_file("/proc/cmdline") if self.endpoints.ssh else ""
+            cmdline = self.read_file("/proc/cmdline") if self.endpoints.ssh else \
+                self._saved_command_line()
         reserve = parse_memmap_reserve(cmdline)
         if reserve is not None and self.endpoints.ssh is not None:
             check_reserve(self.read_file("/proc/iomem"), reserve)
-        return reserve
+        elif reserve is not None:
+            refused = self._reserve_refused(reserve)
+            if refused is not None:
+                self.log.warning("%s: %s; looking in the first MiB", self.name, refused)
+                return self._first_mib_reserve(refused)
+        if reserve is not None:
+            self.slot_memory = f"the memmap= reserve {reserve.base:#x}+{reserve.size:#x}"
+            return reserve
+        return self._first_mib_reserve("no memmap= reserve on the kernel command line")
+
+    def _reserve_refused(self, reserve: Reserve) -> str | None:
+        """With no SSH: why ``reserve`` cannot be used, by the kernel's e820 tables (None:
+        it can; also when they cannot be read, said on stderr)."""
+        from kprobevm.errors import NoSlotMemory
+        from kprobevm.x86.lowmem import check_reserve_e820, e820_ram
+
+        self._symbols_before_stopping()
+        btf = self.btf
+        try:
+            with self.target.stopped():
+                read, symbols = self.memory.read, self.symbols
+                check_reserve_e820(e820_ram(read, symbols, btf),
+                                   e820_ram(read, symbols, btf, "e820_table_firmware"),
+                                   reserve)  # fmt: skip
+        except LOST_ERRORS:
+            raise
+        except NoSlotMemory as exc:
+            return str(exc)
+        except (KprobeVMError, KeyError) as exc:
+            self.log.warning("%s: the memmap= reserve is used unchecked: the kernel's e820"
+                             " table could not be read (%s)", self.name, exc)  # fmt: skip
+        return None
+
+    def _saved_command_line(self) -> str:
+        """The kernel's command line from its memory (``saved_command_line``), for a guest
+        with no SSH; '' when it cannot be read (said on stderr)."""
+        try:
+            self._symbols_before_stopping()
+            with self.target.stopped():
+                where = self.memory.u64(self.symbols["saved_command_line"])
+                return self.memory.cstring(where).decode(errors="replace")
+        except LOST_ERRORS:
+            raise
+        except (KprobeVMError, KeyError) as exc:
+            self.log.warning("%s: the kernel command line could not be read: %s", self.name, exc)
+            return ""
+
+    monitor_gdbstub: MonitorGdbstub | None = None
+    """The gdbstub found or started through QMP (``attach(qmp=...)``), else None."""
+
+    slot_memory: str | None = None
+    """Where the slots live, said in words (None until the probe table is built, or
+    when there is no slot memory: then :attr:`slot_memory_missing` says why)."""
+    slot_memory_missing: str | None = None
+
+    def _first_mib_reserve(self, why: str) -> Reserve | None:
+        """With no usable ``memmap=`` (``why``): the pages of the first MiB the guest
+        kernel keeps reserved and unused (:mod:`kprobevm.x86.lowmem`); None, with the
+        reason kept, when none can be proven so."""
+        from kprobevm.errors import NoSlotMemory
+        from kprobevm.tracing.kernel_rules import parse_version
+        from kprobevm.trap.watchpoint import CHANNEL_PAGES
+        from kprobevm.x86.lowmem import find_low_memory
+
+        self._symbols_before_stopping()
+        symbols, btf, la57 = self.symbols, self.btf, self.address_space.la57
+        try:
+            with self.target.stopped():
+                banner = self.memory.read(symbols["linux_banner"], 256)
+                version = parse_version(banner.split(b"\0", 1)[0].decode(errors="replace"))
+                low = find_low_memory(self.memory.read, symbols, btf, version=version,
+                                      la57=la57, min_pages=CHANNEL_PAGES)  # fmt: skip
+        except LOST_ERRORS:
+            raise
+        except (KprobeVMError, KeyError) as exc:
+            reason = f"kallsyms has no {exc}" if isinstance(exc, KeyError) else str(exc)
+            if not isinstance(exc, (NoSlotMemory, KeyError)):
+                reason = f"the guest kernel could not be read: {exc}"
+            self.slot_memory_missing = f"{why}, and {reason}"
+            return None
+        self.slot_memory = low.describe()
+        self.log.info("%s: slot memory: %s", self.name, self.slot_memory)
+        return low.reserve
 
     @property
     def journal(self) -> Journal:
@@ -724,7 +818,7 @@ class VM(Closing):
         ctx = ChannelContext(self.target, self.memory, self.journal, self.symbols, handlers)
         return install_channel(
             self._channel_kind, ctx, reserve=reserve, returns=self.kretprobes,
-            task_layout=self._task_layout,
+            task_layout=self._task_layout, reserve_missing=self.slot_memory_missing,
         )  # fmt: skip
 
     def register_kretprobe(self, rp: Kretprobe) -> None:
@@ -876,9 +970,11 @@ class VM(Closing):
             if self._closed:
                 return
             self._closed = True
+        restored = False
         try:
             with _exit_on_next_signal():
                 self._restore_guest()
+            restored = True
         finally:
             try:
                 if self._shell is not None:
@@ -886,6 +982,9 @@ class VM(Closing):
             finally:
                 if self.machine is not None:
                     self.machine.shutdown()
+                elif self.monitor_gdbstub is not None and restored and self._lost is None:
+                    # one we started through QMP; kept for `kprobevm recover` otherwise
+                    self.monitor_gdbstub.close()
 
     def _restore_guest(self) -> None:
         """Unregister every probe, take the trap channel out, close the journal."""
@@ -1012,8 +1111,9 @@ def _close_all() -> None:
 
 
 def attach(
-    gdb: GdbAddress,
+    gdb: GdbAddress | None = None,
     *,
+    qmp: str | Path | None = None,
     ssh: tuple[str, int] | None = None,
     ssh_key: Path | str | None = None,
     ssh_user: str = "root",
@@ -1029,16 +1129,30 @@ def attach(
     the kernel's own tables in guest memory. ``kallsyms`` (a file) saves reading
     /proc/kallsyms over SSH; ``kernel_cmdline`` tells where the reserved slot memory is
     when there is no SSH to read /proc/cmdline.
+    ``qmp`` (the QMP monitor's unix socket) stands in for ``gdb``: QEMU's gdbstub is
+    found through it, or started and, when the VM closes, stopped again
+    (:mod:`kprobevm.guest.monitor`).
     """
-    return VM(
+    monitor = None
+    if gdb is None:
+        if qmp is None:
+            raise VMError("attach: give the gdbstub's address or the QMP monitor's socket")
+        from kprobevm.guest.monitor import open_gdbstub
+
+        monitor = open_gdbstub(str(qmp))
+        gdb = monitor.address
+    vm = VM(
         GuestEndpoints(
             gdb=gdb,
             ssh=ssh,
             ssh_key=Path(ssh_key) if ssh_key is not None else None,
             ssh_user=ssh_user,
+            qmp=str(qmp) if qmp is not None else None,
         ),
         name=name,
         vmlinux=Path(vmlinux) if vmlinux is not None else None,
         kallsyms=Path(kallsyms) if kallsyms is not None else None,
         kernel_cmdline=kernel_cmdline,
     )
+    vm.monitor_gdbstub = monitor
+    return vm

@@ -396,6 +396,16 @@ class Btf:
                     )
         return None
 
+    def enum_value(self, enum_name: str, member: str) -> int:
+        """The value of ``member`` in ``enum enum_name`` (``pageflags``, ``PG_reserved``)."""
+        t = self.find(enum_name, BtfKind.ENUM)
+        at = self._offsets[t.id] + 12
+        for i in range(t.vlen):
+            name_off, value = struct.unpack_from("<Ii", self._data, at + 8 * i)
+            if self._string(name_off) == member:
+                return int(value)
+        raise BtfError(f"enum {enum_name} has no {member}")
+
     def struct_member_offset(self, struct_name: str, path: str) -> int:
         """Byte offset of ``struct_name.path`` (``task_struct``, ``comm``) -> e.g. 3008."""
         m = self.member(struct_name, path)

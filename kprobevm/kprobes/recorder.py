@@ -62,9 +62,11 @@ __all__ = [
     "copy_helpers",
     "decode_record",
     "program_size",
+    "ring_pages_fitting",
 ]
 
 RING_PAGES = 64  # 256 KiB
+MIN_RING_PAGES = 4
 MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
 MAX_CPUS = 256
 PROGRAM_SIZE = 2048
@@ -72,6 +74,20 @@ _U64 = struct.Struct("<Q")
 _CONTROL_TAIL = 64  # head and tail on separate cache lines
 _CONTROL_DRAIN = 128
 _CONTROL_BUSY = 256
+
+
+def ring_pages_fitting(free_pages: int, *, keep: int) -> int:
+    """The record ring's pages when ``free_pages`` of slot memory are left and ``keep`` of
+    them must stay for slots and programs: the largest power of two up to RING_PAGES.
+    Raises KprobeError when not even MIN_RING_PAGES fit."""
+    room = free_pages - keep - 1 - MAX_RECORD_IDS * 16 // PAGE_SIZE  # control, counters
+    if room < MIN_RING_PAGES:
+        raise KprobeError(
+            f"slot memory has {free_pages} pages left: too few for a record ring of"
+            f" {MIN_RING_PAGES} pages with its control and counter pages, keeping {keep}"
+            " for slots"
+        )
+    return 1 << (min(room, RING_PAGES).bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -221,17 +237,19 @@ class Recorder:
         *,
         helpers: rec.CopyHelpers,
         describe: Callable[[int], str],
+        ring_pages: int = RING_PAGES,
     ) -> None:
         """Map the ring in ``area`` (VM stopped). ``programs``: cells of PROGRAM_SIZE
-        bytes in executable slot pages; ``describe`` names an address in errors."""
+        bytes in executable slot pages; ``describe`` names an address in errors;
+        ``ring_pages`` a power of two (:func:`ring_pages_fitting`)."""
         self.memory = memory
         self.target = target
         self.describe = describe
         self.area = area
         control = area.map_page(executable=False, writable=True)
         counters = self._contiguous(MAX_RECORD_IDS * 16 // PAGE_SIZE, area)
-        ring = self._contiguous(RING_PAGES, area)
-        size = RING_PAGES * PAGE_SIZE
+        ring = self._contiguous(ring_pages, area)
+        size = ring_pages * PAGE_SIZE
         self.layout = rec.RingLayout(
             head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
             busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,

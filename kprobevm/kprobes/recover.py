@@ -31,6 +31,8 @@ from kprobevm.kprobes.journal import (
     pending_writes,
 )
 from kprobevm.trap.watchdog import Watchdog
+from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.lowmem import ONE_MIB
 from kprobevm.x86.slotmap import PMD_SPAN
 
 __all__ = ["RecoveryReport", "recover"]
@@ -49,6 +51,8 @@ class RecoveryReport:
     conflicts: list[tuple[JournalEntry, bytes]] = field(default_factory=list)
     lost: str = ""
     """Why the session's guest went away with its writes (they went with it)."""
+    wiped: int = 0
+    """Slot pages of the first MiB zeroed again once unmapped (as a clean close does)."""
 
     @property
     def ok(self) -> bool:
@@ -61,6 +65,8 @@ class RecoveryReport:
         ]
         if self.lost:
             lines.append(f"  nothing to restore: the session's guest is gone ({self.lost})")
+        if self.wiped:
+            lines.append(f"  {self.wiped} slot pages of the first MiB zeroed again")
         for entry, found in self.conflicts:
             lines.append(
                 f"  left alone: {entry.what} at {entry.address:#x}: expected"
@@ -136,6 +142,8 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
             for thread in client.threads():
                 cr3 = client.read_register("cr3", thread=thread)
                 client.write_register("cr3", cr3, thread=thread)  # flushes the TLB
+            if not report.conflicts:
+                report.wiped = _wipe_first_mib(client, journal_notes(journal))
         _mark_undone(journal, report)
     finally:
         # a detach removes any breakpoint left behind and lets the guest run
@@ -145,6 +153,17 @@ def _recover(journal: Path, gdb: str | None, timeout: float) -> RecoveryReport:
             watchdog.stop()
             client.close()
     return report
+
+
+def _wipe_first_mib(client: GdbClient, notes: dict[str, object]) -> int:
+    """Zero the session's slot pages when they were taken from the first MiB (no
+    ``memmap=``), as a clean close leaves them; the unmapped area is no longer reachable.
+    A ``memmap=`` reserve is left as it is: nothing but kprobevm uses it."""
+    base, size = notes.get("slot_reserve"), notes.get("slot_reserve_size")
+    if not isinstance(base, int) or not isinstance(size, int) or base + size > ONE_MIB:
+        return 0
+    client.write_phys(base, bytes(size))
+    return size // PAGE_SIZE
 
 
 def _wait_out_of(client: GdbClient, areas: list[int], timeout: float) -> None:

@@ -28,7 +28,7 @@ from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeTextCh
 from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
-from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
+from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers, ring_pages_fitting
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
@@ -58,13 +58,18 @@ if TYPE_CHECKING:
     from kprobevm.trap.grace import GraceRule
     from kprobevm.x86.slotmap import Reserve
 
-__all__ = ["ChannelPages", "WatchpointChannel"]
+__all__ = ["CHANNEL_PAGES", "ChannelPages", "WatchpointChannel"]
 
 log = logging.getLogger(__name__)
 
 SLOT_SIZE = 128
 """Two halves: the entry code and its continuation copy."""
 TABLE_PAGES = TABLE_SLOTS * ENTRY_SIZE // PAGE_SIZE
+CHANNEL_PAGES = 1 + 2 + TABLE_PAGES + 2 + 1
+"""Slot memory the channel itself takes: our page table, the stub, mailbox, hash table,
+trampoline and return table pages, and the first slot page."""
+SLOT_HEADROOM = 8
+"""Pages a record ring leaves for slot and program pages (256 slots or 16 programs)."""
 WATCH = BreakpointKind.WRITE_WATCH
 RECORD_DRAIN_INTERVAL = 0.1
 RUNNING_DRAIN_INTERVAL = 0.01
@@ -156,6 +161,17 @@ class WatchpointChannel(TrapChannel):
         idt = ctx.symbols["idt_table"]
         expected = ctx.symbols.get("asm_exc_int3")
         with ctx.target.stopped() as client:
+            # before anything is written: a vector 3 someone else hooked may be a killed
+            # session's stub, running from the very pages we would zero
+            gate_addr = gate_address(idt, BP_VECTOR)
+            original = memory.read(gate_addr, GATE_SIZE)
+            real_handler = decode_idt_gate(original)
+            if expected is not None and expected != real_handler:
+                raise KprobeError(
+                    f"IDT vector 3 points at {ctx.symbols.describe(real_handler)},"
+                    " not asm_exc_int3: someone else owns the #BP vector",
+                    address=real_handler,
+                )
             regs = client.read_registers()
             area = SlotArea(memory, journal, reserve, regs["cr3"],
                             la57=la57_enabled(regs["cr4"]),
@@ -168,15 +184,6 @@ class WatchpointChannel(TrapChannel):
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
-            gate_addr = gate_address(idt, BP_VECTOR)
-            original = memory.read(gate_addr, GATE_SIZE)
-            real_handler = decode_idt_gate(original)
-            if expected is not None and expected != real_handler:
-                raise KprobeError(
-                    f"IDT vector 3 points at {ctx.symbols.describe(real_handler)},"
-                    " not asm_exc_int3: someone else owns the #BP vector",
-                    address=real_handler,
-                )
             stub = build_int3_stub(
                 pages.stub, table=pages.table, table_slots=TABLE_SLOTS, real_handler=real_handler
             )
@@ -316,6 +323,7 @@ class WatchpointChannel(TrapChannel):
                 helpers=copy_helpers(self.ctx.symbols, self.task_layout(),
                                      AddressSpace(la57=self.area.la57)),
                 describe=self.ctx.symbols.describe,
+                ring_pages=ring_pages_fitting(self.area.free_pages, keep=SLOT_HEADROOM),
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
             self.recorder = recorder

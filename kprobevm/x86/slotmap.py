@@ -144,13 +144,16 @@ class SlotArea:
         top = reserve.base + reserve.size - PAGE_SIZE
         self._free_phys = list(range(top, reserve.base, -PAGE_SIZE))
         self._mapped: dict[int, int] = {}  # vaddr -> paddr
+        self._written: set[int] = set()  # every page we wrote, wiped at teardown
         self._next_index = 0
 
     def setup(self) -> int:
         """Find an empty PMD at the top of the module area and hang our page table there."""
         self.base, self.pmd_entry_phys = find_slot_pmd(self.memory.read_phys, self.cr3,
                                                        la57=self.la57)
+        self.journal.note(slot_reserve=self.reserve.base, slot_reserve_size=self.reserve.size)
         self.memory.write_phys(self.pte_table, bytes(PAGE_SIZE))
+        self._written.add(self.pte_table)
         entry = self.pte_table | PRESENT | RW | ACCESSED
         new = struct.pack("<Q", entry)
         self.pmd_seq = self.journal.record(
@@ -169,6 +172,7 @@ class SlotArea:
         vaddr = self.base + index * PAGE_SIZE
         paddr = self._free_phys.pop()
         self.memory.write_phys(paddr, bytes(PAGE_SIZE))
+        self._written.add(paddr)
         pte = paddr | PRESENT | ACCESSED | DIRTY
         if writable:
             pte |= RW
@@ -197,20 +201,32 @@ class SlotArea:
         page = vaddr & ~(PAGE_SIZE - 1)
         return self._mapped[page] + (vaddr - page)
 
+    @property
+    def free_pages(self) -> int:
+        """Reserved pages not mapped yet: what sizes (the record ring) must fit in."""
+        return len(self._free_phys)
+
     def contains(self, vaddr: int) -> bool:
         return self.base <= vaddr < self.base + PMD_SPAN
 
     def teardown(self) -> None:
-        """Remove the PMD entry (TLB flush is the caller's: it knows the vCPUs)."""
+        """Remove the PMD entry (TLB flush is the caller's: it knows the vCPUs), then wipe
+        every page we wrote: the reserve is left as unused as we found it, with none of
+        our code in it (no vCPU runs there: the caller waited for them to leave)."""
         if self.pmd_seq is None:
             return
         current = self.memory.read_phys(self.pmd_entry_phys, 8)
         expected = struct.pack("<Q", self.pte_table | PRESENT | RW | ACCESSED)
-        if current == expected:
+        removed = current == expected
+        if removed:
             self.memory.write_phys(self.pmd_entry_phys, bytes(8))
             self.journal.undone(self.pmd_seq)
         self.pmd_seq = None
         self._mapped.clear()
+        if removed:  # else someone else's table may point at them: leave them be
+            for paddr in sorted(self._written):
+                self.memory.write_phys(paddr, bytes(PAGE_SIZE))
+        self._written.clear()
 
 
 def find_slot_pmd(
