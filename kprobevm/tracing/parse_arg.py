@@ -22,6 +22,7 @@ from kprobevm.tracing.fetch import (
     Bitfield,
     Comm,
     Deref,
+    EntryArg,
     FetchArg,
     FetchSource,
     FetchType,
@@ -89,7 +90,7 @@ class Dialect:
     sticky_deref_offset: bool = False
     """An error after a ``+OFF(...)`` in the same argument has its caret past ``+OFF(``."""
     entry_args_at_return: bool = False
-    """A return probe may fetch the function's arguments (kprobevm cannot yet)."""
+    """A return probe may fetch the function's arguments: saved at its entry."""
     function: FunctionPrototype | None = None
     """The probed function's prototype from the guest's BTF (None: not known)."""
 
@@ -170,6 +171,8 @@ def _top_op(src: FetchSource) -> str:
             return "RETVAL"
         case Arg():
             return "ARG"
+        case EntryArg():
+            return "EDATA"
         case Imm():
             return "IMM"
         case ImmString():
@@ -373,7 +376,9 @@ def _parse_fetch(
     log.fail("BAD_FETCH_ARG", offs)
 
 
-def _parse_btf_param(log: ProbeLog, arg: str, flags: int, offs: int, dialect: Dialect) -> Arg:
+def _parse_btf_param(
+    log: ProbeLog, arg: str, flags: int, offs: int, dialect: Dialect
+) -> Arg | EntryArg:
     """parse_btf_arg(): a parameter of the probed function, by name."""
     entry = flags == FL_KERNEL | FL_FENTRY
     if not entry and flags != FL_KERNEL | FL_RETURN:
@@ -386,9 +391,11 @@ def _parse_btf_param(log: ProbeLog, arg: str, flags: int, offs: int, dialect: Di
     found = function.param(arg)
     if found is None:
         log.fail("NO_BTFARG", offs)
-    if not entry:
+    if entry:
+        return Arg(found[0] + 1)
+    if not dialect.entry_args_at_return:
         log.fail("UNSUPPORTED", offs, "a parameter at a function's return")
-    return Arg(found[0] + 1)
+    return EntryArg(found[0] + 1)
 
 
 def _str_to_immediate(s: str) -> int | None:
@@ -456,14 +463,14 @@ def _parse_var(log: ProbeLog, var: str, flags: int, offs: int, dialect: Dialect)
         return Stack(n)
     if var in ("comm", "COMM"):
         return Comm()
-    if dialect.entry_args_at_return and flags == FL_KERNEL | FL_RETURN and var.startswith("arg"):
-        log.fail("UNSUPPORTED", offs, "a function's argument at its return")
-    if flags == FL_KERNEL | FL_FENTRY and var.startswith("arg"):
-        # Only at a function's entry of a kprobe (not a kretprobe) in 6.1.
+    at_return = dialect.entry_args_at_return and flags == FL_KERNEL | FL_RETURN
+    if (flags == FL_KERNEL | FL_FENTRY or at_return) and var.startswith("arg"):
+        # At a function's entry of a kprobe; since 6.11 also in a return probe, which
+        # reads the value its entry saved.
         n = kstrtoul(var[3:], 10)
         if n is None:
             log.fail("BAD_VAR", offs)
         if not n or n > PARAM_MAX_STACK:
             log.fail("BAD_ARG_NUM", offs)
-        return Arg(n)
+        return EntryArg(n) if at_return else Arg(n)
     log.fail("BAD_VAR", offs)
