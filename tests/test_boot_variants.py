@@ -1,5 +1,7 @@
-"""The default image's kernel booted with KASLR on, with 5-level paging, and with both: a
-conformance subset on one guest (2 vCPUs) per variant of :data:`BOOT_VARIANTS`.
+"""The default image's kernel booted with KASLR on, with 5-level paging, and with both,
+and other Debian kernels (6.1 PREEMPT_RT, 6.12 cloud and PREEMPT_RT): a conformance
+subset on one guest (2 vCPUs) per variant of :data:`BOOT_VARIANTS` and
+:data:`KERNEL_VARIANTS`.
 
 Each variant checks what moves with it against the guest itself: the slide (kallsyms and
 the IDT), the paging mode (CR4 and ``/proc/cpuinfo``), page walks through the guest's own

@@ -85,7 +85,7 @@ TRACED: tuple[tuple[str, ...], ...] = (
        # by a parameter's name and BTF type, $arg*; an IBT function (vfs_read: entry at +4)
         "r:ra do_sys_openat2 d=$arg1:s32 fn=+0($arg2):ustring ret=$retval:s32",
         "r:rb do_sys_openat2 $arg1 filename:ustring",
-        "p:ve vfs_read",
+        "p:ve vfs_read ip=%ip",
         "r:rv vfs_read count $retval",
         "r:rc close_fd $arg*",
     ),
