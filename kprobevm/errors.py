@@ -39,6 +39,7 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- SlotExhausted            no instruction slot could be had
      +-- ProbeSyntaxError             a kprobe_events definition is invalid (code, position)
      +-- JournalError                 the write journal is unreadable or does not match the guest
+ +-- DrgnError                    a drgn Program for the guest could not be made (what to do)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from collections.abc import Sequence
 __all__ = [
     "LOST_ERRORS",
     "AmbiguousSymbol",
+    "DrgnError",
     "GdbConnectionClosed",
     "GdbError",
     "GdbErrorReply",
@@ -407,3 +409,12 @@ class JournalError(KprobeVMError):
     def __init__(self, message: str, *, path: str = ""):
         self.path = path
         super().__init__(message + (f" (journal: {path})" if path else ""))
+
+
+class DrgnError(KprobeVMError):
+    """``vm.drgn()`` could not make a drgn Program: drgn is missing, the guest kernel
+    keeps no VMCOREINFO, or the vmlinux given has no debug info; ``hint`` says what to do."""
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        self.hint = hint
+        super().__init__(f"{message}; {hint}")
