@@ -41,8 +41,8 @@ def prog(vm: VM) -> object:
 
 @pytest.mark.vm
 def test_memory_and_symbols_are_the_guests(vm: VM, prog: object) -> None:
-    """drgn's own page walk over kprobevm's physical reads reads what kprobevm reads;
-    its symbols are kprobevm's kallsyms; its VMCOREINFO is the running kernel's."""
+    """drgn reads what kprobevm reads, virtual and physical; its symbols are kprobevm's
+    kallsyms; its VMCOREINFO is the running kernel's."""
     import drgn
 
     assert isinstance(prog, drgn.Program)
@@ -51,6 +51,8 @@ def test_memory_and_symbols_are_the_guests(vm: VM, prog: object) -> None:
     assert prog.symbol(vm.symbols["vfs_read"] + 3).name == "vfs_read"
     assert prog.read(banner, 64) == vm.read(banner, 64)
     assert prog.read(banner, 14) == b"Linux version "
+    phys = vm.translate(banner)
+    assert prog.read(phys, 64, True) == vm.read_phys(phys, 64)
     task = vm.symbols["init_task"]
     assert prog.read_u64(task + 64) == int.from_bytes(vm.read(task + 64, 8), "little")
     release = vm.run("uname -r", check=True).stdout.strip()
@@ -60,14 +62,15 @@ def test_memory_and_symbols_are_the_guests(vm: VM, prog: object) -> None:
 
 @pytest.mark.vm
 def test_a_handler_reads_the_guest_through_drgn(vm: VM, prog: object) -> None:
-    """At each stopping hit on do_sys_openat2 the handler finds ``current`` and its comm
-    with drgn, and they are what kprobevm's own reads say."""
+    """At each stopping hit on do_sys_openat2 the handler finds ``current``, its comm
+    and the file name (user memory) with drgn, and they are what kprobevm's reads say."""
     import drgn
 
     assert isinstance(prog, drgn.Program)
     layout = vm.task_layout
     assert layout is not None
     seen: list[tuple[bytes, bytes]] = []
+    names: list[bytes] = []
 
     def pre(kp: Kprobe, regs: PtRegs) -> None:
         assert regs.memory is not None
@@ -75,6 +78,9 @@ def test_a_handler_reads_the_guest_through_drgn(vm: VM, prog: object) -> None:
         ours = regs.memory.u64(regs.gs_base + layout.current)
         assert task == ours
         seen.append((prog.read(task + layout.comm, 16), regs.memory.read(task + layout.comm, 16)))
+        assert prog.read_c_string(task + layout.comm, max_size=16) == seen[-1][1].split(b"\0")[0]
+        names.append(prog.read_c_string(regs.si, max_size=64))  # user memory: the file name
+        assert names[-1] == regs.memory.cstring(regs.si, 64)
 
     kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=pre)
     vm.register_kprobe(kp)
@@ -85,6 +91,7 @@ def test_a_handler_reads_the_guest_through_drgn(vm: VM, prog: object) -> None:
     assert kp.nerrors == 0, kp.errors
     assert seen and all(theirs == ours for theirs, ours in seen)
     assert any(comm.startswith(b"cat\0") for comm, _ in seen)
+    assert b"/proc/version" in names
 
 
 @pytest.mark.vm

@@ -5,9 +5,9 @@ target: the guest's own ``VMCOREINFO`` (the text its kernel keeps at
 ``vmcoreinfo_data`` for crash dumps: release, page table root, KASLR offset, paging mode),
 physical memory read through kprobevm (shared RAM, else the gdbstub), kprobevm's
 kallsyms as the symbol table, and, when the user has a vmlinux with DWARF (a self-built
-kernel, or a distribution's ``-dbg`` package), its types and variables. Virtual
-addresses are translated by drgn over the kernel's page table, so kernel memory reads
-work; user memory (another page table) does not.
+kernel, or a distribution's ``-dbg`` package), its types and variables. Virtual reads
+go through kprobevm as well: kernel memory, and in a handler the current task's user
+memory, as the handler's own reads.
 """
 
 from __future__ import annotations
@@ -75,13 +75,20 @@ def drgn_program(
     prog = drgn.Program(drgn.host_platform)
     prog.set_linux_kernel_custom(guest_vmcoreinfo(read, symbols), True)
 
-    def read_fn(address: int, count: int, offset: int, physical: bool) -> bytes:
-        try:
-            return read_phys(address, count)
-        except GuestFaultError as exc:
-            raise drgn.FaultError(str(exc), address) from exc
+    def segment(read: ReadFn) -> Callable[[int, int, int, bool], bytes]:
+        def read_fn(address: int, count: int, offset: int, physical: bool) -> bytes:
+            try:
+                return read(address, count)
+            except GuestFaultError as exc:
+                raise drgn.FaultError(str(exc), address) from exc
 
-    prog.add_memory_segment(0, PHYS_LIMIT, read_fn, physical=True)
+        return read_fn
+
+    prog.add_memory_segment(0, PHYS_LIMIT, segment(read_phys), physical=True)
+    # Virtual reads are kprobevm's too (drgn would walk swapper_pg_dir itself, a Python
+    # call per table entry, and never reach a task's user memory).
+    for start in (0, 1 << 63):
+        prog.add_memory_segment(start, 1 << 63, segment(read))
     prog.register_symbol_finder("kprobevm", drgn.SymbolIndex(_drgn_symbols(drgn, symbols)),
                                 enable_index=0)  # fmt: skip
     if vmlinux is not None:
