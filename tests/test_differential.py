@@ -152,6 +152,8 @@ REJECTED: tuple[tuple[str, ...], ...] = (
     ("r:e24 getname_flags $retval:string",),  # BAD_TYPE4STR: not a char *
     ("p:e25 vfs_read nosuchparam",),  # NO_BTFARG
     ("p:e26 vfs_read+{insn:vfs_read:2} $arg1",),  # NOFENTRY_ARGS
+    ("p:e27 vfs_read+{insn:vfs_read:2} a=+0($arg1)",),  # 6.11: NOFENTRY_ARGS, 6.1: BAD_VAR
+    ("p:e28 {addr:vfs_read} a=$arg1",),  # an address probe is no function entry
 )
 """Definitions (with those before them in their tuple) the guest rejects."""
 

@@ -539,9 +539,16 @@ def test_return_probe_arguments_are_saved_at_entry_since_6_11() -> None:
     assert info.value.code == "BAD_VAR"
     # without a guest, let through for the guest's kernel to judge
     assert isinstance(parse_event("r:r vfs_read a=$arg1"), ProbeEvent)
-    with pytest.raises(ProbeSyntaxError) as info:  # 6.5 to 6.10: no parameter at a return
-        parse_event("r:r vfs_read count", kernel=LATER)
-    assert info.value.code == "UNSUPPORTED"
+    for text in ("r:r vfs_read count", "r:r vfs_read $arg1"):  # 6.5 to 6.10: entry only
+        with pytest.raises(ProbeSyntaxError) as info:
+            parse_event(text, kernel=LATER)
+        assert info.value.code == ("NOSUP_BTFARG" if "count" in text else "NOFENTRY_ARGS")
+    # off the entry: 6.11 says so where 6.1 knew no such variable
+    for text in ("p:p vfs_read+8 a=^$arg1", "p:p vfs_read+8 a=+0(^$arg1)"):
+        for kernel, code in ((since, "NOFENTRY_ARGS"), (GuestKernel(SYMS), "BAD_VAR")):
+            with pytest.raises(ProbeSyntaxError) as info:
+                parse_event(text.replace("^", ""), kernel=kernel)
+            assert (info.value.code, info.value.position) == (code, text.index("^"))
 
 
 @pytest.mark.parametrize(

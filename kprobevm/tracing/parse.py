@@ -237,7 +237,9 @@ def _parse_probe(argv: list[str], kernel: GuestKernel | None) -> ProbeEvent:
 
     # Without a guest, $argN in a return probe is let through for the guest to judge
     # (a kernel with the entry_args_at_return rule takes it).
-    dialect = Dialect(entry_args_at_return=True) if kernel is None else kernel.dialect(symbol)
+    dialect = Dialect(entry_args_at_return=is_return)
+    if kernel is not None:
+        dialect = kernel.dialect(symbol)
     words = argv[2:]
     if dialect.btf_args:
         words = _expand_meta_args(log, words, flags, dialect)
@@ -272,7 +274,10 @@ def _parse_probe(argv: list[str], kernel: GuestKernel | None) -> ProbeEvent:
 def _expand_meta_args(log: ProbeLog, words: list[str], flags: int, dialect: Dialect) -> list[str]:
     """traceprobe_expand_meta_args(): a bare ``$argN[:TYPE]`` becomes the Nth parameter's
     name (with the type), ``$arg*`` every parameter's, when BTF knows the function."""
-    entry_or_exit = flags in (FL_KERNEL | FL_FENTRY, FL_KERNEL | FL_RETURN)
+    # a return probe's $arg since 6.11, which saves them at the entry
+    entry_or_exit = flags == FL_KERNEL | FL_FENTRY or (
+        flags == FL_KERNEL | FL_RETURN and dialect.entry_args_at_return
+    )
     every = -1
     found = False
     for i, word in enumerate(words):

@@ -381,7 +381,8 @@ def _parse_btf_param(
 ) -> Arg | EntryArg:
     """parse_btf_arg(): a parameter of the probed function, by name."""
     entry = flags == FL_KERNEL | FL_FENTRY
-    if not entry and flags != FL_KERNEL | FL_RETURN:
+    at_return = flags == FL_KERNEL | FL_RETURN and dialect.entry_args_at_return
+    if not entry and not at_return:
         log.fail("NOSUP_BTFARG", offs)
     if "." in arg or "-" in arg:
         log.fail("UNSUPPORTED", offs, "BTF field access (->, .)")
@@ -391,11 +392,7 @@ def _parse_btf_param(
     found = function.param(arg)
     if found is None:
         log.fail("NO_BTFARG", offs)
-    if entry:
-        return Arg(found[0] + 1)
-    if not dialect.entry_args_at_return:
-        log.fail("UNSUPPORTED", offs, "a parameter at a function's return")
-    return EntryArg(found[0] + 1)
+    return Arg(found[0] + 1) if entry else EntryArg(found[0] + 1)
 
 
 def _str_to_immediate(s: str) -> int | None:
@@ -463,14 +460,18 @@ def _parse_var(log: ProbeLog, var: str, flags: int, offs: int, dialect: Dialect)
         return Stack(n)
     if var in ("comm", "COMM"):
         return Comm()
-    at_return = dialect.entry_args_at_return and flags == FL_KERNEL | FL_RETURN
-    if (flags == FL_KERNEL | FL_FENTRY or at_return) and var.startswith("arg"):
+    entry = flags == FL_KERNEL | FL_FENTRY
+    if (entry or dialect.entry_args_at_return) and var.startswith("arg"):
         # At a function's entry of a kprobe; since 6.11 also in a return probe, which
-        # reads the value its entry saved.
+        # reads the value its entry saved, and anywhere else NOFENTRY_ARGS (6.1: BAD_VAR).
         n = kstrtoul(var[3:], 10)
         if n is None:
             log.fail("BAD_VAR", offs)
         if not n or n > PARAM_MAX_STACK:
             log.fail("BAD_ARG_NUM", offs)
-        return EntryArg(n) if at_return else Arg(n)
+        if entry:
+            return Arg(n)
+        if flags != FL_KERNEL | FL_RETURN:
+            log.fail("NOFENTRY_ARGS", offs)
+        return EntryArg(n)
     log.fail("BAD_VAR", offs)
