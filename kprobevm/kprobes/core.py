@@ -34,6 +34,7 @@ from kprobevm import faults
 from kprobevm.errors import LOST_ERRORS, KprobeError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
+from kprobevm.kprobes.optimizer import Optimizer
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
 from kprobevm.x86.ptregs import PtRegs
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.slots import Slot
     from kprobevm.trap.channel import TrapChannel, TrapHandlers
     from kprobevm.x86.insn import Insn
+    from kprobevm.x86.opt import OptRegion
 
     ChannelInstaller = Callable[[TrapHandlers], TrapChannel]
     """Puts a trap channel in the guest for the given handlers (the probe table)."""
@@ -177,6 +179,20 @@ class ProbeSite:
     """The mailbox byte of this site's pre store, watched on its own: a stop names it."""
     module: str | None = None
     """The module whose text holds the site (None: the core kernel)."""
+    opt: OptRegion | None = None
+    """What a jump here would cover (its slot copies all of it): None, int3 only."""
+    armed_at: float = 0.0
+    """When the int3 went in (monotonic): the optimizer's grace period starts there."""
+    optimized: bool = False
+    """The jump is in the guest instead of the int3 (listed ``[OPTIMIZED]``)."""
+    jump: bytes = b""
+    jump_seqs: tuple[int, int] | None = None
+    """Journal sequences of the jump's displacement and opcode writes."""
+
+    @property
+    def original(self) -> bytes:
+        """The bytes our int3 (or jump) replaced, as the kernel has them."""
+        return self.opt.original if self.opt is not None else self.insn.bytes
 
     @property
     def enabled(self) -> bool:
@@ -236,6 +252,8 @@ class KprobeManager:
         """ftrace sites with our int3 on the NOP itself, and why it could not go after it:
         the guest's ftrace cannot patch those functions while they are probed."""
         self.modules = ModuleWatch(memory, module_layout, self._module_going)
+        self.optimizer = Optimizer(self)
+        """Which sites get a jump instead of an int3 (``optimizer.enabled``: the sysctl)."""
 
     # -- the channel -----------------------------------------------------------------
 
@@ -362,6 +380,7 @@ class KprobeManager:
         """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
         self.look_up_names([kp])
         self._register_kprobe(kp)
+        self.optimizer.optimize_pending()
 
     def _register_kprobe(self, kp: Kprobe) -> None:
         self.install_channel()
@@ -462,12 +481,14 @@ class KprobeManager:
             site.probes.append(kp)
             self.table[addr] = site
             try:
+                self.optimizer.prepare(site)
                 self.channel.commit_site(site)
                 faults.kill_point("arm_kprobe")
                 if not self.all_disarmed:
                     self.channel.arm(site)
             except BaseException:
                 del self.table[addr]
+                self.optimizer.forget(site)
                 self.channel.discard_site(site)
                 raise
 
@@ -488,6 +509,7 @@ class KprobeManager:
                 for kp in reversed(done):
                     self.unregister_kprobe(kp)
                 raise
+        self.optimizer.optimize_pending()
 
     def unregister_kprobes(self, kps: list[Kprobe]) -> None:
         """Unregister several probes with the VM stopped once."""
@@ -512,6 +534,7 @@ class KprobeManager:
                     if site.armed:
                         self.channel.disarm(site)
                     del self.table[site.addr]
+                    self.optimizer.forget(site)
                     self.channel.discard_site(site)
                 else:
                     if not site.enabled and site.armed:
@@ -541,6 +564,7 @@ class KprobeManager:
                     self.channel.rebuild_site(site)  # a count program counts it again
                 if not site.armed and not self.all_disarmed:
                     self.channel.arm(site)
+        self.optimizer.optimize_pending()
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
@@ -559,6 +583,7 @@ class KprobeManager:
             for site in self.table.values():
                 if site.enabled and not site.armed:
                     self.channel.arm(site)
+        self.optimizer.optimize_pending()
 
     def disarm_all_kprobes(self) -> None:
         """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
@@ -766,7 +791,7 @@ class KprobeManager:
         with self.target.stopped():
             code = bytearray(self.memory.read(addr, n))
         for site in self.table.values():
-            for i, byte in enumerate(site.insn.bytes):
+            for i, byte in enumerate(site.original):
                 if 0 <= site.addr + i - addr < n:
                     code[site.addr + i - addr] = byte
         return bytes(code)

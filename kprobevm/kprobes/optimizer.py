@@ -1,0 +1,182 @@
+"""The kprobe optimizer (``kernel/kprobes.c``'s ``kprobe_optimizer`` and the
+``debug.kprobes-optimization`` sysctl): which sites get a jump instead of an int3, and when.
+
+A new site whose instructions allow it (:func:`kprobevm.x86.opt.find_region`; no
+post_handler, no other probe and no text the kernel patches under the jump; on an
+ftrace site, the jump goes after the NOP, which stays the guest's ftrace's) gets a slot
+that copies every covered instruction, and goes in with its int3 as any site. Once no
+vCPU, and no task it may have interrupted, can be inside the covered bytes any more
+(:meth:`kprobevm.trap.grace.Quiescence.wait_until_out_of_text`), the int3 becomes the jump
+(:mod:`kprobevm.trap.optjump`). A probe registered later inside a covered range takes
+the jump (and the covering) away first, as the kernel unoptimizes an aggregate probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kprobevm.errors import KprobeError
+from kprobevm.kernel.patchsites import FTRACE_NOP
+from kprobevm.x86 import asm, ooline
+from kprobevm.x86.opt import OptRegion, find_region
+
+if TYPE_CHECKING:
+    from kprobevm.kprobes.core import KprobeManager, ProbeSite
+
+__all__ = ["Optimizer"]
+
+log = logging.getLogger(__name__)
+
+GRACE_TIMEOUT = 2.0
+"""Seconds a registration waits for the guest to leave the bytes its jumps cover; after
+that the sites keep their int3 (said on stderr) and the next registration tries again."""
+
+
+class Optimizer:
+    """Which sites of a probe table are jump-optimized; ``enabled`` is the sysctl."""
+
+    def __init__(self, manager: KprobeManager, *, enabled: bool = True) -> None:
+        self.manager = manager
+        self._enabled = enabled
+        self.why_not: dict[int, str] = {}
+        """Site address -> why it keeps its int3 (no jump, or not yet)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether sites are optimized (``sysctl debug.kprobes-optimization``)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        """Off: every jump goes back to its int3 now. On: sites that may take one get it."""
+        manager = self.manager
+        self._enabled = value
+        if value:
+            self.optimize_pending()
+            return
+        channel = manager.installed_channel
+        if channel is None:
+            return
+        with manager._mutex, manager.target.stopped():
+            for site in manager.table.values():
+                if site.optimized:
+                    channel.unoptimize(site)
+
+    # -- deciding (VM stopped, a new site before its slot code is written) -------------
+
+    def prepare(self, site: ProbeSite) -> None:
+        """Take away jumps covering ``site``, and give ``site`` a region if it may have one."""
+        manager = self.manager
+        for other in list(manager.table.values()):
+            region = other.opt
+            if other is not site and region is not None and region.addr < site.addr < region.end:
+                self._uncover(other, f"a probe at {site.addr:#x} inside its jump")
+        why = self._region(site)
+        if isinstance(why, OptRegion):
+            site.opt = why
+            self.why_not[site.addr] = "not yet: waiting for the guest to leave the covered bytes"
+        else:
+            self.why_not[site.addr] = why
+            log.debug("%s keeps its int3: %s", manager.symbols.describe(site.addr), why)
+
+    def forget(self, site: ProbeSite) -> None:
+        """The site is gone."""
+        self.why_not.pop(site.addr, None)
+
+    def _uncover(self, site: ProbeSite, why: str) -> None:
+        """``site`` keeps its int3 from now on, its slot running its own instruction only."""
+        channel = self.manager.channel
+        if site.optimized:
+            channel.unoptimize(site)
+        site.opt = None
+        channel.rebuild_site(site)
+        self.why_not[site.addr] = why
+
+    def _region(self, site: ProbeSite) -> OptRegion | str:
+        manager = self.manager
+        if not manager.channel.optimizes:
+            return f"the {manager.channel.name} channel has no slot to jump to"
+        if site.wants_post:
+            return "a post_handler runs after the probed instruction alone"
+        sym = manager.symbols.lookup(site.addr)
+        if sym is None or not sym.size:
+            return "no function around it"
+        func = manager.original_text(sym.address, sym.size)
+        region = find_region(func, sym.address, site.addr,
+                             reserved=lambda lo, hi: self._reserved(site, lo, hi),
+                             fixup=self._fixup)  # fmt: skip
+        if isinstance(region, str) or site.slot is None:
+            return region if isinstance(region, str) else "no slot"
+        try:  # in reach of the slot: the jump, and each copy's RIP-relative operand
+            asm.jmp_rel32(site.addr, site.slot.address)
+            for insn in region.insns:
+                ooline.relocate(insn, site.slot.address)
+        except KprobeError as exc:
+            return str(exc)
+        return region
+
+    def _reserved(self, site: ProbeSite, lo: int, hi: int) -> str | None:
+        """What else owns a byte of ``[lo, hi)``: patched text, an ftrace NOP, a probe."""
+        patch = self.manager.patch_sites
+        for addr in range(lo, hi):
+            found = patch.find(addr)
+            if found is not None:
+                return f"{found.reason} at {found.start:#x} under the jump"
+        for start in range(lo - len(FTRACE_NOP) + 1, hi):
+            if start in patch.ftrace:
+                return f"the ftrace NOP at {start:#x} under the jump"
+        for other in self.manager.table:
+            if other != site.addr and lo <= other < hi:
+                return f"another probe at {other:#x} under the jump"
+        return None
+
+    def _fixup(self, addr: int) -> str | None:
+        found = self.manager.patch_sites.find(addr)
+        if found is not None and found.reason == "exception table":
+            return f"an exception-table entry at {addr:#x}"
+        return None
+
+    # -- optimizing (the guest running between looks) ----------------------------------
+
+    def optimize_pending(self) -> None:
+        """Jumps for every armed site with a region, once the guest is out of the bytes
+        they cover. Called after registrations, by a thread that can let the guest run."""
+        manager = self.manager
+        channel = manager.installed_channel
+        if not self._enabled or channel is None or manager.target.holds_here:
+            return
+        pending = self._pending()
+        if not pending:
+            return
+        since = max(s.armed_at for s in pending)
+        ranges = [(s.addr + 1, s.opt.end) for s in pending if s.opt is not None]
+        quiescence = channel.quiescence_for_text()
+        assert quiescence is not None
+        why = quiescence.wait_until_out_of_text(ranges, since, GRACE_TIMEOUT)
+        if why is not None:
+            log.warning("%d probe(s) keep their int3 for now: %s", len(pending), why)
+            for site in pending:
+                self.why_not[site.addr] = f"not yet: {why}"
+            return
+        with manager._mutex, manager.target.stopped():
+            for site in self._pending():
+                if site.armed_at <= since:
+                    channel.optimize(site)
+                    self.why_not.pop(site.addr, None)
+
+    def _pending(self) -> list[ProbeSite]:
+        return [s for s in self.manager.table.values()
+                if s.opt is not None and s.armed and not s.optimized and s.enabled]  # fmt: skip
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Try again until every site that may be optimized is (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._enabled and self._pending():
+            self.optimize_pending()
+            if time.monotonic() > deadline:
+                raise KprobeError(
+                    f"{len(self._pending())} probe(s) not optimized after"
+                    f" {timeout:g} s: {next(iter(self.why_not.values()), '')}"
+                )
