@@ -476,6 +476,7 @@ class KprobeManager:
     def _place_site(self, addr: int, kp: Kprobe, module: str | None) -> None:
         """A new aggregate at ``addr`` with ``kp``, written and armed; nothing left on failure."""
         with self.target.stopped():
+            self.optimizer.uncover(addr)
             site = self.channel.prepare_site(addr)
             site.module = module
             site.probes.append(kp)

@@ -66,13 +66,17 @@ class Optimizer:
 
     # -- deciding (VM stopped, a new site before its slot code is written) -------------
 
-    def prepare(self, site: ProbeSite) -> None:
-        """Take away jumps covering ``site``, and give ``site`` a region if it may have one."""
-        manager = self.manager
-        for other in list(manager.table.values()):
+    def uncover(self, addr: int) -> None:
+        """Before a new site at ``addr``: take away the jump (and the covering) of any
+        site whose jump covers it, so that its bytes read as the kernel's again."""
+        for other in list(self.manager.table.values()):
             region = other.opt
-            if other is not site and region is not None and region.addr < site.addr < region.end:
-                self._uncover(other, f"a probe at {site.addr:#x} inside its jump")
+            if region is not None and region.addr < addr < region.end:
+                self._uncover(other, f"a probe at {addr:#x} inside its jump")
+
+    def prepare(self, site: ProbeSite) -> None:
+        """Give a new site a region if it may have one (before its slot code is written)."""
+        manager = self.manager
         why = self._region(site)
         if isinstance(why, OptRegion):
             site.opt = why
