@@ -9,10 +9,11 @@ is the trap's cost (the #BP exception, the stub's lookup and its ``iretq``); rec
 against count-only is the record program's.
 
 Each run is timed two ways: by the guest's own clock (``/proc/timer_list``), and by
-the CPU time of QEMU's vCPU threads over the command. The guest's clock runs on while
-the host does not schedule the vCPU (this machine is shared: the unprobed loop's guest
-time moves 2-3x within a minute); the vCPU threads' CPU time counts only what the
-guest ran, the same way for every contender.
+the CPU time of the QEMU process over the command. The guest's clock runs on while the
+host does not schedule the vCPU (this machine is shared: the unprobed loop's guest time
+moves 2-3x within a minute); QEMU's CPU time counts only what it ran. (Its threads are
+unnamed without ``-name debug-threads=on``: all of them are summed, the vCPU's and the
+main loop's, which serves SSH and the gdbstub alike for every contender.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _NS = re.compile(r"now at (\d+) nsecs")
 
 @dataclass(frozen=True)
 class Timing:
-    """One run of the loop: guest clock ns, and CPU ns of QEMU's vCPU threads."""
+    """One run of the loop: guest clock ns, and CPU ns of the QEMU process."""
 
     guest_ns: int
     cpu_ns: int
@@ -68,13 +69,12 @@ class OptRound:
         return per_hit[variant] / per_hit["guest_kprobe"]
 
 
-def vcpu_cpu_ns(pid: int) -> int:
-    """CPU nanoseconds QEMU's vCPU threads (``CPU n/TCG``) have run so far."""
+def qemu_cpu_ns(pid: int) -> int:
+    """CPU nanoseconds the QEMU process's threads have run so far (the vCPUs', and the
+    main loop's, which serves SSH and the gdbstub: the same for every contender)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if not (task / "comm").read_text().startswith("CPU "):
-                continue
             total += int((task / "schedstat").read_text().split()[0])
         except OSError:
             continue  # a thread that ended meanwhile
@@ -85,11 +85,11 @@ def dd_timed(vm: VM, n: int) -> Timing:
     """``n`` one-byte reads (and writes) by dd, timed both ways."""
     pid = getattr(vm.machine, "pid", None)
     if not isinstance(pid, int):
-        raise VMError("the vCPU threads' CPU time needs a QEMU this process started")
-    cpu = vcpu_cpu_ns(pid)
+        raise VMError("QEMU's CPU time needs a QEMU this process started")
+    cpu = qemu_cpu_ns(pid)
     out = vm.run(f"{_NOW}; dd if=/dev/zero of=/dev/null bs=1 count={n} 2>/dev/null; {_NOW}",
                  check=True, timeout=600).stdout  # fmt: skip
-    cpu = vcpu_cpu_ns(pid) - cpu
+    cpu = qemu_cpu_ns(pid) - cpu
     start, end = (int(m) for m in _NS.findall(out))
     return Timing(end - start, cpu)
 
