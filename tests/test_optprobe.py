@@ -4,13 +4,14 @@ inside a jump taking it away, and the text as it was after each."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
 
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.patchsites import FTRACE_NOP
-from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.core import Kprobe, ProbeSite
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86 import asm
 from kprobevm.x86.ptregs import PtRegs
@@ -135,3 +136,27 @@ def test_a_probe_inside_a_jump_takes_it_away(vm: VM, text: bytes) -> None:
         vm.run(DD.format(n=10), check=True)
     finally:
         vm.unregister_kprobe(outer)
+
+
+def test_no_optimize_on_the_command_line_keeps_every_int3(
+    vm: VM, text: bytes, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kprobevm import cli
+    from kprobevm.trap.watchpoint import WatchpointChannel
+
+    jumped: list[int] = []
+    real = WatchpointChannel.optimize
+
+    def optimize(channel: WatchpointChannel, site: ProbeSite) -> None:
+        jumped.append(site.addr)
+        real(channel, site)
+
+    monkeypatch.setattr(WatchpointChannel, "optimize", optimize)
+    monkeypatch.setattr(cli, "_guest", lambda args: contextlib.nullcontext(vm))
+    argv = ["count", "--boot", FUNC, "--", DD.format(n=10)]
+    assert cli.main([argv[0], "--no-optimize", *argv[1:]]) == cli.EXIT_OK
+    assert not jumped and not vm.kprobes.optimizer.enabled
+    assert cli.main(argv) == cli.EXIT_OK
+    assert jumped == [vm.symbols[FUNC] + 5] and vm.kprobes.optimizer.enabled
+    counts = [int(line.split(": ")[1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(counts) == 2 and min(counts) >= 10, counts
