@@ -51,7 +51,12 @@ def test_a_recorded_probe_jumps_to_its_slot_after_the_ftrace_nop(vm: VM, text: b
         now = vm.read(addr, 64)
         # the guest's NOP untouched, our jump after it, the rest as it was
         assert now[:5] == FTRACE_NOP
-        assert now[5:10] == asm.jmp_rel32(addr + 5, site.slot.address)
+        # straight to the record program: the slot's entry would only jump there
+        recorder = getattr(vm.kprobes.channel, "recorder", None)
+        assert recorder is not None
+        program = recorder.site_programs[site.addr].address
+        assert now[5:10] == asm.jmp_rel32(addr + 5, program)
+        assert vm.read(site.slot.address, 5) == asm.jmp_rel32(site.slot.address, program)
         assert now[10:] == text[10:]
         # listed as the kernel lists a probe on an ftrace site
         assert vm.list_kprobes() == f"{addr:016x}  k  {FUNC}+0x0    [FTRACE]\n"

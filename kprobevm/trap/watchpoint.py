@@ -136,6 +136,9 @@ class WatchpointChannel(TrapChannel):
         self.recorder: Recorder | None = None
         self.drains_running = False
         """Recorded hits are drained through shared guest RAM with the VM running."""
+        self._jump_targets: dict[int, int] = {}
+        """Site address -> where its optimized jump goes: the slot, or a recorded site's
+        program (the slot's entry only jumps there)."""
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
         self._regs_ns = 0
@@ -233,9 +236,12 @@ class WatchpointChannel(TrapChannel):
 
         if site.recorded:
             # nothing here stops the guest: the program comes back to the continuation
-            write(asm.jmp_rel32(slot.address, self._record_program(site, cont_addr)))
+            program = self._record_program(site, cont_addr)
+            write(asm.jmp_rel32(slot.address, program))
+            self._jump_targets[site.addr] = program  # an optimized jump goes straight there
             site.pre_rip, site.post_rip = 0, None
             return
+        self._jump_targets[site.addr] = slot.address
         entry = ooline.make_slot_code(
             site.insn, slot.address, mailbox=mailbox, pre_mailbox=site.pre_watch,
             post_store=post, slot_size=half, covers=covers,
@@ -279,12 +285,13 @@ class WatchpointChannel(TrapChannel):
             self.optimize(site)
 
     def optimize(self, site: ProbeSite) -> None:
-        arm_jump(self.ctx, site, self._slot(site).address)
+        arm_jump(self.ctx, site, self._jump_targets[site.addr])
 
     def quiescence_for_text(self) -> Quiescence:
         return self.quiescence
 
     def discard_site(self, site: ProbeSite) -> None:
+        self._jump_targets.pop(site.addr, None)
         self.table.remove(site.addr)
         self._forget_rips(site)
         self.hot.forget(site)
