@@ -165,3 +165,15 @@ def test_no_optimize_on_the_command_line_keeps_every_int3(
     assert jumped == [vm.symbols[FUNC] + 5] and vm.kprobes.optimizer.enabled
     counts = [int(line.split(": ")[1]) for line in capsys.readouterr().out.splitlines()]
     assert len(counts) == 2 and min(counts) >= 10, counts
+
+
+def test_the_benchmark_round_measures_each_way_on_its_own_path(vm: VM, text: bytes) -> None:
+    """One small round of ``scripts/bench-optprobe``: every way hit once per read (its
+    check refuses a probe on the wrong path), the optimizer left on."""
+    from kprobevm.bench.optprobe import WAYS, measure_round
+
+    r = measure_round(vm, 200, index=1)
+    assert set(r.hits) == set(WAYS)
+    assert all(200 <= r.hits[w] < 400 for w in WAYS), r.hits
+    assert all(r.unprobed[w].cpu_ns > 0 and r.unprobed[w].guest_ns > 0 for w in WAYS)
+    assert vm.kprobes.optimizer.enabled
