@@ -19,6 +19,7 @@ main loop's, which serves SSH and the gdbstub alike for every contender.)
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ from kprobevm.tracing.session import TraceSession, plan_events
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["DD_EVENT", "VARIANTS", "WAYS", "OptRound", "Timing", "measure_round"]
+__all__ = [
+    "DD_EVENT", "VARIANTS", "WAYS", "OptRound", "Timing", "measure_round", "stop_cost_ns",
+]  # fmt: skip
 
 DD_EVENT = "p:rd vfs_read count=%dx:u64"
 FUNCTION = "vfs_read"
@@ -176,3 +179,20 @@ def measure_round(vm: VM, n: int, *, index: int = 0) -> OptRound:
     finally:
         vm.kprobes.optimizer.enabled = True
     return OptRound(guest, cpu, unprobed, hits, stops)
+
+
+def stop_cost_ns(vm: VM, stops: int) -> float:
+    """QEMU CPU nanoseconds one stop and resume of the (idle) guest costs: ``stops`` of
+    them, less what QEMU runs idle over as long a time."""
+    pid = getattr(vm.machine, "pid", None)
+    if not isinstance(pid, int):
+        raise VMError("QEMU's CPU time needs a QEMU this process started")
+    cpu, t0 = qemu_cpu_ns(pid), time.monotonic()
+    time.sleep(1.0)
+    idle = (qemu_cpu_ns(pid) - cpu) / (time.monotonic() - t0)
+    cpu, t0 = qemu_cpu_ns(pid), time.monotonic()
+    for _ in range(stops):
+        with vm.target.stopped():
+            pass
+    used = qemu_cpu_ns(pid) - cpu - idle * (time.monotonic() - t0)
+    return used / stops

@@ -75,11 +75,14 @@ def find_region(
         starts = x86insn.boundaries(func, func_start)
     except ProbeRefused as exc:
         return f"the function does not decode: {exc}"
-    insns: list[Insn] = []
+    insns: list[Insn] = []  # the branches, and the instructions the jump may cover
     for start in starts:
         at = start - func_start
+        window = func[at : at + x86insn.MAX_INSN_SIZE]
+        if not addr <= start < addr + JMP32_SIZE and not _may_branch(window):
+            continue  # a full decode costs about 60 us: only where it can matter
         try:
-            insns.append(x86insn.decode(func[at : at + x86insn.MAX_INSN_SIZE], start))
+            insns.append(x86insn.decode(window, start))
         except ProbeRefused as exc:
             return f"the function does not decode: {exc}"
     covered: list[Insn] = []
@@ -105,7 +108,23 @@ def find_region(
             return f"an indirect jump at {insn.addr:#x} (a jump table may land inside)"
         if insn.target is not None and addr < insn.target < region.end:
             return f"the branch at {insn.addr:#x} lands inside the jump, at {insn.target:#x}"
-        entry = fixup(insn.addr)
+    for start in starts:
+        entry = fixup(start)
         if entry is not None:
             return f"{entry}: its fixup may jump back into the function"
     return region
+
+
+def _may_branch(code: bytes) -> bool:
+    """Whether the instruction at the top of ``code`` can be a branch, by its opcode:
+    the relative branches and loops, returns, and group 5 (indirect call and jump)."""
+    _, op = x86insn._prefix_end(code)
+    if op >= len(code):
+        return True  # let the decoder say what it is
+    b0 = code[op]
+    if b0 == 0x0F:
+        return op + 1 >= len(code) or 0x80 <= code[op + 1] <= 0x8F
+    return b0 in _BRANCH_OPCODES or 0x70 <= b0 <= 0x7F
+
+
+_BRANCH_OPCODES = frozenset({0xE0, 0xE1, 0xE2, 0xE3, 0xE8, 0xE9, 0xEA, 0xEB, 0xC2, 0xC3, 0xFF})
