@@ -183,10 +183,12 @@ def measure_round(vm: VM, n: int, *, index: int = 0) -> OptRound:
 
 def stop_cost_ns(vm: VM, stops: int) -> float:
     """QEMU CPU nanoseconds one stop and resume of the (idle) guest costs: ``stops`` of
-    them, less what QEMU runs idle over as long a time."""
+    them, less what QEMU runs idle over as long a time. The probes' trap channel is
+    taken out first: its thread would serve back-to-back stops in one pause."""
     pid = getattr(vm.machine, "pid", None)
     if not isinstance(pid, int):
         raise VMError("QEMU's CPU time needs a QEMU this process started")
+    vm.kprobes.close()
     cpu, t0 = qemu_cpu_ns(pid), time.monotonic()
     time.sleep(1.0)
     idle = (qemu_cpu_ns(pid) - cpu) / (time.monotonic() - t0)
