@@ -45,7 +45,12 @@ class PatchSites:
         sites: list[Site],
         ftrace: set[int],
         read: Callable[[int, int], bytes] | None = None,
+        *,
+        from_vmlinux: bool = True,
     ) -> None:
+        self.from_vmlinux = from_vmlinux
+        """The vmlinux's tables are in (jump labels, alternatives, the exception table):
+        without them only ftrace sites and static call trampolines are known."""
         self.sites = sorted(sites, key=lambda s: s.start)
         self._starts = [s.start for s in self.sites]
         # a range can be long (a static call trampoline section): keep the running max end
@@ -108,7 +113,7 @@ class PatchSites:
             for sym in symbols.functions()
             if sym.name.startswith("__SCT__")
         ]  # fmt: skip
-        return cls(sites, ftrace, read)
+        return cls(sites, ftrace, read, from_vmlinux=vmlinux is not None)
 
     def find(self, addr: int) -> Site | None:
         """The patched range containing ``addr``, if any."""

@@ -104,6 +104,11 @@ class Optimizer:
             return f"the {manager.channel.name} channel has no slot to jump to"
         if site.wants_post:
             return "a post_handler runs after the probed instruction alone"
+        # a jump label or alternative under the jump would be patched by the kernel one day
+        if site.module is not None:
+            return f"in module {site.module}, whose patched text the host does not know"
+        if not manager.patch_sites.from_vmlinux:
+            return "no vmlinux: the text the kernel patches is not known"
         sym = manager.symbols.lookup(site.addr)
         if sym is None or not sym.size:
             return "no function around it"
