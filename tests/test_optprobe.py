@@ -70,9 +70,7 @@ def test_a_recorded_probe_jumps_to_its_slot_after_the_ftrace_nop(vm: VM, text: b
     assert all(flags & 0x200 for _, _, flags in seen)  # interrupts on, as at the call
 
 
-def test_the_switch_keeps_probes_on_their_int3_and_gives_the_jump_back(
-    vm: VM, text: bytes
-) -> None:
+def test_the_switch_keeps_the_int3_and_gives_the_jump_back(vm: VM, text: bytes) -> None:
     addr = vm.symbols[FUNC]
     ips: list[int] = []
     kp = Kprobe(symbol_name=FUNC, pre_handler=lambda kp, regs: ips.append(regs.ip))
