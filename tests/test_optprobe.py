@@ -107,7 +107,7 @@ def test_a_post_handler_takes_the_jump_away(vm: VM, text: bytes) -> None:
         vm.register_kprobe(post)
         assert not site.optimized and site.opt is None
         assert vm.read(addr + 5, 1)[0] == INT3
-        assert "post_handler" in vm.kprobes.optimizer.why_not.get(site.addr, "post_handler")
+        assert "post_handler" in vm.kprobes.optimizer.why_not[site.addr]
         vm.run(DD.format(n=10), check=True)
         assert len(posts) >= 10 and set(posts) == {addr + 7}  # after `push %r15`
     finally:

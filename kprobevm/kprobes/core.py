@@ -34,7 +34,7 @@ from kprobevm import faults
 from kprobevm.errors import LOST_ERRORS, KprobeError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
-from kprobevm.kprobes.optimizer import Optimizer
+from kprobevm.kprobes.optimizer import POST_HANDLER_KEEPS_INT3, Optimizer
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
 from kprobevm.x86.ptregs import PtRegs
 
@@ -435,6 +435,8 @@ class KprobeManager:
                 if site.recorded or (site.wants_post and not had_post):
                     # a recorded aggregate records the newcomer too; one gaining a
                     # post_handler needs a slot with a post stop
+                    if site.wants_post and site.opt is not None:
+                        self.optimizer.drop(site, POST_HANDLER_KEEPS_INT3)
                     try:
                         self.channel.rebuild_site(site)
                     except BaseException:

@@ -25,10 +25,12 @@ from kprobevm.x86.opt import OptRegion, find_region
 if TYPE_CHECKING:
     from kprobevm.kprobes.core import KprobeManager, ProbeSite
 
-__all__ = ["Optimizer"]
+__all__ = ["POST_HANDLER_KEEPS_INT3", "Optimizer"]
 
 log = logging.getLogger(__name__)
 
+POST_HANDLER_KEEPS_INT3 = "a post_handler runs after the probed instruction alone"
+"""Why a site with a post_handler is not optimized (the kernel's rule too)."""
 GRACE_TIMEOUT = 2.0
 """Seconds a registration waits for the guest to leave the bytes its jumps cover; after
 that the sites keep their int3 (said on stderr) and the next registration tries again."""
@@ -89,21 +91,24 @@ class Optimizer:
         """The site is gone."""
         self.why_not.pop(site.addr, None)
 
-    def _uncover(self, site: ProbeSite, why: str) -> None:
-        """``site`` keeps its int3 from now on, its slot running its own instruction only."""
-        channel = self.manager.channel
+    def drop(self, site: ProbeSite, why: str) -> None:
+        """``site`` keeps its int3 from now on; its slot code must be written anew (by
+        the caller) to run its own instruction only."""
         if site.optimized:
-            channel.unoptimize(site)
+            self.manager.channel.unoptimize(site)
         site.opt = None
-        channel.rebuild_site(site)
         self.why_not[site.addr] = why
+
+    def _uncover(self, site: ProbeSite, why: str) -> None:
+        self.drop(site, why)
+        self.manager.channel.rebuild_site(site)
 
     def _region(self, site: ProbeSite) -> OptRegion | str:
         manager = self.manager
         if not manager.channel.optimizes:
             return f"the {manager.channel.name} channel has no slot to jump to"
         if site.wants_post:
-            return "a post_handler runs after the probed instruction alone"
+            return POST_HANDLER_KEEPS_INT3
         # a jump label or alternative under the jump would be patched by the kernel one day
         if site.module is not None:
             return f"in module {site.module}, whose patched text the host does not know"
