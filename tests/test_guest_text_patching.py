@@ -161,6 +161,7 @@ def test_recorded_and_counted_probes_on_an_ftrace_site(guest: VM) -> None:
     try:
         assert recorded.ftrace and counted.ftrace and counted.counted
         # both jump-optimized after the NOP: the guest's tracer patches the NOP before it
+        guest.kprobes.optimizer.settle()
         sites = [guest.kprobes.site_of(kp) for kp in (recorded, counted)]
         assert all(s.optimized for s in sites), guest.kprobes.optimizer.why_not
         guest.run(f"{OPENS}; echo {FUNC} > {T}/set_ftrace_filter;"

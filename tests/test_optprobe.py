@@ -45,6 +45,7 @@ def test_a_recorded_probe_jumps_to_its_slot_after_the_ftrace_nop(vm: VM, text: b
     kp = Kprobe(symbol_name=FUNC, pre_handler=pre, record=RecordSpec())
     vm.register_kprobe(kp)
     try:
+        vm.kprobes.optimizer.settle()  # the guest may hold the jump off a moment
         site = vm.kprobes.site_of(kp)
         assert site.optimized and site.addr == addr + 5, vm.kprobes.optimizer.why_not
         assert site.slot is not None and site.opt is not None
@@ -84,6 +85,7 @@ def test_the_switch_keeps_the_int3_and_gives_the_jump_back(vm: VM, text: bytes) 
         on_int3 = len(ips)
         assert on_int3 >= 20
         optimizer.enabled = True
+        optimizer.settle()
         assert site.optimized and vm.read(addr + 5, 1)[0] == JMP
         vm.run(DD.format(n=20), check=True)
         assert len(ips) >= on_int3 + 20
@@ -102,6 +104,7 @@ def test_a_post_handler_takes_the_jump_away(vm: VM, text: bytes) -> None:
     post = Kprobe(addr=addr + 5, post_handler=lambda kp, regs: posts.append(regs.ip))
     vm.register_kprobe(pre)
     try:
+        vm.kprobes.optimizer.settle()
         site = vm.kprobes.site_of(pre)
         assert site.optimized
         vm.register_kprobe(post)
@@ -119,12 +122,14 @@ def test_a_probe_inside_a_jump_takes_it_away(vm: VM, text: bytes) -> None:
     outer = Kprobe(symbol_name=FUNC)  # counted in the guest: its jump goes after the NOP
     vm.register_kprobe(outer)
     try:
+        vm.kprobes.optimizer.settle()
         first = vm.kprobes.site_of(outer)
         assert first.optimized and first.opt is not None
         inner_at = first.opt.insns[1].addr
         inner = Kprobe(addr=inner_at)
         vm.register_kprobe(inner)
         try:
+            vm.kprobes.optimizer.settle()
             second = vm.kprobes.site_of(inner)
             assert not first.optimized and first.opt is None
             assert vm.read(addr + 5, 1)[0] == INT3
@@ -156,7 +161,8 @@ def test_no_optimize_on_the_command_line_keeps_every_int3(
 
     monkeypatch.setattr(WatchpointChannel, "optimize", optimize)
     monkeypatch.setattr(cli, "_guest", lambda args: contextlib.nullcontext(vm))
-    argv = ["count", "--boot", FUNC, "--", DD.format(n=10)]
+    # an idle second first: the optimizer may have to wait for the guest to be quiet
+    argv = ["count", "--boot", FUNC, "--", f"sleep 1; {DD.format(n=10)}"]
     assert cli.main([argv[0], "--no-optimize", *argv[1:]]) == cli.EXIT_OK
     assert not jumped and not vm.kprobes.optimizer.enabled
     assert cli.main(argv) == cli.EXIT_OK

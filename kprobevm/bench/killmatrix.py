@@ -104,6 +104,8 @@ else:
     kps = [Kprobe(symbol_name=name, pre_handler=None if name in COUNTED else hit)
            for name in BATCH]
     vm.register_kprobes(kps)
+    if phase in ("optimize", "unoptimize"):  # the jumps in before anything else
+        vm.kprobes.optimizer.settle(30)
     say("armed")
     if phase in ("unregister", "unoptimize"):
         time.sleep(0.5)

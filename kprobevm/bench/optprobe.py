@@ -98,7 +98,10 @@ def dd_timed(vm: VM, n: int) -> Timing:
 
 
 def _check_optimized(vm: VM, want: bool) -> None:
-    """Raise unless the probe on :data:`FUNCTION` is (or is not) jump-optimized."""
+    """Raise unless the probe on :data:`FUNCTION` is (or is not) jump-optimized (once
+    the optimizer is through, when it is wanted)."""
+    if want:
+        vm.kprobes.optimizer.settle()
     addr = vm.symbols[FUNCTION]
     site = next((s for s in vm.kprobes.table.values() if s.addr in (addr, addr + 5)), None)
     if site is None or site.optimized != want:

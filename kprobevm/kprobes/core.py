@@ -636,6 +636,7 @@ class KprobeManager:
 
     def close(self) -> None:
         """Unregister everything and take the trap channel out of the guest."""
+        self.optimizer.stop()
         with self._mutex:
             self.unregister_all()
             if self._channel is not None:
@@ -647,6 +648,7 @@ class KprobeManager:
         (nothing of ours outlives the guest). Probes end unregistered, as after
         :meth:`close`; a count-only probe's hits were counted in the guest and went
         with it (its ``nhit`` keeps what the host counted)."""
+        self.optimizer.stop()
         with self._mutex:
             for kp in [*self.gone, *(kp for s in self.table.values() for kp in s.probes)]:
                 kp.count_reader = None

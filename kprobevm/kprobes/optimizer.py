@@ -7,17 +7,20 @@ ftrace site, the jump goes after the NOP, which stays the guest's ftrace's) gets
 that copies every covered instruction, and goes in with its int3 as any site. Once no
 vCPU, and no task it may have interrupted, can be inside the covered bytes any more
 (:meth:`kprobevm.trap.grace.Quiescence.wait_until_out_of_text`), the int3 becomes the jump
-(:mod:`kprobevm.trap.optjump`). A probe registered later inside a covered range takes
-the jump (and the covering) away first, as the kernel unoptimizes an aggregate probe.
+(:mod:`kprobevm.trap.optjump`): looked at once after the registration, then by a thread
+of the optimizer's own while sites wait (the kernel's delayed optimizer). A probe
+registered later inside a covered range takes the jump (and the covering) away first, as
+the kernel unoptimizes an aggregate probe.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import KprobeError
+from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86.opt import OptRegion, find_region
@@ -32,8 +35,10 @@ log = logging.getLogger(__name__)
 POST_HANDLER_KEEPS_INT3 = "a post_handler runs after the probed instruction alone"
 """Why a site with a post_handler is not optimized (the kernel's rule too)."""
 GRACE_TIMEOUT = 2.0
-"""Seconds a registration waits for the guest to leave the bytes its jumps cover; after
-that the sites keep their int3 (said on stderr) and the next registration tries again."""
+"""Seconds sites may wait for the guest to leave the bytes their jumps cover before
+stderr says they still have their int3 (the optimizer goes on trying)."""
+RETRY_INTERVAL = 0.05
+"""Seconds between the optimizer thread's looks at the guest."""
 
 
 class Optimizer:
@@ -44,6 +49,9 @@ class Optimizer:
         self._enabled = enabled
         self.why_not: dict[int, str] = {}
         """Site address -> why it keeps its int3 (no jump, or not yet)."""
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def enabled(self) -> bool:
@@ -155,40 +163,89 @@ class Optimizer:
     # -- optimizing (the guest running between looks) ----------------------------------
 
     def optimize_pending(self) -> None:
-        """Jumps for every armed site with a region, once the guest is out of the bytes
-        they cover. Called after registrations, by a thread that can let the guest run."""
+        """After registrations: one look now (an idle guest lets every jump in at once);
+        sites that must wait for the guest are left to a thread of the optimizer's own,
+        as the kernel leaves them to its delayed optimizer. A thread that holds the VM
+        stopped (or the trap thread) only hands them over."""
+        manager = self.manager
+        if not self._enabled or manager.installed_channel is None:
+            return
+        if not manager.target.holds_here and self._attempt(timeout=0.0):
+            return
+        self._start_worker()
+
+    def _attempt(self, timeout: float) -> bool:
+        """Jumps for every armed site with a region once the guest is out of the bytes
+        they cover, waiting at most ``timeout`` seconds; True when none is left."""
         manager = self.manager
         channel = manager.installed_channel
-        if not self._enabled or channel is None or manager.target.holds_here:
-            return
-        pending = self._pending()
+        if channel is None:
+            return True
+        with manager._mutex:
+            pending = self._pending()
         if not pending:
-            return
+            return True
         since = max(s.armed_at for s in pending)
         ranges = [(s.addr + 1, s.opt.end) for s in pending if s.opt is not None]
         quiescence = channel.quiescence_for_text()
         assert quiescence is not None
-        why = quiescence.wait_until_out_of_text(ranges, since, GRACE_TIMEOUT)
+        why = quiescence.wait_until_out_of_text(ranges, since, timeout)
         if why is not None:
-            log.warning("%d probe(s) keep their int3 for now: %s", len(pending), why)
             for site in pending:
                 self.why_not[site.addr] = f"not yet: {why}"
-            return
+            return False
         with manager._mutex, manager.target.stopped():
+            if manager.installed_channel is not channel:
+                return True  # closed meanwhile
             for site in self._pending():
                 if site.armed_at <= since:
                     channel.optimize(site)
                     self.why_not.pop(site.addr, None)
+            return not self._pending()
 
     def _pending(self) -> list[ProbeSite]:
         return [s for s in self.manager.table.values()
                 if s.opt is not None and s.armed and not s.optimized and s.enabled]  # fmt: skip
 
+    def _start_worker(self) -> None:
+        with self._lock:
+            if self._worker is not None and self._worker.is_alive():
+                return
+            self._stopping.clear()
+            self._worker = threading.Thread(target=self._work, name="kprobevm-optimizer",
+                                            daemon=True)  # fmt: skip
+            self._worker.start()
+
+    def _work(self) -> None:
+        """Try again every :data:`RETRY_INTERVAL` until no site waits (said once on
+        stderr when one waited :data:`GRACE_TIMEOUT` seconds)."""
+        said = False
+        started = time.monotonic()
+        while not self._stopping.wait(RETRY_INTERVAL):
+            try:
+                if not self._enabled or self._attempt(timeout=RETRY_INTERVAL):
+                    return
+            except LOST_ERRORS:
+                return
+            except KprobeVMError as exc:
+                log.warning("the kprobe optimizer stopped: %s; probes keep their int3", exc)
+                return
+            if not said and time.monotonic() - started > GRACE_TIMEOUT:
+                said = True
+                why = next(iter(self.why_not.values()), "")
+                log.warning("probes keep their int3 for now (%s); the optimizer goes on", why)
+
+    def stop(self) -> None:
+        """End the optimizer's thread (the table is being closed or abandoned)."""
+        self._stopping.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=GRACE_TIMEOUT + 1.0)
+
     def settle(self, timeout: float = 10.0) -> None:
-        """Try again until every site that may be optimized is (tests, benchmarks)."""
+        """Wait until every site that may be optimized is (tests, benchmarks)."""
         deadline = time.monotonic() + timeout
-        while self._enabled and self._pending():
-            self.optimize_pending()
+        while self._enabled and not self._attempt(timeout=max(deadline - time.monotonic(), 0)):
             if time.monotonic() > deadline:
                 raise KprobeError(
                     f"{len(self._pending())} probe(s) not optimized after"
