@@ -119,7 +119,7 @@ def test_sigkill_with_armed_probe_then_recover(variant: Variant, tmp_path: Path)
         time.sleep(0.5)
     assert vm.run("cat /tmp/out-0 /tmp/out-1 | wc -l").stdout.strip() == "600"
     orphan, _ = _read_text(gdb, func + 5, 1, gate)  # past the ftrace NOP
-    assert orphan == b"\xcc", "the killed host's int3 should still be in the text"
+    assert orphan in (b"\xcc", b"\xe9"), "the killed host's probe should still be in the text"
     report = recover(journal)
     assert report.ok, report.summary()
     whats = " ".join(e.what for e in report.restored)

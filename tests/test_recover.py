@@ -136,9 +136,10 @@ def test_sigkill_with_armed_probe_then_recover(
         assert vm.run("wc -l </tmp/out").stdout.strip() == "1500"
         assert _trouble(vm.serial_log()) == []
 
-        # The orphaned probe is still in the text (that is what made this a real test).
+        # The orphaned probe is still in the text (that is what made this a real test):
+        # its int3, or the jump it was optimized into.
         orphan, _ = _read_text(gdb, func + 5, 1, gate)  # past the ftrace NOP
-        assert orphan == b"\xcc"
+        assert orphan in (b"\xcc", b"\xe9")
 
         # a recovery killed while it holds the VM stopped leaves it running (its watchdog)
         killed = subprocess.run(
