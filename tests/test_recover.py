@@ -72,11 +72,10 @@ def _trouble(log: str) -> list[str]:
 GUESTS = {
     "system": ("system", None),
     "bookworm-backports": ("bookworm-backports", None),
-    "6.12-cloud": ("system", "linux-image-6.12-cloud-amd64"),
 }
 """(QEMU, kernel package) of each guest the SIGKILL test runs on: the host's QEMU (as
-boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel; the
-host's QEMU on Debian's 6.12 cloud kernel (IBT, CALL_PADDING)."""
+boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel (the
+other kernels' SIGKILL runs in tests/test_boot_variants.py)."""
 
 
 def sigkill_mid_hits(vm: VM, gdb: str, kallsyms: Path, vmlinux: Path, journal: Path, *,
