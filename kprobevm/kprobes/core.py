@@ -741,7 +741,9 @@ class KprobeManager:
         kp.nhit += 1
         if kp.pre_handler is None:
             return
-        regs = RecordedRegs.of(record, self.memory, ip=kp.addr if kp.ftrace else None)
+        # an ftrace site's hit shows the probe's own address; a return shows the caller
+        at_entry = kp.ftrace and not (kp.record is not None and kp.record.at_return)
+        regs = RecordedRegs.of(record, self.memory, ip=kp.addr if at_entry else None)
         try:
             kp.pre_handler(kp, regs)
             if regs.changes():

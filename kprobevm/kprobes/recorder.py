@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import Kprobe, ProbeSite
+    from kprobevm.kprobes.retrecord import ReturnRecords
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
 
@@ -78,6 +79,10 @@ class RecordSpec:
 
     captures: tuple[rec.Capture, ...] = ()
     count_only: bool = False
+    at_return: bool = False
+    """A return probe's: the guest hijacks the call at the entry and records its return
+    (:mod:`kprobevm.kprobes.retrecord`), with at most ``maxactive`` calls in flight."""
+    maxactive: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,9 +204,11 @@ class Recorder:
         *,
         helpers: rec.CopyHelpers,
         describe: Callable[[int], str],
+        returns: ReturnRecords | None = None,
     ) -> None:
         """Map the ring in ``area`` (VM stopped). ``programs``: cells of PROGRAM_SIZE
-        bytes in executable slot pages; ``describe`` names an address in errors."""
+        bytes in executable slot pages; ``describe`` names an address in errors;
+        ``returns``: the guest's return table, for recorded return probes."""
         self.memory = memory
         self.target = target
         self.describe = describe
@@ -222,6 +229,8 @@ class Recorder:
         """Ids of unregistered probes whose hits in flight are not all counted yet."""
         self._free_ids = list(range(MAX_RECORD_IDS))
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
+        self.returns = returns
+        self.return_programs: dict[int, Slot] = {}  # site address -> its return program
         self.tail = 0
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
@@ -253,6 +262,11 @@ class Recorder:
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
                 symbol=kp.symbol_name,
             )  # fmt: skip
+        if spec.at_return:
+            if self.returns is None:
+                raise ProbeRefused("EOPNOTSUPP", "no return table to record returns with",
+                                   symbol=kp.symbol_name)  # fmt: skip
+            self.returns.add(probe_id, spec.maxactive)
         self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
@@ -302,11 +316,7 @@ class Recorder:
                              if kp.record_id is not None and not kp.disabled)
             code = rec.build_count_program(cell.address, counters=counters, cont=cont).code
         else:
-            probes = [(i, self.probes[i].layout) for i in ids]
-            code = rec.build_record_program(
-                cell.address, probes=tuple(probes), probe_ip=site.addr, ring=self.layout,
-                helpers=self.helpers, cont=cont,
-            ).code  # fmt: skip
+            code = self._site_code(site, cell.address, ids, cont)
         rec.check_program_fits(code, PROGRAM_SIZE, self.describe(site.addr))
         self.memory.write_phys(self.area.phys(cell.address), code)
         self.site_programs[site.addr] = cell
@@ -314,10 +324,47 @@ class Recorder:
             self.programs.free_insn_slot(old)
         return cell.address
 
+    def _site_code(self, site: ProbeSite, at: int, ids: list[int], cont: int) -> bytes:
+        """The record program of the site's entry probes, behind the hijack of its
+        return probes if it has any (their return program placed in a cell of its own)."""
+        layouts = {i: self.probes[i].layout for i in ids}
+        returns = self.returns.probes(ids, layouts) if self.returns is not None else ()
+        entry = [(i, layouts[i]) for i in ids if i not in {p.probe_id for p in returns}]
+        old_return = self.return_programs.pop(site.addr, None)
+        body_at, code = at, b""
+        if returns:
+            assert self.returns is not None
+            back = self.programs.get_insn_slot()
+            program = self.returns.return_program(back.address, returns, ring=self.layout,
+                                                  helpers=self.helpers)  # fmt: skip
+            rec.check_program_fits(program, PROGRAM_SIZE, self.describe(site.addr))
+            self.memory.write_phys(self.area.phys(back.address), program)
+            self.return_programs[site.addr] = back
+            body_at = at + self.returns.hijack_size(returns, ring=self.layout)
+            code = self.returns.hijack(at, returns, ring=self.layout, program=back.address,
+                                       cont=body_at if entry else cont)  # fmt: skip
+        if old_return is not None:
+            self._forget_return_program(old_return, self.return_programs.get(site.addr))
+        if returns and not entry:
+            return code
+        return code + rec.build_record_program(
+            body_at, probes=tuple(entry), probe_ip=site.addr, ring=self.layout,
+            helpers=self.helpers, cont=cont,
+        ).code  # fmt: skip
+
+    def _forget_return_program(self, old: Slot, new: Slot | None) -> None:
+        """Calls in flight through ``old`` return through ``new`` (None: through none)."""
+        assert self.returns is not None
+        self.returns.redirect(old.address, new.address if new is not None else 0)
+        self.programs.free_insn_slot(old)
+
     def drop_program(self, site: ProbeSite) -> None:
         cell = self.site_programs.pop(site.addr, None)
         if cell is not None:
             self.programs.free_insn_slot(cell)
+        back = self.return_programs.pop(site.addr, None)
+        if back is not None:
+            self._forget_return_program(back, None)
 
     # -- the drain -------------------------------------------------------------------
 
@@ -425,6 +472,8 @@ class Recorder:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)
+                if self.returns is not None:
+                    self.returns.release(probe_id)
                 probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:

@@ -29,6 +29,7 @@ from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
 from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
+from kprobevm.kprobes.retrecord import ReturnRecords
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
@@ -82,6 +83,8 @@ class ChannelPages:
     table: int
     trampoline: int
     return_table: int
+    return_info: int
+    """Beside the return table: each guest-made entry's probe mask and return program."""
 
     @classmethod
     def map(cls, area: SlotArea) -> ChannelPages:
@@ -93,7 +96,8 @@ class ChannelPages:
             raise KprobeError("slot area: hash table pages are not contiguous")
         trampoline = area.map_page(executable=True)
         return_table = area.map_page(executable=False, writable=True)
-        return cls(stub, mailbox, table[0], trampoline, return_table)
+        return_info = area.map_page(executable=False, writable=True)
+        return cls(stub, mailbox, table[0], trampoline, return_table, return_info)
 
 
 class WatchpointChannel(TrapChannel):
@@ -164,7 +168,8 @@ class WatchpointChannel(TrapChannel):
             pages = ChannelPages.map(area)
             # the kretprobe trampoline and its instance table (the guest frees entries)
             code = returns.install(pages.trampoline, pages.return_table,
-                                   pages.mailbox + RETURN_WATCH)  # fmt: skip
+                                   pages.mailbox + RETURN_WATCH,
+                                   info=pages.return_info)  # fmt: skip
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
@@ -316,6 +321,9 @@ class WatchpointChannel(TrapChannel):
                 helpers=copy_helpers(self.ctx.symbols, self.task_layout(),
                                      AddressSpace(la57=self.area.la57)),
                 describe=self.ctx.symbols.describe,
+                returns=ReturnRecords(self.ctx.memory, self.area, table=self.pages.return_table,
+                                      info=self.pages.return_info,
+                                      trampoline=self.pages.trampoline),
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
             self.recorder = recorder
@@ -523,6 +531,7 @@ class WatchpointChannel(TrapChannel):
             client.remove_breakpoint(WATCH, self.pages.mailbox, 1)
             client.remove_breakpoint(WATCH, self.pages.mailbox + RETURN_WATCH, 1)
             if recorder is not None:
+                self._unhijack_recorded(recorder)
                 self.flush_records()
                 client.remove_breakpoint(WATCH, recorder.layout.drain, 1)
                 target.on_idle, target.idle_needs_stop = None, True
@@ -530,12 +539,20 @@ class WatchpointChannel(TrapChannel):
         self.quiescence.wait_until_out_of(self.area)
         with target.stopped() as client:
             if recorder is not None:  # the records written since, and the final counts
+                # a vCPU that was inside a hijack at the first pass has hijacked since
+                self._unhijack_recorded(recorder)
                 run = self.ctx.handlers.run_recorded
                 for kp, record in recorder.drain(closing=True):
                     run(kp, record)
                 self.recorder = None
             self.area.teardown()
             flush_tlbs(client)
+
+    @staticmethod
+    def _unhijack_recorded(recorder: Recorder) -> None:
+        """Calls in flight through recorded return probes return directly again."""
+        if recorder.returns is not None:
+            recorder.returns.unhijack()
 
     def _unhook_gate(self) -> None:
         """IDT vector 3 back to the guest's handler, unless someone changed it since."""
