@@ -244,9 +244,12 @@ class KretprobeManager:
 
         return entry
 
-    @staticmethod
-    def _recorded_return_for(rp: Kretprobe) -> Callable[[Kprobe, PtRegs], None]:
-        """The handler of a recorded return: ``regs`` as the function returned."""
+    def _recorded_return_for(self, rp: Kretprobe) -> Callable[[Kprobe, PtRegs], None]:
+        """The handler of a recorded return: ``regs`` as the function returned. The
+        function's one hijack serves all its recorded return probes; the kernel's would
+        each hook the call in turn, so each but the first to run at the entry is
+        ``chained``."""
+        kprobes = self.kprobes
 
         def recorded(kp: Kprobe, regs: PtRegs) -> None:
             rp.nhit += 1
@@ -254,6 +257,11 @@ class KretprobeManager:
                 return
             ri = KretprobeInstance(rp=rp, slot=regs.sp - 8, ret_addr=regs.ip, cpu=regs.cpu,
                                    data=bytearray(rp.data_size))  # fmt: skip
+            site = kprobes.table.get(kprobes.int3_place(kp.addr or 0))
+            if site is not None:
+                first = next((p for p in site.probes if p.record is not None
+                              and p.record.at_return and not p.disabled), kp)  # fmt: skip
+                ri.chained = first is not kp
             rp.handler(ri, regs)  # its exceptions are kept on kp, as a recorded Kprobe's
 
         return recorded

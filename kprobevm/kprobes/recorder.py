@@ -35,6 +35,7 @@ from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.memory import DirectMemory, GuestMemory
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import record as rec
+from kprobevm.x86 import retrecord
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.ptregs import PtRegs
 
@@ -528,11 +529,40 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     if all(spec.count_only for spec in specs):
         counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
         return len(rec.build_count_program(at, counters=counters, cont=cont).code)
-    probes = tuple((i, rec.RecordLayout(spec.captures)) for i, spec in enumerate(specs))
-    return len(rec.build_record_program(
+    probes = tuple((i, rec.RecordLayout(spec.captures)) for i, spec in enumerate(specs)
+                   if not spec.at_return)  # fmt: skip
+    returns = returns_size(
+        [(i, rec.RecordLayout(s.captures)) for i, s in enumerate(specs) if s.at_return]
+    )
+    if returns[0] and not probes:
+        return max(returns)
+    return max(returns[0] + len(rec.build_record_program(
         at, probes=probes, probe_ip=probe_ip, ring=_SOME_RING, helpers=_SOME_HELPERS,
         cont=cont,
-    ).code)  # fmt: skip
+    ).code), returns[1])  # fmt: skip
+
+
+def returns_size(probes: Sequence[tuple[int, rec.RecordLayout]]) -> tuple[int, int]:
+    """Bytes of the hijack and of the return program of recorded return probes (their
+    record ids, layouts) on one function, wherever they go; (0, 0) for none."""
+    if not probes:
+        return 0, 0
+    table = retrecord.ReturnTable(
+        table=_SOMEWHERE + 80 * PAGE_SIZE, entries=64, info=_SOMEWHERE + 81 * PAGE_SIZE,
+        actives=_SOMEWHERE + 82 * PAGE_SIZE, trampoline=_SOMEWHERE + 83 * PAGE_SIZE,
+    )  # fmt: skip
+    # the largest shape: bit 1's shift is a byte shorter (the shift-by-one form)
+    bits = [b for b in range(len(probes) + 1) if b != 1][: len(probes)]
+    ret = tuple(
+        retrecord.ReturnProbe(bit, i, 1, layout)
+        for bit, (i, layout) in zip(bits, probes, strict=True)
+    )
+    at = _SOMEWHERE + 64 * PAGE_SIZE
+    hijack = retrecord.build_hijack_program(at, probes=ret, returns=table, ring=_SOME_RING,
+                                            program=at, cont=at)  # fmt: skip
+    back = retrecord.build_return_program(at, probes=ret, returns=table, ring=_SOME_RING,
+                                          helpers=_SOME_HELPERS)  # fmt: skip
+    return len(hijack.code), len(back.code)
 
 
 def copy_helpers(

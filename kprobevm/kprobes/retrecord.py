@@ -116,9 +116,11 @@ class ReturnRecords:
         ring: rec.RingLayout,
         helpers: rec.CopyHelpers,
     ) -> bytes:
-        """The return program at ``at``."""
+        """The return program at ``at``; ``probes`` in the order they run at the entry.
+        Their records are written the last hooked first, as the kernel's rethook runs
+        the handlers."""
         return build_return_program(
-            at, probes=probes, returns=self.table, ring=ring, helpers=helpers
+            at, probes=probes[::-1], returns=self.table, ring=ring, helpers=helpers
         ).code
 
     # -- calls in flight (VM stopped) ---------------------------------------------------

@@ -208,8 +208,7 @@ def build_return_program(
 def _if_bit(a: asm.Assembler, p: ReturnProbe, name: str, *, mask: str = "r14") -> None:
     """Go on if ``mask`` has ``p``'s bit, else to ``{name}_skip`` (rax is lost)."""
     a.mov("rax", mask)
-    if p.bit:
-        a.shr("rax", p.bit)
+    a.shr("rax", p.bit)  # even by 0: only bit 1 takes a shorter form
     a.test("al", 1)
     a.jcc("e", f"{name}_skip")
 
