@@ -1,5 +1,6 @@
 """What shared guest RAM buys: a recorded probe's cost to the guest against the guest
-kernel's own kprobe, VM stops per recorded hit, and a stopping handler's memory reads.
+kernel's own kprobe, VM stops per recorded hit, a stopping handler's memory reads, and a
+recorded return probe's hit rate against a recorded entry probe's on the same function.
 
 The per-hit cost is the guest's own time: a ``dd bs=1`` loop makes one ``vfs_read`` per
 byte, timed by the guest's monotonic clock (``/proc/timer_list``; the guest's busybox
@@ -18,6 +19,8 @@ from kprobevm.bench.guest import under_guest_kprobe
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 from kprobevm.errors import VMError
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe
+from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing import ProbeEvent, parse_event
 from kprobevm.tracing.session import TraceSession, plan_events
 from kprobevm.x86.ptregs import PtRegs
@@ -25,7 +28,15 @@ from kprobevm.x86.ptregs import PtRegs
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["DD_EVENT", "DdRound", "StoppingReads", "measure_dd", "measure_stopping_reads"]
+__all__ = [
+    "DD_EVENT",
+    "DdRound",
+    "ReturnRates",
+    "StoppingReads",
+    "measure_dd",
+    "measure_returns",
+    "measure_stopping_reads",
+]
 
 DD_EVENT = "p:rd vfs_read count=%dx:u64"
 _TRACEFS = "/sys/kernel/tracing"
@@ -130,3 +141,57 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
         hits=hits, hits_per_s=hits / run.seconds, read_us_median=statistics.median(micros),
         read_us_p90=micros[int(0.9 * (len(micros) - 1))],
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReturnRates:
+    """Hits per second on the open loop (its function's entry or return), each probe
+    alone in its own run of the same loop, one after the other."""
+
+    recorded_entry: float
+    recorded_return: float
+    stopping_return: float
+    recorded_return_missed: int
+    """Returns the recorded return probe missed (counted, not handled)."""
+    recorded_return_stops: int
+    """VM stops during the recorded return probe's run (the ring's watch, or ours)."""
+
+    @property
+    def ratio(self) -> float:
+        """Recorded return against recorded entry (the goal: at least 0.8)."""
+        return self.recorded_return / self.recorded_entry if self.recorded_entry else 0.0
+
+
+def measure_returns(vm: VM, opens: int) -> ReturnRates:
+    """A recorded entry probe, a recorded return probe and a stopping return probe on
+    the open loop's function, each with an empty handler; hits are what reached it."""
+    entry = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=lambda kp, regs: None,
+                   record=RecordSpec())  # fmt: skip
+    vm.register_kprobe(entry)
+    try:
+        run = run_opens(vm, opens)
+        vm.flush_records()
+        entry_rate = entry.nhit / run.seconds
+    finally:
+        vm.unregister_kprobe(entry)
+    rp = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None,
+                   record=RecordSpec())  # fmt: skip
+    vm.register_kretprobe(rp)
+    try:
+        stops = vm.target.stops
+        run = run_opens(vm, opens)
+        stops = vm.target.stops - stops
+        vm.flush_records()
+        return_rate = rp.nhit / run.seconds
+        assert rp.recorded is not None
+        missed = rp.recorded.nmissed
+    finally:
+        vm.unregister_kretprobe(rp)
+    stopping = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None)
+    vm.register_kretprobe(stopping)
+    try:
+        run = run_opens(vm, opens)
+        stopping_rate = stopping.nhit / run.seconds
+    finally:
+        vm.unregister_kretprobe(stopping)
+    return ReturnRates(entry_rate, return_rate, stopping_rate, missed, stops)
