@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,6 +66,9 @@ MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
 MAX_CPUS = 256
 PROGRAM_SIZE = 2048
 _U64 = struct.Struct("<Q")
+_SIZE_ID = struct.Struct("<IH")  # a record's size and probe id, after its stamp
+MAX_BACKLOG = 64 << 20
+"""Bytes of records copied out of the ring and not decoded yet, at most."""
 _CONTROL_TAIL = 64  # head and tail on separate cache lines
 _CONTROL_DRAIN = 128
 _CONTROL_BUSY = 256
@@ -233,6 +237,14 @@ class Recorder:
         self.returns = returns
         self.return_programs: dict[int, Slot] = {}  # site address -> its return program
         self.tail = 0
+        """The ring's tail: the host has copied every record before it."""
+        self.decoded = 0
+        """Every record before this position has been decoded and handed out."""
+        self._copy_lock = threading.Lock()  # the tail and the backlog; held for no wait
+        self._backlog: list[tuple[int, bytes]] = []
+        """Records copied out of the ring, not decoded yet: (probe id, bytes)."""
+        self._backlog_bytes = 0
+        self._ring_phys = [area.phys(ring + i * PAGE_SIZE) for i in range(RING_PAGES)]
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
         self.running_drains = 0
@@ -370,7 +382,7 @@ class Recorder:
     # -- the drain -------------------------------------------------------------------
 
     def drain(self, *, running: bool = False, closing: bool = False) -> list[tuple[Kprobe, Record]]:
-        """Take every complete record out of the ring; update the counters.
+        """Take every complete record out of the ring and the backlog; update the counters.
 
         With the VM stopped, or ``running`` (through shared guest RAM only). A record
         still being written stays, with everything after it, for next time. The new tail
@@ -380,65 +392,109 @@ class Recorder:
         ``closing``: no vCPU can enter a program any more (the channel is going and has
         waited for every vCPU), so every retired id settles.
         """
-        ring = self.layout
-        direct = self.direct
-        if running and direct is None:
+        if running and self.direct is None:
             raise KprobeError("draining a running guest's ring needs shared guest RAM")
-        head = self.memory.u64(ring.head)
-        # The host is the tail's only writer, and its last write may still be queued.
-        tail = self.tail
+        head = self.memory.u64(self.layout.head)
         self._read_counters(self.probes | self.retiring)
-        if head == tail:
-            self._settle(head, closing=closing, running=running)
-            return []
-        if running:
-            self.running_drains += 1
-        else:
-            self.drains += 1
-        pos, out = self._take(tail, head, running=running)
-        self.records += len(out)
-        if pos != tail:
-            self.tail = pos
-            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
-                self.target.queue_write(ring.tail, _U64.pack(pos))
+        self.copy_out(running=running)
+        with self._copy_lock:
+            backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
+            upto = self.tail
+        out: list[tuple[Kprobe, Record]] = []
+        if backlog:
+            if running:
+                self.running_drains += 1
+            else:
+                self.drains += 1
+            for probe_id, data in backlog:
+                self._deliver(out, probe_id, data)
+            self.records += len(out)
+        self.decoded = upto
         self._settle(head, closing=closing, running=running)
         return out
 
-    def _take(
-        self, tail: int, head: int, *, running: bool
-    ) -> tuple[int, list[tuple[Kprobe, Record]]]:
-        """The complete records from ``tail``, and where the next drain starts. With the
-        VM stopped the ring is read in one go (nothing writes it meanwhile); while vCPUs
-        write it, each record's stamp is read on its own before the rest of it (one copy
-        could load the rest first, and x86 keeps loads in order only across loads)."""
-        ring, memory = self.layout, self.memory
-        mask = ring.ring_size - 1
+    def copy_out(self, *, running: bool = True) -> int:
+        """Move the complete records after the tail into the host's backlog and the tail
+        past them (the guest may reuse that room at once); how many. The ring follower
+        calls this with the VM running, every drain before it decodes. Nothing is copied
+        while the backlog holds :data:`MAX_BACKLOG` bytes: the ring fills, and the guest
+        asks for a stop (the decoding then catches up)."""
+        ring, direct = self.layout, self.direct
+        with self._copy_lock:
+            if self._backlog_bytes >= MAX_BACKLOG:
+                return 0
+            tail = self.tail
+            head = self.memory.u64(ring.head)
+            if head == tail:
+                return 0
+            pos, records = self._take(tail, head, running=running)
+            if pos == tail:
+                return 0
+            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
+                if running:  # (never here: the running drain is chosen where this works)
+                    raise KprobeError("the ring's tail cannot be stored with the VM running")
+                self.target.queue_write(ring.tail, _U64.pack(pos))
+            self.tail = pos
+            self._backlog += records
+            self._backlog_bytes += pos - tail
+            return len(records)
+
+    def _take(self, tail: int, head: int, *, running: bool) -> tuple[int, list[tuple[int, bytes]]]:
+        """The complete records from ``tail`` (probe id, bytes), and where the next copy
+        starts. With the VM stopped the ring is read in one go (nothing writes it
+        meanwhile); while vCPUs write it, each record's stamp is read on its own before
+        the rest of it (one copy could load the rest first, and x86 keeps loads in order
+        only across loads), through the ring's physical pages (no page walk per read)."""
+        mask = self.layout.ring_size - 1
         if running:
-
-            def read(pos: int, n: int) -> bytes:
-                return memory.read(ring.ring + (pos & mask), n)
-
+            read = self._ring_reader()
         else:
             data = self._ring_bytes(tail, head)
 
             def read(pos: int, n: int) -> bytes:
                 return data[pos - tail : pos - tail + n]
 
-        out: list[tuple[Kprobe, Record]] = []
+        out: list[tuple[int, bytes]] = []
         pos = tail
         while pos < head:
             stamp = _U64.unpack(read(pos, _U64.size))[0]
             if stamp == pos + 1:
-                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack(
-                    read(pos, rec.RECORD_HEADER.size)
-                )
-                self._deliver(out, probe_id, read(pos, size))
+                size, probe_id = _SIZE_ID.unpack(read(pos + 8, _SIZE_ID.size))
+                out.append((probe_id, read(pos, size)))
                 pos += size
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
             else:
                 break
         return pos, out
+
+    def _ring_reader(self) -> Callable[[int, int], bytes]:
+        """Reads of the ring at a logical position through shared RAM, page by page."""
+        direct = self.direct
+        assert direct is not None
+        mask, phys = self.layout.ring_size - 1, self._ring_phys
+
+        def read(pos: int, n: int) -> bytes:
+            at = pos & mask
+            offset = at & (PAGE_SIZE - 1)
+            if offset + n <= PAGE_SIZE:  # the common case: one page
+                data = direct.read_phys(phys[at >> 12] + offset, n)
+            else:
+                data = b""
+                while n:
+                    offset = at & (PAGE_SIZE - 1)
+                    chunk = min(n, PAGE_SIZE - offset)
+                    part = direct.read_phys(phys[at >> 12] + offset, chunk)
+                    if part is None:
+                        break
+                    data, at, n = data + part, (at + chunk) & mask, n - chunk
+                if n:
+                    data = None
+            if data is None:
+                raise KprobeError(f"the ring at {pos:#x} is not in shared guest RAM")
+            return data
+
+        return read
 
     def _deliver(self, out: list[tuple[Kprobe, Record]], probe_id: int, data: bytes) -> None:
         probe = self.probes.get(probe_id)
@@ -469,7 +525,7 @@ class Recorder:
             if closing or self.programs.grace_over(probe.retired_at):
                 probe.settle_head = head
         for probe_id, probe in list(self.retiring.items()):
-            if probe.settle_head is not None and self.tail >= probe.settle_head:
+            if probe.settle_head is not None and self.decoded >= probe.settle_head:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)

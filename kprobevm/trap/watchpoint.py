@@ -30,6 +30,7 @@ from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
 from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers
 from kprobevm.kprobes.retrecord import ReturnRecords
+from kprobevm.kprobes.ringfollow import RingFollower
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
@@ -136,6 +137,8 @@ class WatchpointChannel(TrapChannel):
         self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
         self.recorder: Recorder | None = None
+        self.follower: RingFollower | None = None
+        """The thread that copies records out of the ring as they come (shared RAM)."""
         self.drains_running = False
         """Recorded hits are drained through shared guest RAM with the VM running."""
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
@@ -330,6 +333,8 @@ class WatchpointChannel(TrapChannel):
             self.drains_running = self._ring_shared(recorder)
             if self.drains_running:
                 target.idle_interval, target.idle_needs_stop = RUNNING_DRAIN_INTERVAL, False
+                self.follower = RingFollower(recorder, name=target.name)
+                self.follower.start()
             else:
                 target.idle_interval = RECORD_DRAIN_INTERVAL
         target.on_idle = self._drain_running if self.drains_running else self.flush_records
@@ -523,6 +528,9 @@ class WatchpointChannel(TrapChannel):
         """Restore the IDT, drop the watchpoints, wait for vCPUs to leave, unmap."""
         target = self.ctx.target
         target.stop()
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
         recorder = self.recorder
         with target.stopped() as client:
             # calls in flight return to their callers directly again
