@@ -258,7 +258,7 @@ class KretprobeManager:
             ri = KretprobeInstance(rp=rp, slot=regs.sp - 8, ret_addr=regs.ip, cpu=regs.cpu,
                                    data=bytearray(rp.data_size))  # fmt: skip
             site = kprobes.table.get(kprobes.int3_place(kp.addr or 0))
-            if site is not None:
+            if site is not None and site.probes[0] is not kp:
                 first = next((p for p in site.probes if p.record is not None
                               and p.record.at_return and not p.disabled), kp)  # fmt: skip
                 ri.chained = first is not kp

@@ -15,8 +15,8 @@ the record program of an entry does (:mod:`kprobevm.x86.record`), then returns t
 caller.
 
 A table entry left by a call that never came back (its stack slot is being used by a new
-call now) is freed by the hijack that finds its slot taken, so the trampoline never
-finds a stale one first.
+call now) is taken over by the hijack that meets it before a free one, so the trampoline,
+which looks in the same order, never finds a stale one first.
 """
 
 from __future__ import annotations
@@ -106,21 +106,13 @@ def build_hijack_program(
     a.jcc("e", "leave")
     a.lea("rsi", mem("rsp", _HIJACK_SLOT))  # the slot: the entry's key
     end = returns.table + ENTRY * returns.entries
-    # One pass over the guest's entries: a call that left one at this very slot never
-    # came back (the slot is a new call's now): free it.
-    a.movabs("rcx", returns.table)
-    a.label("stale")
-    a.cmp(mem("rcx"), "rsi")
-    a.jcc("ne", "stale_next")
-    a.mov(mem("rcx", size=8), 0)
-    a.label("stale_next")
-    a.add("rcx", ENTRY)
-    a.lea("rax", rip(end))
-    a.cmp("rcx", "rax")
-    a.jcc("b", "stale")
-    # Take the first free entry.
+    # Take the first entry that is free, or that a call which never came back left at
+    # this very slot (the slot is a new call's now). The trampoline looks from the first
+    # entry too, so a stale one after ours is never found before ours.
     a.movabs("rcx", returns.table)
     a.label("take")
+    a.cmp(mem("rcx"), "rsi")
+    a.jcc("e", "taken")
     a.xor("eax", "eax")
     a.lock_cmpxchg(mem("rcx"), "rsi")
     a.jcc("e", "taken")
