@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ _LOWMEM_SPLIT = 0xE000_0000  # the pc machine splits RAM of this size or more
 _LOWMEM_GB_ALIGNED = 0xC000_0000
 _HIGH_START = 1 << 32
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_U64 = struct.Struct("<Q")
 
 
 def parse_memory_size(memory: str) -> int:
@@ -202,7 +204,7 @@ class FileRam(GuestRam):
 
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
-            return int.from_bytes(self._map[paddr : paddr + 8], "little")
+            return int(_U64.unpack_from(self._map, paddr)[0])  # no bytes object made
         return super().u64(paddr)
 
     def close(self) -> None:
@@ -265,6 +267,15 @@ class RamReader:
         root = self._root if self._looked else self.root()
         if root is None:
             return None
+        if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
+            try:
+                paddr = self._translate(root, addr)
+            except GuestFaultError:
+                return None
+            data = self.ram.read_if_ram(paddr, n) if paddr is not None else None
+            if data is not None:
+                self.reads += 1
+            return data
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))

@@ -4,11 +4,12 @@ A probe with a :class:`RecordSpec` never stops the guest per hit. Its slot jumps
 record program (:mod:`kprobevm.x86.record`) that writes the registers, ``current``'s pid
 and comm, the TSC and the probe's memory reads into a ring in slot memory, then runs the
 displaced instruction. The :class:`Recorder` owns that ring. It drains it when the guest
-asks (a watched store once the ring is half full), on the trap thread's idle tick, and
-before probes go. Where guest RAM is shared with the host, the idle tick drains with the
-VM running: records are read through the mapping, each one's stamp before the rest (the
-guest writes the stamp last), and the new tail is stored the same way, so steady-state
-tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
+asks (a watched store once the ring is 3/4 full), on the trap thread's idle tick, and
+before probes go. Where guest RAM is shared with the host, a follower thread
+(:mod:`kprobevm.kprobes.ringfollow`) copies complete records out through the mapping as
+the guest writes them, each one's stamp before the rest (the guest writes the stamp
+last), and stores the new tail the same way; the idle tick decodes what it copied, with
+the VM running, so steady-state tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
 ``pre_handler`` with a :class:`RecordedRegs` snapshot whose memory answers from the
 record's reads. This is the kernel's trace-event model (record now, read later), bought
 with what a stop costs: the handlers cannot change registers, and a string is cut at its
@@ -61,7 +62,11 @@ __all__ = [
     "program_size",
 ]
 
-RING_PAGES = 64  # 256 KiB
+RING_PAGES = 128
+"""512 KiB: with the ring follower, what the guest may record while the host process is
+not scheduled (a loaded machine) before the ring asks for a stop."""
+HIGH_WATER = 3 / 4
+"""How full the ring asks the host to drain (a VM stop): the follower keeps it lower."""
 MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
 MAX_CPUS = 256
 PROGRAM_SIZE = 2048
@@ -225,7 +230,7 @@ class Recorder:
         self.layout = rec.RingLayout(
             head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
             busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,
-            ring=ring, ring_size=size, high_water=size // 2,
+            ring=ring, ring_size=size, high_water=int(size * HIGH_WATER),
         )  # fmt: skip
         self.helpers = helpers
         self.programs = programs
@@ -566,7 +571,7 @@ _SOME_RING = rec.RingLayout(
     head=_SOMEWHERE, tail=_SOMEWHERE + _CONTROL_TAIL, drain=_SOMEWHERE + _CONTROL_DRAIN,
     busy=_SOMEWHERE + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=_SOMEWHERE + PAGE_SIZE,
     ring=_SOMEWHERE + 8 * PAGE_SIZE, ring_size=RING_PAGES * PAGE_SIZE,
-    high_water=RING_PAGES * PAGE_SIZE // 2,
+    high_water=int(RING_PAGES * PAGE_SIZE * HIGH_WATER),
 )  # fmt: skip
 _SOME_HELPERS = rec.CopyHelpers(
     copy_from_kernel=0xFFFFFFFF81000000, copy_from_user=0xFFFFFFFF81000100,

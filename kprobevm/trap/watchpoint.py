@@ -349,7 +349,7 @@ class WatchpointChannel(TrapChannel):
         why = "guest RAM is not shared with the host" if direct is None else \
             "the kernel's page table was not found"
         log.warning("recorded hits are drained with a VM stop every %g s and whenever the "
-                    "ring is half full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
+                    "ring is 3/4 full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
         return False
 
     def flush_records(self, *, running: bool = False) -> None:
