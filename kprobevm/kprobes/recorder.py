@@ -9,11 +9,11 @@ before probes go. Where guest RAM is shared with the host, a follower thread
 (:mod:`kprobevm.kprobes.ringfollow`) copies complete records out through the mapping as
 the guest writes them, each one's stamp before the rest (the guest writes the stamp
 last), and stores the new tail the same way; the idle tick decodes what it copied, with
-the VM running, so steady-state tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
-``pre_handler`` with a :class:`RecordedRegs` snapshot whose memory answers from the
-record's reads. This is the kernel's trace-event model (record now, read later), bought
-with what a stop costs: the handlers cannot change registers, and a string is cut at its
-capture size.
+the VM running, so steady-state tracing stops the VM not at all. Each :class:`Record`
+then reaches the probe's ``pre_handler`` with a :class:`RecordedRegs` snapshot whose
+memory answers from the record's reads. This is the kernel's trace-event model (record
+now, read later), bought with what a stop costs: the handlers cannot change registers,
+and a string is cut at its capture size.
 
 Every hit is accounted for. The guest counts each record it completes and each hit it
 misses (ring full, CPU busy); the host adds both to ``guest_hits``, the misses to
@@ -246,8 +246,9 @@ class Recorder:
         self.decoded = 0
         """Every record before this position has been decoded and handed out."""
         self._copy_lock = threading.Lock()  # the tail and the backlog; held for no wait
-        self._backlog: list[tuple[int, bytes]] = []
-        """Records copied out of the ring, not decoded yet: (probe id, bytes)."""
+        self._backlog: list[tuple[int, int, bytes]] = []
+        """Records copied out of the ring, not decoded yet: (end position, probe id,
+        bytes)."""
         self._backlog_bytes = 0
         self._ring_phys = [area.phys(ring + i * PAGE_SIZE) for i in range(RING_PAGES)]
         self.drains = 0
@@ -386,7 +387,9 @@ class Recorder:
 
     # -- the drain -------------------------------------------------------------------
 
-    def drain(self, *, running: bool = False, closing: bool = False) -> list[tuple[Kprobe, Record]]:
+    def drain(
+        self, *, running: bool = False, closing: bool = False, limit: int | None = None
+    ) -> list[tuple[Kprobe, Record]]:
         """Take every complete record out of the ring and the backlog; update the counters.
 
         With the VM stopped, or ``running`` (through shared guest RAM only). A record
@@ -395,7 +398,8 @@ class Recorder:
         retired probe is counted in its ``nmissed``, and retired ids that have settled are
         freed (judged with the VM stopped: it asks which vCPUs are quiescent).
         ``closing``: no vCPU can enter a program any more (the channel is going and has
-        waited for every vCPU), so every retired id settles.
+        waited for every vCPU), so every retired id settles. ``limit``: decode at most
+        that many records now (the rest stay in the backlog for the next drain).
         """
         if running and self.direct is None:
             raise KprobeError("draining a running guest's ring needs shared guest RAM")
@@ -403,15 +407,21 @@ class Recorder:
         self._read_counters(self.probes | self.retiring)
         self.copy_out(running=running)
         with self._copy_lock:
-            backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
-            upto = self.tail
+            backlog = self._backlog
+            if limit is not None and len(backlog) > limit:
+                backlog, self._backlog = backlog[:limit], backlog[limit:]
+                upto = backlog[-1][0]
+                self._backlog_bytes -= upto - self.decoded
+            else:
+                self._backlog, self._backlog_bytes = [], 0
+                upto = self.tail
         out: list[tuple[Kprobe, Record]] = []
         if backlog:
             if running:
                 self.running_drains += 1
             else:
                 self.drains += 1
-            for probe_id, data in backlog:
+            for _, probe_id, data in backlog:
                 self._deliver(out, probe_id, data)
             self.records += len(out)
         self.decoded = upto
@@ -444,62 +454,52 @@ class Recorder:
             self._backlog_bytes += pos - tail
             return len(records)
 
-    def _take(self, tail: int, head: int, *, running: bool) -> tuple[int, list[tuple[int, bytes]]]:
-        """The complete records from ``tail`` (probe id, bytes), and where the next copy
-        starts. With the VM stopped the ring is read in one go (nothing writes it
-        meanwhile); while vCPUs write it, each record's stamp is read on its own before
-        the rest of it (one copy could load the rest first, and x86 keeps loads in order
-        only across loads), through the ring's physical pages (no page walk per read)."""
-        mask = self.layout.ring_size - 1
+    def _take(
+        self, tail: int, head: int, *, running: bool
+    ) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """The complete records from ``tail`` (end position, probe id, bytes), and where
+        the next copy starts. With the VM stopped the ring is read in one go (nothing writes it
+        meanwhile). While vCPUs write it, it is read twice, through the ring's physical
+        pages: a record whose stamp (the guest's last store) is complete in the first
+        copy was complete before the second began, so its size, id and bytes are taken
+        from the second (one copy may load a record's bytes before its stamp)."""
         if running:
-            read = self._ring_reader()
+            stamps = self._ring_copy(tail, head)
+            data = self._ring_copy(tail, head)
         else:
-            data = self._ring_bytes(tail, head)
-
-            def read(pos: int, n: int) -> bytes:
-                return data[pos - tail : pos - tail + n]
-
-        out: list[tuple[int, bytes]] = []
+            data = stamps = self._ring_bytes(tail, head)
+        mask = self.layout.ring_size - 1
+        out: list[tuple[int, int, bytes]] = []
         pos = tail
         while pos < head:
-            stamp = _U64.unpack(read(pos, _U64.size))[0]
+            at = pos - tail
+            stamp = _U64.unpack_from(stamps, at)[0]
             if stamp == pos + 1:
-                size, probe_id = _SIZE_ID.unpack(read(pos + 8, _SIZE_ID.size))
-                out.append((probe_id, read(pos, size)))
+                size, probe_id = _SIZE_ID.unpack_from(data, at + 8)
                 pos += size
+                out.append((pos, probe_id, data[at : at + size]))
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
             else:
                 break
         return pos, out
 
-    def _ring_reader(self) -> Callable[[int, int], bytes]:
-        """Reads of the ring at a logical position through shared RAM, page by page."""
+    def _ring_copy(self, tail: int, head: int) -> bytes:
+        """The ring's bytes from ``tail`` to ``head`` through shared RAM, page by page."""
         direct = self.direct
         assert direct is not None
         mask, phys = self.layout.ring_size - 1, self._ring_phys
-
-        def read(pos: int, n: int) -> bytes:
-            at = pos & mask
+        parts: list[bytes] = []
+        at, n = tail & mask, head - tail
+        while n:
             offset = at & (PAGE_SIZE - 1)
-            if offset + n <= PAGE_SIZE:  # the common case: one page
-                data = direct.read_phys(phys[at >> 12] + offset, n)
-            else:
-                data = b""
-                while n:
-                    offset = at & (PAGE_SIZE - 1)
-                    chunk = min(n, PAGE_SIZE - offset)
-                    part = direct.read_phys(phys[at >> 12] + offset, chunk)
-                    if part is None:
-                        break
-                    data, at, n = data + part, (at + chunk) & mask, n - chunk
-                if n:
-                    data = None
-            if data is None:
-                raise KprobeError(f"the ring at {pos:#x} is not in shared guest RAM")
-            return data
-
-        return read
+            chunk = min(n, PAGE_SIZE - offset)
+            part = direct.read_phys(phys[at >> 12] + offset, chunk)
+            if part is None:
+                raise KprobeError(f"the ring at {at:#x} is not in shared guest RAM")
+            parts.append(part)
+            at, n = (at + chunk) & mask, n - chunk
+        return b"".join(parts)
 
     def _deliver(self, out: list[tuple[Kprobe, Record]], probe_id: int, data: bytes) -> None:
         probe = self.probes.get(probe_id)

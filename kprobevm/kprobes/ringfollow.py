@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import VMError
@@ -44,6 +45,10 @@ class RingFollower:
         """Looks that moved records out."""
         self.copied = 0
         """Records moved out."""
+        self.max_gap = 0.0
+        """The longest time between two looks, in seconds (the process not scheduled, or
+        waiting for the interpreter lock): the ring must hold what the guest records
+        meanwhile."""
         self.error: BaseException | None = None
         """Why the thread ended early (the idle drain goes on without it)."""
         self._quit = threading.Event()
@@ -62,11 +67,15 @@ class RingFollower:
 
     def _run(self) -> None:
         recorder = self.recorder
+        last = time.monotonic()
         try:
             while not self._quit.wait(FOLLOW_INTERVAL):
                 if not (recorder.probes or recorder.retiring):
                     self._quit.wait(IDLE_INTERVAL)  # nothing records: look rarely
+                    last = time.monotonic()
                     continue
+                now = time.monotonic()
+                self.max_gap, last = max(self.max_gap, now - last), now
                 n = recorder.copy_out(running=True)
                 if n:
                     self.copies += 1

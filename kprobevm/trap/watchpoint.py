@@ -73,6 +73,10 @@ RUNNING_DRAIN_INTERVAL = 0.01
 """Seconds between drains through shared guest RAM: a look at the ring's head costs
 microseconds and no stop, so often enough that the ring rarely reaches its watched mark."""
 """Seconds between drains of the record ring while recorded probes exist."""
+DECODE_BATCH = 2000
+"""Records an idle drain through shared RAM decodes at most: the rest wait in the host's
+backlog for the next tick, so that the trap thread (and the ring follower, which shares
+the interpreter with it) is not held for long."""
 
 
 @dataclass(frozen=True)
@@ -352,14 +356,14 @@ class WatchpointChannel(TrapChannel):
                     "ring is 3/4 full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
         return False
 
-    def flush_records(self, *, running: bool = False) -> None:
-        """Hand every recorded hit so far to its probe's handler (VM stopped, unless
-        ``running`` through shared guest RAM)."""
+    def flush_records(self, *, running: bool = False, limit: int | None = None) -> None:
+        """Hand every recorded hit so far (``limit``: at most that many) to its probe's
+        handler (VM stopped, unless ``running`` through shared guest RAM)."""
         recorder = self.recorder
         if recorder is None or not (recorder.probes or recorder.retiring):
             return
         run = self.ctx.handlers.run_recorded
-        for kp, record in recorder.drain(running=running):
+        for kp, record in recorder.drain(running=running, limit=limit):
             run(kp, record)
         if not (recorder.probes or recorder.retiring):  # no idle stops for an empty ring
             self.ctx.target.on_idle = None
@@ -371,9 +375,9 @@ class WatchpointChannel(TrapChannel):
         recorder = self.recorder
         if recorder is not None and recorder.unjudged() and self.ctx.target.running:
             with self.ctx.target.stopped():
-                self.flush_records()
+                self.flush_records(limit=DECODE_BATCH)
             return
-        self.flush_records(running=self.ctx.target.running)
+        self.flush_records(running=self.ctx.target.running, limit=DECODE_BATCH)
 
     def release_record_id(self, kp: Kprobe) -> None:
         """The id retires; idle drains go on until its hits in flight are counted."""
@@ -404,7 +408,10 @@ class WatchpointChannel(TrapChannel):
         mailbox = self.pages.mailbox
         if self.recorder is not None and watch.address == self.recorder.layout.drain:
             self.stats.ring_stops += 1
-            self.flush_records()
+            if self.drains_running:  # room now; the idle drain decodes with the VM running
+                self.recorder.copy_out(running=False)
+            else:
+                self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
                 self._handle_every_vcpu(client, stop.thread or "")
             return
