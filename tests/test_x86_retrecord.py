@@ -19,6 +19,7 @@ from kprobevm.x86.retrecord import (
     build_hijack_program,
     build_return_program,
 )
+from tests._gas import gas_text, needs_gas
 from tests._x86_unicorn import GPRS, Machine, unicorn
 
 HIJACK = 0xFFFFFFFFA0100000
@@ -165,3 +166,24 @@ def test_a_stale_entry_at_the_slot_is_taken_over() -> None:
     before, after, _ = _call(m2, 4)
     _as_returned(before, after)
     assert m2.u64(TABLE) == 0  # taken over, then given back
+
+
+@needs_gas
+def test_listings_assemble_to_the_programs() -> None:
+    """GNU as agrees with the assembler on the hijack, the return program and the
+    trampoline that knows return programs; each is instructions, not bytes."""
+    programs = (
+        build_hijack_program(
+            HIJACK, probes=(PROBE, ReturnProbe(1, 9, 4, RecordLayout(()))), returns=RETURNS,
+            ring=RING_LAYOUT, program=RETURN_PROGRAM, cont=FUNCTION,
+        ),
+        build_return_program(
+            RETURN_PROGRAM, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, helpers=HELPERS
+        ),
+        assemble_trampoline(
+            TRAMPOLINE, table=TABLE, entries=4096 // ENTRY, mailbox=MAILBOX, info=INFO
+        ),
+    )  # fmt: skip
+    for program in programs:
+        assert gas_text(program.listing) == program.code
+        assert ".byte" not in program.listing
