@@ -202,6 +202,24 @@ class FileRam(GuestRam):
             return self._map[paddr : paddr + n]  # every read goes here: no calls
         return super().read_if_ram(paddr, n)
 
+    def walk(self, cr3: int, la57: bool, addr: int) -> int | None:
+        """:meth:`RamReader.walk` with the entries unpacked from the mapping in place
+        (a stopping handler's read pays for this walk, so no call per entry)."""
+        m, low, unpack = self._map, self._low, _U64.unpack_from
+        table = cr3 & ADDR_MASK
+        for shift in _SHIFTS_5 if la57 else _SHIFTS_4:
+            at = table + ((addr >> shift) & 0x1FF) * 8
+            if at + 8 > low:  # a table in high RAM: the general walk
+                return walk_tables(self.u64, cr3, la57, addr)
+            entry: int = unpack(m, at)[0]
+            if not entry & PRESENT:
+                return None
+            if shift in (30, 21) and entry & PS:
+                span = 1 << shift
+                return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
+            table = entry & ADDR_MASK
+        return table | (addr & (PAGE_SIZE - 1))
+
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
             return int(_U64.unpack_from(self._map, paddr)[0])  # no bytes object made
@@ -307,17 +325,23 @@ class RamReader:
         return True
 
     def _translate(self, root: PagingRoot, addr: int) -> int | None:
-        """The MMU's walk, cut to what a read needs (present bits, large pages): this runs
-        for every read, so no entry objects (:func:`kprobevm.x86.pagetable.translate`
-        is the full walk)."""
-        u64 = self.ram.u64
-        table = root.cr3 & ADDR_MASK
-        for shift in _SHIFTS_5 if root.la57 else _SHIFTS_4:
-            entry = u64(table + ((addr >> shift) & 0x1FF) * 8)
-            if not entry & PRESENT:
-                return None
-            if shift in (30, 21) and entry & PS:
-                span = 1 << shift
-                return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
-            table = entry & ADDR_MASK
-        return table | (addr & (PAGE_SIZE - 1))
+        ram = self.ram
+        if isinstance(ram, FileRam):
+            return ram.walk(root.cr3, root.la57, addr)
+        return walk_tables(ram.u64, root.cr3, root.la57, addr)
+
+
+def walk_tables(u64: Callable[[int], int], cr3: int, la57: bool, addr: int) -> int | None:
+    """The MMU's walk, cut to what a read needs (present bits, large pages): this runs for
+    every read, so no entry objects (:func:`kprobevm.x86.pagetable.translate` is the full
+    walk). ``u64`` reads an entry at a physical address; None: not mapped."""
+    table = cr3 & ADDR_MASK
+    for shift in _SHIFTS_5 if la57 else _SHIFTS_4:
+        entry = u64(table + ((addr >> shift) & 0x1FF) * 8)
+        if not entry & PRESENT:
+            return None
+        if shift in (30, 21) and entry & PS:
+            span = 1 << shift
+            return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
+        table = entry & ADDR_MASK
+    return table | (addr & (PAGE_SIZE - 1))
