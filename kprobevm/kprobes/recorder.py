@@ -192,6 +192,7 @@ class _RecordedProbe:
     kp: Kprobe
     layout: rec.RecordLayout
     count_only: bool
+    record_id: int
     hits: int = 0
     """The guest's counter of records written (count-only: hits) as last folded into kp."""
     missed: int = 0
@@ -286,7 +287,7 @@ class Recorder:
                 raise ProbeRefused("EOPNOTSUPP", "no return table to record returns with",
                                    symbol=kp.symbol_name)  # fmt: skip
             self.returns.add(probe_id, spec.maxactive)
-        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
+        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only, probe_id)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -529,6 +530,9 @@ class Recorder:
             assert probe.retired_at is not None
             if closing or self.programs.grace_over(probe.retired_at):
                 probe.settle_head = head
+                if self.returns is not None and probe.record_id in self.returns.bounds:
+                    # no vCPU is inside its hijack any more: calls in flight lose its bit
+                    self.returns.forget(probe.record_id)
         for probe_id, probe in list(self.retiring.items()):
             if probe.settle_head is not None and self.decoded >= probe.settle_head:
                 # its counters were read in this stop, and cannot move any more

@@ -73,6 +73,22 @@ class ReturnRecords:
         self.memory.write(self.table.actives + 8 * bit, bytes(8))
         self.bounds[probe_id] = _Bound(bit, maxactive)
 
+    def forget(self, probe_id: int) -> int:
+        """Take the bit of a retired probe out of the calls in flight (VM stopped, once no
+        vCPU can be inside a hijack that set it), so that a probe given the bit later
+        neither records their returns nor counts them as its instances; how many."""
+        bound = self.bounds.get(probe_id)
+        if bound is None:
+            return 0
+        cleared = 0
+        for i, _, _, _ in self._entries():
+            at = self.table.info + ENTRY * i
+            mask = self.memory.u64(at)
+            if mask >> bound.bit & 1:
+                self.memory.write(at, struct.pack("<Q", mask & ~(1 << bound.bit)))
+                cleared += 1
+        return cleared
+
     def release(self, probe_id: int) -> None:
         """The id is free again (settled: no vCPU is inside its programs any more)."""
         bound = self.bounds.pop(probe_id, None)
