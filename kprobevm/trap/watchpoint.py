@@ -408,9 +408,9 @@ class WatchpointChannel(TrapChannel):
         mailbox = self.pages.mailbox
         if self.recorder is not None and watch.address == self.recorder.layout.drain:
             self.stats.ring_stops += 1
-            if self.drains_running:  # room now; the idle drain decodes with the VM running
-                self.recorder.copy_out(running=False)
-            else:
+            # room now, and the idle drain decodes with the VM running; a backlog too
+            # large to copy more into is decoded now
+            if not (self.drains_running and self.recorder.copy_out(running=False)):
                 self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
                 self._handle_every_vcpu(client, stop.thread or "")
