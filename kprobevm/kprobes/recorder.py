@@ -429,6 +429,11 @@ class Recorder:
         self._settle(head, closing=closing, running=running)
         return out
 
+    @property
+    def backlog_full(self) -> bool:
+        """Records wait in the host's backlog up to :data:`MAX_BACKLOG`: none is copied."""
+        return self._backlog_bytes >= MAX_BACKLOG
+
     def copy_out(self, *, running: bool = True) -> int:
         """Move the complete records after the tail into the host's backlog and the tail
         past them (the guest may reuse that room at once); how many. The ring follower

@@ -410,7 +410,9 @@ class WatchpointChannel(TrapChannel):
             self.stats.ring_stops += 1
             # room now, and the idle drain decodes with the VM running; a backlog too
             # large to copy more into is decoded now
-            if not (self.drains_running and self.recorder.copy_out(running=False)):
+            if self.drains_running and not self.recorder.backlog_full:
+                self.recorder.copy_out(running=False)
+            else:
                 self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
                 self._handle_every_vcpu(client, stop.thread or "")
