@@ -4,7 +4,7 @@ through shared guest RAM as the guest writes them, with the VM running.
 Copying a record out costs the host a few microseconds; decoding it and running its
 handler costs far more, and a guest that records fast (a ``dd bs=1`` loop) fills the ring
 faster than the trap thread's idle drain decodes it, which then costs a VM stop on the
-ring's half-full watch. The follower only copies (:meth:`Recorder.copy_out`) and moves
+ring's watched mark. The follower only copies (:meth:`Recorder.copy_out`) and moves
 the ring's tail, every :data:`FOLLOW_INTERVAL` seconds; the records wait in the host's
 backlog for the idle drain, which decodes them in batches. It takes no lock but the
 recorder's copy lock, held for no wait.
@@ -27,9 +27,9 @@ __all__ = ["FOLLOW_INTERVAL", "RingFollower"]
 log = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL = 0.002
-"""Seconds between looks at the ring's head: half the ring (128 KiB, some 600 records of
-a register snapshot and one number) fills between two looks only past 300,000 records a
-second."""
+"""Seconds between looks at the ring's head: the ring to its watched mark (384 KiB, some
+1,800 records of a register snapshot and one number) fills between two looks only past
+900,000 records a second; what fills it is a longer gap (:attr:`RingFollower.max_gap`)."""
 IDLE_INTERVAL = 0.1
 """Seconds between looks while no recorded probe exists."""
 STOP_DEADLINE = 5.0
