@@ -2,11 +2,12 @@
 through shared guest RAM as the guest writes them, with the VM running.
 
 Copying a record out costs the host about a microsecond (two bulk copies of the ring's
-new part, then a walk over the stamps); decoding it and running its handler costs tens, and a guest that records fast (a ``dd bs=1`` loop) fills the ring
-faster than the trap thread's idle drain decodes it, which then costs a VM stop on the
-ring's watched mark. The follower only copies (:meth:`Recorder.copy_out`) and moves
-the ring's tail, every :data:`FOLLOW_INTERVAL` seconds; the records wait in the host's
-backlog for the idle drain, which decodes them in batches. It takes no lock but the
+new part, then a walk over the stamps); decoding it and running its handler costs tens,
+and a guest that records fast (a ``dd bs=1`` loop) fills the ring faster than the trap
+thread's idle drain decodes it, which then costs a VM stop on the ring's watched mark.
+The follower only copies (:meth:`Recorder.copy_out`) and moves the ring's tail, every
+:data:`FOLLOW_INTERVAL` seconds; the records wait in the host's backlog for the idle
+drain, which decodes them in batches. It takes no lock but the
 recorder's copy lock, held for no wait.
 """
 
