@@ -626,6 +626,8 @@ class KprobeManager:
             self.table.clear()
             self.gone.clear()
             self.modules.probe = None
+            if self._channel is not None:
+                self._channel.forget()
             self._channel = None
 
     def site_of(self, kp: Kprobe) -> ProbeSite:

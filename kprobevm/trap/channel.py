@@ -225,3 +225,6 @@ class TrapChannel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Take the channel out of the guest and leave it running."""
+
+    def forget(self) -> None:  # noqa: B027 (most channels run nothing on the host)
+        """The guest is gone: end what the channel runs on the host, touching no guest."""

@@ -565,6 +565,11 @@ class WatchpointChannel(TrapChannel):
             self.area.teardown()
             flush_tlbs(client)
 
+    def forget(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
+
     @staticmethod
     def _unhijack_recorded(recorder: Recorder) -> None:
         """Calls in flight through recorded return probes return directly again."""
