@@ -146,7 +146,7 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
 @dataclass(frozen=True)
 class ReturnRates:
     """Hits per second on the open loop (its function's entry or return), each probe
-    alone in its own run of the same loop, one after the other."""
+    alone in runs of the same loop (the recorded two in alternating turns)."""
 
     recorded_entry: float
     recorded_return: float
@@ -162,36 +162,47 @@ class ReturnRates:
         return self.recorded_return / self.recorded_entry if self.recorded_entry else 0.0
 
 
-def measure_returns(vm: VM, opens: int) -> ReturnRates:
+def measure_returns(vm: VM, opens: int, *, turns: int = 4) -> ReturnRates:
     """A recorded entry probe, a recorded return probe and a stopping return probe on
-    the open loop's function, each with an empty handler; hits are what reached it."""
-    entry = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=lambda kp, regs: None,
-                   record=RecordSpec())  # fmt: skip
-    vm.register_kprobe(entry)
-    try:
-        run = run_opens(vm, opens)
-        vm.flush_records()
-        entry_rate = entry.nhit / run.seconds
-    finally:
-        vm.unregister_kprobe(entry)
-    rp = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None,
-                   record=RecordSpec())  # fmt: skip
-    vm.register_kretprobe(rp)
-    try:
-        stops = vm.target.stops
-        run = run_opens(vm, opens)
-        stops = vm.target.stops - stops
-        vm.flush_records()
-        return_rate = rp.nhit / run.seconds
-        assert rp.recorded is not None
-        missed = rp.recorded.nmissed
-    finally:
-        vm.unregister_kretprobe(rp)
+    the open loop's function, each with an empty handler; hits are what reached it. The
+    two recorded probes take ``turns`` turns each, alternating, of ``opens / turns``
+    opens, so that a load that comes and goes on the host weighs on both alike."""
+    part = max(1, opens // turns)
+    hits, seconds = {"entry": 0, "return": 0}, {"entry": 0.0, "return": 0.0}
+    missed = stops = 0
+    for _ in range(turns):
+        entry = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=lambda kp, regs: None,
+                       record=RecordSpec())  # fmt: skip
+        vm.register_kprobe(entry)
+        try:
+            run = run_opens(vm, part)
+            vm.flush_records()
+            hits["entry"] += entry.nhit
+            seconds["entry"] += run.seconds
+        finally:
+            vm.unregister_kprobe(entry)
+        rp = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None,
+                       record=RecordSpec())  # fmt: skip
+        vm.register_kretprobe(rp)
+        try:
+            before = vm.target.stops
+            run = run_opens(vm, part)
+            stops += vm.target.stops - before
+            vm.flush_records()
+            hits["return"] += rp.nhit
+            seconds["return"] += run.seconds
+            assert rp.recorded is not None
+            missed += rp.recorded.nmissed
+        finally:
+            vm.unregister_kretprobe(rp)
     stopping = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None)
     vm.register_kretprobe(stopping)
     try:
-        run = run_opens(vm, opens)
+        run = run_opens(vm, part)
         stopping_rate = stopping.nhit / run.seconds
     finally:
         vm.unregister_kretprobe(stopping)
-    return ReturnRates(entry_rate, return_rate, stopping_rate, missed, stops)
+    return ReturnRates(
+        hits["entry"] / seconds["entry"], hits["return"] / seconds["return"], stopping_rate,
+        missed, stops,
+    )  # fmt: skip
