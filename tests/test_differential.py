@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kprobevm.errors import KprobeError
 from kprobevm.guest.vm import VM
 from kprobevm.tracing import differential as diff
 from kprobevm.tracing.kernel_rules import KernelFacts, KernelRules, kernel_rules, parse_version
@@ -272,11 +273,8 @@ CROWDED = len(TRACED) - 1
 
 
 def _modes(index: int, batch: tuple[str, ...]) -> tuple[str, ...]:
-    """How kprobevm's side runs a batch: recorded and stopping, as ``--mode auto`` takes
-    it where it cannot record (falling back to stopping, which the test checks), and
-    only stopping with a return probe (return probes always stop the guest)."""
-    if any(d.startswith("r") or "%return" in d for d in batch):
-        return ("stop",)
+    """How kprobevm's side runs a batch: recorded and stopping, or as ``--mode auto``
+    takes it where it cannot record (falling back to stopping, which the test checks)."""
     if index == CROWDED:
         return ("auto",)
     return ("record", "stop")
@@ -297,6 +295,15 @@ def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, m
         return
     guest = harness.guest_run(index)
     assert guest.of(COMM), "the workload made no line on the guest's side"
+    if mode == "record" and kernel_rules(vm).selector_cs and any(
+        d.startswith("r") and "%cs" in d for d in definitions
+    ):
+        # a 6.9+ kernel's return %cs is partly a stack word, which the record program's
+        # own frame covers by the time it could read it: such events stop the guest
+        with pytest.raises(KprobeError, match="a return's %cs"):
+            diff.run_kprobevm(vm, definitions, WORKLOAD, mode=mode)
+        assert not vm.list_kprobes()
+        return
     ours = diff.run_kprobevm(vm, definitions, WORKLOAD, mode=mode)
     if mode == "auto":
         assert ours.record_refused is not None and "record program" in ours.record_refused

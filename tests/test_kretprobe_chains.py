@@ -10,10 +10,12 @@ from types import SimpleNamespace
 
 from kprobevm.gdbstub.memory import GuestMemory
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance, KretprobeManager
+from kprobevm.kprobes.retrecord import GUEST_ENTRIES
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.rethook import ENTRY
 
 TRAMPOLINE, TABLE = 0xFFFFFFFFC0001000, 0xFFFFFFFFC0002000
+HOST = TABLE + ENTRY * GUEST_ENTRIES  # the host's first entry (the guest's come first)
 SLOT, CALLER = 0xFFFFC90000003F00, 0xFFFFFFFF81234567
 
 
@@ -106,8 +108,8 @@ def test_two_return_probes_on_one_call_both_return_with_the_real_caller() -> Non
     _registered(newer, older)
     _call(returns, words, target, [newer, older])  # the newest definition runs first
     assert _u64(words, SLOT) == TRAMPOLINE  # one hijack
-    assert [_u64(words, TABLE), _u64(words, TABLE + 8)] == [SLOT, CALLER]
-    assert _u64(words, TABLE + ENTRY) == 0  # one table entry for the call
+    assert [_u64(words, HOST), _u64(words, HOST + 8)] == [SLOT, CALLER]
+    assert _u64(words, HOST + ENTRY) == 0  # one table entry for the call
     assert (newer.active, older.active) == (1, 1)
     _return(returns, words, ax=3)
     # the last hooked first, as the kernel's rethook; the older one's address is the
@@ -147,7 +149,7 @@ def test_a_call_left_at_the_slot_is_not_joined_by_the_next() -> None:
     _call(returns, words, target, [a, b])  # the stack moved on: the slot is a new call's
     assert [ri.chained for ri in returns.by_slot[SLOT]] == [False, True]
     assert (a.active, b.active) == (1, 1)
-    entries = [_u64(words, TABLE + ENTRY * i) for i in range(4)]
+    entries = [_u64(words, HOST + ENTRY * i) for i in range(4)]
     assert entries.count(SLOT) == 1
     _return(returns, words, ax=0)
     assert [name for name, *_ in seen] == ["b", "a"]

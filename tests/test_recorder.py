@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kprobevm.errors import KprobeError, ProbeRefused
+from kprobevm.errors import ProbeRefused
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec
@@ -160,10 +160,18 @@ def test_recorded_and_stopping_probes_do_not_share_an_address(vm: VM) -> None:
         Kprobe(symbol_name="x", record=RecordSpec(), post_handler=lambda kp, regs: None)
 
 
-def test_return_probes_cannot_be_recorded(vm: VM) -> None:
-    session = TraceSession(vm, plan_events(vm, [_event("r do_sys_openat2 $retval")]), mode="record")
-    with pytest.raises(KprobeError, match="return probe"):
-        session.start()
+def test_a_recorded_return_prints_as_a_stopping_one(vm: VM) -> None:
+    """``r:`` events record too: cat's failing open prints the same line either way."""
+    text = "r:ret do_sys_openat2 rv=$retval:s32 ip=%ip sp=%sp:b3@0/64 s0=+0(%sp):x64"
+    command = "cat /etc/passwd /nonexistent >/dev/null 2>&1; true"
+    lines = {}
+    for mode in ("record", "stop"):
+        session, hits = _traced(vm, command, text, mode=mode)
+        assert session.recorded == (mode == "record")
+        cat = [h for h in hits if h.comm == "cat" and args_of(h)["rv"] == -2]
+        assert len(cat) == 1, [h.line() for h in hits]
+        lines[mode] = (cat[0].where, cat[0].function, dict(args_of(cat[0])))
+    assert lines["record"] == lines["stop"]
     assert not vm.list_kprobes()
 
 

@@ -1,5 +1,6 @@
 """What shared guest RAM buys: a recorded probe's cost to the guest against the guest
-kernel's own kprobe, VM stops per recorded hit, and a stopping handler's memory reads.
+kernel's own kprobe, VM stops per recorded hit, a stopping handler's memory reads, and a
+recorded return probe's hit rate against a recorded entry probe's on the same function.
 
 The per-hit cost is the guest's own time: a ``dd bs=1`` loop makes one ``vfs_read`` per
 byte, timed by the guest's monotonic clock (``/proc/timer_list``; the guest's busybox
@@ -18,6 +19,8 @@ from kprobevm.bench.guest import under_guest_kprobe
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 from kprobevm.errors import VMError
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.kretprobes import Kretprobe
+from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing import ProbeEvent, parse_event
 from kprobevm.tracing.session import TraceSession, plan_events
 from kprobevm.x86.ptregs import PtRegs
@@ -25,7 +28,15 @@ from kprobevm.x86.ptregs import PtRegs
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["DD_EVENT", "DdRound", "StoppingReads", "measure_dd", "measure_stopping_reads"]
+__all__ = [
+    "DD_EVENT",
+    "DdRound",
+    "ReturnRates",
+    "StoppingReads",
+    "measure_dd",
+    "measure_returns",
+    "measure_stopping_reads",
+]
 
 DD_EVENT = "p:rd vfs_read count=%dx:u64"
 _TRACEFS = "/sys/kernel/tracing"
@@ -51,6 +62,9 @@ class DdRound:
     kprobevm_hits: int
     vm_stops: int
     ring_stops: int
+    kprobevm_wall_s: float = 0.0
+    """Host seconds of the probed loop: a guest stopped for the host's decoding does not
+    count that time in its own clock, this does."""
 
     @property
     def ratio(self) -> float:
@@ -69,31 +83,33 @@ def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
     return run.result, int(run.profile[0])
 
 
-def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int]:
+def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
-    ring stops meanwhile."""
+    ring stops meanwhile, and the host's seconds."""
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
         stats = vm.kprobes.channel.stats
         stops, ring = vm.target.stops, stats.ring_stops
+        start = time.monotonic()
         ns = _dd_ns(vm, n)
+        wall = time.monotonic() - start
         stops, ring = vm.target.stops - stops, stats.ring_stops - ring
     hits = sum(1 for _ in session.drain())
-    return ns, hits, stops, ring
+    return ns, hits, stops, ring, wall
 
 
 def measure_dd(vm: VM, n: int) -> DdRound:
     """One round: unprobed, the guest's kprobe, kprobevm's recorded probe."""
     base = _dd_ns(vm, n)
     guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
-    ours_ns, ours_hits, stops, ring = _kprobevm_ns(vm, n)
+    ours_ns, ours_hits, stops, ring, wall = _kprobevm_ns(vm, n)
     return DdRound(
         unprobed_ns=base,
         guest_kprobe_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
         kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
-        kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring,
+        kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring, kprobevm_wall_s=wall,
     )  # fmt: skip
 
 
@@ -105,11 +121,16 @@ class StoppingReads:
     hits_per_s: float
     read_us_median: float
     read_us_p90: float
+    quiet_read_us_median: float = 0.0
+    """The same read of the last hit's stack, repeated on this thread after the run:
+    the read path alone, without a stop's cold caches and wake-up."""
 
 
 def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
     """Hits per second on the no-fork open loop, and each handler read's time."""
     times: list[float] = []
+
+    last_sp: list[int] = []
 
     def handler(kp: Kprobe, regs: PtRegs) -> None:
         assert regs.memory is not None
@@ -117,6 +138,7 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
         start = time.perf_counter()
         regs.memory.read(sp, 32)
         times.append(time.perf_counter() - start)
+        last_sp[:] = [sp]
 
     kp = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=handler)
     vm.register_kprobe(kp)
@@ -129,4 +151,86 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
     return StoppingReads(
         hits=hits, hits_per_s=hits / run.seconds, read_us_median=statistics.median(micros),
         read_us_p90=micros[int(0.9 * (len(micros) - 1))],
+        quiet_read_us_median=_quiet_read_us(vm, last_sp[0]) if last_sp else 0.0,
+    )  # fmt: skip
+
+
+def _quiet_read_us(vm: VM, address: int, n: int = 20_000) -> float:
+    """Median microseconds of a 32-byte read at ``address`` repeated ``n`` times, the VM
+    held stopped (as in a handler); 0.0 when that stack is gone from the mapping (its
+    task exited), which would measure the gdbstub instead."""
+    memory = vm.memory
+    times = []
+    with vm.target.stopped():
+        if memory.direct is None or memory.direct.read_virt(address, 32) is None:
+            return 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            memory.read(address, 32)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+@dataclass(frozen=True)
+class ReturnRates:
+    """Hits per second on the open loop (its function's entry or return), each probe
+    alone in runs of the same loop (the recorded two in alternating turns)."""
+
+    recorded_entry: float
+    recorded_return: float
+    stopping_return: float
+    recorded_return_missed: int
+    """Returns the recorded return probe missed (counted, not handled)."""
+    recorded_return_stops: int
+    """VM stops during the recorded return probe's run (the ring's watch, or ours)."""
+
+    @property
+    def ratio(self) -> float:
+        """Recorded return against recorded entry (the goal: at least 0.8)."""
+        return self.recorded_return / self.recorded_entry if self.recorded_entry else 0.0
+
+
+def measure_returns(vm: VM, opens: int, *, turns: int = 4) -> ReturnRates:
+    """A recorded entry probe, a recorded return probe and a stopping return probe on
+    the open loop's function, each with an empty handler; hits are what reached it. The
+    two recorded probes take ``turns`` turns each, alternating, of ``opens / turns``
+    opens, so that a load that comes and goes on the host weighs on both alike."""
+    part = max(1, opens // turns)
+    hits, seconds = {"entry": 0, "return": 0}, {"entry": 0.0, "return": 0.0}
+    missed = stops = 0
+    for _ in range(turns):
+        entry = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=lambda kp, regs: None,
+                       record=RecordSpec())  # fmt: skip
+        vm.register_kprobe(entry)
+        try:
+            run = run_opens(vm, part)
+            vm.flush_records()
+            hits["entry"] += entry.nhit
+            seconds["entry"] += run.seconds
+        finally:
+            vm.unregister_kprobe(entry)
+        rp = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None,
+                       record=RecordSpec())  # fmt: skip
+        vm.register_kretprobe(rp)
+        try:
+            before = vm.target.stops
+            run = run_opens(vm, part)
+            stops += vm.target.stops - before
+            vm.flush_records()
+            hits["return"] += rp.nhit
+            seconds["return"] += run.seconds
+            assert rp.recorded is not None
+            missed += rp.recorded.nmissed
+        finally:
+            vm.unregister_kretprobe(rp)
+    stopping = Kretprobe(symbol_name=HOT_FUNCTION, handler=lambda ri, regs: None)
+    vm.register_kretprobe(stopping)
+    try:
+        run = run_opens(vm, part)
+        stopping_rate = stopping.nhit / run.seconds
+    finally:
+        vm.unregister_kretprobe(stopping)
+    return ReturnRates(
+        hits["entry"] / seconds["entry"], hits["return"] / seconds["return"], stopping_rate,
+        missed, stops,
     )  # fmt: skip

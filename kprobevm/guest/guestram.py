@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ _LOWMEM_SPLIT = 0xE000_0000  # the pc machine splits RAM of this size or more
 _LOWMEM_GB_ALIGNED = 0xC000_0000
 _HIGH_START = 1 << 32
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_U64 = struct.Struct("<Q")
 
 
 def parse_memory_size(memory: str) -> int:
@@ -200,9 +202,27 @@ class FileRam(GuestRam):
             return self._map[paddr : paddr + n]  # every read goes here: no calls
         return super().read_if_ram(paddr, n)
 
+    def walk(self, cr3: int, la57: bool, addr: int) -> int | None:
+        """:meth:`RamReader.walk` with the entries unpacked from the mapping in place
+        (a stopping handler's read pays for this walk, so no call per entry)."""
+        m, low, unpack = self._map, self._low, _U64.unpack_from
+        table = cr3 & ADDR_MASK
+        for shift in _SHIFTS_5 if la57 else _SHIFTS_4:
+            at = table + ((addr >> shift) & 0x1FF) * 8
+            if at + 8 > low:  # a table in high RAM: the general walk
+                return walk_tables(self.u64, cr3, la57, addr)
+            entry: int = unpack(m, at)[0]
+            if not entry & PRESENT:
+                return None
+            if shift in (30, 21) and entry & PS:
+                span = 1 << shift
+                return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
+            table = entry & ADDR_MASK
+        return table | (addr & (PAGE_SIZE - 1))
+
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
-            return int.from_bytes(self._map[paddr : paddr + 8], "little")
+            return int(_U64.unpack_from(self._map, paddr)[0])  # no bytes object made
         return super().u64(paddr)
 
     def close(self) -> None:
@@ -265,6 +285,15 @@ class RamReader:
         root = self._root if self._looked else self.root()
         if root is None:
             return None
+        if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
+            try:
+                paddr = self._translate(root, addr)
+            except GuestFaultError:
+                return None
+            data = self.ram.read_if_ram(paddr, n) if paddr is not None else None
+            if data is not None:
+                self.reads += 1
+            return data
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
@@ -296,17 +325,23 @@ class RamReader:
         return True
 
     def _translate(self, root: PagingRoot, addr: int) -> int | None:
-        """The MMU's walk, cut to what a read needs (present bits, large pages): this runs
-        for every read, so no entry objects (:func:`kprobevm.x86.pagetable.translate`
-        is the full walk)."""
-        u64 = self.ram.u64
-        table = root.cr3 & ADDR_MASK
-        for shift in _SHIFTS_5 if root.la57 else _SHIFTS_4:
-            entry = u64(table + ((addr >> shift) & 0x1FF) * 8)
-            if not entry & PRESENT:
-                return None
-            if shift in (30, 21) and entry & PS:
-                span = 1 << shift
-                return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
-            table = entry & ADDR_MASK
-        return table | (addr & (PAGE_SIZE - 1))
+        ram = self.ram
+        if isinstance(ram, FileRam):
+            return ram.walk(root.cr3, root.la57, addr)
+        return walk_tables(ram.u64, root.cr3, root.la57, addr)
+
+
+def walk_tables(u64: Callable[[int], int], cr3: int, la57: bool, addr: int) -> int | None:
+    """The MMU's walk, cut to what a read needs (present bits, large pages): this runs for
+    every read, so no entry objects (:func:`kprobevm.x86.pagetable.translate` is the full
+    walk). ``u64`` reads an entry at a physical address; None: not mapped."""
+    table = cr3 & ADDR_MASK
+    for shift in _SHIFTS_5 if la57 else _SHIFTS_4:
+        entry = u64(table + ((addr >> shift) & 0x1FF) * 8)
+        if not entry & PRESENT:
+            return None
+        if shift in (30, 21) and entry & PS:
+            span = 1 << shift
+            return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
+        table = entry & ADDR_MASK
+    return table | (addr & (PAGE_SIZE - 1))

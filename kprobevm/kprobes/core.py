@@ -674,6 +674,8 @@ class KprobeManager:
             self.table.clear()
             self.gone.clear()
             self.modules.probe = None
+            if self._channel is not None:
+                self._channel.forget()
             self._channel = None
 
     def site_of(self, kp: Kprobe) -> ProbeSite:
@@ -791,7 +793,9 @@ class KprobeManager:
         kp.nhit += 1
         if kp.pre_handler is None:
             return
-        regs = RecordedRegs.of(record, self.memory, ip=kp.addr if kp.ftrace else None)
+        # an ftrace site's hit shows the probe's own address; a return shows the caller
+        at_entry = kp.ftrace and not (kp.record is not None and kp.record.at_return)
+        regs = RecordedRegs.of(record, self.memory, ip=kp.addr if at_entry else None)
         if kp.stack:
             self._attach_stack(kp, regs, live=False)
             stack, size = regs.stack, kp.record.stack_size if kp.record else 0

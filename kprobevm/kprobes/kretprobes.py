@@ -20,6 +20,7 @@ stack slot no longer holds the trampoline (a function that never returned, like
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kprobevm.errors import LOST_ERRORS, GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.readahead import HitReader, ReadPredictor
 from kprobevm.kprobes.core import Kprobe, keep_handler_error
+from kprobevm.kprobes.retrecord import GUEST_ENTRIES
 from kprobevm.x86.ptregs import PtRegs, to_gdb_names
 from kprobevm.x86.rethook import ENTRY, build_trampoline
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.core import KprobeManager
+    from kprobevm.kprobes.recorder import RecordSpec
 
 __all__ = ["Chain", "Kretprobe", "KretprobeInstance", "KretprobeManager"]
 
@@ -101,6 +104,11 @@ class Kretprobe:
     addr: int | None = None
     offset: int = 0
     """Must stay 0: a return probe goes on an entry (``BAD_RETPROBE`` otherwise)."""
+    record: RecordSpec | None = None
+    """Recorded: the guest hijacks each call and records its return (registers as
+    returned, and these captures, read at the return), with no VM stop; ``handler``
+    runs later on the host with a :class:`~kprobevm.kprobes.recorder.RecordedRegs`.
+    No ``entry_handler`` then. Its figures are those of :attr:`recorded`."""
     nhit: int = field(default=0, init=False)
     """Returns handled."""
     nmissed: int = field(default=0, init=False)
@@ -112,6 +120,11 @@ class Kretprobe:
     registered: bool = field(default=False, init=False)
     kp: Kprobe | None = field(default=None, init=False, repr=False)
     active: int = field(default=0, init=False)
+    recorded: Kprobe | None = field(default=None, init=False, repr=False)
+    """A recorded return probe's entry kprobe, kept after the unregister: its
+    ``guest_hits`` (calls the guest hijacked or missed), ``nhit`` (returns handled) and
+    ``nmissed`` (maxactive reached, no free entry, ring full, or drained after the
+    unregister) settle as a recorded Kprobe's do."""
 
     @property
     def gone(self) -> bool:
@@ -155,10 +168,13 @@ class KretprobeManager:
         self.layout: TaskLayout | None = None
         self._entry_reads = ReadPredictor()
 
-    def install(self, trampoline: int, table: int, mailbox: int) -> bytes:
-        """Place the trampoline at ``trampoline`` (mapped executable) over ``table``."""
+    def install(
+        self, trampoline: int, table: int, mailbox: int, *, info: int | None = None
+    ) -> bytes:
+        """Place the trampoline at ``trampoline`` (mapped executable) over ``table``;
+        ``info``: the page of the guest-made entries' return programs."""
         code, self.store_end = build_trampoline(
-            trampoline, table=table, entries=TABLE_ENTRIES, mailbox=mailbox
+            trampoline, table=table, entries=TABLE_ENTRIES, mailbox=mailbox, info=info
         )
         self.trampoline, self.table = trampoline, table
         return code
@@ -179,6 +195,9 @@ class KretprobeManager:
                 "BAD_RETPROBE", "a return probe goes on a function's entry (offset 0)",
                 symbol=rp.symbol_name,
             )  # fmt: skip
+        if rp.record is not None and rp.entry_handler is not None:
+            raise KprobeError("a recorded return probe has no entry_handler: nothing stops"
+                              " at its entry", symbol=rp.symbol_name)  # fmt: skip
         kp = Kprobe(symbol_name=rp.symbol_name, addr=rp.addr, pre_handler=self._entry_for(rp))
         self.kprobes.look_up_names([kp])
         addr, on_entry = self.kprobes.resolve_entry(kp)
@@ -189,6 +208,10 @@ class KretprobeManager:
         if rp.maxactive <= 0:
             rp.maxactive = max(10, 2 * (os.cpu_count() or 1), 2 * self._vcpus())
         self.layout = self.task_layout()  # BTF parsed now, not at the first hit
+        if rp.record is not None:
+            kp.pre_handler = self._recorded_return_for(rp)
+            kp.record = dataclasses.replace(rp.record, at_return=True, maxactive=rp.maxactive)
+            rp.recorded = kp
         self.kprobes.register_kprobe(kp)
         rp.kp = kp
         rp.registered = True
@@ -220,6 +243,28 @@ class KretprobeManager:
             self._entry(rp, regs)
 
         return entry
+
+    def _recorded_return_for(self, rp: Kretprobe) -> Callable[[Kprobe, PtRegs], None]:
+        """The handler of a recorded return: ``regs`` as the function returned. The
+        function's one hijack serves all its recorded return probes; the kernel's would
+        each hook the call in turn, so each but the first to run at the entry is
+        ``chained``."""
+        kprobes = self.kprobes
+
+        def recorded(kp: Kprobe, regs: PtRegs) -> None:
+            rp.nhit += 1
+            if rp.handler is None:
+                return
+            ri = KretprobeInstance(rp=rp, slot=regs.sp - 8, ret_addr=regs.ip, cpu=regs.cpu,
+                                   data=bytearray(rp.data_size))  # fmt: skip
+            site = kprobes.table.get(kprobes.int3_place(kp.addr or 0))
+            if site is not None and site.probes[0] is not kp:
+                first = next((p for p in site.probes if p.record is not None
+                              and p.record.at_return and not p.disabled), kp)  # fmt: skip
+                ri.chained = first is not kp
+            rp.handler(ri, regs)  # its exceptions are kept on kp, as a recorded Kprobe's
+
+        return recorded
 
     def _entry(self, rp: Kretprobe, regs: PtRegs) -> None:
         if not rp.registered:
@@ -340,8 +385,9 @@ class KretprobeManager:
 
     def _alloc(self) -> int | None:
         for _ in range(2):
-            for i, chain in enumerate(self.entries):
-                if chain is None:
+            # the first GUEST_ENTRIES are the guest's (recorded return probes)
+            for i in range(GUEST_ENTRIES, len(self.entries)):
+                if self.entries[i] is None:
                     return i
             if not self._reclaim():
                 break

@@ -4,15 +4,16 @@ A probe with a :class:`RecordSpec` never stops the guest per hit. Its slot jumps
 record program (:mod:`kprobevm.x86.record`) that writes the registers, ``current``'s pid
 and comm, the TSC and the probe's memory reads into a ring in slot memory, then runs the
 displaced instruction. The :class:`Recorder` owns that ring. It drains it when the guest
-asks (a watched store once the ring is half full), on the trap thread's idle tick, and
-before probes go. Where guest RAM is shared with the host, the idle tick drains with the
-VM running: records are read through the mapping, each one's stamp before the rest (the
-guest writes the stamp last), and the new tail is stored the same way, so steady-state
-tracing stops the VM not at all. Each :class:`Record` then reaches the probe's
-``pre_handler`` with a :class:`RecordedRegs` snapshot whose memory answers from the
-record's reads. This is the kernel's trace-event model (record now, read later), bought
-with what a stop costs: the handlers cannot change registers, and a string is cut at its
-capture size.
+asks (a watched store once the ring is 3/4 full), on the trap thread's idle tick, and
+before probes go. Where guest RAM is shared with the host, a follower thread
+(:mod:`kprobevm.kprobes.ringfollow`) copies complete records out through the mapping as
+the guest writes them, each one's stamp before the rest (the guest writes the stamp
+last), and stores the new tail the same way; the idle tick decodes what it copied, with
+the VM running, so steady-state tracing stops the VM not at all. Each :class:`Record`
+then reaches the probe's ``pre_handler`` with a :class:`RecordedRegs` snapshot whose
+memory answers from the record's reads. This is the kernel's trace-event model (record
+now, read later), bought with what a stop costs: the handlers cannot change registers,
+and a string is cut at its capture size.
 
 Every hit is accounted for. The guest counts each record it completes and each hit it
 misses (ring full, CPU busy); the host adds both to ``guest_hits``, the misses to
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -38,6 +40,7 @@ from kprobevm.kernel.tasks import kernel_thread_size
 from kprobevm.kprobes.slots import Slot, SlotCache
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
+from kprobevm.x86 import retrecord
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.ptregs import PtRegs
 
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kprobes.aggregations import Aggregation
     from kprobevm.kprobes.core import Kprobe, ProbeSite
+    from kprobevm.kprobes.retrecord import ReturnRecords
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
 
@@ -65,12 +69,19 @@ __all__ = [
     "ring_pages_fitting",
 ]
 
-RING_PAGES = 64  # 256 KiB
+RING_PAGES = 128
+"""512 KiB: with the ring follower, what the guest may record while the host process is
+not scheduled (a loaded machine) before the ring asks for a stop."""
+HIGH_WATER = 3 / 4
+"""How full the ring asks the host to drain (a VM stop): the follower keeps it lower."""
 MIN_RING_PAGES = 4
 MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
 MAX_CPUS = 256
 PROGRAM_SIZE = 2048
 _U64 = struct.Struct("<Q")
+_SIZE_ID = struct.Struct("<IH")  # a record's size and probe id, after its stamp
+MAX_BACKLOG = 64 << 20
+"""Bytes of records copied out of the ring and not decoded yet, at most."""
 _CONTROL_TAIL = 64  # head and tail on separate cache lines
 _CONTROL_DRAIN = 128
 _CONTROL_BUSY = 256
@@ -108,6 +119,10 @@ class RecordSpec:
     aggregate: Aggregation | None = None
     """Count-only probes may fold each hit into a map in the guest instead
     (:mod:`kprobevm.kprobes.aggregations`)."""
+    at_return: bool = False
+    """A return probe's: the guest hijacks the call at the entry and records its return
+    (:mod:`kprobevm.kprobes.retrecord`), with at most ``maxactive`` calls in flight."""
+    maxactive: int = 0
 
     @property
     def layout(self) -> rec.RecordLayout:
@@ -215,6 +230,7 @@ class _RecordedProbe:
     kp: Kprobe
     layout: rec.RecordLayout
     count_only: bool
+    record_id: int
     hits: int = 0
     """The guest's counter of records written (count-only: hits) as last folded into kp."""
     missed: int = 0
@@ -238,10 +254,12 @@ class Recorder:
         helpers: rec.CopyHelpers,
         describe: Callable[[int], str],
         ring_pages: int = RING_PAGES,
+        returns: ReturnRecords | None = None,
     ) -> None:
         """Map the ring in ``area`` (VM stopped). ``programs``: cells of PROGRAM_SIZE
         bytes in executable slot pages; ``describe`` names an address in errors;
-        ``ring_pages`` a power of two (:func:`ring_pages_fitting`)."""
+        ``ring_pages`` a power of two (:func:`ring_pages_fitting`); ``returns``: the
+        guest's return table, for recorded return probes."""
         self.memory = memory
         self.target = target
         self.describe = describe
@@ -253,7 +271,7 @@ class Recorder:
         self.layout = rec.RingLayout(
             head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
             busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,
-            ring=ring, ring_size=size, high_water=size // 2,
+            ring=ring, ring_size=size, high_water=int(size * HIGH_WATER),
         )  # fmt: skip
         self.helpers = helpers
         self.programs = programs
@@ -266,7 +284,18 @@ class Recorder:
         """Probe id -> its aggregate map; kept (for the last read) until the id is freed."""
         self._map_pool: dict[int, list[int]] = {}  # pages -> freed maps of that many
         self._fresh: list[int] = []  # ids added since the last program was written
+        self.returns = returns
+        self.return_programs: dict[int, Slot] = {}  # site address -> its return program
         self.tail = 0
+        """The ring's tail: the host has copied every record before it."""
+        self.decoded = 0
+        """Every record before this position has been decoded and handed out."""
+        self._copy_lock = threading.Lock()  # the tail and the backlog; held for no wait
+        self._backlog: list[tuple[int, int, bytes]] = []
+        """Records copied out of the ring, not decoded yet: (end position, probe id,
+        bytes)."""
+        self._backlog_bytes = 0
+        self._ring_phys = [area.phys(ring + i * PAGE_SIZE) for i in range(ring_pages)]
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
         self.running_drains = 0
@@ -299,9 +328,14 @@ class Recorder:
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
                 symbol=kp.symbol_name,
             )  # fmt: skip
+        if spec.at_return:
+            if self.returns is None:
+                raise ProbeRefused("EOPNOTSUPP", "no return table to record returns with",
+                                   symbol=kp.symbol_name)  # fmt: skip
+            self.returns.add(probe_id, spec.maxactive)
         if spec.aggregate is not None:
             self.maps[probe_id] = self._new_map(spec.aggregate)
-        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only)
+        self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only, probe_id)
         self._fresh.append(probe_id)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
@@ -361,11 +395,7 @@ class Recorder:
                              if kp.record_id is not None and not kp.disabled)
             code = rec.build_count_program(cell.address, counters=counters, cont=cont).code
         else:
-            probes = [(i, self.probes[i].layout) for i in ids]
-            code = rec.build_record_program(
-                cell.address, probes=tuple(probes), probe_ip=site.addr, ring=self.layout,
-                helpers=self.helpers, cont=cont,
-            ).code  # fmt: skip
+            code = self._site_code(site, cell.address, ids, cont)
         rec.check_program_fits(code, PROGRAM_SIZE, self.describe(site.addr))
         self.memory.write_phys(self.area.phys(cell.address), code)
         self.site_programs[site.addr] = cell
@@ -408,15 +438,54 @@ class Recorder:
             base = self._contiguous(pages, self.area)
         return aggregation.layout(base, ncpus)
 
+    def _site_code(self, site: ProbeSite, at: int, ids: list[int], cont: int) -> bytes:
+        """The record program of the site's entry probes, behind the hijack of its
+        return probes if it has any (their return program placed in a cell of its own)."""
+        layouts = {i: self.probes[i].layout for i in ids}
+        returns = self.returns.probes(ids, layouts) if self.returns is not None else ()
+        entry = [(i, layouts[i]) for i in ids if i not in {p.probe_id for p in returns}]
+        old_return = self.return_programs.pop(site.addr, None)
+        body_at, code = at, b""
+        if returns:
+            assert self.returns is not None
+            back = self.programs.get_insn_slot()
+            program = self.returns.return_program(back.address, returns, ring=self.layout,
+                                                  helpers=self.helpers)  # fmt: skip
+            rec.check_program_fits(program, PROGRAM_SIZE, self.describe(site.addr))
+            self.memory.write_phys(self.area.phys(back.address), program)
+            self.return_programs[site.addr] = back
+            body_at = at + self.returns.hijack_size(returns, ring=self.layout)
+            code = self.returns.hijack(at, returns, ring=self.layout, program=back.address,
+                                       cont=body_at if entry else cont)  # fmt: skip
+        if old_return is not None:
+            self._forget_return_program(old_return, self.return_programs.get(site.addr))
+        if returns and not entry:
+            return code
+        return code + rec.build_record_program(
+            body_at, probes=tuple(entry), probe_ip=site.addr, ring=self.layout,
+            helpers=self.helpers, cont=cont,
+        ).code  # fmt: skip
+
+    def _forget_return_program(self, old: Slot, new: Slot | None) -> None:
+        """Calls in flight through ``old`` return through ``new`` (None: through none)."""
+        assert self.returns is not None
+        self.returns.redirect(old.address, new.address if new is not None else 0)
+        self.programs.free_insn_slot(old)
+
     def drop_program(self, site: ProbeSite) -> None:
         cell = self.site_programs.pop(site.addr, None)
         if cell is not None:
             self.programs.free_insn_slot(cell)
+        back = self.return_programs.pop(site.addr, None)
+        if back is not None:
+            self._forget_return_program(back, None)
 
     # -- the drain -------------------------------------------------------------------
 
-    def drain(self, *, running: bool = False, closing: bool = False) -> list[tuple[Kprobe, Record]]:
-        """Take every complete record out of the ring; update the counters.
+    def drain(
+        self, *, running: bool = False, closing: bool = False, limit: int | None = None
+    ) -> list[tuple[Kprobe, Record]]:
+        """Take every complete record out of the ring and the backlog; update the counters.
 
         With the VM stopped, or ``running`` (through shared guest RAM only). A record
         still being written stays, with everything after it, for next time. The new tail
@@ -424,67 +493,113 @@ class Recorder:
         retired probe is counted in its ``nmissed``, and retired ids that have settled are
         freed (judged with the VM stopped: it asks which vCPUs are quiescent).
         ``closing``: no vCPU can enter a program any more (the channel is going and has
-        waited for every vCPU), so every retired id settles.
+        waited for every vCPU), so every retired id settles. ``limit``: decode at most
+        that many records now (the rest stay in the backlog for the next drain).
         """
-        ring = self.layout
-        direct = self.direct
-        if running and direct is None:
+        if running and self.direct is None:
             raise KprobeError("draining a running guest's ring needs shared guest RAM")
-        head = self.memory.u64(ring.head)
-        # The host is the tail's only writer, and its last write may still be queued.
-        tail = self.tail
+        head = self.memory.u64(self.layout.head)
         self._read_counters(self.probes | self.retiring)
-        if head == tail:
-            self._settle(head, closing=closing, running=running)
-            return []
-        if running:
-            self.running_drains += 1
-        else:
-            self.drains += 1
-        pos, out = self._take(tail, head, running=running)
-        self.records += len(out)
-        if pos != tail:
-            self.tail = pos
-            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
-                self.target.queue_write(ring.tail, _U64.pack(pos))
+        self.copy_out(running=running)
+        with self._copy_lock:
+            backlog = self._backlog
+            if limit is not None and len(backlog) > limit:
+                backlog, self._backlog = backlog[:limit], backlog[limit:]
+                upto = backlog[-1][0]
+                self._backlog_bytes -= upto - self.decoded
+            else:
+                self._backlog, self._backlog_bytes = [], 0
+                upto = self.tail
+        out: list[tuple[Kprobe, Record]] = []
+        if backlog:
+            if running:
+                self.running_drains += 1
+            else:
+                self.drains += 1
+            for _, probe_id, data in backlog:
+                self._deliver(out, probe_id, data)
+            self.records += len(out)
+        self.decoded = upto
         self._settle(head, closing=closing, running=running)
         return out
 
+    @property
+    def backlog_full(self) -> bool:
+        """Records wait in the host's backlog up to :data:`MAX_BACKLOG`: none is copied."""
+        return self._backlog_bytes >= MAX_BACKLOG
+
+    def copy_out(self, *, running: bool = True) -> int:
+        """Move the complete records after the tail into the host's backlog and the tail
+        past them (the guest may reuse that room at once); how many. The ring follower
+        calls this with the VM running, every drain before it decodes. Nothing is copied
+        while the backlog holds :data:`MAX_BACKLOG` bytes: the ring fills, and the guest
+        asks for a stop (the decoding then catches up)."""
+        ring, direct = self.layout, self.direct
+        with self._copy_lock:
+            if self._backlog_bytes >= MAX_BACKLOG:
+                return 0
+            tail = self.tail
+            head = self.memory.u64(ring.head)
+            if head == tail:
+                return 0
+            pos, records = self._take(tail, head, running=running)
+            if pos == tail:
+                return 0
+            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
+                if running:  # (never here: the running drain is chosen where this works)
+                    raise KprobeError("the ring's tail cannot be stored with the VM running")
+                self.target.queue_write(ring.tail, _U64.pack(pos))
+            self.tail = pos
+            self._backlog += records
+            self._backlog_bytes += pos - tail
+            return len(records)
+
     def _take(
         self, tail: int, head: int, *, running: bool
-    ) -> tuple[int, list[tuple[Kprobe, Record]]]:
-        """The complete records from ``tail``, and where the next drain starts. With the
-        VM stopped the ring is read in one go (nothing writes it meanwhile); while vCPUs
-        write it, each record's stamp is read on its own before the rest of it (one copy
-        could load the rest first, and x86 keeps loads in order only across loads)."""
-        ring, memory = self.layout, self.memory
-        mask = ring.ring_size - 1
+    ) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """The complete records from ``tail`` (end position, probe id, bytes), and where
+        the next copy starts. With the VM stopped the ring is read in one go (nothing writes it
+        meanwhile). While vCPUs write it, it is read twice, through the ring's physical
+        pages: a record whose stamp (the guest's last store) is complete in the first
+        copy was complete before the second began, so its size, id and bytes are taken
+        from the second (one copy may load a record's bytes before its stamp)."""
         if running:
-
-            def read(pos: int, n: int) -> bytes:
-                return memory.read(ring.ring + (pos & mask), n)
-
+            stamps = self._ring_copy(tail, head)
+            data = self._ring_copy(tail, head)
         else:
-            data = self._ring_bytes(tail, head)
-
-            def read(pos: int, n: int) -> bytes:
-                return data[pos - tail : pos - tail + n]
-
-        out: list[tuple[Kprobe, Record]] = []
+            data = stamps = self._ring_bytes(tail, head)
+        mask = self.layout.ring_size - 1
+        out: list[tuple[int, int, bytes]] = []
         pos = tail
         while pos < head:
-            stamp = _U64.unpack(read(pos, _U64.size))[0]
+            at = pos - tail
+            stamp = _U64.unpack_from(stamps, at)[0]
             if stamp == pos + 1:
-                _, size, probe_id, *_ = rec.RECORD_HEADER.unpack(
-                    read(pos, rec.RECORD_HEADER.size)
-                )
-                self._deliver(out, probe_id, read(pos, size))
+                size, probe_id = _SIZE_ID.unpack_from(data, at + 8)
                 pos += size
+                out.append((pos, probe_id, data[at : at + size]))
             elif stamp == (pos + 1) | rec.PAD_BIT:
                 pos = (pos | mask) + 1
             else:
                 break
         return pos, out
+
+    def _ring_copy(self, tail: int, head: int) -> bytes:
+        """The ring's bytes from ``tail`` to ``head`` through shared RAM, page by page."""
+        direct = self.direct
+        assert direct is not None
+        mask, phys = self.layout.ring_size - 1, self._ring_phys
+        parts: list[bytes] = []
+        at, n = tail & mask, head - tail
+        while n:
+            offset = at & (PAGE_SIZE - 1)
+            chunk = min(n, PAGE_SIZE - offset)
+            part = direct.read_phys(phys[at >> 12] + offset, chunk)
+            if part is None:
+                raise KprobeError(f"the ring at {at:#x} is not in shared guest RAM")
+            parts.append(part)
+            at, n = (at + chunk) & mask, n - chunk
+        return b"".join(parts)
 
     def _deliver(self, out: list[tuple[Kprobe, Record]], probe_id: int, data: bytes) -> None:
         probe = self.probes.get(probe_id)
@@ -514,13 +629,18 @@ class Recorder:
             assert probe.retired_at is not None
             if closing or self.programs.grace_over(probe.retired_at):
                 probe.settle_head = head
+                if self.returns is not None and probe.record_id in self.returns.bounds:
+                    # no vCPU is inside its hijack any more: calls in flight lose its bit
+                    self.returns.forget(probe.record_id)
         for probe_id, probe in list(self.retiring.items()):
-            if probe.settle_head is not None and self.tail >= probe.settle_head:
+            if probe.settle_head is not None and self.decoded >= probe.settle_head:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)
                 if (old_map := self.maps.pop(probe_id, None)) is not None:
                     self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
+                if self.returns is not None:
+                    self.returns.release(probe_id)
                 probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
@@ -556,7 +676,7 @@ _SOME_RING = rec.RingLayout(
     head=_SOMEWHERE, tail=_SOMEWHERE + _CONTROL_TAIL, drain=_SOMEWHERE + _CONTROL_DRAIN,
     busy=_SOMEWHERE + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=_SOMEWHERE + PAGE_SIZE,
     ring=_SOMEWHERE + 8 * PAGE_SIZE, ring_size=RING_PAGES * PAGE_SIZE,
-    high_water=RING_PAGES * PAGE_SIZE // 2,
+    high_water=int(RING_PAGES * PAGE_SIZE * HIGH_WATER),
 )  # fmt: skip
 _SOME_HELPERS = rec.CopyHelpers(
     copy_from_kernel=0xFFFFFFFF81000000, copy_from_user=0xFFFFFFFF81000100,
@@ -575,11 +695,37 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     if all(spec.count_only for spec in specs):
         counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
         return len(rec.build_count_program(at, counters=counters, cont=cont).code)
-    probes = tuple((i, spec.layout) for i, spec in enumerate(specs))
-    return len(rec.build_record_program(
+    probes = tuple((i, spec.layout) for i, spec in enumerate(specs) if not spec.at_return)
+    returns = returns_size([(i, s.layout) for i, s in enumerate(specs) if s.at_return])
+    if returns[0] and not probes:
+        return max(returns)
+    return max(returns[0] + len(rec.build_record_program(
         at, probes=probes, probe_ip=probe_ip, ring=_SOME_RING, helpers=_SOME_HELPERS,
         cont=cont,
-    ).code)  # fmt: skip
+    ).code), returns[1])  # fmt: skip
+
+
+def returns_size(probes: Sequence[tuple[int, rec.RecordLayout]]) -> tuple[int, int]:
+    """Bytes of the hijack and of the return program of recorded return probes (their
+    record ids, layouts) on one function, wherever they go; (0, 0) for none."""
+    if not probes:
+        return 0, 0
+    table = retrecord.ReturnTable(
+        table=_SOMEWHERE + 80 * PAGE_SIZE, entries=64, info=_SOMEWHERE + 81 * PAGE_SIZE,
+        actives=_SOMEWHERE + 82 * PAGE_SIZE, trampoline=_SOMEWHERE + 83 * PAGE_SIZE,
+    )  # fmt: skip
+    # the largest shape: bit 1's shift is a byte shorter (the shift-by-one form)
+    bits = [b for b in range(len(probes) + 1) if b != 1][: len(probes)]
+    ret = tuple(
+        retrecord.ReturnProbe(bit, i, 1, layout)
+        for bit, (i, layout) in zip(bits, probes, strict=True)
+    )
+    at = _SOMEWHERE + 64 * PAGE_SIZE
+    hijack = retrecord.build_hijack_program(at, probes=ret, returns=table, ring=_SOME_RING,
+                                            program=at, cont=at)  # fmt: skip
+    back = retrecord.build_return_program(at, probes=ret, returns=table, ring=_SOME_RING,
+                                          helpers=_SOME_HELPERS)  # fmt: skip
+    return len(hijack.code), len(back.code)
 
 
 def copy_helpers(

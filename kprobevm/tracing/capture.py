@@ -52,9 +52,10 @@ class _Base:
 
 
 class _Planner:
-    def __init__(self, string_size: int) -> None:
+    def __init__(self, string_size: int, at_return: bool = False) -> None:
         self.captures: list[Capture] = []
         self.string_size = string_size
+        self.at_return = at_return  # a return probe's: $retval is the returned %ax
         self.mixed = False  # the argument being planned reads mixed (FetchArg.mixed)
 
     def read(self, capture: Capture) -> _Base:
@@ -87,6 +88,8 @@ class _Planner:
             case fetch.Deref(offset, inner, user):
                 return self.read(self.base(inner).at(offset, 8, user=user, mixed=self.mixed))
             case fetch.Retval():
+                if self.at_return:
+                    return _Base(reg="ax")
                 raise Unrecordable("$retval is known at the return only")
             case fetch.Comm() | fetch.ImmString():
                 raise Unrecordable(f"{src!r} has no numeric value")
@@ -124,9 +127,12 @@ class _Planner:
         self.base(src)
 
 
-def record_spec(args: Sequence[FetchArg], *, string_size: int = DEFAULT_STRING_SIZE) -> RecordSpec:
-    """The reads a recorded event's arguments need, in the order they are evaluated."""
-    planner = _Planner(string_size)
+def record_spec(
+    args: Sequence[FetchArg], *, string_size: int = DEFAULT_STRING_SIZE, at_return: bool = False
+) -> RecordSpec:
+    """The reads a recorded event's arguments need, in the order they are evaluated
+    (``at_return``: a return probe's, read at the return)."""
+    planner = _Planner(string_size, at_return)
     for arg in args:
         planner.argument(arg)
-    return RecordSpec(captures=tuple(planner.captures))
+    return RecordSpec(captures=tuple(planner.captures), at_return=at_return)

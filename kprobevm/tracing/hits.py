@@ -237,18 +237,27 @@ class HitBuilder:
         res = plan.resolved
         counter: list[PlacedEvent] = []  # filled below: the handler counts on its event
         probe: Kprobe | Kretprobe
-        if spec is not None:
-            probe = Kprobe(
-                addr=res.address, pre_handler=self._recorded(plan, counter), record=spec,
-                stack=self.stacktrace,
-            )  # fmt: skip
+        if spec is not None and res.event.is_return:
+            recorded = self._recorded(plan, counter)
+            hooked_r = self._hooked()
+
+            def recorded_return(ri: KretprobeInstance, regs: PtRegs) -> None:
+                where = hooked_r if ri.chained else self.symbols.describe(ri.ret_addr)
+                recorded(regs, where, res.where)
+
+            probe = Kretprobe(addr=res.address, handler=recorded_return,
+                              maxactive=res.event.maxactive, record=spec)  # fmt: skip
+        elif spec is not None:
+            recorded_entry, where = self._recorded(plan, counter), res.where
+
+            def recorded_pre(kp: Kprobe, regs: PtRegs) -> None:
+                recorded_entry(regs, where, None)
+
+            probe = Kprobe(addr=res.address, pre_handler=recorded_pre, record=spec,
+                           stack=self.stacktrace)
         elif res.event.is_return:
             hit, describe = self._stopped(plan, counter, False), self.symbols.describe
-            # the kernel's instance of a call another return probe hooked first returns
-            # to that probe's trampoline (the kretprobed rule says how that prints)
-            hooked = KRETPROBED
-            if not self.kretprobed and self.kernel_trampoline:
-                hooked = describe(self.kernel_trampoline)
+            hooked = self._hooked()
 
             saved = entry_arg_numbers(res.args)
 
@@ -271,6 +280,13 @@ class HitBuilder:
         placed = PlacedEvent(plan, probe)
         counter.append(placed)
         return placed
+
+    def _hooked(self) -> str:
+        """Where the kernel's instance of a call another return probe hooked first
+        returns: that probe's trampoline (the kretprobed rule says how that prints)."""
+        if not self.kretprobed and self.kernel_trampoline:
+            return self.symbols.describe(self.kernel_trampoline)
+        return KRETPROBED
 
     def _emitter(self, plan: PlannedProbe) -> _Emit:
         sink, ev = self.sink, plan.resolved.event
@@ -343,14 +359,15 @@ class HitBuilder:
 
     def _recorded(
         self, plan: PlannedProbe, counter: list[PlacedEvent]
-    ) -> Callable[[Kprobe, PtRegs], None]:
-        """The pre_handler of a recorded event, run on the host after the hit."""
+    ) -> Callable[[PtRegs, str, str | None], None]:
+        """The handler body of a recorded event, run on the host after the hit:
+        (regs, where, function)."""
         res = plan.resolved
         symbols, layout, tsc_khz, args = self.symbols, self.layout, self.tsc_khz, res.args
-        where, emit = res.where, self._emitter(plan)
+        emit = self._emitter(plan)
         fixed, aliases = _fixed_regs(plan), self.stack_aliases
 
-        def recorded(kp: Kprobe, regs: PtRegs) -> None:
+        def recorded(regs: PtRegs, where: str, function: str | None) -> None:
             """A hit the guest recorded: the same fetch, against the record."""
             assert isinstance(regs, RecordedRegs) and regs.memory is not None
             counter[0].hits += 1
@@ -361,7 +378,8 @@ class HitBuilder:
             )  # fmt: skip
             values = tuple((a, a.fetch(ctx)) for a in args)
             timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
-            emit(values, r.comm, r.pid, r.cpu, timestamp, where, None, _stack_lines(regs, symbols))
+            emit(values, r.comm, r.pid, r.cpu, timestamp, where, function,
+                 _stack_lines(regs, symbols))
 
         return recorded
 

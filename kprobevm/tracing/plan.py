@@ -293,17 +293,20 @@ def record_specs(
     specs: list[RecordSpec] = []
     for p in plan:
         ev = p.resolved.event
-        if ev.is_return:
-            return specs, f"{ev.group}/{ev.event} is a return probe"
+        if ev.is_return and p.rules.selector_cs and any("%cs" in a.comm for a in ev.args):
+            # the kernel's frame leaves the stack's word there: read on a stop
+            return specs, f"{ev.group}/{ev.event}: a return's %cs on this kernel"
         if not have_btf:
             return specs, "the record program needs the kernel's BTF"
         if not vm.can_record:
             return specs, f"the {vm.trap_channel} channel does not record"
         if count_only:
+            if ev.is_return:  # the guest counts entries, not returns
+                return specs, f"{ev.group}/{ev.event} is a return probe, counted on a stop"
             specs.append(RecordSpec(count_only=True))
             continue
         try:
-            spec = record_spec(p.resolved.args, string_size=string_size)
+            spec = record_spec(p.resolved.args, string_size=string_size, at_return=ev.is_return)
             specs.append(replace(spec, stack_size=stack_size))
         except Unrecordable as exc:
             return specs, f"{ev.group}/{ev.event}: {exc}"

@@ -66,7 +66,9 @@ class ReturnProbes(Protocol):
 
     @property
     def store_end(self) -> int: ...
-    def install(self, trampoline: int, table: int, mailbox: int) -> bytes: ...
+    def install(
+        self, trampoline: int, table: int, mailbox: int, *, info: int | None = None
+    ) -> bytes: ...
     def on_return(self, gregs: dict[str, int], cpu: int, *, redirect: bool) -> dict[str, int]: ...
     def unhijack_all(self) -> int: ...
 
@@ -242,3 +244,6 @@ class TrapChannel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Take the channel out of the guest and leave it running."""
+
+    def forget(self) -> None:  # noqa: B027 (most channels run nothing on the host)
+        """The guest is gone: end what the channel runs on the host, touching no guest."""

@@ -29,6 +29,8 @@ from kprobevm.gdbstub.client import BreakpointKind
 from kprobevm.gdbstub.target import cpu_of_thread
 from kprobevm.kprobes.core import ProbeSite
 from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers, ring_pages_fitting
+from kprobevm.kprobes.retrecord import ReturnRecords
+from kprobevm.kprobes.ringfollow import RingFollower
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
@@ -77,6 +79,10 @@ RUNNING_DRAIN_INTERVAL = 0.01
 """Seconds between drains through shared guest RAM: a look at the ring's head costs
 microseconds and no stop, so often enough that the ring rarely reaches its watched mark."""
 """Seconds between drains of the record ring while recorded probes exist."""
+DECODE_BATCH = 2000
+"""Records an idle drain through shared RAM decodes at most: the rest wait in the host's
+backlog for the next tick, so that the trap thread (and the ring follower, which shares
+the interpreter with it) is not held for long."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class ChannelPages:
     table: int
     trampoline: int
     return_table: int
+    return_info: int
+    """Beside the return table: each guest-made entry's probe mask and return program."""
 
     @classmethod
     def map(cls, area: SlotArea) -> ChannelPages:
@@ -99,7 +107,8 @@ class ChannelPages:
             raise KprobeError("slot area: hash table pages are not contiguous")
         trampoline = area.map_page(executable=True)
         return_table = area.map_page(executable=False, writable=True)
-        return cls(stub, mailbox, table[0], trampoline, return_table)
+        return_info = area.map_page(executable=False, writable=True)
+        return cls(stub, mailbox, table[0], trampoline, return_table, return_info)
 
 
 class WatchpointChannel(TrapChannel):
@@ -139,6 +148,8 @@ class WatchpointChannel(TrapChannel):
         self.table = StubTable(ctx.memory, area, pages.table)
         self.hot = HotSites(ctx.target, pages.mailbox)
         self.recorder: Recorder | None = None
+        self.follower: RingFollower | None = None
+        """The thread that copies records out of the ring as they come (shared RAM)."""
         self.drains_running = False
         """Recorded hits are drained through shared guest RAM with the VM running."""
         self._jump_targets: dict[int, int] = {}
@@ -185,7 +196,8 @@ class WatchpointChannel(TrapChannel):
             pages = ChannelPages.map(area)
             # the kretprobe trampoline and its instance table (the guest frees entries)
             code = returns.install(pages.trampoline, pages.return_table,
-                                   pages.mailbox + RETURN_WATCH)  # fmt: skip
+                                   pages.mailbox + RETURN_WATCH,
+                                   info=pages.return_info)  # fmt: skip
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
@@ -349,12 +361,17 @@ class WatchpointChannel(TrapChannel):
                                      AddressSpace(la57=self.area.la57)),
                 describe=self.ctx.symbols.describe,
                 ring_pages=ring_pages_fitting(self.area.free_pages, keep=SLOT_HEADROOM),
+                returns=ReturnRecords(self.ctx.memory, self.area, table=self.pages.return_table,
+                                      info=self.pages.return_info,
+                                      trampoline=self.pages.trampoline),
             )  # fmt: skip
             target.client.insert_breakpoint(WATCH, recorder.layout.drain, 1)
             self.recorder = recorder
             self.drains_running = self._ring_shared(recorder)
             if self.drains_running:
                 target.idle_interval, target.idle_needs_stop = RUNNING_DRAIN_INTERVAL, False
+                self.follower = RingFollower(recorder, name=target.name)
+                self.follower.start()
             else:
                 target.idle_interval = RECORD_DRAIN_INTERVAL
         target.on_idle = self._drain_running if self.drains_running else self.flush_records
@@ -369,17 +386,17 @@ class WatchpointChannel(TrapChannel):
         why = "guest RAM is not shared with the host" if direct is None else \
             "the kernel's page table was not found"
         log.warning("recorded hits are drained with a VM stop every %g s and whenever the "
-                    "ring is half full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
+                    "ring is 3/4 full: %s", RECORD_DRAIN_INTERVAL, why)  # fmt: skip
         return False
 
-    def flush_records(self, *, running: bool = False) -> None:
-        """Hand every recorded hit so far to its probe's handler (VM stopped, unless
-        ``running`` through shared guest RAM)."""
+    def flush_records(self, *, running: bool = False, limit: int | None = None) -> None:
+        """Hand every recorded hit so far (``limit``: at most that many) to its probe's
+        handler (VM stopped, unless ``running`` through shared guest RAM)."""
         recorder = self.recorder
         if recorder is None or not (recorder.probes or recorder.retiring):
             return
         run = self.ctx.handlers.run_recorded
-        for kp, record in recorder.drain(running=running):
+        for kp, record in recorder.drain(running=running, limit=limit):
             run(kp, record)
         if not (recorder.probes or recorder.retiring):  # no idle stops for an empty ring
             self.ctx.target.on_idle = None
@@ -391,9 +408,9 @@ class WatchpointChannel(TrapChannel):
         recorder = self.recorder
         if recorder is not None and recorder.unjudged() and self.ctx.target.running:
             with self.ctx.target.stopped():
-                self.flush_records()
+                self.flush_records(limit=DECODE_BATCH)
             return
-        self.flush_records(running=self.ctx.target.running)
+        self.flush_records(running=self.ctx.target.running, limit=DECODE_BATCH)
 
     def release_record_id(self, kp: Kprobe) -> None:
         """The id retires; idle drains go on until its hits in flight are counted."""
@@ -424,7 +441,12 @@ class WatchpointChannel(TrapChannel):
         mailbox = self.pages.mailbox
         if self.recorder is not None and watch.address == self.recorder.layout.drain:
             self.stats.ring_stops += 1
-            self.flush_records()
+            # room now, and the idle drain decodes with the VM running; a backlog too
+            # large to copy more into is decoded now
+            if self.drains_running and not self.recorder.backlog_full:
+                self.recorder.copy_out(running=False)
+            else:
+                self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
                 self._handle_every_vcpu(client, stop.thread or "")
             return
@@ -548,6 +570,9 @@ class WatchpointChannel(TrapChannel):
         """Restore the IDT, drop the watchpoints, wait for vCPUs to leave, unmap."""
         target = self.ctx.target
         target.stop()
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
         recorder = self.recorder
         with target.stopped() as client:
             # calls in flight return to their callers directly again
@@ -556,6 +581,7 @@ class WatchpointChannel(TrapChannel):
             client.remove_breakpoint(WATCH, self.pages.mailbox, 1)
             client.remove_breakpoint(WATCH, self.pages.mailbox + RETURN_WATCH, 1)
             if recorder is not None:
+                self._unhijack_recorded(recorder)
                 self.flush_records()
                 client.remove_breakpoint(WATCH, recorder.layout.drain, 1)
                 target.on_idle, target.idle_needs_stop = None, True
@@ -563,12 +589,25 @@ class WatchpointChannel(TrapChannel):
         self.quiescence.wait_until_out_of(self.area)
         with target.stopped() as client:
             if recorder is not None:  # the records written since, and the final counts
+                # a vCPU that was inside a hijack at the first pass has hijacked since
+                self._unhijack_recorded(recorder)
                 run = self.ctx.handlers.run_recorded
                 for kp, record in recorder.drain(closing=True):
                     run(kp, record)
                 self.recorder = None
             self.area.teardown()
             flush_tlbs(client)
+
+    def forget(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
+
+    @staticmethod
+    def _unhijack_recorded(recorder: Recorder) -> None:
+        """Calls in flight through recorded return probes return directly again."""
+        if recorder.returns is not None:
+            recorder.returns.unhijack()
 
     def _unhook_gate(self) -> None:
         """IDT vector 3 back to the guest's handler, unless someone changed it since."""

@@ -366,6 +366,10 @@ class Assembler(Encoder):
         """``lock inc [mem]``: an increment no other CPU can split."""
         self._unary("lock inc", 0, dst, prefix=b"\xf0")
 
+    def lock_dec(self, dst: Mem) -> None:
+        """``lock dec [mem]``: a decrement no other CPU can split."""
+        self._unary("lock dec", 1, dst, prefix=b"\xf0")
+
     def _unary(self, mnemonic: str, ext: int, dst: str | Mem, prefix: bytes = b"") -> None:
         rm = _rm(dst)
         size = _width(rm)
