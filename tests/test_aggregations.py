@@ -4,6 +4,8 @@ snapshots read while the guest runs, and bad input refused with nothing placed."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kprobevm.errors import ProbeRefused
@@ -110,11 +112,14 @@ def test_snapshots_while_the_guest_runs_only_grow(vm: VM, kprobes: ProbeSession)
     vm.run("(dd if=/dev/zero of=/dev/null bs=1 count=200000 2>/dev/null &)", check=True)
     seen: list[int] = []
     last: dict[str | int | None, int] = {}
-    while len(seen) < 200 and (not seen or seen[-1] < 200000):
+    # by the clock, not a number of reads: a read through shared RAM takes microseconds
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not seen or seen[-1] < 200000):
         now = dict(m.read().counts)
         assert all(now.get(k, 0) >= v for k, v in last.items()), (last, now)
         seen.append(now.get("dd", 0))
         last = now
+        time.sleep(0.01)
     vm.run("while pidof dd >/dev/null; do sleep 0.1; done", timeout=120)
     assert len({s for s in seen if 0 < s < 200000}) >= 2, seen  # read mid-run, twice
     assert m.read().count_of("dd") == 200000
