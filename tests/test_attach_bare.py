@@ -28,9 +28,10 @@ from kprobevm.guest.monitor import gdbstub_of_chardev, qmp_execute
 from kprobevm.guest.vm import VM, attach
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
-from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec, ring_pages_fitting
+from kprobevm.kprobes.recorder import RING_PAGES, RecordedRegs, RecordSpec, ring_pages_fitting
 from kprobevm.kprobes.recover import recover
 from kprobevm.tracing.kernel_rules import parse_version
+from kprobevm.trap.watchpoint import CHANNEL_PAGES
 from kprobevm.x86.constants import PAGE_SIZE
 from kprobevm.x86.lowmem import LOW_FLOOR, find_low_memory
 from kprobevm.x86.pagetable import la57_enabled
@@ -290,8 +291,9 @@ def test_gdbstub_chardev_addresses() -> None:
 
 
 def test_ring_follows_the_slot_memory_found() -> None:
-    assert ring_pages_fitting(4096, keep=8) == 64  # a 16 MiB memmap= reserve
-    assert ring_pages_fitting(136 - 22, keep=8) == 64  # the first MiB on the default guest
+    assert ring_pages_fitting(4096, keep=8) == RING_PAGES  # a 16 MiB memmap= reserve
+    # the first MiB on the default guest
+    assert ring_pages_fitting(136 - CHANNEL_PAGES, keep=8) == 64
     assert ring_pages_fitting(40, keep=8) == 16
     with pytest.raises(Exception, match="too few"):
         ring_pages_fitting(16, keep=8)

@@ -68,9 +68,9 @@ log = logging.getLogger(__name__)
 SLOT_SIZE = 128
 """Two halves: the entry code and its continuation copy."""
 TABLE_PAGES = TABLE_SLOTS * ENTRY_SIZE // PAGE_SIZE
-CHANNEL_PAGES = 1 + 2 + TABLE_PAGES + 2 + 1
+CHANNEL_PAGES = 1 + 2 + TABLE_PAGES + 3 + 1
 """Slot memory the channel itself takes: our page table, the stub, mailbox, hash table,
-trampoline and return table pages, and the first slot page."""
+trampoline, return table and return info pages, and the first slot page."""
 SLOT_HEADROOM = 8
 """Pages a record ring leaves for slot and program pages (256 slots or 16 programs)."""
 WATCH = BreakpointKind.WRITE_WATCH
