@@ -124,6 +124,7 @@ def bare() -> Iterator[BareQemu]:
     with BareQemu(kaslr=True) as qemu:
         qemu.wait_loop()
         yield qemu
+        assert not kernel_trouble(qemu.console())
 
 
 def _kernel_text(address: GdbAddress) -> tuple[KernelSymbols, bytes]:

@@ -13,22 +13,30 @@ marks and set against the rounds between them (one open a round).
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kprobevm.bench.bareqemu import MARK_EVERY, BareQemu, LoopMark
-from kprobevm.gdbstub.transport import GdbAddress
+from kprobevm.errors import VMError
+from kprobevm.gdbstub.transport import GdbAddress, format_gdb_address
 from kprobevm.guest.vm import attach
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordSpec
 
-__all__ = ["FUNC", "STEPS", "AttachSteps", "LoopRound", "attach_steps", "measure_attach",
-           "measure_round", "summary"]  # fmt: skip
+__all__ = ["FUNC", "STEPS", "AttachSteps", "LoopRound", "attach_steps", "cli_attach_to_armed",
+           "measure_attach", "measure_round", "summary"]  # fmt: skip
 
 FUNC = "do_sys_openat2"
 STEPS = ("connected", "image found", "host RAM", "kallsyms+BTF decoded", "symbols",
          "blacklist", "armed")  # fmt: skip
+CLI_DEADLINE = 60.0
+"""Seconds a ``kprobevm count`` run of :func:`cli_attach_to_armed` may take in all."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,38 @@ def attach_steps(address: GdbAddress, *, host_ram: bool, function: str = FUNC) -
         vm.unregister_kprobe(kp)
         via = "host RAM" if vm.guest_ram is not None else "gdbstub"
     return AttachSteps(via, tuple(laps))
+
+
+def cli_attach_to_armed(address: GdbAddress, *, function: str = FUNC) -> float:
+    """Seconds from starting ``kprobevm count --attach ADDRESS FUNCTION`` (a new Python
+    process, its imports included, as a user runs it) to its stderr saying the probe is
+    placed; the command then counts for half a second and exits."""
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "import sys; from kprobevm.cli import main; sys.exit(main())",
+               "count", "--attach", format_gdb_address(address), "--duration", "0.5",
+               function]  # fmt: skip
+    started = time.monotonic()
+    child = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=os.environ | {"PYTHONPATH": path},
+    )  # fmt: skip
+    deadline = threading.Timer(CLI_DEADLINE, child.kill)
+    deadline.start()
+    armed, said = None, []
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:
+            said.append(line)
+            if armed is None and line.rstrip().endswith("probe(s) placed"):
+                armed = time.monotonic() - started
+        code = child.wait()
+    finally:
+        deadline.cancel()
+    if armed is None or code != 0:
+        raise VMError(f"kprobevm count --attach exited with {code} (within {CLI_DEADLINE:g} s)"
+                      f" without its probe armed: {''.join(said)[-2000:]}")  # fmt: skip
+    return armed
 
 
 def measure_attach(address: GdbAddress, rounds: int) -> list[AttachSteps]:
