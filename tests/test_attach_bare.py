@@ -39,7 +39,7 @@ FUNC = "do_sys_openat2"
 @pytest.fixture
 def bare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[BareQemu]:
     monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
-    with BareQemu() as qemu:
+    with BareQemu(kaslr=True) as qemu:  # as a QEMU started by hand has it
         qemu.wait_loop()
         yield qemu
         assert not kernel_trouble(qemu.console())
