@@ -40,6 +40,7 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- NoSlotMemory             no guest memory for slots could be found (why)
      +-- ProbeSyntaxError             a kprobe_events definition is invalid (code, position)
      +-- JournalError                 the write journal is unreadable or does not match the guest
+ +-- DrgnError                    a drgn Program for the guest could not be made (what to do)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from collections.abc import Sequence
 __all__ = [
     "LOST_ERRORS",
     "AmbiguousSymbol",
+    "DrgnError",
     "GdbConnectionClosed",
     "GdbError",
     "GdbErrorReply",
@@ -414,3 +416,12 @@ class JournalError(KprobeVMError):
     def __init__(self, message: str, *, path: str = ""):
         self.path = path
         super().__init__(message + (f" (journal: {path})" if path else ""))
+
+
+class DrgnError(KprobeVMError):
+    """``vm.drgn()`` could not make a drgn Program: drgn is missing, the guest kernel
+    keeps no VMCOREINFO, or the vmlinux given has no debug info; ``hint`` says what to do."""
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        self.hint = hint
+        super().__init__(f"{message}; {hint}")

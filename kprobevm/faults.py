@@ -28,6 +28,12 @@ The points, each at the most dangerous moment of its step:
 ``disarm_kprobe``
     A site's original byte is back, the journal does not say so yet
     (:meth:`kprobevm.trap.channel.TrapChannel.disarm`).
+``optimize_kprobe``
+    An optimized probe's jump displacement is written behind its int3, the jump's
+    opcode byte not yet (:func:`kprobevm.trap.optjump.arm_jump`).
+``unoptimize_kprobe``
+    The jump's opcode byte is an int3 again, its displacement not yet restored
+    (:func:`kprobevm.trap.optjump.disarm_jump`).
 ``promote_site``
     A hot site's own mailbox byte is watched, the site not yet moved to a slot that
     stores to it (:meth:`kprobevm.trap.watchpoint.WatchpointChannel._promote`).
@@ -52,6 +58,8 @@ POINTS = (
     "set_pte",
     "arm_kprobe",
     "disarm_kprobe",
+    "optimize_kprobe",
+    "unoptimize_kprobe",
     "promote_site",
     "recover_restore",
 )

@@ -14,7 +14,9 @@ BOOT_VARIANTS: dict[str, dict[str, object]] = {
 
 KERNEL_VARIANTS: dict[str, dict[str, object]] = {
     "6.1-rt": {"kernel_package": "linux-image-rt-amd64"},
+    "6.12-cloud": {"kernel_package": "linux-image-6.12-cloud-amd64"},
+    "6.12-rt": {"kernel_package": "linux-image-6.12-rt-amd64"},
 }
-"""Other Debian kernels through the whole subset: 6.1 PREEMPT_RT. (The 6.12 kernels pass
-all of it but one error_log case, ``vfs_read+9 $arg1`` on an IBT kernel, not settled
-yet; tests/test_kernels.py and the differential harness cover 6.12 meanwhile.)"""
+"""Other Debian kernels through the whole subset: 6.1 PREEMPT_RT, and 6.12 cloud and
+PREEMPT_RT (IBT, CALL_PADDING, their own blacklist, BTF arguments, a return probe's
+arguments)."""

@@ -22,19 +22,12 @@ from kprobevm.tracing.kernel_rules import KernelFacts, KernelRules, kernel_rules
 WORKLOAD = "cat /etc/passwd /proc/version /nonexistent >/dev/null 2>&1; true"
 COMM = "cat"
 
-KERNELS: dict[str, dict[str, object]] = {
-    "default": {},
-    "6.12-cloud": {"kernel_package": "linux-image-6.12-cloud-amd64"},
-}
-"""Each guest kernel the harness runs on, as ``kprobevm.boot()`` arguments; a kernel the
-project learns to boot goes here and runs the whole harness."""
+KERNELS: dict[str, dict[str, object]] = {"default": {}}
+"""Each guest kernel the harness runs on here, as ``kprobevm.boot()`` arguments. The other
+kernels the project boots (6.12 cloud and rt, 6.1 rt, KASLR, 5-level paging) run the same
+corpus in tests/test_boot_variants.py, beside the rest of their conformance subset."""
 
-KNOWN: dict[tuple[str, str], str] = {
-    ("6.12-cloud", "error_log r:e11 vfs_read a=$arg1"): (
-        "6.12 takes a function's arguments in a return probe (entry_args_at_return); "
-        "kprobevm refuses them, as a thing it does not support yet"
-    ),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 """Differences the harness found on a kernel and kprobevm does not settle yet, by
 (kernel, run), a run being a traced batch (``lines-INDEX-MODE``) or one rejected case
 (``error_log DEFINITION``): those are expected to differ (strictly: one that matches
@@ -86,6 +79,14 @@ TRACED: tuple[tuple[str, ...], ...] = (
         "r10:mr ksys_write rv=$retval:s32",
         "r:mr close_fd rv=$retval:s32",
     ),
+    (  # a function's arguments at its return, saved at its entry: $argN, dereferenced,
+       # by a parameter's name and BTF type, $arg*; an IBT function (vfs_read: entry at +4)
+        "r:ra do_sys_openat2 d=$arg1:s32 fn=+0($arg2):ustring ret=$retval:s32",
+        "r:rb do_sys_openat2 $arg1 filename:ustring",
+        "p:ve vfs_read ip=%ip",
+        "r:rv vfs_read count $retval",
+        "r:rc close_fd $arg*",
+    ),
     (  # five events with arrays on one address: their record program would not fit its
        # cell, so --mode auto stops at each hit (CROWDED)
         "p:c1 do_sys_openat2 ar=+0(%si):x8[8] w=+0(%si):u16[4] fn=+0(%si):ustring",
@@ -95,7 +96,30 @@ TRACED: tuple[tuple[str, ...], ...] = (
         "p:c5 do_sys_openat2 h=+0(%si):x16[4] c=$comm",
     ),
 )
-"""Definitions the guest accepts, in batches placed together."""
+"""Definitions the guest accepts, in batches placed together (see :data:`NEEDS`)."""
+
+RETURN_ARGS = 5
+NEEDS: dict[int, tuple[str, ...]] = {RETURN_ARGS: ("entry_args_at_return", "btf_args")}
+"""Batches only a kernel with these rules (:mod:`kprobevm.tracing.kernel_rules`) takes;
+on another kernel the guest and kprobevm must refuse their definitions alike."""
+
+
+def taken_by(vm: VM, index: int) -> bool:
+    """Whether ``vm``'s kernel has every rule batch ``index`` needs."""
+    rules = kernel_rules(vm)
+    return all(getattr(rules, rule) for rule in NEEDS.get(index, ()))
+
+
+def check_refused_alike(vm: VM, definitions: list[str]) -> None:
+    """Each definition written alone: the same error_log entries (or accepted lines) on
+    both sides, and at least one refused."""
+    sides: tuple[list[str], list[str]] = ([], [])
+    for text in definitions:
+        for side, run in zip(sides, (diff.tracefs_errors, diff.kprobevm_errors), strict=True):
+            result = run(vm, [text])
+            side += [e.text() for e in result.errors] + list(result.accepted)
+    assert sides[1] == sides[0]
+    assert any(x.startswith("trace_kprobe: error:") for x in sides[0]), sides[0]
 
 REJECTED: tuple[tuple[str, ...], ...] = (
     ("p:e1 do_sys_openat2+1",),  # BAD_INSN_BNDRY
@@ -126,6 +150,8 @@ REJECTED: tuple[tuple[str, ...], ...] = (
     ("r:e24 getname_flags $retval:string",),  # BAD_TYPE4STR: not a char *
     ("p:e25 vfs_read nosuchparam",),  # NO_BTFARG
     ("p:e26 vfs_read+{insn:vfs_read:2} $arg1",),  # NOFENTRY_ARGS
+    ("p:e27 vfs_read+{insn:vfs_read:2} a=+0($arg1)",),  # 6.11: NOFENTRY_ARGS, 6.1: BAD_VAR
+    ("p:e28 {addr:vfs_read} a=$arg1",),  # an address probe is no function entry
 )
 """Definitions (with those before them in their tuple) the guest rejects."""
 
@@ -266,6 +292,9 @@ def test_lines_as_the_guests_tracefs_prints_them(harness: Harness, index: int, m
     harness.expect_known(request, f"lines-{index}-{mode}")
     vm = harness.vm
     definitions = harness.batch(index)
+    if not taken_by(vm, index):
+        check_refused_alike(vm, definitions)
+        return
     guest = harness.guest_run(index)
     assert guest.of(COMM), "the workload made no line on the guest's side"
     ours = diff.run_kprobevm(vm, definitions, WORKLOAD, mode=mode)

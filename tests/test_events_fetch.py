@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 
 from kprobevm.errors import GuestFaultError
-from kprobevm.tracing import ProbeEvent, parse_event
+from kprobevm.tracing import ProbeEvent, fetch, parse_event
 from kprobevm.tracing.fetch import FetchArg, Symbolic, kernel_read_allowed
 from kprobevm.x86.addrspace import FIVE_LEVEL, FOUR_LEVEL, AddressSpace
 
@@ -31,6 +31,7 @@ class FakeGuest:
         }
         self.pages: dict[int, bytearray] = {}
         self.reads = 0
+        self.entry: dict[int, int] = {}
 
     def poke(self, address: int, data: bytes) -> None:
         for i, b in enumerate(data):
@@ -72,6 +73,9 @@ class FakeGuest:
 
     def stack(self, n: int) -> int:
         return int.from_bytes(self.read(self.regs["sp"] + 8 * n, 8), "little")
+
+    def entry_arg(self, n: int) -> int:
+        return self.entry[n]
 
 
 def args_of(text: str) -> dict[str, FetchArg]:
@@ -168,6 +172,22 @@ def test_retval() -> None:
     g = FakeGuest()
     g.regs["ax"] = (1 << 64) - 2
     assert show("r f rv=$retval:s32 raw=$retval", g) == {"rv": "-2", "raw": "0xfffffffffffffffe"}
+
+
+def test_entry_arguments_at_a_return_read_what_the_entry_saved() -> None:
+    """An EntryArg reads the saved value, not the register's value at the return; a
+    dereference of it reads memory at the return."""
+    g = FakeGuest()
+    g.poke(KBASE + 0x40, b"saved\0")
+    g.regs["di"] = 7  # clobbered by the function
+    g.entry = {1: KBASE + 0x40, 2: (1 << 64) - 3}
+    a = FetchArg("a", "$arg1", fetch.EntryArg(1))
+    s = FetchArg("s", "+0($arg1):string", fetch.Deref(0, fetch.EntryArg(1)),
+                 type=fetch.FETCH_TYPES["string"])  # fmt: skip
+    n = FetchArg("n", "$arg2:s32", fetch.EntryArg(2), type=fetch.FETCH_TYPES["s32"])
+    assert [x.format(x.fetch(g)) for x in (a, s, n)] == [hex(KBASE + 0x40), '"saved"', "-3"]
+    g.regs.update(di=KBASE + 0x40, si=(1 << 64) - 3)
+    assert [fetch.read_arg(g, i) for i in (1, 2)] == [KBASE + 0x40, (1 << 64) - 3]
 
 
 def test_bitfields() -> None:

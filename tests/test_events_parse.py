@@ -242,7 +242,6 @@ BAD = [
     ("r10fuzz:myprobeaccept inet_csk_accept", "BAD_MAXACT"),
     ("r0 vfs_read", "BAD_MAXACT"),  # the doc says 0 means default; 6.1's code says no
     ("p vfs_read+8 $arg1", "BAD_VAR"),  # $argN only at a function entry
-    ("r vfs_read $arg1", "BAD_VAR"),  # ... of a kprobe, in 6.1
     ("p 0xffffffff81300000 $arg1", "BAD_VAR"),
     ("p vfs_read $stack1:x8[8]", "BAD_STRING"),  # arrays need memory
     ("p vfs_read +u0(%di):u8[2]", "BAD_STRING"),
@@ -512,6 +511,44 @@ def test_btf_arguments_name_and_type_parameters() -> None:
     assert [a.name for a in _later("p:b vfs_read $arg*").args] == ["file", "buf", "count"]
     assert _later("r:c vfs_read $retval").args[0].type.name == "s64"
     assert _later("r:d vfs_read $retval:x32").args[0].type.name == "x32"
+
+
+def test_return_probe_arguments_are_saved_at_entry_since_6_11() -> None:
+    """$argN and a parameter's name in a return probe read what the entry saved (6.11's
+    entry data); a bare $argN takes the parameter's name and BTF type; 6.1 refuses."""
+    since = GuestKernel(SYMS, rules=replace(LATER.rules, entry_args_at_return=True),
+                        prototype=_PROTOS.get)  # fmt: skip
+    ev = parse_event("r:r vfs_read a=$arg1 $arg3 +0(buf):ustring n=+8($arg1):u32 $retval",
+                     kernel=since)  # fmt: skip
+    assert isinstance(ev, ProbeEvent)
+    assert [(a.name, a.source, a.type.name) for a in ev.args] == [
+        ("a", fetch.EntryArg(1), "x64"),
+        ("count", fetch.EntryArg(3), "u64"),
+        ("arg3", fetch.Deref(0, fetch.EntryArg(2)), "ustring"),
+        ("n", fetch.Deref(8, fetch.EntryArg(1)), "u32"),
+        ("arg5", fetch.Retval(), "s64"),
+    ]  # fmt: skip
+    assert fetch.entry_arg_numbers(ev.args) == (1, 2, 3)
+    for text, code in (("r:r vfs_read a=^$arg0", "BAD_ARG_NUM"),
+                       ("r:r vfs_read a=^$argx", "BAD_VAR")):  # fmt: skip
+        with pytest.raises(ProbeSyntaxError) as info:
+            parse_event(text.replace("^", ""), kernel=since)
+        assert (info.value.code, info.value.position) == (code, text.index("^"))
+    with pytest.raises(ProbeSyntaxError) as info:  # 6.1: no such variable at a return
+        parse_event("r:r vfs_read a=$arg1", kernel=GuestKernel(SYMS))
+    assert info.value.code == "BAD_VAR"
+    # without a guest, let through for the guest's kernel to judge
+    assert isinstance(parse_event("r:r vfs_read a=$arg1"), ProbeEvent)
+    for text in ("r:r vfs_read count", "r:r vfs_read $arg1"):  # 6.5 to 6.10: entry only
+        with pytest.raises(ProbeSyntaxError) as info:
+            parse_event(text, kernel=LATER)
+        assert info.value.code == ("NOSUP_BTFARG" if "count" in text else "NOFENTRY_ARGS")
+    # off the entry: 6.11 says so where 6.1 knew no such variable
+    for text in ("p:p vfs_read+8 a=^$arg1", "p:p vfs_read+8 a=+0(^$arg1)"):
+        for kernel, code in ((since, "NOFENTRY_ARGS"), (GuestKernel(SYMS), "BAD_VAR")):
+            with pytest.raises(ProbeSyntaxError) as info:
+                parse_event(text.replace("^", ""), kernel=kernel)
+            assert (info.value.code, info.value.position) == (code, text.index("^"))
 
 
 @pytest.mark.parametrize(

@@ -140,8 +140,9 @@ def test_ftrace_site_and_the_next_instruction_probed_together(guest: VM) -> None
     try:
         assert entry.ftrace and not after.ftrace
         assert guest.get_kprobe(addr) is entry and guest.get_kprobe(addr + 5) is after
+        jump = "[OPTIMIZED]" if guest.kprobes.site_of(after).optimized else ""
         assert guest.list_kprobes() == (f"{addr:016x}  k  {FUNC}+0x0    [FTRACE]\n"
-                                        f"{addr + 5:016x}  k  {FUNC}+0x5    \n")  # fmt: skip
+                                        f"{addr + 5:016x}  k  {FUNC}+0x5    {jump}\n")  # fmt: skip
         guest.run("cat /etc/passwd > /dev/null", check=True)
         # ftrace's probe first, as ftrace runs before the int3 past its NOP is reached
         assert order and order[:2] == [f"+0 {addr:#x}", f"+5 {addr + 5:#x}"], order[:4]
@@ -159,6 +160,10 @@ def test_recorded_and_counted_probes_on_an_ftrace_site(guest: VM) -> None:
     guest.register_kprobes([recorded, counted])
     try:
         assert recorded.ftrace and counted.ftrace and counted.counted
+        # both jump-optimized after the NOP: the guest's tracer patches the NOP before it
+        guest.kprobes.optimizer.settle()
+        sites = [guest.kprobes.site_of(kp) for kp in (recorded, counted)]
+        assert all(s.optimized for s in sites), guest.kprobes.optimizer.why_not
         guest.run(f"{OPENS}; echo {FUNC} > {T}/set_ftrace_filter;"
                   f" echo function > {T}/current_tracer; {OPENS}", check=True)  # fmt: skip
         guest.flush_records()

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.vm
 
 MASK64 = (1 << 64) - 1
 INT3 = b"\xcc"
+ARMED = (INT3, b"\xe9")
+"""An armed probe's first byte: its int3, or the jump of an optimized one."""
 OPEN_TARGET = "/tmp/kpt-open-target"
 # ``read`` is an ash builtin: one open of the file per iteration, no fork or exec.
 OPEN_LOOP = "for i in $(seq {n}); do read x < {path}; done; echo $x"
@@ -454,7 +456,7 @@ def test_aggregate_probes(vm: VM) -> None:
     vm.register_kprobe(first)
     vm.register_kprobe(second)
     try:
-        assert len(vm.kprobes.table) == 1 and vm.read(place, 1) == INT3
+        assert len(vm.kprobes.table) == 1 and vm.read(place, 1) in ARMED
         open_workload(vm, 30)
         assert first.nhit == second.nhit >= 30
         assert order == ["first", "second"] * first.nhit
@@ -468,7 +470,7 @@ def test_aggregate_probes(vm: VM) -> None:
         assert set(posts) == {addr + 5} and len(posts) == third.nhit  # after the 5-byte NOP
         vm.unregister_kprobe(third)
         vm.unregister_kprobe(first)
-        assert vm.read(place, 1) == INT3  # the second still needs it
+        assert vm.read(place, 1) in ARMED  # the second still needs it
         order.clear()
         hits_first, hits_second = first.nhit, second.nhit
         open_workload(vm, 20)
@@ -486,7 +488,7 @@ def test_aggregate_probes(vm: VM) -> None:
 
 # report_probe(): "ADDR  k  SYM+0xOFF  MOD " then the flags (MOD a blank in the kernel)
 LIST_LINE = re.compile(
-    r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)    (\[DISABLED\])?(\[FTRACE\])?$"
+    r"^([0-9a-f]{16})  k  (\S+)\+0x([0-9a-f]+)    (\[DISABLED\])?(?:\[OPTIMIZED\])?(\[FTRACE\])?$"
 )
 
 
@@ -497,7 +499,7 @@ def test_disable_enable_kprobe(vm: VM) -> None:
     kp = Kprobe(symbol_name="do_sys_openat2")
     vm.register_kprobe(kp)
     try:
-        assert vm.read(addr, 1) == INT3
+        assert vm.read(addr, 1) in ARMED
         open_workload(vm, 10)
         hits = kp.nhit
         assert hits >= 10
@@ -507,7 +509,7 @@ def test_disable_enable_kprobe(vm: VM) -> None:
         open_workload(vm, 10)
         assert kp.nhit == hits
         vm.enable_kprobe(kp)
-        assert vm.read(addr, 1) == INT3
+        assert vm.read(addr, 1) in ARMED
         open_workload(vm, 10)
         assert kp.nhit >= hits + 10
     finally:
@@ -523,7 +525,7 @@ def test_disabled_member_of_aggregate_gets_no_hits(vm: VM) -> None:
     vm.register_kprobe(off)
     try:
         vm.disable_kprobe(off)
-        assert vm.read(place, 1) == INT3  # still armed for the enabled one
+        assert vm.read(place, 1) in ARMED  # still armed for the enabled one
         open_workload(vm, 10)
         assert on.nhit >= 10 and off.nhit == 0
     finally:
@@ -550,11 +552,11 @@ def test_arm_disarm_all(vm: VM) -> None:
         open_workload(vm, 10)
         assert [kp.nhit for kp in kps] == hits
         vm.enable_kprobe(extra)  # enabling while all are disarmed does not arm
-        assert vm.read(int3_at["do_filp_open"], 1) != INT3
+        assert vm.read(int3_at["do_filp_open"], 1) not in ARMED
         vm.disable_kprobe(extra)
         vm.arm_all_kprobes()
-        assert all(vm.read(int3_at[n], 1) == INT3 for n in names)
-        assert vm.read(int3_at["do_filp_open"], 1) != INT3  # disabled stays disarmed
+        assert all(vm.read(int3_at[n], 1) in ARMED for n in names)
+        assert vm.read(int3_at["do_filp_open"], 1) not in ARMED  # disabled stays disarmed
         open_workload(vm, 10)
         assert all(kp.nhit >= h + 10 for kp, h in zip(kps, hits, strict=True))
         assert extra.nhit == 0

@@ -72,11 +72,10 @@ def _trouble(log: str) -> list[str]:
 GUESTS = {
     "system": ("system", None),
     "bookworm-backports": ("bookworm-backports", None),
-    "6.12-cloud": ("system", "linux-image-6.12-cloud-amd64"),
 }
 """(QEMU, kernel package) of each guest the SIGKILL test runs on: the host's QEMU (as
-boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel; the
-host's QEMU on Debian's 6.12 cloud kernel (IBT, CALL_PADDING)."""
+boot() resolves it) and QEMU 10.0 fetched into the cache, on the default kernel (the
+other kernels' SIGKILL runs in tests/test_boot_variants.py)."""
 
 
 def sigkill_mid_hits(vm: VM, gdb: str, kallsyms: Path, vmlinux: Path, journal: Path, *,
@@ -136,9 +135,10 @@ def test_sigkill_with_armed_probe_then_recover(
         assert vm.run("wc -l </tmp/out").stdout.strip() == "1500"
         assert _trouble(vm.serial_log()) == []
 
-        # The orphaned probe is still in the text (that is what made this a real test).
+        # The orphaned probe is still in the text (that is what made this a real test):
+        # its int3, or the jump it was optimized into.
         orphan, _ = _read_text(gdb, func + 5, 1, gate)  # past the ftrace NOP
-        assert orphan == b"\xcc"
+        assert orphan in (b"\xcc", b"\xe9")
 
         # a recovery killed while it holds the VM stopped leaves it running (its watchdog)
         killed = subprocess.run(

@@ -40,10 +40,12 @@ __all__ = ["PHASES", "GuestFacts", "KillRound", "guest_facts", "kill_point_for",
 
 PHASES = (
     "idt", "slotmap", "journal", "register", "unregister", "promote", "kretprobe", "handler",
+    "optimize", "unoptimize",
 )  # fmt: skip
 """Where the host dies: hooking the IDT gate, mapping slot pages, between a journal
 record and its write (or mid-line), mid-batch register, mid-batch unregister, promoting
-a hot site, with return probes in flight, with a handler holding the VM stopped."""
+a hot site, with return probes in flight, with a handler holding the VM stopped, and
+between the two writes that turn an int3 into an optimized jump, or back."""
 BATCH = (
     "do_sys_openat2", "vfs_read", "ksys_read", "path_openat", "vfs_write", "ksys_write",
     "do_filp_open", "getname_flags", "vfs_open", "do_dentry_open", "alloc_empty_file",
@@ -55,6 +57,8 @@ COUNTED = ("ksys_write", "path_init")
 RETURNS = ("do_nanosleep", "pipe_read")
 """Return probes of the kretprobe phase: both sleep with the call in flight (pipe_read
 gets two, as two return probes on one function share the call's hijack)."""
+OPTIMIZED_AT_LEAST = 4
+"""Batch members sure to be jump-optimized (those the kill points count up to)."""
 HOLD = "do_sys_openat2"
 """The handler phase's probe: its pre_handler sleeps, holding the VM stopped."""
 LOOP = "while :; do cat /proc/version >/dev/null; head -c1 /etc/passwd >/dev/null; done"
@@ -100,8 +104,10 @@ else:
     kps = [Kprobe(symbol_name=name, pre_handler=None if name in COUNTED else hit)
            for name in BATCH]
     vm.register_kprobes(kps)
+    if phase in ("optimize", "unoptimize"):  # the jumps in before anything else
+        vm.kprobes.optimizer.settle(30)
     say("armed")
-    if phase == "unregister":
+    if phase in ("unregister", "unoptimize"):
         time.sleep(0.5)
         vm.unregister_kprobes(kps)
     if phase == "promote":
@@ -166,6 +172,8 @@ def kill_point_for(phase: str, rng: random.Random) -> str | None:
         return f"disarm_kprobe:{rng.randint(1, sites)}"
     if phase == "promote":
         return f"promote_site:{rng.randint(1, 3)}"
+    if phase in ("optimize", "unoptimize"):  # most of the batch is optimized
+        return f"{phase}_kprobe:{rng.randint(1, OPTIMIZED_AT_LEAST)}"
     return None
 
 

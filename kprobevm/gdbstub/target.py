@@ -208,6 +208,14 @@ class Target:
         finally:
             self._turn.release()
 
+    @property
+    def holds_here(self) -> bool:
+        """This thread holds the VM stopped, or is the trap thread: it cannot let the
+        guest run and wait for it."""
+        me = threading.get_ident()
+        thread = self._thread
+        return self._owner == me or (thread is not None and thread.ident == me)
+
     # -- a lost VM ---------------------------------------------------------------------
 
     @property

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm.closing import Closing
 from kprobevm.errors import (
@@ -929,6 +929,25 @@ class VM(Closing):
         """``size`` bytes of kernel text as the kernel has them: our int3s read as the
         bytes they replaced."""
         return self.kprobes.original_text(address, size)
+
+    def drgn(self, vmlinux: Path | str | None = None) -> Any:
+        """A live ``drgn.Program`` for the guest kernel: memory and kallsyms through
+        kprobevm, types from ``vmlinux`` when it has DWARF (the optional extra
+        ``kprobevm[drgn]``; :mod:`kprobevm.kernel.drgn_program`). Made once per
+        ``vmlinux``; make it before probing, and a handler can use it at a hit. Raises
+        :class:`~kprobevm.errors.DrgnError` saying what is missing and how to get it."""
+        from kprobevm.kernel.drgn_program import drgn_program
+
+        self._symbols_before_stopping()
+        key = str(vmlinux) if vmlinux is not None else None
+        if key not in self._drgn_programs:
+            self._drgn_programs[key] = drgn_program(self.read_phys, self.read, self.symbols,
+                                                    vmlinux)  # fmt: skip
+        return self._drgn_programs[key]
+
+    @functools.cached_property
+    def _drgn_programs(self) -> dict[str | None, Any]:
+        return {}
 
     def list_kprobes(self) -> str:
         """Registered probes in the debugfs ``kprobes/list`` format, as the kernel prints

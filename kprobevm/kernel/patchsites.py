@@ -47,9 +47,15 @@ class PatchSites:
         ftrace: set[int],
         read: Callable[[int, int], bytes] | None = None,
         missing: list[str] | None = None,
+        *,
+        from_vmlinux: bool = True,
     ) -> None:
         self.missing = missing or []
         """Tables that could not be read (and why): probes there are not refused."""
+        self.from_vmlinux = from_vmlinux
+        """The vmlinux's tables are in (jump labels, alternatives, the exception table):
+        without them only what was read from guest memory is known, and no probe is
+        optimized."""
         self.sites = sorted(sites, key=lambda s: s.start)
         self._starts = [s.start for s in self.sites]
         # a range can be long (a static call trampoline section): keep the running max end
@@ -123,7 +129,8 @@ class PatchSites:
             for sym in symbols.functions()
             if sym.name.startswith("__SCT__")
         ]  # fmt: skip
-        return cls(sites, ftrace, read, live.missing if live is not None else None)
+        return cls(sites, ftrace, read, live.missing if live is not None else None,
+                   from_vmlinux=vmlinux is not None)
 
     def find(self, addr: int) -> Site | None:
         """The patched range containing ``addr``, if any."""

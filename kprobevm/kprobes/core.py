@@ -34,6 +34,7 @@ from kprobevm import faults
 from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
+from kprobevm.kprobes.optimizer import POST_HANDLER_KEEPS_INT3, Optimizer
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
 from kprobevm.x86.ptregs import PtRegs
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.slots import Slot
     from kprobevm.trap.channel import TrapChannel, TrapHandlers
     from kprobevm.x86.insn import Insn
+    from kprobevm.x86.opt import OptRegion
 
     ChannelInstaller = Callable[[TrapHandlers], TrapChannel]
     """Puts a trap channel in the guest for the given handlers (the probe table)."""
@@ -186,6 +188,20 @@ class ProbeSite:
     """The mailbox byte of this site's pre store, watched on its own: a stop names it."""
     module: str | None = None
     """The module whose text holds the site (None: the core kernel)."""
+    opt: OptRegion | None = None
+    """What a jump here would cover (its slot copies all of it): None, int3 only."""
+    armed_at: float = 0.0
+    """When the int3 went in (monotonic): the optimizer's grace period starts there."""
+    optimized: bool = False
+    """The jump is in the guest instead of the int3 (listed ``[OPTIMIZED]``)."""
+    jump: bytes = b""
+    jump_seqs: tuple[int, int] | None = None
+    """Journal sequences of the jump's displacement and opcode writes."""
+
+    @property
+    def original(self) -> bytes:
+        """The bytes our int3 (or jump) replaced, as the kernel has them."""
+        return self.opt.original if self.opt is not None else self.insn.bytes
 
     @property
     def enabled(self) -> bool:
@@ -248,6 +264,8 @@ class KprobeManager:
         """ftrace sites with our int3 on the NOP itself, and why it could not go after it:
         the guest's ftrace cannot patch those functions while they are probed."""
         self.modules = ModuleWatch(memory, module_layout, self._module_going)
+        self.optimizer = Optimizer(self)
+        """Which sites get a jump instead of an int3 (``optimizer.enabled``: the sysctl)."""
 
     # -- the channel -----------------------------------------------------------------
 
@@ -374,6 +392,7 @@ class KprobeManager:
         """Place ``kp`` (arming its int3 unless all probes are disarmed)."""
         self.look_up_names([kp])
         self._register_kprobe(kp)
+        self.optimizer.optimize_pending()
 
     def _register_kprobe(self, kp: Kprobe) -> None:
         self.install_channel()
@@ -434,6 +453,8 @@ class KprobeManager:
                 if site.recorded or (site.wants_post and not had_post):
                     # a recorded aggregate records the newcomer too; one gaining a
                     # post_handler needs a slot with a post stop
+                    if site.wants_post and site.opt is not None:
+                        self.optimizer.drop(site, POST_HANDLER_KEEPS_INT3)
                     try:
                         self.channel.rebuild_site(site)
                     except BaseException:
@@ -475,17 +496,20 @@ class KprobeManager:
     def _place_site(self, addr: int, kp: Kprobe, module: str | None) -> None:
         """A new aggregate at ``addr`` with ``kp``, written and armed; nothing left on failure."""
         with self.target.stopped():
+            self.optimizer.uncover(addr)
             site = self.channel.prepare_site(addr)
             site.module = module
             site.probes.append(kp)
             self.table[addr] = site
             try:
+                self.optimizer.prepare(site)
                 self.channel.commit_site(site)
                 faults.kill_point("arm_kprobe")
                 if not self.all_disarmed:
                     self.channel.arm(site)
             except BaseException:
                 del self.table[addr]
+                self.optimizer.forget(site)
                 self.channel.discard_site(site)
                 raise
 
@@ -506,6 +530,7 @@ class KprobeManager:
                 for kp in reversed(done):
                     self.unregister_kprobe(kp)
                 raise
+        self.optimizer.optimize_pending()
 
     def unregister_kprobes(self, kps: list[Kprobe]) -> None:
         """Unregister several probes with the VM stopped once."""
@@ -530,6 +555,7 @@ class KprobeManager:
                     if site.armed:
                         self.channel.disarm(site)
                     del self.table[site.addr]
+                    self.optimizer.forget(site)
                     self.channel.discard_site(site)
                 else:
                     if not site.enabled and site.armed:
@@ -559,6 +585,7 @@ class KprobeManager:
                     self.channel.rebuild_site(site)  # a count program counts it again
                 if not site.armed and not self.all_disarmed:
                     self.channel.arm(site)
+        self.optimizer.optimize_pending()
 
     def disable_kprobe(self, kp: Kprobe) -> None:
         with self._mutex:
@@ -577,6 +604,7 @@ class KprobeManager:
             for site in self.table.values():
                 if site.enabled and not site.armed:
                     self.channel.arm(site)
+        self.optimizer.optimize_pending()
 
     def disarm_all_kprobes(self) -> None:
         """Restore every original byte; probes stay registered (``kprobes/enabled`` = 0)."""
@@ -626,6 +654,7 @@ class KprobeManager:
 
     def close(self) -> None:
         """Unregister everything and take the trap channel out of the guest."""
+        self.optimizer.stop()
         with self._mutex:
             self.unregister_all()
             if self._channel is not None:
@@ -637,6 +666,7 @@ class KprobeManager:
         (nothing of ours outlives the guest). Probes end unregistered, as after
         :meth:`close`; a count-only probe's hits were counted in the guest and went
         with it (its ``nhit`` keeps what the host counted)."""
+        self.optimizer.stop()
         with self._mutex:
             for kp in [*self.gone, *(kp for s in self.table.values() for kp in s.probes)]:
                 kp.count_reader = None
@@ -808,7 +838,7 @@ class KprobeManager:
         with self.target.stopped():
             code = bytearray(self.memory.read(addr, n))
         for site in self.table.values():
-            for i, byte in enumerate(site.insn.bytes):
+            for i, byte in enumerate(site.original):
                 if 0 <= site.addr + i - addr < n:
                     code[site.addr + i - addr] = byte
         return bytes(code)

@@ -4,9 +4,10 @@ The kernel's ``report_probe()`` (kernel/kprobes.c) prints ``ADDR  TYPE  SYM+0xOF
 then the flags: TYPE ``r`` for a return probe's entry probe, ``k`` otherwise; MOD the
 module's name, or a blank for the core kernel; ``[GONE]`` and ``[DISABLED]`` as ours
 can be, and ``[FTRACE]`` for a probe on a function's ftrace site (the kernel places it
-through ftrace, we past the NOP). ``[OPTIMIZED]`` names the kernel's jump-optimized
-probes, which ours never are. The kernel lists its hash table, an order that says
-nothing; ours are listed by address.
+through ftrace, we past the NOP). ``[OPTIMIZED]`` names a jump-optimized probe; a probe
+on an ftrace site is listed ``[FTRACE]`` alone, as the kernel lists its own, even when
+our jump after the NOP is in (``ProbeSite.optimized`` says so). The kernel lists its
+hash table, an order that says nothing; ours are listed by address.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def kprobes_list(manager: KprobeManager, return_entries: Collection[int] = ()) -
         else:
             place = f"{sym.name}+{addr - sym.address:#x}  {sym.module or ' '}"
         flags = "[DISABLED]" if kp.disabled or not site.armed else ""
+        flags += "[OPTIMIZED]" if site.optimized and not kp.disabled and not kp.ftrace else ""
         flags += "[FTRACE]" if kp.ftrace else ""
         lines.append(_line(addr, _kind(kp, return_entries), place, flags))
     for kp in manager.gone:  # their module's symbols are gone with it

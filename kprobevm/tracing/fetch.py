@@ -34,6 +34,7 @@ __all__ = [
     "Bitfield",
     "Comm",
     "Deref",
+    "EntryArg",
     "FetchArg",
     "FetchContext",
     "FetchSource",
@@ -47,8 +48,10 @@ __all__ = [
     "SymbolAddress",
     "Symbolic",
     "describe_source",
+    "entry_arg_numbers",
     "format_value",
     "kernel_read_allowed",
+    "read_arg",
     "user_read_allowed",
 ]
 
@@ -131,6 +134,11 @@ class FetchContext(Protocol):
 
     def stack(self, n: int) -> int:
         """The n-th word above the stack pointer, 0 outside the task's stack (as the kernel)."""
+        ...
+
+    def entry_arg(self, n: int) -> int:
+        """At a return probe: the function's ``n``-th argument (1-based) as it was at its
+        entry (the kernel's entry data)."""
         ...
 
 
@@ -246,6 +254,14 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class EntryArg:
+    """``$argN`` (or a parameter's name) in a return probe: the argument saved at the
+    function's entry for its return (the kernel's ``FETCH_OP_EDATA``)."""
+
+    n: int
+
+
+@dataclass(frozen=True)
 class Imm:
     """``\\IMM`` or ``@ADDR``'s address: a constant."""
 
@@ -279,8 +295,9 @@ class Deref:
 
 
 FetchSource = (
-    Reg | Stack | StackPointer | Retval | Comm | Arg | Imm | ImmString | SymbolAddress | Deref
-)
+    Reg | Stack | StackPointer | Retval | Comm | Arg | EntryArg | Imm | ImmString | SymbolAddress
+    | Deref
+)  # fmt: skip
 
 _Getter = Callable[[FetchContext], int]
 _Fetcher = Callable[[FetchContext], ArgValue]
@@ -351,6 +368,8 @@ def _compile_source(src: FetchSource, mixed: bool, split: AddressSpace) -> _Gett
             # Argument 7 is the first word above the return address: $stack1.
             slot = n - len(X86_64_ARG_REGS)
             return lambda ctx: ctx.stack(slot) & MASK64
+        case EntryArg(n):
+            return lambda ctx: ctx.entry_arg(n) & MASK64
         case Imm(value):
             imm = value & MASK64
             return lambda ctx: imm
@@ -365,6 +384,24 @@ def _compile_source(src: FetchSource, mixed: bool, split: AddressSpace) -> _Gett
         case Comm() | ImmString():
             raise TypeError(f"{src!r} is a string and has no numeric value")
     raise TypeError(f"unknown fetch source {src!r}")
+
+
+def entry_arg_numbers(args: tuple[FetchArg, ...]) -> tuple[int, ...]:
+    """The arguments (1-based, ascending) a return probe's ``args`` read as they were at
+    the function's entry: what its entry handler must save."""
+    found: set[int] = set()
+    for arg in args:
+        src = arg.source
+        while isinstance(src, Deref):
+            src = src.inner
+        if isinstance(src, EntryArg):
+            found.add(src.n)
+    return tuple(sorted(found))
+
+
+def read_arg(ctx: FetchContext, n: int) -> int:
+    """``$argN`` read from ``ctx`` at a function's entry (registers, then the stack)."""
+    return _compile_source(Arg(n), False, FOUR_LEVEL)(ctx)
 
 
 def _lookup_symbol(ctx: FetchContext, name: str | None, offset: int) -> int:
@@ -583,6 +620,8 @@ def describe_source(src: FetchSource) -> str:
         case Arg(n):
             regs = X86_64_ARG_REGS
             return f"reg {regs[n - 1]}" if n <= len(regs) else f"stack word {n - len(regs)}"
+        case EntryArg(n):
+            return f"{describe_source(Arg(n))} saved at entry"
         case Imm(value):
             return f"imm {value:#x}"
         case ImmString(data):

@@ -19,7 +19,13 @@ from kprobevm.kernel.tasks import TASK_COMM_LEN
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.kprobes.recorder import RecordedRegs, RecordSpec
-from kprobevm.tracing.fetch import THREAD_SIZE, ArgValue, FetchArg
+from kprobevm.tracing.fetch import (
+    THREAD_SIZE,
+    ArgValue,
+    FetchArg,
+    entry_arg_numbers,
+    read_arg,
+)
 from kprobevm.tracing.format import FTRACE_CONTEXT_FLAGS, INT3_CONTEXT_FLAGS, EventHit
 from kprobevm.tracing.plan import PlannedProbe
 from kprobevm.tracing.resolve import lookup_symbol
@@ -58,10 +64,13 @@ class HitContext:
     values the kernel's handler would see instead of the engine's (``ip`` one past the
     probe, as after an int3; ``orig_ax`` as the kernel's entry path sets it);
     ``stack_aliases`` maps a word on the stack to what the kernel would have there (our
-    return trampoline's address to the kernel's).
+    return trampoline's address to the kernel's); ``entry`` holds a return probe's
+    arguments as its entry saved them, by number.
     """
 
-    __slots__ = ("_aliases", "_fixed", "_layout", "_memory", "_regs", "_symbols", "_task")
+    __slots__ = (
+        "_aliases", "_entry", "_fixed", "_layout", "_memory", "_regs", "_symbols", "_task",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -72,6 +81,7 @@ class HitContext:
         task: tuple[str, int] | None = None,
         fixed: Mapping[str, int] | None = None,
         stack_aliases: Mapping[int, int] | None = None,
+        entry: Mapping[int, int] | None = None,
     ) -> None:
         assert regs.memory is not None
         self._regs = regs
@@ -81,6 +91,7 @@ class HitContext:
         self._task = task
         self._fixed = fixed or {}
         self._aliases = stack_aliases or {}
+        self._entry = entry or {}
 
     def reg(self, name: str) -> int:
         fixed = self._fixed.get(name)
@@ -132,6 +143,9 @@ class HitContext:
             return 0
         return self._aliases.get(word, word)
 
+    def entry_arg(self, n: int) -> int:
+        return self._entry[n]
+
     def task(self) -> tuple[str, int]:
         """``current``'s comm and pid (``<...>``, -1 without the kernel's BTF or on a fault)."""
         if self._task is None:
@@ -174,6 +188,9 @@ class PlacedEvent:
         """The exceptions this event's handlers raised, formatted (the engine keeps them)."""
         return self.probe.errors + (self.entry.errors if self.entry is not None else [])
 
+
+_StoppedHit = Callable[["PtRegs", str, str | None, Mapping[int, int] | None], None]
+"""A stopping hit handed to its event: (regs, where, function, entry arguments)."""
 
 _Emit = Callable[
     [tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None,
@@ -233,15 +250,22 @@ class HitBuilder:
             if not self.kretprobed and self.kernel_trampoline:
                 hooked = describe(self.kernel_trampoline)
 
-            def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
-                hit(regs, hooked if ri.chained else describe(ri.ret_addr), res.where)
+            saved = entry_arg_numbers(res.args)
 
-            probe = Kretprobe(addr=res.address, handler=ret_handler, maxactive=res.event.maxactive)
+            def ret_handler(ri: KretprobeInstance, regs: PtRegs) -> None:
+                entry = dict(zip(saved, _words(ri.data), strict=True)) if saved else None
+                hit(regs, hooked if ri.chained else describe(ri.ret_addr), res.where, entry)
+
+            probe = Kretprobe(
+                addr=res.address, handler=ret_handler, maxactive=res.event.maxactive,
+                entry_handler=self._save_entry_args(saved) if saved else None,
+                data_size=8 * len(saved),
+            )  # fmt: skip
         else:
             hit, where = self._stopped(plan, counter, hijacked), res.where
 
             def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
-                hit(regs, where, None)
+                hit(regs, where, None, None)
 
             probe = Kprobe(addr=res.address, pre_handler=pre_handler, stack=self.stacktrace)
         placed = PlacedEvent(plan, probe)
@@ -266,10 +290,25 @@ class HitBuilder:
 
         return emit
 
+    def _save_entry_args(
+        self, saved: tuple[int, ...]
+    ) -> Callable[[KretprobeInstance, PtRegs], bool]:
+        """A return probe's entry handler: the arguments numbered ``saved`` into the
+        instance's data, for the return to read (the kernel's entry data)."""
+        symbols, layout = self.symbols, self.layout
+
+        def save(ri: KretprobeInstance, regs: PtRegs) -> bool:
+            ctx = HitContext(regs, symbols, layout)
+            ri.data[:] = b"".join(read_arg(ctx, n).to_bytes(8, "little") for n in saved)
+            return False
+
+        return save
+
     def _stopped(
         self, plan: PlannedProbe, counter: list[PlacedEvent], hijacked: bool
-    ) -> Callable[[PtRegs, str, str | None], None]:
-        """The handler body of a hit that stops the guest: (regs, where, function)."""
+    ) -> _StoppedHit:
+        """The handler body of a hit that stops the guest: (regs, where, function, a
+        return probe's entry arguments)."""
         res = plan.resolved
         symbols, layout, clock, args = self.symbols, self.layout, self.clock, res.args
         count_only, started_ns, emit = self.count_only, self.started_ns, self._emitter(plan)
@@ -278,7 +317,9 @@ class HitBuilder:
             fixed[HIJACKED_RETURN] = self.kernel_trampoline
         predictor = ReadPredictor()
 
-        def hit(regs: PtRegs, where: str, function: str | None) -> None:
+        def hit(
+            regs: PtRegs, where: str, function: str | None, entry: Mapping[int, int] | None
+        ) -> None:
             """One hit of this event: count it, and unless counting only, fetch its args
             (with the reads the last hit on this vCPU made sent ahead with the ``g``)."""
             counter[0].hits += 1
@@ -289,8 +330,9 @@ class HitBuilder:
             reader = HitReader(regs.memory)
             reader.read_ahead(regs, predictor.guess(regs.cpu))
             ctx = HitContext(
-                regs, symbols, layout, memory=reader, fixed=fixed, stack_aliases=aliases
-            )
+                regs, symbols, layout, memory=reader, fixed=fixed, stack_aliases=aliases,
+                entry=entry,
+            )  # fmt: skip
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
             predictor.remember(regs.cpu, reader.reads)
@@ -332,6 +374,11 @@ def _stack_lines(
     if regs.stack is None:
         return None
     return tuple(symbols.describe(addr) for addr in regs.stack.entries), regs.stack.error
+
+
+def _words(data: bytes | bytearray) -> list[int]:
+    """``data`` as little-endian u64s."""
+    return [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
 
 
 def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:

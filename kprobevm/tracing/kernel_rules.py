@@ -204,7 +204,9 @@ RULES: tuple[KernelRule, ...] = (
         name="entry_args_at_return",
         behaviour=(
             "a return probe may fetch the function's arguments (`$argN`, a parameter's "
-            "name): the kernel keeps them at the entry for the return"
+            "name): the kernel saves them at the entry (its entry data) and reads them "
+            "at the return; a dereference of one reads memory at the return. `$argN` "
+            "anywhere else but an entry is NOFENTRY_ARGS (before: BAD_VAR)"
         ),
         change="Linux 6.11, 'tracing/probes: Support $argN in return probe (kprobe and fprobe)'",
         decide=lambda facts: facts.has("store_trace_entry_data"),

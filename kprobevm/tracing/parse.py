@@ -116,9 +116,10 @@ def parse_event(
 
     ``text`` is one line as written to tracefs (a ``#`` comment may follow). Without
     ``symbols`` or ``kernel`` only what needs no guest is checked (the kernel's syntax
-    errors; a probe at ``SYM+4`` may be an IBT kernel's entry, so ``$argN`` is let
-    through there); with the guest's symbols the symbol checks run too, at the point and
-    in the order the kernel runs them; with ``kernel`` its rules and BTF decide as well.
+    errors; a probe at ``SYM+4`` may be an IBT kernel's entry, and a 6.11 kernel takes a
+    return probe's ``$argN``, so ``$argN`` is let through there); with the guest's
+    symbols the symbol checks run too, at the point and in the order the kernel runs
+    them; with ``kernel`` its rules and BTF decide as well.
     Returns a :class:`ProbeEvent` for ``p``/``r``, an :class:`EventDeletion` for ``-:``.
     Raises :class:`~kprobevm.errors.ProbeSyntaxError` with the kernel's error name and
     caret position, or EINVAL for no definition or more than one line.
@@ -234,7 +235,11 @@ def _parse_probe(argv: list[str], kernel: GuestKernel | None) -> ProbeEvent:
         name = name[: MAX_EVENT_NAME_LEN - 1]
         event = name[0] + name[1:].replace(":", "_").replace(".", "_")
 
-    dialect = kernel.dialect(symbol) if kernel is not None else Dialect()
+    # Without a guest, $argN in a return probe is let through for the guest to judge
+    # (a kernel with the entry_args_at_return rule takes it).
+    dialect = Dialect(entry_args_at_return=is_return)
+    if kernel is not None:
+        dialect = kernel.dialect(symbol)
     words = argv[2:]
     if dialect.btf_args:
         words = _expand_meta_args(log, words, flags, dialect)
@@ -269,7 +274,10 @@ def _parse_probe(argv: list[str], kernel: GuestKernel | None) -> ProbeEvent:
 def _expand_meta_args(log: ProbeLog, words: list[str], flags: int, dialect: Dialect) -> list[str]:
     """traceprobe_expand_meta_args(): a bare ``$argN[:TYPE]`` becomes the Nth parameter's
     name (with the type), ``$arg*`` every parameter's, when BTF knows the function."""
-    entry_or_exit = flags in (FL_KERNEL | FL_FENTRY, FL_KERNEL | FL_RETURN)
+    # a return probe's $arg since 6.11, which saves them at the entry
+    entry_or_exit = flags == FL_KERNEL | FL_FENTRY or (
+        flags == FL_KERNEL | FL_RETURN and dialect.entry_args_at_return
+    )
     every = -1
     found = False
     for i, word in enumerate(words):

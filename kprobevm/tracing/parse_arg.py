@@ -22,6 +22,7 @@ from kprobevm.tracing.fetch import (
     Bitfield,
     Comm,
     Deref,
+    EntryArg,
     FetchArg,
     FetchSource,
     FetchType,
@@ -89,7 +90,7 @@ class Dialect:
     sticky_deref_offset: bool = False
     """An error after a ``+OFF(...)`` in the same argument has its caret past ``+OFF(``."""
     entry_args_at_return: bool = False
-    """A return probe may fetch the function's arguments (kprobevm cannot yet)."""
+    """A return probe may fetch the function's arguments: saved at its entry."""
     function: FunctionPrototype | None = None
     """The probed function's prototype from the guest's BTF (None: not known)."""
 
@@ -170,6 +171,8 @@ def _top_op(src: FetchSource) -> str:
             return "RETVAL"
         case Arg():
             return "ARG"
+        case EntryArg():
+            return "EDATA"
         case Imm():
             return "IMM"
         case ImmString():
@@ -373,10 +376,13 @@ def _parse_fetch(
     log.fail("BAD_FETCH_ARG", offs)
 
 
-def _parse_btf_param(log: ProbeLog, arg: str, flags: int, offs: int, dialect: Dialect) -> Arg:
+def _parse_btf_param(
+    log: ProbeLog, arg: str, flags: int, offs: int, dialect: Dialect
+) -> Arg | EntryArg:
     """parse_btf_arg(): a parameter of the probed function, by name."""
     entry = flags == FL_KERNEL | FL_FENTRY
-    if not entry and flags != FL_KERNEL | FL_RETURN:
+    at_return = flags == FL_KERNEL | FL_RETURN and dialect.entry_args_at_return
+    if not entry and not at_return:
         log.fail("NOSUP_BTFARG", offs)
     if "." in arg or "-" in arg:
         log.fail("UNSUPPORTED", offs, "BTF field access (->, .)")
@@ -386,9 +392,7 @@ def _parse_btf_param(log: ProbeLog, arg: str, flags: int, offs: int, dialect: Di
     found = function.param(arg)
     if found is None:
         log.fail("NO_BTFARG", offs)
-    if not entry:
-        log.fail("UNSUPPORTED", offs, "a parameter at a function's return")
-    return Arg(found[0] + 1)
+    return Arg(found[0] + 1) if entry else EntryArg(found[0] + 1)
 
 
 def _str_to_immediate(s: str) -> int | None:
@@ -456,14 +460,18 @@ def _parse_var(log: ProbeLog, var: str, flags: int, offs: int, dialect: Dialect)
         return Stack(n)
     if var in ("comm", "COMM"):
         return Comm()
-    if dialect.entry_args_at_return and flags == FL_KERNEL | FL_RETURN and var.startswith("arg"):
-        log.fail("UNSUPPORTED", offs, "a function's argument at its return")
-    if flags == FL_KERNEL | FL_FENTRY and var.startswith("arg"):
-        # Only at a function's entry of a kprobe (not a kretprobe) in 6.1.
+    entry = flags == FL_KERNEL | FL_FENTRY
+    if (entry or dialect.entry_args_at_return) and var.startswith("arg"):
+        # At a function's entry of a kprobe; since 6.11 also in a return probe, which
+        # reads the value its entry saved, and anywhere else NOFENTRY_ARGS (6.1: BAD_VAR).
         n = kstrtoul(var[3:], 10)
         if n is None:
             log.fail("BAD_VAR", offs)
         if not n or n > PARAM_MAX_STACK:
             log.fail("BAD_ARG_NUM", offs)
-        return Arg(n)
+        if entry:
+            return Arg(n)
+        if flags != FL_KERNEL | FL_RETURN:
+            log.fail("NOFENTRY_ARGS", offs)
+        return EntryArg(n)
     log.fail("BAD_VAR", offs)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from kprobevm import faults
-from kprobevm.errors import ProbeTextChanged
+from kprobevm.errors import KprobeError, ProbeTextChanged
+from kprobevm.trap.optjump import disarm_jump
 from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.asm import INT3
 from kprobevm.x86.emulate import emulate
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.recorder import Record
-    from kprobevm.trap.grace import GraceRule
+    from kprobevm.trap.grace import GraceRule, Quiescence
     from kprobevm.x86.ptregs import PtRegs
 
 __all__ = [
@@ -126,6 +127,21 @@ class TrapChannel(abc.ABC):
         """Why the faster channel could not be used (None: this is the one asked for)."""
         self._handler_end = 0
 
+    #: Whether sites can be jump-optimized (a slot to jump to: :mod:`.optjump`).
+    optimizes = False
+
+    def optimize(self, site: ProbeSite) -> None:
+        """Turn the site's armed int3 into its jump (VM stopped; the optimizer waited)."""
+        raise KprobeError(f"the {self.name} channel cannot optimize probes", address=site.addr)
+
+    def unoptimize(self, site: ProbeSite) -> None:
+        """Turn the site's jump back into its int3 (VM stopped)."""
+        disarm_jump(self.ctx, site)
+
+    def quiescence_for_text(self) -> Quiescence | None:
+        """What tells when no vCPU or task can be inside some text (None: nothing)."""
+        return None
+
     @property
     def grace_rule(self) -> GraceRule | None:
         """The grace period freed slot memory waits for (None: this channel has no slots)."""
@@ -178,11 +194,14 @@ class TrapChannel(abc.ABC):
             f"int3 at {self.ctx.symbols.describe(site.addr)}",
         )  # fmt: skip
         memory.write(site.addr, INT3_BYTE)
-        site.armed = True
+        site.armed, site.armed_at = True, time.monotonic()
 
     def disarm(self, site: ProbeSite) -> None:
-        """Put the original byte back, unless the guest changed it under us."""
+        """Put the original byte back, unless the guest changed it under us (an
+        optimized jump goes back to the int3 first)."""
         memory = self.ctx.memory
+        if site.optimized:
+            disarm_jump(self.ctx, site)
         current = memory.read(site.addr, 1)
         if current != INT3_BYTE:
             raise ProbeTextChanged(site.addr, INT3_BYTE, current)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -262,3 +262,47 @@ class Quiescence:
             self.target.resume()
             time.sleep(0.02)
 
+    def wait_until_out_of_text(
+        self, ranges: Sequence[tuple[int, int]], since: float, timeout: float
+    ) -> str | None:
+        """Let the guest run until nothing can be inside kernel text ``ranges`` (each
+        ``[lo, hi)``) that no new execution enters after ``since`` (what optimized jumps go over):
+        no vCPU's RIP inside, and under the rule in force every vCPU (or every task that
+        may have been interrupted inside) seen out since. None when so; else, after
+        ``timeout`` seconds or at once under the ``never`` rule, why not."""
+        deadline = time.monotonic() + timeout
+        tasks: TasksGrace | None = None
+
+        def inside(rip: int) -> bool:
+            return any(lo <= rip < hi for lo, hi in ranges)
+
+        # a task scan looks for stack words in one range: all of them and what lies between
+        bounds = Region(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+
+        while True:
+            with self.target.stopped() as client:
+                rips = [r for r in vcpu_rips(client) if inside(r)]
+                self.observe()
+                rule = self.rule
+                if rule.name == "never":
+                    return f"slot grace period {rule}"
+                if self.tasks is not None:
+                    if tasks is None:
+                        tasks = TasksGrace(self.tasks.memory, self.tasks.layout,
+                                           region=lambda: bounds,
+                                           ours=lambda r: inside(r) or self.ours(r))  # fmt: skip
+                    running = self._running_tasks()
+                    if running is not None:
+                        tasks.observe(running)
+            over = tasks.grace_over(since) if tasks is not None else self.grace_over(since)
+            if not rips and over:
+                return None
+            if time.monotonic() > deadline:
+                if rips:
+                    return "vCPUs inside the jump's bytes: " + ", ".join(f"{r:#x}" for r in rips)
+                if tasks is not None:
+                    held = "; ".join(map(str, tasks.holders(since))) or "none now"
+                    return f"tasks may be inside the jump's bytes: {held}"
+                return "some vCPU was never seen quiescent (user mode or idle)"
+            self.target.resume()
+            time.sleep(0.02)

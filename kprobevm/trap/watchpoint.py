@@ -32,6 +32,7 @@ from kprobevm.kprobes.recorder import PROGRAM_SIZE, Recorder, copy_helpers, ring
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
+from kprobevm.trap.optjump import arm_jump
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86.addrspace import AddressSpace
@@ -106,6 +107,7 @@ class WatchpointChannel(TrapChannel):
 
     name = "watchpoint"
     records = True
+    optimizes = True
 
     def __init__(
         self,
@@ -139,6 +141,9 @@ class WatchpointChannel(TrapChannel):
         self.recorder: Recorder | None = None
         self.drains_running = False
         """Recorded hits are drained through shared guest RAM with the VM running."""
+        self._jump_targets: dict[int, int] = {}
+        """Site address -> where its optimized jump goes: the slot, or a recorded site's
+        program (the slot's entry only jumps there)."""
         self.rip_map: dict[int, tuple[ProbeSite, int | None]] = {}
         """RIP at a watchpoint stop -> (site, resume ip for a post stop, None for pre)."""
         self._regs_ns = 0
@@ -221,13 +226,14 @@ class WatchpointChannel(TrapChannel):
         recorded site a jump to its record program), and the continuation a handled vCPU
         (or the record program) goes on through (see :meth:`on_stop`)."""
         post = site.wants_post and site.insn.kind in ooline.POST_STORE_KINDS
+        covers = site.opt.insns if site.opt is not None else ()
         half = SLOT_SIZE // 2
         slot = self._slot(site)
         cont_addr = slot.address + half
         mailbox = self.pages.mailbox
         cont = ooline.make_slot_code(
             site.insn, cont_addr, mailbox=mailbox, pre_store=False,
-            post_store=post, slot_size=half,
+            post_store=post, slot_size=half, covers=covers,
         )  # fmt: skip
         site.cont_rip = cont_addr
 
@@ -237,12 +243,15 @@ class WatchpointChannel(TrapChannel):
 
         if site.recorded:
             # nothing here stops the guest: the program comes back to the continuation
-            write(asm.jmp_rel32(slot.address, self._record_program(site, cont_addr)))
+            program = self._record_program(site, cont_addr)
+            write(asm.jmp_rel32(slot.address, program))
+            self._jump_targets[site.addr] = program  # an optimized jump goes straight there
             site.pre_rip, site.post_rip = 0, None
             return
+        self._jump_targets[site.addr] = slot.address
         entry = ooline.make_slot_code(
             site.insn, slot.address, mailbox=mailbox, pre_mailbox=site.pre_watch,
-            post_store=post, slot_size=half,
+            post_store=post, slot_size=half, covers=covers,
         )  # fmt: skip
         write(entry.bytes)
         assert entry.pre_store_end is not None
@@ -265,15 +274,31 @@ class WatchpointChannel(TrapChannel):
         self.table.insert(site.addr, self._slot(site).address)
 
     def rebuild_site(self, site: ProbeSite) -> None:
-        """Move a site to a fresh slot (the old one may be running: it goes DIRTY)."""
+        """Move a site to a fresh slot (the old one may be running: it goes DIRTY). An
+        optimized site's jump follows it: nothing can enter the bytes the jump covers
+        meanwhile (the int3 sends the way the old slot goes, past all of them)."""
+        jumped = site.optimized
+        if jumped:
+            self.unoptimize(site)
+        if site.opt is not None and site.wants_post:
+            site.opt = None  # a post_handler runs after the probed instruction alone
         old = self._slot(site)
         site.slot = self.slots.get_insn_slot()
         self._forget_rips(site)
         self._write_slot_code(site)
         self.table.insert(site.addr, site.slot.address)
         self.slots.free_insn_slot(old)
+        if jumped and site.opt is not None:
+            self.optimize(site)
+
+    def optimize(self, site: ProbeSite) -> None:
+        arm_jump(self.ctx, site, self._jump_targets[site.addr])
+
+    def quiescence_for_text(self) -> Quiescence:
+        return self.quiescence
 
     def discard_site(self, site: ProbeSite) -> None:
+        self._jump_targets.pop(site.addr, None)
         self.table.remove(site.addr)
         self._forget_rips(site)
         self.hot.forget(site)

@@ -109,13 +109,16 @@ def make_slot_code(
     pre_store: bool = True,
     post_store: bool = False,
     slot_size: int = SLOT_SIZE,
+    covers: tuple[Insn, ...] = (),
 ) -> SlotCode:
     """Generate the slot's code for ``insn`` placed at ``slot_addr``.
 
     The code after the pre store behaves as ``insn`` executing at ``insn.addr`` and then
     continuing; ``pre_mailbox`` (default ``mailbox``) is where the pre store writes, so
     that a watchpoint of the site's own can name it; ``post_store`` adds a watched store
-    after the instruction's effect (on each exit path) for the post_handler. Raises
+    after the instruction's effect (on each exit path) for the post_handler. ``covers``
+    (plain instructions from ``insn`` on, an optimized probe's jump) are all copied,
+    and the code goes on after the last of them; no post store then. Raises
     :class:`ProbeRefused` for REFUSED instructions and for forms that cannot be rebuilt,
     :class:`KprobeError` when a target is out of rel32 reach or the code does not fit.
     """
@@ -133,7 +136,10 @@ def make_slot_code(
         slot.a.mov(rip(pre_mailbox or mailbox, size=1), PRE_VALUE)
         pre_end = slot.a.here
         slot.a.jmp_next()  # TB_BREAK
-    _rebuild(slot, insn)
+    if covers:
+        _copy_covered(slot, covers, post_store)
+    else:
+        _rebuild(slot, insn)
     program = slot.a.assemble()
     if len(program.code) > slot_size:
         raise KprobeError(
@@ -216,6 +222,20 @@ def _rebuild(slot: _Slot, insn: Insn) -> None:
         a.emit(_call_mem_as_jmp(insn, a.here), f"{copied}, as a jmp")
     else:  # pragma: no cover - every kind is handled above
         raise ProbeRefused("EOPNOTSUPP", f"unhandled kind {kind}", address=insn.addr)
+
+
+def _copy_covered(slot: _Slot, covers: tuple[Insn, ...], post_store: bool) -> None:
+    """Every instruction an optimized probe's jump covers, then back after the last."""
+    for insn in covers:
+        if insn.kind is not InsnKind.PLAIN or post_store:
+            raise ProbeRefused(
+                "EOPNOTSUPP", f"an optimized probe's jump cannot cover `{insn.mnemonic}`"
+                f" ({insn.kind.value}{', with a post store' if post_store else ''})",
+                address=insn.addr,
+            )  # fmt: skip
+        slot.a.emit(relocate(insn, slot.a.here),
+                    f"from {insn.addr:#x}: {insn.mnemonic} {insn.op_str}".rstrip())  # fmt: skip
+    slot.a.jmp(covers[-1].next_addr)
 
 
 def _rel8_branch(a: asm.Assembler, insn: Insn, label: str) -> None:
