@@ -1,10 +1,8 @@
 """A QEMU started by hand with only a gdbstub (or only QMP), no memmap= and no SSH, running
 a busy open loop as init: probed by ``count`` and ``trace`` on the fast channel, with
 slot memory from the first MiB the guest kernel keeps reserved; the loop runs on, the
-kernel text and the slot pages are as before, the journal is settled.
-
-Until symbols come from guest memory, the tests hand attach the default image's vmlinux
-and the session guest's kallsyms (the same kernel, booted nokaslr too)."""
+kernel text and the slot pages are as before, the journal is settled. Nothing but the
+gdbstub (or QMP) is given: symbols, BTF and the blacklist come from guest memory too."""
 
 from __future__ import annotations
 
@@ -39,27 +37,18 @@ from kprobevm.x86.pagetable import la57_enabled
 FUNC = "do_sys_openat2"
 
 
-@pytest.fixture(scope="module")
-def kallsyms(vm: VM, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bare") / "kallsyms"
-    path.write_text(vm.read_file("/proc/kallsyms"))
-    return path
-
-
 @pytest.fixture
 def bare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[BareQemu]:
     monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
-    with BareQemu() as qemu:
+    with BareQemu(kaslr=True) as qemu:  # as a QEMU started by hand has it
         qemu.wait_loop()
         yield qemu
         assert not kernel_trouble(qemu.console())
 
 
-def _text_and_slots(
-    qemu: BareQemu, kallsyms: Path, reserve: tuple[int, int]
-) -> tuple[bytes, bytes]:
+def _text_and_slots(qemu: BareQemu, reserve: tuple[int, int]) -> tuple[bytes, bytes]:
     """The probed function's text and the first-MiB slot pages, read by a VM of their own."""
-    with attach(qemu.gdb, vmlinux=qemu.vmlinux, kallsyms=kallsyms, name="look") as look:
+    with attach(qemu.gdb, name="look") as look:
         func = look.symbols.symbol(FUNC)
         return look.read(func.address, func.size), look.read_phys(*reserve)
 
@@ -74,10 +63,10 @@ def _journal_settled(directory: Path, *, slots: bool = True) -> None:
         assert noted == slots, path
 
 
-def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
+def _count_sees_every_open(bare: BareQemu) -> None:
     """The loop's own count, read at the console between two of its marks, against the
     guest's count of a count-only probe read at the same two moments."""
-    vm = attach(bare.gdb, vmlinux=bare.vmlinux, kallsyms=kallsyms)
+    vm = attach(bare.gdb)
     with vm:
         kp = Kprobe(symbol_name=FUNC, record=RecordSpec(count_only=True))
         vm.register_kprobe(kp)
@@ -97,7 +86,7 @@ def _count_sees_every_open(bare: BareQemu, kallsyms: Path) -> None:
     assert rounds - 2 <= n1 - n0 <= rounds + 8, (rounds, n1 - n0)
 
 
-# The host that gets killed: attaches with no memmap= and no SSH, arms a probe.
+# The host that gets killed: attaches with no memmap=, SSH or symbols, arms a probe.
 CHILD = r"""
 import sys, time
 from pathlib import Path
@@ -106,8 +95,8 @@ from kprobevm.gdbstub.transport import parse_gdb_address
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recover import recover
-gdb, kallsyms, vmlinux, journal = sys.argv[1:5]
-vm = kprobevm.attach(parse_gdb_address(gdb), kallsyms=kallsyms, vmlinux=vmlinux)
+gdb, journal = sys.argv[1:3]
+vm = kprobevm.attach(parse_gdb_address(gdb))
 vm.journal_path = Path(journal)
 kp = Kprobe(symbol_name="do_sys_openat2", pre_handler=lambda kp, regs: None)
 vm.register_kprobe(kp)
@@ -118,13 +107,12 @@ while True:
 """
 
 
-def _killed_session_is_recovered(bare: BareQemu, kallsyms: Path, tmp_path: Path) -> None:
+def _killed_session_is_recovered(bare: BareQemu, tmp_path: Path) -> None:
     """SIGKILL a host with a probe armed on first-MiB slots; recover unmaps and wipes."""
     assert bare.gdb is not None
     journal = tmp_path / "killed.journal"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, format_gdb_address(bare.gdb), str(kallsyms),
-         str(bare.vmlinux), str(journal)],
+        [sys.executable, "-c", CHILD, format_gdb_address(bare.gdb), str(journal)],
         stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()},
     )  # fmt: skip
     try:
@@ -148,13 +136,12 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 @pytest.mark.vm
 def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
-    bare: BareQemu, kallsyms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bare: BareQemu, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert bare.gdb is not None
     before = bare.mark().rounds
-    text, _ = _text_and_slots(bare, kallsyms, (LOW_FLOOR, PAGE_SIZE))
-    where = format_gdb_address(bare.gdb)
-    common = ("--attach", where, "--vmlinux", str(bare.vmlinux), "--kallsyms", str(kallsyms))
+    text, _ = _text_and_slots(bare, (LOW_FLOOR, PAGE_SIZE))
+    common = ("--attach", format_gdb_address(bare.gdb))
     start = bare.mark().rounds
     code, out, err = _run(capsys, "count", *common, "--duration", "3", FUNC)
     end = bare.next_mark(bare.mark().rounds).rounds
@@ -173,12 +160,12 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
     assert lines and all('filename="/proc/version"' in line for line in lines), lines[:5]
     assert all(line.lstrip().startswith("cat-") for line in lines), lines[:5]
     first_mib = (LOW_FLOOR, 136 * PAGE_SIZE)  # 0x10000-0x97fff on the default guest
-    after_text, slots = _text_and_slots(bare, kallsyms, first_mib)
+    after_text, slots = _text_and_slots(bare, first_mib)
     assert after_text == text
     assert slots == bytes(len(slots)), "a clean close did not wipe the slot pages"
-    _count_sees_every_open(bare, kallsyms)
-    _killed_session_is_recovered(bare, kallsyms, tmp_path)
-    after_text, slots = _text_and_slots(bare, kallsyms, first_mib)
+    _count_sees_every_open(bare)
+    _killed_session_is_recovered(bare, tmp_path)
+    after_text, slots = _text_and_slots(bare, first_mib)
     assert after_text == text
     assert slots == bytes(len(slots)), "recover did not wipe the slot pages"
     assert bare.next_mark(bare.mark().rounds).rounds > before  # the loop runs on
@@ -187,9 +174,8 @@ def test_count_and_trace_on_a_bare_gdbstub_see_every_open_on_the_fast_channel(
 
 @pytest.mark.vm
 def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
-    kallsyms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A first MiB the e820 table calls ACPI data (not RAM), and a memmap= reserve with no
     memory behind it (past the guest's RAM, as the kernel's e820 tables show with no
     SSH to read /proc/iomem): no slot memory can be proven, so count runs on the
@@ -198,9 +184,8 @@ def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
     with BareQemu(append="memmap=16M$0x30000000 memmap=0x88000#0x10000") as qemu:
         qemu.wait_loop()
         assert qemu.gdb is not None
-        common = ("--attach", format_gdb_address(qemu.gdb), "--vmlinux", str(qemu.vmlinux),
-                  "--kallsyms", str(kallsyms))  # fmt: skip
-        code, out, err = _run(capsys, "count", *common, "--duration", "2", FUNC)
+        where = format_gdb_address(qemu.gdb)
+        code, out, err = _run(capsys, "count", "--attach", where, "--duration", "2", FUNC)
         assert code == cli.EXIT_OK, err
         assert re.fullmatch(rf"@\[{FUNC}\]: [1-9]\d*\n", out), out
         said = [line for line in err.splitlines() if "slow trap channel" in line]
@@ -215,13 +200,13 @@ def test_count_says_on_stderr_why_and_at_what_cost_it_falls_back(
 
 @pytest.mark.vm
 def test_attach_through_qmp_only_starts_the_gdbstub_and_stops_it_after(
-    tmp_path: Path, kallsyms: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KPROBEVM_JOURNAL_DIR", str(tmp_path / "journals"))
     with BareQemu(gdb=False, qmp=True) as qemu:
         qemu.wait_loop()
         assert qemu.qmp is not None
-        vm = attach(qmp=qemu.qmp, vmlinux=qemu.vmlinux, kallsyms=kallsyms)
+        vm = attach(qmp=qemu.qmp)
         assert vm.monitor_gdbstub is not None and vm.monitor_gdbstub.started
         seen: list[str] = []
         with vm:

@@ -6,17 +6,14 @@ busy loop, probed by ``count`` and ``trace`` with no other input."""
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from kprobevm.bench.bareqemu import BareQemu
 from kprobevm.cli import main
+from kprobevm.gdbstub.transport import GdbAddress, format_gdb_address
 from kprobevm.guest.console import kernel_trouble
-from kprobevm.guest.image import default_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM, attach
 from kprobevm.kernel.blacklist import Blacklist
@@ -28,10 +25,6 @@ from kprobevm.kernel.tasks import TaskLayout
 from kprobevm.kernel.trace_events_list import trace_event_names
 
 pytestmark = pytest.mark.vm
-
-LOOP = "mount -t proc proc /proc; echo LOOPING; while :; do cat /proc/version >/dev/null; done"
-"""The bare guest's init: opens in a loop, so do_sys_openat2 keeps being hit."""
-BOOT_DEADLINE = 60.0
 
 
 def _lines(syms: KernelSymbols) -> list[str]:
@@ -123,46 +116,21 @@ def test_memory_tables_with_kaslr(kernel: str | None) -> None:
         assert not kernel_trouble(vm.serial_log())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def bare_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def bare() -> Iterator[BareQemu]:
     """A QEMU started as a developer would, with only ``-gdb tcp:...``: the default
-    image's kernel (KASLR on: nothing on its command line turns it off) and initramfs,
-    a busy loop as init, no SSH, no QMP. Yields the gdbstub address and serial log."""
-    image = default_image()
-    log = tmp_path_factory.mktemp("bare") / "serial.log"
-    port = _free_port()
-    qemu = subprocess.Popen(
-        ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot",
-         "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "544M",
-         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-         "-append", f'console=ttyS0 quiet panic=-1 oops=panic rdinit=/bin/sh -- -c "{LOOP}"',
-         "-serial", f"file:{log}", "-gdb", f"tcp:127.0.0.1:{port},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + BOOT_DEADLINE
-        while "LOOPING" not in (log.read_text(errors="replace") if log.exists() else ""):
-            assert qemu.poll() is None, f"QEMU exited with {qemu.returncode}"
-            assert time.monotonic() < deadline, "the bare guest's init loop never started"
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}", log
-    finally:
-        qemu.kill()
-        qemu.wait(timeout=10)
+    image's kernel with KASLR on and its initramfs, a busy loop as init, no SSH, no QMP,
+    no ``memmap=``."""
+    with BareQemu(kaslr=True) as qemu:
+        qemu.wait_loop()
+        yield qemu
+        assert not kernel_trouble(qemu.console())
 
 
-def _kernel_text(address: str) -> tuple[KernelSymbols, bytes]:
+def _kernel_text(address: GdbAddress) -> tuple[KernelSymbols, bytes]:
     """The kernel's symbols and its whole ``.text`` (``_stext``..``_etext``), read through
     an attach of our own with symbols from memory."""
-    host, port = address.rsplit(":", 1)
-    with attach((host, int(port)), name="text") as vm:
+    with attach(address, name="text") as vm:
         syms = vm.symbols
         # the Python API has it all without vmlinux or SSH: symbols, BTF, the blacklist
         assert vm.symbols_source == "memory"
@@ -184,20 +152,24 @@ def _changed(before: bytes, after: bytes) -> list[int]:
 
 
 def test_count_and_trace_with_only_a_gdbstub(
-    bare_qemu: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+    bare: BareQemu, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``count`` and ``trace --duration`` with ``--attach`` and nothing else: hits seen
-    (the loop's cat processes by name, from BTF), the slow channel said on stderr, the
-    loop still running after, no oops, kernel text as before."""
-    address, log = bare_qemu
-    syms, before = _kernel_text(address)
+    """``count`` and ``trace --duration`` with ``--attach`` and nothing else, on a KASLR
+    guest: symbols from memory, slots in the first MiB (the fast channel, said on
+    stderr), hits seen (the loop's cat processes by name, from BTF), the loop still
+    running after, no oops, kernel text as before."""
+    assert bare.gdb is not None
+    syms, before = _kernel_text(bare.gdb)
+    assert syms["_text"] != 0xFFFFFFFF81000000, "KASLR should have moved the kernel"
+    address = format_gdb_address(bare.gdb)
     assert len(syms) > 80_000
     code = main(["count", "--attach", address, "--duration", "2", "do_sys_openat2"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "read from guest memory" in err
-    # until slot memory comes without memmap=, the breakpoint channel, said so
-    assert "trap channel: breakpoint, slow" in err
+    # no memmap=: slot memory from the first MiB the kernel keeps reserved, said so
+    assert "trap channel: watchpoint; slot memory:" in err and "first MiB" in err, err
+    assert "slow trap channel" not in err
     hits = re.fullmatch(r"@\[do_sys_openat2\]: (\d+)\n", out)
     assert hits is not None and int(hits[1]) > 0, out
     code = main(["trace", "--attach", address, "--duration", "2",
@@ -211,7 +183,7 @@ def test_count_and_trace_with_only_a_gdbstub(
     code = main(["list", "--attach", address])
     out, err = capsys.readouterr()
     assert code == 0 and out == "", (out, err)
-    _, after = _kernel_text(address)
+    _, after = _kernel_text(bare.gdb)
     # The kernel patches its own text for a while after boot (SMP alternatives for one
     # CPU, sched_clock's static keys): the probed function is as before, and no int3 is
     # left anywhere.
@@ -224,7 +196,7 @@ def test_count_and_trace_with_only_a_gdbstub(
     code = main(["count", "--attach", address, "--duration", "1", "do_sys_openat2"])
     out, _ = capsys.readouterr()
     assert code == 0 and int(out.split(": ")[1]) > 0, out
-    assert not kernel_trouble(log.read_text(errors="replace"))
+    assert not kernel_trouble(bare.console())
 
 
 def test_command_needs_ssh(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,76 +1,46 @@
-"""From ``attach`` to a probe armed on a QEMU started with only ``-gdb`` (scripts/bench-attach).
+"""An attached guest with nothing but its gdbstub (scripts/bench-attach): seconds from
+``attach`` to a probe armed, and what ``count do_sys_openat2`` costs the guest's open loop.
 
-The guest is the default image's kernel and initramfs with a busy loop as init (no SSH,
-no ``memmap=``), as a developer's own QEMU would be. Each round attaches afresh, with
-symbols, BTF and the blacklist from guest memory, and registers one kprobe; the time to
-each step is taken. Rounds alternate between reading the kernel image through the QEMU
+The guest is a :class:`~kprobevm.bench.bareqemu.BareQemu` (no SSH, no ``memmap=``, no
+vmlinux or kallsyms given): symbols, BTF, the blacklist and slot memory all come from
+guest memory. Attach rounds alternate between reading the kernel image through the QEMU
 process's memory (same machine) and through the gdbstub alone (as for a QEMU elsewhere),
-so both sides of the comparison come from the same run.
+so both sides of the comparison come from the same run. A loop round measures the loop's
+rate with nothing attached, then attaches, arms a count-only probe (as ``kprobevm count``
+does) and measures the rate again; the probe's count is read at two of the loop's console
+marks and set against the rounds between them (one open a round).
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import os
 import statistics
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kprobevm.guest.image import Image
+from kprobevm.bench.bareqemu import MARK_EVERY, BareQemu, LoopMark
+from kprobevm.errors import VMError
+from kprobevm.gdbstub.transport import GdbAddress, format_gdb_address
 from kprobevm.guest.vm import attach
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.kprobes.recorder import RecordSpec
 
-__all__ = ["AttachRound", "bare_qemu", "measure_attach", "summary"]
+__all__ = ["FUNC", "STEPS", "AttachSteps", "LoopRound", "attach_steps", "cli_attach_to_armed",
+           "measure_attach", "measure_round", "summary"]  # fmt: skip
 
-LOOP = "mount -t proc proc /proc; echo LOOPING; while :; do cat /proc/version >/dev/null; done"
-"""The bare guest's init: opens in a loop (``do_sys_openat2`` keeps being hit)."""
-BOOT_DEADLINE = 60.0
+FUNC = "do_sys_openat2"
 STEPS = ("connected", "image found", "host RAM", "kallsyms+BTF decoded", "symbols",
          "blacklist", "armed")  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def bare_qemu(image: Image, serial_log: Path, *, qemu: str = "qemu-system-x86_64") -> Iterator[str]:
-    """A QEMU with only ``-gdb tcp:...``: ``image``'s kernel (KASLR on: nothing turns it
-    off) and initramfs, :data:`LOOP` as init, no SSH, no QMP. Yields ``HOST:PORT`` of
-    the gdbstub once the loop runs; kills QEMU on the way out."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [qemu, "-nodefaults", "-display", "none", "-no-reboot", "-machine", "pc",
-         "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "544M",
-         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-         "-append", f'console=ttyS0 quiet panic=-1 oops=panic rdinit=/bin/sh -- -c "{LOOP}"',
-         "-serial", f"file:{serial_log}", "-gdb", f"tcp:127.0.0.1:{port},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + BOOT_DEADLINE
-        while "LOOPING" not in (
-            serial_log.read_text(errors="replace") if serial_log.exists() else ""
-        ):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the bare QEMU exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the bare guest's loop did not start in {BOOT_DEADLINE} s")
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+CLI_DEADLINE = 60.0
+"""Seconds a ``kprobevm count`` run of :func:`cli_attach_to_armed` may take in all."""
 
 
 @dataclass(frozen=True)
-class AttachRound:
+class AttachSteps:
     """One attach: seconds from the call to each step (:data:`STEPS`), and how the image
     was read (``host RAM`` or ``gdbstub``)."""
 
@@ -83,16 +53,15 @@ class AttachRound:
         return dict(self.steps)["armed"]
 
 
-def one_round(address: str, *, host_ram: bool, function: str = "do_sys_openat2") -> AttachRound:
+def attach_steps(address: GdbAddress, *, host_ram: bool, function: str = FUNC) -> AttachSteps:
     """Attach, decode, register one probe on ``function``; the times of each step."""
-    host, port = address.rsplit(":", 1)
     t0 = time.perf_counter()
     laps: list[tuple[str, float]] = []
 
     def lap(step: str) -> None:
         laps.append((step, time.perf_counter() - t0))
 
-    with attach((host, int(port)), name="bench-attach") as vm:
+    with attach(address, name="bench-attach") as vm:
         vm.target  # noqa: B018
         lap("connected")
         vm.kernel_image  # noqa: B018
@@ -107,23 +76,52 @@ def one_round(address: str, *, host_ram: bool, function: str = "do_sys_openat2")
         lap("symbols")
         vm.kprobe_blacklist  # noqa: B018
         lap("blacklist")
-        kp = Kprobe(symbol_name=function)
+        kp = Kprobe(symbol_name=function, record=RecordSpec(count_only=True))
         vm.register_kprobe(kp)
         lap("armed")
         vm.unregister_kprobe(kp)
         via = "host RAM" if vm.guest_ram is not None else "gdbstub"
-    return AttachRound(via, tuple(laps))
+    return AttachSteps(via, tuple(laps))
 
 
-def measure_attach(address: str, rounds: int) -> list[AttachRound]:
-    """``rounds`` rounds of each way of reading the image, alternating."""
-    out = []
-    for k in range(2 * rounds):
-        out.append(one_round(address, host_ram=k % 2 == 0))
-    return out
+def cli_attach_to_armed(address: GdbAddress, *, function: str = FUNC) -> float:
+    """Seconds from starting ``kprobevm count --attach ADDRESS FUNCTION`` (a new Python
+    process, its imports included, as a user runs it) to its stderr saying the probe is
+    placed; the command then counts for half a second and exits."""
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "import sys; from kprobevm.cli import main; sys.exit(main())",
+               "count", "--attach", format_gdb_address(address), "--duration", "0.5",
+               function]  # fmt: skip
+    started = time.monotonic()
+    child = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=os.environ | {"PYTHONPATH": path},
+    )  # fmt: skip
+    deadline = threading.Timer(CLI_DEADLINE, child.kill)
+    deadline.start()
+    armed, said = None, []
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:
+            said.append(line)
+            if armed is None and line.rstrip().endswith("probe(s) placed"):
+                armed = time.monotonic() - started
+        code = child.wait()
+    finally:
+        deadline.cancel()
+    if armed is None or code != 0:
+        raise VMError(f"kprobevm count --attach exited with {code} (within {CLI_DEADLINE:g} s)"
+                      f" without its probe armed: {''.join(said)[-2000:]}")  # fmt: skip
+    return armed
 
 
-def summary(results: list[AttachRound]) -> str:
+def measure_attach(address: GdbAddress, rounds: int) -> list[AttachSteps]:
+    """``rounds`` attaches of each way of reading the image, alternating."""
+    return [attach_steps(address, host_ram=k % 2 == 0) for k in range(2 * rounds)]
+
+
+def summary(results: list[AttachSteps]) -> str:
     """Median seconds to each step, per way of reading the image."""
     lines = []
     for via in ("host RAM", "gdbstub"):
@@ -135,3 +133,66 @@ def summary(results: list[AttachRound]) -> str:
         armed = ", ".join(f"{r.armed:.2f}" for r in mine)
         lines.append(f"{via} ({len(mine)} rounds; armed at {armed} s): median " + ", ".join(cells))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoopRound:
+    """One round: the loop's rate unprobed and probed, per wall second and per second of
+    QEMU's CPU time, and the probe's count against the loop's own over the same marks."""
+
+    unprobed_per_s: float
+    probed_per_s: float
+    unprobed_per_cpu_s: float
+    probed_per_cpu_s: float
+    attach_to_armed_s: float
+    loop_rounds: int
+    hits: int
+    channel: str
+    slot_memory: str
+
+    @property
+    def ratio(self) -> float:
+        """Probed wall-clock rate over unprobed (1.0: the probe costs the loop nothing)."""
+        return self.probed_per_s / self.unprobed_per_s
+
+    @property
+    def cpu_ratio(self) -> float:
+        """The same per second of QEMU's CPU time: what the probe costs the guest's work,
+        with the other processes of a loaded host left out (a VM stop, which costs the
+        guest wall time and no QEMU CPU, is not in it: see :attr:`ratio`)."""
+        return self.probed_per_cpu_s / self.unprobed_per_cpu_s
+
+
+def _rates(a: LoopMark, b: LoopMark) -> tuple[float, float]:
+    rounds = b.rounds - a.rounds
+    return rounds / (b.at - a.at), rounds / max(b.cpu - a.cpu, 1e-3)
+
+
+def measure_round(qemu: BareQemu, *, seconds: float, channel: str = "watchpoint") -> LoopRound:
+    """One round on ``qemu``'s loop: unprobed with nothing attached, then attached with a
+    probe counting do_sys_openat2 (``channel``: ``breakpoint`` measures the slow fallback,
+    where a probe that only counts still stops the guest at each hit)."""
+    assert qemu.gdb is not None, "the loop rounds attach through the gdbstub"
+    unprobed, unprobed_cpu = _rates(*qemu.window(seconds))
+    started = time.monotonic()
+    with attach(qemu.gdb, name="bench-attach") as vm:
+        if channel == "watchpoint":
+            kp = Kprobe(symbol_name=FUNC, record=RecordSpec(count_only=True))
+        else:
+            vm.use_trap_channel("breakpoint")
+            kp = Kprobe(symbol_name=FUNC, pre_handler=lambda kp, regs: None)
+        vm.register_kprobe(kp)
+        armed = time.monotonic() - started
+        a = qemu.next_mark(qemu.mark().rounds)
+        n0 = kp.nhit
+        time.sleep(seconds)
+        b = qemu.next_mark(qemu.mark().rounds + MARK_EVERY - 1)
+        n1 = kp.nhit
+        vm.unregister_kprobe(kp)
+        used, memory = vm.trap_channel, vm.slot_memory or ""
+    probed, probed_cpu = _rates(a, b)
+    return LoopRound(
+        unprobed_per_s=unprobed, probed_per_s=probed, unprobed_per_cpu_s=unprobed_cpu,
+        probed_per_cpu_s=probed_cpu, attach_to_armed_s=armed, loop_rounds=b.rounds - a.rounds,
+        hits=n1 - n0, channel=used, slot_memory=memory,
+    )  # fmt: skip

@@ -56,9 +56,9 @@ class BareQemu:
                  qemu: str | None = None, kaslr: bool = False,
                  image: Image | None = None, append: str = "") -> None:  # fmt: skip
         """``image``: whose kernel and initramfs (default: the default image's);
+        ``kaslr``: leave KASLR on, as a QEMU started by hand has it (``nokaslr`` else);
         ``append``: more kernel command line, before the init's."""
         image = image if image is not None else default_image()
-        self.vmlinux = image.vmlinux
         self.directory = Path(tempfile.mkdtemp(prefix="kprobevm-bare-"))
         self.serial = self.directory / "serial.log"
         self.gdb: GdbAddress | None = ("127.0.0.1", _free_port()) if gdb else None
