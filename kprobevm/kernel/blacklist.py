@@ -136,14 +136,7 @@ class Blacklist:
                 entries += _area_entries(syms, syms[start_sym], syms[end_sym], reason)
             else:
                 missing.append(f"{reason}: {start_sym}/{end_sym} not in kallsyms")
-        for start_sym, end_sym, reason in _EXTRA_AREAS:
-            if start_sym in syms and end_sym in syms:
-                entries += _area_entries(syms, syms[start_sym], syms[end_sym], reason)
-        if idt and "idt_table" in syms:
-            # The IDT is data (probes there are refused as non-text anyway); listed so that
-            # an explicit `addr=` probe gets this reason.
-            start = syms["idt_table"]
-            entries.append(BlacklistEntry(start, start + 256 * 16, "idt_table", KPROBEVM))
+        entries += _kprobevm_entries(syms, idt=idt)
         return cls(entries, symbols=syms, missing=missing)
 
     @classmethod
@@ -160,12 +153,7 @@ class Blacklist:
         for start, end in ranges:
             reason = next((r for lo, hi, r in areas if lo <= start < hi), NOKPROBE)
             entries.append(BlacklistEntry(start, end, _name(syms, start), reason))
-        for start_sym, end_sym, reason in _EXTRA_AREAS:
-            if start_sym in syms and end_sym in syms:
-                entries += _area_entries(syms, syms[start_sym], syms[end_sym], reason)
-        if idt and "idt_table" in syms:
-            start = syms["idt_table"]
-            entries.append(BlacklistEntry(start, start + 256 * 16, "idt_table", KPROBEVM))
+        entries += _kprobevm_entries(syms, idt=idt)
         return cls(entries, symbols=syms)
 
     def add(self, start: int, end: int, symbol: str, reason: str = KPROBEVM) -> BlacklistEntry:
@@ -259,6 +247,20 @@ def _ksym_entry(syms: KernelSymbols, addr: int, reason: str) -> BlacklistEntry |
         return None
     return BlacklistEntry(addr, addr + sym.size, _name(syms, addr), reason)
 
+
+
+def _kprobevm_entries(syms: KernelSymbols, *, idt: bool) -> list[BlacklistEntry]:
+    """What kprobevm refuses beyond the kernel's list: its extra areas, and the IDT (data,
+    refused as non-text anyway; listed so that an explicit ``addr=`` probe gets this
+    reason)."""
+    entries: list[BlacklistEntry] = []
+    for start_sym, end_sym, reason in _EXTRA_AREAS:
+        if start_sym in syms and end_sym in syms:
+            entries += _area_entries(syms, syms[start_sym], syms[end_sym], reason)
+    if idt and "idt_table" in syms:
+        start = syms["idt_table"]
+        entries.append(BlacklistEntry(start, start + 256 * 16, "idt_table", KPROBEVM))
+    return entries
 
 def _area_entries(syms: KernelSymbols, start: int, end: int, reason: str) -> list[BlacklistEntry]:
     """``kprobe_add_area_blacklist``: one entry per symbol from ``start`` to ``end``."""
