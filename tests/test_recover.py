@@ -177,6 +177,7 @@ print("armed", flush=True)
 if how == "sigterm":
     while True:
         time.sleep(0.1)
+sys.stdin.readline()  # a plain exit once the test has seen the probe armed
 """
 
 
@@ -193,13 +194,16 @@ def test_sigterm_and_plain_exit_restore_the_guest(tmp_path: Path, how: str) -> N
         child = subprocess.Popen(
             [sys.executable, "-c", ENDING, gdb, str(kallsyms),
              vm.read_file("/proc/cmdline").strip(), str(image.vmlinux), str(journal), how],
-            stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert child.stdout is not None
+        assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == "armed"
         assert len(pending_writes(journal)) >= 3  # int3, IDT gate, PMD: really armed
         if how == "sigterm":
             child.send_signal(signal.SIGTERM)
+        else:
+            child.stdin.write("exit\n")
+            child.stdin.flush()
         assert child.wait(timeout=60) == (128 + signal.SIGTERM if how == "sigterm" else 0)
         assert _read_text(gdb, func, size, gate) == before
         assert pending_writes(journal) == []

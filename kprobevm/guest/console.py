@@ -2,7 +2,9 @@
 
 x86's ``die()`` names the trap on an oops's first line (``int3:``, ``general protection
 fault:``, ``invalid opcode:``); a bad page fault says ``BUG:`` and ``Oops:``; a panic says
-``Kernel panic``. ``panic=-1`` on the kernel command line is no trouble.
+``Kernel panic``. ``panic=-1`` on the kernel command line is no trouble, and neither is
+a ``panic+0x..`` frame of a stack trace on its own (a panic asked for says ``Kernel panic``
+too).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import re
 
 __all__ = ["KERNEL_TROUBLE", "kernel_trouble"]
 
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|invalid opcode:|\bpanic\b(?!=)")
+KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|invalid opcode:|\bpanic\b(?![=+])")
 
 
 def kernel_trouble(text: str) -> list[str]:
