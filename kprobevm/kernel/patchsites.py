@@ -48,14 +48,15 @@ class PatchSites:
         read: Callable[[int, int], bytes] | None = None,
         missing: list[str] | None = None,
         *,
-        from_vmlinux: bool = True,
+        unknown_at_run_time: list[str] | None = None,
     ) -> None:
         self.missing = missing or []
         """Tables that could not be read (and why): probes there are not refused."""
-        self.from_vmlinux = from_vmlinux
-        """The vmlinux's tables are in (jump labels, alternatives, the exception table):
-        without them only what was read from guest memory is known, and no probe is
-        optimized."""
+        self.unknown_at_run_time = unknown_at_run_time or []
+        """What the kernel may still patch at run time and the host does not know (and
+        why): no probe is optimized while there is any. A table the kernel applied once
+        at boot and freed with its init memory (``.altinstructions``) is not in it: the
+        bytes it patched never change again."""
         self.sites = sorted(sites, key=lambda s: s.start)
         self._starts = [s.start for s in self.sites]
         # a range can be long (a static call trampoline section): keep the running max end
@@ -129,8 +130,14 @@ class PatchSites:
             for sym in symbols.functions()
             if sym.name.startswith("__SCT__")
         ]  # fmt: skip
+        if vmlinux is not None:
+            unknown: list[str] = []
+        elif live is None:
+            unknown = ["no vmlinux, and no patch tables read from guest memory"]
+        else:
+            unknown = [m for m in live.missing if m not in live.applied_at_boot]
         return cls(sites, ftrace, read, live.missing if live is not None else None,
-                   from_vmlinux=vmlinux is not None)
+                   unknown_at_run_time=unknown)
 
     def find(self, addr: int) -> Site | None:
         """The patched range containing ``addr``, if any."""

@@ -37,6 +37,9 @@ class LiveTables:
     def __init__(self, symbols: KernelSymbols, read: ReadFn, btf: Btf | None) -> None:
         self.symbols, self.read, self.btf = symbols, read, btf
         self.missing: list[str] = []
+        self.applied_at_boot: list[str] = []
+        """The entries of :attr:`missing` for tables in the freed init memory: the kernel
+        applied them once at boot and never patches those bytes again."""
 
     def table(self, section: str, first: str, last: str) -> tuple[int, bytes] | None:
         """``(address, bytes)`` of the table between kallsyms' ``first`` and ``last``."""
@@ -49,7 +52,9 @@ class LiveTables:
             return None
         init = syms.get("__init_begin"), syms.get("__init_end")
         if init[0] is not None and init[1] is not None and init[0] <= start < init[1]:
-            self.missing.append(f"{section}: in the init memory the kernel freed after boot")
+            freed = f"{section}: in the init memory the kernel freed after boot"
+            self.missing.append(freed)
+            self.applied_at_boot.append(freed)
             return None
         try:
             return start, self.read(start, stop - start)

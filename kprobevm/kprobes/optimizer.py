@@ -120,8 +120,8 @@ class Optimizer:
         # a jump label or alternative under the jump would be patched by the kernel one day
         if site.module is not None:
             return f"in module {site.module}, whose patched text the host does not know"
-        if not manager.patch_sites.from_vmlinux:
-            return "no vmlinux: the text the kernel patches is not known"
+        if unknown := manager.patch_sites.unknown_at_run_time:
+            return f"the text the kernel patches is not all known ({'; '.join(unknown)})"
         sym = manager.symbols.lookup(site.addr)
         if sym is None or not sym.size:
             return "no function around it"
