@@ -91,6 +91,9 @@ class _Planner:
                 if self.at_return:
                     return _Base(reg="ax")
                 raise Unrecordable("$retval is known at the return only")
+            case fetch.EntryArg(n):
+                raise Unrecordable(f"$arg{n} at a return is saved at the function's entry,"
+                                   " which recorded return probes do not do")
             case fetch.Comm() | fetch.ImmString():
                 raise Unrecordable(f"{src!r} has no numeric value")
         raise Unrecordable(f"unknown fetch source {src!r}")
