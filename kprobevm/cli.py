@@ -321,7 +321,7 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
-        vm.kprobes.optimizer.enabled = not args.no_optimize
+        vm.kprobes.optimizer.enabled = args.optimize
         try:
             plan = trace.plan_events(vm, events)
         except ProbeSyntaxError as exc:
@@ -517,9 +517,10 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
                         help="record: the guest records each hit, no stop (entry probes);"
                              " stop: the guest stops at each hit; auto (default): record"
                              " when every probe can be")
-    parser.add_argument("--no-optimize", action="store_true",
-                        help="keep every probe on its int3, never a jump (the kernel's"
-                             " sysctl debug.kprobes-optimization=0)")
+    parser.add_argument("--optimize", action="store_true",
+                        help="a jump instead of the int3 where the kernel's optprobe rules"
+                             " allow (the kernel's sysctl debug.kprobes-optimization=1;"
+                             " off by default for now)")
     parser.add_argument("--string-size", type=int, default=DEFAULT_STRING_SIZE, metavar="N",
                         help="bytes a recorded string keeps, NUL included (default"
                              f" {DEFAULT_STRING_SIZE}; 1..4096)")

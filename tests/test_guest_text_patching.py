@@ -157,6 +157,7 @@ def test_recorded_and_counted_probes_on_an_ftrace_site(guest: VM) -> None:
     recorded = Kprobe(symbol_name=FUNC, pre_handler=lambda kp, regs: ips.append(regs.ip),
                       record=RecordSpec())  # fmt: skip
     counted = Kprobe(symbol_name="vfs_read")
+    guest.kprobes.optimizer.enabled = True  # asked for: the jumps must leave the NOP too
     guest.register_kprobes([recorded, counted])
     try:
         assert recorded.ftrace and counted.ftrace and counted.counted
@@ -171,6 +172,7 @@ def test_recorded_and_counted_probes_on_an_ftrace_site(guest: VM) -> None:
         assert counted.nhit >= 10
     finally:
         guest.unregister_kprobes([recorded, counted])
+        guest.kprobes.optimizer.enabled = False
 
 
 def test_an_ftrace_site_followed_by_patched_text_keeps_the_int3_on_the_nop(

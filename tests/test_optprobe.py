@@ -5,6 +5,7 @@ inside a jump taking it away, and the text as it was after each."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.core import Kprobe, ProbeSite
+from kprobevm.kprobes.optimizer import OPTIMIZE_BY_DEFAULT
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86 import asm
+from kprobevm.x86 import insn as x86insn
 from kprobevm.x86.ptregs import PtRegs
 
 pytestmark = pytest.mark.vm
@@ -25,12 +28,14 @@ INT3, JMP = 0xCC, 0xE9
 
 @pytest.fixture
 def text(vm: VM) -> Iterator[bytes]:
-    """vfs_read's first 64 bytes, checked the same after the test; the switch left on."""
+    """vfs_read's first 64 bytes, checked the same after the test; the switch on for the
+    test and back to its default after."""
     addr = vm.symbols[FUNC]
     before = vm.read(addr, 64)
     assert before.startswith(FTRACE_NOP)
-    yield before
     vm.kprobes.optimizer.enabled = True
+    yield before
+    vm.kprobes.optimizer.enabled = OPTIMIZE_BY_DEFAULT
     assert vm.read(addr, 64) == before
     assert vm.list_kprobes() == ""
 
@@ -146,7 +151,7 @@ def test_a_probe_inside_a_jump_takes_it_away(vm: VM, text: bytes) -> None:
         vm.unregister_kprobe(outer)
 
 
-def test_no_optimize_on_the_command_line_keeps_every_int3(
+def test_optimize_on_the_command_line_asks_for_jumps(
     vm: VM, text: bytes, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kprobevm import cli
@@ -163,9 +168,9 @@ def test_no_optimize_on_the_command_line_keeps_every_int3(
     monkeypatch.setattr(cli, "_guest", lambda args: contextlib.nullcontext(vm))
     # an idle second first: the optimizer may have to wait for the guest to be quiet
     argv = ["count", "--boot", FUNC, "--", f"sleep 1; {DD.format(n=10)}"]
-    assert cli.main([argv[0], "--no-optimize", *argv[1:]]) == cli.EXIT_OK
-    assert not jumped and not vm.kprobes.optimizer.enabled
     assert cli.main(argv) == cli.EXIT_OK
+    assert not jumped and not vm.kprobes.optimizer.enabled
+    assert cli.main([argv[0], "--optimize", *argv[1:]]) == cli.EXIT_OK
     assert jumped == [vm.symbols[FUNC] + 5] and vm.kprobes.optimizer.enabled
     counts = [int(line.split(": ")[1]) for line in capsys.readouterr().out.splitlines()]
     assert len(counts) == 2 and min(counts) >= 10, counts
@@ -173,7 +178,7 @@ def test_no_optimize_on_the_command_line_keeps_every_int3(
 
 def test_the_benchmark_round_measures_each_way_on_its_own_path(vm: VM, text: bytes) -> None:
     """One small round of ``scripts/bench-optprobe``: every way hit once per read (its
-    check refuses a probe on the wrong path), the optimizer left on."""
+    check refuses a probe on the wrong path), the optimizer's switch left as it was."""
     from kprobevm.bench.optprobe import WAYS, measure_round
 
     r = measure_round(vm, 200, index=1)
@@ -181,3 +186,37 @@ def test_the_benchmark_round_measures_each_way_on_its_own_path(vm: VM, text: byt
     assert all(200 <= r.hits[w] < 400 for w in WAYS), r.hits
     assert all(r.unprobed[w].cpu_ns > 0 and r.unprobed[w].guest_ns > 0 for w in WAYS)
     assert vm.kprobes.optimizer.enabled
+
+
+def test_no_jump_over_bytes_the_guests_own_kprobe_patched(vm: VM, text: bytes) -> None:
+    """The guest kernel optimizes its own kprobes too, and takes their jumps out lazily:
+    a jump of ours over bytes it has patched would copy its jump into our slot (and put
+    it back at the end). Such a site keeps its int3 and says why."""
+    addr = vm.symbols[FUNC]
+    optimizer = vm.kprobes.optimizer
+    second = x86insn.decode(text[5:20], addr + 5).next_addr
+    tracing = "/sys/kernel/tracing"
+    vm.run(f"echo 'p:kprobevm_own {FUNC}+{second - addr}' >> {tracing}/kprobe_events &&"
+           f" echo 1 > {tracing}/events/kprobes/kprobevm_own/enable", check=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20  # the guest's optimizer runs some jiffies later
+        while vm.read(second, 1)[0] != JMP and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert vm.read(second, 1)[0] == JMP, "the guest did not optimize its own kprobe"
+        kp = Kprobe(symbol_name=FUNC, pre_handler=lambda kp, regs: None)
+        vm.register_kprobe(kp)
+        try:
+            optimizer.settle()
+            site = vm.kprobes.site_of(kp)
+            assert not site.optimized, optimizer.why_not
+            assert f"{second:#x}" in optimizer.why_not[site.addr], optimizer.why_not
+            vm.run("head -c1 /etc/passwd >/dev/null")
+            assert kp.nhit >= 1
+        finally:
+            vm.unregister_kprobe(kp)
+    finally:
+        vm.run(f"echo 0 > {tracing}/events/kprobes/kprobevm_own/enable;"
+               f" echo '-:kprobevm_own' >> {tracing}/kprobe_events", check=True)  # fmt: skip
+        deadline = time.monotonic() + 20  # its jump goes out lazily too
+        while vm.read(addr, 64) != text and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -106,12 +106,14 @@ def _run_scenario(vm: VM, model: str, rounds: int) -> None:
         assert "clear_page" not in held  # a task's comm: the loops' shells or cat
         # a jump goes in once no task can be inside the bytes it covers (task scans)
         jumped = Kprobe(symbol_name="vfs_read")
+        vm.kprobes.optimizer.enabled = True
         vm.register_kprobe(jumped)
         try:
             vm.kprobes.optimizer.settle()
             assert vm.kprobes.site_of(jumped).optimized
         finally:
             vm.unregister_kprobe(jumped)
+            vm.kprobes.optimizer.enabled = False
         slots = _churn(vm, rounds, rep_stos)
     finally:
         vm.run("kill $(cat /tmp/kpt-loops); rm -f /tmp/kpt-loops", timeout=30)

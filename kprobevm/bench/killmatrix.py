@@ -103,6 +103,7 @@ elif phase == "handler":
 else:
     kps = [Kprobe(symbol_name=name, pre_handler=None if name in COUNTED else hit)
            for name in BATCH]
+    vm.kprobes.optimizer.enabled = phase in ("optimize", "unoptimize")
     vm.register_kprobes(kps)
     if phase in ("optimize", "unoptimize"):  # the jumps in before anything else
         vm.kprobes.optimizer.settle(30)

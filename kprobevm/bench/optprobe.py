@@ -169,6 +169,7 @@ def measure_round(vm: VM, n: int, *, index: int = 0) -> OptRound:
     unprobed: dict[str, Timing] = {}
     hits: dict[str, int] = {}
     stops: dict[str, int] = {}
+    was = vm.kprobes.optimizer.enabled
     try:
         for name in WAYS[turn:] + WAYS[:turn]:
             if index % 2 == 0:
@@ -180,7 +181,7 @@ def measure_round(vm: VM, n: int, *, index: int = 0) -> OptRound:
             guest[name] = (timing.guest_ns - unprobed[name].guest_ns) / per
             cpu[name] = (timing.cpu_ns - unprobed[name].cpu_ns) / per
     finally:
-        vm.kprobes.optimizer.enabled = True
+        vm.kprobes.optimizer.enabled = was
     return OptRound(guest, cpu, unprobed, hits, stops)
 
 

@@ -49,7 +49,13 @@ class PatchSites:
         missing: list[str] | None = None,
         *,
         unknown_at_run_time: list[str] | None = None,
+        kernel_bytes: Callable[[int, int], bytes] | None = None,
     ) -> None:
+        self.kernel_bytes = kernel_bytes
+        """Text as the kernel image holds it (the slid vmlinux), None without one: what
+        a jump's covered bytes must still be. The kernel also patches text no table
+        names (its own kprobes and optprobes, put in and taken out lazily), and the
+        bytes of a region it has touched are not ours to copy."""
         self.missing = missing or []
         """Tables that could not be read (and why): probes there are not refused."""
         self.unknown_at_run_time = unknown_at_run_time or []
@@ -137,7 +143,8 @@ class PatchSites:
         else:
             unknown = [m for m in live.missing if m not in live.applied_at_boot]
         return cls(sites, ftrace, read, live.missing if live is not None else None,
-                   unknown_at_run_time=unknown)
+                   unknown_at_run_time=unknown,
+                   kernel_bytes=vmlinux.read if vmlinux is not None else None)
 
     def find(self, addr: int) -> Site | None:
         """The patched range containing ``addr``, if any."""

@@ -34,7 +34,7 @@ from kprobevm import faults
 from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
-from kprobevm.kprobes.optimizer import POST_HANDLER_KEEPS_INT3, Optimizer
+from kprobevm.kprobes.optimizer import OPTIMIZE_BY_DEFAULT, POST_HANDLER_KEEPS_INT3, Optimizer
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
 from kprobevm.x86.ptregs import PtRegs
 
@@ -264,7 +264,7 @@ class KprobeManager:
         """ftrace sites with our int3 on the NOP itself, and why it could not go after it:
         the guest's ftrace cannot patch those functions while they are probed."""
         self.modules = ModuleWatch(memory, module_layout, self._module_going)
-        self.optimizer = Optimizer(self)
+        self.optimizer = Optimizer(self, enabled=OPTIMIZE_BY_DEFAULT)
         """Which sites get a jump instead of an int3 (``optimizer.enabled``: the sysctl)."""
 
     # -- the channel -----------------------------------------------------------------

@@ -37,6 +37,11 @@ POST_HANDLER_KEEPS_INT3 = "a post_handler runs after the probed instruction alon
 GRACE_TIMEOUT = 2.0
 """Seconds sites may wait for the guest to leave the bytes their jumps cover before
 stderr says they still have their int3 (the optimizer goes on trying)."""
+OPTIMIZE_BY_DEFAULT = False
+"""Jumps are asked for (``optimizer.enabled = True``, ``--optimize``): once, in a whole
+test run on a loaded machine, a batch of stopping probes with one inside another's jump
+left a guest's text changed and the guest hung, and the cause is not found yet."""
+
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""
 
@@ -44,7 +49,7 @@ RETRY_INTERVAL = 0.05
 class Optimizer:
     """Which sites of a probe table are jump-optimized; ``enabled`` is the sysctl."""
 
-    def __init__(self, manager: KprobeManager, *, enabled: bool = True) -> None:
+    def __init__(self, manager: KprobeManager, *, enabled: bool = OPTIMIZE_BY_DEFAULT) -> None:
         self.manager = manager
         self._enabled = enabled
         self.why_not: dict[int, str] = {}
@@ -131,6 +136,8 @@ class Optimizer:
                              fixup=self._fixup)  # fmt: skip
         if isinstance(region, str) or site.slot is None:
             return region if isinstance(region, str) else "no slot"
+        if (changed := self._changed(region, func, sym.address)) is not None:
+            return changed
         try:  # in reach of the slot: the jump, and each copy's RIP-relative operand
             asm.jmp_rel32(site.addr, site.slot.address)
             for insn in region.insns:
@@ -152,6 +159,25 @@ class Optimizer:
         for other in self.manager.table:
             if other != site.addr and lo <= other < hi:
                 return f"another probe at {other:#x} under the jump"
+        return None
+
+    def _changed(self, region: OptRegion, text: bytes, at: int) -> str | None:
+        """Why the covered bytes (``text`` read at ``at``, our int3s undone) may not be
+        copied: the kernel image's bytes are unknown, or the guest changed them (its own
+        kprobe or optprobe, which it takes out lazily); None when they are the image's."""
+        reference = self.manager.patch_sites.kernel_bytes
+        if reference is None:
+            return ("no vmlinux to check the covered bytes against (the guest's own kprobes"
+                    " patch text too)")
+        size = region.end - region.addr
+        live = text[region.addr - at : region.addr - at + size]
+        try:
+            kernel = reference(region.addr, size)
+        except KprobeVMError as exc:
+            return f"the covered bytes are not in the vmlinux: {exc}"
+        if live != kernel:
+            return (f"the guest changed the covered bytes at {region.addr:#x} (its own kprobe?):"
+                    f" {live.hex()} where the vmlinux has {kernel.hex()}")
         return None
 
     def _fixup(self, addr: int) -> str | None:
@@ -199,6 +225,13 @@ class Optimizer:
                 return True  # closed meanwhile
             for site in self._pending():
                 if site.armed_at <= since:
+                    # the guest may have patched the bytes since the region was chosen
+                    assert site.opt is not None
+                    opt = site.opt
+                    now = manager.original_text(opt.addr, opt.end - opt.addr)
+                    if (changed := self._changed(opt, now, opt.addr)) is not None:
+                        self._uncover(site, changed)
+                        continue
                     channel.optimize(site)
                     self.why_not.pop(site.addr, None)
             return not self._pending()
