@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
 from kprobevm.gdbstub.transport import format_gdb_address, parse_gdb_address
 from kprobevm.guest.image import DEFAULT_MEMORY
+from kprobevm.kernel.stacktrace import DEFAULT_STACK_SIZE
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 
 if TYPE_CHECKING:
@@ -116,7 +117,8 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
                        help="a running QEMU's gdbstub: a unix socket path or HOST:PORT")
     attach = parser.add_argument_group("attach")
     attach.add_argument("--ssh", type=_ssh_address, metavar="HOST:PORT",
-                        help="the attached guest's SSH address (runs CMD, reads kallsyms)")
+                        help="the attached guest's SSH address (runs CMD, reads kallsyms);"
+                             " without it, symbols come from guest memory and CMD cannot run")
     attach.add_argument("--ssh-key", type=Path, metavar="K", help="private key for --ssh")
     attach.add_argument("--vmlinux", type=Path, metavar="V",
                         help="the attached guest's vmlinux (its BTF gives comm and pid);"
@@ -133,6 +135,9 @@ def _guest(args: argparse.Namespace) -> VM:
     from kprobevm.guest.vm import attach
 
     _progress(f"attaching to {args.attach}")
+    if args.ssh is None and args.vmlinux is None:
+        _progress("no --ssh or --vmlinux: symbols, BTF, module symbols and the kprobe"
+                  " blacklist are read from guest memory")  # fmt: skip
     return attach(args.attach, ssh=args.ssh, ssh_key=args.ssh_key, vmlinux=args.vmlinux,
                   kallsyms=args.kallsyms)
 
@@ -240,7 +245,7 @@ def _print_hits(session: TraceSession, out: TextIO, as_json: bool) -> int:
 def _hit_text(hit: EventHit, as_json: bool) -> str:
     if as_json:
         return json.dumps(hit.to_json(), separators=(",", ":")) + "\n"
-    return hit.line() + "\n"
+    return "\n".join(hit.lines()) + "\n"
 
 
 def _run_in_guest(
@@ -279,6 +284,20 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         print(f"kprobevm {sub}: --string-size {args.string_size} is not in 1..4096",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    stacktrace, stack_size = getattr(args, "stacktrace", False), getattr(args, "stack_size", 0)
+    if stacktrace and (not 8 <= stack_size <= 4096 or stack_size % 8):
+        print(f"kprobevm {sub}: --stack-size {stack_size} is not a multiple of 8 in 8..4096",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    returns = [f"{e.group}/{e.event}" for e in events if e.is_return]
+    if stacktrace and returns:
+        print(f"kprobevm {sub}: --stacktrace is for entry probes; {', '.join(returns)} is a"
+              " return probe", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if args.command and not args.boot and args.ssh is None:
+        print(f"kprobevm {sub}: -- CMD runs in the guest over SSH, and --attach has no --ssh"
+              " HOST:PORT: give --ssh, or trace for --duration S", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     out = sys.stdout
     with _guest(args) as vm:
         try:
@@ -292,18 +311,23 @@ def _session(args: argparse.Namespace, definitions: list[str], *, count_only: bo
         if args.mode == "record":
             _, why = trace.record_specs(
                 vm, plan, count_only=count_only, string_size=args.string_size,
-                have_btf=vm.task_layout is not None,
+                have_btf=vm.task_layout is not None, stack_size=stack_size if stacktrace else 0,
             )  # fmt: skip
             if why:
                 print(f"kprobevm {sub}: --mode record: {why}", file=sys.stderr)
                 return EXIT_USAGE
         session = trace.TraceSession(
-            vm, plan, count_only=count_only, mode=args.mode, string_size=args.string_size
-        )
+            vm, plan, count_only=count_only, mode=args.mode, string_size=args.string_size,
+            stacktrace=stacktrace, stack_size=stack_size or DEFAULT_STACK_SIZE,
+        )  # fmt: skip
         session.start()
         reader_gone = False
         try:
             _progress(f"{len(plan)} probe(s) placed")
+            if vm.trap_fallback is not None:
+                _progress(f"trap channel: breakpoint, slow (each hit stops the VM and QEMU may"
+                          f" flush its translation cache: tens of hits per second), because"
+                          f" {vm.trap_fallback}")  # fmt: skip
             if session.record_refused is not None:
                 _progress(f"not recorded, stopping at each hit: {session.record_refused}")
             _wait(args, vm, session, out, count_only=count_only)
@@ -399,7 +423,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does."""
+    """Count hits per probe; print ``@[FUNC]: N`` lines at the end, as bpftrace does
+    (``--by comm|pid|cpu``: ``@[FUNC, KEY]: N``, counted in the guest)."""
     funcs = _probe_words(args, "functions")
     if not funcs:
         return EXIT_USAGE
@@ -417,6 +442,10 @@ def cmd_count(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         keys.append(_count_key(func, event))
     args.keys = keys
+    if args.by is not None:
+        from kprobevm.maps_cli import cmd_count_by
+
+        return cmd_count_by(args, definitions, keys)
     return _session(args, definitions, count_only=True)
 
 
@@ -494,6 +523,8 @@ as the kernel does.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; later sub-commands (trace, count, list, ...) add themselves here."""
+    from kprobevm import maps_cli
+
     parser = argparse.ArgumentParser(
         prog="kprobevm", description="Linux kprobes for a QEMU x86_64 guest, driven from the host.",
     )
@@ -516,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help=cmd_trace.__doc__, description=cmd_trace.__doc__,
                            epilog=TRACE_EPILOG, formatter_class=raw)
     _add_session_options(trace)
+    trace.add_argument("--stacktrace", action="store_true",
+                       help="after each line, the kernel stack at the hit as tracefs prints"
+                            " it with options/stacktrace and sym-offset (entry probes),"
+                            " unwound on the host with the vmlinux's ORC tables")
+    trace.add_argument("--stack-size", type=int, default=DEFAULT_STACK_SIZE, metavar="N",
+                       help="with --stacktrace, bytes of stack a recorded hit copies from"
+                            f" %%sp up (default {DEFAULT_STACK_SIZE}; 8..4096, a multiple of"
+                            " 8), and as many from the stack below an IRQ stack: a deeper"
+                            " stack is cut there")
     trace.add_argument("words", nargs=argparse.REMAINDER, metavar="DEF... [-- CMD...]")
     trace.set_defaults(func=cmd_trace)
 
@@ -523,8 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="FUNC: a symbol (vfs_read, vfs_read%return) or a definition."
                                   "\n\n" + EXIT_EPILOG, formatter_class=raw)
     _add_session_options(count)
+    maps_cli.add_by_option(count)
     count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
     count.set_defaults(func=cmd_count)
+    maps_cli.add_hist_parser(sub)
 
     lst = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
     _add_guest_options(lst)

@@ -6,7 +6,8 @@
   ``--kprobevm-qemu`` (else ``$KPROBEVM_QEMU``) the QEMU that boots it).
 - ``kprobes`` (function): a :class:`ProbeSession`; at teardown it unregisters what the
   test placed, checks the probed functions' text is as before and the serial console
-  shows no oops, and fails the test otherwise.
+  shows no oops, and fails the test otherwise. ``kprobes.hist(...)`` and
+  ``kprobes.count_by(...)`` place maps the guest keeps (``.read()`` snapshots them).
 - the ``vm`` marker: without that QEMU the marked tests skip, saying why.
 - a failing test that used the guest gets the serial log's tail in its report.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kprobevm.errors import KprobeVMError
+from kprobevm.guest.console import KERNEL_TROUBLE, kernel_trouble
 from kprobevm.guest.qemu_builds import QEMU_ENV, resolve_qemu
 
 if TYPE_CHECKING:
     from kprobevm.guest.shell import RunResult
     from kprobevm.guest.vm import VM
+    from kprobevm.kprobes.aggregations import AggregateProbe
     from kprobevm.kprobes.core import Kprobe
     from kprobevm.kprobes.kretprobes import Kretprobe
     from kprobevm.tracing import ArgValue, EventHit
@@ -39,15 +41,7 @@ __all__ = ["KERNEL_TROUBLE", "EventProbe", "ProbeSession", "kernel_trouble"]
 
 SERIAL_TAIL_LINES = 40
 
-# A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
-
 _VM_KEY = pytest.StashKey["VM"]()
-
-
-def kernel_trouble(text: str) -> list[str]:
-    """Console lines that show an oops, a BUG, a GP fault, an unhandled int3 or a panic."""
-    return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
 
 
 def _qemu_missing(config: pytest.Config) -> str | None:
@@ -191,6 +185,7 @@ class ProbeSession:
         self._kprobes: list[Kprobe] = []
         self._kretprobes: list[Kretprobe] = []
         self._traces: list[TraceSession] = []
+        self._maps: list[AggregateProbe] = []
         self._text: dict[str, tuple[int, int, str]] = {}  # function -> (addr, size, sha256)
         self._serial_start = len(vm.serial_log())
 
@@ -231,6 +226,27 @@ class ProbeSession:
             self._traces.append(session)
         return probes
 
+    def hist(
+        self, definition: str, field: str, *, linear: tuple[int, int, int] | None = None
+    ) -> AggregateProbe:
+        """``vm.hist(...)``: a histogram of ``field`` kept in the guest; ``.read()`` it."""
+        return self._map(self.vm.hist(definition, field, linear=linear))
+
+    def count_by(self, definition: str, by: str) -> AggregateProbe:
+        """``vm.count_by(...)``: hits counted by comm, pid or cpu in the guest."""
+        return self._map(self.vm.count_by(definition, by))
+
+    def _map(self, placed: AggregateProbe) -> AggregateProbe:
+        # placed already: the text is read as the kernel has it, our int3 undone
+        assert placed.kp.addr is not None
+        sym = self.vm.symbols.lookup(placed.kp.addr)
+        if sym is not None and sym.name not in self._text:
+            size = max(sym.size, 1)
+            digest = hashlib.sha256(self.vm.original_text(sym.address, size)).hexdigest()
+            self._text[sym.name] = (sym.address, size, digest)
+        self._maps.append(placed)
+        return placed
+
     def run(self, command: str, *, timeout: float = 60.0, check: bool = False) -> RunResult:
         """Run a shell command in the guest (the probes fire meanwhile); when it returns,
         the hits the guest recorded are in the probes' ``hits``."""
@@ -244,6 +260,8 @@ class ProbeSession:
     def close(self) -> list[str]:
         """Unregister everything; return what is wrong (text not restored, oops lines)."""
         problems: list[str] = []
+        for placed in reversed(self._maps):
+            self._undo(problems, placed.close)
         for trace in reversed(self._traces):
             problems += [f"handler error: {e}" for e in trace.handler_errors()]
             self._undo(problems, trace.stop)
@@ -253,7 +271,7 @@ class ProbeSession:
         for kp in reversed(self._kprobes):
             if kp.registered:
                 self._undo(problems, functools.partial(self.vm.unregister_kprobe, kp))
-        self._traces, self._kretprobes, self._kprobes = [], [], []
+        self._traces, self._kretprobes, self._kprobes, self._maps = [], [], [], []
         for name, (addr, size, digest) in self._text.items():
             try:
                 now = hashlib.sha256(self.vm.read(addr, size)).hexdigest()

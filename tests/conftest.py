@@ -4,7 +4,6 @@ every test that used it, and a check that no QEMU started by the tests outlives 
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import QemuMachine
 from kprobevm.guest.vm import VM
 
@@ -20,8 +20,6 @@ SESSION_TOKEN = f"KPROBEVM_TEST_SESSION={uuid.uuid4().hex}"
 session can tell its own QEMUs from those of anyone else on the machine."""
 os.environ[SESSION_TOKEN.split("=")[0]] = SESSION_TOKEN.split("=")[1]
 
-# A kernel in trouble says so on the console; "panic=-1" on the command line is no trouble.
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
 
 
 def session_qemus() -> list[int]:
@@ -66,10 +64,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI (CI={os.environ['CI']}), which is a failure: {reason}"
-
-
-def kernel_trouble(text: str) -> list[str]:
-    return [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.gdbstub.client import GdbClient
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.image import default_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
@@ -38,7 +39,6 @@ from kprobevm.kprobes.recover import recover
 from kprobevm.tracing import differential as diff
 from kprobevm.x86.pagetable import la57_enabled
 from tests._boot_variants import BOOT_VARIANTS, KERNEL_VARIANTS
-from tests.conftest import kernel_trouble
 from tests.test_differential import COMM, REJECTED, RUNS, TRACED, WORKLOAD
 from tests.test_kprobes_smp import MIN_SEEN, TARGET, record_on_every_cpu, run_on_every_cpu
 from tests.test_pagetable import check_walks

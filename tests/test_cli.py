@@ -241,3 +241,36 @@ def test_auto_mode_says_why_it_stops(capsys: pytest.CaptureFixture[str]) -> None
     assert "kprobevm: not recorded, stopping at each hit: do_sys_openat2+0x0/0x" in err, err
     assert "over the 2,048 of its cell" in err
     assert any(": c1: " in line and 'fn="/etc/hostname"' in line for line in out.splitlines())
+
+
+@pytest.mark.vm
+def test_count_by_and_hist_boot(capsys: pytest.CaptureFixture[str]) -> None:
+    """``count --by comm``: dd's 300 reads under its comm, ``@[FUNC, KEY]: N`` ascending;
+    ``hist --linear --json`` on 2 vCPUs: bs=5 reads in the [5, 6) bucket, the CPUs'
+    regions summed; both counted in the guest."""
+    code, out, err = run(
+        capsys, "count", "--boot", "--by", "comm", "vfs_read",
+        "--", "dd if=/dev/zero of=/dev/null bs=1 count=300 2>/dev/null",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    counts = [(line.partition(": ")[0], int(line.partition(": ")[2])) for line in out.splitlines()]
+    assert ("@[vfs_read, dd]", 300) in counts, out
+    assert [n for _, n in counts] == sorted(n for _, n in counts)
+    code, out, err = run(
+        capsys, "hist", "--boot", "--smp", "2", "--json", "--field", "count", "--linear", "0,10,1",
+        "p:rd vfs_read count=%dx:u64",
+        "--", "dd if=/dev/zero of=/dev/null bs=5 count=200 2>/dev/null",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    doc = json.loads(out)
+    assert doc["map"] == "rd" and doc["kind"] == "lhist" and doc["dropped"] == 0
+    assert {"lo": 5, "hi": 6, "count": 200} in doc["buckets"], doc
+    assert doc["total"] == sum(b["count"] for b in doc["buckets"]) == sum(doc["per_cpu"])
+    assert len(doc["per_cpu"]) == 2  # a region per vCPU
+
+
+def test_hist_bad_input_needs_no_guest(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "hist", "--boot", "--field", "n", "--linear", "5,1,1", "p x")
+    assert code == cli.EXIT_USAGE and "needs MIN < MAX" in err, err
+    code, _, err = run(capsys, "count", "--boot", "--by", "stack", "vfs_read")
+    assert code == cli.EXIT_USAGE and "invalid choice: 'stack'" in err, err

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from kprobevm.errors import ProbeRefused
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.patchsites import FTRACE_NOP
@@ -25,7 +26,6 @@ from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86.insn import boundaries
 from kprobevm.x86.ptregs import PtRegs
-from tests.conftest import kernel_trouble
 
 pytestmark = pytest.mark.vm
 

@@ -9,12 +9,12 @@ against its tracefs are the differential harness's (tests/test_differential.py).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
@@ -27,7 +27,6 @@ from kprobevm.x86.record import Capture
 pytestmark = pytest.mark.vm
 
 KERNEL_612 = "linux-image-6.12-cloud-amd64"
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
 OPENS_PER_CPU = 60
 TARGET = "/tmp/kpt-kernels"
 HOT = ("do_sys_openat2", "vfs_read")
@@ -36,7 +35,7 @@ with a sealed ENDBR, then the NOP at +4."""
 
 
 def _trouble(vm: VM) -> list[str]:
-    return [ln for ln in vm.serial_log().splitlines() if KERNEL_TROUBLE.search(ln)]
+    return kernel_trouble(vm.serial_log())
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ kernel trouble themselves.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pytest
 
 from kprobevm.errors import GuestFaultError
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
@@ -22,7 +22,6 @@ from kprobevm.x86.ptregs import PtRegs
 
 pytestmark = pytest.mark.vm
 
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
 OPENS_PER_CPU = 60
 TARGET = b"/tmp/kpt-smp"
 MIN_SEEN = OPENS_PER_CPU
@@ -113,7 +112,7 @@ def run_on_every_cpu(vm: VM, ncpus: int) -> SmpRun:
         vm.unregister_kprobe(run.opens)
         vm.unregister_kprobe(run.pushes)
     assert vm.run("nproc", check=True).stdout.strip() == str(ncpus)
-    trouble = [ln for ln in vm.serial_log().splitlines() if KERNEL_TROUBLE.search(ln)]
+    trouble = kernel_trouble(vm.serial_log())
     assert not trouble, trouble[:10]
     return run
 
@@ -154,7 +153,7 @@ def record_on_every_cpu(vm: VM, ncpus: int, n: int) -> None:
         vm.run(f"for c in {cpus}; do taskset -c $c sh -c 'c='$c'; {loop}' & done; wait",
                check=True, timeout=120)  # fmt: skip
     hits = list(session.drain())
-    trouble = [ln for ln in vm.serial_log().splitlines() if KERNEL_TROUBLE.search(ln)]
+    trouble = kernel_trouble(vm.serial_log())
     assert session.recorded and not session.handler_errors()
     assert not trouble, trouble[:10]
     assert session.missed() == 0

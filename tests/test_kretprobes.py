@@ -3,13 +3,13 @@ several return probes on one function (one and two vCPUs)."""
 
 from __future__ import annotations
 
-import re
 import struct
 import time
 from dataclasses import dataclass, field
 
 import pytest
 
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.x86.ptregs import PtRegs
@@ -17,7 +17,6 @@ from kprobevm.x86.ptregs import PtRegs
 pytestmark = pytest.mark.vm
 
 ENOENT = -2
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
 
 
 def signed(value: int) -> int:
@@ -188,7 +187,7 @@ def test_two_return_probes_on_one_function_on_two_vcpus() -> None:
         first, second = _two_on_one_function(
             vm, f"for c in 0 1; do taskset -c $c sh -c '{loop}' & done; wait", timeout=120
         )
-        trouble = [ln for ln in vm.serial_log().splitlines() if KERNEL_TROUBLE.search(ln)]
+        trouble = kernel_trouble(vm.serial_log())
     assert not trouble, trouble[:10]
     a, b = first.seen, second.seen
     assert sorted(x[:3] for x in a) == sorted(x[:3] for x in b)

@@ -13,11 +13,11 @@ and checks the guest's console and text at the end.
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
 from kprobevm.kprobes.core import Kprobe
@@ -26,7 +26,6 @@ from kprobevm.x86 import insn as x86insn
 
 pytestmark = pytest.mark.vm
 
-TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
 LOOPS = ("for i in 1 2 3; do (while :; do cat /proc/version >/dev/null; done) &"
          " echo $! >> /tmp/kpt-loops; done")  # fmt: skip
 FUNCS = ("clear_page_rep", "vfs_read")
@@ -115,7 +114,7 @@ def _run_scenario(vm: VM, model: str, rounds: int) -> None:
     assert tasks is not None and tasks.nscans > 0
     vm.run("cat /proc/version", check=True)
     assert _texts(vm) == before
-    assert [ln for ln in vm.serial_log().splitlines() if TROUBLE.search(ln)] == []
+    assert kernel_trouble(vm.serial_log()) == []
 
 
 @pytest.mark.parametrize(("package", "rounds"),

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.qemu_builds import fetch_qemu, qemu_version
 from kprobevm.guest.vm import VM
@@ -23,7 +24,6 @@ from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86.ptregs import PtRegs
-from tests.conftest import kernel_trouble
 
 pytestmark = pytest.mark.vm
 

@@ -16,6 +16,7 @@ import pytest
 from kprobevm import cli
 from kprobevm.errors import JournalError, VMLost
 from kprobevm.gdbstub.client import GdbClient
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.image import default_image, kernel_package_image
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.qemu_builds import fetch_qemu
@@ -25,8 +26,6 @@ from kprobevm.kprobes.journal import Journal, pending_writes
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance, KretprobeManager
 from kprobevm.kprobes.recover import recover
 from tests.fakestub import QemuLike, serve_on_unix_socket
-
-TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
 
 # The host that gets killed: attaches to the guest, arms a probe on a hot function.
 CHILD = r"""
@@ -67,7 +66,7 @@ def _probe_facts(vm: VM, tmp_path: Path) -> tuple[str, Path, int, int, int]:
 
 
 def _trouble(log: str) -> list[str]:
-    return [line for line in log.splitlines() if any(t in line for t in TROUBLE)]
+    return kernel_trouble(log)
 
 
 GUESTS = {

@@ -9,9 +9,9 @@ import re
 import pytest
 
 import kprobevm
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.vm import attach
 from kprobevm.kprobes.core import Kprobe
-from tests.conftest import kernel_trouble
 
 
 @pytest.mark.vm

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from kprobevm.errors import KprobeError
-from kprobevm.kprobes.recorder import RecordSpec, decode_record, program_size
+from kprobevm.kprobes.recorder import CapturedRead, RecordSpec, decode_record, program_size
 from kprobevm.x86 import record as rec
 from kprobevm.x86.addrspace import FIVE_LEVEL, FOUR_LEVEL
 from kprobevm.x86.record import Capture, CopyHelpers, RecordLayout, RingLayout
+from tests._gas import gas_text, needs_gas
 from tests._x86_unicorn import GPRS, Machine, unicorn
 
 PROGRAM = 0xFFFFFFFFA0100000
@@ -273,3 +274,84 @@ def test_a_mixed_read_splits_at_the_guests_task_size() -> None:
     run = _run(m, length)
     assert [c[0] for c in run.calls] == [3]  # strncpy_from_user_nofault
     assert decode_record(m.read(RING, layout.size), layout).reads[0].data == b"/etc/passwd\0"
+
+
+def _stack_run(stack_size: int, top_word: int) -> tuple[Run, int, list[CapturedRead]]:
+    """A hit whose record copies ``stack_size`` bytes of stack; ``top_word`` at the top of
+    the hit's 16 KiB stack block (pt_regs' ss on a task stack, the saved sp on the IRQ
+    stack). The run, the record's size, and its two stack slices."""
+    layout = RecordLayout((), stack_size)
+    m, length = _machine(layout)
+    m.write(STACK - 8, struct.pack("<Q", top_word))
+    m.write(KDATA + 0x800, bytes(range(256)) * 8)
+    run = _run(m, length)
+    _untouched(run)
+    size = struct.unpack_from("<I", m.read(RING + 8, 4))[0]
+    record = decode_record(m.read(RING, size), layout)
+    assert struct.unpack("<Q", m.read(CONTROL, 8))[0] == size  # the head moved by as much
+    return run, size, list(record.reads)
+
+
+def test_a_stack_copy_ends_at_the_stack_top_and_follows_no_ss() -> None:
+    run, size, (stack, below) = _stack_run(512, 0x18)  # sp is 0x100 below the top
+    assert (stack.address, stack.status) == (STACK - 0x100, 0x100)
+    assert stack.data == run.m.read(STACK - 0x100, 0x100)
+    assert (below.address, below.status) == (0, -EFAULT)
+    fixed = RecordLayout(()).size
+    assert size == fixed + 2 * rec.CAPTURE_HEADER.size + 0x100  # only what was copied
+    # a copy cut short by its size never reads the top word
+    run, size, (short, below) = _stack_run(64, KDATA + 0x800)
+    assert short.status == 64 and below.status == -EFAULT
+    assert [(src, n) for which, src, n in run.calls if which == 0] == [(STACK - 0x100, 64)]
+
+
+def test_a_stack_copy_on_the_irq_stack_follows_the_saved_sp() -> None:
+    run, size, (stack, below) = _stack_run(1024, KDATA + 0x800)
+    assert stack.status == 0x100
+    assert (below.address, below.status) == (KDATA + 0x800, 1024)
+    assert below.data == run.m.read(KDATA + 0x800, 1024)
+    assert size == RecordLayout(()).size + 2 * rec.CAPTURE_HEADER.size + 0x100 + 1024
+    # where the saved sp's block runs past a mapped page, the copy stops at the page end
+    run, size, (stack, below) = _stack_run(1024, KDATA + 0xE00)
+    assert (below.address, below.status) == (KDATA + 0xE00, 0x200)
+    assert [(src, n) for which, src, n in run.calls if which == 0] == [
+        (STACK - 8, 8), (STACK - 0x100, 0x100), (KDATA + 0xE00, 1024), (KDATA + 0xE00, 0x200)
+    ]  # fmt: skip
+
+
+@needs_gas
+def test_a_stack_copying_program_listing_assembles_to_its_bytes() -> None:
+    layout = RecordLayout((Capture(0, 8, reg="di"),), 2048)
+    program = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
+        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30), cont=CONT,
+    )  # fmt: skip
+    assert gas_text(program.listing) == program.code
+
+
+def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
+    # task_struct.stack (at TASK + 0x30) is the 16 KiB stack under STACK: the copy needs
+    # no fault-tolerant helper, and the top (pt_regs' ss there) is never read as a link
+    layout = RecordLayout((), 512)
+    helpers = replace(HELPER_ADDRS, task_stack=0x30)
+    code = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+        helpers=helpers, cont=CONT,
+    ).code  # fmt: skip
+    m, _ = _machine(layout)
+    m.write(PROGRAM, code)
+    m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    m.write(STACK - 0x100, bytes(range(248)) + struct.pack("<Q", 0x18))
+    run = _run(m, len(code))
+    _untouched(run)
+    size = struct.unpack_from("<I", m.read(RING + 8, 4))[0]
+    stack, below = decode_record(m.read(RING, size), layout).reads
+    assert (stack.address, stack.status) == (STACK - 0x100, 0x100)
+    assert stack.data == m.read(STACK - 0x100, 0x100)
+    assert below.status == -EFAULT and not run.calls
+    # an address outside current's stack goes through the kernel's helper as before
+    m.write(TASK + 0x30, struct.pack("<Q", STACK))
+    m.write(CONTROL, bytes(8))
+    m.write(CONTROL + 64, bytes(8))
+    run = _run(m, len(code))
+    assert [c[0] for c in run.calls] == [0, 0]  # the top word, then the slice

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from kprobevm.bench.guestfacts import GuestFacts, read_state
 from kprobevm.bench.guestfacts import guest_facts as facts_of
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.kprobes.recover import recover
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ __all__ = ["HOW", "CloseRound", "GuestFacts", "guest_facts", "run_round"]
 HOW = ("close", "sigterm", "twice")
 How = Literal["close", "sigterm", "twice"]
 HOT = ("do_sys_openat2", "vfs_read", "kmem_cache_alloc", "ksys_read", "path_openat")
-TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic")
 STOP_FILE = "/tmp/kprobevm-close.stop"
 """The workload loops end when it exists (the guest's busybox has no pkill)."""
 LOOP = (f"while [ ! -e {STOP_FILE} ]; do cat /proc/version >/dev/null;"
@@ -118,8 +118,7 @@ def run_round(vm: VM, facts: GuestFacts, how: How, smp: int, journal: Path,
         recovered = len(recover(journal).restored)
     vm.run(f"touch {STOP_FILE}")
     state = read_state(facts)
-    trouble = tuple(line for line in vm.serial_log()[log_start:].splitlines()
-                    if any(t in line for t in TROUBLE))
+    trouble = tuple(kernel_trouble(vm.serial_log()[log_start:]))
     try:
         answers = vm.run("echo ok", timeout=20).stdout.strip() == "ok"
     except Exception:  # a guest that stopped answering is the finding, not an error

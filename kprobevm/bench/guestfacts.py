@@ -5,13 +5,13 @@ sign of kernel trouble."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kprobevm.gdbstub.client import GdbClient
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.kernel.kallsyms import KernelSymbols
 from kprobevm.x86.pagetable import la57_enabled
 from kprobevm.x86.slotmap import find_slot_pmd
@@ -19,11 +19,7 @@ from kprobevm.x86.slotmap import find_slot_pmd
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
-__all__ = ["KERNEL_TROUBLE", "GuestFacts", "console_trouble", "guest_facts", "read_state"]
-
-KERNEL_TROUBLE = re.compile(r"int3:|Oops|BUG:|general protection|\bpanic\b(?!=)")
-"""A kernel in trouble says so on the console ("panic=-1" on its command line is none)."""
-
+__all__ = ["GuestFacts", "console_trouble", "guest_facts", "read_state"]
 
 @dataclass(frozen=True)
 class GuestFacts:
@@ -72,5 +68,4 @@ def read_state(facts: GuestFacts) -> dict[str, bytes]:
 
 def console_trouble(vm: VM, start: int = 0) -> tuple[str, ...]:
     """The serial console's lines from offset ``start`` on that show kernel trouble."""
-    return tuple(line for line in vm.serial_log()[start:].splitlines()
-                 if KERNEL_TROUBLE.search(line))  # fmt: skip
+    return tuple(kernel_trouble(vm.serial_log()[start:]))

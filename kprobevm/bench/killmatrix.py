@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from kprobevm.bench.guestfacts import GuestFacts, read_state
 from kprobevm.bench.guestfacts import guest_facts as facts_of
 from kprobevm.faults import ENV
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.kprobes.journal import pending_writes
 from kprobevm.kprobes.recover import recover
 from kprobevm.trap.watchpoint import TABLE_PAGES
@@ -56,7 +57,6 @@ RETURNS = ("do_nanosleep", "pipe_read")
 gets two, as two return probes on one function share the call's hijack)."""
 HOLD = "do_sys_openat2"
 """The handler phase's probe: its pre_handler sleeps, holding the VM stopped."""
-TROUBLE = ("int3:", "Oops", "BUG:", "general protection", "Kernel panic", "invalid opcode")
 LOOP = "while :; do cat /proc/version >/dev/null; head -c1 /etc/passwd >/dev/null; done"
 READERS = 4
 """Readers blocked in pipe_read (the kretprobe phase): half are let go before recovery
@@ -215,8 +215,7 @@ def _kill_matching(*patterns: str) -> str:
 
 
 def _trouble(vm: VM, start: int) -> tuple[str, ...]:
-    return tuple(line for line in vm.serial_log()[start:].splitlines()
-                 if any(t in line for t in TROUBLE))  # fmt: skip
+    return tuple(kernel_trouble(vm.serial_log()[start:]))
 
 
 def run_round(vm: VM, facts: GuestFacts, phase: str, smp: int, journal: Path,

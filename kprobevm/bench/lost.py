@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from kprobevm.bench.closing import TROUBLE
 from kprobevm.errors import VMLost
+from kprobevm.guest.console import kernel_trouble
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.journal import journal_lost, pending_writes
 from kprobevm.kprobes.kretprobes import Kretprobe
@@ -285,8 +285,8 @@ def run_round(how: How, smp: int, journal: Path, *, deadline: float = 10.0,
         except Exception as exc:
             close_raised = repr(exc)
         close_seconds = time.monotonic() - t0
-    trouble = [line for line in log.splitlines() if any(t in line for t in TROUBLE)
-               and not (how == "panic" and ASKED_PANIC in line)]  # fmt: skip
+    trouble = [line for line in kernel_trouble(log)
+               if not (how == "panic" and ASKED_PANIC in line)]  # fmt: skip
     return LostRound(
         how=how, smp=smp, exit_seconds=exited - started, exitcode=exitcode,
         guest_said=lost.guest_said if lost is not None else "",

@@ -38,11 +38,15 @@ if TYPE_CHECKING:
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
     from kprobevm.kernel.btf import Btf
+    from kprobevm.kernel.inmemory import KernelInMemory
     from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.kallsyms_tables import KernelImage
     from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
+    from kprobevm.kernel.stacktrace import StackTracer
     from kprobevm.kernel.tasks import TaskLayout
     from kprobevm.kernel.vmlinux import Vmlinux
+    from kprobevm.kprobes.aggregations import AggregateProbe
     from kprobevm.kprobes.core import Kprobe, KprobeManager
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
@@ -123,10 +127,10 @@ class VM(Closing):
         shell: GuestShell | None = None,
     ) -> None:
         """``machine`` is the QEMU we started (None when attached); ``vmlinux`` and
-        ``kallsyms`` are host files of the running kernel (optional: kallsyms is read from
-        the guest, and without vmlinux there is no BTF, so no ``current`` and no recorded
-        probes); ``kernel_cmdline`` saves reading /proc/cmdline over SSH; ``shell`` is an
-        SSH connection already made to the guest."""
+        ``kallsyms`` are host files of the running kernel (optional: kallsyms is read
+        over SSH, else from the kernel's own tables in guest memory; BTF comes from the
+        vmlinux, else, with no SSH, from the image in memory); ``kernel_cmdline`` saves
+        reading /proc/cmdline over SSH; ``shell`` is an SSH connection already made."""
         self.endpoints = endpoints
         self._connect_gdbstub: GdbConnect = _connect_rsp
         self._channel_kind: ChannelKind = "watchpoint"
@@ -309,9 +313,14 @@ class VM(Closing):
         try:
             pid = gdbstub_peer_pid(self.target.client.fileno())
             self._symbols_before_stopping()
+            # symbols read from memory come after the RAM: recognise it by kernel text
+            image = self.kernel_image if self._symbols_from_memory else None
             with self.target.stopped() as client:
                 samples = []
-                for name in ("linux_banner", "init_task"):
+                if image is not None:
+                    for paddr in (image.phys, image.phys + 4096):
+                        samples.append((paddr, client.read_phys(paddr, 64)))
+                for name in () if image is not None else ("linux_banner", "init_task"):
                     paddr = self.translate(self.symbols[name])
                     samples.append((paddr, client.read_phys(paddr, 64)))
                 return find_process_ram(pid, samples)
@@ -402,22 +411,89 @@ class VM(Closing):
 
     @functools.cached_property
     def symbols(self) -> KernelSymbols:
-        """Kernel symbols: the given kallsyms file, else the guest's /proc/kallsyms."""
+        """Kernel symbols: the given kallsyms file, else the guest's /proc/kallsyms over
+        SSH, else the kernel's own kallsyms tables and module list in guest memory."""
         from kprobevm.kernel.kallsyms import KernelSymbols
 
         if self.kallsyms_path is not None:
             return KernelSymbols.from_file(self.kallsyms_path)
+        if self._symbols_from_memory:
+            return self._memory_symbols()
         return KernelSymbols.from_text(self.read_file("/proc/kallsyms"))
 
+    @property
+    def symbols_source(self) -> str:
+        """Where :attr:`symbols` come from: ``file``, ``ssh`` or ``memory``."""
+        if self.kallsyms_path is not None:
+            return "file"
+        return "memory" if self._symbols_from_memory else "ssh"
+
+    @property
+    def _symbols_from_memory(self) -> bool:
+        return self.kallsyms_path is None and self.endpoints.ssh is None
+
     def refresh_symbols(self) -> bool:
-        """Read the guest's /proc/kallsyms again (modules come and go); every engine
-        object sees the new table at once. False when symbols come from a fixed file."""
+        """Read the guest's kallsyms again (modules come and go); every engine object
+        sees the new table at once. False when symbols come from a fixed file."""
         if self.kallsyms_path is not None:
             return False
         from kprobevm.kernel.kallsyms import KernelSymbols
 
+        if self._symbols_from_memory:
+            self.symbols.replace_with(self._memory_symbols())
+            return True
         self.symbols.replace_with(KernelSymbols.from_text(self.read_file("/proc/kallsyms")))
         return True
+
+    @functools.cached_property
+    def kernel_image(self) -> KernelImage:
+        """Where the running kernel image is, from the page tables alone (no symbols)."""
+        from kprobevm.kernel.kallsyms_tables import find_kernel_image
+        from kprobevm.x86.pagetable import la57_enabled
+
+        with self.target.stopped() as client:
+            regs = client.read_registers(wide=False)
+            return find_kernel_image(client.read_phys, regs["cr3"],
+                                     la57=la57_enabled(regs["cr4"]))  # fmt: skip
+
+    @functools.cached_property
+    def kernel_in_memory(self) -> KernelInMemory:
+        """The kernel's own kallsyms tables and BTF, decoded from its image in guest
+        memory (read once: host RAM access when there is one, else the gdbstub)."""
+        from kprobevm.kernel.inmemory import KernelInMemory
+
+        image = self.kernel_image
+        ram = self.guest_ram
+
+        def read(vaddr: int, size: int) -> bytes:
+            paddr = image.phys + vaddr - image.text  # the image is physically contiguous
+            if ram is not None and ram.covers(paddr, size):
+                return ram.read_phys(paddr, size)  # read-only tables: no stop needed
+            with self.target.stopped() as client:
+                return client.read_phys(paddr, size)
+
+        found = None
+        if image.rodata is not None:
+            start, size = image.rodata
+            try:
+                found = KernelInMemory.decode(image, read(start, size), start)
+            except KprobeVMError as exc:
+                self.log.info("%s: kallsyms not in the read-only data (%s); reading the"
+                              " whole kernel image", self.name, exc)  # fmt: skip
+        if found is None:
+            found = KernelInMemory.decode(image, read(image.text, image.size))
+        if found.modules_missing is not None:
+            self.log.warning("%s: no module symbols: %s", self.name, found.modules_missing)
+        return found
+
+    def _memory_symbols(self) -> KernelSymbols:
+        """Core symbols from the image, module symbols from the module list read now."""
+        from kprobevm.gdbstub.memory import GuestMemory
+
+        kernel = self.kernel_in_memory
+        with self.target.stopped() as client:
+            # the gdbstub alone: host RAM reads of kernel memory need these very symbols
+            return kernel.symbols(GuestMemory(client).read)
 
     @functools.cached_property
     def kaslr_slide(self) -> int:
@@ -450,20 +526,46 @@ class VM(Closing):
         from kprobevm.kernel.btf import Btf
 
         if self.vmlinux is None:
-            return None
+            return self._memory_btf()
         try:
             return Btf.from_vmlinux(self.vmlinux)
         except KprobeVMError as exc:
             self.log.warning("no BTF: %s", exc)
             return None
 
+    def _memory_btf(self) -> Btf | None:
+        """The BTF of the kernel image in guest memory when neither vmlinux nor SSH is
+        given (None, said, when the image has none; with SSH, as before: none)."""
+        if self.endpoints.ssh is not None:
+            return None
+        try:
+            btf = self.kernel_in_memory.btf
+        except KprobeVMError as exc:
+            self.log.warning("no BTF from guest memory: %s", exc)
+            return None
+        if btf is None:
+            self.log.warning("no BTF: the kernel image holds no .BTF (__start_BTF)")
+        return btf
+
+    @functools.cached_property
+    def stack_tracer(self) -> StackTracer:
+        """Kernel stack traces, unwound on the host with the vmlinux's ORC tables."""
+        from kprobevm.kernel.stacktrace import StackTracer
+
+        return StackTracer.for_guest(self.vmlinux, self.symbols, self.read, self.btf)
+
     @functools.cached_property
     def task_layout(self) -> TaskLayout | None:
-        """Where ``current`` and its fields are (from the vmlinux BTF; None without it)."""
+        """Where ``current`` and its fields are (from the kernel's BTF; None without it)."""
         from kprobevm.kernel.tasks import TaskLayout
 
         if self.vmlinux is None:
-            return None
+            btf = self.btf
+            try:
+                return TaskLayout.from_btf(self.symbols, btf) if btf is not None else None
+            except KprobeVMError as exc:
+                self.log.warning("no task layout: %s", exc)
+                return None
         try:
             return TaskLayout.build(self.symbols, self.vmlinux)
         except KprobeVMError as exc:
@@ -477,10 +579,30 @@ class VM(Closing):
         ``missing`` and said on stderr: probes there are not refused."""
         from kprobevm.kernel.blacklist import Blacklist
 
-        blacklist = Blacklist.build(self.symbols, self.vmlinux)
+        blacklist = self._memory_blacklist() if self.vmlinux is None else None
+        if blacklist is None:
+            blacklist = Blacklist.build(self.symbols, self.vmlinux)
         for part in blacklist.missing:
             self.log.warning("kprobe blacklist incomplete: %s", part)
         return blacklist
+
+    def _memory_blacklist(self) -> Blacklist | None:
+        """The kernel's own ``kprobe_blacklist`` list read from guest memory; None when
+        the kernel has no such list or no BTF (then it is rebuilt from kallsyms)."""
+        from kprobevm.kernel.blacklist import Blacklist
+        from kprobevm.kernel.kprobe_blacklist_list import kprobe_blacklist_ranges
+
+        head = self.symbols.get("kprobe_blacklist")
+        btf = self.btf
+        if head is None or btf is None:
+            return None
+        try:
+            with self.target.stopped():
+                ranges = kprobe_blacklist_ranges(self.memory.read, head, btf)
+        except KprobeVMError as exc:
+            self.log.warning("kprobe blacklist not read from guest memory: %s", exc)
+            return None
+        return Blacklist.from_kernel_list(self.symbols, ranges)
 
     def blacklist(self) -> str:
         """The blacklist in the debugfs ``kprobes/blacklist`` format."""
@@ -490,8 +612,17 @@ class VM(Closing):
     def patch_sites(self) -> PatchSites:
         """Text the guest kernel rewrites at run time (jump labels, alternatives, ...)."""
         from kprobevm.kernel.patchsites import PatchSites
+        from kprobevm.kernel.patchsites_memory import LiveTables
 
-        return PatchSites.build(self.symbols, self.vmlinux, self.read)
+        if self.vmlinux is not None or self.btf is None:
+            return PatchSites.build(self.symbols, self.vmlinux, self.read)
+        # no vmlinux: the kernel's own tables, as it keeps them in memory
+        live = LiveTables(self.symbols, self.memory.read, self.btf)
+        with self.target.stopped():
+            sites = PatchSites.build(self.symbols, None, self.read, live=live)
+        for part in sites.missing:
+            self.log.warning("run-time patched text not fully known: %s", part)
+        return sites
 
     @functools.cached_property
     def slot_reserve(self) -> Reserve | None:
@@ -547,6 +678,7 @@ class VM(Closing):
                     patch_sites=self.patch_sites, target=self.target, memory=self.memory,
                     channel_installer=channel_installer, refresh_symbols=self.refresh_symbols,
                     module_layout=self._module_layout, ibt=has_ibt(self.symbols),
+                    stack_tracer=lambda: self.stack_tracer,
                 )  # fmt: skip
                 _restore_at_exit(self)
             return self._kprobes
@@ -575,9 +707,10 @@ class VM(Closing):
         """Where ``struct module`` keeps its name (from the vmlinux BTF; None without)."""
         from kprobevm.kernel.modules import ModuleLayout
 
-        if self.vmlinux is None:
-            return None
         try:
+            if self.vmlinux is None:
+                btf = self.btf
+                return ModuleLayout.from_btf(btf) if btf is not None else None
             return ModuleLayout.build(self.vmlinux)
         except KprobeVMError as exc:
             self.log.warning("no module layout: %s", exc)
@@ -672,6 +805,26 @@ class VM(Closing):
         :class:`KprobeError` after ``timeout`` seconds."""
         if self._kprobes is not None:
             self._kprobes.settle_records(timeout)
+
+    def count_by(self, definition: str, by: str) -> AggregateProbe:
+        """Count the hits of ``definition`` (a symbol or a ``p`` line) by ``comm``, ``pid``
+        or ``cpu`` in the guest, no stop per hit; ``.read()`` snapshots the map,
+        ``close()`` removes the probe (:mod:`kprobevm.tracing.maps`)."""
+        from kprobevm.tracing.maps import BY_KEYS, place_map
+
+        key = next((k for k in BY_KEYS if k == by), None)
+        if key is None:
+            raise ValueError(f"count by {by!r}: one of {', '.join(BY_KEYS)}")
+        return place_map(self, definition, by=key)
+
+    def hist(
+        self, definition: str, field: str, *, linear: tuple[int, int, int] | None = None
+    ) -> AggregateProbe:
+        """A log2 histogram (``linear``: (min, max, step) buckets) of the argument ``field``
+        of ``definition``, kept in the guest; ``.read()`` snapshots it."""
+        from kprobevm.tracing.maps import place_map
+
+        return place_map(self, definition, field=field, linear=linear)
 
     @property
     def can_record(self) -> bool:
@@ -871,8 +1024,11 @@ def attach(
 ) -> VM:
     """A `VM` for a QEMU that kprobevm did not start; closing it leaves QEMU running.
 
-    ``kallsyms`` (a file) saves reading /proc/kallsyms over SSH; ``kernel_cmdline``
-    tells where the reserved slot memory is when there is no SSH to read /proc/cmdline.
+    The gdbstub alone is enough: with no ``vmlinux``, ``kallsyms`` or ``ssh``, symbols
+    (modules' too), BTF, the kprobe blacklist and the run-time patched text are read from
+    the kernel's own tables in guest memory. ``kallsyms`` (a file) saves reading
+    /proc/kallsyms over SSH; ``kernel_cmdline`` tells where the reserved slot memory is
+    when there is no SSH to read /proc/cmdline.
     """
     return VM(
         GuestEndpoints(

@@ -146,6 +146,28 @@ class Blacklist:
             entries.append(BlacklistEntry(start, start + 256 * 16, "idt_table", KPROBEVM))
         return cls(entries, symbols=syms, missing=missing)
 
+    @classmethod
+    def from_kernel_list(
+        cls, syms: KernelSymbols, ranges: Iterable[tuple[int, int]], *, idt: bool = True
+    ) -> Blacklist:
+        """The kernel's own list as read from its memory (``[start, end)`` of each
+        ``kprobe_blacklist_entry``, in list order, modules' entries included), then
+        kprobevm's refusals as in :meth:`build`. An entry's reason is the area it lies in
+        (``.kprobes.text``, ``.noinstr.text``, ``.entry.text``), else ``NOKPROBE_SYMBOL``."""
+        areas = [(syms[a], syms[b], reason) for a, b, reason in _KERNEL_AREAS
+                 if a in syms and b in syms]  # fmt: skip
+        entries = []
+        for start, end in ranges:
+            reason = next((r for lo, hi, r in areas if lo <= start < hi), NOKPROBE)
+            entries.append(BlacklistEntry(start, end, _name(syms, start), reason))
+        for start_sym, end_sym, reason in _EXTRA_AREAS:
+            if start_sym in syms and end_sym in syms:
+                entries += _area_entries(syms, syms[start_sym], syms[end_sym], reason)
+        if idt and "idt_table" in syms:
+            start = syms["idt_table"]
+            entries.append(BlacklistEntry(start, start + 256 * 16, "idt_table", KPROBEVM))
+        return cls(entries, symbols=syms)
+
     def add(self, start: int, end: int, symbol: str, reason: str = KPROBEVM) -> BlacklistEntry:
         """Refuse ``[start, end)`` too (kprobevm's stub and slot pages); returns the entry."""
         entry = BlacklistEntry(start, end, symbol, reason)

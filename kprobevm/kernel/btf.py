@@ -242,6 +242,27 @@ class Btf:
             self._by_name = by_name
         return self._by_name
 
+    def enumerator(self, name: str) -> int:
+        """The value of the enum constant ``name`` (say ``TRACE_EVENT_FL_TRACEPOINT``)."""
+        data, strings = self._data, self._strings
+        want = name.encode() + b"\0"
+        for tid in range(1, len(self._offsets)):
+            pos = self._offsets[tid]
+            _name, info, _size = _TYPE.unpack_from(data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            if kind not in (BtfKind.ENUM, BtfKind.ENUM64):
+                continue
+            step = 8 if kind == BtfKind.ENUM else 12
+            for k in range(vlen):
+                at = pos + 12 + step * k
+                name_off = int.from_bytes(data[at : at + 4], "little")
+                if strings[name_off : name_off + len(want)] == want:
+                    if kind == BtfKind.ENUM:
+                        signed = bool(info >> 31)
+                        return int.from_bytes(data[at + 4 : at + 8], "little", signed=signed)
+                    return int.from_bytes(data[at + 4 : at + 12], "little")
+        raise BtfError(f"no BTF enum constant {name!r}")
+
     def find(self, name: str, kind: BtfKind | None = None) -> BtfType:
         """The type called ``name`` (of ``kind`` when given); a complete one before a FWD."""
         ids = self._names().get(name, [])

@@ -248,6 +248,13 @@ class KernelSymbols:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
+    def from_columns(
+        cls, addrs: list[int], types: list[str], names: list[str], mods: list[str | None]
+    ) -> KernelSymbols:
+        """From parallel lists in kallsyms order (the lists are taken, not copied)."""
+        return cls(_Columns(addrs, types, names, mods))
+
+    @classmethod
     def from_text(cls, text: str) -> KernelSymbols:
         """Parse ``/proc/kallsyms`` text: ``addr type name`` lines, ``\\t[module]`` optional."""
         # kallsyms lists the core kernel first, three columns a line, then module symbols
@@ -293,6 +300,11 @@ class KernelSymbols:
             for a, t, n, m in zip(s.addrs, s.types, s.names, s.mods, strict=True)
         ]
         return KernelSymbols(entries)
+
+    def columns(self) -> tuple[list[int], list[str], list[str], list[str | None]]:
+        """Copies of the parallel lists (addresses, types, names, modules), by address."""
+        s = self._s
+        return list(s.addrs), list(s.types), list(s.names), list(s.mods)
 
     # -- by name -----------------------------------------------------------------------
 

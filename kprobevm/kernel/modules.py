@@ -25,7 +25,11 @@ class ModuleLayout:
     @classmethod
     def build(cls, vmlinux: Vmlinux) -> ModuleLayout:
         """From the kernel's own BTF (the ``.BTF`` section of vmlinux)."""
-        btf = Btf.from_vmlinux(vmlinux)
+        return cls.from_btf(Btf.from_vmlinux(vmlinux))
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> ModuleLayout:
+        """From the kernel's BTF however it was had (the vmlinux, or guest memory)."""
         member = btf.member("module", "name")
         return cls(name=member.offset, name_len=btf.type_size(member.type_id))
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
+    from kprobevm.kernel.patchsites_memory import LiveTables
     from kprobevm.kernel.vmlinux import Vmlinux
 
 __all__ = ["FTRACE_NOP", "PatchSites", "Site"]
@@ -45,7 +46,10 @@ class PatchSites:
         sites: list[Site],
         ftrace: set[int],
         read: Callable[[int, int], bytes] | None = None,
+        missing: list[str] | None = None,
     ) -> None:
+        self.missing = missing or []
+        """Tables that could not be read (and why): probes there are not refused."""
         self.sites = sorted(sites, key=lambda s: s.start)
         self._starts = [s.start for s in self.sites]
         # a range can be long (a static call trampoline section): keep the running max end
@@ -63,15 +67,22 @@ class PatchSites:
         symbols: KernelSymbols,
         vmlinux: Vmlinux | None,
         read: Callable[[int, int], bytes] | None = None,
+        *,
+        live: LiveTables | None = None,
     ) -> PatchSites:
-        """Collect the sites from the (slid) vmlinux; without one, only ftrace checks."""
+        """Collect the sites from the (slid) vmlinux, else from the kernel's memory
+        (``live``); with neither, only static call trampolines."""
         sites: list[Site] = []
         ftrace: set[int] = set()
+        table: Callable[[str, str, str], tuple[int, bytes] | None] | None = None
         if vmlinux is not None:
 
             def table(section: str, first: str, last: str) -> tuple[int, bytes] | None:
                 return _table(vmlinux, symbols, section, first, last)
 
+        elif live is not None:
+            table = live.table
+        if table is not None:
             sites += _relative(
                 table("__jump_table", "__start___jump_table", "__stop___jump_table"),
                 16,
@@ -98,17 +109,21 @@ class PatchSites:
                 "exception table",
                 1,
             )
-            mcount = table("__mcount_loc", "__start_mcount_loc", "__stop_mcount_loc")
+        if vmlinux is not None:
+            mcount = _table(vmlinux, symbols, "__mcount_loc", "__start_mcount_loc",
+                            "__stop_mcount_loc")  # fmt: skip
             if mcount is not None:
                 # absolute addresses, relocated by the kernel at boot: slide them too
                 ftrace = {v + vmlinux.slide for (v,) in struct.iter_unpack("<Q", mcount[1]) if v}
+        elif live is not None:
+            ftrace = live.ftrace_sites()  # __mcount_loc was init memory: ftrace's records
         # static call trampolines are rewritten whenever their target changes
         sites += [
             Site(sym.address, sym.address + max(sym.size, 8), "static call trampoline")
             for sym in symbols.functions()
             if sym.name.startswith("__SCT__")
         ]  # fmt: skip
-        return cls(sites, ftrace, read)
+        return cls(sites, ftrace, read, live.missing if live is not None else None)
 
     def find(self, addr: int) -> Site | None:
         """The patched range containing ``addr``, if any."""

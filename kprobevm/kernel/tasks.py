@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeVMError, TaskWalkError
 from kprobevm.kernel.btf import Btf, BtfError, cpu_number_location, current_task_location
+from kprobevm.x86.constants import PAGE_SIZE
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.vmlinux import Vmlinux
 
 __all__ = ["DEFAULT_THREAD_SIZE", "TASK_COMM_LEN", "TaskLayout", "TaskListLayout",
-           "for_each_task"]
+           "for_each_task", "kernel_thread_size"]
 
 TASK_COMM_LEN = 16
 DEFAULT_THREAD_SIZE = 0x4000
@@ -33,6 +34,19 @@ DEFAULT_THREAD_SIZE = 0x4000
 MAX_TASKS = 1 << 20
 """A walk longer than this is a list gone wrong, not a guest (pid_max is 4M at most)."""
 
+
+
+def kernel_thread_size(symbols: KernelSymbols) -> int | None:
+    """The kernel's THREAD_SIZE, from the init task's stack as kallsyms bounds it
+    (``__start_init_stack``..``__end_init_stack`` in newer kernels such as 6.12,
+    ``__start_init_task``..``__end_init_task`` in 6.1); None when it names neither pair."""
+    for first, last in (("__start_init_stack", "__end_init_stack"),
+                        ("__start_init_task", "__end_init_task")):  # fmt: skip
+        start, end = symbols.get(first), symbols.get(last)
+        size = end - start if start is not None and end is not None else 0
+        if PAGE_SIZE <= size <= 1 << 20 and not size & (size - 1):
+            return size
+    return None
 
 @dataclass(frozen=True)
 class TaskLayout:
@@ -52,7 +66,11 @@ class TaskLayout:
 
     @classmethod
     def build(cls, symbols: KernelSymbols, vmlinux: Vmlinux) -> TaskLayout:
-        btf = Btf.from_vmlinux(vmlinux)
+        return cls.from_btf(symbols, Btf.from_vmlinux(vmlinux))
+
+    @classmethod
+    def from_btf(cls, symbols: KernelSymbols, btf: Btf) -> TaskLayout:
+        """From the kernel's BTF however it was had (the vmlinux, or guest memory)."""
 
         def field(name: str) -> int:
             return btf.struct_member_offset("task_struct", name)
@@ -105,8 +123,8 @@ class TaskListLayout:
 
     @classmethod
     def build(cls, symbols: KernelSymbols, btf: Btf) -> TaskListLayout | None:
-        """From the BTF and kallsyms (``init_task``; the stack size from the init task's
-        stack, ``__end_init_task - __start_init_task``); None when either lacks a part."""
+        """From the BTF and kallsyms (``init_task``; the stack size as
+        :func:`kernel_thread_size` finds it); None when either lacks a part."""
         try:
             field = functools.partial(btf.struct_member_offset, "task_struct")
             init_task = symbols["init_task"]
@@ -120,10 +138,8 @@ class TaskListLayout:
             )  # fmt: skip
         except (BtfError, KeyError):
             return None
-        start, end = symbols.get("__start_init_task"), symbols.get("__end_init_task")
-        if start is not None and end is not None and 0 < end - start <= 1 << 20:
-            layout = dataclasses.replace(layout, thread_size=end - start)
-        return layout
+        size = kernel_thread_size(symbols)
+        return layout if size is None else dataclasses.replace(layout, thread_size=size)
 
     def stack_of(self, memory: GuestMemory, task: int) -> tuple[int, int]:
         """``[base, top)`` of ``task``'s kernel stack (base 0: freed, the task is dead)."""

@@ -27,11 +27,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kprobevm import faults
-from kprobevm.errors import LOST_ERRORS, KprobeError, ProbeRefused, SymbolError
+from kprobevm.errors import LOST_ERRORS, KprobeError, KprobeVMError, ProbeRefused, SymbolError
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kprobes.modules import WATCHED_FUNCTION, ModuleWatch
 from kprobevm.x86.arch import adjust_kprobe_addr, can_probe
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols, Symbol
     from kprobevm.kernel.modules import ModuleLayout
     from kprobevm.kernel.patchsites import PatchSites
+    from kprobevm.kernel.stacktrace import StackTracer
     from kprobevm.kprobes.recorder import Record, RecordSpec
     from kprobevm.kprobes.slots import Slot
     from kprobevm.trap.channel import TrapChannel, TrapHandlers
@@ -101,6 +102,10 @@ class Kprobe:
     record: RecordSpec | None = None
     """Record mode: the guest records each hit without stopping; ``pre_handler`` runs on
     the host later, with the hit's registers and reads (:mod:`kprobevm.kprobes.recorder`)."""
+    stack: bool = False
+    """Give ``pre_handler`` the kernel stack at each hit in ``regs.stack``, unwound on the
+    host (:mod:`kprobevm.kernel.stacktrace`); a recorded probe copies
+    ``record.stack_size`` bytes of stack (``DEFAULT_STACK_SIZE`` when 0)."""
     _nhit: int = field(default=0, init=False, repr=False)
     nmissed: int = field(default=0, init=False)
     """Hits whose handler did not run: re-entered, or (recorded) the ring was full, or
@@ -147,6 +152,10 @@ class Kprobe:
             raise ValueError("a Kprobe needs symbol_name or addr")
         if self.record is not None and self.post_handler is not None:
             raise ValueError("a recorded Kprobe has no post_handler: nothing stops after it")
+        if self.stack and self.record is not None and not self.record.stack_size:
+            from kprobevm.kernel.stacktrace import DEFAULT_STACK_SIZE
+
+            self.record = replace(self.record, stack_size=DEFAULT_STACK_SIZE)
 
     def where(self) -> str:
         if self.symbol_name is not None:
@@ -209,13 +218,16 @@ class KprobeManager:
         refresh_symbols: Callable[[], bool] | None = None,
         module_layout: Callable[[], ModuleLayout | None] = lambda: None,
         ibt: bool = False,
+        stack_tracer: Callable[[], StackTracer] | None = None,
     ) -> None:
         """``channel_installer`` puts a trap channel in the guest for this table's
         handlers: on the first registration, and again after a close.
         ``refresh_symbols`` reads kallsyms again when a name is not found (a module loaded
         since); ``module_layout`` names a ``struct module`` for probes in modules; ``ibt``:
-        the kernel is built with X86_KERNEL_IBT (entry probes go past an ``endbr64``)."""
+        the kernel is built with X86_KERNEL_IBT (entry probes go past an ``endbr64``);
+        ``stack_tracer`` unwinds the stack of a probe made with ``stack=True``."""
         self.symbols = symbols
+        self._stack_tracer = stack_tracer
         self.ibt = ibt
         self.blacklist = blacklist
         self.patch_sites = patch_sites
@@ -405,6 +417,12 @@ class KprobeManager:
             if (kp.record is None) != (not site.recorded):
                 raise ProbeRefused(
                     "EBUSY", "recorded and stopping probes cannot share an address",
+                    address=addr, symbol=kp.symbol_name,
+                )  # fmt: skip
+            if any(p.record is not None and p.record.aggregate is not None
+                   for p in (*site.probes, kp)):  # fmt: skip
+                raise ProbeRefused(
+                    "EBUSY", "a probe keeping a map in the guest cannot share an address",
                     address=addr, symbol=kp.symbol_name,
                 )  # fmt: skip
             with self.target.stopped():
@@ -691,6 +709,8 @@ class KprobeManager:
             if kp.disabled:
                 continue
             kp.nhit += 1
+            if kp.stack and kp.pre_handler is not None:
+                self._attach_stack(kp, regs)
             if kp.ftrace:
                 if self._run_ftrace_handlers(kp, site, regs):
                     return True  # ftrace goes where the handler sent it: no int3 after
@@ -746,6 +766,12 @@ class KprobeManager:
         # an ftrace site's hit shows the probe's own address; a return shows the caller
         at_entry = kp.ftrace and not (kp.record is not None and kp.record.at_return)
         regs = RecordedRegs.of(record, self.memory, ip=kp.addr if at_entry else None)
+        if kp.stack:
+            self._attach_stack(kp, regs, live=False)
+            stack, size = regs.stack, kp.record.stack_size if kp.record else 0
+            if stack is not None and stack.error is not None:
+                why = f"{stack.error}, past the {size} bytes of stack the record holds?"
+                regs.stack = replace(stack, error=why)
         try:
             kp.pre_handler(kp, regs)
             if regs.changes():
@@ -757,6 +783,22 @@ class KprobeManager:
             raise
         except Exception as exc:
             self._handler_failed(kp, exc, "pre_handler of recorded")
+
+    def _attach_stack(self, kp: Kprobe, regs: PtRegs, *, live: bool = True) -> None:
+        """``regs.stack`` for ``kp``'s handler: the walk starts one past the probe, at the
+        ``regs->ip`` a kernel kprobe handler sees (after int3, or from ftrace). ``live``:
+        the guest is stopped at the hit (not a recorded hit's memory)."""
+        if regs.stack is not None:
+            return
+        if self._stack_tracer is None or regs.memory is None:
+            raise KprobeError("no stack tracer: stack=True needs the VM's vmlinux", address=kp.addr)
+        ip = (kp.addr or regs.ip) + 1
+        try:
+            regs.stack = self._stack_tracer().at_hit(regs.as_dict(), regs.memory, ip=ip, live=live)
+        except LOST_ERRORS:
+            raise
+        except KprobeVMError as exc:
+            self._handler_failed(kp, exc, "stack trace of")
 
     def run_post_handlers(self, site: ProbeSite, regs: PtRegs) -> None:
         for kp in site.probes:

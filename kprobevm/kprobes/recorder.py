@@ -27,15 +27,18 @@ and counts in its ``nmissed``. Once settled, ``nhit + nmissed == guest_hits``.
 from __future__ import annotations
 
 import functools
+import logging
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import GuestFaultError, KprobeError, ProbeRefused
 from kprobevm.gdbstub.memory import DirectMemory, GuestMemory
+from kprobevm.kernel.tasks import kernel_thread_size
 from kprobevm.kprobes.slots import Slot, SlotCache
+from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
 from kprobevm.x86 import retrecord
 from kprobevm.x86.constants import PAGE_SIZE
@@ -45,10 +48,13 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.target import Target
     from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kernel.tasks import TaskLayout
+    from kprobevm.kprobes.aggregations import Aggregation
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.kprobes.retrecord import ReturnRecords
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CapturedRead",
@@ -93,6 +99,19 @@ class RecordSpec:
     """A return probe's: the guest hijacks the call at the entry and records its return
     (:mod:`kprobevm.kprobes.retrecord`), with at most ``maxactive`` calls in flight."""
     maxactive: int = 0
+    stack_size: int = 0
+    """Bytes of kernel stack each record copies, for a stack trace unwound on the host
+    (``Kprobe(stack=True)``): from ``sp`` up to the stack's top, at most this many, and
+    as many again from the stack below when the hit is on the IRQ stack. A record takes
+    only the bytes copied. 0: none."""
+    aggregate: Aggregation | None = None
+    """Count-only probes may fold each hit into a map in the guest instead
+    (:mod:`kprobevm.kprobes.aggregations`)."""
+
+    @property
+    def layout(self) -> rec.RecordLayout:
+        """Where each part of this spec's records lies."""
+        return rec.RecordLayout(self.captures, self.stack_size)
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,9 @@ def decode_record(raw: bytes, layout: rec.RecordLayout) -> Record:
         start = at + rec.CAPTURE_HEADER.size
         data = raw[start : start + max(0, min(status, cap.size))]
         reads.append(CapturedRead(address, status, data, cap.string))
+    if layout.stack_size:
+        for address, status, data in rec.stack_slices(raw, layout):
+            reads.append(CapturedRead(address, status, data, False))
     return Record(
         probe_id=probe_id, cpu=cpu, pid=pid,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"), tsc=tsc,
@@ -242,6 +264,10 @@ class Recorder:
         self.site_programs: dict[int, Slot] = {}  # site address -> its program cell
         self.returns = returns
         self.return_programs: dict[int, Slot] = {}  # site address -> its return program
+        self.maps: dict[int, agg.MapLayout] = {}
+        """Probe id -> its aggregate map; kept (for the last read) until the id is freed."""
+        self._map_pool: dict[int, list[int]] = {}  # pages -> freed maps of that many
+        self._fresh: list[int] = []  # ids added since the last program was written
         self.tail = 0
         """The ring's tail: the host has copied every record before it."""
         self.decoded = 0
@@ -276,7 +302,9 @@ class Recorder:
             raise ProbeRefused("ENOSPC", f"more than {MAX_RECORD_IDS} recorded probes",
                                symbol=kp.symbol_name)  # fmt: skip
         probe_id = self._free_ids.pop(0)
-        layout = rec.RecordLayout(spec.captures)
+        layout = spec.layout
+        if spec.stack_size:
+            layout = replace(layout, stack_block=self.helpers.thread_size)
         if layout.size > self.layout.ring_size // 8:
             raise ProbeRefused(
                 "E2BIG", f"a record of {layout.size} bytes does not fit the ring well",
@@ -287,7 +315,10 @@ class Recorder:
                 raise ProbeRefused("EOPNOTSUPP", "no return table to record returns with",
                                    symbol=kp.symbol_name)  # fmt: skip
             self.returns.add(probe_id, spec.maxactive)
+        if spec.aggregate is not None:
+            self.maps[probe_id] = self._new_map(spec.aggregate)
         self.probes[probe_id] = _RecordedProbe(kp, layout, spec.count_only, probe_id)
+        self._fresh.append(probe_id)
         self.memory.write(self.layout.counters + 16 * probe_id, bytes(16))
         if spec.count_only:
             kp.count_reader = functools.partial(self.read_count, probe_id)
@@ -325,12 +356,22 @@ class Recorder:
 
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
+        fresh, self._fresh = self._fresh, []
+        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
+        if aggregating and len(site.probes) != 1:
+            for probe_id in fresh:  # as if never added: the registration fails
+                if self.probes[probe_id].kp in site.probes:
+                    self._forget(probe_id)
+            raise ProbeRefused("EBUSY", "a probe keeping a map cannot share its address",
+                               address=site.addr, symbol=aggregating[0].symbol_name)  # fmt: skip
         old = self.site_programs.pop(site.addr, None)
         cell = self.programs.get_insn_slot()
         # a disabled member records nothing, as its handler would not run
         ids = [kp.record_id for kp in site.probes
                if kp.record_id is not None and not kp.disabled]  # fmt: skip
-        if all(kp.record is not None and kp.record.count_only for kp in site.probes):
+        if aggregating:
+            code = self._aggregate_program(site, aggregating[0], cell.address, cont)
+        elif all(kp.record is not None and kp.record.count_only for kp in site.probes):
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
                              if kp.record_id is not None and not kp.disabled)
@@ -377,6 +418,43 @@ class Recorder:
         assert self.returns is not None
         self.returns.redirect(old.address, new.address if new is not None else 0)
         self.programs.free_insn_slot(old)
+
+    def _forget(self, probe_id: int) -> None:
+        """Undo :meth:`add` of a probe no vCPU has run (its registration failed)."""
+        probe = self.probes.pop(probe_id)
+        probe.kp.record_id, probe.kp.count_reader = None, None
+        if (old_map := self.maps.pop(probe_id, None)) is not None:
+            self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
+        if self.returns is not None:
+            self.returns.release(probe_id)
+        self._free_ids.insert(0, probe_id)
+
+    def _aggregate_program(self, site: ProbeSite, kp: Kprobe, at: int, cont: int) -> bytes:
+        """The program of a site whose probe folds its hits into a map."""
+        if kp.disabled or kp.record_id is None:
+            return rec.build_count_program(at, counters=(), cont=cont).code
+        assert kp.record is not None and kp.record.aggregate is not None
+        return agg.build_aggregate_program(
+            at, probe_id=kp.record_id, layout=self.maps[kp.record_id],
+            field=kp.record.aggregate.field, ring=self.layout, helpers=self.helpers, cont=cont,
+        ).code  # fmt: skip
+
+    @staticmethod
+    def _map_pages(layout: agg.MapLayout) -> int:
+        return -(-layout.size // PAGE_SIZE)
+
+    def _new_map(self, aggregation: Aggregation) -> agg.MapLayout:
+        """A zeroed map in slot memory, one region per vCPU (VM stopped)."""
+        ncpus = len(self.target.client.threads())
+        layout = aggregation.layout(0, ncpus)
+        pages = self._map_pages(layout)
+        pool = self._map_pool.get(pages)
+        if pool:
+            base = pool.pop()
+            self.memory.write(base, bytes(pages * PAGE_SIZE))
+        else:
+            base = self._contiguous(pages, self.area)
+        return aggregation.layout(base, ncpus)
 
     def drop_program(self, site: ProbeSite) -> None:
         cell = self.site_programs.pop(site.addr, None)
@@ -545,6 +623,8 @@ class Recorder:
                 self._free_ids.append(probe_id)
                 if self.returns is not None:
                     self.returns.release(probe_id)
+                if (old_map := self.maps.pop(probe_id, None)) is not None:
+                    self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
                 probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:
@@ -599,10 +679,10 @@ def program_size(specs: Sequence[RecordSpec], *, probe_ip: int) -> int:
     if all(spec.count_only for spec in specs):
         counters = tuple(_SOME_RING.counters + 16 * i for i in range(len(specs)))
         return len(rec.build_count_program(at, counters=counters, cont=cont).code)
-    probes = tuple((i, rec.RecordLayout(spec.captures)) for i, spec in enumerate(specs)
+    probes = tuple((i, spec.layout) for i, spec in enumerate(specs)
                    if not spec.at_return)  # fmt: skip
     returns = returns_size(
-        [(i, rec.RecordLayout(s.captures)) for i, s in enumerate(specs) if s.at_return]
+        [(i, s.layout) for i, s in enumerate(specs) if s.at_return]
     )
     if returns[0] and not probes:
         return max(returns)
@@ -653,6 +733,19 @@ def copy_helpers(
             task_pid=layout.pid,
             task_comm=layout.comm,
             task_size_max=split.task_size_max,
+            thread_size=_thread_size(syms),
+            task_stack=layout.stack,
         )
     except KeyError as exc:
         raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc
+
+
+def _thread_size(syms: KernelSymbols) -> int:
+    """The kernel's THREAD_SIZE (:func:`kernel_thread_size`); x86-64's 16 KiB, said on
+    stderr, when kallsyms does not bound the init task's stack."""
+    size = kernel_thread_size(syms)
+    if size is not None:
+        return size
+    log.warning("kernel stack size unknown (no __start_init_stack or __start_init_task "
+                "pair in kallsyms): stack copies assume %d bytes", rec.STACK_BLOCK)  # fmt: skip
+    return rec.STACK_BLOCK

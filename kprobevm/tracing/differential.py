@@ -16,7 +16,7 @@ import difflib
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeVMError, ProbeSyntaxError
@@ -57,11 +57,12 @@ __all__ = [
 TRACEFS = "/sys/kernel/tracing"
 KPROBES_LIST = "/sys/kernel/debug/kprobes/list"
 
-COMPARED_FIELDS = ("comm", "cpu", "event", "where", "args")
-"""What two lines must share to be the same line: the task, the event, the probe point
-and every argument's text. Not the pid and timestamp (another run), nor the latency
-flags: the kernel's depend on how it placed the probe (ftrace, int3, a jump once its
-optimizer got to it) and on need-resched at that moment; they are counted apart."""
+COMPARED_FIELDS = ("comm", "cpu", "event", "where", "args", "stack")
+"""What two lines must share to be the same line: the task, the event, the probe point,
+every argument's text and the stack trace after it (with ``options/stacktrace``). Not
+the pid and timestamp (another run), nor the latency flags: the kernel's depend on how
+it placed the probe (ftrace, int3, a jump once its optimizer got to it) and on
+need-resched at that moment; they are counted apart."""
 
 _LINE_RE = re.compile(
     r"^(?P<comm>.*?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<flags>\S+)\s+"
@@ -86,6 +87,9 @@ class TraceLine:
     where: str
     args: tuple[tuple[str, str], ...]
     text: str = field(compare=False)
+    stack: tuple[str, ...] | None = None
+    """The ``<stack trace>`` entry that followed the line (``options/stacktrace``), its
+    `` => `` lines without the arrow; None when there was none."""
 
     def field(self, name: str) -> object:
         """The field ``name`` of :data:`COMPARED_FIELDS`."""
@@ -142,9 +146,30 @@ def parse_trace_line(
 def parse_trace(
     text: str, arg_names: Mapping[str, Sequence[str]] | None = None
 ) -> list[TraceLine]:
-    """Every event line of a ``trace`` file, in order (header comments skipped)."""
-    lines = (parse_trace_line(line, arg_names) for line in text.splitlines())
-    return [line for line in lines if line is not None]
+    """Every event line of a ``trace`` file, in order (header comments skipped), each
+    with the ``<stack trace>`` entry that follows it, if any."""
+    out: list[TraceLine] = []
+    stack: list[str] | None = None
+    for raw in text.splitlines():
+        if raw.endswith(": <stack trace>"):
+            stack = []
+            continue
+        if raw.startswith(" => ") and stack is not None:
+            stack.append(raw[4:])
+            continue
+        _attach_stack(out, stack)
+        stack = None
+        line = parse_trace_line(raw, arg_names)
+        if line is not None:
+            out.append(line)
+    _attach_stack(out, stack)
+    return out
+
+
+def _attach_stack(lines: list[TraceLine], stack: list[str] | None) -> None:
+    """The stack entry just read belongs to the event line before it."""
+    if stack is not None and lines:
+        lines[-1] = replace(lines[-1], stack=tuple(stack))
 
 
 @dataclass(frozen=True)
@@ -368,19 +393,25 @@ def _quoted_writes(definitions: Sequence[str], path: str) -> str:
 def _clear_tracefs(vm: VM) -> None:
     vm.run(
         f"echo 0 > {TRACEFS}/events/enable; echo > {TRACEFS}/kprobe_events;"
-        f" echo > {TRACEFS}/trace; echo > {TRACEFS}/error_log; true"
+        f" echo > {TRACEFS}/trace; echo > {TRACEFS}/error_log;"
+        f" echo 0 > {TRACEFS}/options/stacktrace; echo 0 > {TRACEFS}/options/sym-offset; true"
     )
 
 
-def run_tracefs(vm: VM, definitions: Sequence[str], workload: str) -> SideRun:
+def run_tracefs(
+    vm: VM, definitions: Sequence[str], workload: str, *, stacktrace: bool = False
+) -> SideRun:
     """Place ``definitions`` through the guest's tracefs, run ``workload``, read ``trace``.
 
     Every definition must be accepted (raises :class:`DifferentialError` with the
     guest's ``error_log`` otherwise). The events are enabled for the workload only and
-    removed at the end.
+    removed at the end. ``stacktrace`` turns on ``options/stacktrace`` (and
+    ``sym-offset``, as kprobevm prints the entries) for the workload.
     """
     events = _events(definitions, vm)
     _clear_tracefs(vm)
+    if stacktrace:
+        vm.run(f"echo 1 > {TRACEFS}/options/sym-offset; echo 1 > {TRACEFS}/options/stacktrace")
     try:
         placed = vm.run(_quoted_writes(definitions, f"{TRACEFS}/kprobe_events"))
         if placed.returncode:
@@ -401,14 +432,16 @@ def run_tracefs(vm: VM, definitions: Sequence[str], workload: str) -> SideRun:
 
 
 def run_kprobevm(
-    vm: VM, definitions: Sequence[str], workload: str, *, mode: str = "auto"
+    vm: VM, definitions: Sequence[str], workload: str, *, mode: str = "auto",
+    stacktrace: bool = False,
 ) -> SideRun:
     """Place ``definitions`` with a trace session (``mode`` as ``trace --mode``), run
-    ``workload``, and return the lines kprobevm prints for it."""
+    ``workload``, and return the lines kprobevm prints for it (``stacktrace``: each
+    followed by its stack, as ``trace --stacktrace``)."""
     from kprobevm.tracing.session import TraceSession, plan_events
 
     events = _events(definitions, vm)
-    session = TraceSession(vm, plan_events(vm, events), mode=mode)
+    session = TraceSession(vm, plan_events(vm, events), mode=mode, stacktrace=stacktrace)
     with session:
         if mode in ("record", "stop") and session.recorded != (mode == "record"):
             raise DifferentialError(f"the session did not run in {mode} mode")
@@ -418,7 +451,7 @@ def run_kprobevm(
     if errors:
         raise DifferentialError("kprobevm's handlers raised:\n" + "\n".join(errors))
     names = arg_names(definitions, vm)
-    text = "\n".join(hit.line() for hit in session.drain())
+    text = "\n".join(line for hit in session.drain() for line in hit.lines())
     return SideRun(
         tuple(parse_trace(text, names)), parse_kprobes_list(listed), session.record_refused
     )

@@ -20,6 +20,7 @@ __all__ = [
     "EventHit",
     "fetch_args",
     "format_event_line",
+    "format_stack_header",
     "format_timestamp",
     "json_value",
     "without_offset",
@@ -87,6 +88,12 @@ class EventHit:
     args: tuple[tuple[FetchArg, ArgValue], ...] = ()
     function: str | None = None  # set for return probes
     flags: str = INT3_CONTEXT_FLAGS
+    stack: tuple[str, ...] | None = None
+    """With ``--stacktrace``: the kernel stack at the hit, innermost first, each entry as
+    ``%pS`` prints it (``__x64_sys_openat+0x6a/0xa0``)."""
+    stack_cut: str | None = None
+    """Why the stack ends before the stack's end (a recorded copy too short, a frame the
+    walk could not read); None when it is whole."""
 
     @property
     def is_return(self) -> bool:
@@ -96,6 +103,15 @@ class EventHit:
     def line(self) -> str:
         """The hit as ``cat trace`` prints it (no newline)."""
         return format_event_line(self)
+
+    def lines(self) -> list[str]:
+        """The hit's line, then its stack as ``options/stacktrace`` (with ``sym-offset``)
+        prints it: a ``<stack trace>`` entry and one `` => `` line per frame."""
+        if self.stack is None:
+            return [format_event_line(self)]
+        cut = [] if self.stack_cut is None else [f" => <stack cut: {self.stack_cut}>"]
+        return [format_event_line(self), format_stack_header(self),
+                *(f" => {entry}" for entry in self.stack), *cut]  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         """Stable field names for ``--json`` (one object per hit)."""
@@ -112,16 +128,28 @@ class EventHit:
         }
         if self.function is not None:
             out["function"] = without_offset(self.function)
+        if self.stack is not None:
+            out["stack"] = list(self.stack)
+            out["stack_cut"] = self.stack_cut
         return out
+
+
+def _context(hit: EventHit) -> str:
+    comm = hit.comm[: TASK_COMM_LEN - 1]
+    return (
+        f"{comm:>16}-{hit.pid:<7d} [{hit.cpu:03d}] {hit.flags} "
+        f"{format_timestamp(hit.timestamp_ns)}: "
+    )
+
+
+def format_stack_header(hit: EventHit) -> str:
+    """The stack entry's own line (the kernel stamps it just after the event's)."""
+    return _context(hit) + "<stack trace>"
 
 
 def format_event_line(hit: EventHit) -> str:
     """``hit`` in the ftrace format, exactly as the kernel's ``trace`` file shows it."""
-    comm = hit.comm[: TASK_COMM_LEN - 1]
-    head = (
-        f"{comm:>16}-{hit.pid:<7d} [{hit.cpu:03d}] {hit.flags} "
-        f"{format_timestamp(hit.timestamp_ns)}: {hit.event}: "
-    )
+    head = _context(hit) + f"{hit.event}: "
     if hit.function is None:
         where = f"({hit.where})"
     else:

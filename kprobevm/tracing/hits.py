@@ -175,8 +175,13 @@ class PlacedEvent:
         return self.probe.errors + (self.entry.errors if self.entry is not None else [])
 
 
-_Emit = Callable[[tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None], None]
-"""An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function)."""
+_Emit = Callable[
+    [tuple[tuple[FetchArg, ArgValue], ...], str, int, int, int, str, str | None,
+     tuple[tuple[str, ...], str | None] | None],
+    None,
+]  # fmt: skip
+"""An event's hit handed on: (values, comm, pid, cpu, timestamp_ns, where, function,
+stack)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,9 @@ class HitBuilder:
     kretprobed: bool = True
     """The kernel prints a return to its trampoline as :data:`KRETPROBED` (the
     kretprobed rule); else as the trampoline's symbol."""
+    stacktrace: bool = False
+    """Each entry hit carries the kernel stack (``options/stacktrace``), unwound on the
+    host (``Kprobe(stack=True)``)."""
 
     def place(
         self, plan: PlannedProbe, spec: RecordSpec | None, *, hijacked: bool = False
@@ -228,7 +236,9 @@ class HitBuilder:
             def recorded_pre(kp: Kprobe, regs: PtRegs) -> None:
                 recorded_entry(regs, where, None)
 
-            probe = Kprobe(addr=res.address, pre_handler=recorded_pre, record=spec)
+            probe = Kprobe(
+                addr=res.address, pre_handler=recorded_pre, record=spec, stack=self.stacktrace
+            )
         elif res.event.is_return:
             hit, describe = self._stopped(plan, counter, False), self.symbols.describe
             hooked = self._hooked()
@@ -243,7 +253,7 @@ class HitBuilder:
             def pre_handler(kp: Kprobe, regs: PtRegs) -> None:
                 hit(regs, where, None)
 
-            probe = Kprobe(addr=res.address, pre_handler=pre_handler)
+            probe = Kprobe(addr=res.address, pre_handler=pre_handler, stack=self.stacktrace)
         placed = PlacedEvent(plan, probe)
         counter.append(placed)
         return placed
@@ -262,11 +272,13 @@ class HitBuilder:
         def emit(
             values: tuple[tuple[FetchArg, ArgValue], ...], comm: str, pid: int, cpu: int,
             timestamp_ns: int, where: str, function: str | None,
+            stack: tuple[tuple[str, ...], str | None] | None = None,
         ) -> None:
             sink(EventHit(
                 event=ev.event, group=ev.group, comm=comm, pid=pid, cpu=cpu,
                 timestamp_ns=timestamp_ns, where=where, args=values, function=function,
-                flags=flags,
+                flags=flags, stack=stack[0] if stack else None,
+                stack_cut=stack[1] if stack else None,
             ))  # fmt: skip
 
         return emit
@@ -299,7 +311,8 @@ class HitBuilder:
             values = tuple((a, a.fetch(ctx)) for a in args)
             comm, pid = ctx.task()
             predictor.remember(regs.cpu, reader.reads)
-            emit(values, comm, pid, regs.cpu, now - started_ns, where, function)
+            stack = _stack_lines(regs, symbols)
+            emit(values, comm, pid, regs.cpu, now - started_ns, where, function, stack)
 
         return hit
 
@@ -324,9 +337,20 @@ class HitBuilder:
             )  # fmt: skip
             values = tuple((a, a.fetch(ctx)) for a in args)
             timestamp = r.tsc * 1_000_000 // tsc_khz if tsc_khz else 0
-            emit(values, r.comm, r.pid, r.cpu, timestamp, where, function)
+            stack = _stack_lines(regs, symbols)
+            emit(values, r.comm, r.pid, r.cpu, timestamp, where, function, stack)
 
         return recorded
+
+
+def _stack_lines(
+    regs: PtRegs, symbols: KernelSymbols
+) -> tuple[tuple[str, ...], str | None] | None:
+    """The hit's stack (from ``Kprobe(stack=True)``) as ``%pS`` entries, and why it was
+    cut short if it was; None without one."""
+    if regs.stack is None:
+        return None
+    return tuple(symbols.describe(addr) for addr in regs.stack.entries), regs.stack.error
 
 
 def _fixed_regs(plan: PlannedProbe) -> dict[str, int]:

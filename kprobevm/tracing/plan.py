@@ -9,6 +9,7 @@ the events itself or must stop at each hit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ __all__ = [
     "plan_events",
     "record_specs",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _kernel_space(arg: FetchArg) -> str:
@@ -145,12 +148,33 @@ def guest_event_names(vm: VM, events: Sequence[ProbeEvent]) -> set[tuple[str, st
     names = sorted({f"{e.group}/{e.event}" for e in events})
     if not names:
         return set()
+    if vm.endpoints.ssh is None:
+        return _events_in_memory(vm, names)
     # names are C identifiers (parse_event checked them): safe in a shell word
     found = vm.run(
         "cd /sys/kernel/tracing/events 2>/dev/null || exit 0;"
         f" for e in {' '.join(names)}; do [ -d $e ] && echo $e; done; true"
     ).stdout.split()
     return {(g, e) for g, _, e in (name.partition("/") for name in found)}
+
+
+def _events_in_memory(vm: VM, names: list[str]) -> set[tuple[str, str]]:
+    """Which of ``names`` the kernel's own event list has, read from guest memory (no
+    SSH to look at tracefs); none, said on stderr, when it cannot be read."""
+    from kprobevm.errors import KprobeVMError
+    from kprobevm.kernel.trace_events_list import trace_event_names
+
+    head, btf = vm.symbols.get("ftrace_events"), vm.btf
+    try:
+        if head is None or btf is None:
+            raise KprobeVMError("no ftrace_events in kallsyms, or no BTF to read it by")
+        with vm.target.stopped():
+            events = trace_event_names(vm.memory.read, head, btf)
+    except KprobeVMError as exc:
+        log.warning("the guest's trace events are not looked up, so a name it has already"
+                    " is not refused (EVENT_EXIST): %s", exc)  # fmt: skip
+        return set()
+    return {pair for pair in events if f"{pair[0]}/{pair[1]}" in names}
 
 
 def plan_events(vm: VM, events: Sequence[ProbeEvent]) -> list[PlannedProbe]:
@@ -260,8 +284,12 @@ def record_specs(
     count_only: bool = False,
     string_size: int = DEFAULT_STRING_SIZE,
     have_btf: bool = True,
+    stack_size: int = 0,
 ) -> tuple[list[RecordSpec], str]:
-    """Each event's record spec, or why the events cannot all be recorded ("" if they can)."""
+    """Each event's record spec, or why the events cannot all be recorded ("" if they can).
+
+    ``stack_size``: bytes of kernel stack each record copies, for a stack trace (0: none).
+    """
     specs: list[RecordSpec] = []
     for p in plan:
         ev = p.resolved.event
@@ -278,9 +306,8 @@ def record_specs(
             specs.append(RecordSpec(count_only=True))
             continue
         try:
-            specs.append(
-                record_spec(p.resolved.args, string_size=string_size, at_return=ev.is_return)
-            )
+            spec = record_spec(p.resolved.args, string_size=string_size, at_return=ev.is_return)
+            specs.append(replace(spec, stack_size=stack_size))
         except Unrecordable as exc:
             return specs, f"{ev.group}/{ev.event}: {exc}"
     return specs, _program_too_large(plan, specs)

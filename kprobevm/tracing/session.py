@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Self
 
 from kprobevm.closing import Closing
 from kprobevm.errors import KprobeError
+from kprobevm.kernel.stacktrace import DEFAULT_STACK_SIZE
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
@@ -87,6 +88,11 @@ class TraceSession(Closing):
     mode: str = "auto"
     string_size: int = DEFAULT_STRING_SIZE
     """Bytes a recorded string keeps (its NUL included)."""
+    stacktrace: bool = False
+    """Each hit carries the kernel stack (``EventHit.stack``), as tracefs prints it with
+    ``options/stacktrace``; entry probes only."""
+    stack_size: int = DEFAULT_STACK_SIZE
+    """With ``stacktrace``, bytes of stack a recorded hit copies (from ``sp`` up)."""
     recorded: bool = field(default=False, init=False)
     """Whether the events are recorded by the guest (decided in :meth:`start`)."""
     record_refused: str | None = field(default=None, init=False)
@@ -110,6 +116,14 @@ class TraceSession(Closing):
         probe; on any failure the probes already placed are removed first.
         """
         vm = self.vm
+        stacktrace = self.stacktrace and not self.count_only
+        if stacktrace:
+            returns = [f"{p.event.group}/{p.event.event}" for p in self.plan if p.event.is_return]
+            if returns:
+                raise KprobeError(
+                    f"stack traces are for entry probes; {', '.join(returns)} is a return probe"
+                )
+            vm.stack_tracer  # noqa: B018 (read now, on this thread: it reads the guest)
         # Filled now, on this thread: the handlers must never reach for SSH.
         symbols, layout = vm.symbols, vm.task_layout
         if layout is None:
@@ -123,6 +137,7 @@ class TraceSession(Closing):
             clock=self.clock, started_ns=self.started_ns, count_only=self.count_only,
             tsc_khz=self._tsc_khz,
             kernel_trampoline=trampoline or 0, kretprobed=rules.kretprobed,
+            stacktrace=stacktrace,
         )  # fmt: skip
         placed = [
             builder.place(p, spec, hijacked=self._hijacked(i, rules.newest_first))
@@ -174,7 +189,7 @@ class TraceSession(Closing):
             raise KprobeError(f"trace mode {self.mode!r} is not one of {', '.join(MODES)}")
         specs, why = record_specs(
             self.vm, self.plan, count_only=self.count_only, string_size=self.string_size,
-            have_btf=have_btf,
+            have_btf=have_btf, stack_size=self.stack_size if self.stacktrace else 0,
         )  # fmt: skip
         if self.mode == "record" and why:
             raise KprobeError(f"cannot record these events: {why}")

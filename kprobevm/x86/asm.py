@@ -170,6 +170,10 @@ class Assembler(Encoder):
         """``cld``."""
         self._fixed("cld", b"\xfc")
 
+    def cli(self) -> None:
+        """``cli``: no maskable interrupt on this CPU until ``popfq`` restores IF."""
+        self._fixed("cli", b"\xfa")
+
     def rdtsc(self) -> None:
         """``rdtsc``: the TSC in edx:eax."""
         self._fixed("rdtsc", b"\x0f\x31")
@@ -386,6 +390,21 @@ class Assembler(Encoder):
     def shr(self, dst: str | Mem, count: int) -> None:
         """``shr dst, count``."""
         self._shift("shr", 5, dst, count)
+
+    def sar(self, dst: str | Mem, count: int) -> None:
+        """``sar dst, count``: the shift that keeps the sign."""
+        self._shift("sar", 7, dst, count)
+
+    def bsr(self, dst: str, src: str | Mem) -> None:
+        """``bsr reg, r/m``: the index of the highest set bit (ZF set, dst undefined: 0)."""
+        r = reg(dst)
+        rm = _rm(src)
+        self._encode("bsr", [dst, src], b"\x0f\xbd", rm=rm, reg=r.num, size=_width(rm, r))
+
+    def div(self, src: str | Mem) -> None:
+        """``div r/m``: rdx:rax by ``src`` (unsigned), quotient in rax, remainder in rdx."""
+        rm = _rm(src)
+        self._encode("div", [src], b"\xf7", rm=rm, reg=6, size=_width(rm))
 
     def _shift(self, mnemonic: str, ext: int, dst: str | Mem, count: int) -> None:
         rm = _rm(dst)

@@ -17,6 +17,7 @@ from kprobevm.x86.constants import MASK64
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
+    from kprobevm.x86.unwind_orc import KernelStack
 
 __all__ = ["ARG_REGS", "GDB_NAMES", "PtRegs", "to_gdb_names"]
 
@@ -58,13 +59,15 @@ class PtRegs:
     that reads none (a counter) costs the hit no ``g`` round trip.
     """
 
-    __slots__ = ("_along", "_load", "_orig", "_values", "cpu", "memory")
+    __slots__ = ("_along", "_load", "_orig", "_values", "cpu", "memory", "stack")
     _values: dict[str, int]
     _orig: dict[str, int]
     _load: Callable[[], dict[str, int]] | None
     _along: ReadAlong | None
     cpu: int
     memory: GuestMemory | None
+    stack: KernelStack | None
+    """The kernel stack at the hit, for a probe made with ``stack=True`` (else None)."""
 
     def __init__(self, values: dict[str, int], *, cpu: int, memory: GuestMemory | None) -> None:
         # values are keyed by pt_regs name; _orig remembers them to find what changed
@@ -74,6 +77,7 @@ class PtRegs:
         object.__setattr__(self, "_along", None)
         object.__setattr__(self, "cpu", cpu)
         object.__setattr__(self, "memory", memory)
+        object.__setattr__(self, "stack", None)
 
     @classmethod
     def from_gdb(
@@ -149,7 +153,7 @@ class PtRegs:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("cpu", "memory"):
+        if name in ("cpu", "memory", "stack"):
             object.__setattr__(self, name, value)
             return
         self._materialise()

@@ -37,6 +37,7 @@ __all__ = [
     "build_count_program",
     "build_record_program",
     "check_program_fits",
+    "stack_slices",
 ]
 
 #: pt_regs names in the record's register snapshot, in ``struct pt_regs`` order.
@@ -70,6 +71,15 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+STACK_BLOCK = 16384
+"""x86-64's THREAD_SIZE (and IRQ_STACK_SIZE) without KASAN: a stack is a block of this
+size and alignment, so a copy from ``sp`` to the block's end stays on the stack. The
+recorder sets the guest's own (:attr:`CopyHelpers.thread_size`)."""
+MAX_STACK_COPY = 4096
+KERNEL_HALF = 0xFF00000000000000
+"""The lowest kernel address of either paging mode: a saved stack pointer is above it."""
+
+
 @dataclass(frozen=True)
 class Capture:
     """One read the guest makes at a hit: ``size`` bytes (a string: at most) at an address.
@@ -88,7 +98,6 @@ class Capture:
     string: bool = False
     user: bool = False
     mixed: bool = False
-
     def __post_init__(self) -> None:
         if self.reg is not None and self.from_capture is not None:
             raise ValueError("a capture has one base: a register or an earlier capture")
@@ -103,6 +112,31 @@ class RecordLayout:
     """Where each part of one probe's record lies; the program and the decoder share it."""
 
     captures: tuple[Capture, ...]
+    stack_size: int = 0
+    """Bytes of kernel stack copied after the captures, at most, in each of two slices:
+    from ``sp`` to the top of its stack, and (on the IRQ stack) from the stack pointer
+    saved at that top to the top of the stack below. The record then has a size of its
+    own (see :func:`stack_slices`); 0: no stack."""
+    stack_block: int = STACK_BLOCK
+    """The guest's stack size and alignment (its THREAD_SIZE)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stack_size <= MAX_STACK_COPY or self.stack_size % 8:
+            raise ValueError(f"stack copy of {self.stack_size} bytes: not a multiple of 8"
+                             f" in 0..{MAX_STACK_COPY}")  # fmt: skip
+        if self.stack_block & (self.stack_block - 1) or self.stack_block < 4096:
+            raise ValueError(f"stack size {self.stack_block} is not a power of two >= 4096")
+
+    @property
+    def fixed_size(self) -> int:
+        """Bytes before the stack slices: header, registers, captures."""
+        end = REGS_OFFSET + 8 * len(SNAPSHOT_REGS)
+        return end + sum(CAPTURE_HEADER.size + _align8(c.size) for c in self.captures)
+
+    def stack_copy_length(self, sp: int) -> int:
+        """The slice reserved for a stack at ``sp``: up to its top, at most ``stack_size``."""
+        block = self.stack_block
+        return min(self.stack_size, block - (sp & (block - 1)))
 
     @property
     def capture_offsets(self) -> tuple[int, ...]:
@@ -116,9 +150,10 @@ class RecordLayout:
 
     @property
     def size(self) -> int:
-        """Bytes reserved in the ring for one record (a multiple of 8)."""
-        end = REGS_OFFSET + 8 * len(SNAPSHOT_REGS)
-        return end + sum(CAPTURE_HEADER.size + _align8(c.size) for c in self.captures)
+        """Bytes reserved in the ring for one record, at most (a multiple of 8)."""
+        if not self.stack_size:
+            return self.fixed_size
+        return self.fixed_size + 2 * (CAPTURE_HEADER.size + self.stack_size)
 
 
 @dataclass(frozen=True)
@@ -161,6 +196,12 @@ class CopyHelpers:
     """The guest's ``TASK_SIZE_MAX`` (its paging mode's): a mixed read below it goes
     through the user copies. :func:`~kprobevm.kprobes.recorder.copy_helpers` sets it
     from the guest."""
+    thread_size: int = STACK_BLOCK
+    """The guest's kernel stack size (``__end_init_task - __start_init_task``), set by
+    :func:`~kprobevm.kprobes.recorder.copy_helpers`: where a stack copy stops."""
+    task_stack: int = 0
+    """Offset of ``task_struct.stack`` (0: unknown). A stack copy from within
+    ``current``'s own stack, which is mapped whole, is then a plain ``rep movsq``."""
 
     def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
         """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
@@ -239,10 +280,14 @@ def build_record_program(
     a.jcc("ne", "missed_all")  # this CPU is inside a record program already
     for n, (probe_id, layout) in enumerate(probes):
         site = _Site(a, f"p{n}", probe_id, layout, ring)
+        if layout.stack_size:
+            _stack_extent(site, helpers)
         _reserve(site)
         _header(site, helpers)
         _registers(site, probe_ip)
         _captures(site, helpers)
+        if layout.stack_size:
+            _stack_slices(site, helpers)
         _complete(site)
     a.lea("rax", rip(ring.busy))
     a.mov(busy, 0)
@@ -269,14 +314,16 @@ class _Site:
 def _reserve(s: _Site) -> None:
     """Reserve [head, head + total): the record, preceded by padding to the ring's end
     when it would not fit before it. Full (the host is behind): count it as missed.
-    Leaves the record's address in rbx, its reservation's start in r12."""
-    a, name, size, ring = s.a, s.name, s.layout.size, s.ring
+    Leaves the record's address in rbx, its reservation's start in r12. A record with a
+    stack has its size in rbp (:func:`_stack_extent`)."""
+    a, name, ring = s.a, s.name, s.ring
+    size: int | str = "rbp" if s.layout.stack_size else s.layout.size
     mask = ring.ring_size - 1
     a.mov("rax", rip(ring.head))
     a.label(f"{name}_reserve")
     a.mov("rdx", "rax")
     a.and_("rdx", mask)
-    a.mov("ecx", size)
+    a.mov("rcx" if size == "rbp" else "ecx", size)
     a.lea("rsi", mem("rdx", 0, "rcx"))
     a.cmp("rsi", ring.ring_size)
     a.jcc("be", f"{name}_fits")
@@ -301,7 +348,11 @@ def _reserve(s: _Site) -> None:
     a.bts("r8", 63)  # the padding stamp
     a.mov(mem("rdi", 0, "rdx"), "r8")
     a.label(f"{name}_placed")
-    a.lea("r12", mem("r12", -size, "rcx"))  # the record's start
+    if isinstance(size, str):
+        a.add("r12", "rcx")
+        a.sub("r12", size)  # the record's start
+    else:
+        a.lea("r12", mem("r12", -size, "rcx"))  # the record's start
     a.mov("rbx", "r12")
     a.and_("rbx", mask)
     a.add("rbx", "rdi")  # rbx = the record, kept across the calls
@@ -310,7 +361,10 @@ def _reserve(s: _Site) -> None:
 def _header(s: _Site, helpers: CopyHelpers) -> None:
     """Size, probe id, CPU, TSC, and ``current``'s pid and comm."""
     a = s.a
-    a.mov(_rec(8, 4), s.layout.size)
+    if s.layout.stack_size:
+        a.mov(_rec(8), "ebp")
+    else:
+        a.mov(_rec(8, 4), s.layout.size)
     a.mov(_rec(12, 2), s.probe_id)
     a.mov(_rec(14), "r13w")
     a.rdtsc()
@@ -389,6 +443,150 @@ def _captures(s: _Site, helpers: CopyHelpers) -> None:
         a.mov(_rec(here + 8), "rax")
 
 
+def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
+    """Before the reservation, what the stack slices will take (the record's size is
+    then the program's to tell): r14 the first slice's length (``sp`` to the top of its
+    stack, at most ``stack_size``); r15 the stack pointer saved at that top when the
+    slice reaches it and it is a kernel address (the IRQ stack's link to the stack it
+    left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
+    a, name, stack, block = s.a, f"{s.name}_stk", s.layout.stack_size, s.layout.stack_block
+    a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
+    if helpers.task_stack:
+        # on current's stack: to its top, and the top holds pt_regs, no link below
+        _on_task_stack(s, helpers, f"{name}_other")
+        a.mov("r14d", block)
+        a.sub("r14", "rcx")
+        a.cmp("r14", stack)
+        a.jcc("be", f"{name}_task_len")
+        a.mov("r14", stack)
+        a.label(f"{name}_task_len")
+        a.xor("r15d", "r15d")
+        a.jmp(f"{name}_size")
+        a.label(f"{name}_other")
+    a.mov("rax", "rsi")
+    a.and_("rax", block - 1)
+    a.mov("ecx", block)
+    a.sub("rcx", "rax")  # bytes to the top
+    a.mov("r14", "rcx")
+    a.cmp("r14", stack)
+    a.jcc("be", f"{name}_len")
+    a.mov("r14", stack)
+    a.label(f"{name}_len")
+    a.xor("r15d", "r15d")
+    a.cmp("r14", "rcx")
+    a.jcc("ne", f"{name}_size")  # the slice stops short of the top
+    a.sub("rsp", 8)  # the top word, read as any other: it may not be mapped
+    a.mov("rdi", "rsp")
+    a.lea("rsi", mem("rsi", -8, "r14"))
+    a.mov("edx", 8)
+    a.call(helpers.copy_from_kernel)
+    a.pop("r15")
+    a.test("rax", "rax")
+    a.jcc("ne", f"{name}_unlinked")
+    a.movabs("rax", KERNEL_HALF)
+    a.cmp("r15", "rax")
+    a.jcc("ae", f"{name}_size")  # else pt_regs' ss, or an iret frame's: no stack below
+    a.label(f"{name}_unlinked")
+    a.xor("r15d", "r15d")
+    a.label(f"{name}_size")
+    a.lea("rbp", mem("r14", s.layout.fixed_size + 2 * CAPTURE_HEADER.size + 7, disp32=True))
+    a.and_("rbp", -8)
+    a.test("r15", "r15")
+    a.jcc("e", f"{name}_sized")
+    a.mov("rax", "r15")
+    a.and_("rax", block - 1)
+    a.mov("ecx", block)
+    a.sub("rcx", "rax")
+    a.cmp("rcx", stack)
+    a.jcc("be", f"{name}_len2")
+    a.mov("ecx", stack)
+    a.label(f"{name}_len2")
+    a.add("rcx", 7)
+    a.and_("rcx", -8)
+    a.add("rbp", "rcx")
+    a.label(f"{name}_sized")
+
+
+def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
+    """Both slices after the captures, each a header (address, status) and its bytes;
+    the second header follows the first slice's reservation (r14, aligned)."""
+    a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
+    a.mov("rsi", _rec(REGS_OFFSET + 8 * SNAPSHOT_REGS.index("sp")))
+    a.mov(_rec(at), "rsi")
+    _slice_copy(s, helpers, "rbx", at, f"{name}1")
+    below = at + CAPTURE_HEADER.size  # from rbp, the first slice's reservation past rbx
+    a.lea("rbp", mem("r14", 7))
+    a.and_("rbp", -8)
+    a.add("rbp", "rbx")
+    a.mov(mem("rbp", below, size=8, disp32=True), "r15")
+    a.mov("rax", -EFAULT)
+    a.test("r15", "r15")
+    a.jcc("e", f"{name}2_status")
+    _slice_copy(s, helpers, "rbp", below, f"{name}2")
+
+
+def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
+    """On to ``other`` unless rsi is an 8-byte aligned address in ``current``'s own
+    stack (mapped whole: a copy to its top cannot fault); else rcx = rsi - its base."""
+    a = s.a
+    a.mov("rax", mem(disp=helpers.current_task, seg="gs"))
+    a.mov("rax", mem("rax", helpers.task_stack, disp32=True))  # the stack's base
+    a.mov("rcx", "rsi")
+    a.sub("rcx", "rax")
+    a.cmp("rcx", s.layout.stack_block)
+    a.jcc("ae", other)
+    a.test("esi", 7)
+    a.jcc("ne", other)
+
+
+def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -> None:
+    """Copy the stack from the address in the header at ``base + at`` to the top of its
+    block, at most ``stack_size`` bytes; where that faults (a stack not aligned so), to
+    the end of the page. The header's status: the bytes copied, or the copy's error."""
+    a, stack = s.a, s.layout.stack_size
+
+    def field(offset: int) -> asm.Mem:
+        return mem(base, at + offset, size=8, disp32=True)
+
+    if helpers.task_stack:
+        a.mov("rsi", field(0))
+        _on_task_stack(s, helpers, f"{name}_other")
+        a.mov("edx", s.layout.stack_block)
+        a.sub("rdx", "rcx")  # bytes to the top
+        a.cmp("rdx", stack)
+        a.jcc("be", f"{name}_task_len")
+        a.mov("edx", stack)
+        a.label(f"{name}_task_len")
+        a.mov(field(8), "rdx")
+        a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
+        a.mov("rcx", "rdx")
+        a.shr("rcx", 3)
+        a.rep_movsq()
+        a.mov("rax", field(8))
+        a.jmp(f"{name}_status")
+        a.label(f"{name}_other")
+    for try_, block in enumerate((s.layout.stack_block, 4096)):
+        a.mov("rsi", field(0))
+        a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
+        a.mov("rax", "rsi")
+        a.and_("rax", block - 1)
+        a.mov("edx", block)
+        a.sub("rdx", "rax")  # bytes to the block's end
+        a.cmp("rdx", stack)
+        a.jcc("be", f"{name}_len{try_}")
+        a.mov("edx", stack)
+        a.label(f"{name}_len{try_}")
+        a.mov(field(8), "rdx")  # kept across the call
+        a.call(helpers.copy_from_kernel)
+        a.test("rax", "rax")
+        a.jcc("ne", f"{name}_failed{try_}")
+        a.mov("rax", field(8))
+        a.jmp(f"{name}_status")
+        a.label(f"{name}_failed{try_}")
+    a.label(f"{name}_status")
+    a.mov(field(8), "rax")
+
+
 def _complete(s: _Site) -> None:
     """Stamp the record, count the hit, and ask for a drain past the high-water mark."""
     a, name, ring = s.a, s.name, s.ring
@@ -414,3 +612,18 @@ def check_program_fits(code: bytes, size: int, where: str) -> None:
     """Raise when a program is larger than the cell it goes into."""
     if len(code) > size:
         raise KprobeError(f"record program for {where} takes {len(code)} bytes, over {size}")
+
+
+def stack_slices(raw: bytes, layout: RecordLayout) -> list[tuple[int, int, bytes]]:
+    """The stack slices of one record: (address, status, bytes) of the copy from ``sp``,
+    then of the copy from the stack below (address 0 and -EFAULT when there is none).
+    The second slice's header follows the first's reservation, which ``sp`` decides."""
+    out = []
+    at = layout.fixed_size
+    for _ in range(2):
+        address, status = CAPTURE_HEADER.unpack_from(raw, at)
+        reserved = layout.stack_copy_length(address) if address else 0
+        start = at + CAPTURE_HEADER.size
+        out.append((address, status, raw[start : start + max(0, min(status, reserved))]))
+        at = start + _align8(reserved)
+    return out
