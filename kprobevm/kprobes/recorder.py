@@ -42,6 +42,7 @@ from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
 from kprobevm.x86 import retrecord
 from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.funclatency import LatencyMap
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
@@ -357,7 +358,9 @@ class Recorder:
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
         fresh, self._fresh = self._fresh, []
-        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
+        # (a latency probe's map is updated at the return: its entry is the hijack's)
+        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate
+                       and not kp.record.at_return]  # fmt: skip
         if aggregating and len(site.probes) != 1:
             for probe_id in fresh:  # as if never added: the registration fails
                 if self.probes[probe_id].kp in site.probes:
@@ -371,7 +374,8 @@ class Recorder:
                if kp.record_id is not None and not kp.disabled]  # fmt: skip
         if aggregating:
             code = self._aggregate_program(site, aggregating[0], cell.address, cont)
-        elif all(kp.record is not None and kp.record.count_only for kp in site.probes):
+        elif all(kp.record is not None and kp.record.count_only and not kp.record.at_return
+                 for kp in site.probes):  # fmt: skip
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
                              if kp.record_id is not None and not kp.disabled)
@@ -389,7 +393,8 @@ class Recorder:
         """The record program of the site's entry probes, behind the hijack of its
         return probes if it has any (their return program placed in a cell of its own)."""
         layouts = {i: self.probes[i].layout for i in ids}
-        returns = self.returns.probes(ids, layouts) if self.returns is not None else ()
+        returns = (self.returns.probes(ids, layouts, self._latency_maps(ids))
+                   if self.returns is not None else ())  # fmt: skip
         entry = [(i, layouts[i]) for i in ids if i not in {p.probe_id for p in returns}]
         old_return = self.return_programs.pop(site.addr, None)
         body_at, code = at, b""
@@ -412,6 +417,15 @@ class Recorder:
             body_at, probes=tuple(entry), probe_ip=site.addr, ring=self.layout,
             helpers=self.helpers, cont=cont,
         ).code  # fmt: skip
+
+    def _latency_maps(self, ids: list[int]) -> dict[int, LatencyMap]:
+        """The histograms of the latency probes among ``ids``."""
+        out = {}
+        for i in ids:
+            spec = self.probes[i].kp.record
+            if spec is not None and spec.aggregate is not None and spec.aggregate.latency:
+                out[i] = LatencyMap(self.maps[i], spec.aggregate.latency)
+        return out
 
     def _forget_return_program(self, old: Slot, new: Slot | None) -> None:
         """Calls in flight through ``old`` return through ``new`` (None: through none)."""
