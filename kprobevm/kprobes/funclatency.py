@@ -51,6 +51,8 @@ class FuncLatency(AggregateProbe):
         """Place the return probe (``maxactive`` 0: the kernel's default bound)."""
         if unit not in UNITS:
             raise ProbeRefused("EINVAL", f"latency unit {unit!r}: one of {', '.join(UNITS)}")
+        if maxactive < 0:
+            raise ProbeRefused("EINVAL", f"maxactive {maxactive}: 0 (the default) or more")
         khz = guest_tsc_khz(vm)
         if not 0 < khz < 1 << 31:
             raise KprobeError(f"the guest's tsc_khz reads {khz}: not a TSC rate to scale by")
