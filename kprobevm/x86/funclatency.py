@@ -16,7 +16,9 @@ CPU's region of the map is counted, with interrupts off, as the aggregate progra
 A stamp left by a call whose return no latency program saw (its probe went away while it
 was in flight) may still hold the slot; it is older than the live call's, so the latest
 stamp at the slot is the one taken. A return with no stamp, a CPU the map has no region
-for, or a delta too large to scale (over 2**64 / 10**6 cycles) is a missed hit.
+for, or a delta too large to scale (over 2**63 / 10**6 cycles) is a missed hit.
+A delta below zero (a TSC behind the entry's) goes to bucket 0, as a negative value
+does in a log2 histogram.
 """
 
 from __future__ import annotations
