@@ -1,7 +1,7 @@
 """funclatency on the shared guest: sleeps of a known length land in their log2 bucket,
-as many calls as the guest's own return probe saw; a unit of microseconds; a maxactive
-of one times one of two concurrent sleeps and counts the other missed; bad input refused
-with nothing placed."""
+as many calls as the guest's own return probe saw; two units and a recorded return event
+on one function at once; a maxactive of one times one of two concurrent sleeps and
+counts the other missed; bad input refused with nothing placed."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from kprobevm.errors import ProbeRefused
 from kprobevm.guest.vm import VM
+from kprobevm.kprobes.aggregations import Bucket
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.maps import format_map
 
@@ -60,20 +61,26 @@ def test_ten_millisecond_sleeps_land_in_the_8ms_bucket(vm: VM, kprobes: ProbeSes
     assert text.splitlines()[1] == f"{'[8M, 16M)':<16}{SLEEPS:>8} |{'@' * 52}|"
 
 
-def test_microseconds_and_a_maxactive_of_one(vm: VM, kprobes: ProbeSession) -> None:
-    """In us the 10 ms sleeps are in [8K, 16K); with maxactive 1 two concurrent 50 ms
-    sleeps are one timed (about 50 ms: [32K, 64K) us) and one missed."""
-    lat = kprobes.funclatency(SLEEPER, unit="us")
-    vm.run(_sleeps(3), check=True)
-    lat.close()
-    (bucket,) = [b for b in lat.read().buckets if b.count]
-    assert (bucket.lo, bucket.hi, bucket.count) == (8 << 10, 16 << 10, 3)
+def test_microseconds_beside_a_recorded_return_and_a_maxactive_of_one(
+    vm: VM, kprobes: ProbeSession
+) -> None:
+    """Two latency probes (ns and us) and a recorded return event on one function share
+    its hijack and return program: each sees the 3 calls, the 10 ms sleeps in [8M, 16M)
+    ns and [8K, 16K) us. Then with maxactive 1, two concurrent 50 ms sleeps are one timed
+    (about 50 ms: [32K, 64K) us) and one missed."""
+    ns, us = kprobes.funclatency(SLEEPER), kprobes.funclatency(SLEEPER, unit="us")
+    event = kprobes.event(f"r:slept {SLEEPER} ret=$retval:s64")
+    kprobes.run(_sleeps(3), check=True)
+    ns.close()
+    us.close()
+    assert [b for b in ns.read().buckets if b.count] == [Bucket(8 << 20, 16 << 20, 3)]
+    assert [b for b in us.read().buckets if b.count] == [Bucket(8 << 10, 16 << 10, 3)]
+    assert event.values("ret") == [0, 0, 0]
     one = kprobes.funclatency(SLEEPER, unit="us", maxactive=1)
     assert one.maxactive == 1
     vm.run("sleep 0.05 & sleep 0.05 & wait", check=True)
     one.close()
-    (bucket,) = [b for b in one.read().buckets if b.count]
-    assert (bucket.lo, bucket.hi, bucket.count) == (32 << 10, 64 << 10, 1)
+    assert [b for b in one.read().buckets if b.count] == [Bucket(32 << 10, 64 << 10, 1)]
     assert one.missed() == 1 == one.kp.nmissed
 
 
