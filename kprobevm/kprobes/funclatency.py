@@ -67,12 +67,15 @@ class FuncLatency(AggregateProbe):
             record=RecordSpec(count_only=True, aggregate=self.aggregation),
         )  # fmt: skip
         vm.register_kretprobe(self.rp)
-        self.recorder = self._recorder(vm)
-        kp = self.rp.recorded
-        if kp is None or kp.record_id is None:
-            vm.unregister_kretprobe(self.rp)
-            raise KprobeError("a latency probe was registered without a record id",
-                              symbol=self.rp.symbol_name)  # fmt: skip
+        try:
+            self.recorder = self._recorder(vm)
+            kp = self.rp.recorded
+            if kp is None or kp.record_id is None:
+                raise KprobeError("a latency probe was registered without a record id",
+                                  symbol=self.rp.symbol_name)  # fmt: skip
+        except KprobeError:
+            vm.unregister_kretprobe(self.rp)  # nothing left behind
+            raise
         self.kp = kp
         self.function = function if isinstance(function, str) else vm.symbols.describe(function)
         self.layout = self.recorder.maps[kp.record_id]
