@@ -116,11 +116,16 @@ class StoppingReads:
     hits_per_s: float
     read_us_median: float
     read_us_p90: float
+    quiet_read_us_median: float = 0.0
+    """The same read of the last hit's stack, repeated on this thread after the run:
+    the read path alone, without a stop's cold caches and wake-up."""
 
 
 def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
     """Hits per second on the no-fork open loop, and each handler read's time."""
     times: list[float] = []
+
+    last_sp: list[int] = []
 
     def handler(kp: Kprobe, regs: PtRegs) -> None:
         assert regs.memory is not None
@@ -128,6 +133,7 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
         start = time.perf_counter()
         regs.memory.read(sp, 32)
         times.append(time.perf_counter() - start)
+        last_sp[:] = [sp]
 
     kp = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=handler)
     vm.register_kprobe(kp)
@@ -140,7 +146,24 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
     return StoppingReads(
         hits=hits, hits_per_s=hits / run.seconds, read_us_median=statistics.median(micros),
         read_us_p90=micros[int(0.9 * (len(micros) - 1))],
+        quiet_read_us_median=_quiet_read_us(vm, last_sp[0]) if last_sp else 0.0,
     )  # fmt: skip
+
+
+def _quiet_read_us(vm: VM, address: int, n: int = 20_000) -> float:
+    """Median microseconds of a 32-byte read at ``address`` repeated ``n`` times, the VM
+    held stopped (as in a handler); 0.0 when that stack is gone from the mapping (its
+    task exited), which would measure the gdbstub instead."""
+    memory = vm.memory
+    times = []
+    with vm.target.stopped():
+        if memory.direct is None or memory.direct.read_virt(address, 32) is None:
+            return 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            memory.read(address, 32)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 @dataclass(frozen=True)
