@@ -1,5 +1,6 @@
 """The kernel matrix: Debian's 6.12 cloud kernel (IBT, CALL_PADDING, its own blacklist)
-under two vCPUs, and the PREEMPT_RT kernels of 6.1 and 6.12 booted once each.
+under two vCPUs (funclatency among what it runs), and the PREEMPT_RT kernels of 6.1 and
+6.12 booted once each.
 
 Each kernel's image is built from its Debian package on first use (downloaded once into
 the cache, next to the default image). The guest kernel is the oracle: its debugfs
@@ -17,6 +18,7 @@ import pytest
 from kprobevm.guest.console import kernel_trouble
 from kprobevm.guest.launcher import boot
 from kprobevm.guest.vm import VM
+from kprobevm.kprobes.aggregations import Bucket
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeInstance
 from kprobevm.kprobes.recorder import RecordSpec
@@ -150,6 +152,18 @@ def test_return_probes_see_the_return_value(vm612: VM) -> None:
     assert placed == [syms["do_sys_openat2"], syms["vfs_read"] + 4]
     assert -2 in values["do_sys_openat2"], values
     assert any(v > 0 for v in values["vfs_read"]), values
+
+
+def test_funclatency_on_two_vcpus(vm612: VM) -> None:
+    """funclatency on 6.12 (a sealed ENDBR at vfs_read, IBT): 10 ms sleeps in [8M, 16M)
+    ns, every one of dd's reads of vfs_read timed, none missed, the text as it was."""
+    before = vm612.read(vm612.symbols["hrtimer_nanosleep"], 64)
+    with vm612.funclatency("hrtimer_nanosleep") as slept, vm612.funclatency("vfs_read") as rd:
+        sleeps = "for i in 1 2 3 4; do sleep 0.01; done"
+        vm612.run(f"{sleeps}; dd if=/dev/zero of=/dev/null bs=1 count=500 2>/dev/null", check=True)
+    assert [b for b in slept.read().buckets if b.count] == [Bucket(8 << 20, 16 << 20, 4)]
+    assert rd.read().total >= 500 and rd.missed() == slept.missed() == 0
+    assert vm612.read(vm612.symbols["hrtimer_nanosleep"], 64) == before
 
 
 def test_blacklist_is_the_guests(vm612: VM) -> None:
