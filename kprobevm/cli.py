@@ -546,7 +546,7 @@ as the kernel does.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; later sub-commands (trace, count, list, ...) add themselves here."""
-    from kprobevm import maps_cli
+    from kprobevm import funclatency_cli, maps_cli
 
     parser = argparse.ArgumentParser(
         prog="kprobevm", description="Linux kprobes for a QEMU x86_64 guest, driven from the host.",
@@ -590,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("words", nargs=argparse.REMAINDER, metavar="FUNC... [-- CMD...]")
     count.set_defaults(func=cmd_count)
     maps_cli.add_hist_parser(sub)
+    funclatency_cli.add_funclatency_parser(sub)
 
     lst = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
     _add_guest_options(lst)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
     from kprobevm.kprobes.aggregations import AggregateProbe
     from kprobevm.kprobes.core import Kprobe
+    from kprobevm.kprobes.funclatency import FuncLatency
     from kprobevm.kprobes.kretprobes import Kretprobe
     from kprobevm.tracing import ArgValue, EventHit
     from kprobevm.tracing.session import PlannedProbe, TraceSession
@@ -231,6 +232,14 @@ class ProbeSession:
     ) -> AggregateProbe:
         """``vm.hist(...)``: a histogram of ``field`` kept in the guest; ``.read()`` it."""
         return self._map(self.vm.hist(definition, field, linear=linear))
+
+    def funclatency(
+        self, function: str | int, *, unit: str = "ns", maxactive: int = 0
+    ) -> FuncLatency:
+        """``vm.funclatency(...)``: ``function``'s call latencies, a histogram in the guest."""
+        placed = self.vm.funclatency(function, unit=unit, maxactive=maxactive)
+        self._map(placed)
+        return placed
 
     def count_by(self, definition: str, by: str) -> AggregateProbe:
         """``vm.count_by(...)``: hits counted by comm, pid or cpu in the guest."""

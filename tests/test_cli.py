@@ -274,3 +274,27 @@ def test_hist_bad_input_needs_no_guest(capsys: pytest.CaptureFixture[str]) -> No
     assert code == cli.EXIT_USAGE and "needs MIN < MAX" in err, err
     code, _, err = run(capsys, "count", "--boot", "--by", "stack", "vfs_read")
     assert code == cli.EXIT_USAGE and "invalid choice: 'stack'" in err, err
+
+
+@pytest.mark.vm
+def test_funclatency_boot_on_two_vcpus(capsys: pytest.CaptureFixture[str]) -> None:
+    """``funclatency --json`` on 2 vCPUs: five 10 ms sleeps, each timed from entry to
+    return in the guest (a sleeper may wake on the other vCPU), all in [8M, 16M) ns."""
+    code, out, err = run(
+        capsys, "funclatency", "--boot", "--smp", "2", "--json", "hrtimer_nanosleep",
+        "--", "for i in 1 2 3 4 5; do sleep 0.01; done",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    doc = json.loads(out)
+    assert doc["map"] == "nsecs[hrtimer_nanosleep]" and doc["unit"] == "ns", doc
+    assert doc["buckets"] == [{"lo": 8 << 20, "hi": 16 << 20, "count": 5}], doc
+    assert doc["missed"] == 0 and doc["maxactive"] >= 10 and len(doc["per_cpu"]) == 2
+
+
+def test_funclatency_bad_input_needs_no_guest(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "funclatency", "--boot", "--maxactive", "-1", "vfs_read")
+    assert code == cli.EXIT_USAGE and "--maxactive -1: 0 or more" in err, err
+    code, _, err = run(capsys, "funclatency", "--boot", "vfs_read", "vfs_write")
+    assert code == cli.EXIT_USAGE and "give one function" in err, err
+    code, _, err = run(capsys, "funclatency", "--boot", "--unit", "s", "vfs_read")
+    assert code == cli.EXIT_USAGE and "invalid choice: 's'" in err, err

@@ -30,14 +30,15 @@ class GuestKprobeRun(Generic[T]):
 
 
 def under_guest_kprobe(
-    vm: VM, event: str, probe: str, body: Callable[[], T]
+    vm: VM, event: str, probe: str, body: Callable[[], T], *, kind: str = "p"
 ) -> GuestKprobeRun[T] | str:
-    """Place ``p:GROUP/EVENT PROBE...`` through the guest's tracefs (mounted if need be),
-    enable it, run ``body``, read its ``kprobe_profile`` row, then disable and remove it
-    whatever happened; the reason instead when tracefs would not take it."""
+    """Place ``p:GROUP/EVENT PROBE...`` (``kind`` ``r``: a return probe) through the
+    guest's tracefs (mounted if need be), enable it, run ``body``, read its
+    ``kprobe_profile`` row, then disable and remove it whatever happened; the reason
+    instead when tracefs would not take it."""
     setup = vm.run(
         f"cd {_TRACEFS} 2>/dev/null || {{ mount -t tracefs nodev {_TRACEFS} && cd {_TRACEFS}; }}"
-        f" && echo 'p:{event} {probe}' >> kprobe_events"
+        f" && echo '{kind}:{event} {probe}' >> kprobe_events"
         f" && echo 1 > events/{event}/enable"
     )
     if setup.returncode != 0:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from kprobevm.kernel.vmlinux import Vmlinux
     from kprobevm.kprobes.aggregations import AggregateProbe
     from kprobevm.kprobes.core import Kprobe, KprobeManager
+    from kprobevm.kprobes.funclatency import FuncLatency
     from kprobevm.kprobes.journal import Journal
     from kprobevm.kprobes.kretprobes import Kretprobe, KretprobeManager
     from kprobevm.trap.channel import ChannelKind, TrapChannel, TrapHandlers
@@ -919,6 +920,16 @@ class VM(Closing):
         from kprobevm.tracing.maps import place_map
 
         return place_map(self, definition, field=field, linear=linear)
+
+    def funclatency(
+        self, function: str | int, *, unit: str = "ns", maxactive: int = 0
+    ) -> FuncLatency:
+        """The latencies of ``function``'s calls in ``unit`` (ns, us, ms), a log2 histogram
+        kept in the guest; ``.read()`` snapshots it, ``.missed()`` counts calls not timed,
+        ``close()`` removes the probe (:mod:`kprobevm.kprobes.funclatency`)."""
+        from kprobevm.kprobes.funclatency import FuncLatency
+
+        return FuncLatency(self, function, unit=unit, maxactive=maxactive)
 
     @property
     def can_record(self) -> bool:

@@ -23,6 +23,7 @@ from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86.aggregate import AggregateField, Key, MapLayout
+from kprobevm.x86.funclatency import LatencyScale
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -47,14 +48,18 @@ _HEADER = struct.Struct("<QQQ")
 @dataclass(frozen=True)
 class Aggregation:
     """What a probe folds its hits into: a count (by ``by``), or a histogram of ``field``
-    (log2, or ``linear`` = (min, max, step) as bpftrace's ``lhist``)."""
+    (log2, or ``linear`` = (min, max, step) as bpftrace's ``lhist``), or a return probe's
+    log2 histogram of its calls' ``latency`` (:mod:`kprobevm.kprobes.funclatency`)."""
 
     by: Key = "none"
     field: AggregateField | None = None
     linear: tuple[int, int, int] | None = None
     entries: int = DEFAULT_ENTRIES
+    latency: LatencyScale | None = None
 
     def __post_init__(self) -> None:
+        if self.latency is not None and (self.field, self.linear, self.by) != (None, None, "none"):
+            raise ValueError("a latency histogram has no field, linear buckets or key")
         if self.field is not None and self.by != "none":
             raise ValueError("a histogram has no key here: give by='none'")
         if self.by in ("pid", "comm") and (self.entries < 8 or self.entries & (self.entries - 1)):
@@ -74,7 +79,7 @@ class Aggregation:
     @property
     def kind(self) -> Literal["count", "hist", "lhist"]:
         """count, hist (log2) or lhist (linear)."""
-        if self.field is None:
+        if self.field is None and self.latency is None:
             return "count"
         return "hist" if self.linear is None else "lhist"
 
@@ -84,7 +89,7 @@ class Aggregation:
         if self.linear is not None:
             lo, hi, step = self.linear
             return 2 + math.ceil((hi - lo) / step)
-        return agg.LOG2_BUCKETS if self.field is not None else 1
+        return agg.LOG2_BUCKETS if self.field is not None or self.latency else 1
 
     def layout(self, base: int, ncpus: int) -> MapLayout:
         """The map's layout at ``base`` for ``ncpus`` CPUs."""

@@ -438,8 +438,9 @@ class KprobeManager:
                     "EBUSY", "recorded and stopping probes cannot share an address",
                     address=addr, symbol=kp.symbol_name,
                 )  # fmt: skip
+            # (a latency map is updated at the return: its entry shares the hijack)
             if any(p.record is not None and p.record.aggregate is not None
-                   for p in (*site.probes, kp)):  # fmt: skip
+                   and not p.record.at_return for p in (*site.probes, kp)):  # fmt: skip
                 raise ProbeRefused(
                     "EBUSY", "a probe keeping a map in the guest cannot share an address",
                     address=addr, symbol=kp.symbol_name,

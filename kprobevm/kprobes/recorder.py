@@ -42,6 +42,7 @@ from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import record as rec
 from kprobevm.x86 import retrecord
 from kprobevm.x86.constants import PAGE_SIZE
+from kprobevm.x86.funclatency import LatencyMap
 from kprobevm.x86.ptregs import PtRegs
 
 if TYPE_CHECKING:
@@ -375,7 +376,9 @@ class Recorder:
     def write_program(self, site: ProbeSite, cont: int) -> int:
         """Place the site's program (count or record) in a fresh cell; return its address."""
         fresh, self._fresh = self._fresh, []
-        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate]
+        # (a latency probe's map is updated at the return: its entry is the hijack's)
+        aggregating = [kp for kp in site.probes if kp.record and kp.record.aggregate
+                       and not kp.record.at_return]  # fmt: skip
         if aggregating and len(site.probes) != 1:
             for probe_id in fresh:  # as if never added: the registration fails
                 if self.probes[probe_id].kp in site.probes:
@@ -389,7 +392,8 @@ class Recorder:
                if kp.record_id is not None and not kp.disabled]  # fmt: skip
         if aggregating:
             code = self._aggregate_program(site, aggregating[0], cell.address, cont)
-        elif all(kp.record is not None and kp.record.count_only for kp in site.probes):
+        elif all(kp.record is not None and kp.record.count_only and not kp.record.at_return
+                 for kp in site.probes):  # fmt: skip
             # a disabled member of the aggregate counts nothing (as its handler would not run)
             counters = tuple(self.layout.counters + 16 * kp.record_id for kp in site.probes
                              if kp.record_id is not None and not kp.disabled)
@@ -403,12 +407,58 @@ class Recorder:
             self.programs.free_insn_slot(old)
         return cell.address
 
+    def _site_code(self, site: ProbeSite, at: int, ids: list[int], cont: int) -> bytes:
+        """The record program of the site's entry probes, behind the hijack of its
+        return probes if it has any (their return program placed in a cell of its own)."""
+        layouts = {i: self.probes[i].layout for i in ids}
+        returns = (self.returns.probes(ids, layouts, self._latency_maps(ids))
+                   if self.returns is not None else ())  # fmt: skip
+        entry = [(i, layouts[i]) for i in ids if i not in {p.probe_id for p in returns}]
+        old_return = self.return_programs.pop(site.addr, None)
+        body_at, code = at, b""
+        if returns:
+            assert self.returns is not None
+            back = self.programs.get_insn_slot()
+            program = self.returns.return_program(back.address, returns, ring=self.layout,
+                                                  helpers=self.helpers)  # fmt: skip
+            rec.check_program_fits(program, PROGRAM_SIZE, self.describe(site.addr))
+            self.memory.write_phys(self.area.phys(back.address), program)
+            self.return_programs[site.addr] = back
+            body_at = at + self.returns.hijack_size(returns, ring=self.layout)
+            code = self.returns.hijack(at, returns, ring=self.layout, program=back.address,
+                                       cont=body_at if entry else cont)  # fmt: skip
+        if old_return is not None:
+            self._forget_return_program(old_return, self.return_programs.get(site.addr))
+        if returns and not entry:
+            return code
+        return code + rec.build_record_program(
+            body_at, probes=tuple(entry), probe_ip=site.addr, ring=self.layout,
+            helpers=self.helpers, cont=cont,
+        ).code  # fmt: skip
+
+    def _latency_maps(self, ids: list[int]) -> dict[int, LatencyMap]:
+        """The histograms of the latency probes among ``ids``."""
+        out = {}
+        for i in ids:
+            spec = self.probes[i].kp.record
+            if spec is not None and spec.aggregate is not None and spec.aggregate.latency:
+                out[i] = LatencyMap(self.maps[i], spec.aggregate.latency)
+        return out
+
+    def _forget_return_program(self, old: Slot, new: Slot | None) -> None:
+        """Calls in flight through ``old`` return through ``new`` (None: through none)."""
+        assert self.returns is not None
+        self.returns.redirect(old.address, new.address if new is not None else 0)
+        self.programs.free_insn_slot(old)
+
     def _forget(self, probe_id: int) -> None:
         """Undo :meth:`add` of a probe no vCPU has run (its registration failed)."""
         probe = self.probes.pop(probe_id)
         probe.kp.record_id, probe.kp.count_reader = None, None
         if (old_map := self.maps.pop(probe_id, None)) is not None:
             self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
+        if self.returns is not None:
+            self.returns.release(probe_id)
         self._free_ids.insert(0, probe_id)
 
     def _aggregate_program(self, site: ProbeSite, kp: Kprobe, at: int, cont: int) -> bytes:
@@ -437,40 +487,6 @@ class Recorder:
         else:
             base = self._contiguous(pages, self.area)
         return aggregation.layout(base, ncpus)
-
-    def _site_code(self, site: ProbeSite, at: int, ids: list[int], cont: int) -> bytes:
-        """The record program of the site's entry probes, behind the hijack of its
-        return probes if it has any (their return program placed in a cell of its own)."""
-        layouts = {i: self.probes[i].layout for i in ids}
-        returns = self.returns.probes(ids, layouts) if self.returns is not None else ()
-        entry = [(i, layouts[i]) for i in ids if i not in {p.probe_id for p in returns}]
-        old_return = self.return_programs.pop(site.addr, None)
-        body_at, code = at, b""
-        if returns:
-            assert self.returns is not None
-            back = self.programs.get_insn_slot()
-            program = self.returns.return_program(back.address, returns, ring=self.layout,
-                                                  helpers=self.helpers)  # fmt: skip
-            rec.check_program_fits(program, PROGRAM_SIZE, self.describe(site.addr))
-            self.memory.write_phys(self.area.phys(back.address), program)
-            self.return_programs[site.addr] = back
-            body_at = at + self.returns.hijack_size(returns, ring=self.layout)
-            code = self.returns.hijack(at, returns, ring=self.layout, program=back.address,
-                                       cont=body_at if entry else cont)  # fmt: skip
-        if old_return is not None:
-            self._forget_return_program(old_return, self.return_programs.get(site.addr))
-        if returns and not entry:
-            return code
-        return code + rec.build_record_program(
-            body_at, probes=tuple(entry), probe_ip=site.addr, ring=self.layout,
-            helpers=self.helpers, cont=cont,
-        ).code  # fmt: skip
-
-    def _forget_return_program(self, old: Slot, new: Slot | None) -> None:
-        """Calls in flight through ``old`` return through ``new`` (None: through none)."""
-        assert self.returns is not None
-        self.returns.redirect(old.address, new.address if new is not None else 0)
-        self.programs.free_insn_slot(old)
 
     def drop_program(self, site: ProbeSite) -> None:
         cell = self.site_programs.pop(site.addr, None)
@@ -637,10 +653,10 @@ class Recorder:
                 # its counters were read in this stop, and cannot move any more
                 del self.retiring[probe_id]
                 self._free_ids.append(probe_id)
-                if (old_map := self.maps.pop(probe_id, None)) is not None:
-                    self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
                 if self.returns is not None:
                     self.returns.release(probe_id)
+                if (old_map := self.maps.pop(probe_id, None)) is not None:
+                    self._map_pool.setdefault(self._map_pages(old_map), []).append(old_map.base)
                 probe.kp.settling -= 1
 
     def _ring_bytes(self, tail: int, head: int) -> bytes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from kprobevm.errors import GuestFaultError, ProbeRefused
 from kprobevm.gdbstub.memory import GuestMemory
 from kprobevm.x86 import record as rec
+from kprobevm.x86.funclatency import STAMP, LatencyMap
 from kprobevm.x86.rethook import ENTRY
 from kprobevm.x86.retrecord import (
     MAX_RETURN_PROBES,
@@ -37,6 +38,7 @@ __all__ = ["GUEST_ENTRIES", "ReturnRecords"]
 GUEST_ENTRIES = 64
 """Calls in flight at once through recorded return probes (their table entries)."""
 _ENTRY = struct.Struct("<QQ")
+_STAMPS_AT = 2048  # past the active counts (8 bytes per probe bit)
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ class ReturnRecords:
         page; ``trampoline``: the return trampoline. Maps the page of active counts."""
         self.memory = memory
         actives = area.map_page(executable=False, writable=True)
+        stamps = actives + _STAMPS_AT  # the page's second half: latency probes' stamps
+        memory.write(stamps, bytes(STAMP * GUEST_ENTRIES))
         self.table = ReturnTable(
             table=table, entries=GUEST_ENTRIES, info=info, actives=actives,
-            trampoline=trampoline,
+            trampoline=trampoline, stamps=stamps,
         )  # fmt: skip
         self.bounds: dict[int, _Bound] = {}
         """Record id -> its bit and maxactive."""
@@ -96,11 +100,17 @@ class ReturnRecords:
             self._free_bits.append(bound.bit)
 
     def probes(
-        self, ids: list[int], layouts: dict[int, rec.RecordLayout]
+        self,
+        ids: list[int],
+        layouts: dict[int, rec.RecordLayout],
+        latency: dict[int, LatencyMap] | None = None,
     ) -> tuple[ReturnProbe, ...]:
-        """The return probes among record ids ``ids``, in the site's order."""
+        """The return probes among record ids ``ids``, in the site's order; those in
+        ``latency`` count their calls' latency there instead of recording."""
+        latency = latency or {}
         return tuple(
-            ReturnProbe(self.bounds[i].bit, i, self.bounds[i].maxactive, layouts[i])
+            ReturnProbe(self.bounds[i].bit, i, self.bounds[i].maxactive, layouts[i],
+                        latency.get(i))
             for i in ids if i in self.bounds
         )  # fmt: skip
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from kprobevm.x86 import asm
 from kprobevm.x86 import record as rec
 from kprobevm.x86.asm import mem, rip
+from kprobevm.x86.funclatency import LatencyMap, emit_latency, emit_stamp
 from kprobevm.x86.rethook import ENTRY
 
 __all__ = [
@@ -56,6 +57,8 @@ class ReturnTable:
     actives: int
     """Per probe bit: u64 instances in flight."""
     trampoline: int
+    stamps: int = 0
+    """Per entry: the call's stamp for latency probes (:mod:`kprobevm.x86.funclatency`)."""
 
     def active(self, bit: int) -> asm.Mem:
         """The active count of the probe with bit ``bit``."""
@@ -70,6 +73,8 @@ class ReturnProbe:
     probe_id: int
     maxactive: int
     layout: rec.RecordLayout
+    latency: LatencyMap | None = None
+    """A latency probe's histogram: its return is counted there, not recorded."""
 
 
 def build_hijack_program(
@@ -134,6 +139,8 @@ def build_hijack_program(
     a.mov(mem("rcx", info, disp32=True), "rdx")
     a.lea("rax", rip(program))
     a.mov(mem("rcx", info + 8, disp32=True), "rax")
+    if any(p.latency is not None for p in probes):
+        emit_stamp(a, returns)
     a.lea("rax", rip(returns.trampoline))
     a.mov(mem("rsi"), "rax")  # the hijack, last: the entry is complete
     a.label("leave")
@@ -152,7 +159,8 @@ def build_return_program(
     ring: rec.RingLayout,
     helpers: rec.CopyHelpers,
 ) -> asm.Program:
-    """The return program of one function at ``at``: a record per probe of the mask."""
+    """The return program of one function at ``at``: a record per probe of the mask (a
+    latency probe's return counted in its histogram instead)."""
     a = asm.Assembler(at)
     rec._save(a)
     a.mov("r14", mem("rsp", _MASK_AT, disp32=True))
@@ -161,39 +169,43 @@ def build_return_program(
         _if_bit(a, p, f"a{p.bit}")
         a.lock_dec(returns.active(p.bit))
         a.label(f"a{p.bit}_skip")
-    a.mov("r13d", mem(disp=helpers.cpu_number, seg="gs"))
-    a.cmp("r13d", ring.max_cpus, imm32=True)
-    a.jcc("ae", "missed_all")
-    busy = mem("rax", 0, "r13", size=1)
-    a.lea("rax", rip(ring.busy))
-    a.mov("cl", 1)
-    a.xchg(busy, "cl")
-    a.test("cl", "cl")
-    a.jcc("ne", "missed_all")
-    for p in probes:
-        name = f"r{p.bit}"
-        _if_bit(a, p, name)
-        site = rec._Site(a, name, p.probe_id, p.layout, ring)
-        rec._reserve(site)
-        rec._header(site, helpers)
-        _return_registers(site)
-        rec._captures(site, helpers)
-        rec._complete(site)
-        a.label(f"{name}_skip")
-    a.lea("rax", rip(ring.busy))
-    a.mov(busy, 0)
+    emit_latency(a, probes, returns=returns, ring=ring, helpers=helpers, slot_at=_RETURN_AT)
+    recorded = tuple(p for p in probes if p.latency is None)
+    if recorded:  # (a latency probe's return has no record)
+        a.mov("r13d", mem(disp=helpers.cpu_number, seg="gs"))
+        a.cmp("r13d", ring.max_cpus, imm32=True)
+        a.jcc("ae", "missed_all")
+        busy = mem("rax", 0, "r13", size=1)
+        a.lea("rax", rip(ring.busy))
+        a.mov("cl", 1)
+        a.xchg(busy, "cl")
+        a.test("cl", "cl")
+        a.jcc("ne", "missed_all")
+        for p in recorded:
+            name = f"r{p.bit}"
+            _if_bit(a, p, name)
+            site = rec._Site(a, name, p.probe_id, p.layout, ring)
+            rec._reserve(site)
+            rec._header(site, helpers)
+            _return_registers(site)
+            rec._captures(site, helpers)
+            rec._complete(site)
+            a.label(f"{name}_skip")
+        a.lea("rax", rip(ring.busy))
+        a.mov(busy, 0)
     a.label("leave")
     for reg in reversed(rec._PUSHED):
         a.pop(reg)
     a.popfq()
     a.lea("rsp", mem("rsp", 8))  # past the mask (lea keeps the flags)
     a.ret()  # to the caller
-    a.label("missed_all")
-    for p in probes:
-        _if_bit(a, p, f"m{p.bit}")
-        a.lock_inc(rip(ring.counters + 16 * p.probe_id + 8, size=8))
-        a.label(f"m{p.bit}_skip")
-    a.jmp("leave")
+    if recorded:
+        a.label("missed_all")
+        for p in recorded:
+            _if_bit(a, p, f"m{p.bit}")
+            a.lock_inc(rip(ring.counters + 16 * p.probe_id + 8, size=8))
+            a.label(f"m{p.bit}_skip")
+        a.jmp("leave")
     return a.assemble()
 
 

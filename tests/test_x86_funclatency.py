@@ -1,0 +1,199 @@
+"""A latency probe's call run in unicorn, entry to caller: the hijack stamps the call with
+its slot and the TSC, the return program takes the stamp and counts the call's latency
+(the TSC set to a known distance at the return) in this CPU's log2 bucket, with no
+record; an older stamp left at the same slot loses to the call's own; a return with no
+stamp is missed. The caller gets every register as the function left it."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from kprobevm.x86.aggregate import HEADER_SIZE, MapLayout
+from kprobevm.x86.funclatency import STAMP, LatencyMap, LatencyScale
+from kprobevm.x86.record import CopyHelpers, RecordLayout, RingLayout
+from kprobevm.x86.rethook import ENTRY, assemble_trampoline
+from kprobevm.x86.retrecord import (
+    ReturnProbe,
+    ReturnTable,
+    build_hijack_program,
+    build_return_program,
+)
+from tests._gas import gas_text, needs_gas
+from tests._x86_unicorn import GPRS, Machine, unicorn
+
+HIJACK = 0xFFFFFFFFA0100000
+RETURN_PROGRAM = 0xFFFFFFFFA0101000
+CONTROL = 0xFFFFFFFFA0102000
+COUNTERS = 0xFFFFFFFFA0103000
+RING = 0xFFFFFFFFA0104000
+TABLE = 0xFFFFFFFFA0105000
+INFO = 0xFFFFFFFFA0106000
+ACTIVES = 0xFFFFFFFFA0107000
+STAMPS = ACTIVES + 2048
+TRAMPOLINE = 0xFFFFFFFFA0108000
+MAILBOX = 0xFFFFFFFFA0109000
+MAP = 0xFFFFFFFFA010A000
+FUNCTION = 0xFFFFFFFFA0200000  # the rest of the probed function: mov eax, 42; ret
+CALLER = 0xFFFFFFFFA0300000
+PERCPU = 0xFFFF888000200000
+STACK = 0xFFFFC90000004000
+GDT = 0xFFFFFFFFFF000000
+CPU = 1
+PROBE_ID, BIT, MAXACTIVE = 7, 5, 2
+TSC_KHZ = 1_000_000  # 1 GHz: a cycle is a nanosecond
+T0, CYCLES = 1 << 40, 1_000_000_000  # the call takes one second: [2**29, 2**30) ns
+
+RING_LAYOUT = RingLayout(
+    head=CONTROL, tail=CONTROL + 64, drain=CONTROL + 128, busy=CONTROL + 256, max_cpus=256,
+    counters=COUNTERS, ring=RING, ring_size=0x1000, high_water=0x800,
+)  # fmt: skip
+HELPERS = CopyHelpers(
+    copy_from_kernel=0xFFFFFFFF81100000, copy_from_user=0xFFFFFFFF81100010,
+    strncpy_from_kernel=0xFFFFFFFF81100020, strncpy_from_user=0xFFFFFFFF81100030,
+    cpu_number=0x40, current_task=0x48, task_pid=0x10, task_comm=0x20,
+)  # fmt: skip
+RETURNS = ReturnTable(table=TABLE, entries=64, info=INFO, actives=ACTIVES,
+                      trampoline=TRAMPOLINE, stamps=STAMPS)  # fmt: skip
+LAYOUT = MapLayout(base=MAP, ncpus=2, key="none", buckets=66)
+PROBE = ReturnProbe(BIT, PROBE_ID, MAXACTIVE, RecordLayout(()),
+                    LatencyMap(LAYOUT, LatencyScale("ns", TSC_KHZ)))  # fmt: skip
+RDTSC = b"\x0f\x31"
+
+
+def _machine() -> Machine:
+    m = Machine()
+    hijack = build_hijack_program(
+        HIJACK, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, program=RETURN_PROGRAM,
+        cont=FUNCTION,
+    ).code  # fmt: skip
+    back = build_return_program(
+        RETURN_PROGRAM, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, helpers=HELPERS
+    ).code
+    trampoline = assemble_trampoline(
+        TRAMPOLINE, table=TABLE, entries=4096 // ENTRY, mailbox=MAILBOX, info=INFO
+    ).code
+    for va, code in ((HIJACK, hijack), (RETURN_PROGRAM, back), (TRAMPOLINE, trampoline)):
+        m.map(va, 0x1000, b"\xcc")
+        m.write(va, code)
+    for va in (CONTROL, COUNTERS, RING, TABLE, INFO, ACTIVES, MAILBOX, MAP, PERCPU):
+        m.map(va, 0x1000)
+    m.map(STACK - 0x3000, 0x4000)
+    m.map(FUNCTION, 0x1000, b"\xcc")
+    m.write(FUNCTION, b"\xb8\x2a\x00\x00\x00\xc3")  # mov eax, 42; ret
+    m.map(CALLER, 0x1000, b"\xf4")
+    m.write(PERCPU + 0x40, struct.pack("<I", CPU))
+    m.start_paging(GDT)
+    m.uc.msr_write(0xC0000101, PERCPU)  # IA32_GS_BASE: the per-CPU area
+    return m
+
+
+def _call(m: Machine, seed: int, *, cycles: int = CYCLES) -> tuple[dict[str, int], dict[str, int]]:
+    """Enter the function at its probe with a random context; each ``rdtsc`` reads T0,
+    then T0 + ``cycles`` (edx:eax set right after it: unicorn reads the host's TSC); run
+    until the caller."""
+    rng = random.Random(seed)
+    regs = {r: rng.getrandbits(64) for r in GPRS if r != "rsp"}
+    sp = STACK - 0x100
+    regs.update(rsp=sp, eflags=0x246)
+    m.write(sp, struct.pack("<Q", CALLER))
+    m.set_regs(regs)
+    before = m.regs()
+    ours = (HIJACK, RETURN_PROGRAM, TRAMPOLINE, FUNCTION)
+    reads = iter((T0, T0 + cycles))
+    last = [0]
+
+    def hook(uc: object, addr: int, size: int, _data: object) -> None:
+        if not any(base <= addr < base + 0x1000 for base in ours):
+            m.uc.emu_stop()
+            return
+        if last[0] and m.read(last[0], 2) == RDTSC:
+            tsc = next(reads)
+            m.set_regs({"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32})
+        last[0] = addr
+
+    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+    try:
+        m.uc.emu_start(HIJACK, 0, count=5000)
+    finally:
+        m.uc.hook_del(handle)
+    return before, m.regs()
+
+
+def _as_returned(before: dict[str, int], after: dict[str, int]) -> None:
+    assert after["rip"] == CALLER
+    assert after["rsp"] == before["rsp"] + 8
+    assert after["rax"] == 42
+    for name in GPRS:
+        if name not in ("rax", "rsp"):
+            assert after[name] == before[name], name
+    assert after["eflags"] & 0xCD5 == before["eflags"] & 0xCD5
+
+
+def _buckets(m: Machine, cpu: int) -> list[int]:
+    raw = m.read(MAP + cpu * LAYOUT.stride + HEADER_SIZE, 8 * LAYOUT.buckets)
+    return list(struct.unpack(f"<{LAYOUT.buckets}Q", raw))
+
+
+def _counters(m: Machine) -> tuple[int, int]:
+    hits, missed = struct.unpack("<QQ", m.read(COUNTERS + 16 * PROBE_ID, 16))
+    return hits, missed
+
+
+def test_a_call_is_counted_in_its_latency_bucket() -> None:
+    m = _machine()
+    before, after = _call(m, 1)
+    _as_returned(before, after)
+    buckets = _buckets(m, CPU)
+    # bucket 2 + k holds [2**k, 2**(k+1)); a second is 2**29.9 ns
+    assert buckets[2 + 29] == 1 and sum(buckets) == 1
+    assert sum(_buckets(m, 0)) == 0
+    assert _counters(m) == (1, 0)
+    assert m.u64(RING) == 0  # no record
+    assert m.u64(STAMPS) == 0 and m.u64(TABLE) == 0  # stamp and entry taken
+    assert m.u64(ACTIVES + 8 * BIT) == 0
+
+
+def test_the_calls_own_stamp_wins_over_an_older_one_at_its_slot() -> None:
+    """A stamp left at the slot by a call whose return no latency program saw is older:
+    the latest is the call's. Both are taken."""
+    m = _machine()
+    slot = STACK - 0x100
+    m.write(STAMPS + 3 * STAMP, struct.pack("<QQ", slot, T0 - (1 << 36)))
+    m.write(TABLE, struct.pack("<QQ", 0xFFFFC90000009000, 0xDEAD))  # ours goes to entry 1
+    _call(m, 2, cycles=3000)
+    assert _buckets(m, CPU)[2 + 11] == 1  # 3000 ns: [2048, 4096)
+    assert m.u64(STAMPS + 3 * STAMP) == 0 and m.u64(STAMPS + STAMP) == 0
+
+
+def test_a_return_without_a_stamp_is_missed() -> None:
+    """A call the hijack took before the probe had a stamp (its program rebuilt) returns
+    through a latency program with no stamp: missed, and returned right."""
+    m = _machine()
+
+    def drop_stamp(uc: object, addr: int, size: int, _data: object) -> None:
+        if addr == FUNCTION:
+            m.write(STAMPS, bytes(STAMP * 64))
+
+    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, drop_stamp)
+    before, after = _call(m, 3)
+    m.uc.hook_del(handle)
+    _as_returned(before, after)
+    assert sum(_buckets(m, CPU)) == 0 and _counters(m) == (0, 1)
+
+
+@needs_gas
+def test_latency_programs_assemble_as_gnu_as_does() -> None:
+    programs = (
+        build_hijack_program(
+            HIJACK, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT,
+            program=RETURN_PROGRAM, cont=FUNCTION,
+        ),
+        build_return_program(
+            RETURN_PROGRAM, probes=(PROBE, ReturnProbe(1, 9, 4, RecordLayout(()))),
+            returns=RETURNS, ring=RING_LAYOUT, helpers=HELPERS,
+        ),
+    )  # fmt: skip
+    for program in programs:
+        assert gas_text(program.listing) == program.code
+        assert ".byte" not in program.listing
