@@ -307,11 +307,7 @@ class Recorder:
 
     @staticmethod
     def _contiguous(pages: int, area: SlotArea) -> int:
-        first = area.map_page(executable=False, writable=True)
-        for i in range(1, pages):
-            if area.map_page(executable=False, writable=True) != first + PAGE_SIZE * i:
-                raise KprobeError("slot area: the record ring's pages are not contiguous")
-        return first
+        return area.map_run(pages, executable=False, writable=True)
 
     # -- probes and their programs ---------------------------------------------------
 

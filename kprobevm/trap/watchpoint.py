@@ -102,13 +102,11 @@ class ChannelPages:
         """Map the stub, mailbox, hash table and kretprobe pages (VM stopped)."""
         stub = area.map_page(executable=True)
         mailbox = area.map_page(executable=False, writable=True)
-        table = [area.map_page(executable=False) for _ in range(TABLE_PAGES)]
-        if table != [table[0] + i * PAGE_SIZE for i in range(TABLE_PAGES)]:
-            raise KprobeError("slot area: hash table pages are not contiguous")
+        table = area.map_run(TABLE_PAGES, executable=False)
         trampoline = area.map_page(executable=True)
         return_table = area.map_page(executable=False, writable=True)
         return_info = area.map_page(executable=False, writable=True)
-        return cls(stub, mailbox, table[0], trampoline, return_table, return_info)
+        return cls(stub, mailbox, table, trampoline, return_table, return_info)
 
 
 class WatchpointChannel(TrapChannel):

@@ -165,10 +165,23 @@ class SlotArea:
 
     def map_page(self, *, executable: bool = True, writable: bool = False) -> int:
         """Map one zeroed reserved page at the next free address; return its address."""
+        return self.map_run(1, executable=executable, writable=writable)
+
+    def map_run(self, pages: int, *, executable: bool = True, writable: bool = False) -> int:
+        """Map ``pages`` zeroed reserved pages at consecutive addresses (the first free
+        run long enough: pages unmapped earlier leave holes); return the first's."""
+        used = {(v - self.base) // PAGE_SIZE for v in self._mapped}
+        first = next((i for i in range(512 - pages + 1)
+                      if not any(i + k in used for k in range(pages))), None)  # fmt: skip
+        if first is None:
+            raise KprobeError(f"slot area: no {pages} free consecutive pages left")
+        for k in range(pages):
+            self._map_at(first + k, executable=executable, writable=writable)
+        return self.base + first * PAGE_SIZE
+
+    def _map_at(self, index: int, *, executable: bool, writable: bool) -> None:
         if not self._free_phys:
             raise KprobeError(f"reserved memory {self.reserve.base:#x} is used up")
-        used = {(v - self.base) // PAGE_SIZE for v in self._mapped}
-        index = next(i for i in range(512) if i not in used)
         vaddr = self.base + index * PAGE_SIZE
         paddr = self._free_phys.pop()
         self.memory.write_phys(paddr, bytes(PAGE_SIZE))
@@ -181,7 +194,6 @@ class SlotArea:
         faults.kill_point("set_pte")
         self.memory.write_phys(self.pte_table + 8 * index, struct.pack("<Q", pte))
         self._mapped[vaddr] = paddr
-        return vaddr
 
     def unmap_page(self, vaddr: int) -> None:
         """Unmap a page the caller knows no vCPU runs in (VM stopped).
