@@ -546,13 +546,17 @@ class Recorder:
             feed.begin(self.tail)
             self.feed = feed
 
-    def end_feed(self) -> None:
+    def end_feed(self, *, touch_guest: bool = True) -> None:
         """Take the tail back from the follower's child (ended first), with every record
-        it copied; the guest's tail is stored again (the child may have died before)."""
+        it copied; the guest's tail is stored again (the child may have died before).
+        ``touch_guest`` False: the guest is gone, the child is only ended."""
         feed, self.feed = self.feed, None
         if feed is None:
             return
         feed.end()
+        if not touch_guest:
+            feed.close()
+            return
         with self._copy_lock:
             tail = self.tail
             pos, records = feed.take(tail, budget=None)

@@ -266,10 +266,11 @@ class RingFollower:
                     why)  # fmt: skip
         self._thread.start()
 
-    def stop(self) -> None:
-        """End the child or the thread (before the ring goes)."""
-        if self.feed is not None:
-            self.recorder.end_feed()  # (nothing when a drain ended the child already)
+    def stop(self, *, touch_guest: bool = True) -> None:
+        """End the child or the thread (before the ring goes); ``touch_guest`` False: the
+        guest is gone, and the child's records and tail with it."""
+        if self.feed is not None:  # (nothing when a drain ended the child already)
+            self.recorder.end_feed(touch_guest=touch_guest)
         self._quit.set()
         if self._thread.is_alive():
             self._thread.join(timeout=STOP_DEADLINE)
