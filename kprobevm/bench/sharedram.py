@@ -92,13 +92,16 @@ def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
 
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
-    ring stops meanwhile, and the host's seconds. The last round's probe settles first
-    (its retired id is judged in a stop of its own, which is not this round's)."""
+    ring stops meanwhile, and the host's seconds: steady state. The last round's probe
+    settles first (its retired id is judged in a stop of its own), and the probe's jump
+    is in before the clock starts (the optimizer stops the VM to look for vCPUs in the
+    bytes it covers, every 50 ms until none is)."""
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
     vm.settle_records()
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
+        vm.kprobes.optimizer.settle()
         stats = vm.kprobes.channel.stats
         stops, ring = vm.target.stops, stats.ring_stops
         start = time.monotonic()
