@@ -65,6 +65,13 @@ class DdRound:
     kprobevm_wall_s: float = 0.0
     """Host seconds of the probed loop: a guest stopped for the host's decoding does not
     count that time in its own clock, this does."""
+    follower: str = ""
+    """What followed the ring: ``process``, ``thread`` (with why) or ``none``."""
+    follower_max_gap_s: float = 0.0
+    """The follower's longest time between two looks, over the session's life so far."""
+    follower_max_fill: int = 0
+    """The most bytes a look of the child found in the ring (its mark:
+    ``ring_size * HIGH_WATER``)."""
 
     @property
     def ratio(self) -> float:
@@ -85,11 +92,16 @@ def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
 
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
-    ring stops meanwhile, and the host's seconds."""
+    ring stops meanwhile, and the host's seconds: steady state. The last round's probe
+    settles first (its retired id is judged in a stop of its own), and the probe's jump
+    is in before the clock starts (the optimizer stops the VM to look for vCPUs in the
+    bytes it covers, every 50 ms until none is)."""
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
+    vm.settle_records()
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
+        vm.kprobes.optimizer.settle()
         stats = vm.kprobes.channel.stats
         stops, ring = vm.target.stops, stats.ring_stops
         start = time.monotonic()
@@ -100,16 +112,28 @@ def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     return ns, hits, stops, ring, wall
 
 
+def _follower(vm: VM) -> tuple[str, float, int]:
+    """The ring follower's kind, longest gap and fullest look (``none``: no follower)."""
+    follower = getattr(vm.kprobes.channel, "follower", None)
+    if follower is None:
+        return "none", 0.0, 0
+    if follower.feed is None:
+        return f"thread ({follower.fallback})", follower.max_gap, 0
+    return "process", follower.max_gap, follower.feed.max_fill
+
+
 def measure_dd(vm: VM, n: int) -> DdRound:
     """One round: unprobed, the guest's kprobe, kprobevm's recorded probe."""
     base = _dd_ns(vm, n)
     guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
     ours_ns, ours_hits, stops, ring, wall = _kprobevm_ns(vm, n)
+    kind, gap, fill = _follower(vm)
     return DdRound(
         unprobed_ns=base,
         guest_kprobe_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
         kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
         kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring, kprobevm_wall_s=wall,
+        follower=kind, follower_max_gap_s=gap, follower_max_fill=fill,
     )  # fmt: skip
 
 

@@ -174,6 +174,16 @@ class GuestRam:
     def close(self) -> None:
         """Let go of the store."""
 
+    def store_fd(self) -> int | None:
+        """A new file descriptor on the store, for another process of ours (the ring
+        follower's child) to read and write the same RAM with ``pread``/``pwrite`` at
+        :meth:`store_offset`; the caller closes it. None: this store has none."""
+        return None
+
+    def store_offset(self, paddr: int, n: int) -> int:
+        """Where ``n`` bytes at guest-physical ``paddr`` are in :meth:`store_fd`'s file."""
+        return self._offset(paddr, n)
+
 
 class FileRam(GuestRam):
     """Guest RAM through a host mapping of the RAM file of a guest kprobevm booted."""
@@ -224,6 +234,9 @@ class FileRam(GuestRam):
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
             return int(_U64.unpack_from(self._map, paddr)[0])  # no bytes object made
         return super().u64(paddr)
+
+    def store_fd(self) -> int | None:
+        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
 
     def close(self) -> None:
         self._map.close()

@@ -45,6 +45,12 @@ class ProcessRam(GuestRam):
     def _put(self, at: int, data: bytes) -> None:
         os.pwrite(self._fd, data, self.base + at)
 
+    def store_fd(self) -> int | None:
+        return os.dup(self._fd)
+
+    def store_offset(self, paddr: int, n: int) -> int:
+        return self.base + super().store_offset(paddr, n)
+
     def close(self) -> None:
         os.close(self._fd)
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from kprobevm.kprobes.aggregations import Aggregation
     from kprobevm.kprobes.core import Kprobe, ProbeSite
     from kprobevm.kprobes.retrecord import ReturnRecords
+    from kprobevm.kprobes.ringfollow import ChildFeed
     from kprobevm.x86.addrspace import AddressSpace
     from kprobevm.x86.slotmap import SlotArea
 
@@ -70,11 +71,14 @@ __all__ = [
     "ring_pages_fitting",
 ]
 
-RING_PAGES = 128
-"""512 KiB: with the ring follower, what the guest may record while the host process is
-not scheduled (a loaded machine) before the ring asks for a stop."""
-HIGH_WATER = 3 / 4
-"""How full the ring asks the host to drain (a VM stop): the follower keeps it lower."""
+RING_PAGES = 256
+"""1 MiB (half the slot area's 2 MiB of addresses): with the ring follower, what the
+guest may record while the follower is not scheduled (a loaded machine) before the ring
+asks for a stop; a ``dd bs=1`` loop records some 35 MB/s, 900 KiB in 25 ms."""
+HIGH_WATER = 7 / 8
+"""How full the ring asks the host to drain (a VM stop): the follower keeps it lower.
+The watched store stops the VM at once, so the last eighth is left only for what other
+vCPUs record until QEMU has stopped them too."""
 MIN_RING_PAGES = 4
 MAX_RECORD_IDS = 1024  # 16 bytes of counters each: 4 pages
 MAX_CPUS = 256
@@ -297,6 +301,9 @@ class Recorder:
         bytes)."""
         self._backlog_bytes = 0
         self._ring_phys = [area.phys(ring + i * PAGE_SIZE) for i in range(ring_pages)]
+        self.feed: ChildFeed | None = None
+        """The ring follower's child, while it owns the tail: it copies, drains take from
+        its buffer (:mod:`kprobevm.kprobes.ringfollow`)."""
         self.drains = 0
         """Drains with the VM stopped (the guest asked, or there is no shared RAM)."""
         self.running_drains = 0
@@ -540,31 +547,79 @@ class Recorder:
         """Records wait in the host's backlog up to :data:`MAX_BACKLOG`: none is copied."""
         return self._backlog_bytes >= MAX_BACKLOG
 
+    @property
+    def ring_phys(self) -> list[int]:
+        """The ring's pages' physical addresses, in order."""
+        return self._ring_phys
+
+    def adopt_feed(self, feed: ChildFeed) -> None:
+        """Hand the tail to the follower's child (before it starts)."""
+        with self._copy_lock:
+            feed.begin(self.tail)
+            self.feed = feed
+
+    def end_feed(self, *, touch_guest: bool = True) -> None:
+        """Take the tail back from the follower's child (ended first), with every record
+        it copied; the guest's tail is stored again (the child may have died before).
+        ``touch_guest`` False: the guest is gone, the child is only ended."""
+        feed, self.feed = self.feed, None
+        if feed is None:
+            return
+        feed.end()
+        if not touch_guest:
+            feed.close()
+            return
+        with self._copy_lock:
+            tail = self.tail
+            pos, records = feed.take(tail, budget=None)
+            self._keep(tail, pos, records)
+            self._store_tail(pos, running=True)
+        feed.close()
+
     def copy_out(self, *, running: bool = True) -> int:
         """Move the complete records after the tail into the host's backlog and the tail
         past them (the guest may reuse that room at once); how many. The ring follower
         calls this with the VM running, every drain before it decodes. Nothing is copied
         while the backlog holds :data:`MAX_BACKLOG` bytes: the ring fills, and the guest
-        asks for a stop (the decoding then catches up)."""
-        ring, direct = self.layout, self.direct
+        asks for a stop (the decoding then catches up). While the follower's child owns
+        the tail, the records come from its buffer; with the VM stopped the child looks
+        once more first (no lock held while we wait), and one that does not answer is
+        ended and the host copies itself, said on stderr."""
+        if self.feed is not None and not running and not self.feed.sync():
+            log.warning("the ring follower's child did not answer: the host copies the "
+                        "ring itself from now on")  # fmt: skip
+            self.end_feed()
+        ring = self.layout
         with self._copy_lock:
             if self._backlog_bytes >= MAX_BACKLOG:
                 return 0
             tail = self.tail
+            if self.feed is not None:
+                pos, records = self.feed.take(tail, budget=MAX_BACKLOG - self._backlog_bytes)
+                return self._keep(tail, pos, records)
             head = self.memory.u64(ring.head)
             if head == tail:
                 return 0
             pos, records = self._take(tail, head, running=running)
             if pos == tail:
                 return 0
-            if direct is None or not direct.write_data(ring.tail, _U64.pack(pos)):
-                if running:  # (never here: the running drain is chosen where this works)
-                    raise KprobeError("the ring's tail cannot be stored with the VM running")
-                self.target.queue_write(ring.tail, _U64.pack(pos))
-            self.tail = pos
-            self._backlog += records
-            self._backlog_bytes += pos - tail
-            return len(records)
+            self._store_tail(pos, running=running)
+            return self._keep(tail, pos, records)
+
+    def _store_tail(self, pos: int, *, running: bool) -> None:
+        """The ring's new tail to the guest: through shared RAM, else with the resume."""
+        direct = self.direct
+        if direct is None or not direct.write_data(self.layout.tail, _U64.pack(pos)):
+            if running:  # (never here: the running drain is chosen where this works)
+                raise KprobeError("the ring's tail cannot be stored with the VM running")
+            self.target.queue_write(self.layout.tail, _U64.pack(pos))
+
+    def _keep(self, tail: int, pos: int, records: list[tuple[int, int, bytes]]) -> int:
+        """Copied records into the backlog, the tail at ``pos``; how many."""
+        self.tail = pos
+        self._backlog += records
+        self._backlog_bytes += pos - tail
+        return len(records)
 
     def _take(
         self, tail: int, head: int, *, running: bool

@@ -598,7 +598,7 @@ class WatchpointChannel(TrapChannel):
 
     def forget(self) -> None:
         if self.follower is not None:
-            self.follower.stop()
+            self.follower.stop(touch_guest=False)
             self.follower = None
 
     @staticmethod
