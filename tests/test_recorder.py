@@ -236,6 +236,8 @@ def test_steady_state_recording_stops_the_vm_only_when_the_ring_asks(vm: VM) -> 
     """With guest RAM shared, the trap thread drains the ring through the mapping with
     the VM running: a stop is only ever the ring's half-full watch (the fallback)."""
     seen: list[int] = []
+    # earlier tests' unregistered probes settle first: judging them takes a stop of its own
+    vm.settle_records()
     kp = Kprobe(symbol_name="vfs_read", pre_handler=lambda kp, regs: seen.append(regs.dx),
                 record=RecordSpec())  # fmt: skip
     vm.register_kprobe(kp)

@@ -59,8 +59,11 @@ class _Area:
         self.next = BASE
 
     def map_page(self, *, executable: bool = True, writable: bool = False) -> int:
-        page, self.next = self.next, self.next + PAGE_SIZE
-        return page
+        return self.map_run(1)
+
+    def map_run(self, pages: int, *, executable: bool = True, writable: bool = False) -> int:
+        first, self.next = self.next, self.next + pages * PAGE_SIZE
+        return first
 
     def unmap_page(self, address: int) -> None:
         pass
