@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +55,10 @@ LA57_CPU = "qemu64,+rdrand,+la57"
 """The default CPU with 5-level paging: the 6.1 cloud kernel turns LA57 on when it sees it."""
 
 _PR_SET_PDEATHSIG = 1
+_BOOT_STALL = re.compile(r"soft lockup|self-detected stall|IO-APIC \+ timer doesn't work")
+"""What a TCG guest's kernel says when its boot stalled on the host's scheduling (vCPU
+threads not run for seconds on a busy host, four vCPUs behind two cores): such a boot,
+before kprobevm touched the guest, is tried once more."""
 _KVM_READY_TIMEOUT = 8.0
 """How long a KVM boot may take to print the ready marker before we call it hung
 (nested KVM on these machines hangs the guest rather than failing)."""
@@ -505,6 +510,7 @@ def _launch_trying(
     accels = ["kvm", "tcg"] if accel == "auto" and os.access("/dev/kvm", os.R_OK | os.W_OK) \
         else ["tcg" if accel == "auto" else accel]
     last: VMLaunchFailure | None = None
+    stalled = False
     for attempt in range(len(accels) + 3):
         this = accels[min(attempt, len(accels) - 1)]
         limit = min(timeout, _KVM_READY_TIMEOUT) if this == "kvm" else timeout
@@ -518,6 +524,12 @@ def _launch_trying(
                 continue
             if _hostfwd_failed(exc.output) and attempt < len(accels) + 2:
                 log.info("%s: SSH port taken meanwhile; retrying with another", name)
+                continue
+            said = _BOOT_STALL.search(exc.serial_log) if isinstance(exc, GuestNotReady) else None
+            if said is not None and not stalled and attempt < len(accels) + 2:
+                stalled = True
+                log.warning("%s: the guest's boot stalled under TCG (its kernel said %r);"
+                            " booting it once more", name, said.group(0))  # fmt: skip
                 continue
             raise
     assert last is not None
