@@ -11,8 +11,7 @@ import struct
 
 from kprobevm.x86.aggregate import HEADER_SIZE, MapLayout
 from kprobevm.x86.funclatency import STAMP, LatencyMap, LatencyScale
-from kprobevm.x86.record import CopyHelpers, RecordLayout, RingLayout
-from kprobevm.x86.rethook import ENTRY, assemble_trampoline
+from kprobevm.x86.record import RecordLayout
 from kprobevm.x86.retrecord import (
     ReturnProbe,
     ReturnTable,
@@ -21,38 +20,32 @@ from kprobevm.x86.retrecord import (
 )
 from tests._gas import gas_text, needs_gas
 from tests._x86_unicorn import GPRS, Machine, unicorn
+from tests.test_x86_retrecord import (
+    ACTIVES,
+    BIT,
+    CALLER,
+    COUNTERS,
+    FUNCTION,
+    HELPERS,
+    HIJACK,
+    INFO,
+    MAXACTIVE,
+    PROBE_ID,
+    RETURN_PROGRAM,
+    RING,
+    RING_LAYOUT,
+    STACK,
+    TABLE,
+    TRAMPOLINE,
+    return_machine,
+)
 
-HIJACK = 0xFFFFFFFFA0100000
-RETURN_PROGRAM = 0xFFFFFFFFA0101000
-CONTROL = 0xFFFFFFFFA0102000
-COUNTERS = 0xFFFFFFFFA0103000
-RING = 0xFFFFFFFFA0104000
-TABLE = 0xFFFFFFFFA0105000
-INFO = 0xFFFFFFFFA0106000
-ACTIVES = 0xFFFFFFFFA0107000
 STAMPS = ACTIVES + 2048
-TRAMPOLINE = 0xFFFFFFFFA0108000
-MAILBOX = 0xFFFFFFFFA0109000
 MAP = 0xFFFFFFFFA010A000
-FUNCTION = 0xFFFFFFFFA0200000  # the rest of the probed function: mov eax, 42; ret
-CALLER = 0xFFFFFFFFA0300000
-PERCPU = 0xFFFF888000200000
-STACK = 0xFFFFC90000004000
-GDT = 0xFFFFFFFFFF000000
 CPU = 1
-PROBE_ID, BIT, MAXACTIVE = 7, 5, 2
 TSC_KHZ = 1_000_000  # 1 GHz: a cycle is a nanosecond
 T0, CYCLES = 1 << 40, 1_000_000_000  # the call takes one second: [2**29, 2**30) ns
 
-RING_LAYOUT = RingLayout(
-    head=CONTROL, tail=CONTROL + 64, drain=CONTROL + 128, busy=CONTROL + 256, max_cpus=256,
-    counters=COUNTERS, ring=RING, ring_size=0x1000, high_water=0x800,
-)  # fmt: skip
-HELPERS = CopyHelpers(
-    copy_from_kernel=0xFFFFFFFF81100000, copy_from_user=0xFFFFFFFF81100010,
-    strncpy_from_kernel=0xFFFFFFFF81100020, strncpy_from_user=0xFFFFFFFF81100030,
-    cpu_number=0x40, current_task=0x48, task_pid=0x10, task_comm=0x20,
-)  # fmt: skip
 RETURNS = ReturnTable(table=TABLE, entries=64, info=INFO, actives=ACTIVES,
                       trampoline=TRAMPOLINE, stamps=STAMPS)  # fmt: skip
 LAYOUT = MapLayout(base=MAP, ncpus=2, key="none", buckets=66)
@@ -62,30 +55,7 @@ RDTSC = b"\x0f\x31"
 
 
 def _machine() -> Machine:
-    m = Machine()
-    hijack = build_hijack_program(
-        HIJACK, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, program=RETURN_PROGRAM,
-        cont=FUNCTION,
-    ).code  # fmt: skip
-    back = build_return_program(
-        RETURN_PROGRAM, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, helpers=HELPERS
-    ).code
-    trampoline = assemble_trampoline(
-        TRAMPOLINE, table=TABLE, entries=4096 // ENTRY, mailbox=MAILBOX, info=INFO
-    ).code
-    for va, code in ((HIJACK, hijack), (RETURN_PROGRAM, back), (TRAMPOLINE, trampoline)):
-        m.map(va, 0x1000, b"\xcc")
-        m.write(va, code)
-    for va in (CONTROL, COUNTERS, RING, TABLE, INFO, ACTIVES, MAILBOX, MAP, PERCPU):
-        m.map(va, 0x1000)
-    m.map(STACK - 0x3000, 0x4000)
-    m.map(FUNCTION, 0x1000, b"\xcc")
-    m.write(FUNCTION, b"\xb8\x2a\x00\x00\x00\xc3")  # mov eax, 42; ret
-    m.map(CALLER, 0x1000, b"\xf4")
-    m.write(PERCPU + 0x40, struct.pack("<I", CPU))
-    m.start_paging(GDT)
-    m.uc.msr_write(0xC0000101, PERCPU)  # IA32_GS_BASE: the per-CPU area
-    return m
+    return return_machine(PROBE, RETURNS, pages=(MAP,), cpu=CPU)
 
 
 def _call(m: Machine, seed: int, *, cycles: int = CYCLES) -> tuple[dict[str, int], dict[str, int]]:

@@ -54,14 +54,18 @@ RETURNS = ReturnTable(table=TABLE, entries=64, info=INFO, actives=ACTIVES, tramp
 PROBE = ReturnProbe(BIT, PROBE_ID, MAXACTIVE, RecordLayout(()))
 
 
-def _machine() -> Machine:
+def return_machine(probe: ReturnProbe, returns: ReturnTable, *, pages: tuple[int, ...] = (),
+                   cpu: int = 3) -> Machine:
+    """A probed function's call laid out for unicorn: ``probe``'s hijack at HIJACK, its
+    return program, the trampoline, the ring, table and per-CPU pages (and ``pages``
+    more), ``cpu`` as this CPU's number and TASK as ``current``."""
     m = Machine()
     hijack = build_hijack_program(
-        HIJACK, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, program=RETURN_PROGRAM,
+        HIJACK, probes=(probe,), returns=returns, ring=RING_LAYOUT, program=RETURN_PROGRAM,
         cont=FUNCTION,
     ).code  # fmt: skip
     back = build_return_program(
-        RETURN_PROGRAM, probes=(PROBE,), returns=RETURNS, ring=RING_LAYOUT, helpers=HELPERS
+        RETURN_PROGRAM, probes=(probe,), returns=returns, ring=RING_LAYOUT, helpers=HELPERS
     ).code
     trampoline = assemble_trampoline(
         TRAMPOLINE, table=TABLE, entries=4096 // ENTRY, mailbox=MAILBOX, info=INFO
@@ -69,19 +73,23 @@ def _machine() -> Machine:
     for va, code in ((HIJACK, hijack), (RETURN_PROGRAM, back), (TRAMPOLINE, trampoline)):
         m.map(va, 0x1000, b"\xcc")
         m.write(va, code)
-    for va in (CONTROL, COUNTERS, RING, TABLE, INFO, ACTIVES, MAILBOX, PERCPU, TASK):
+    for va in (CONTROL, COUNTERS, RING, TABLE, INFO, ACTIVES, MAILBOX, PERCPU, TASK, *pages):
         m.map(va, 0x1000)
     m.map(STACK - 0x3000, 0x4000)
     m.map(FUNCTION, 0x1000, b"\xcc")
     m.write(FUNCTION, b"\xb8\x2a\x00\x00\x00\xc3")  # mov eax, 42; ret
     m.map(CALLER, 0x1000, b"\xf4")
-    m.write(PERCPU + 0x40, struct.pack("<I", 3))
+    m.write(PERCPU + 0x40, struct.pack("<I", cpu))
     m.write(PERCPU + 0x48, struct.pack("<Q", TASK))
     m.write(TASK + 0x10, struct.pack("<i", 4242))
     m.write(TASK + 0x20, b"workload\0".ljust(16, b"\0"))
     m.start_paging(GDT)
     m.uc.msr_write(0xC0000101, PERCPU)  # IA32_GS_BASE: the per-CPU area
     return m
+
+
+def _machine() -> Machine:
+    return return_machine(PROBE, RETURNS)
 
 
 def _call(m: Machine, seed: int) -> tuple[dict[str, int], dict[str, int], list[int]]:
