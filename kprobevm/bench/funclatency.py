@@ -17,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.bench.guest import under_guest_kprobe
+from kprobevm.bench.guest import guest_probe_hits
 from kprobevm.bench.sharedram import _dd_ns, _guest_kprobe_ns
-from kprobevm.errors import VMError
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["FUNCTION", "LatencyRound", "measure_funclatency"]
 
 FUNCTION = "vfs_read"
-_TRACEFS = "/sys/kernel/tracing"
 
 
 @dataclass(frozen=True)
@@ -52,13 +50,7 @@ class LatencyRound:
 
 def _guest_kretprobe_ns(vm: VM, n: int) -> tuple[int, int]:
     """The dd loop under the guest's own ``r:rr vfs_read`` (tracefs): ns, hits."""
-    run = under_guest_kprobe(vm, "bench/rr", FUNCTION, lambda: _dd_ns(vm, n), kind="r")
-    if isinstance(run, str):
-        raise VMError(f"the guest's own kretprobe was not placed: {run}")
-    if run.profile is None:
-        raise VMError("the guest's own kretprobe is not in kprobe_profile")
-    vm.run(f"echo > {_TRACEFS}/trace")
-    return run.result, int(run.profile[0])
+    return guest_probe_hits(vm, "bench/rr", FUNCTION, lambda: _dd_ns(vm, n), kind="r")
 
 
 def measure_funclatency(vm: VM, n: int, *, reverse: bool = False) -> LatencyRound:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kprobevm.bench.report import HitRate
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
+from kprobevm.errors import VMError
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -53,6 +54,22 @@ def under_guest_kprobe(
     row = next((tuple(cols[1:]) for line in profile.splitlines()
                 if (cols := line.split()) and cols[0] in names), None)  # fmt: skip
     return GuestKprobeRun(result, row)
+
+
+def guest_probe_hits(
+    vm: VM, event: str, probe: str, body: Callable[[], T], *, kind: str = "p"
+) -> tuple[T, int]:
+    """:func:`under_guest_kprobe` where the guest's probe is required: ``body``'s result
+    and the probe's hits; the trace buffer emptied after. Raises :class:`VMError` when
+    tracefs would not take the probe or its profile row is missing."""
+    what = "kretprobe" if kind == "r" else "kprobe"
+    run = under_guest_kprobe(vm, event, probe, body, kind=kind)
+    if isinstance(run, str):
+        raise VMError(f"the guest's own {what} was not placed: {run}")
+    if run.profile is None:
+        raise VMError(f"the guest's own {what} is not in kprobe_profile")
+    vm.run(f"echo > {_TRACEFS}/trace")
+    return run.result, int(run.profile[0])
 
 
 def measure_guest_kprobe(vm: VM, opens: int) -> HitRate:

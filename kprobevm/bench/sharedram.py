@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.bench.guest import under_guest_kprobe
+from kprobevm.bench.guest import guest_probe_hits
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
-from kprobevm.errors import VMError
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recorder import RecordSpec
@@ -39,7 +38,6 @@ __all__ = [
 ]
 
 DD_EVENT = "p:rd vfs_read count=%dx:u64"
-_TRACEFS = "/sys/kernel/tracing"
 _NOW = "grep -m1 'now at' /proc/timer_list"
 _NS = re.compile(r"now at (\d+) nsecs")
 
@@ -81,13 +79,7 @@ class DdRound:
 
 def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
     """The dd loop under the guest's own ``p:rd vfs_read`` (tracefs): ns, hits."""
-    run = under_guest_kprobe(vm, "bench/rd", DD_EVENT.split(" ", 1)[1], lambda: _dd_ns(vm, n))
-    if isinstance(run, str):
-        raise VMError(f"the guest's own kprobe was not placed: {run}")
-    if run.profile is None:
-        raise VMError("the guest's own kprobe is not in kprobe_profile")
-    vm.run(f"echo > {_TRACEFS}/trace")
-    return run.result, int(run.profile[0])
+    return guest_probe_hits(vm, "bench/rd", DD_EVENT.split(" ", 1)[1], lambda: _dd_ns(vm, n))
 
 
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
