@@ -25,20 +25,27 @@ def _dd(n: int, bs: int = 1) -> str:
     return f"dd if=/dev/zero of=/dev/null bs={bs} count={n} 2>/dev/null"
 
 
-def _guest_count_of_dd(vm: VM, n: int) -> int:
-    """vfs_read calls by dd per the guest's own kprobe (tracefs), for ``_dd(n)``."""
+def guest_trace_lines(vm: VM, definition: str, command: str, pattern: str) -> int:
+    """Lines of the guest's trace matching grep ``pattern`` that its own tracefs probe
+    ``definition`` (``p:GROUP/EVENT ...`` or ``r:...``) made during ``command``, read with
+    the event off (each read of the trace file is a vfs_read); the probe removed after."""
+    event = definition.split()[0].split(":", 1)[1]
     setup = (f"cd {_TRACEFS} 2>/dev/null || {{ mount -t tracefs nodev {_TRACEFS} &&"
-             f" cd {_TRACEFS}; }}; echo > trace; echo 'p:aggs/rd vfs_read' >> kprobe_events"
-             " && echo 1 > events/aggs/rd/enable")  # fmt: skip
+             f" cd {_TRACEFS}; }}; echo > trace; echo '{definition}' >> kprobe_events"
+             f" && echo 1 > events/{event}/enable")  # fmt: skip
     vm.run(setup, check=True)
     try:
-        vm.run(f"{_dd(n)}; echo 0 > {_TRACEFS}/events/aggs/rd/enable", check=True)
-        # (read with the event off: each read of the trace file is a vfs_read)
-        out = vm.run(f"grep -c ' dd-[0-9]* ' {_TRACEFS}/trace", check=True).stdout
+        vm.run(f"{command}; echo 0 > {_TRACEFS}/events/{event}/enable", check=True)
+        out = vm.run(f"grep -c '{pattern}' {_TRACEFS}/trace", check=True).stdout
     finally:
-        vm.run(f"echo 0 > {_TRACEFS}/events/aggs/rd/enable; echo '-:aggs/rd' >>"
+        vm.run(f"echo 0 > {_TRACEFS}/events/{event}/enable; echo '-:{event}' >>"
                f" {_TRACEFS}/kprobe_events; echo > {_TRACEFS}/trace")  # fmt: skip
     return int(out)
+
+
+def _guest_count_of_dd(vm: VM, n: int) -> int:
+    """vfs_read calls by dd per the guest's own kprobe (tracefs), for ``_dd(n)``."""
+    return guest_trace_lines(vm, "p:aggs/rd vfs_read", _dd(n), " dd-[0-9]* ")
 
 
 def test_count_by_comm_matches_the_guests_own_kprobe(vm: VM, kprobes: ProbeSession) -> None:

@@ -12,10 +12,10 @@ from kprobevm.guest.vm import VM
 from kprobevm.kprobes.aggregations import Bucket
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.maps import format_map
+from tests.test_aggregations import guest_trace_lines
 
 pytestmark = pytest.mark.vm
 
-_TRACEFS = "/sys/kernel/tracing"
 SLEEPER = "hrtimer_nanosleep"  # nanosleep and clock_nanosleep both sleep in it
 SLEEPS = 12
 
@@ -26,17 +26,7 @@ def _sleeps(n: int, seconds: str = "0.01") -> str:
 
 def _guest_returns_of(vm: VM, command: str) -> int:
     """Returns of SLEEPER during ``command`` per the guest's own kretprobe (tracefs)."""
-    setup = (f"cd {_TRACEFS} 2>/dev/null || {{ mount -t tracefs nodev {_TRACEFS} &&"
-             f" cd {_TRACEFS}; }}; echo > trace; echo 'r:lat/ns {SLEEPER}' >> kprobe_events"
-             " && echo 1 > events/lat/ns/enable")  # fmt: skip
-    vm.run(setup, check=True)
-    try:
-        vm.run(f"{command}; echo 0 > {_TRACEFS}/events/lat/ns/enable", check=True)
-        out = vm.run(f"grep -c ' ns: ' {_TRACEFS}/trace", check=True).stdout
-    finally:
-        vm.run(f"echo 0 > {_TRACEFS}/events/lat/ns/enable; echo '-:lat/ns' >>"
-               f" {_TRACEFS}/kprobe_events; echo > {_TRACEFS}/trace")  # fmt: skip
-    return int(out)
+    return guest_trace_lines(vm, f"r:lat/ns {SLEEPER}", command, " ns: ")
 
 
 def test_ten_millisecond_sleeps_land_in_the_8ms_bucket(vm: VM, kprobes: ProbeSession) -> None:
