@@ -456,10 +456,7 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
         _on_task_stack(s, helpers, f"{name}_other")
         a.mov("r14d", block)
         a.sub("r14", "rcx")
-        a.cmp("r14", stack)
-        a.jcc("be", f"{name}_task_len")
-        a.mov("r14", stack)
-        a.label(f"{name}_task_len")
+        _at_most(a, "r14", stack, f"{name}_task_len")
         a.xor("r15d", "r15d")
         a.jmp(f"{name}_size")
         a.label(f"{name}_other")
@@ -468,10 +465,7 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     a.mov("ecx", block)
     a.sub("rcx", "rax")  # bytes to the top
     a.mov("r14", "rcx")
-    a.cmp("r14", stack)
-    a.jcc("be", f"{name}_len")
-    a.mov("r14", stack)
-    a.label(f"{name}_len")
+    _at_most(a, "r14", stack, f"{name}_len")
     a.xor("r15d", "r15d")
     a.cmp("r14", "rcx")
     a.jcc("ne", f"{name}_size")  # the slice stops short of the top
@@ -497,15 +491,21 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     a.and_("rax", block - 1)
     a.mov("ecx", block)
     a.sub("rcx", "rax")
-    a.cmp("rcx", stack)
-    a.jcc("be", f"{name}_len2")
-    a.mov("ecx", stack)
-    a.label(f"{name}_len2")
+    _at_most(a, "rcx", stack, f"{name}_len2", set_to="ecx")
     a.add("rcx", 7)
     a.and_("rcx", -8)
     a.add("rbp", "rcx")
     a.label(f"{name}_sized")
 
+
+
+def _at_most(a: asm.Assembler, reg: str, limit: int, label: str, *, set_to: str = "") -> None:
+    """``reg = min(reg, limit)``, unsigned (``set_to``: the register written, when a
+    shorter form of ``reg`` does)."""
+    a.cmp(reg, limit)
+    a.jcc("be", label)
+    a.mov(set_to or reg, limit)
+    a.label(label)
 
 def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
     """Both slices after the captures, each a header (address, status) and its bytes;
