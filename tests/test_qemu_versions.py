@@ -24,6 +24,7 @@ from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86.ptregs import PtRegs
+from tests.test_kretprobes import wait_returned
 
 pytestmark = pytest.mark.vm
 
@@ -106,9 +107,7 @@ def test_return_probe(guest: VM) -> None:
         guest.run("cat /nonexistent 2>/dev/null; cat /proc/version >/dev/null")
     finally:
         guest.unregister_kretprobe(rp)
-    deadline = time.monotonic() + 10
-    while rp.active and time.monotonic() < deadline:  # calls still in flight return now
-        time.sleep(0.05)
+    wait_returned(rp)
     assert (1 << 64) - 2 in values  # -ENOENT
     assert rp.nhit == len(values) > 1
 
