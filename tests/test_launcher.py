@@ -215,3 +215,33 @@ def test_qemu_dies_when_the_python_that_booted_it_is_killed() -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_a_boot_stalled_under_tcg_is_tried_once_more(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry policy alone (no guest): a TCG boot whose kernel said it stalled is
+    booted again once, said as a warning; a second stall, or any other failure, raises."""
+    from kprobevm.guest import launcher
+
+    stall = "[   31.2] watchdog: BUG: soft lockup - CPU#2 stuck for 22s! [swapper/2:0]\n"
+    outcomes: list[BaseException | str] = []
+
+    def fake_launch(qemu: str, spec: object, *, name: str, accel: str,
+                    timeout: float) -> object:  # fmt: skip
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(launcher, "_launch", fake_launch)
+    spec = object()
+    outcomes[:] = [GuestNotReady("no SSH", serial_log=stall), "booted"]
+    assert launcher._launch_trying("qemu", spec, "tcg", name="g", timeout=1) == "booted"  # type: ignore[arg-type,comparison-overlap]
+    assert "boot stalled under TCG" in caplog.text and "soft lockup" in caplog.text
+    outcomes[:] = [GuestNotReady("no SSH", serial_log=stall)] * 2 + ["never"]
+    with pytest.raises(GuestNotReady):
+        launcher._launch_trying("qemu", spec, "tcg", name="g", timeout=1)  # type: ignore[arg-type]
+    outcomes[:] = [GuestNotReady("no SSH", serial_log="Kernel panic - not syncing\n"), "never"]
+    with pytest.raises(GuestNotReady):
+        launcher._launch_trying("qemu", spec, "tcg", name="g", timeout=1)  # type: ignore[arg-type]
