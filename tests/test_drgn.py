@@ -1,19 +1,32 @@
 """``vm.drgn()``: a drgn Program over the live guest, its memory and kallsyms served by
-kprobevm, used from the test and from a probe's handler at a hit; the errors that say
-what is missing."""
+kprobevm, used from the test and from a probe's handler at a hit; with the guest
+kernel's DWARF vmlinux (its Debian -dbg package, fetched into the cache when absent),
+its types at a hit; the errors that say what is missing or mismatched."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from kprobevm.errors import DrgnError
+from kprobevm.errors import DebugInfoError, DrgnError, VmlinuxMismatch
+from kprobevm.guest.debuginfo import DebugPackage, check_build_id
 from kprobevm.guest.image import default_image
 from kprobevm.guest.vm import VM
-from kprobevm.kernel.drgn_program import drgn_program, guest_vmcoreinfo
+from kprobevm.kernel.drgn_program import (
+    current_task,
+    drgn_program,
+    guest_vmcoreinfo,
+    running_build_id,
+)
 from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kernel.vmlinux import Vmlinux, gnu_build_id
 from kprobevm.kprobes.core import Kprobe
+from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.x86.ptregs import PtRegs
 
 
@@ -100,3 +113,185 @@ def test_a_vmlinux_without_dwarf_is_refused_with_what_to_give(vm: VM, prog: obje
     with pytest.raises(DrgnError) as info:
         vm.drgn(vmlinux=default_image().vmlinux)
     assert "DWARF" in info.value.hint
+
+
+# -- the DWARF vmlinux --------------------------------------------------------------------
+
+
+def _note(name: bytes, kind: int, desc: bytes) -> bytes:
+    header = len(name).to_bytes(4, "little") + len(desc).to_bytes(4, "little")
+    padded = name + bytes(-len(name) % 4) + desc + bytes(-len(desc) % 4)
+    return header + kind.to_bytes(4, "little") + padded
+
+
+def test_the_gnu_build_id_is_found_among_other_notes() -> None:
+    notes = _note(b"Xen\0", 8, b"\x01" * 8) + _note(b"GNU\0", 3, bytes(range(20)))
+    assert gnu_build_id(notes) == bytes(range(20)).hex()
+    assert gnu_build_id(_note(b"GNU\0", 1, b"\x02" * 16)) is None  # an ABI tag, not an id
+    assert gnu_build_id(notes[:-4]) is None  # cut short
+
+
+def test_the_running_build_id_comes_from_vmcoreinfo() -> None:
+    assert running_build_id(b"OSRELEASE=6.1.0\nBUILD-ID=01d2ab\nPAGESIZE=4096\n") == "01d2ab"
+    assert running_build_id(b"OSRELEASE=5.4.0\nPAGESIZE=4096\n") is None
+
+
+def test_the_debug_package_is_named_from_the_image() -> None:
+    image = default_image()
+    package = DebugPackage.of_image(image)
+    assert package.name == f"{image.kernel_package}-dbg"
+    assert package.version == image.kernel_version
+    assert package.member == f"./usr/lib/debug/boot/vmlinux-{image.kernel_release}"
+    with pytest.raises(DebugInfoError, match="not built from a Debian kernel package"):
+        DebugPackage.of_image(replace(image, kernel_package="self-built"))
+
+
+@pytest.fixture(scope="module")
+def other_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image's vmlinux with one byte of its build id changed: another build."""
+    copy = tmp_path_factory.mktemp("other") / "vmlinux"
+    shutil.copyfile(default_image().vmlinux, copy)
+    with Vmlinux(copy) as elf:
+        notes = elf.section(".notes")
+        build_id = elf.build_id
+    assert build_id is not None
+    data = bytearray(copy.read_bytes())
+    at = data.index(bytes.fromhex(build_id), notes.offset)
+    data[at] ^= 0xFF
+    copy.write_bytes(data)
+    return copy
+
+
+def test_a_vmlinux_of_another_build_is_refused(other_build: Path) -> None:
+    image = default_image()
+    with Vmlinux(image.vmlinux) as elf:
+        ours = elf.build_id
+    assert ours is not None
+    with pytest.raises(VmlinuxMismatch, match="another kernel build") as info:
+        check_build_id(other_build, ours)
+    assert info.value.ours == f"build id {ours}" and info.value.theirs != info.value.ours
+
+
+@pytest.fixture(scope="module")
+def debug_vmlinux(vm: VM) -> Path:
+    """The guest kernel's DWARF vmlinux, fetched into the cache when absent (timed)."""
+    started = time.monotonic()
+    path = vm.debug_vmlinux()
+    print(f"debug vmlinux {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dwarf(vm: VM, debug_vmlinux: Path) -> object:
+    started = time.monotonic()
+    prog = vm.drgn(vmlinux=debug_vmlinux)
+    print(f"drgn Program with DWARF in {time.monotonic() - started:.2f} s", file=sys.stderr)
+    return prog
+
+
+@pytest.mark.vm
+@pytest.mark.network
+def test_dwarf_types_describe_the_running_kernel(vm: VM, dwarf: object) -> None:
+    """The types are the vmlinux's: init_task's comm, the banner as /proc/version says
+    it, and struct offsets as kprobevm's BTF has them."""
+    import drgn
+
+    assert isinstance(dwarf, drgn.Program)
+    assert dwarf.main_module().debug_file_path is not None
+    init = dwarf["init_task"]
+    assert init.type_.type_name() == "struct task_struct"
+    assert init.comm.string_() == b"swapper/0"
+    assert init.pid.value_() == 0
+    assert dwarf["linux_banner"].string_().decode() == vm.read_file("/proc/version")
+    layout = vm.task_layout
+    assert layout is not None
+    task = dwarf.type("struct task_struct")
+    assert drgn.offsetof(task, "comm") == layout.comm
+    assert drgn.offsetof(task, "pid") == layout.pid
+
+
+def _proc_tasks(vm: VM) -> dict[int, str]:
+    """Every thread in the guest's /proc, by pid, with its comm."""
+    out = vm.run("cd /proc && for t in [0-9]*/task/[0-9]*; do echo ${t##*/} $(cat $t/comm);"
+                 " done", check=True).stdout  # fmt: skip
+    return {int(pid): comm for pid, _, comm in (line.partition(" ") for line in out.splitlines())}
+
+
+def _same_comm(comm: str, procs: str) -> bool:
+    """/proc shows a kworker's workqueue after its comm (kworker/0:1-events) and a
+    kernel thread's whole name where comm keeps 15 characters."""
+    if procs == comm:
+        return True
+    return procs.startswith(comm) and (len(comm) == 15 or procs[len(comm)] == "-")
+
+
+@pytest.mark.vm
+@pytest.mark.network
+def test_for_each_task_lists_the_guests_tasks(vm: VM, dwarf: object) -> None:
+    """drgn's task walk finds every task /proc shows before and after it, each with its
+    comm; what only drgn saw is the SSH sessions of the two listings."""
+    from drgn.helpers.linux.pid import for_each_task
+
+    before = _proc_tasks(vm)
+    walked = {t.pid.value_(): t.comm.string_().decode() for t in for_each_task(dwarf)}
+    after = _proc_tasks(vm)
+    stable = before.keys() & after.keys()
+    assert 1 in stable and len(stable) > 20
+    missing = sorted(stable - walked.keys())
+    assert not missing, f"tasks in /proc that drgn did not walk: {missing}"
+    wrong = {p: (walked[p], before[p]) for p in stable if not _same_comm(walked[p], before[p])}
+    assert not wrong, wrong
+    transient = walked.keys() - before.keys() - after.keys()
+    assert all(walked[p] in ("dropbear", "sh") for p in transient), transient
+
+
+@pytest.mark.vm
+@pytest.mark.network
+def test_a_handler_walks_current_with_dwarf_types(
+    vm: VM, dwarf: object, kprobes: ProbeSession
+) -> None:
+    """At each stopping hit on do_sys_openat2 the handler reads current's comm and pid
+    and the file name (``const char __user *filename`` in %si) through drgn's types, and
+    at cat's hit walks every task: they are what the guest's shell ran."""
+    import drgn
+    from drgn.helpers.linux.pid import for_each_task
+
+    assert isinstance(dwarf, drgn.Program)
+    layout = vm.task_layout
+    assert layout is not None
+    hits: list[tuple[bytes, int, bytes]] = []
+    costs: list[float] = []
+    walks: list[dict[int, bytes]] = []
+
+    def pre(kp: Kprobe, regs: PtRegs) -> None:
+        started = time.perf_counter()
+        task = current_task(dwarf, regs.gs_base)
+        comm, pid = task.comm.string_(), task.pid.value_()
+        filename = drgn.Object(dwarf, "const char *", regs.si).string_()
+        costs.append(time.perf_counter() - started)
+        assert regs.memory is not None  # the same through kprobevm's own reads
+        assert task.value_() == regs.memory.u64(regs.gs_base + layout.current)
+        assert comm == regs.memory.cstring(task.value_() + layout.comm, 16)
+        assert pid == regs.memory.u32(task.value_() + layout.pid)
+        hits.append((comm, pid, filename))
+        if comm == b"cat" and filename == b"/proc/version" and not walks:
+            walks.append({t.pid.value_(): t.comm.string_() for t in for_each_task(dwarf)})
+
+    kprobes.register(Kprobe(symbol_name="do_sys_openat2", pre_handler=pre))
+    ran = kprobes.run("sh -c 'echo $$; exec cat /proc/version' >/tmp/drgn.out;"
+                      " head -1 /tmp/drgn.out", check=True)  # fmt: skip
+    pid = int(ran.stdout.strip())
+    assert (b"cat", pid, b"/proc/version") in hits, hits
+    assert walks and walks[0].get(pid) == b"cat" and walks[0].get(1) is not None
+    costs.sort()
+    print(f"drgn in the handler: {len(costs)} hits, median {costs[len(costs) // 2] * 1e3:.2f}"
+          f" ms, max {costs[-1] * 1e3:.2f} ms", file=sys.stderr)  # fmt: skip
+
+
+@pytest.mark.vm
+def test_drgn_refuses_a_vmlinux_of_another_build(vm: VM, other_build: Path) -> None:
+    """The running kernel's build id (VMCOREINFO) is not the vmlinux's: refused before
+    drgn loads it."""
+    with pytest.raises(VmlinuxMismatch, match="not the running kernel's build") as info:
+        vm.drgn(vmlinux=other_build)
+    assert info.value.ours.startswith("build id ")
