@@ -183,6 +183,8 @@ def debug_vmlinux(vm: VM) -> Path:
 
 @pytest.fixture(scope="module")
 def dwarf(vm: VM, debug_vmlinux: Path) -> object:
+    """A drgn Program with the guest kernel's types (made once, timed)."""
+    pytest.importorskip("drgn")
     started = time.monotonic()
     prog = vm.drgn(vmlinux=debug_vmlinux)
     print(f"drgn Program with DWARF in {time.monotonic() - started:.2f} s", file=sys.stderr)

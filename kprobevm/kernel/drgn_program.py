@@ -5,7 +5,8 @@ target: the guest's own ``VMCOREINFO`` (the text its kernel keeps at
 ``vmcoreinfo_data`` for crash dumps: release, page table root, KASLR offset, paging mode),
 physical memory read through kprobevm (shared RAM, else the gdbstub), kprobevm's
 kallsyms as the symbol table, and, when the user has a vmlinux with DWARF (a self-built
-kernel, or a distribution's ``-dbg`` package), its types and variables. Virtual reads
+kernel, or a distribution's ``-dbg`` package: :mod:`kprobevm.guest.debuginfo`), its
+types and variables, once its build id is found to be the running kernel's. Virtual reads
 go through kprobevm as well: kernel memory, and in a handler the current task's user
 memory, as the handler's own reads.
 """
