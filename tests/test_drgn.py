@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kprobevm.errors import DebugInfoError, DrgnError, VmlinuxMismatch
-from kprobevm.guest.debuginfo import DebugPackage, check_build_id
+from kprobevm.guest.debuginfo import DebugPackage, check_build_id, debug_vmlinux
 from kprobevm.guest.image import default_image
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.drgn_program import (
@@ -146,6 +146,27 @@ def test_the_debug_package_is_named_from_the_image() -> None:
         DebugPackage.of_image(replace(image, kernel_package="self-built"))
 
 
+def _fetched(cache: Path) -> list[Path]:
+    """What a fetch left in ``cache``: its temporary directories, a vmlinux."""
+    return [*cache.rglob(".fetch-*"), *cache.rglob("vmlinux")]
+
+
+def test_a_download_past_its_deadline_is_ended_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(DebugInfoError, match="took longer than") as info:
+        debug_vmlinux(default_image(), cache=tmp_path, download_timeout=0.05)
+    assert info.value.step == "download"
+    assert not _fetched(tmp_path)
+
+
+@pytest.mark.network
+def test_a_version_apt_does_not_have_is_named(tmp_path: Path) -> None:
+    image = replace(default_image(), kernel_version="0.0-none")
+    with pytest.raises(DebugInfoError, match="apt-get failed") as info:
+        debug_vmlinux(image, cache=tmp_path)
+    assert "-dbg=0.0-none" in info.value.command
+    assert not _fetched(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def other_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's vmlinux with one byte of its build id changed: another build."""
@@ -173,7 +194,7 @@ def test_a_vmlinux_of_another_build_is_refused(other_build: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def debug_vmlinux(vm: VM) -> Path:
+def dwarf_vmlinux(vm: VM) -> Path:
     """The guest kernel's DWARF vmlinux, fetched into the cache when absent (timed)."""
     started = time.monotonic()
     path = vm.debug_vmlinux()
@@ -182,11 +203,11 @@ def debug_vmlinux(vm: VM) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dwarf(vm: VM, debug_vmlinux: Path) -> object:
+def dwarf(vm: VM, dwarf_vmlinux: Path) -> object:
     """A drgn Program with the guest kernel's types (made once, timed)."""
     pytest.importorskip("drgn")
     started = time.monotonic()
-    prog = vm.drgn(vmlinux=debug_vmlinux)
+    prog = vm.drgn(vmlinux=dwarf_vmlinux)
     print(f"drgn Program with DWARF in {time.monotonic() - started:.2f} s", file=sys.stderr)
     return prog
 
