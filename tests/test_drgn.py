@@ -167,6 +167,17 @@ def test_a_version_apt_does_not_have_is_named(tmp_path: Path) -> None:
     assert not _fetched(tmp_path)
 
 
+@pytest.mark.network
+def test_kprobevm_debuginfo_prints_the_vmlinux(capsys: pytest.CaptureFixture[str]) -> None:
+    from kprobevm.cli import main
+
+    assert main(["debuginfo"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == debug_vmlinux(default_image()) and path.name == "vmlinux"
+    with Vmlinux(path) as elf:
+        assert elf.has_section(".debug_info")
+
+
 @pytest.fixture(scope="module")
 def other_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's vmlinux with one byte of its build id changed: another build."""
