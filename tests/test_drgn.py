@@ -18,6 +18,7 @@ from kprobevm.guest.debuginfo import DebugPackage, check_build_id, debug_vmlinux
 from kprobevm.guest.image import default_image
 from kprobevm.guest.vm import VM
 from kprobevm.kernel.drgn_program import (
+    check_vmlinux,
     current_task,
     drgn_program,
     guest_vmcoreinfo,
@@ -134,6 +135,24 @@ def test_the_gnu_build_id_is_found_among_other_notes() -> None:
 def test_the_running_build_id_comes_from_vmcoreinfo() -> None:
     assert running_build_id(b"OSRELEASE=6.1.0\nBUILD-ID=01d2ab\nPAGESIZE=4096\n") == "01d2ab"
     assert running_build_id(b"OSRELEASE=5.4.0\nPAGESIZE=4096\n") is None
+
+
+def test_without_a_build_id_the_banner_decides(caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel whose VMCOREINFO says no build id: its linux_banner must be the
+    vmlinux's (said on stderr, as the weaker check)."""
+    vmlinux = default_image().vmlinux
+    with Vmlinux(vmlinux) as elf:
+        rodata = elf.read_section(".rodata")
+    start = rodata.index(b"Linux version ")
+    banner = rodata[start : rodata.index(b"\0", start) + 1]
+    symbols = KernelSymbols.from_text("ffffffff82000000 D linux_banner\n")
+    info = b"OSRELEASE=6.1.0\nPAGESIZE=4096\n"
+    check = check_vmlinux(vmlinux, info, lambda a, n: banner.ljust(n, b"\0"), symbols)
+    assert check.evidence == "banner" and check.value.startswith("Linux version ")
+    assert "checked by the kernel's linux_banner only" in caplog.text
+    other = banner.replace(b"Linux version ", b"Linux version 9")
+    with pytest.raises(VmlinuxMismatch, match="another linux_banner"):
+        check_vmlinux(vmlinux, info, lambda a, n: other.ljust(n, b"\0"), symbols)
 
 
 def test_the_debug_package_is_named_from_the_image() -> None:
