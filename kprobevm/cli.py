@@ -504,6 +504,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VM
 
 
+def cmd_debuginfo(args: argparse.Namespace) -> int:
+    """Print the path of the guest kernel's vmlinux with DWARF (for drgn's types): its
+    Debian -dbg package's, downloaded and extracted into the cache on first use."""
+    from kprobevm.guest.debuginfo import debug_vmlinux
+    from kprobevm.guest.image import default_image, kernel_package_image
+
+    image = (default_image() if args.kernel_package is None
+             else kernel_package_image(args.kernel_package))  # fmt: skip
+    print(debug_vmlinux(image))
+    return EXIT_OK
+
+
 def _add_session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per line (stable field names)")
@@ -601,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(bl)
     bl.add_argument("symbol", nargs="?", metavar="SYMBOL")
     bl.set_defaults(func=cmd_blacklist)
+
+    dbg = sub.add_parser("debuginfo", help=cmd_debuginfo.__doc__,
+                         description=cmd_debuginfo.__doc__)
+    dbg.add_argument("--kernel-package", metavar="NAME",
+                     help="the image of this Debian kernel package (as run --kernel-package"
+                          " takes it) instead of the default image")
+    dbg.set_defaults(func=cmd_debuginfo)
 
     rec = sub.add_parser("recover", help=cmd_recover.__doc__, description=cmd_recover.__doc__)
     rec.add_argument("journal", type=Path, metavar="JOURNAL")

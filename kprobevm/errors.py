@@ -8,6 +8,8 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
 
     KprobeVMError
      +-- ImageError                   building the guest image failed (step, command, output)
+     +-- DebugInfoError               the guest kernel's DWARF vmlinux could not be had (package,
+     |                                step, command, output)
      +-- QemuBinaryError              a QEMU binary could not be fetched, unpacked or asked its
      |                                version (step, command line, output tail)
      +-- VMError                      a guest could not be started, reached or kept
@@ -32,6 +34,8 @@ raises, or a narrower class for one failure. Lower-level causes are chained with
      |    +-- SymbolNotFound           no such symbol (also a ``KeyError``)
      |    +-- AmbiguousSymbol          a name that several symbols share
      +-- VmlinuxError                 the vmlinux ELF could not be read or extracted
+     |    +-- VmlinuxMismatch          a vmlinux of another build than the kernel it is for
+     |                                 (both build ids or banners)
      +-- KaslrError                   the kernel's slide could not be found
      +-- KprobeError                  a probe cannot be placed, armed or removed (symbol, address)
      |    +-- ProbeRefused             a safety check refused the probe (kernel error name)
@@ -51,6 +55,7 @@ from collections.abc import Sequence
 __all__ = [
     "LOST_ERRORS",
     "AmbiguousSymbol",
+    "DebugInfoError",
     "DrgnError",
     "GdbConnectionClosed",
     "GdbError",
@@ -82,6 +87,7 @@ __all__ = [
     "VMLaunchFailure",
     "VMLost",
     "VmlinuxError",
+    "VmlinuxMismatch",
 ]
 
 
@@ -103,6 +109,24 @@ class ImageError(KprobeVMError):
         text = message
         if step:
             text += f" (step: {step})"
+        if command:
+            text += f"\n  command: {command}"
+        if output:
+            text += "\n  output:\n" + _tail(output)
+        super().__init__(text)
+
+
+class DebugInfoError(KprobeVMError):
+    """The DWARF vmlinux of a kernel package (its ``-dbg`` package) could not be
+    downloaded or extracted at ``step``; carries the command and its output's tail."""
+
+    def __init__(self, message: str, *, package: str, step: str, command: str = "",
+                 output: str = ""):  # fmt: skip
+        self.package = package
+        self.step = step
+        self.command = command
+        self.output = output
+        text = f"{message} ({package}, step: {step})"
         if command:
             text += f"\n  command: {command}"
         if output:
@@ -342,6 +366,19 @@ class AmbiguousSymbol(SymbolError):
 
 class VmlinuxError(KprobeVMError):
     """The vmlinux ELF could not be extracted or read."""
+
+
+class VmlinuxMismatch(VmlinuxError):
+    """A vmlinux from another build than the kernel it was given for: its DWARF would
+    describe other types and addresses without any error, so it is refused."""
+
+    def __init__(self, message: str, *, vmlinux: str, theirs: str, ours: str):
+        self.vmlinux = vmlinux
+        self.theirs = theirs
+        """What the vmlinux says (build id, else banner)."""
+        self.ours = ours
+        """What the kernel it was given for says."""
+        super().__init__(f"{message}: {vmlinux} has {theirs}, the kernel {ours}")
 
 
 class KaslrError(KprobeVMError):

@@ -472,6 +472,7 @@ def boot(
         ),
         name=name, machine=machine,
         vmlinux=image.vmlinux if kernel_path == image.kernel else None,
+        image=image if kernel_path == image.kernel else None,
         kernel_cmdline=cmdline,
         shell=shell,  # the connection readiness already made (a new one costs ~1 s)
     )  # fmt: skip

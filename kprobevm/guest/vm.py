@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kprobevm.closing import Closing
 from kprobevm.errors import (
     LOST_ERRORS,
+    DebugInfoError,
     GdbError,
     GuestFaultError,
     KprobeVMError,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from kprobevm.gdbstub.memory import GuestMemory
     from kprobevm.gdbstub.target import Target
     from kprobevm.guest.guestram import GuestRam, PagingRoot, RamReader
+    from kprobevm.guest.image import Image
     from kprobevm.guest.monitor import MonitorGdbstub
     from kprobevm.guest.shell import GuestShell, RunResult
     from kprobevm.kernel.blacklist import Blacklist
@@ -134,13 +136,16 @@ class VM(Closing):
         kallsyms: Path | None = None,
         kernel_cmdline: str | None = None,
         shell: GuestShell | None = None,
+        image: Image | None = None,
     ) -> None:
         """``machine`` is the QEMU we started (None when attached); ``vmlinux`` and
         ``kallsyms`` are host files of the running kernel (optional: kallsyms is read
         over SSH, else from the kernel's own tables in guest memory; BTF comes from the
         vmlinux, else, with no SSH, from the image in memory); ``kernel_cmdline`` saves
-        reading /proc/cmdline over SSH; ``shell`` is an SSH connection already made."""
+        reading /proc/cmdline over SSH; ``shell`` is an SSH connection already made;
+        ``image`` the guest image whose kernel runs (None: another kernel, or attached)."""
         self.endpoints = endpoints
+        self.image = image
         self._connect_gdbstub: GdbConnect = _connect_rsp
         self._channel_kind: ChannelKind = "watchpoint"
         self.name = name
@@ -959,6 +964,21 @@ class VM(Closing):
     @functools.cached_property
     def _drgn_programs(self) -> dict[str | None, Any]:
         return {}
+
+    def debug_vmlinux(self) -> Path:
+        """The vmlinux with DWARF of the guest's kernel, for ``drgn(vmlinux=...)``: its
+        Debian ``-dbg`` package's, named from the image's recorded kernel package and
+        fetched into the cache on first use (:mod:`kprobevm.guest.debuginfo`). Raises
+        :class:`~kprobevm.errors.DebugInfoError` when the kernel running is not an image's."""
+        from kprobevm.guest.debuginfo import debug_vmlinux
+
+        if self.image is None:
+            raise DebugInfoError(
+                f"{self.name} runs no image's kernel (attached, or booted with another"
+                " kernel): give its vmlinux with DWARF to drgn(vmlinux=...)",
+                package="unknown", step="name",
+            )
+        return debug_vmlinux(self.image)
 
     def list_kprobes(self) -> str:
         """Registered probes in the debugfs ``kprobes/list`` format, as the kernel prints

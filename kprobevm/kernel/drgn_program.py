@@ -5,28 +5,45 @@ target: the guest's own ``VMCOREINFO`` (the text its kernel keeps at
 ``vmcoreinfo_data`` for crash dumps: release, page table root, KASLR offset, paging mode),
 physical memory read through kprobevm (shared RAM, else the gdbstub), kprobevm's
 kallsyms as the symbol table, and, when the user has a vmlinux with DWARF (a self-built
-kernel, or a distribution's ``-dbg`` package), its types and variables. Virtual reads
+kernel, or a distribution's ``-dbg`` package: :mod:`kprobevm.guest.debuginfo`), its
+types and variables, once its build id is found to be the running kernel's. Virtual reads
 go through kprobevm as well: kernel memory, and in a handler the current task's user
 memory, as the handler's own reads.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kprobevm.errors import DrgnError, GuestFaultError, SymbolNotFound
+from kprobevm.errors import DrgnError, GuestFaultError, SymbolNotFound, VmlinuxMismatch
+from kprobevm.kernel.vmlinux import Vmlinux
 
 if TYPE_CHECKING:
     from kprobevm.kernel.kallsyms import KernelSymbols
 
-__all__ = ["DRGN_HINT", "PHYS_LIMIT", "drgn_program", "guest_vmcoreinfo"]
+__all__ = [
+    "DRGN_HINT",
+    "PHYS_LIMIT",
+    "VmlinuxCheck",
+    "check_vmlinux",
+    "current_task",
+    "drgn_program",
+    "guest_vmcoreinfo",
+    "running_build_id",
+]
 
 DRGN_HINT = "pip install 'kprobevm[drgn]' (or pip install drgn; x86_64 wheels on PyPI)"
 PHYS_LIMIT = 1 << 46
 """Physical addresses drgn may ask for: x86-64's 46 bits (reads outside RAM fault)."""
 _VMCOREINFO_MAX = 1 << 16  # the kernel keeps it in one page; anything larger is not it
+_BANNER_MAX = 512
+
+log = logging.getLogger(__name__)
 
 ReadFn = Callable[[int, int], bytes]
 
@@ -73,7 +90,8 @@ def drgn_program(
         raise DrgnError(f"drgn is not installed ({exc})", hint=DRGN_HINT) from exc
 
     prog = drgn.Program(drgn.host_platform)
-    prog.set_linux_kernel_custom(guest_vmcoreinfo(read, symbols), True)
+    vmcoreinfo = guest_vmcoreinfo(read, symbols)
+    prog.set_linux_kernel_custom(vmcoreinfo, True)
 
     def segment(read: ReadFn) -> Callable[[int, int, int, bool], bytes]:
         def read_fn(address: int, count: int, offset: int, physical: bool) -> bytes:
@@ -92,8 +110,68 @@ def drgn_program(
     prog.register_symbol_finder("kprobevm", drgn.SymbolIndex(_drgn_symbols(drgn, symbols)),
                                 enable_index=0)  # fmt: skip
     if vmlinux is not None:
+        check_vmlinux(vmlinux, vmcoreinfo, read, symbols)
         _load_vmlinux(drgn, prog, vmlinux)
     return prog
+
+
+@dataclass(frozen=True)
+class VmlinuxCheck:
+    """How a vmlinux was found to be the running kernel's: ``build id`` (VMCOREINFO's
+    ``BUILD-ID``) or, for a kernel that does not say its build id, ``banner``."""
+
+    evidence: str
+    value: str
+
+
+def running_build_id(vmcoreinfo: bytes) -> str | None:
+    """The running kernel's build id as its VMCOREINFO says it (``BUILD-ID=``, 5.9 on)."""
+    found = re.search(rb"^BUILD-ID=([0-9a-f]+)$", vmcoreinfo, re.M)
+    return found.group(1).decode() if found else None
+
+
+def check_vmlinux(vmlinux: Path | str, vmcoreinfo: bytes, read: ReadFn,
+                  symbols: KernelSymbols) -> VmlinuxCheck:  # fmt: skip
+    """Refuse (:class:`~kprobevm.errors.VmlinuxMismatch`) a vmlinux of another build than
+    the running kernel, whose DWARF would give wrong types without any error: the build
+    ids must be equal, else, when the kernel does not say its own (said on stderr), its
+    ``linux_banner`` must be in the vmlinux's read-only data."""
+    with Vmlinux(vmlinux) as elf:
+        theirs = elf.build_id
+        ours = running_build_id(vmcoreinfo)
+        if ours is not None:
+            if theirs != ours:
+                raise VmlinuxMismatch(
+                    "the vmlinux given for drgn is not the running kernel's build",
+                    vmlinux=str(vmlinux), theirs=f"build id {theirs}", ours=f"build id {ours}",
+                )
+            return VmlinuxCheck("build id", ours)
+        log.warning("the guest's VMCOREINFO says no BUILD-ID: %s is checked by the kernel's"
+                    " linux_banner only", vmlinux)  # fmt: skip
+        banner = read(symbols["linux_banner"], _BANNER_MAX).split(b"\0")[0]
+        if banner not in elf.read_section(".rodata"):
+            raise VmlinuxMismatch(
+                "the vmlinux given for drgn is not the running kernel's build",
+                vmlinux=str(vmlinux), theirs="another linux_banner",
+                ours=f"banner {banner.decode(errors='replace').strip()!r}",
+            )
+        return VmlinuxCheck("banner", banner.decode(errors="replace").strip())
+
+
+def current_task(prog: Any, gs_base: int) -> Any:
+    """``current`` at a hit as a drgn ``struct task_struct *``: the per-CPU pointer at
+    ``gs_base`` (the hit's ``regs.gs_base``, its CPU's per-CPU base) plus the variable's
+    offset; ``current_task`` up to 6.1, ``pcpu_hot.current_task`` from 6.2. Needs the
+    vmlinux's types."""
+    import drgn
+
+    try:
+        slot = prog["current_task"]
+    except KeyError:
+        hot = prog["pcpu_hot"]
+        slot = drgn.Object(prog, hot.type_, address=gs_base + hot.address_).current_task
+        return slot.read_()
+    return drgn.Object(prog, slot.type_, address=gs_base + slot.address_).read_()
 
 
 def _load_vmlinux(drgn: Any, prog: Any, vmlinux: Path | str) -> None:

@@ -9,6 +9,7 @@ x86-64: its addresses are offsets into each CPU's area) never moves.
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,17 @@ class Vmlinux(Closing):
         """A little-endian u64 at ``addr``."""
         return int.from_bytes(self.read(addr, 8), "little")
 
+    @property
+    def build_id(self) -> str | None:
+        """The GNU build id (hex) from the ELF's notes, or None when it has none: what
+        tells one build of a kernel from another (the kernel's VMCOREINFO says its own)."""
+        for sec in self._sections:
+            if sec.type == "SHT_NOTE" and sec.has_bytes:
+                found = gnu_build_id(self._read_file(sec.offset, sec.size))
+                if found is not None:
+                    return found
+        return None
+
     # -- symbols -----------------------------------------------------------------------
 
     @property
@@ -247,6 +259,26 @@ class Vmlinux(Closing):
     def iter_sections_named(self, prefix: str) -> Iterator[Section]:
         """Sections whose name starts with ``prefix``."""
         return (s for s in self._sections if s.name.startswith(prefix))
+
+
+_NT_GNU_BUILD_ID = 3
+
+
+def gnu_build_id(notes: bytes) -> str | None:
+    """The ``GNU`` ``NT_GNU_BUILD_ID`` note's descriptor in ``notes`` (ELF notes, 4-byte
+    aligned), as hex; None when there is none or the notes are cut short."""
+    at = 0
+    while at + 12 <= len(notes):
+        namesz, descsz, kind = struct.unpack_from("<III", notes, at)
+        name_at = at + 12
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        end = desc_at + (descsz + 3) // 4 * 4
+        if desc_at + descsz > len(notes):
+            return None
+        if kind == _NT_GNU_BUILD_ID and notes[name_at : name_at + namesz] == b"GNU\0":
+            return notes[desc_at : desc_at + descsz].hex()
+        at = end
+    return None
 
 
 def _nm_letter(sec: Section | None, kind: str, bind: str) -> str:
