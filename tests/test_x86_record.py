@@ -355,3 +355,30 @@ def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
     m.write(CONTROL + 64, bytes(8))
     run = _run(m, len(code))
     assert [c[0] for c in run.calls] == [0, 0]  # the top word, then the slice
+
+
+def test_a_plain_stack_copy_costs_its_words_and_a_few_instructions() -> None:
+    # the guest pays per instruction (rep movsq: one a word): a copy from current's stack
+    # adds its words and a small fixed part to a hit, whatever the stack's depth
+    helpers = replace(HELPER_ADDRS, task_stack=0x30)
+
+    def executed(stack_size: int) -> int:
+        layout = RecordLayout((), stack_size)
+        code = rec.build_record_program(
+            PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+            helpers=helpers, cont=CONT,
+        ).code  # fmt: skip
+        m, _ = _machine(layout)
+        m.write(PROGRAM, code)
+        m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+        count = [0]
+
+        def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
+            count[0] += PROGRAM <= addr < PROGRAM + len(code)
+
+        m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+        _untouched(_run(m, len(code)))
+        return count[0]
+
+    words = 0x100 // 8  # _run's sp is 0x100 below the stack's top
+    assert executed(4096) - executed(0) <= words + 30

@@ -78,6 +78,9 @@ recorder sets the guest's own (:attr:`CopyHelpers.thread_size`)."""
 MAX_STACK_COPY = 4096
 KERNEL_HALF = 0xFF00000000000000
 """The lowest kernel address of either paging mode: a saved stack pointer is above it."""
+_ON_TASK_STACK = 1
+"""r15 between :func:`_stack_extent` and :func:`_stack_slices` when ``sp`` is on
+``current``'s own stack: never a saved stack pointer (0: none, else a kernel address)."""
 
 
 @dataclass(frozen=True)
@@ -448,7 +451,8 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     then the program's to tell): r14 the first slice's length (``sp`` to the top of its
     stack, at most ``stack_size``); r15 the stack pointer saved at that top when the
     slice reaches it and it is a kernel address (the IRQ stack's link to the stack it
-    left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
+    left), else 0, or :data:`_ON_TASK_STACK`; rbp the record's size. Callee-saved: they
+    survive the copies."""
     a, name, stack, block = s.a, f"{s.name}_stk", s.layout.stack_size, s.layout.stack_block
     a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
     if helpers.task_stack:
@@ -457,8 +461,10 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
         a.mov("r14d", block)
         a.sub("r14", "rcx")
         _at_most(a, "r14", stack, f"{name}_task_len")
-        a.xor("r15d", "r15d")
-        a.jmp(f"{name}_size")
+        a.mov("r15d", _ON_TASK_STACK)
+        # r14 is a multiple of 8 (sp is aligned), the second slice has a header only
+        a.lea("rbp", mem("r14", s.layout.fixed_size + 2 * CAPTURE_HEADER.size, disp32=True))
+        a.jmp(f"{name}_sized")
         a.label(f"{name}_other")
     a.mov("rax", "rsi")
     a.and_("rax", block - 1)
@@ -498,7 +504,6 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     a.label(f"{name}_sized")
 
 
-
 def _at_most(a: asm.Assembler, reg: str, limit: int, label: str, *, set_to: str = "") -> None:
     """``reg = min(reg, limit)``, unsigned (``set_to``: the register written, when a
     shorter form of ``reg`` does)."""
@@ -507,13 +512,16 @@ def _at_most(a: asm.Assembler, reg: str, limit: int, label: str, *, set_to: str 
     a.mov(set_to or reg, limit)
     a.label(label)
 
+
 def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
     """Both slices after the captures, each a header (address, status) and its bytes;
     the second header follows the first slice's reservation (r14, aligned)."""
     a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
     a.mov("rsi", _rec(REGS_OFFSET + 8 * SNAPSHOT_REGS.index("sp")))
     a.mov(_rec(at), "rsi")
-    _slice_copy(s, helpers, "rbx", at, f"{name}1")
+    if helpers.task_stack:
+        _task_slice(s, f"{name}_not_task")
+    _slice_copy(s, helpers, "rbx", at, f"{name}1", maybe_task=False)
     below = at + CAPTURE_HEADER.size  # from rbp, the first slice's reservation past rbx
     a.lea("rbp", mem("r14", 7))
     a.and_("rbp", -8)
@@ -522,7 +530,26 @@ def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
     a.mov("rax", -EFAULT)
     a.test("r15", "r15")
     a.jcc("e", f"{name}2_status")
-    _slice_copy(s, helpers, "rbp", below, f"{name}2")
+    _slice_copy(s, helpers, "rbp", below, f"{name}2", maybe_task=bool(helpers.task_stack))
+    a.label(f"{name}_done")
+
+
+def _task_slice(s: _Site, other: str) -> None:
+    """The first slice when :func:`_stack_extent` found ``sp`` (in rsi) on current's own
+    stack: r14 bytes in one ``rep movsq``, which cannot fault, and the second header
+    right after them (no stack below); on to ``other`` if it did not."""
+    a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
+    a.cmp("r15", _ON_TASK_STACK)
+    a.jcc("ne", other)
+    a.mov(_rec(at + 8), "r14")
+    a.lea("rdi", _rec(at + CAPTURE_HEADER.size))
+    a.mov("rcx", "r14")
+    a.shr("rcx", 3)
+    a.rep_movsq()
+    a.mov(mem("rdi", 0, size=8), 0)  # rdi: the second header
+    a.mov(mem("rdi", 8, size=8), -EFAULT)
+    a.jmp(f"{name}_done")
+    a.label(other)
 
 
 def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
@@ -539,24 +566,24 @@ def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
     a.jcc("ne", other)
 
 
-def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -> None:
+def _slice_copy(
+    s: _Site, helpers: CopyHelpers, base: str, at: int, name: str, *, maybe_task: bool
+) -> None:
     """Copy the stack from the address in the header at ``base + at`` to the top of its
     block, at most ``stack_size`` bytes; where that faults (a stack not aligned so), to
-    the end of the page. The header's status: the bytes copied, or the copy's error."""
+    the end of the page. The header's status: the bytes copied, or the copy's error.
+    ``maybe_task``: the address may be on current's own stack (a plain copy then)."""
     a, stack = s.a, s.layout.stack_size
 
     def field(offset: int) -> asm.Mem:
         return mem(base, at + offset, size=8, disp32=True)
 
-    if helpers.task_stack:
+    if maybe_task:
         a.mov("rsi", field(0))
         _on_task_stack(s, helpers, f"{name}_other")
         a.mov("edx", s.layout.stack_block)
         a.sub("rdx", "rcx")  # bytes to the top
-        a.cmp("rdx", stack)
-        a.jcc("be", f"{name}_task_len")
-        a.mov("edx", stack)
-        a.label(f"{name}_task_len")
+        _at_most(a, "rdx", stack, f"{name}_task_len", set_to="edx")
         a.mov(field(8), "rdx")
         a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
         a.mov("rcx", "rdx")
@@ -572,10 +599,7 @@ def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -
         a.and_("rax", block - 1)
         a.mov("edx", block)
         a.sub("rdx", "rax")  # bytes to the block's end
-        a.cmp("rdx", stack)
-        a.jcc("be", f"{name}_len{try_}")
-        a.mov("edx", stack)
-        a.label(f"{name}_len{try_}")
+        _at_most(a, "rdx", stack, f"{name}_len{try_}", set_to="edx")
         a.mov(field(8), "rdx")  # kept across the call
         a.call(helpers.copy_from_kernel)
         a.test("rax", "rax")
