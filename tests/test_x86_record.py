@@ -357,28 +357,64 @@ def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
     assert [c[0] for c in run.calls] == [0, 0]  # the top word, then the slice
 
 
-def test_a_plain_stack_copy_costs_its_words_and_a_few_instructions() -> None:
+def _task_stack_run(
+    layout: RecordLayout, helpers: CopyHelpers, *, regs_end: int = STACK
+) -> tuple[Run, int, int]:
+    """A hit 0x100 below the top of current's stack (``task_struct.stack`` at TASK +
+    0x30, the per-CPU ``top_of_stack`` at PERCPU + 0x50 holding ``regs_end``): the run,
+    the instructions the program executed, and the record's size."""
+    code = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+        helpers=helpers, cont=CONT,
+    ).code  # fmt: skip
+    m, _ = _machine(layout)
+    m.write(PROGRAM, code)
+    m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    m.write(PERCPU + 0x50, struct.pack("<Q", regs_end))
+    m.write(STACK - 0x100, bytes(range(256)))
+    count = [0]
+
+    def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
+        count[0] += PROGRAM <= addr < PROGRAM + len(code)
+
+    m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+    run = _run(m, len(code))
+    _untouched(run)
+    return run, count[0], struct.unpack_from("<I", m.read(RING + 8, 4))[0]
+
+
+@pytest.mark.parametrize("padding", [0, 16])
+def test_a_copy_from_current_stack_stops_at_its_entry_regs_and_takes_their_frame(
+    padding: int,
+) -> None:
+    # pt_regs end ``padding`` bytes below the stack's top (x86-64 with FRED pads 16):
+    # the copy takes the frames up to them, then only their ip, cs, flags, sp and ss
+    layout = RecordLayout((), 4096)
+    helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50)
+    run, _, size = _task_stack_run(layout, helpers, regs_end=STACK - padding)
+    regs = STACK - padding - rec.PT_REGS_SIZE
+    stack, frame = decode_record(run.m.read(RING, size), layout).reads
+    assert (stack.address, stack.status) == (STACK - 0x100, regs - (STACK - 0x100))
+    assert stack.data == run.m.read(STACK - 0x100, stack.status)
+    assert (frame.address, frame.status) == (regs + 128, rec.HARDWARE_FRAME)
+    assert frame.data == run.m.read(regs + 128, rec.HARDWARE_FRAME)
+    assert size == RecordLayout(()).size + 2 * rec.CAPTURE_HEADER.size + stack.status + 40
+    assert not run.calls
+    # a copy too short for the frame (8 bytes) keeps its second slice empty
+    layout = RecordLayout((), 8)
+    run, _, size = _task_stack_run(layout, helpers, regs_end=STACK - padding)
+    stack, below = decode_record(run.m.read(RING, size), layout).reads
+    assert (stack.status, below.address, below.status) == (8, 0, -EFAULT)
+
+
+def test_a_copy_from_current_stack_costs_its_words_and_a_few_instructions() -> None:
     # the guest pays per instruction (rep movsq: one a word): a copy from current's stack
     # adds its words and a small fixed part to a hit, whatever the stack's depth
-    helpers = replace(HELPER_ADDRS, task_stack=0x30)
-
-    def executed(stack_size: int) -> int:
-        layout = RecordLayout((), stack_size)
-        code = rec.build_record_program(
-            PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
-            helpers=helpers, cont=CONT,
-        ).code  # fmt: skip
-        m, _ = _machine(layout)
-        m.write(PROGRAM, code)
-        m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
-        count = [0]
-
-        def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
-            count[0] += PROGRAM <= addr < PROGRAM + len(code)
-
-        m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
-        _untouched(_run(m, len(code)))
-        return count[0]
-
-    words = 0x100 // 8  # _run's sp is 0x100 below the stack's top
-    assert executed(4096) - executed(0) <= words + 30
+    helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50)
+    _, without, _ = _task_stack_run(RecordLayout(()), helpers)
+    _, with_stack, _ = _task_stack_run(RecordLayout((), 4096), helpers)
+    words = (0x100 - rec.PT_REGS_SIZE + rec.HARDWARE_FRAME) // 8
+    assert with_stack - without <= words + 35
+    # without top_of_stack the copy takes the whole stack to its top
+    _, whole, _ = _task_stack_run(RecordLayout((), 4096), replace(helpers, top_of_stack=0))
+    assert whole - without <= 0x100 // 8 + 35
