@@ -254,6 +254,12 @@ def test_a_programs_size_is_known_before_it_is_placed() -> None:
             probe_ip=PROBE_IP, ring=RING_LAYOUT, helpers=HELPER_ADDRS, cont=CONT,
         ).code  # fmt: skip
         assert program_size(specs, probe_ip=PROBE_IP) == len(here)
+    stacked = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, RecordLayout((), 4096)),), probe_ip=PROBE_IP,
+        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50),
+        cont=CONT,
+    ).code  # fmt: skip
+    assert program_size([RecordSpec(stack_size=4096)], probe_ip=PROBE_IP) == len(stacked)
     counted = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
     only_count = [RecordSpec(count_only=True)] * 2
     assert program_size(only_count, probe_ip=PROBE_IP) == len(counted.code)
@@ -322,11 +328,13 @@ def test_a_stack_copy_on_the_irq_stack_follows_the_saved_sp() -> None:
 @needs_gas
 def test_a_stack_copying_program_listing_assembles_to_its_bytes() -> None:
     layout = RecordLayout((Capture(0, 8, reg="di"),), 2048)
-    program = rec.build_record_program(
-        PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
-        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30), cont=CONT,
-    )  # fmt: skip
-    assert gas_text(program.listing) == program.code
+    for top_of_stack in (0, 0x50):
+        helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=top_of_stack)
+        program = rec.build_record_program(
+            PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
+            ring=RING_LAYOUT, helpers=helpers, cont=CONT,
+        )  # fmt: skip
+        assert gas_text(program.listing) == program.code
 
 
 def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:

@@ -749,6 +749,7 @@ _SOME_HELPERS = rec.CopyHelpers(
     copy_from_kernel=0xFFFFFFFF81000000, copy_from_user=0xFFFFFFFF81000100,
     strncpy_from_kernel=0xFFFFFFFF81000200, strncpy_from_user=0xFFFFFFFF81000300,
     cpu_number=0x1000, current_task=0x2000, task_pid=0x500, task_comm=0x700,
+    task_stack=0x20, top_of_stack=0x3000,
 )  # fmt: skip
 
 
