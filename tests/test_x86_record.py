@@ -254,6 +254,12 @@ def test_a_programs_size_is_known_before_it_is_placed() -> None:
             probe_ip=PROBE_IP, ring=RING_LAYOUT, helpers=HELPER_ADDRS, cont=CONT,
         ).code  # fmt: skip
         assert program_size(specs, probe_ip=PROBE_IP) == len(here)
+    stacked = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, RecordLayout((), 4096)),), probe_ip=PROBE_IP,
+        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50),
+        cont=CONT,
+    ).code  # fmt: skip
+    assert program_size([RecordSpec(stack_size=4096)], probe_ip=PROBE_IP) == len(stacked)
     counted = rec.build_count_program(PROGRAM, counters=(COUNTERS, COUNTERS + 16), cont=CONT)
     only_count = [RecordSpec(count_only=True)] * 2
     assert program_size(only_count, probe_ip=PROBE_IP) == len(counted.code)
@@ -322,11 +328,13 @@ def test_a_stack_copy_on_the_irq_stack_follows_the_saved_sp() -> None:
 @needs_gas
 def test_a_stack_copying_program_listing_assembles_to_its_bytes() -> None:
     layout = RecordLayout((Capture(0, 8, reg="di"),), 2048)
-    program = rec.build_record_program(
-        PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
-        ring=RING_LAYOUT, helpers=replace(HELPER_ADDRS, task_stack=0x30), cont=CONT,
-    )  # fmt: skip
-    assert gas_text(program.listing) == program.code
+    for top_of_stack in (0, 0x50):
+        helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=top_of_stack)
+        program = rec.build_record_program(
+            PROGRAM, probes=((PROBE_ID, layout), (PROBE_ID + 1, layout)), probe_ip=PROBE_IP,
+            ring=RING_LAYOUT, helpers=helpers, cont=CONT,
+        )  # fmt: skip
+        assert gas_text(program.listing) == program.code
 
 
 def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
@@ -355,3 +363,66 @@ def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
     m.write(CONTROL + 64, bytes(8))
     run = _run(m, len(code))
     assert [c[0] for c in run.calls] == [0, 0]  # the top word, then the slice
+
+
+def _task_stack_run(
+    layout: RecordLayout, helpers: CopyHelpers, *, regs_end: int = STACK
+) -> tuple[Run, int, int]:
+    """A hit 0x100 below the top of current's stack (``task_struct.stack`` at TASK +
+    0x30, the per-CPU ``top_of_stack`` at PERCPU + 0x50 holding ``regs_end``): the run,
+    the instructions the program executed, and the record's size."""
+    code = rec.build_record_program(
+        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
+        helpers=helpers, cont=CONT,
+    ).code  # fmt: skip
+    m, _ = _machine(layout)
+    m.write(PROGRAM, code)
+    m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    m.write(PERCPU + 0x50, struct.pack("<Q", regs_end))
+    m.write(STACK - 0x100, bytes(range(256)))
+    count = [0]
+
+    def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
+        count[0] += PROGRAM <= addr < PROGRAM + len(code)
+
+    m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+    run = _run(m, len(code))
+    _untouched(run)
+    return run, count[0], struct.unpack_from("<I", m.read(RING + 8, 4))[0]
+
+
+@pytest.mark.parametrize("padding", [0, 16])
+def test_a_copy_from_current_stack_stops_at_its_entry_regs_and_takes_their_frame(
+    padding: int,
+) -> None:
+    # pt_regs end ``padding`` bytes below the stack's top (x86-64 with FRED pads 16):
+    # the copy takes the frames up to them, then only their ip, cs, flags, sp and ss
+    layout = RecordLayout((), 4096)
+    helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50)
+    run, _, size = _task_stack_run(layout, helpers, regs_end=STACK - padding)
+    regs = STACK - padding - rec.PT_REGS_SIZE
+    stack, frame = decode_record(run.m.read(RING, size), layout).reads
+    assert (stack.address, stack.status) == (STACK - 0x100, regs - (STACK - 0x100))
+    assert stack.data == run.m.read(STACK - 0x100, stack.status)
+    assert (frame.address, frame.status) == (regs + 128, rec.HARDWARE_FRAME)
+    assert frame.data == run.m.read(regs + 128, rec.HARDWARE_FRAME)
+    assert size == RecordLayout(()).size + 2 * rec.CAPTURE_HEADER.size + stack.status + 40
+    assert not run.calls
+    # a copy too short for the frame (8 bytes) keeps its second slice empty
+    layout = RecordLayout((), 8)
+    run, _, size = _task_stack_run(layout, helpers, regs_end=STACK - padding)
+    stack, below = decode_record(run.m.read(RING, size), layout).reads
+    assert (stack.status, below.address, below.status) == (8, 0, -EFAULT)
+
+
+def test_a_copy_from_current_stack_costs_its_words_and_a_few_instructions() -> None:
+    # the guest pays per instruction (rep movsq: one a word): a copy from current's stack
+    # adds its words and a small fixed part to a hit, whatever the stack's depth
+    helpers = replace(HELPER_ADDRS, task_stack=0x30, top_of_stack=0x50)
+    _, without, _ = _task_stack_run(RecordLayout(()), helpers)
+    _, with_stack, _ = _task_stack_run(RecordLayout((), 4096), helpers)
+    words = (0x100 - rec.PT_REGS_SIZE + rec.HARDWARE_FRAME) // 8
+    assert with_stack - without <= words + 35
+    # without top_of_stack the copy takes the whole stack to its top
+    _, whole, _ = _task_stack_run(RecordLayout((), 4096), replace(helpers, top_of_stack=0))
+    assert whole - without <= 0x100 // 8 + 35

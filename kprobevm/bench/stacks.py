@@ -8,12 +8,14 @@ one dd run can take twice as long as the next for no reason of the guest's. The 
 therefore runs under QEMU's ``-icount`` (:func:`icount_qemu`): its clock counts the
 instructions it executes (1 ns each with ``shift=0``), so a dd run takes the same guest
 time whatever the host does (measured: 43.50 ms for 30,000 reads, four runs within
-0.03%), and a hit's cost is the instructions it adds; a VM stop costs the guest nothing
-on that clock. Each way still runs ``reps`` times, interleaved, and its fastest run
-counts (on a wall clock: the run the host disturbed least). The guest's own kprobe with
-``options/stacktrace`` is measured the same way, for scale. Every stack the host
-unwinds is checked to end at the system call entry, so no figure comes from a walk that
-stopped early.
+0.03%), and a hit's cost is the instructions it adds. A VM stop the host asks for costs
+the guest nothing on that clock, but one the guest's drain store brings moves it on by
+0.1-0.25 ms (QEMU's clock, not guest work: ``sleep=off`` makes it 1.5-2.9 ms), so the
+stops of the runs counted are told beside the figures. Each way still runs ``reps``
+times, interleaved, and its fastest run counts (on a wall clock: the run the host
+disturbed least). The guest's own kprobe with ``options/stacktrace`` is measured the
+same way, for scale. Every stack the host unwinds is checked to end at the system call
+entry, so no figure comes from a walk that stopped early.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class StackFigures:
         """Guest ns per hit over the unprobed loop, fastest run against fastest run."""
         hits = statistics.median(self.hits[way])
         return (min(self.runs[way]) - min(self.runs["unprobed"])) / max(hits, 1)
+
+    def fastest_stops(self, way: str) -> int:
+        """VM stops during the run :meth:`per_hit` counts: under ``-icount`` each moves
+        the guest's clock on while the vCPU stands stopped, so they say how much of
+        that figure is not the guest's work."""
+        runs = self.runs[way]
+        return self.stops[way][runs.index(min(runs))] if self.stops[way] else 0
 
     @property
     def ratio(self) -> float:

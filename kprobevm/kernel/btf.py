@@ -34,6 +34,7 @@ __all__ = [
     "cpu_number_location",
     "current_task_location",
     "percpu_location",
+    "top_of_stack_location",
 ]
 
 BTF_MAGIC = 0xEB9F
@@ -528,6 +529,15 @@ def cpu_number_location(syms: KernelSymbols | None, btf: Btf) -> CurrentTaskLoca
     """The per-CPU slot holding this CPU's number: ``pcpu_hot.cpu_number`` (6.2 moved it
     there, as 6.12 has it) or the ``cpu_number`` variable (6.1)."""
     return percpu_location(syms, btf, (("pcpu_hot", "cpu_number"), ("cpu_number", None)))
+
+
+def top_of_stack_location(syms: KernelSymbols | None, btf: Btf) -> CurrentTaskLocation:
+    """The per-CPU slot holding the end of ``current``'s entry ``pt_regs`` (its stack top
+    less the kernel's padding): ``pcpu_hot.top_of_stack`` (6.2+) or the
+    ``cpu_current_top_of_stack`` variable (6.1)."""
+    return percpu_location(
+        syms, btf, (("pcpu_hot", "top_of_stack"), ("cpu_current_top_of_stack", None))
+    )
 
 
 def percpu_location(

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeVMError, TaskWalkError
-from kprobevm.kernel.btf import Btf, BtfError, cpu_number_location, current_task_location
+from kprobevm.kernel.btf import (
+    Btf,
+    BtfError,
+    cpu_number_location,
+    current_task_location,
+    top_of_stack_location,
+)
 from kprobevm.x86.constants import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -61,6 +67,9 @@ class TaskLayout:
     exit_state: int
     cpu_number: int = 0
     """Offset of this CPU's number from the per-CPU base."""
+    top_of_stack: int = 0
+    """Offset from the per-CPU base of the end of ``current``'s entry ``pt_regs``
+    (0: this kernel's BTF does not say)."""
     task_list: TaskListLayout | None = None
     """How to walk every task and find its kernel stack (None: this BTF cannot say)."""
 
@@ -83,6 +92,7 @@ class TaskLayout:
             stack=field("stack"),
             exit_state=field("exit_state"),
             cpu_number=cpu_number_location(symbols, btf).offset,
+            top_of_stack=_top_of_stack(symbols, btf),
             task_list=TaskListLayout.build(symbols, btf),
         )
 
@@ -96,6 +106,15 @@ class TaskLayout:
 
     def pid_of(self, memory: GuestMemory, task: int) -> int:
         return memory.s32(task + self.pid)
+
+
+def _top_of_stack(symbols: KernelSymbols, btf: Btf) -> int:
+    """:attr:`TaskLayout.top_of_stack`, 0 when neither per-CPU slot is found (its user,
+    the record program's stack copy, says so)."""
+    try:
+        return top_of_stack_location(symbols, btf).offset
+    except BtfError:
+        return 0
 
 
 @dataclass(frozen=True)

@@ -749,6 +749,7 @@ _SOME_HELPERS = rec.CopyHelpers(
     copy_from_kernel=0xFFFFFFFF81000000, copy_from_user=0xFFFFFFFF81000100,
     strncpy_from_kernel=0xFFFFFFFF81000200, strncpy_from_user=0xFFFFFFFF81000300,
     cpu_number=0x1000, current_task=0x2000, task_pid=0x500, task_comm=0x700,
+    task_stack=0x20, top_of_stack=0x3000,
 )  # fmt: skip
 
 
@@ -815,9 +816,19 @@ def copy_helpers(
             task_size_max=split.task_size_max,
             thread_size=_thread_size(syms),
             task_stack=layout.stack,
+            top_of_stack=_top_of_stack(layout),
         )
     except KeyError as exc:
         raise KprobeError(f"recorded probes need the kernel symbol {exc}") from exc
+
+
+def _top_of_stack(layout: TaskLayout) -> int:
+    """:attr:`TaskLayout.top_of_stack`; when the kernel's BTF does not say, stack copies
+    from ``current``'s own stack take its whole entry ``pt_regs`` (said on stderr)."""
+    if not layout.top_of_stack:
+        log.warning("no per-CPU top_of_stack in the kernel's BTF: stack copies take the"
+                    " whole pt_regs at the top of current's stack")  # fmt: skip
+    return layout.top_of_stack
 
 
 def _thread_size(syms: KernelSymbols) -> int:

@@ -78,6 +78,13 @@ recorder sets the guest's own (:attr:`CopyHelpers.thread_size`)."""
 MAX_STACK_COPY = 4096
 KERNEL_HALF = 0xFF00000000000000
 """The lowest kernel address of either paging mode: a saved stack pointer is above it."""
+_ON_TASK_STACK = 1
+"""r15 between :func:`_stack_extent` and :func:`_stack_slices` when ``sp`` is on
+``current``'s own stack: never a saved stack pointer (0: none, else a kernel address)."""
+PT_REGS_SIZE = 8 * len(SNAPSHOT_REGS) + 8  # with orig_ax
+HARDWARE_FRAME = 8 * len(SNAPSHOT_REGS[SNAPSHOT_REGS.index("ip") :])
+"""The end of ``pt_regs`` the CPU pushes (ip, cs, flags, sp, ss): where a walk that
+reaches ``current``'s entry registers finds how the task entered (a user ``cs`` ends it)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +122,10 @@ class RecordLayout:
     stack_size: int = 0
     """Bytes of kernel stack copied after the captures, at most, in each of two slices:
     from ``sp`` to the top of its stack, and (on the IRQ stack) from the stack pointer
-    saved at that top to the top of the stack below. The record then has a size of its
-    own (see :func:`stack_slices`); 0: no stack."""
+    saved at that top to the top of the stack below. On ``current``'s own stack the
+    first stops at its entry ``pt_regs`` and the second is their hardware frame
+    (:attr:`CopyHelpers.top_of_stack`). The record then has a size of its own (see
+    :func:`stack_slices`); 0: no stack."""
     stack_block: int = STACK_BLOCK
     """The guest's stack size and alignment (its THREAD_SIZE)."""
 
@@ -202,6 +211,10 @@ class CopyHelpers:
     task_stack: int = 0
     """Offset of ``task_struct.stack`` (0: unknown). A stack copy from within
     ``current``'s own stack, which is mapped whole, is then a plain ``rep movsq``."""
+    top_of_stack: int = 0
+    """Per-CPU offset of the end of ``current``'s entry ``pt_regs`` (the kernel's
+    ``top_of_stack``; 0: unknown). A copy from ``current``'s own stack then stops at
+    those registers and takes only their hardware frame, all a walk reads of them."""
 
     def helper_for(self, cap: Capture, *, user: bool | None = None) -> int:
         """The copy ``cap`` goes through (``user`` overrides its space: a mixed read)."""
@@ -448,17 +461,27 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     then the program's to tell): r14 the first slice's length (``sp`` to the top of its
     stack, at most ``stack_size``); r15 the stack pointer saved at that top when the
     slice reaches it and it is a kernel address (the IRQ stack's link to the stack it
-    left), else 0; rbp the record's size. Callee-saved: they survive the copies."""
+    left), else 0, or :data:`_ON_TASK_STACK`; rbp the record's size. Callee-saved: they
+    survive the copies."""
     a, name, stack, block = s.a, f"{s.name}_stk", s.layout.stack_size, s.layout.stack_block
     a.lea("rsi", mem("rsp", _ENTRY_SP, disp32=True))  # the probed sp
-    if helpers.task_stack:
+    frame = _hardware_frame(s, helpers)
+    if helpers.top_of_stack:
+        # on current's stack: up to its entry pt_regs, whose hardware frame follows
+        _below_entry_regs(s, helpers, f"{name}_other")
+    elif helpers.task_stack:
         # on current's stack: to its top, and the top holds pt_regs, no link below
         _on_task_stack(s, helpers, f"{name}_other")
         a.mov("r14d", block)
         a.sub("r14", "rcx")
+    if helpers.top_of_stack or helpers.task_stack:
         _at_most(a, "r14", stack, f"{name}_task_len")
-        a.xor("r15d", "r15d")
-        a.jmp(f"{name}_size")
+        a.mov("r15d", _ON_TASK_STACK)
+        # r14 is a multiple of 8 (sp is aligned): the second slice is the hardware frame
+        # or a header alone
+        size = s.layout.fixed_size + 2 * CAPTURE_HEADER.size + frame
+        a.lea("rbp", mem("r14", size, disp32=True))
+        a.jmp(f"{name}_sized")
         a.label(f"{name}_other")
     a.mov("rax", "rsi")
     a.and_("rax", block - 1)
@@ -498,6 +521,31 @@ def _stack_extent(s: _Site, helpers: CopyHelpers) -> None:
     a.label(f"{name}_sized")
 
 
+def _hardware_frame(s: _Site, helpers: CopyHelpers) -> int:
+    """Bytes of the entry registers' hardware frame a copy from ``current``'s stack
+    takes as its second slice: all of it, or none (no ``top_of_stack``, or a copy size
+    that would cut it)."""
+    if helpers.top_of_stack and s.layout.stack_size >= HARDWARE_FRAME:
+        return HARDWARE_FRAME
+    return 0
+
+
+def _below_entry_regs(s: _Site, helpers: CopyHelpers, other: str) -> None:
+    """On to ``other`` unless rsi is an 8-byte aligned address in the stack block that
+    holds ``current``'s entry pt_regs, and below them; else r14 = the bytes from rsi to
+    them (all mapped: a copy cannot fault)."""
+    a = s.a
+    a.mov("rax", mem(disp=helpers.top_of_stack, seg="gs"))  # the entry pt_regs' end
+    a.lea("rcx", mem("rax", -1))
+    a.xor("rcx", "rsi")
+    a.cmp("rcx", s.layout.stack_block)
+    a.jcc("ae", other)  # another block: not current's stack
+    a.lea("r14", mem("rax", -PT_REGS_SIZE, disp32=True))
+    a.sub("r14", "rsi")
+    a.jcc("b", other)  # inside the registers (entry code)
+    a.test("esi", 7)
+    a.jcc("ne", other)
+
 
 def _at_most(a: asm.Assembler, reg: str, limit: int, label: str, *, set_to: str = "") -> None:
     """``reg = min(reg, limit)``, unsigned (``set_to``: the register written, when a
@@ -507,22 +555,60 @@ def _at_most(a: asm.Assembler, reg: str, limit: int, label: str, *, set_to: str 
     a.mov(set_to or reg, limit)
     a.label(label)
 
+
 def _stack_slices(s: _Site, helpers: CopyHelpers) -> None:
     """Both slices after the captures, each a header (address, status) and its bytes;
-    the second header follows the first slice's reservation (r14, aligned)."""
+    the second header follows the bytes the first slice holds (aligned)."""
     a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
     a.mov("rsi", _rec(REGS_OFFSET + 8 * SNAPSHOT_REGS.index("sp")))
     a.mov(_rec(at), "rsi")
-    _slice_copy(s, helpers, "rbx", at, f"{name}1")
-    below = at + CAPTURE_HEADER.size  # from rbp, the first slice's reservation past rbx
-    a.lea("rbp", mem("r14", 7))
+    if helpers.top_of_stack or helpers.task_stack:
+        _task_slice(s, helpers, f"{name}_not_task")
+    _slice_copy(s, helpers, "rbx", at, f"{name}1", maybe_task=False)
+    below = at + CAPTURE_HEADER.size  # from rbp, the first slice's bytes past rbx
+    a.mov("rbp", _rec(at + 8))  # its status: the bytes copied, or an error
+    a.test("rbp", "rbp")
+    a.jcc("ns", f"{name}_held")
+    a.xor("ebp", "ebp")
+    a.label(f"{name}_held")
+    a.add("rbp", 7)
     a.and_("rbp", -8)
     a.add("rbp", "rbx")
     a.mov(mem("rbp", below, size=8, disp32=True), "r15")
     a.mov("rax", -EFAULT)
     a.test("r15", "r15")
     a.jcc("e", f"{name}2_status")
-    _slice_copy(s, helpers, "rbp", below, f"{name}2")
+    _slice_copy(s, helpers, "rbp", below, f"{name}2", maybe_task=bool(helpers.task_stack))
+    a.label(f"{name}_done")
+
+
+def _task_slice(s: _Site, helpers: CopyHelpers, other: str) -> None:
+    """The first slice when :func:`_stack_extent` found ``sp`` (in rsi) on current's own
+    stack: r14 bytes in one ``rep movsq``, which cannot fault, and the second header
+    right after them: the entry registers' hardware frame (with ``top_of_stack``), else
+    none (no stack below); on to ``other`` if it did not."""
+    a, name, at = s.a, f"{s.name}_stk", s.layout.fixed_size
+    a.cmp("r15", _ON_TASK_STACK)
+    a.jcc("ne", other)
+    a.mov(_rec(at + 8), "r14")
+    a.lea("rdi", _rec(at + CAPTURE_HEADER.size))
+    a.mov("rcx", "r14")
+    a.shr("rcx", 3)
+    a.rep_movsq()
+    frame = _hardware_frame(s, helpers)
+    if frame:  # rdi: the second header
+        a.mov("rax", mem(disp=helpers.top_of_stack, seg="gs"))
+        a.lea("rsi", mem("rax", -frame))
+        a.mov(mem("rdi", 0, size=8), "rsi")
+        a.mov(mem("rdi", 8, size=8), frame)
+        a.add("rdi", CAPTURE_HEADER.size)
+        a.mov("ecx", frame // 8)
+        a.rep_movsq()
+    else:
+        a.mov(mem("rdi", 0, size=8), 0)
+        a.mov(mem("rdi", 8, size=8), -EFAULT)
+    a.jmp(f"{name}_done")
+    a.label(other)
 
 
 def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
@@ -539,24 +625,24 @@ def _on_task_stack(s: _Site, helpers: CopyHelpers, other: str) -> None:
     a.jcc("ne", other)
 
 
-def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -> None:
+def _slice_copy(
+    s: _Site, helpers: CopyHelpers, base: str, at: int, name: str, *, maybe_task: bool
+) -> None:
     """Copy the stack from the address in the header at ``base + at`` to the top of its
     block, at most ``stack_size`` bytes; where that faults (a stack not aligned so), to
-    the end of the page. The header's status: the bytes copied, or the copy's error."""
+    the end of the page. The header's status: the bytes copied, or the copy's error.
+    ``maybe_task``: the address may be on current's own stack (a plain copy then)."""
     a, stack = s.a, s.layout.stack_size
 
     def field(offset: int) -> asm.Mem:
         return mem(base, at + offset, size=8, disp32=True)
 
-    if helpers.task_stack:
+    if maybe_task:
         a.mov("rsi", field(0))
         _on_task_stack(s, helpers, f"{name}_other")
         a.mov("edx", s.layout.stack_block)
         a.sub("rdx", "rcx")  # bytes to the top
-        a.cmp("rdx", stack)
-        a.jcc("be", f"{name}_task_len")
-        a.mov("edx", stack)
-        a.label(f"{name}_task_len")
+        _at_most(a, "rdx", stack, f"{name}_task_len", set_to="edx")
         a.mov(field(8), "rdx")
         a.lea("rdi", mem(base, at + CAPTURE_HEADER.size, disp32=True))
         a.mov("rcx", "rdx")
@@ -572,10 +658,7 @@ def _slice_copy(s: _Site, helpers: CopyHelpers, base: str, at: int, name: str) -
         a.and_("rax", block - 1)
         a.mov("edx", block)
         a.sub("rdx", "rax")  # bytes to the block's end
-        a.cmp("rdx", stack)
-        a.jcc("be", f"{name}_len{try_}")
-        a.mov("edx", stack)
-        a.label(f"{name}_len{try_}")
+        _at_most(a, "rdx", stack, f"{name}_len{try_}", set_to="edx")
         a.mov(field(8), "rdx")  # kept across the call
         a.call(helpers.copy_from_kernel)
         a.test("rax", "rax")
@@ -616,14 +699,16 @@ def check_program_fits(code: bytes, size: int, where: str) -> None:
 
 def stack_slices(raw: bytes, layout: RecordLayout) -> list[tuple[int, int, bytes]]:
     """The stack slices of one record: (address, status, bytes) of the copy from ``sp``,
-    then of the copy from the stack below (address 0 and -EFAULT when there is none).
-    The second slice's header follows the first's reservation, which ``sp`` decides."""
+    then of the copy from the stack below, or of the hardware frame of ``current``'s
+    entry registers (address 0 and -EFAULT when there is neither). The second slice's
+    header follows the bytes the first holds."""
     out = []
     at = layout.fixed_size
     for _ in range(2):
         address, status = CAPTURE_HEADER.unpack_from(raw, at)
         reserved = layout.stack_copy_length(address) if address else 0
         start = at + CAPTURE_HEADER.size
-        out.append((address, status, raw[start : start + max(0, min(status, reserved))]))
-        at = start + _align8(reserved)
+        data = raw[start : start + max(0, min(status, reserved))]
+        out.append((address, status, data))
+        at = start + _align8(len(data))
     return out
