@@ -337,11 +337,9 @@ def test_a_stack_copying_program_listing_assembles_to_its_bytes() -> None:
         assert gas_text(program.listing) == program.code
 
 
-def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
-    # task_struct.stack (at TASK + 0x30) is the 16 KiB stack under STACK: the copy needs
-    # no fault-tolerant helper, and the top (pt_regs' ss there) is never read as a link
-    layout = RecordLayout((), 512)
-    helpers = replace(HELPER_ADDRS, task_stack=0x30)
+def _on_task_stack(layout: RecordLayout, helpers: CopyHelpers) -> tuple[Machine, bytes]:
+    """A machine running ``layout``'s program with current's 16 KiB stack under STACK
+    (``task_struct.stack`` at TASK + 0x30): the machine and the program's code."""
     code = rec.build_record_program(
         PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
         helpers=helpers, cont=CONT,
@@ -349,6 +347,14 @@ def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
     m, _ = _machine(layout)
     m.write(PROGRAM, code)
     m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    return m, code
+
+
+def test_a_stack_copy_from_the_current_task_stack_is_a_plain_copy() -> None:
+    # task_struct.stack (at TASK + 0x30) is the 16 KiB stack under STACK: the copy needs
+    # no fault-tolerant helper, and the top (pt_regs' ss there) is never read as a link
+    layout = RecordLayout((), 512)
+    m, code = _on_task_stack(layout, replace(HELPER_ADDRS, task_stack=0x30))
     m.write(STACK - 0x100, bytes(range(248)) + struct.pack("<Q", 0x18))
     run = _run(m, len(code))
     _untouched(run)
@@ -371,13 +377,7 @@ def _task_stack_run(
     """A hit 0x100 below the top of current's stack (``task_struct.stack`` at TASK +
     0x30, the per-CPU ``top_of_stack`` at PERCPU + 0x50 holding ``regs_end``): the run,
     the instructions the program executed, and the record's size."""
-    code = rec.build_record_program(
-        PROGRAM, probes=((PROBE_ID, layout),), probe_ip=PROBE_IP, ring=RING_LAYOUT,
-        helpers=helpers, cont=CONT,
-    ).code  # fmt: skip
-    m, _ = _machine(layout)
-    m.write(PROGRAM, code)
-    m.write(TASK + 0x30, struct.pack("<Q", STACK - 0x4000))
+    m, code = _on_task_stack(layout, helpers)
     m.write(PERCPU + 0x50, struct.pack("<Q", regs_end))
     m.write(STACK - 0x100, bytes(range(256)))
     count = [0]
