@@ -10,7 +10,7 @@ import pytest
 
 from kprobevm.errors import ProbeRefused
 from kprobevm.guest.vm import VM
-from kprobevm.kprobes.aggregations import AggregateProbe, Aggregation, Bucket
+from kprobevm.kprobes.aggregations import AggregateProbe, Aggregation, Bucket, MapKey
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.maps import format_map
@@ -118,7 +118,7 @@ def test_snapshots_while_the_guest_runs_only_grow(vm: VM, kprobes: ProbeSession)
     m = kprobes.count_by("vfs_read", "comm")
     vm.run("(dd if=/dev/zero of=/dev/null bs=1 count=200000 2>/dev/null &)", check=True)
     seen: list[int] = []
-    last: dict[str | int | None, int] = {}
+    last: dict[MapKey, int] = {}
     # by the clock, not a number of reads: a read through shared RAM takes microseconds
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not seen or seen[-1] < 200000):
