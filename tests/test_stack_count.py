@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kprobevm.guest.vm import VM
-from kprobevm.kprobes.aggregations import StackKey
+from kprobevm.kprobes.aggregations import AggregateProbe, StackKey
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.kernel_rules import kernel_rules
 from kprobevm.tracing.maps import stack_frames
@@ -23,14 +23,15 @@ EDGE = 24
 opens while one side's window is open and the other's is not (the guest's is opened and
 closed by commands of their own; a command's SSH traffic is some 10-20 reads)."""
 
+DD = "dd if=/dev/zero of=/dev/null bs=1 count=2000 2>/dev/null"
+
 
 def check_against_the_guests_hist(
-    vm: VM, kprobes: ProbeSession, function: str, command: str, hits: int
+    vm: VM, m: AggregateProbe, function: str, command: str, hits: int
 ) -> dict[tuple[str, ...], tuple[int, int]]:
-    """Count ``function``'s hits by stack in the guest, and the guest's own hist trigger
-    on the same function at the same time, over ``command``; compare stack by stack.
-    Returns {callers: (ours, theirs)}."""
-    m = kprobes.count_by(function, "stack")
+    """``m`` counts ``function``'s hits by stack in the guest; with the guest's own hist
+    trigger on the same function at the same time, run ``command`` and compare stack by
+    stack. Returns {callers: (ours, theirs)}."""
     hist = GuestHist(vm, function)
     hist.start()
     try:
@@ -59,16 +60,16 @@ def check_against_the_guests_hist(
 
 
 def test_vfs_read_stacks_are_the_guests(vm: VM, kprobes: ProbeSession) -> None:
-    both = check_against_the_guests_hist(
-        vm, kprobes, "vfs_read", "dd if=/dev/zero of=/dev/null bs=1 count=2000 2>/dev/null", 2000
-    )
+    m = kprobes.count_by("vfs_read", "stack")
+    both = check_against_the_guests_hist(vm, m, "vfs_read", DD, 2000)
     top = max(both, key=lambda c: both[c][0])
     assert top[0].startswith("ksys_read+") and top[-1].startswith("entry_SYSCALL_64"), top
 
 
 def test_do_sys_openat2_stacks_are_the_guests(vm: VM, kprobes: ProbeSession) -> None:
+    m = kprobes.count_by("do_sys_openat2", "stack")
     both = check_against_the_guests_hist(
-        vm, kprobes, "do_sys_openat2", "i=0; while [ $i -lt 500 ]; do : </dev/null;"
+        vm, m, "do_sys_openat2", "i=0; while [ $i -lt 500 ]; do : </dev/null;"
         " i=$((i+1)); done", 500,
     )  # fmt: skip
     top = max(both, key=lambda c: both[c][0])
