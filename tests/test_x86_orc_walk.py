@@ -225,13 +225,12 @@ def test_deeper_than_the_key_is_cut() -> None:
     assert key.cut == ow.CUT_DEPTH and error is not None and "more than 2" in error
 
 
-def test_irq_stack_to_the_task_stack() -> None:
-    """hrtimer-like: two frames on the IRQ stack, the switch back to the task stack saved
-    at the IRQ stack's top (SP_INDIRECT), the interrupt's pt_regs from kernel mode, then
-    the interrupted function's callers, then user mode."""
+def _irq_kernel() -> tuple[Kernel, int, dict[str, int]]:
+    """The syscall kernel, and an hrtimer-like interrupt of ksys_read: two frames on the
+    IRQ stack, the switch back to the task stack saved at the IRQ stack's top
+    (SP_INDIRECT), the interrupt's pt_regs from kernel mode on the task stack."""
     k, _, _ = _syscall_kernel(SIGNAL_FORMAT)
     f_handler, f_sysvec, f_asm = TEXT + 0x2400, TEXT + 0x2800, TEXT + 0x2C00
-    f_interrupted = TEXT + 0x1400 + 0x30  # inside ksys_read, at its bp frame
     k.entry(f_handler, SP, 8)
     k.entry(f_sysvec, SP, 8)
     k.entry(f_sysvec + 0x10, SP_INDIRECT, 8)  # on the IRQ stack: the old sp at [sp]
@@ -239,23 +238,46 @@ def test_irq_stack_to_the_task_stack() -> None:
     k.entry(f_asm, SP, 0, kind=REGS)  # asm_sysvec_*: pt_regs at sp
     k.entry(f_asm + 0x40, SP, 8)
     ksys_sp = TASK_STACK + SIZE - 168 - 40 - 16
-    # the interrupt's pt_regs below ksys_read's frame, on the task stack
-    irq_regs = ksys_sp - 0x100
-    k.words[irq_regs + 128] = f_interrupted
+    irq_regs = ksys_sp - 0x400  # below ksys_read's frame (and below what a hit there pushes)
+    k.words[irq_regs + 128] = INTERRUPTED
     k.words[irq_regs + 136] = KERNEL_CS
     k.words[irq_regs + 152] = ksys_sp - 8  # (vfs_read returned: ksys_read's sp)
     k.words[irq_regs + 32] = ksys_sp
     k.words[irq_regs - 8] = f_asm + 0x10  # asm_sysvec's call of sysvec
     irq_top = IRQ_STACK + SIZE - 8
     k.words[irq_top] = irq_regs - 8  # the stack switch saved the task's sp at the top
-    k.words[irq_top - 8] = f_sysvec + 0x30  # sysvec's call of the handler, on the IRQ stack
-    probe_sp = irq_top - 8
-    key, host, error = _walk(k, {"rsp": probe_sp, "rbp": 0}, f_handler)
+    k.words[irq_top - 8] = f_sysvec + 0x30  # sysvec's call of the handler
+    return k, f_handler, {"rsp": irq_top - 8, "rbp": 0}
+
+
+INTERRUPTED = TEXT + 0x1400 + 0x30  # inside ksys_read, at its bp frame
+IRQ_STACK_FRAMES = [TEXT + 0x2801, TEXT + 0x2830, TEXT + 0x2C10, INTERRUPTED, TEXT + 0x2040,
+                    TEXT + 0x3020]  # fmt: skip
+
+
+def test_irq_stack_to_the_task_stack() -> None:
+    k, probe, regs = _irq_kernel()
+    key, host, error = _walk(k, regs, probe)
     assert error is None, error
-    assert list(key.frames) == host
-    assert host == [f_handler + 1, f_sysvec + 0x30, f_asm + 0x10, f_interrupted,
-                    TEXT + 0x2040, TEXT + 0x3020]  # fmt: skip
+    assert list(key.frames) == host == [probe + 1, *IRQ_STACK_FRAMES[1:]]
     assert key.cut == 0
+
+
+def test_stacks_of_two_depths_in_one_map() -> None:
+    """A deep stack, a shallow one, the deep one again: two keys, counted 2 and 1 (the
+    shallow key's words past its frames are never compared with the deep one's)."""
+    k, irq_probe, irq_regs = _irq_kernel()
+    _, _, regs = _syscall_kernel(SIGNAL_FORMAT)
+    m, layout, n, _ = _machine(k, 16, irq_probe)
+    for hit in (irq_regs, regs, irq_regs):
+        _hit(m, n, hit)
+    raw = m.read(MAP, layout.size)
+    counts = {tuple(key.frames): c for key, c in decode_map(layout, raw, raw).counts
+              if isinstance(key, StackKey) and not key.cut}  # fmt: skip
+    assert counts == {
+        (irq_probe + 1, *IRQ_STACK_FRAMES[1:]): 2,
+        (irq_probe + 1, TEXT + 0x1430, TEXT + 0x2040, TEXT + 0x3020): 1,
+    }
 
 
 def test_a_module_return_address_ends_the_walk_kept() -> None:

@@ -273,11 +273,16 @@ def _hash_update(a: asm.Assembler, layout: MapLayout, helpers: CopyHelpers) -> N
 
 
 def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
-    """Count the hit at the key the walk built (its words hashed, compared and copied one
-    by one; the key before ``used``, as for pid and comm)."""
+    """Count the hit at the key the walk built (its words in use hashed, compared and
+    copied one by one; the key before ``used``, as for pid and comm)."""
     words, size, body = layout.key_words, layout.entry_size, layout.body
     key = HEADER_SIZE + WALK_SCRATCH
     used, count = body + 8 * words, body + 8 * words + 8
+    # only the words in use: the frame count (in word 0) and the frames; the words past
+    # them are zero in every entry (a map starts zeroed) and never read
+    a.mov("r10", mem("rbx", key, disp32=True))
+    a.and_("r10d", 0xFF)
+    a.inc("r10d")
     a.xor("edi", "edi")
     a.xor("ecx", "ecx")
     a.movabs("r8", _GOLDEN)
@@ -285,7 +290,7 @@ def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
     a.xor("rdi", mem("rbx", key, "rcx", 8, disp32=True))
     a.imul("rdi", "r8")
     a.inc("ecx")
-    a.cmp("ecx", words)
+    a.cmp("ecx", "r10d")
     a.jcc("b", "s_hash")
     a.shr("rdi", 64 - (layout.entries.bit_length() - 1))  # the first entry to look at
     a.mov("r9d", layout.entries)  # at most every entry once
@@ -301,7 +306,7 @@ def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
     a.cmp(mem("rsi", body, "rcx", 8, disp32=True), "rax")
     a.jcc("ne", "s_next")
     a.inc("ecx")
-    a.cmp("ecx", words)
+    a.cmp("ecx", "r10d")
     a.jcc("b", "s_compare")
     a.inc(mem("rsi", count, size=8, disp32=True))
     a.jmp("counted")
@@ -320,7 +325,7 @@ def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
     a.mov("rax", mem("rbx", key, "rcx", 8, disp32=True))
     a.mov(mem("rsi", body, "rcx", 8, disp32=True), "rax")
     a.inc("ecx")
-    a.cmp("ecx", words)
+    a.cmp("ecx", "r10d")
     a.jcc("b", "s_copy")
     a.mov(mem("rsi", count, size=8, disp32=True), 1)
     a.mov(mem("rsi", used, size=8, disp32=True), 1)  # last: the key is whole before it

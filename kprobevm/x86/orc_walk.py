@@ -18,8 +18,8 @@ bounds, a base register or frame type the walker does not take, a stack going th
 way, or more frames than the key holds. Nothing is guessed.
 
 The key is ``1 + depth`` u64 words: word 0 is the number of frames (bits 0-7) and the
-reason the walk ended (bits 8-15, 0: the stack's end), then the frames, zero past the
-last one.
+reason the walk ended (bits 8-15, 0: the stack's end), then the frames; the words past
+the last frame are not written (a map entry's are zero).
 """
 
 from __future__ import annotations
@@ -134,15 +134,10 @@ class _Walk:
         return mem("rbx", self.scratch + offset, disp32=True)
 
     def start(self, probe_ip: int) -> None:
-        """The two stacks' bounds, the key cleared, frame 0 and the hit's registers."""
+        """The two stacks' bounds, frame 0 and the hit's registers. (The key's words past
+        its frames are left as they are: nothing reads them.)"""
         a, t = self.a, self.t
         a.mov(self._s(_RSP), "rsp")  # a cut from any call depth comes back to it
-        a.xor("eax", "eax")
-        a.mov("ecx", self.depth)
-        a.label("w_clear")  # frames depth..1 (word 0 is written last)
-        a.mov(mem("rbx", self.key, "rcx", 8, disp32=True), "rax")
-        a.dec("ecx")
-        a.jcc("ne", "w_clear")
         a.mov("rax", mem(disp=t.current_task, seg="gs"))
         a.mov("rax", mem("rax", t.task_stack, disp32=True))
         a.mov(self._s(_TASK_LO), "rax")
