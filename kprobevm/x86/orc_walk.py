@@ -4,7 +4,8 @@ The aggregate program (:mod:`kprobevm.x86.aggregate`) emits this walk for ``coun
 stack``. It follows the same rules as the host's unwinder (:mod:`kprobevm.x86.unwind_orc`,
 after the kernel's ``unwind_orc.c``), over the guest kernel's own tables in its memory:
 ``.orc_unwind_ip`` and ``.orc_unwind``, with ``orc_lookup`` (filled at boot) narrowing the
-binary search for core text, and the whole table searched for init text. The first frame
+binary search for core text, and the whole table searched for init text; each CPU keeps
+the entries it decoded in a small cache (the tables never change). The first frame
 is the probe's address + 1 (``regs->ip`` as a kprobe handler sees it), then one return
 address per CALL frame; a ``pt_regs`` (REGS) or iret frame (REGS_PARTIAL) is crossed as
 the kernel crosses it, and one with a user ``cs`` ends the walk.
@@ -39,9 +40,12 @@ __all__ = [
 
 MAX_DEPTH = 64
 """The most frames a stack key holds (bits 0-7 of its first word count them)."""
-WALK_SCRATCH = 64
-"""Bytes of a CPU's map region the walk keeps its bounds and lookup state in."""
-_TASK_LO, _IRQ_LO, _LOOKUP, _OFFSETS, _BITS, _RSP = 0, 8, 16, 24, 32, 40
+CACHE_SLOTS = 64
+"""Entries a CPU's lookup cache holds: an address's entry, as the walk decoded it."""
+WALK_SCRATCH = 64 + 16 * CACHE_SLOTS
+"""Bytes of a CPU's map region the walk keeps its bounds, lookup state and cache in."""
+_TASK_LO, _IRQ_LO, _LOOKUP, _OFFSETS, _BITS, _RSP, _SLOT, _CACHE = 0, 8, 16, 24, 32, 40, 48, 64
+_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing's multiplier (2**64 / phi)
 _ENTRY_SP = 8 * 16  # the probed sp above the 15 pushed registers and the flags
 _KERNEL_HALF = 0xFF00000000000000  # the lowest kernel address of either paging mode
 _MASK64 = (1 << 64) - 1
@@ -168,6 +172,21 @@ class _Walk:
         a.dec("rdi")
         a.label("w_exact")
         a.mov(self._s(_LOOKUP), "rdi")
+        # the cache first: an address looked up before has its entry decoded there
+        a.movabs("rax", _GOLDEN)
+        a.imul("rax", "rdi")
+        a.shr("rax", 64 - (CACHE_SLOTS.bit_length() - 1))
+        a.shl("eax", 4)
+        a.lea("rsi", mem("rbx", self.scratch + _CACHE, "rax", disp32=True))
+        a.mov(self._s(_SLOT), "rsi")
+        a.cmp(mem("rsi", 0), "rdi")
+        a.jcc("ne", "w_search_table")
+        a.mov("rax", mem("rsi", 8))  # the offsets, and the bits in the high half
+        a.mov(self._s(_OFFSETS), "rax")
+        a.shr("rax", 32)
+        a.mov(self._s(_BITS), "rax")
+        a.jmp("w_have_bits")
+        a.label("w_search_table")
         a.movabs("rax", t.text[0])
         a.mov("rcx", "rdi")
         a.sub("rcx", "rax")
@@ -265,6 +284,16 @@ class _Walk:
             a.or_("eax", 0x10000)
             a.label("w_nosignal")
         a.mov(self._s(_BITS), "rax")
+        # into the cache: the ORC tables of vmlinux never change while the kernel runs
+        a.mov("rsi", self._s(_SLOT))
+        a.mov("rcx", self._s(_LOOKUP))
+        a.mov(mem("rsi", 0), "rcx")
+        a.mov("ecx", mem("rbx", self.scratch + _OFFSETS, disp32=True))
+        a.mov("rdx", "rax")
+        a.shl("rdx", 32)
+        a.or_("rdx", "rcx")
+        a.mov(mem("rsi", 8), "rdx")
+        a.label("w_have_bits")
 
     def cfa(self) -> None:
         """rdx: the caller's stack pointer, from the entry's base register and offset."""
