@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kprobevm.kernel.orc import END_FORMAT, SIGNAL_FORMAT, OrcFormat, OrcTable
+from kprobevm.kernel.orc import END_FORMAT, OLD_FORMAT, SIGNAL_FORMAT, OrcFormat, OrcTable
 from kprobevm.kprobes.aggregations import Aggregation, StackKey, decode_map
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86 import orc_walk as ow
 from kprobevm.x86.orc_walk import OrcWalkTables
 from kprobevm.x86.unwind_orc import unwind
+from tests._gas import gas_text, needs_gas
 from tests._x86_unicorn import GPRS, Machine, unicorn
 from tests.test_x86_record import (
     CONT,
@@ -87,18 +88,25 @@ def _lookup_table(ips: list[int]) -> list[int]:
     return [max(0, bisect.bisect_right(ips, TEXT + 256 * i) - 1) for i in range(blocks)]
 
 
-def _machine(k: Kernel, depth: int, probe: int) -> tuple[Machine, agg.MapLayout, int, OrcTable]:
-    ips, raw = k.tables()
-    lookup = _lookup_table(ips)
-    ip_table, entries = TABLES, TABLES + 0x10000
-    lookup_at = TABLES + 0x20000
-    t = OrcWalkTables(
-        text=(TEXT, TEXT + TEXT_SIZE), init_text=(INIT, INIT + INIT_SIZE), ip_table=ip_table,
-        entries=entries, count=len(ips), lookup=lookup_at, lookup_blocks=len(lookup),
+IP_TABLE, ENTRIES, LOOKUP = TABLES, TABLES + 0x10000, TABLES + 0x20000
+
+
+def _tables(k: Kernel) -> OrcWalkTables:
+    ips, _ = k.tables()
+    return OrcWalkTables(
+        text=(TEXT, TEXT + TEXT_SIZE), init_text=(INIT, INIT + INIT_SIZE), ip_table=IP_TABLE,
+        entries=ENTRIES, count=len(ips), lookup=LOOKUP, lookup_blocks=len(_lookup_table(ips)),
         signal_bit=k.fmt.signal_bit, indirect_offset_after=k.fmt.indirect_offset_after,
         thread_size=SIZE, task_stack=TASK_STACK_AT, irq_stack_ptr=IRQ_PTR_AT,
         current_task=HELPER_ADDRS.current_task,
     )  # fmt: skip
+
+
+def _machine(k: Kernel, depth: int, probe: int) -> tuple[Machine, agg.MapLayout, int, OrcTable]:
+    ips, raw = k.tables()
+    lookup = _lookup_table(ips)
+    ip_table, entries, lookup_at = IP_TABLE, ENTRIES, LOOKUP
+    t = _tables(k)
     layout = Aggregation(by="stack", depth=depth, walk=t, entries=64).layout(MAP, NCPUS)
     code = agg.build_aggregate_program(
         PROGRAM, probe_id=PROBE_ID, layout=layout, field=None, ring=RING_LAYOUT,
@@ -209,7 +217,8 @@ def _syscall_kernel(fmt: OrcFormat) -> tuple[Kernel, int, dict[str, int]]:
     return k, f_read, {"rsp": probe_sp, "rbp": ksys_sp}
 
 
-@pytest.mark.parametrize("fmt", [SIGNAL_FORMAT, END_FORMAT], ids=["6.4+", "5.12-6.3"])
+@pytest.mark.parametrize("fmt", [SIGNAL_FORMAT, END_FORMAT, OLD_FORMAT],
+                         ids=["6.4+", "5.12-6.3", "before-5.12"])  # fmt: skip
 def test_syscall_stack_is_the_hosts(fmt: OrcFormat) -> None:
     k, probe, regs = _syscall_kernel(fmt)
     key, host, error = _walk(k, regs, probe)
@@ -225,11 +234,11 @@ def test_deeper_than_the_key_is_cut() -> None:
     assert key.cut == ow.CUT_DEPTH and error is not None and "more than 2" in error
 
 
-def _irq_kernel() -> tuple[Kernel, int, dict[str, int]]:
+def _irq_kernel(fmt: OrcFormat = SIGNAL_FORMAT) -> tuple[Kernel, int, dict[str, int]]:
     """The syscall kernel, and an hrtimer-like interrupt of ksys_read: two frames on the
     IRQ stack, the switch back to the task stack saved at the IRQ stack's top
     (SP_INDIRECT), the interrupt's pt_regs from kernel mode on the task stack."""
-    k, _, _ = _syscall_kernel(SIGNAL_FORMAT)
+    k, _, _ = _syscall_kernel(fmt)
     f_handler, f_sysvec, f_asm = TEXT + 0x2400, TEXT + 0x2800, TEXT + 0x2C00
     k.entry(f_handler, SP, 8)
     k.entry(f_sysvec, SP, 8)
@@ -255,8 +264,9 @@ IRQ_STACK_FRAMES = [TEXT + 0x2801, TEXT + 0x2830, TEXT + 0x2C10, INTERRUPTED, TE
                     TEXT + 0x3020]  # fmt: skip
 
 
-def test_irq_stack_to_the_task_stack() -> None:
-    k, probe, regs = _irq_kernel()
+@pytest.mark.parametrize("fmt", [SIGNAL_FORMAT, END_FORMAT], ids=["6.4+", "5.12-6.3"])
+def test_irq_stack_to_the_task_stack(fmt: OrcFormat) -> None:
+    k, probe, regs = _irq_kernel(fmt)
     key, host, error = _walk(k, regs, probe)
     assert error is None, error
     assert list(key.frames) == host == [probe + 1, *IRQ_STACK_FRAMES[1:]]
@@ -304,3 +314,17 @@ def test_an_undefined_entry_cuts() -> None:
     key, host, error = _walk(k, regs, probe)
     assert key.cut == ow.CUT_NO_ORC and error is not None and "undefined" in error
     assert list(key.frames) == host == [probe + 1, TEXT + 0x1430]
+
+
+@needs_gas
+@pytest.mark.parametrize("fmt", [SIGNAL_FORMAT, END_FORMAT, OLD_FORMAT],
+                         ids=["6.4+", "5.12-6.3", "before-5.12"])  # fmt: skip
+def test_listing_assembles_to_the_program(fmt: OrcFormat) -> None:
+    k, probe, _ = _syscall_kernel(fmt)
+    t = _tables(k)
+    layout = Aggregation(by="stack", depth=16, walk=t, entries=64).layout(MAP, NCPUS)
+    built = agg.build_aggregate_program(
+        PROGRAM, probe_id=PROBE_ID, layout=layout, field=None, ring=RING_LAYOUT,
+        helpers=HELPER_ADDRS, cont=CONT, walk=t, probe_ip=probe,
+    )  # fmt: skip
+    assert gas_text(built.listing) == built.code
