@@ -8,6 +8,7 @@ kernel's version, and the per-CPU and ``task_struct`` offsets that bound the sta
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import KprobeError
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from kprobevm.kernel.tasks import TaskLayout
 
 __all__ = ["orc_walk_tables"]
+
+log = logging.getLogger(__name__)
 
 _SYMBOLS = (
     "_stext", "_etext", "_sinittext", "_einittext", "__start_orc_unwind_ip",
@@ -50,6 +53,15 @@ def orc_walk_tables(
     except BtfError as exc:
         raise KprobeError(f"a count by stack needs the IRQ stack's per-CPU pointer: {exc}") from exc
     s = {name: symbols[name] for name in _SYMBOLS}
+    # orc_lookup is filled by the kernel at boot (unwind_init), which sets orc_init last;
+    # a kernel whose tables failed its checks leaves it false, and so the lookup unfilled
+    ready = symbols.get("orc_init")
+    if ready is None:
+        log.warning("kallsyms has no orc_init: whether the kernel filled orc_lookup at boot"
+                    " is not checked")  # fmt: skip
+    elif not read(ready, 1)[0]:
+        raise KprobeError("the guest kernel disabled its ORC unwinder at boot (orc_init is"
+                          " false): its orc_lookup table is not filled")  # fmt: skip
     banner = read(symbols["linux_banner"], 256).split(b"\0", 1)[0].decode("ascii", "replace")
     fmt = orc_format(banner_version(banner))
     count = (s["__stop_orc_unwind_ip"] - s["__start_orc_unwind_ip"]) // 4
