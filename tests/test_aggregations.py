@@ -140,8 +140,10 @@ def test_bad_input_is_refused_with_nothing_placed(vm: VM) -> None:
         vm.hist("p:s do_sys_openat2 name=+0(%si):ustring", "name")
     with pytest.raises(ProbeRefused, match="entry probes only"):
         vm.count_by("r:rr vfs_read", "comm")
-    with pytest.raises(ValueError, match="one of comm, pid, cpu"):
-        vm.count_by("vfs_read", "stack")
+    with pytest.raises(ValueError, match="one of comm, pid, cpu, stack"):
+        vm.count_by("vfs_read", "tid")
+    with pytest.raises(ValueError, match="a stack key of 65 frames: 1..64"):
+        vm.count_by("vfs_read", "stack", depth=65)
     with pytest.raises(ValueError, match="min < max"):
         vm.hist(READ_EVENT, "count", linear=(10, 0, 1))
     assert vm.list_kprobes() == before
