@@ -121,3 +121,14 @@ def test_stacks_printed_as_bpftrace_prints_kstack() -> None:
         ["vfs_read+1", "vp_notify+18"], "module virtio_pci: its frames are not walked")
     data = StackKey((0xFFFFFFFF81100001, 0xFFFFFFFF81100408), CUT_OUTSIDE)
     assert stack_frames(data, syms) == (["vfs_read+1"], None)
+
+
+def test_a_stack_map_as_json() -> None:
+    """Without symbols a stack key is its addresses and why it was cut, if it was."""
+    snap = MapSnapshot(kind="count", by="stack", counts=(
+        (StackKey((0xFFFFFFFF81100001,), CUT_DEPTH), 2), (StackKey((0x10, 0x20)), 5)))
+    assert map_json("vfs_read", snap)["counts"] == [
+        {"key": {"stack": ["0xffffffff81100001"], "cut": "deeper than the key's frames"},
+         "count": 2},
+        {"key": {"stack": ["0x10", "0x20"], "cut": None}, "count": 5},
+    ]  # fmt: skip

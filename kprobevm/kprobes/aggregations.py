@@ -152,7 +152,8 @@ class MapSnapshot:
     """A map as read at one moment, summed over CPUs.
 
     ``counts``: (key, hits) of a count, ascending by hits as bpftrace prints them
-    (key ``None`` for a count with no key); ``buckets``: a histogram's, in value order.
+    (key ``None`` for a count with no key, a :class:`StackKey` for a count by stack);
+    ``buckets``: a histogram's, in value order.
     ``dropped``: hits with a new key after a CPU's table was full; ``faults``: hits whose
     field could not be read; ``keys``/``capacity``: keys held, and the most a table
     takes, per CPU (max over CPUs).

@@ -225,11 +225,18 @@ def format_map(name: str, snap: MapSnapshot) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_key(key: object) -> object:
+    """A key as JSON: a stack as its addresses (hex, innermost first) and why it was cut."""
+    if isinstance(key, StackKey):
+        return {"stack": [f"0x{f:x}" for f in key.frames], "cut": key.reason or None}
+    return key
+
+
 def map_json(name: str, snap: MapSnapshot) -> dict[str, Any]:
     """The snapshot as one JSON object (stable field names)."""
     out: dict[str, Any] = {"map": name, "kind": snap.kind, "by": snap.by}
     if snap.kind == "count":
-        out["counts"] = [{"key": k, "count": n} for k, n in snap.counts]
+        out["counts"] = [{"key": _json_key(k), "count": n} for k, n in snap.counts]
     else:
         out["buckets"] = [{"lo": b.lo, "hi": b.hi, "count": b.count}
                           for b in snap.buckets if b.count]  # fmt: skip
