@@ -247,8 +247,9 @@ def test_funclatency_on_every_vcpu(variant: Variant) -> None:
 
 
 def test_stack_counts_are_the_guests_hist(variant: Variant) -> None:
-    """count --by stack on vfs_read under dd, against the guest's own hist trigger keyed
-    by its stack (each kernel's key name, frames and ORC layout), the text as it was."""
+    """count --by stack on vfs_read under dd and on hrtimer_interrupt over a second,
+    against the guest's own hist trigger keyed by its stack (each kernel's key name,
+    frames, ORC layout and IRQ stack pointer), the text as it was."""
     vm = variant.vm
     addr, size = variant.text["vfs_read"][0], vm.symbols.size("vfs_read")
     before = vm.read(addr, size)
@@ -256,6 +257,12 @@ def test_stack_counts_are_the_guests_hist(variant: Variant) -> None:
         both = check_against_the_guests_hist(vm, m, "vfs_read", DD, 2000)
     assert max(both.values())[0] >= 2000
     assert vm.read(addr, size) == before
+    timer = vm.symbols["hrtimer_interrupt"]
+    before = vm.read(timer, 64)
+    with vm.count_by("hrtimer_interrupt", "stack") as m:
+        both = check_against_the_guests_hist(vm, m, "hrtimer_interrupt", "sleep 1", 5)
+    assert any("asm_sysvec_apic_timer_interrupt" in f for c in both for f in c), both
+    assert vm.read(timer, 64) == before
 
 
 @dataclass
