@@ -69,9 +69,8 @@ class Aggregation:
     """The guest's ORC tables, which a ``stack`` key's walk reads."""
 
     def __post_init__(self) -> None:
-        if (self.by == "stack") != (self.walk is not None) or (self.by == "stack") != (
-            self.depth > 0
-        ):
+        stack = self.by == "stack"
+        if stack != (self.walk is not None) or stack != (self.depth > 0):
             raise ValueError("a count by stack, and only it, has a depth and ORC tables")
         if not 0 <= self.depth <= MAX_DEPTH:
             raise ValueError(f"a stack key of {self.depth} frames: 1..{MAX_DEPTH}")

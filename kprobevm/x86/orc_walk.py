@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from kprobevm.x86 import asm
 from kprobevm.x86.asm import mem
+from kprobevm.x86.record import _ENTRY_SP
 
 __all__ = [
     "CUT_REASONS",
@@ -46,12 +47,10 @@ WALK_SCRATCH = 64 + 16 * CACHE_SLOTS
 """Bytes of a CPU's map region the walk keeps its bounds, lookup state and cache in."""
 _TASK_LO, _IRQ_LO, _LOOKUP, _OFFSETS, _BITS, _RSP, _SLOT, _CACHE = 0, 8, 16, 24, 32, 40, 48, 64
 _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing's multiplier (2**64 / phi)
-_ENTRY_SP = 8 * 16  # the probed sp above the 15 pushed registers and the flags
 _KERNEL_HALF = 0xFF00000000000000  # the lowest kernel address of either paging mode
 _MASK64 = (1 << 64) - 1
-COMPLETE, CUT_DEPTH, CUT_OUTSIDE, CUT_NO_ORC, CUT_UNREADABLE, CUT_WRONG_WAY, CUT_UNSUPPORTED = (
-    range(7)
-)
+COMPLETE, CUT_DEPTH, CUT_OUTSIDE, CUT_NO_ORC = 0, 1, 2, 3
+CUT_UNREADABLE, CUT_WRONG_WAY, CUT_UNSUPPORTED = 4, 5, 6
 CUT_REASONS = {
     COMPLETE: "",
     CUT_DEPTH: "deeper than the key's frames",
