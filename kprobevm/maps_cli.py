@@ -15,10 +15,13 @@ import time
 from typing import TYPE_CHECKING
 
 from kprobevm.errors import ProbeRefused
-from kprobevm.tracing.maps import BY_KEYS, format_map, map_json
+from kprobevm.kprobes.aggregations import DEFAULT_DEPTH, StackKey
+from kprobevm.tracing.maps import BY_KEYS, format_map, map_json, stack_frames, stack_lines
+from kprobevm.x86.orc_walk import MAX_DEPTH
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
+    from kprobevm.kernel.kallsyms import KernelSymbols
     from kprobevm.kprobes.aggregations import AggregateProbe, MapSnapshot
 
 __all__ = ["add_hist_parser", "cmd_count_by", "cmd_hist", "parse_linear"]
@@ -96,8 +99,11 @@ def cmd_count_by(args: argparse.Namespace, funcs: list[str], keys: list[str]) ->
     prints them; JSON: ``{"probe", "by", "key", "count"}`` per line."""
     from kprobevm.cli import EXIT_OK, _guest
 
+    options: dict[str, object] = {"by": args.by}
+    if args.by == "stack":
+        options["depth"] = args.stack_depth
     with _guest(args) as vm:
-        placed = _place_all(args, vm, [(f, {"by": args.by}) for f in funcs])
+        placed = _place_all(args, vm, [(f, options) for f in funcs])
         if isinstance(placed, int):
             return placed
         _say(f"{len(placed)} probe(s) placed, counting by {args.by} in the guest")
@@ -105,9 +111,12 @@ def cmd_count_by(args: argparse.Namespace, funcs: list[str], keys: list[str]) ->
             _run_until_done(args, vm)
         finally:
             snaps = _finish(placed)
+        symbols = vm.symbols
     rows = [(key, k, n) for key, snap in zip(keys, snaps, strict=True) for k, n in snap.counts]
     for key, k, n in sorted(rows, key=lambda r: (r[2], r[0], str(r[1]))):
-        if args.json:
+        if isinstance(k, StackKey):
+            _print_stack(key, k, n, symbols, as_json=args.json)
+        elif args.json:
             print(json.dumps({"probe": key, "by": args.by, "key": k, "count": n},
                              separators=(",", ":")))  # fmt: skip
         else:
@@ -115,6 +124,18 @@ def cmd_count_by(args: argparse.Namespace, funcs: list[str], keys: list[str]) ->
     for key, snap in zip(keys, snaps, strict=True):
         _say_lost(key, snap)
     return EXIT_OK
+
+
+def _print_stack(
+    probe: str, key: StackKey, count: int, symbols: KernelSymbols, *, as_json: bool
+) -> None:
+    """One stack's count, as bpftrace prints ``@[kstack]`` (or one JSON object)."""
+    if as_json:
+        frames, cut = stack_frames(key, symbols)
+        print(json.dumps({"probe": probe, "by": "stack", "stack": frames, "cut": cut,
+                          "count": count}, separators=(",", ":")))  # fmt: skip
+    else:
+        print("\n".join(stack_lines(key, count, symbols)))
 
 
 def _say_lost(key: str, snap: MapSnapshot) -> None:
@@ -173,4 +194,18 @@ def add_by_option(parser: argparse.ArgumentParser) -> None:
     """``count --by``."""
     parser.add_argument("--by", choices=BY_KEYS,
                         help="count in the guest by this key (a per-CPU map; no stop, no"
-                             " record per hit)")  # fmt: skip
+                             " record per hit); stack: the kernel stack, walked by the"
+                             " guest with its ORC tables")  # fmt: skip
+    parser.add_argument("--stack-depth", type=_depth, default=DEFAULT_DEPTH, metavar="N",
+                        help=f"frames a --by stack key keeps (1..{MAX_DEPTH}, default"
+                             f" {DEFAULT_DEPTH}); a deeper stack is shown cut")  # fmt: skip
+
+
+def _depth(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames") from exc
+    if not 1 <= n <= MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"{n} frames: 1..{MAX_DEPTH}")
+    return n

@@ -241,9 +241,9 @@ class ProbeSession:
         self._map(placed)
         return placed
 
-    def count_by(self, definition: str, by: str) -> AggregateProbe:
-        """``vm.count_by(...)``: hits counted by comm, pid or cpu in the guest."""
-        return self._map(self.vm.count_by(definition, by))
+    def count_by(self, definition: str, by: str, *, depth: int = 16) -> AggregateProbe:
+        """``vm.count_by(...)``: hits counted by comm, pid, cpu or stack in the guest."""
+        return self._map(self.vm.count_by(definition, by, depth=depth))
 
     def _map(self, placed: AggregateProbe) -> AggregateProbe:
         # placed already: the text is read as the kernel has it, our int3 undone

@@ -10,7 +10,7 @@ import pytest
 
 from kprobevm.errors import ProbeRefused
 from kprobevm.guest.vm import VM
-from kprobevm.kprobes.aggregations import AggregateProbe, Aggregation, Bucket
+from kprobevm.kprobes.aggregations import AggregateProbe, Aggregation, Bucket, MapKey
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.maps import format_map
@@ -118,7 +118,7 @@ def test_snapshots_while_the_guest_runs_only_grow(vm: VM, kprobes: ProbeSession)
     m = kprobes.count_by("vfs_read", "comm")
     vm.run("(dd if=/dev/zero of=/dev/null bs=1 count=200000 2>/dev/null &)", check=True)
     seen: list[int] = []
-    last: dict[str | int | None, int] = {}
+    last: dict[MapKey, int] = {}
     # by the clock, not a number of reads: a read through shared RAM takes microseconds
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not seen or seen[-1] < 200000):
@@ -140,8 +140,10 @@ def test_bad_input_is_refused_with_nothing_placed(vm: VM) -> None:
         vm.hist("p:s do_sys_openat2 name=+0(%si):ustring", "name")
     with pytest.raises(ProbeRefused, match="entry probes only"):
         vm.count_by("r:rr vfs_read", "comm")
-    with pytest.raises(ValueError, match="one of comm, pid, cpu"):
-        vm.count_by("vfs_read", "stack")
+    with pytest.raises(ValueError, match="one of comm, pid, cpu, stack"):
+        vm.count_by("vfs_read", "tid")
+    with pytest.raises(ValueError, match=r"a stack key of 65 frames: 1\.\.64"):
+        vm.count_by("vfs_read", "stack", depth=65)
     with pytest.raises(ValueError, match="min < max"):
         vm.hist(READ_EVENT, "count", linear=(10, 0, 1))
     assert vm.list_kprobes() == before

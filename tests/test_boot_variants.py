@@ -9,9 +9,10 @@ direct-map and vmalloc bases, reads of shared guest RAM through the kernel's pag
 the slot reserve against ``/proc/iomem`` (the kernel's
 physical base moves too), the blacklist against debugfs, patch sites against the guest's
 text and ``available_filter_functions``; then stopping and recorded probes on hot
-functions on both vCPUs, a return probe, trace lines against the guest's own tracefs,
-and a SIGKILLed host whose guest ``recover`` restores. At the end the probed functions'
-text is what it was at boot and the console shows no trouble.
+functions on both vCPUs, a return probe, stacks counted in the guest against its own
+hist trigger, trace lines against the guest's own tracefs, and a SIGKILLed host whose
+guest ``recover`` restores. At the end the probed functions' text is what it was at boot
+and the console shows no trouble.
 
 The SIGKILL test runs first: QEMU takes one gdbstub client, and the child it kills must
 have it before the module's VM connects its own.
@@ -57,6 +58,7 @@ from tests.test_kprobes_smp import MIN_SEEN, TARGET, record_on_every_cpu, run_on
 from tests.test_kretprobes import wait_returned
 from tests.test_pagetable import check_walks
 from tests.test_recover import _probe_facts, _read_text, sigkill_mid_hits
+from tests.test_stack_count import DD, check_against_the_guests_hist
 
 pytestmark = pytest.mark.vm
 
@@ -242,6 +244,25 @@ def test_funclatency_on_every_vcpu(variant: Variant) -> None:
     assert [b for b in slept.read().buckets if b.count] == [Bucket(8 << 20, 16 << 20, 4)]
     assert rd.read().total >= 500 and rd.missed() == slept.missed() == 0
     assert vm.read(vm.symbols["hrtimer_nanosleep"], 64) == before
+
+
+def test_stack_counts_are_the_guests_hist(variant: Variant) -> None:
+    """count --by stack on vfs_read under dd and on hrtimer_interrupt over a second,
+    against the guest's own hist trigger keyed by its stack (each kernel's key name,
+    frames, ORC layout and IRQ stack pointer), the text as it was."""
+    vm = variant.vm
+    addr, size = variant.text["vfs_read"][0], vm.symbols.size("vfs_read")
+    before = vm.read(addr, size)
+    with vm.count_by("vfs_read", "stack") as m:
+        both = check_against_the_guests_hist(vm, m, "vfs_read", DD, 2000)
+    assert max(both.values())[0] >= 2000
+    assert vm.read(addr, size) == before
+    timer = vm.symbols["hrtimer_interrupt"]
+    before = vm.read(timer, 64)
+    with vm.count_by("hrtimer_interrupt", "stack") as m:
+        both = check_against_the_guests_hist(vm, m, "hrtimer_interrupt", "sleep 1", 5)
+    assert any("asm_sysvec_apic_timer_interrupt" in f for c in both for f in c), both
+    assert vm.read(timer, 64) == before
 
 
 @dataclass

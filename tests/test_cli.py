@@ -272,8 +272,31 @@ def test_count_by_and_hist_boot(capsys: pytest.CaptureFixture[str]) -> None:
 def test_hist_bad_input_needs_no_guest(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "hist", "--boot", "--field", "n", "--linear", "5,1,1", "p x")
     assert code == cli.EXIT_USAGE and "needs MIN < MAX" in err, err
-    code, _, err = run(capsys, "count", "--boot", "--by", "stack", "vfs_read")
-    assert code == cli.EXIT_USAGE and "invalid choice: 'stack'" in err, err
+    code, _, err = run(capsys, "count", "--boot", "--by", "stack", "--stack-depth", "0", "vfs_read")
+    assert code == cli.EXIT_USAGE and "0 frames: 1..64" in err, err
+
+
+@pytest.mark.vm
+def test_count_by_stack_boot(capsys: pytest.CaptureFixture[str]) -> None:
+    """``count --by stack``: dd's reads under their stack as bpftrace prints ``@[kstack]``
+    (the probe's address + 1 first, then the callers), ascending; ``--json``: the frames in
+    ``stack``, no cut; ``--stack-depth 2``: the same stack cut after two frames, and said."""
+    dd = "dd if=/dev/zero of=/dev/null bs=1 count=300 2>/dev/null"
+    code, out, err = run(capsys, "count", "--boot", "--by", "stack", "vfs_read", "--", dd)
+    assert code == cli.EXIT_OK, err
+    blocks = out.split("]: ")
+    assert out.startswith("@[\n        vfs_read+1\n        ksys_read+"), out
+    counts = [int(b.split("\n", 1)[0]) for b in blocks[1:]]
+    assert counts == sorted(counts) and counts[-1] >= 300, out
+    assert "        entry_SYSCALL_64_after_hwframe+" in out and "[stack cut" not in out, out
+    code, out, err = run(capsys, "count", "--boot", "--json", "--by", "stack", "--stack-depth",
+                         "2", "vfs_read", "--", dd)  # fmt: skip
+    assert code == cli.EXIT_OK, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    top = docs[-1]
+    assert top["probe"] == "vfs_read" and top["by"] == "stack" and top["count"] >= 300, docs
+    assert top["stack"][0] == "vfs_read+1" and top["stack"][1].startswith("ksys_read+"), top
+    assert len(top["stack"]) == 2 and top["cut"] == "deeper than the key's frames", top
 
 
 @pytest.mark.vm

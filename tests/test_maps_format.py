@@ -1,5 +1,5 @@
 """Maps with no guest: which fetch arguments the guest can count, and a snapshot printed
-as bpftrace prints its maps (labels, trimmed ends, bars) and as JSON."""
+as bpftrace prints its maps (labels, trimmed ends, bars, stacks) and as JSON."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ from dataclasses import replace
 import pytest
 
 from kprobevm.errors import ProbeRefused
-from kprobevm.kprobes.aggregations import Bucket, MapSnapshot
+from kprobevm.kernel.kallsyms import KernelSymbols
+from kprobevm.kprobes.aggregations import Bucket, MapSnapshot, StackKey
 from kprobevm.tracing import ProbeEvent, parse_event
 from kprobevm.tracing.fetch import FetchArg
-from kprobevm.tracing.maps import aggregate_field, format_map, map_json
+from kprobevm.tracing.maps import (
+    aggregate_field,
+    format_map,
+    map_json,
+    stack_frames,
+    stack_lines,
+)
 from kprobevm.x86.aggregate import AggregateField
+from kprobevm.x86.orc_walk import CUT_DEPTH, CUT_OUTSIDE
 
 DEFINITION = (
     "p:x vfs_read a=%dx:u32 b=$arg3 c=+8(%di):s16 d=+u0(%si):u8 e=$stack"
@@ -87,3 +95,40 @@ def test_lhist_labels_count_rows_and_what_was_lost() -> None:
     doc = map_json("vfs_read", counts)
     assert doc["counts"] == [{"key": "sh", "count": 1}, {"key": "dd", "count": 7}]
     assert doc["total"] == 8 and doc["dropped"] == 3
+
+
+_SYMS = """ffffffff81000000 T _stext
+ffffffff81100000 T vfs_read
+ffffffff81100200 T ksys_read
+ffffffff81100300 t helper
+ffffffff81100400 D some_data
+ffffffffc0001000 t vp_notify\t[virtio_pci]
+ffffffffc0001100 t vp_other\t[virtio_pci]
+"""
+
+
+def test_stacks_printed_as_bpftrace_prints_kstack() -> None:
+    """``func+offset`` in decimal, one ``@[...]: N`` block; a cut walk says why; a last
+    frame outside vmlinux is a module's (kept, said) or no text (dropped, not said)."""
+    syms = KernelSymbols.from_text(_SYMS)
+    whole = StackKey((0xFFFFFFFF81100001, 0xFFFFFFFF8110026B))
+    assert stack_lines(whole, 7, syms) == ["@[", "        vfs_read+1", "        ksys_read+107",
+                                           "]: 7"]  # fmt: skip
+    deep = StackKey((0xFFFFFFFF81100001,), CUT_DEPTH)
+    assert stack_lines(deep, 1, syms)[-2] == "        [stack cut: deeper than the key's frames]"
+    module = StackKey((0xFFFFFFFF81100001, 0xFFFFFFFFC0001012), CUT_OUTSIDE)
+    assert stack_frames(module, syms) == (
+        ["vfs_read+1", "vp_notify+18"], "module virtio_pci: its frames are not walked")
+    data = StackKey((0xFFFFFFFF81100001, 0xFFFFFFFF81100408), CUT_OUTSIDE)
+    assert stack_frames(data, syms) == (["vfs_read+1"], None)
+
+
+def test_a_stack_map_as_json() -> None:
+    """Without symbols a stack key is its addresses and why it was cut, if it was."""
+    snap = MapSnapshot(kind="count", by="stack", counts=(
+        (StackKey((0xFFFFFFFF81100001,), CUT_DEPTH), 2), (StackKey((0x10, 0x20)), 5)))
+    assert map_json("vfs_read", snap)["counts"] == [
+        {"key": {"stack": ["0xffffffff81100001"], "cut": "deeper than the key's frames"},
+         "count": 2},
+        {"key": {"stack": ["0x10", "0x20"], "cut": None}, "count": 5},
+    ]  # fmt: skip

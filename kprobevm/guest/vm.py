@@ -906,16 +906,18 @@ class VM(Closing):
         if self._kprobes is not None:
             self._kprobes.settle_records(timeout)
 
-    def count_by(self, definition: str, by: str) -> AggregateProbe:
-        """Count the hits of ``definition`` (a symbol or a ``p`` line) by ``comm``, ``pid``
-        or ``cpu`` in the guest, no stop per hit; ``.read()`` snapshots the map,
-        ``close()`` removes the probe (:mod:`kprobevm.tracing.maps`)."""
+    def count_by(self, definition: str, by: str, *, depth: int = 16) -> AggregateProbe:
+        """Count the hits of ``definition`` (a symbol or a ``p`` line) by ``comm``, ``pid``,
+        ``cpu`` or ``stack`` (the kernel stack, at most ``depth`` frames, walked by the
+        guest: keys are :class:`~kprobevm.kprobes.aggregations.StackKey`) in the guest, no
+        stop per hit; ``.read()`` snapshots the map, ``close()`` removes the probe
+        (:mod:`kprobevm.tracing.maps`)."""
         from kprobevm.tracing.maps import BY_KEYS, place_map
 
         key = next((k for k in BY_KEYS if k == by), None)
         if key is None:
             raise ValueError(f"count by {by!r}: one of {', '.join(BY_KEYS)}")
-        return place_map(self, definition, by=key)
+        return place_map(self, definition, by=key, depth=depth)
 
     def hist(
         self, definition: str, field: str, *, linear: tuple[int, int, int] | None = None

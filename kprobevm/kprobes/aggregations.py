@@ -24,6 +24,7 @@ from kprobevm.kprobes.recorder import RecordSpec
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86.aggregate import AggregateField, Key, MapLayout
 from kprobevm.x86.funclatency import LatencyScale
+from kprobevm.x86.orc_walk import CUT_REASONS, MAX_DEPTH, OrcWalkTables
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
@@ -34,12 +35,18 @@ __all__ = [
     "AggregateProbe",
     "Aggregation",
     "Bucket",
+    "MapKey",
     "MapSnapshot",
+    "StackKey",
     "decode_map",
 ]
 
 DEFAULT_ENTRIES = 1024
 """Hash entries per CPU of a map keyed by pid or comm (3/4 of them take keys)."""
+STACK_ENTRIES = 256
+"""Hash entries per CPU of a map keyed by stack (an entry holds ``depth`` frames)."""
+DEFAULT_DEPTH = 16
+"""Frames of a stack key unless told (the kernel's hist trigger keeps as many)."""
 MAX_LINEAR_BUCKETS = 1000
 _ENTRY = struct.Struct("<QQQQ")
 _HEADER = struct.Struct("<QQQ")
@@ -56,13 +63,23 @@ class Aggregation:
     linear: tuple[int, int, int] | None = None
     entries: int = DEFAULT_ENTRIES
     latency: LatencyScale | None = None
+    depth: int = 0
+    """Frames of a ``stack`` key (1..64)."""
+    walk: OrcWalkTables | None = None
+    """The guest's ORC tables, which a ``stack`` key's walk reads."""
 
     def __post_init__(self) -> None:
+        stack = self.by == "stack"
+        if stack != (self.walk is not None) or stack != (self.depth > 0):
+            raise ValueError("a count by stack, and only it, has a depth and ORC tables")
+        if not 0 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"a stack key of {self.depth} frames: 1..{MAX_DEPTH}")
         if self.latency is not None and (self.field, self.linear, self.by) != (None, None, "none"):
             raise ValueError("a latency histogram has no field, linear buckets or key")
         if self.field is not None and self.by != "none":
             raise ValueError("a histogram has no key here: give by='none'")
-        if self.by in ("pid", "comm") and (self.entries < 8 or self.entries & (self.entries - 1)):
+        hashed = self.by in ("pid", "comm", "stack")
+        if hashed and (self.entries < 8 or self.entries & (self.entries - 1)):
             raise ValueError(f"a table of {self.entries} entries: needs a power of two >= 8")
         if self.linear is not None:
             if any(not -(1 << 63) <= v < 1 << 64 for v in self.linear):
@@ -93,9 +110,31 @@ class Aggregation:
 
     def layout(self, base: int, ncpus: int) -> MapLayout:
         """The map's layout at ``base`` for ``ncpus`` CPUs."""
-        hashed = self.by in ("pid", "comm")
+        hashed = self.by in ("pid", "comm", "stack")
         return MapLayout(base=base, ncpus=ncpus, key=self.by, buckets=self.buckets,
-                         entries=self.entries if hashed else 0, linear=self.linear)  # fmt: skip
+                         entries=self.entries if hashed else 0, linear=self.linear,
+                         depth=self.depth)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StackKey:
+    """A kernel stack as the guest's walk keyed it: return addresses, innermost first
+    (the probe's address + 1 first), and ``cut``, why the walk ended early (0: it
+    reached the stack's end; :data:`~kprobevm.x86.orc_walk.CUT_REASONS`)."""
+
+    frames: tuple[int, ...]
+    cut: int = 0
+
+    @property
+    def reason(self) -> str:
+        """Why the walk ended early ("" when it did not)."""
+        return CUT_REASONS.get(self.cut, f"reason {self.cut}")
+
+    def __str__(self) -> str:
+        return " ".join(f"{f:#x}" for f in self.frames) + (f" [{self.reason}]" if self.cut else "")
+
+
+MapKey = str | int | StackKey | None
 
 
 @dataclass(frozen=True)
@@ -112,7 +151,8 @@ class MapSnapshot:
     """A map as read at one moment, summed over CPUs.
 
     ``counts``: (key, hits) of a count, ascending by hits as bpftrace prints them
-    (key ``None`` for a count with no key); ``buckets``: a histogram's, in value order.
+    (key ``None`` for a count with no key, a :class:`StackKey` for a count by stack);
+    ``buckets``: a histogram's, in value order.
     ``dropped``: hits with a new key after a CPU's table was full; ``faults``: hits whose
     field could not be read; ``keys``/``capacity``: keys held, and the most a table
     takes, per CPU (max over CPUs).
@@ -120,7 +160,7 @@ class MapSnapshot:
 
     kind: Literal["count", "hist", "lhist"]
     by: Key
-    counts: tuple[tuple[str | int | None, int], ...] = ()
+    counts: tuple[tuple[MapKey, int], ...] = ()
     buckets: tuple[Bucket, ...] = ()
     dropped: int = 0
     faults: int = 0
@@ -134,7 +174,7 @@ class MapSnapshot:
         """Hits counted in the map."""
         return sum(n for _, n in self.counts) + sum(b.count for b in self.buckets)
 
-    def count_of(self, key: str | int | None) -> int:
+    def count_of(self, key: MapKey) -> int:
         """Hits counted for ``key`` (0: none)."""
         return sum(n for k, n in self.counts if k == key)
 
@@ -156,6 +196,26 @@ def _linear_bounds(i: int, n: int, linear: tuple[int, int, int]) -> tuple[int | 
     return lo + (i - 1) * step, min(lo + i * step, hi)
 
 
+def _stack_entries(
+    layout: MapLayout, first: bytes, second: bytes, at: int, counts: dict[MapKey, int]
+) -> int:
+    """One CPU's stack entries (its region at ``at``) added to ``counts``; its hits."""
+    words = layout.key_words
+    entry = struct.Struct(f"<{words + 2}Q")
+    here = 0
+    for e in range(layout.entries):
+        off = at + layout.body + layout.entry_size * e
+        if not entry.unpack_from(first, off)[words]:
+            continue  # not used when the first read was made
+        values = entry.unpack_from(second, off)
+        head, n = values[0], values[words + 1]
+        depth = min(head & 0xFF, layout.depth)
+        key = StackKey(tuple(values[1 : 1 + depth]), (head >> 8) & 0xFF)
+        counts[key] = counts.get(key, 0) + n
+        here += n
+    return here
+
+
 def decode_map(layout: MapLayout, first: bytes, second: bytes) -> MapSnapshot:
     """A snapshot from two reads of the map: ``first`` supplies the ``used`` words, and
     ``second`` (read after it) everything else."""
@@ -166,7 +226,7 @@ def decode_map(layout: MapLayout, first: bytes, second: bytes) -> MapSnapshot:
         kind = "hist" if layout.linear is None else "lhist"
     dropped = faults = keys = 0
     per_cpu: list[int] = []
-    counts: dict[str | int | None, int] = {}
+    counts: dict[MapKey, int] = {}
     values = [0] * layout.buckets
     for cpu in range(layout.ncpus):
         at = cpu * layout.stride
@@ -174,7 +234,9 @@ def decode_map(layout: MapLayout, first: bytes, second: bytes) -> MapSnapshot:
         dropped, faults, keys = dropped + cpu_dropped, faults + cpu_faults, max(keys, cpu_keys)
         body = at + agg.HEADER_SIZE
         here = 0
-        if layout.hashed:
+        if layout.key == "stack":
+            here = _stack_entries(layout, first, second, at, counts)
+        elif layout.hashed:
             for e in range(layout.entries):
                 off = body + agg.ENTRY_SIZE * e
                 if not _ENTRY.unpack_from(first, off)[2]:

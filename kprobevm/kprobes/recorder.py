@@ -472,6 +472,7 @@ class Recorder:
         return agg.build_aggregate_program(
             at, probe_id=kp.record_id, layout=self.maps[kp.record_id],
             field=kp.record.aggregate.field, ring=self.layout, helpers=self.helpers, cont=cont,
+            walk=kp.record.aggregate.walk, probe_ip=kp.addr or site.addr,
         ).code  # fmt: skip
 
     @staticmethod

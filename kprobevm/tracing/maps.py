@@ -13,20 +13,38 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kprobevm.errors import ProbeRefused
-from kprobevm.kprobes.aggregations import AggregateProbe, Aggregation, Bucket, MapSnapshot
+from kprobevm.errors import KprobeError, ProbeRefused
+from kprobevm.kprobes.aggregations import (
+    DEFAULT_DEPTH,
+    STACK_ENTRIES,
+    AggregateProbe,
+    Aggregation,
+    Bucket,
+    MapSnapshot,
+    StackKey,
+)
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.tracing import fetch
 from kprobevm.tracing.events import ProbeEvent
 from kprobevm.tracing.fetch import X86_64_ARG_REGS, FetchArg
 from kprobevm.x86.aggregate import AggregateField, Key
+from kprobevm.x86.orc_walk import CUT_OUTSIDE
 
 if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
+    from kprobevm.kernel.kallsyms import KernelSymbols
 
-__all__ = ["BY_KEYS", "aggregate_field", "format_map", "map_json", "place_map"]
+__all__ = [
+    "BY_KEYS",
+    "aggregate_field",
+    "format_map",
+    "map_json",
+    "place_map",
+    "stack_frames",
+    "stack_lines",
+]
 
-BY_KEYS: tuple[Key, ...] = ("comm", "pid", "cpu")
+BY_KEYS: tuple[Key, ...] = ("comm", "pid", "cpu", "stack")
 """What ``count --by`` takes."""
 _BAR = 52  # bpftrace's bar width
 
@@ -71,9 +89,11 @@ def place_map(
     by: Key = "none",
     field: str | None = None,
     linear: tuple[int, int, int] | None = None,
+    depth: int = DEFAULT_DEPTH,
 ) -> AggregateProbe:
     """Place ``definition`` (a kprobe_events ``p`` line, or a bare symbol) as a probe that
-    counts its hits by ``by``, or makes a histogram of its argument ``field``."""
+    counts its hits by ``by`` (a ``stack`` of at most ``depth`` frames), or makes a
+    histogram of its argument ``field``."""
     from kprobevm.tracing.session import check_definitions, plan_events
 
     text = definition.strip()
@@ -95,8 +115,56 @@ def place_map(
             raise ProbeRefused("EINVAL", f"{event.event} has no argument {field!r} (it has:"
                                f" {have})", symbol=event.symbol_name)  # fmt: skip
         agg_field = aggregate_field(args[field])
-    aggregation = Aggregation(by=by, field=agg_field, linear=linear)
+    aggregation = (_stack_aggregation(vm, depth) if by == "stack"
+                   else Aggregation(by=by, field=agg_field, linear=linear))  # fmt: skip
     return AggregateProbe(vm, Kprobe(addr=planned.resolved.address), aggregation)
+
+
+def _stack_aggregation(vm: VM, depth: int) -> Aggregation:
+    """A count by stack: the guest walks its stack with the kernel's ORC tables."""
+    from kprobevm.kernel.orc_memory import orc_walk_tables
+    from kprobevm.kernel.tasks import kernel_thread_size
+
+    thread_size = kernel_thread_size(vm.symbols)
+    if thread_size is None:
+        raise KprobeError("a count by stack needs the kernel's stack size (kallsyms bounds"
+                          " no init task stack)")  # fmt: skip
+    tables = orc_walk_tables(vm.symbols, vm.btf, vm.task_layout, thread_size, vm.read)
+    return Aggregation(by="stack", depth=depth, walk=tables, entries=STACK_ENTRIES)
+
+
+def stack_frames(key: StackKey, symbols: KernelSymbols) -> tuple[list[str], str | None]:
+    """A stack key's frames as bpftrace prints ``kstack`` (``func+off``, decimal), and
+    why the walk stopped early (None: it reached the stack's end). A last frame outside
+    the vmlinux's text is a module's (kept: its frames are not walked) or no text at all
+    (dropped: the kernel's walk ends there too)."""
+    frames = list(key.frames)
+    cut: str | None = key.reason if key.cut else None
+    if key.cut == CUT_OUTSIDE and frames:
+        sym = symbols.lookup(frames[-1])
+        if sym is None or not sym.is_text:
+            frames.pop()
+            cut = None
+        else:
+            cut = f"module {sym.module}: its frames are not walked"
+    return [_frame(addr, symbols) for addr in frames], cut
+
+
+def _frame(addr: int, symbols: KernelSymbols) -> str:
+    sym = symbols.lookup(addr)
+    if sym is None:
+        return f"0x{addr:x}"
+    return f"{sym.name}+{addr - sym.address}"
+
+
+def stack_lines(key: StackKey, count: int, symbols: KernelSymbols) -> list[str]:
+    """One stack's ``@[...]: N`` as bpftrace prints a map keyed by ``kstack``; a cut walk
+    ends with a ``[stack cut: why]`` line."""
+    frames, cut = stack_frames(key, symbols)
+    lines = ["@["] + [f"        {f}" for f in frames]
+    if cut is not None:
+        lines.append(f"        [stack cut: {cut}]")
+    return [*lines, f"]: {count}"]
 
 
 def event_name(definition: str) -> str:
@@ -157,11 +225,18 @@ def format_map(name: str, snap: MapSnapshot) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_key(key: object) -> object:
+    """A key as JSON: a stack as its addresses (hex, innermost first) and why it was cut."""
+    if isinstance(key, StackKey):
+        return {"stack": [f"0x{f:x}" for f in key.frames], "cut": key.reason or None}
+    return key
+
+
 def map_json(name: str, snap: MapSnapshot) -> dict[str, Any]:
     """The snapshot as one JSON object (stable field names)."""
     out: dict[str, Any] = {"map": name, "kind": snap.kind, "by": snap.by}
     if snap.kind == "count":
-        out["counts"] = [{"key": k, "count": n} for k, n in snap.counts]
+        out["counts"] = [{"key": _json_key(k), "count": n} for k, n in snap.counts]
     else:
         out["buckets"] = [{"lo": b.lo, "hi": b.hi, "count": b.count}
                           for b in snap.buckets if b.count]  # fmt: skip

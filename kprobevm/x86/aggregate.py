@@ -25,6 +25,7 @@ from typing import Literal
 from kprobevm.errors import KprobeError
 from kprobevm.x86 import asm
 from kprobevm.x86.asm import mem, rip
+from kprobevm.x86.orc_walk import WALK_SCRATCH, OrcWalkTables, emit_orc_walk
 from kprobevm.x86.record import (
     _ENTRY_SP,
     SNAPSHOT_REGS,
@@ -43,7 +44,7 @@ __all__ = [
     "build_aggregate_program",
 ]
 
-Key = Literal["none", "cpu", "pid", "comm"]
+Key = Literal["none", "cpu", "pid", "comm", "stack"]
 #: Per-CPU region header: dropped u64 @0, keys in use u64 @8, field reads failed u64
 #: @16, a field read's scratch u64 @24.
 HEADER_SIZE = 64
@@ -82,7 +83,9 @@ class MapLayout:
     """One probe's map in slot memory: ``ncpus`` regions of ``stride`` bytes from ``base``.
 
     ``key`` ``none``/``cpu``: the region's values (``buckets`` u64 after the header; a
-    count has one); ``pid``/``comm``: ``entries`` hash entries after the header.
+    count has one); ``pid``/``comm``: ``entries`` hash entries after the header;
+    ``stack``: the walk's scratch and the key being built, then ``entries`` entries of
+    ``1 + depth`` key words (:mod:`kprobevm.x86.orc_walk`), ``used`` and the count.
     ``linear``: a linear histogram's (min, max, step), its buckets being below min, one
     per step, and max or above.
     """
@@ -93,15 +96,36 @@ class MapLayout:
     buckets: int = 1
     entries: int = 0
     linear: tuple[int, int, int] | None = None
+    depth: int = 0
+    """Frames of a stack key."""
 
     def __post_init__(self) -> None:
-        if self.key in ("pid", "comm") and (self.entries < 8 or self.entries & (self.entries - 1)):
+        if self.hashed and (self.entries < 8 or self.entries & (self.entries - 1)):
             raise ValueError(f"a hash map needs a power of two >= 8 entries, not {self.entries}")
+        if (self.key == "stack") != (self.depth > 0):
+            raise ValueError("a stack key, and only one, has a depth")
 
     @property
     def hashed(self) -> bool:
-        """Keys found in a hash table (pid, comm)."""
-        return self.key in ("pid", "comm")
+        """Keys found in a hash table (pid, comm, stack)."""
+        return self.key in ("pid", "comm", "stack")
+
+    @property
+    def key_words(self) -> int:
+        """u64 words of a hash entry's key."""
+        return 1 + self.depth if self.key == "stack" else 2
+
+    @property
+    def entry_size(self) -> int:
+        """Bytes of a hash entry: its key, ``used``, the count."""
+        return ENTRY_SIZE if self.key != "stack" else 8 * (self.key_words + 2)
+
+    @property
+    def body(self) -> int:
+        """Offset in a CPU's region of its values or hash entries."""
+        if self.key != "stack":
+            return HEADER_SIZE
+        return HEADER_SIZE + WALK_SCRATCH + 8 * self.key_words
 
     @property
     def max_keys(self) -> int:
@@ -111,8 +135,8 @@ class MapLayout:
     @property
     def stride(self) -> int:
         """Bytes of one CPU's region (a multiple of 64: no two CPUs share a cache line)."""
-        body = ENTRY_SIZE * self.entries if self.hashed else 8 * self.buckets
-        return (HEADER_SIZE + body + 63) & ~63
+        body = self.entry_size * self.entries if self.hashed else 8 * self.buckets
+        return (self.body + body + 63) & ~63
 
     @property
     def size(self) -> int:
@@ -134,14 +158,19 @@ def build_aggregate_program(
     ring: RingLayout,
     helpers: CopyHelpers,
     cont: int,
+    walk: OrcWalkTables | None = None,
+    probe_ip: int = 0,
 ) -> asm.Program:
     """The program for a site with one aggregating probe: update its map, then ``cont``.
 
     ``cont`` is the slot's copy of the displaced instruction. A histogram needs
-    ``field``; a count takes none.
+    ``field``; a count takes none. A count by stack needs ``walk``, the guest's ORC
+    tables, and ``probe_ip``, the probe's address (the stack's first frame is one past).
     """
     if (field is None) != (layout.buckets == 1 and layout.linear is None):
         raise KprobeError("an aggregate's field goes with a histogram, and only with one")
+    if (walk is None) != (layout.key != "stack"):
+        raise KprobeError("a count by stack needs the guest's ORC tables, and only it")
     a = asm.Assembler(at)
     _save(a)
     a.cli()  # popfq restores IF
@@ -160,7 +189,12 @@ def build_aggregate_program(
     a.imul("rax", "r13")
     a.lea("rbx", rip(layout.base))
     a.add("rbx", "rax")  # rbx: this CPU's region
-    if layout.hashed:
+    if walk is not None:
+        emit_orc_walk(a, walk, scratch=HEADER_SIZE, key=HEADER_SIZE + WALK_SCRATCH,
+                      depth=layout.depth, probe_ip=probe_ip)  # fmt: skip
+        a.label("walked")
+        _stack_update(a, layout)
+    elif layout.hashed:
         _hash_update(a, layout, helpers)
     elif field is None:
         a.inc(mem("rbx", HEADER_SIZE, size=8, disp32=True))
@@ -236,6 +270,65 @@ def _hash_update(a: asm.Assembler, layout: MapLayout, helpers: CopyHelpers) -> N
     a.mov(mem("rsi", HEADER_SIZE + 24, size=8, disp32=True), 1)
     # `used` goes last: a reader that saw it set finds the key whole
     a.mov(mem("rsi", HEADER_SIZE + 16, size=8, disp32=True), 1)
+
+
+def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
+    """Count the hit at the key the walk built (its words in use hashed, compared and
+    copied one by one; the key before ``used``, as for pid and comm)."""
+    words, size, body = layout.key_words, layout.entry_size, layout.body
+    key = HEADER_SIZE + WALK_SCRATCH
+    used, count = body + 8 * words, body + 8 * words + 8
+    # only the words in use: the frame count (in word 0) and the frames; the words past
+    # them are zero in every entry (a map starts zeroed) and never read
+    a.mov("r10", mem("rbx", key, disp32=True))
+    a.and_("r10d", 0xFF)
+    a.inc("r10d")
+    a.xor("edi", "edi")
+    a.xor("ecx", "ecx")
+    a.movabs("r8", _GOLDEN)
+    a.label("s_hash")
+    a.xor("rdi", mem("rbx", key, "rcx", 8, disp32=True))
+    a.imul("rdi", "r8")
+    a.inc("ecx")
+    a.cmp("ecx", "r10d")
+    a.jcc("b", "s_hash")
+    a.shr("rdi", 64 - (layout.entries.bit_length() - 1))  # the first entry to look at
+    a.mov("r9d", layout.entries)  # at most every entry once
+    a.label("s_lookup")
+    a.mov("esi", size)
+    a.imul("rsi", "rdi")
+    a.add("rsi", "rbx")
+    a.cmp(mem("rsi", used, size=8, disp32=True), 0)
+    a.jcc("e", "s_empty")
+    a.xor("ecx", "ecx")
+    a.label("s_compare")
+    a.mov("rax", mem("rbx", key, "rcx", 8, disp32=True))
+    a.cmp(mem("rsi", body, "rcx", 8, disp32=True), "rax")
+    a.jcc("ne", "s_next")
+    a.inc("ecx")
+    a.cmp("ecx", "r10d")
+    a.jcc("b", "s_compare")
+    a.inc(mem("rsi", count, size=8, disp32=True))
+    a.jmp("counted")
+    a.label("s_next")
+    a.inc("edi")
+    a.and_("edi", layout.entries - 1)
+    a.dec("r9d")
+    a.jcc("ne", "s_lookup")
+    a.jmp("dropped")  # (never: a table is never more than 3/4 full)
+    a.label("s_empty")
+    a.cmp(mem("rbx", HDR_KEYS, size=8, disp32=True), layout.max_keys, imm32=True)
+    a.jcc("ae", "dropped")
+    a.inc(mem("rbx", HDR_KEYS, size=8, disp32=True))
+    a.xor("ecx", "ecx")
+    a.label("s_copy")
+    a.mov("rax", mem("rbx", key, "rcx", 8, disp32=True))
+    a.mov(mem("rsi", body, "rcx", 8, disp32=True), "rax")
+    a.inc("ecx")
+    a.cmp("ecx", "r10d")
+    a.jcc("b", "s_copy")
+    a.mov(mem("rsi", count, size=8, disp32=True), 1)
+    a.mov(mem("rsi", used, size=8, disp32=True), 1)  # last: the key is whole before it
 
 
 def _field_value(a: asm.Assembler, field: AggregateField, helpers: CopyHelpers) -> None:
