@@ -13,7 +13,7 @@ from kprobevm.kprobes.aggregations import Aggregation, Bucket, decode_map
 from kprobevm.x86 import aggregate as agg
 from kprobevm.x86.aggregate import AggregateField, MapLayout
 from tests._gas import gas_text, needs_gas
-from tests._x86_unicorn import GPRS, Machine, unicorn
+from tests._x86_unicorn import GPRS, Machine, assert_left_intact, unicorn
 from tests.test_x86_record import (
     CONT,
     CONTROL,
@@ -78,26 +78,24 @@ def _hit(m: Machine, length: int, **regs: int) -> None:
     m.set_regs(before)
     seen_if: list[int] = []
 
-    def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
-        if HELPERS <= addr < HELPERS + 0x40:
-            r = m.regs()
-            result = _copy(m, r["rdi"], r["rsi"], r["rdx"], string=False)
-            m.set_regs({"rax": result & (2**64 - 1), "rsp": r["rsp"] + 8, "rip": m.u64(r["rsp"])})
-        elif not PROGRAM <= addr < PROGRAM + length:
-            m.uc.emu_stop()
-        else:
-            seen_if.append(m.regs()["eflags"] & 0x200)
+    def helper(addr: int) -> bool:
+        if not HELPERS <= addr < HELPERS + 0x40:
+            return False
+        r = m.regs()
+        result = _copy(m, r["rdi"], r["rsi"], r["rdx"], string=False)
+        m.set_regs({"rax": result & (2**64 - 1), "rsp": r["rsp"] + 8, "rip": m.u64(r["rsp"])})
+        return True
 
-    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
+    def interrupts(_uc: object, _addr: int, _size: int, _data: object) -> None:
+        seen_if.append(m.regs()["eflags"] & 0x200)
+
+    end = PROGRAM + length
+    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, interrupts, begin=PROGRAM, end=end - 1)
     try:
-        m.uc.emu_start(PROGRAM, 0, count=20000)
+        m.run(PROGRAM, inside=(PROGRAM, end), max_insns=20000, outside=helper)
     finally:
         m.uc.hook_del(handle)
-    after = m.regs()
-    assert after["rip"] == CONT
-    for name in (*GPRS, "eflags"):
-        if name != "rip":
-            assert after[name] == before[name], name
+    assert_left_intact(m, before, CONT)
     assert 0 in seen_if[3:-2]  # interrupts are off while the map is updated
 
 

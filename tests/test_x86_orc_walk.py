@@ -19,7 +19,7 @@ from kprobevm.x86 import orc_walk as ow
 from kprobevm.x86.orc_walk import OrcWalkTables
 from kprobevm.x86.unwind_orc import unwind
 from tests._gas import gas_text, needs_gas
-from tests._x86_unicorn import GPRS, Machine, unicorn
+from tests._x86_unicorn import GPRS, Machine, assert_left_intact
 from tests.test_x86_record import (
     CONT,
     CONTROL,
@@ -141,19 +141,8 @@ def _hit(m: Machine, length: int, regs: dict[str, int]) -> None:
     before.update(regs, eflags=0x246)
     m.set_regs(before)
 
-    def hook(_uc: object, addr: int, _size: int, _data: object) -> None:
-        if not PROGRAM <= addr < PROGRAM + length:
-            m.uc.emu_stop()
-
-    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
-    try:
-        m.uc.emu_start(PROGRAM, 0, count=100000)
-    finally:
-        m.uc.hook_del(handle)
-    after = m.regs()
-    assert after["rip"] == CONT
-    for name in (*GPRS, "eflags"):
-        assert after[name] == before[name], name
+    m.run(PROGRAM, inside=(PROGRAM, PROGRAM + length), max_insns=100000)
+    assert_left_intact(m, before, CONT)
 
 
 def _walk(

@@ -255,21 +255,28 @@ def _hash_update(a: asm.Assembler, layout: MapLayout, helpers: CopyHelpers) -> N
     a.jcc("ne", "next")
     a.inc(mem("rsi", HEADER_SIZE + 24, size=8, disp32=True))
     a.jmp("counted")
-    a.label("next")
-    a.inc("edi")
-    a.and_("edi", layout.entries - 1)
-    a.dec("ecx")
-    a.jcc("ne", "lookup")
-    a.jmp("dropped")  # (never: a table is never more than 3/4 full)
-    a.label("empty")
-    a.cmp(mem("rbx", HDR_KEYS, size=8, disp32=True), layout.max_keys, imm32=True)
-    a.jcc("ae", "dropped")  # full: a new key is not taken
-    a.inc(mem("rbx", HDR_KEYS, size=8, disp32=True))
+    _next_or_new(a, layout, "", "ecx")
     a.mov(mem("rsi", HEADER_SIZE, disp32=True), "r8")
     a.mov(mem("rsi", HEADER_SIZE + 8, disp32=True), "r9")
     a.mov(mem("rsi", HEADER_SIZE + 24, size=8, disp32=True), 1)
     # `used` goes last: a reader that saw it set finds the key whole
     a.mov(mem("rsi", HEADER_SIZE + 16, size=8, disp32=True), 1)
+
+
+def _next_or_new(a: asm.Assembler, layout: MapLayout, prefix: str, left: str) -> None:
+    """The open-addressing tail of a lookup: at ``{prefix}next`` the following entry (while
+    ``left`` counts down), at ``{prefix}empty`` a new key taken unless the table is full
+    (then the hit is dropped); falls through with the key counted as taken."""
+    a.label(f"{prefix}next")
+    a.inc("edi")
+    a.and_("edi", layout.entries - 1)
+    a.dec(left)
+    a.jcc("ne", f"{prefix}lookup")
+    a.jmp("dropped")  # (never: a table is never more than 3/4 full)
+    a.label(f"{prefix}empty")
+    a.cmp(mem("rbx", HDR_KEYS, size=8, disp32=True), layout.max_keys, imm32=True)
+    a.jcc("ae", "dropped")  # full: a new key is not taken
+    a.inc(mem("rbx", HDR_KEYS, size=8, disp32=True))
 
 
 def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
@@ -310,16 +317,7 @@ def _stack_update(a: asm.Assembler, layout: MapLayout) -> None:
     a.jcc("b", "s_compare")
     a.inc(mem("rsi", count, size=8, disp32=True))
     a.jmp("counted")
-    a.label("s_next")
-    a.inc("edi")
-    a.and_("edi", layout.entries - 1)
-    a.dec("r9d")
-    a.jcc("ne", "s_lookup")
-    a.jmp("dropped")  # (never: a table is never more than 3/4 full)
-    a.label("s_empty")
-    a.cmp(mem("rbx", HDR_KEYS, size=8, disp32=True), layout.max_keys, imm32=True)
-    a.jcc("ae", "dropped")
-    a.inc(mem("rbx", HDR_KEYS, size=8, disp32=True))
+    _next_or_new(a, layout, "s_", "r9d")
     a.xor("ecx", "ecx")
     a.label("s_copy")
     a.mov("rax", mem("rbx", key, "rcx", 8, disp32=True))
