@@ -4,7 +4,10 @@ recorded return probe's hit rate against a recorded entry probe's on the same fu
 
 The per-hit cost is the guest's own time: a ``dd bs=1`` loop makes one ``vfs_read`` per
 byte, timed by the guest's monotonic clock (``/proc/timer_list``; the guest's busybox
-``date`` has no nanoseconds), minus the same loop unprobed, divided by the hits.
+``date`` has no nanoseconds), minus the same loop unprobed, divided by the hits. Under
+QEMU's ``-icount`` (:func:`kprobevm.bench.stacks.icount_qemu`) that clock counts the
+guest's instructions, so the figure is the instructions a hit adds, whatever the host's
+load; on the host's clock a loaded host moves it by more than the figure itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.bench.guest import guest_probe_hits
+from kprobevm.bench.optprobe import check_optimized
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
@@ -70,6 +74,8 @@ class DdRound:
     follower_max_fill: int = 0
     """The most bytes a look of the child found in the ring (its mark:
     ``ring_size * HIGH_WATER``)."""
+    optimized: bool = False
+    """The recorded probe ran with a jump (checked), not an int3."""
 
     @property
     def ratio(self) -> float:
@@ -85,15 +91,15 @@ def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
     ring stops meanwhile, and the host's seconds: steady state. The last round's probe
-    settles first (its retired id is judged in a stop of its own), and the probe's jump
-    is in before the clock starts (the optimizer stops the VM to look for vCPUs in the
-    bytes it covers, every 50 ms until none is)."""
+    settles first (its retired id is judged in a stop of its own), and with the optimizer
+    on the probe's jump is in before the clock starts (checked: a probe left with its
+    int3 would be measured under the wrong name)."""
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
     vm.settle_records()
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
-        vm.kprobes.optimizer.settle()
+        check_optimized(vm, vm.kprobes.optimizer.enabled)
         stats = vm.kprobes.channel.stats
         stops, ring = vm.target.stops, stats.ring_stops
         start = time.monotonic()
@@ -126,6 +132,7 @@ def measure_dd(vm: VM, n: int) -> DdRound:
         kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
         kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring, kprobevm_wall_s=wall,
         follower=kind, follower_max_gap_s=gap, follower_max_fill=fill,
+        optimized=vm.kprobes.optimizer.enabled,
     )  # fmt: skip
 
 
