@@ -52,6 +52,10 @@ _LOWMEM_GB_ALIGNED = 0xC000_0000
 _HIGH_START = 1 << 32
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
 _U64 = struct.Struct("<Q")
+_OFFSET_1G = (1 << 30) - 1
+_OFFSET_2M = (1 << 21) - 1
+_FRAME_1G = ADDR_MASK & ~_OFFSET_1G
+_FRAME_2M = ADDR_MASK & ~_OFFSET_2M
 
 
 def parse_memory_size(memory: str) -> int:
@@ -200,6 +204,7 @@ class FileRam(GuestRam):
         finally:
             os.close(fd)
         self.path = ram.path
+        self._all_low = self._low == ram.size  # no high RAM: file offset == address
 
     def _get(self, at: int, n: int) -> bytes:
         return self._map[at : at + n]
@@ -229,6 +234,46 @@ class FileRam(GuestRam):
                 return (entry & ADDR_MASK & ~(span - 1)) | (addr & (span - 1))
             table = entry & ADDR_MASK
         return table | (addr & (PAGE_SIZE - 1))
+
+    def read_page(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
+        """``n`` bytes at kernel virtual ``addr`` within one page, or None (not mapped,
+        not RAM). A stopping handler's read is this, on a cold CPU just woken from the
+        gdbstub's socket, where each Python operation costs several times its hot cost:
+        so the 4-level walk is unrolled, with no call per entry and no bounds check
+        per entry (an entry beyond the mapping raises ``struct.error``, and with no high
+        RAM every address inside it is RAM)."""
+        if root.la57 or not self._all_low:
+            try:
+                paddr = self.walk(root.cr3, root.la57, addr)
+            except GuestFaultError:
+                return None
+            return self.read_if_ram(paddr, n) if paddr is not None else None
+        m, unpack = self._map, _U64.unpack_from
+        try:
+            entry: int = unpack(m, (root.cr3 & ADDR_MASK) + ((addr >> 36) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 27) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            if entry & PS:
+                paddr = (entry & _FRAME_1G) | (addr & _OFFSET_1G)
+            else:
+                entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 18) & 0xFF8))[0]
+                if not entry & PRESENT:
+                    return None
+                if entry & PS:
+                    paddr = (entry & _FRAME_2M) | (addr & _OFFSET_2M)
+                else:
+                    entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 9) & 0xFF8))[0]
+                    if not entry & PRESENT:
+                        return None
+                    paddr = (entry & ADDR_MASK) | (addr & (PAGE_SIZE - 1))
+        except struct.error:  # a table beyond RAM: not ours to judge
+            return None
+        if paddr + n > self._low:
+            return None
+        return m[paddr : paddr + n]
 
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
@@ -276,6 +321,7 @@ class RamReader:
         self._find_root = root
         self._root: PagingRoot | None = None
         self._looked = False
+        self._read_page = ram.read_page if isinstance(ram, FileRam) else self._walked_page
         self.reads = 0
         """Reads served from the mapping."""
 
@@ -299,11 +345,7 @@ class RamReader:
         if root is None:
             return None
         if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
-            try:
-                paddr = self._translate(root, addr)
-            except GuestFaultError:
-                return None
-            data = self.ram.read_if_ram(paddr, n) if paddr is not None else None
+            data = self._read_page(root, addr, n)
             if data is not None:
                 self.reads += 1
             return data
@@ -336,6 +378,15 @@ class RamReader:
             return False
         self.ram.write_phys(paddr, data)
         return True
+
+    def _walked_page(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
+        """:meth:`FileRam.read_page` for any other store: a walk, then the read."""
+        ram = self.ram
+        try:
+            paddr = walk_tables(ram.u64, root.cr3, root.la57, addr)
+        except GuestFaultError:
+            return None
+        return ram.read_if_ram(paddr, n) if paddr is not None else None
 
     def _translate(self, root: PagingRoot, addr: int) -> int | None:
         ram = self.ram
