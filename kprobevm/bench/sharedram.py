@@ -68,7 +68,8 @@ class DdRound:
     """Host seconds of the probed loop: a guest stopped for the host's decoding does not
     count that time in its own clock, this does."""
     follower: str = ""
-    """What followed the ring: ``process``, ``thread`` (with why) or ``none``."""
+    """What followed the ring: ``process`` (with its scheduling), ``thread`` (with why)
+    or ``none``."""
     follower_max_gap_s: float = 0.0
     """The follower's longest time between two looks, over the session's life so far."""
     follower_max_fill: int = 0
@@ -117,7 +118,7 @@ def _follower(vm: VM) -> tuple[str, float, int]:
         return "none", 0.0, 0
     if follower.feed is None:
         return f"thread ({follower.fallback})", follower.max_gap, 0
-    return "process", follower.max_gap, follower.feed.max_fill
+    return f"process ({follower.feed.scheduling})", follower.max_gap, follower.feed.max_fill
 
 
 def measure_dd(vm: VM, n: int) -> DdRound:

@@ -133,6 +133,17 @@ class ChildFeed:
         return self._word("max_fill")
 
     @property
+    def scheduling(self) -> str:
+        """How the child is scheduled: ``SCHED_FIFO``, ``normal (why)``, or ``unknown``
+        before it has asked."""
+        sched = self._word("sched")
+        if sched == ringchild.SCHED_FIFO:
+            return "SCHED_FIFO"
+        if sched == ringchild.SCHED_NORMAL:
+            return f"normal ({os.strerror(self._word('sched_errno'))} for SCHED_FIFO)"
+        return "unknown"
+
+    @property
     def looks(self) -> int:
         """The child's looks at the ring."""
         return self._word("looks")
