@@ -81,6 +81,10 @@ def test_the_child_copies_whole_records_skips_padding_and_ends_with_its_parent()
             base = ringchild.HEADER
             assert buffer[base : base + 320] == first + second
             assert struct.unpack("<Q", os.pread(store, 8, TAIL))[0] == RING + 120
+            # the unfinished record holds the tail: the child's looks time the wait
+            while not hdr[ringchild.index("max_stall_ns")] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert hdr[ringchild.index("max_stall_ns")] > 0
             assert child.poll() is None
             os.close(wake_w)  # the parent "dies"
             assert child.wait(timeout=5) == 0

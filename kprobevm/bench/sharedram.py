@@ -75,6 +75,9 @@ class DdRound:
     follower_max_fill: int = 0
     """The most bytes a look of the child found in the ring (its mark:
     ``ring_size * HIGH_WATER``)."""
+    follower_max_stall_s: float = 0.0
+    """The longest the child's looks waited at an unfinished record (a vCPU the host
+    did not run inside the record program), over the session's life so far."""
     optimized: bool = False
     """The recorded probe ran with a jump (checked), not an int3."""
 
@@ -111,14 +114,16 @@ def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     return ns, hits, stops, ring, wall
 
 
-def _follower(vm: VM) -> tuple[str, float, int]:
-    """The ring follower's kind, longest gap and fullest look (``none``: no follower)."""
+def _follower(vm: VM) -> tuple[str, float, int, float]:
+    """The ring follower's kind, longest gap, fullest look and longest wait at an
+    unfinished record (``none``: no follower)."""
     follower = getattr(vm.kprobes.channel, "follower", None)
     if follower is None:
-        return "none", 0.0, 0
-    if follower.feed is None:
-        return f"thread ({follower.fallback})", follower.max_gap, 0
-    return f"process ({follower.feed.scheduling})", follower.max_gap, follower.feed.max_fill
+        return "none", 0.0, 0, 0.0
+    feed = follower.feed
+    if feed is None:
+        return f"thread ({follower.fallback})", follower.max_gap, 0, 0.0
+    return f"process ({feed.scheduling})", follower.max_gap, feed.max_fill, feed.max_stall
 
 
 def measure_dd(vm: VM, n: int) -> DdRound:
@@ -126,14 +131,14 @@ def measure_dd(vm: VM, n: int) -> DdRound:
     base = _dd_ns(vm, n)
     guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
     ours_ns, ours_hits, stops, ring, wall = _kprobevm_ns(vm, n)
-    kind, gap, fill = _follower(vm)
+    kind, gap, fill, stall = _follower(vm)
     return DdRound(
         unprobed_ns=base,
         guest_kprobe_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
         kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
         kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring, kprobevm_wall_s=wall,
         follower=kind, follower_max_gap_s=gap, follower_max_fill=fill,
-        optimized=vm.kprobes.optimizer.enabled,
+        follower_max_stall_s=stall, optimized=vm.kprobes.optimizer.enabled,
     )  # fmt: skip
 
 

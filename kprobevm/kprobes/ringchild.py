@@ -35,11 +35,13 @@ import sys
 import time
 
 WORDS = (
-    "wr", "tail", "sync_done", "max_gap_ns", "looks", "max_fill", "sched", "sched_errno",
-    "rd", "sync_req", "quit",
+    "wr", "tail", "sync_done", "max_gap_ns", "looks", "max_fill", "max_stall_ns", "sched",
+    "sched_errno", "rd", "sync_req", "quit",
 )  # fmt: skip
-"""The header's words: the first eight the child writes, the last three the parent
-(``max_fill``: the most bytes a look found between the tail and the head; ``sched``:
+"""The header's words: the first nine the child writes, the last three the parent
+(``max_fill``: the most bytes a look found between the tail and the head;
+``max_stall_ns``: the longest the tail waited at a record not stamped yet, with records
+after it: a vCPU inside the record program that the host does not run; ``sched``:
 :data:`SCHED_FIFO` or :data:`SCHED_NORMAL` once the child has asked, with the refusal's
 errno in ``sched_errno``)."""
 SCHED_FIFO = 1
@@ -73,6 +75,7 @@ class _Follower:
         self.hdr = header(self.buffer)
         self.tail = int(self.hdr[index("tail")])
         self.wr = int(self.hdr[index("wr")])
+        self.stalled: tuple[int, int] | None = None  # (position, since) of an unstamped record
 
     def u64(self, at: int) -> int:
         return int(_U64.unpack(os.pread(self.store, 8, at))[0])
@@ -110,6 +113,7 @@ class _Follower:
         mask, pos, wr = self.ring_size - 1, tail, self.wr
         room = self.cap - (wr - int(self.hdr[index("rd")]))
         spans: list[list[int]] = []  # runs of whole records in ``data``, the padding left out
+        unstamped = False
         while pos < head:
             at = pos - tail
             stamp = _U64.unpack_from(stamps, at)[0]
@@ -125,7 +129,9 @@ class _Follower:
             elif stamp == (pos + 1) | self.pad:
                 pos = (pos | mask) + 1
             else:
+                unstamped = True
                 break
+        self._note_stall(pos if unstamped else None)
         view = memoryview(data)
         for start, end in spans:
             self._put(wr, view[start:end])
@@ -135,6 +141,19 @@ class _Follower:
         self.hdr[index("wr")] = self.wr = wr
         self.hdr[index("tail")] = self.tail = pos
         os.pwrite(self.store, _U64.pack(pos), self.tail_at)
+
+    def _note_stall(self, pos: int | None) -> None:
+        """The tail waits at ``pos``, a record not stamped yet (None: it waits at none)."""
+        if pos is None:
+            self.stalled = None
+            return
+        now = time.monotonic_ns()
+        if self.stalled is None or self.stalled[0] != pos:
+            self.stalled = (pos, now)
+            return
+        stall = now - self.stalled[1]
+        if stall > self.hdr[index("max_stall_ns")]:
+            self.hdr[index("max_stall_ns")] = stall
 
     def _put(self, wr: int, data: memoryview) -> None:
         at = HEADER + wr % self.cap
