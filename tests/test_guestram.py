@@ -119,7 +119,7 @@ def test_kernel_reads_walk_the_kernels_page_table(tmp_path: Path) -> None:
 
 
 def test_the_unrolled_page_read_agrees_with_the_walk(tmp_path: Path) -> None:
-    """A one-page read (``FileRam.read_page``, a handler's) answers as the general walk
+    """A one-page read (``FileRam.page_reader``, a handler's) answers as the general walk
     does: 4 KiB, 2 MiB and 1 GiB pages, NX set, an absent entry at each level, a table or
     page beyond RAM."""
     ram = _ram(tmp_path, 16 * MiB)

@@ -235,45 +235,23 @@ class FileRam(GuestRam):
             table = entry & ADDR_MASK
         return table | (addr & (PAGE_SIZE - 1))
 
-    def read_page(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
-        """``n`` bytes at kernel virtual ``addr`` within one page, or None (not mapped,
-        not RAM). A stopping handler's read is this, on a cold CPU just woken from the
-        gdbstub's socket, where each Python operation costs several times its hot cost:
-        so the 4-level walk is unrolled, with no call per entry and no bounds check
-        per entry (an entry beyond the mapping raises ``struct.error``, and with no high
-        RAM every address inside it is RAM)."""
+    def page_reader(self, root: PagingRoot) -> Callable[[int, int], bytes | None]:
+        """A reader of ``n`` bytes at a kernel virtual address within one page through
+        ``root`` (None: not mapped, not RAM). A stopping handler's read is this, on a
+        cold CPU just woken from the gdbstub's socket, where each Python operation costs
+        several times its hot cost: so the 4-level walk is unrolled in a closure over its
+        constants, with no call and no bounds check per entry (an entry beyond the
+        mapping raises ``struct.error``, and with no high RAM all of it is RAM)."""
         if root.la57 or not self._all_low:
-            try:
-                paddr = self.walk(root.cr3, root.la57, addr)
-            except GuestFaultError:
-                return None
-            return self.read_if_ram(paddr, n) if paddr is not None else None
-        m, unpack = self._map, _U64.unpack_from
+            return lambda addr, n: self._walked_read(root, addr, n)
+        return _unrolled_reader(self._map, root.cr3 & ADDR_MASK)
+
+    def _walked_read(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
         try:
-            entry: int = unpack(m, (root.cr3 & ADDR_MASK) + ((addr >> 36) & 0xFF8))[0]
-            if not entry & PRESENT:
-                return None
-            entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 27) & 0xFF8))[0]
-            if not entry & PRESENT:
-                return None
-            if entry & PS:
-                paddr = (entry & _FRAME_1G) | (addr & _OFFSET_1G)
-            else:
-                entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 18) & 0xFF8))[0]
-                if not entry & PRESENT:
-                    return None
-                if entry & PS:
-                    paddr = (entry & _FRAME_2M) | (addr & _OFFSET_2M)
-                else:
-                    entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 9) & 0xFF8))[0]
-                    if not entry & PRESENT:
-                        return None
-                    paddr = (entry & ADDR_MASK) | (addr & (PAGE_SIZE - 1))
-        except struct.error:  # a table beyond RAM: not ours to judge
+            paddr = self.walk(root.cr3, root.la57, addr)
+        except GuestFaultError:
             return None
-        if paddr + n > self._low:
-            return None
-        return m[paddr : paddr + n]
+        return self.read_if_ram(paddr, n) if paddr is not None else None
 
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
@@ -302,6 +280,40 @@ _SHIFTS_4 = (39, 30, 21, 12)
 _SHIFTS_5 = (48, 39, 30, 21, 12)
 
 
+def _unrolled_reader(m: mmap.mmap, top: int) -> Callable[[int, int], bytes | None]:
+    """:meth:`FileRam.page_reader` for 4-level paging over a mapping that is all RAM."""
+    unpack, low = _U64.unpack_from, len(m)
+
+    def read(addr: int, n: int) -> bytes | None:
+        try:
+            entry: int = unpack(m, top + ((addr >> 36) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 27) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            if entry & PS:
+                paddr = (entry & _FRAME_1G) | (addr & _OFFSET_1G)
+            else:
+                entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 18) & 0xFF8))[0]
+                if not entry & PRESENT:
+                    return None
+                if entry & PS:
+                    paddr = (entry & _FRAME_2M) | (addr & _OFFSET_2M)
+                else:
+                    entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 9) & 0xFF8))[0]
+                    if not entry & PRESENT:
+                        return None
+                    paddr = (entry & ADDR_MASK) | (addr & (PAGE_SIZE - 1))
+        except struct.error:  # a table beyond RAM: not ours to judge
+            return None
+        if paddr + n > low:
+            return None
+        return m[paddr : paddr + n]
+
+    return read
+
+
 @dataclass(frozen=True)
 class PagingRoot:
     """The kernel's own top-level page table (``init_top_pgt``) and the paging mode."""
@@ -321,7 +333,7 @@ class RamReader:
         self._find_root = root
         self._root: PagingRoot | None = None
         self._looked = False
-        self._read_page = ram.read_page if isinstance(ram, FileRam) else self._walked_page
+        self._read_page: Callable[[int, int], bytes | None] | None = None
         self.reads = 0
         """Reads served from the mapping."""
 
@@ -341,14 +353,19 @@ class RamReader:
     def read_virt(self, addr: int, n: int) -> bytes | None:
         if addr < _KERNEL_HALF or n <= 0:
             return None  # user memory is the current task's: the vCPU's own view
-        root = self._root if self._looked else self.root()
-        if root is None:
-            return None
+        read_page = self._read_page
+        if read_page is None:
+            root = self.root()
+            if root is None:
+                return None
+            read_page = self._read_page = self._page_reader(root)
         if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
-            data = self._read_page(root, addr, n)
+            data = read_page(addr, n)
             if data is not None:
                 self.reads += 1
             return data
+        root = self._root
+        assert root is not None
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
@@ -379,14 +396,19 @@ class RamReader:
         self.ram.write_phys(paddr, data)
         return True
 
-    def _walked_page(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
-        """:meth:`FileRam.read_page` for any other store: a walk, then the read."""
+    def _page_reader(self, root: PagingRoot) -> Callable[[int, int], bytes | None]:
         ram = self.ram
-        try:
-            paddr = walk_tables(ram.u64, root.cr3, root.la57, addr)
-        except GuestFaultError:
-            return None
-        return ram.read_if_ram(paddr, n) if paddr is not None else None
+        if isinstance(ram, FileRam):
+            return ram.page_reader(root)
+
+        def read(addr: int, n: int) -> bytes | None:
+            try:
+                paddr = walk_tables(ram.u64, root.cr3, root.la57, addr)
+            except GuestFaultError:
+                return None
+            return ram.read_if_ram(paddr, n) if paddr is not None else None
+
+        return read
 
     def _translate(self, root: PagingRoot, addr: int) -> int | None:
         ram = self.ram
