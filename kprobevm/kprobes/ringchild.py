@@ -40,8 +40,9 @@ WORDS = (
 )  # fmt: skip
 """The header's words: the first nine the child writes, the last three the parent
 (``max_fill``: the most bytes a look found between the tail and the head;
-``max_stall_ns``: the longest the tail waited at a record not stamped yet, with records
-after it: a vCPU inside the record program that the host does not run; ``sched``:
+``max_stall_ns``: the longest the tail waited at a record not stamped yet, as two looks
+saw it: a vCPU inside the record program that the host did not run, with every record
+after it held back too; ``sched``:
 :data:`SCHED_FIFO` or :data:`SCHED_NORMAL` once the child has asked, with the refusal's
 errno in ``sched_errno``)."""
 SCHED_FIFO = 1
