@@ -118,6 +118,45 @@ def test_kernel_reads_walk_the_kernels_page_table(tmp_path: Path) -> None:
     assert looked == [1]  # the root is found once
 
 
+def test_the_unrolled_page_read_agrees_with_the_walk(tmp_path: Path) -> None:
+    """A one-page read (``FileRam.page_reader``, a handler's) answers as the general walk
+    does: 4 KiB, 2 MiB and 1 GiB pages, NX set, an absent entry at each level, a table or
+    page beyond RAM."""
+    ram = _ram(tmp_path, 16 * MiB)
+    pgd, pud, pmd, pt = 0x10000, 0x11000, 0x12000, 0x13000
+    nx = 1 << 63
+    base = 0xFFFF_C900_0000_0000  # vmalloc, where the stacks are
+    i4, i3, i2 = (base >> 39) & 0x1FF, (base >> 30) & 0x1FF, (base >> 21) & 0x1FF
+    _entry(ram, pgd, i4, pud | PRESENT | RW)
+    _entry(ram, pud, i3, pmd | PRESENT | RW)
+    _entry(ram, pud, i3 + 1, 0 | PRESENT | PS | nx)  # a 1 GiB page at 0: reads past RAM fail
+    _entry(ram, pud, i3 + 2, (64 * MiB) | PRESENT | RW)  # a table beyond RAM
+    _entry(ram, pmd, i2, pt | PRESENT | RW | nx)
+    _entry(ram, pmd, i2 + 1, (2 * MiB) | PRESENT | PS | nx)  # a 2 MiB page
+    _entry(ram, pt, 0, 0x200000 | PRESENT | nx)
+    _entry(ram, pt, 1, (16 * MiB - 4096) | PRESENT)  # RAM's last page
+    ram.write_phys(0x200010, b"four")
+    ram.write_phys(2 * MiB + 0x5010, b"2mib")
+    ram.write_phys(0x1234, b"1gib")
+    reader = RamReader(ram, lambda: PagingRoot(pgd, la57=False))
+    cases = {
+        base + 0x10: b"four",
+        base + (2 << 20) + 0x5010: b"2mib",
+        base + (1 << 30) + 0x1234: b"1gib",
+        base + (1 << 30) + 16 * MiB + 0x10: None,  # a page of the 1 GiB one past RAM
+        base + 0x1FFE: None,  # into the next page, absent
+        base + (2 << 30): None,  # its table is not RAM
+        base + (3 << 30): None,  # absent PUD entry
+        base + (4 << 20): None,  # absent PMD entry
+        base + 0x2000: None,  # absent PTE
+        base + (1 << 39): None,  # absent PGD entry
+    }
+    for addr, want in cases.items():
+        assert reader.read_virt(addr, 4) == want, hex(addr)
+    assert reader.read_virt(base + 0x1FFC, 4) == bytes(4)
+    assert reader.reads == 4
+
+
 def test_no_root_means_every_virtual_read_goes_to_the_gdbstub(tmp_path: Path) -> None:
     reader = RamReader(_ram(tmp_path, MiB), lambda: None)
     assert reader.read_virt(KERNEL, 8) is None

@@ -76,9 +76,15 @@ def test_the_child_copies_whole_records_skips_padding_and_ends_with_its_parent()
                 time.sleep(0.01)
             assert hdr[ringchild.index("tail")] == RING + 120
             assert hdr[ringchild.index("wr")] == 320
+            # it asked for a real-time priority before its first look, got or refused
+            assert hdr[ringchild.index("sched")] in (ringchild.SCHED_FIFO, ringchild.SCHED_NORMAL)
             base = ringchild.HEADER
             assert buffer[base : base + 320] == first + second
             assert struct.unpack("<Q", os.pread(store, 8, TAIL))[0] == RING + 120
+            # the unfinished record holds the tail: the child's looks time the wait
+            while not hdr[ringchild.index("max_stall_ns")] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert hdr[ringchild.index("max_stall_ns")] > 0
             assert child.poll() is None
             os.close(wake_w)  # the parent "dies"
             assert child.wait(timeout=5) == 0
@@ -111,6 +117,7 @@ def test_the_child_follows_and_a_dead_child_hands_the_tail_back(
         vm.flush_records()
         assert follower.feed.looks > 0 and len(seen) == kp.nhit >= 2000
         assert follower.max_gap > 0
+        assert follower.feed.scheduling != "unknown"
         process = follower.feed.process
         assert process is not None
         process.kill()

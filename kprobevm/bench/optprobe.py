@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from kprobevm.guest.vm import VM
 
 __all__ = [
-    "DD_EVENT", "VARIANTS", "WAYS", "OptRound", "Timing", "measure_round", "stop_cost_ns",
+    "DD_EVENT", "VARIANTS", "WAYS", "OptRound", "Timing", "check_optimized", "measure_round",
+    "stop_cost_ns",
 ]  # fmt: skip
 
 DD_EVENT = "p:rd vfs_read count=%dx:u64"
@@ -97,7 +98,7 @@ def dd_timed(vm: VM, n: int) -> Timing:
     return Timing(end - start, cpu)
 
 
-def _check_optimized(vm: VM, want: bool) -> None:
+def check_optimized(vm: VM, want: bool) -> None:
     """Raise unless the probe on :data:`FUNCTION` is (or is not) jump-optimized (once
     the optimizer is through, when it is wanted)."""
     if want:
@@ -125,7 +126,7 @@ def _recorded(vm: VM, n: int, jump: bool) -> tuple[Timing, int, int]:
     assert isinstance(event, ProbeEvent)
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
-        _check_optimized(vm, jump)
+        check_optimized(vm, jump)
         stops = vm.target.stops
         timing = dd_timed(vm, n)
         stops = vm.target.stops - stops
@@ -138,7 +139,7 @@ def _counted(vm: VM, n: int, jump: bool) -> tuple[Timing, int, int]:
     kp = Kprobe(symbol_name=FUNCTION)
     vm.register_kprobe(kp)
     try:
-        _check_optimized(vm, jump)
+        check_optimized(vm, jump)
         stops = vm.target.stops
         timing = dd_timed(vm, n)
         stops = vm.target.stops - stops

@@ -4,7 +4,10 @@ recorded return probe's hit rate against a recorded entry probe's on the same fu
 
 The per-hit cost is the guest's own time: a ``dd bs=1`` loop makes one ``vfs_read`` per
 byte, timed by the guest's monotonic clock (``/proc/timer_list``; the guest's busybox
-``date`` has no nanoseconds), minus the same loop unprobed, divided by the hits.
+``date`` has no nanoseconds), minus the same loop unprobed, divided by the hits. Under
+QEMU's ``-icount`` (:func:`kprobevm.bench.stacks.icount_qemu`) that clock counts the
+guest's instructions, so the figure is the instructions a hit adds, whatever the host's
+load; on the host's clock a loaded host moves it by more than the figure itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kprobevm.bench.guest import guest_probe_hits
+from kprobevm.bench.optprobe import check_optimized
 from kprobevm.bench.workload import HOT_FUNCTION, run_opens
 from kprobevm.kprobes.core import Kprobe
 from kprobevm.kprobes.kretprobes import Kretprobe
@@ -64,12 +68,18 @@ class DdRound:
     """Host seconds of the probed loop: a guest stopped for the host's decoding does not
     count that time in its own clock, this does."""
     follower: str = ""
-    """What followed the ring: ``process``, ``thread`` (with why) or ``none``."""
+    """What followed the ring: ``process`` (with its scheduling), ``thread`` (with why)
+    or ``none``."""
     follower_max_gap_s: float = 0.0
     """The follower's longest time between two looks, over the session's life so far."""
     follower_max_fill: int = 0
     """The most bytes a look of the child found in the ring (its mark:
     ``ring_size * HIGH_WATER``)."""
+    follower_max_stall_s: float = 0.0
+    """The longest the child's looks waited at an unfinished record (a vCPU the host
+    did not run inside the record program), over the session's life so far."""
+    optimized: bool = False
+    """The recorded probe ran with a jump (checked), not an int3."""
 
     @property
     def ratio(self) -> float:
@@ -85,15 +95,15 @@ def _guest_kprobe_ns(vm: VM, n: int) -> tuple[int, int]:
 def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     """The dd loop under ``kprobevm trace --mode record``'s probe: ns, hits, VM stops and
     ring stops meanwhile, and the host's seconds: steady state. The last round's probe
-    settles first (its retired id is judged in a stop of its own), and the probe's jump
-    is in before the clock starts (the optimizer stops the VM to look for vCPUs in the
-    bytes it covers, every 50 ms until none is)."""
+    settles first (its retired id is judged in a stop of its own), and with the optimizer
+    on the probe's jump is in before the clock starts (checked: a probe left with its
+    int3 would be measured under the wrong name)."""
     event = parse_event(DD_EVENT)
     assert isinstance(event, ProbeEvent)
     vm.settle_records()
     session = TraceSession(vm, plan_events(vm, [event]), mode="record")
     with session:
-        vm.kprobes.optimizer.settle()
+        check_optimized(vm, vm.kprobes.optimizer.enabled)
         stats = vm.kprobes.channel.stats
         stops, ring = vm.target.stops, stats.ring_stops
         start = time.monotonic()
@@ -104,14 +114,16 @@ def _kprobevm_ns(vm: VM, n: int) -> tuple[int, int, int, int, float]:
     return ns, hits, stops, ring, wall
 
 
-def _follower(vm: VM) -> tuple[str, float, int]:
-    """The ring follower's kind, longest gap and fullest look (``none``: no follower)."""
+def _follower(vm: VM) -> tuple[str, float, int, float]:
+    """The ring follower's kind, longest gap, fullest look and longest wait at an
+    unfinished record (``none``: no follower)."""
     follower = getattr(vm.kprobes.channel, "follower", None)
     if follower is None:
-        return "none", 0.0, 0
-    if follower.feed is None:
-        return f"thread ({follower.fallback})", follower.max_gap, 0
-    return "process", follower.max_gap, follower.feed.max_fill
+        return "none", 0.0, 0, 0.0
+    feed = follower.feed
+    if feed is None:
+        return f"thread ({follower.fallback})", follower.max_gap, 0, 0.0
+    return f"process ({feed.scheduling})", follower.max_gap, feed.max_fill, feed.max_stall
 
 
 def measure_dd(vm: VM, n: int) -> DdRound:
@@ -119,13 +131,14 @@ def measure_dd(vm: VM, n: int) -> DdRound:
     base = _dd_ns(vm, n)
     guest_ns, guest_hits = _guest_kprobe_ns(vm, n)
     ours_ns, ours_hits, stops, ring, wall = _kprobevm_ns(vm, n)
-    kind, gap, fill = _follower(vm)
+    kind, gap, fill, stall = _follower(vm)
     return DdRound(
         unprobed_ns=base,
         guest_kprobe_ns_per_hit=(guest_ns - base) / max(guest_hits, 1),
         kprobevm_ns_per_hit=(ours_ns - base) / max(ours_hits, 1),
         kprobevm_hits=ours_hits, vm_stops=stops, ring_stops=ring, kprobevm_wall_s=wall,
         follower=kind, follower_max_gap_s=gap, follower_max_fill=fill,
+        follower_max_stall_s=stall, optimized=vm.kprobes.optimizer.enabled,
     )  # fmt: skip
 
 

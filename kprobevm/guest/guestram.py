@@ -52,6 +52,10 @@ _LOWMEM_GB_ALIGNED = 0xC000_0000
 _HIGH_START = 1 << 32
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
 _U64 = struct.Struct("<Q")
+_OFFSET_1G = (1 << 30) - 1
+_OFFSET_2M = (1 << 21) - 1
+_FRAME_1G = ADDR_MASK & ~_OFFSET_1G
+_FRAME_2M = ADDR_MASK & ~_OFFSET_2M
 
 
 def parse_memory_size(memory: str) -> int:
@@ -200,6 +204,7 @@ class FileRam(GuestRam):
         finally:
             os.close(fd)
         self.path = ram.path
+        self._all_low = self._low == ram.size  # no high RAM: file offset == address
 
     def _get(self, at: int, n: int) -> bytes:
         return self._map[at : at + n]
@@ -230,6 +235,24 @@ class FileRam(GuestRam):
             table = entry & ADDR_MASK
         return table | (addr & (PAGE_SIZE - 1))
 
+    def page_reader(self, root: PagingRoot) -> Callable[[int, int], bytes | None]:
+        """A reader of ``n`` bytes at a kernel virtual address within one page through
+        ``root`` (None: not mapped, not RAM). A stopping handler's read is this, on a
+        cold CPU just woken from the gdbstub's socket, where each Python operation costs
+        several times its hot cost: so the 4-level walk is unrolled in a closure over its
+        constants, with no call and no bounds check per entry (an entry beyond the
+        mapping raises ``struct.error``, and with no high RAM all of it is RAM)."""
+        if root.la57 or not self._all_low:
+            return lambda addr, n: self._walked_read(root, addr, n)
+        return _unrolled_reader(self._map, root.cr3 & ADDR_MASK)
+
+    def _walked_read(self, root: PagingRoot, addr: int, n: int) -> bytes | None:
+        try:
+            paddr = self.walk(root.cr3, root.la57, addr)
+        except GuestFaultError:
+            return None
+        return self.read_if_ram(paddr, n) if paddr is not None else None
+
     def u64(self, paddr: int) -> int:
         if paddr >= 0 and paddr + 8 <= self._low:  # each page-table entry of a walk
             return int(_U64.unpack_from(self._map, paddr)[0])  # no bytes object made
@@ -257,6 +280,40 @@ _SHIFTS_4 = (39, 30, 21, 12)
 _SHIFTS_5 = (48, 39, 30, 21, 12)
 
 
+def _unrolled_reader(m: mmap.mmap, top: int) -> Callable[[int, int], bytes | None]:
+    """:meth:`FileRam.page_reader` for 4-level paging over a mapping that is all RAM."""
+    unpack, low = _U64.unpack_from, len(m)
+
+    def read(addr: int, n: int) -> bytes | None:
+        try:
+            entry: int = unpack(m, top + ((addr >> 36) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 27) & 0xFF8))[0]
+            if not entry & PRESENT:
+                return None
+            if entry & PS:
+                paddr = (entry & _FRAME_1G) | (addr & _OFFSET_1G)
+            else:
+                entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 18) & 0xFF8))[0]
+                if not entry & PRESENT:
+                    return None
+                if entry & PS:
+                    paddr = (entry & _FRAME_2M) | (addr & _OFFSET_2M)
+                else:
+                    entry = unpack(m, (entry & ADDR_MASK) + ((addr >> 9) & 0xFF8))[0]
+                    if not entry & PRESENT:
+                        return None
+                    paddr = (entry & ADDR_MASK) | (addr & (PAGE_SIZE - 1))
+        except struct.error:  # a table beyond RAM: not ours to judge
+            return None
+        if paddr + n > low:
+            return None
+        return m[paddr : paddr + n]
+
+    return read
+
+
 @dataclass(frozen=True)
 class PagingRoot:
     """The kernel's own top-level page table (``init_top_pgt``) and the paging mode."""
@@ -276,6 +333,7 @@ class RamReader:
         self._find_root = root
         self._root: PagingRoot | None = None
         self._looked = False
+        self._read_page: Callable[[int, int], bytes | None] | None = None
         self.reads = 0
         """Reads served from the mapping."""
 
@@ -295,18 +353,19 @@ class RamReader:
     def read_virt(self, addr: int, n: int) -> bytes | None:
         if addr < _KERNEL_HALF or n <= 0:
             return None  # user memory is the current task's: the vCPU's own view
-        root = self._root if self._looked else self.root()
-        if root is None:
-            return None
-        if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
-            try:
-                paddr = self._translate(root, addr)
-            except GuestFaultError:
+        read_page = self._read_page
+        if read_page is None:
+            root = self.root()
+            if root is None:
                 return None
-            data = self.ram.read_if_ram(paddr, n) if paddr is not None else None
+            read_page = self._read_page = self._page_reader(root)
+        if (addr & (PAGE_SIZE - 1)) + n <= PAGE_SIZE:  # one page (a handler's read): one walk
+            data = read_page(addr, n)
             if data is not None:
                 self.reads += 1
             return data
+        root = self._root
+        assert root is not None
         out = b""
         while n > 0:
             chunk = min(n, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
@@ -336,6 +395,20 @@ class RamReader:
             return False
         self.ram.write_phys(paddr, data)
         return True
+
+    def _page_reader(self, root: PagingRoot) -> Callable[[int, int], bytes | None]:
+        ram = self.ram
+        if isinstance(ram, FileRam):
+            return ram.page_reader(root)
+
+        def read(addr: int, n: int) -> bytes | None:
+            try:
+                paddr = walk_tables(ram.u64, root.cr3, root.la57, addr)
+            except GuestFaultError:
+                return None
+            return ram.read_if_ram(paddr, n) if paddr is not None else None
+
+        return read
 
     def _translate(self, root: PagingRoot, addr: int) -> int | None:
         ram = self.ram

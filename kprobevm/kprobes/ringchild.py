@@ -13,6 +13,13 @@ writes a record's bytes, then ``wr``, then ``tail``, then the guest's tail: what
 has told the parent is in the buffer, and the guest's tail never passes ``tail``.
 It ends when ``quit`` is set, when the pipe's write end closes (the parent is gone), or
 when its parent changes.
+
+The child asks for ``SCHED_FIFO`` at the lowest real-time priority: under the host's
+ordinary scheduling a loaded host left it unscheduled for 15-58 ms, time in which a
+``dd bs=1`` loop fills the ring to its mark and the guest stops for a drain. A look takes
+about a millisecond every 2 ms, so the priority takes little from anyone. Where the
+host refuses it (no ``CAP_SYS_NICE``, no ``RLIMIT_RTPRIO``) the child says so on stderr
+and runs on at normal priority (the ``sched`` word says which).
 """
 
 from __future__ import annotations
@@ -28,10 +35,18 @@ import sys
 import time
 
 WORDS = (
-    "wr", "tail", "sync_done", "max_gap_ns", "looks", "max_fill", "rd", "sync_req", "quit",
+    "wr", "tail", "sync_done", "max_gap_ns", "looks", "max_fill", "max_stall_ns", "sched",
+    "sched_errno", "rd", "sync_req", "quit",
 )  # fmt: skip
-"""The header's words: the first six the child writes, the last three the parent
-(``max_fill``: the most bytes a look found between the tail and the head)."""
+"""The header's words: the first nine the child writes, the last three the parent
+(``max_fill``: the most bytes a look found between the tail and the head;
+``max_stall_ns``: the longest the tail waited at a record not stamped yet, as two looks
+saw it: a vCPU inside the record program that the host did not run, with every record
+after it held back too; ``sched``:
+:data:`SCHED_FIFO` or :data:`SCHED_NORMAL` once the child has asked, with the refusal's
+errno in ``sched_errno``)."""
+SCHED_FIFO = 1
+SCHED_NORMAL = 2
 HEADER = 4096
 _U64 = struct.Struct("<Q")
 _SIZE_ID = struct.Struct("<IH")
@@ -61,6 +76,7 @@ class _Follower:
         self.hdr = header(self.buffer)
         self.tail = int(self.hdr[index("tail")])
         self.wr = int(self.hdr[index("wr")])
+        self.stalled: tuple[int, int] | None = None  # (position, since) of an unstamped record
 
     def u64(self, at: int) -> int:
         return int(_U64.unpack(os.pread(self.store, 8, at))[0])
@@ -98,6 +114,7 @@ class _Follower:
         mask, pos, wr = self.ring_size - 1, tail, self.wr
         room = self.cap - (wr - int(self.hdr[index("rd")]))
         spans: list[list[int]] = []  # runs of whole records in ``data``, the padding left out
+        unstamped = False
         while pos < head:
             at = pos - tail
             stamp = _U64.unpack_from(stamps, at)[0]
@@ -113,7 +130,9 @@ class _Follower:
             elif stamp == (pos + 1) | self.pad:
                 pos = (pos | mask) + 1
             else:
+                unstamped = True
                 break
+        self._note_stall(pos if unstamped else None)
         view = memoryview(data)
         for start, end in spans:
             self._put(wr, view[start:end])
@@ -124,6 +143,19 @@ class _Follower:
         self.hdr[index("tail")] = self.tail = pos
         os.pwrite(self.store, _U64.pack(pos), self.tail_at)
 
+    def _note_stall(self, pos: int | None) -> None:
+        """The tail waits at ``pos``, a record not stamped yet (None: it waits at none)."""
+        if pos is None:
+            self.stalled = None
+            return
+        now = time.monotonic_ns()
+        if self.stalled is None or self.stalled[0] != pos:
+            self.stalled = (pos, now)
+            return
+        stall = now - self.stalled[1]
+        if stall > self.hdr[index("max_stall_ns")]:
+            self.hdr[index("max_stall_ns")] = stall
+
     def _put(self, wr: int, data: memoryview) -> None:
         at = HEADER + wr % self.cap
         first = min(len(data), HEADER + self.cap - at)
@@ -132,10 +164,25 @@ class _Follower:
             self.buffer[HEADER : HEADER + len(data) - first] = data[first:]
 
 
+def _realtime(hdr: ctypes.Array[ctypes.c_uint64]) -> None:
+    """Ask for the lowest real-time priority; say on stderr when refused."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError as exc:
+        hdr[index("sched_errno")] = exc.errno or 0
+        hdr[index("sched")] = SCHED_NORMAL
+        print(f"kprobevm: the ring follower's child runs at normal priority ({exc.strerror}"
+              " for SCHED_FIFO): a loaded host can hold it up until the ring fills to its"
+              " mark, a VM stop", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    hdr[index("sched")] = SCHED_FIFO
+
+
 def main() -> int:
     cfg = json.loads(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we end
     follower = _Follower(cfg)
+    _realtime(follower.hdr)
     wake, parent, interval = int(cfg["wake_fd"]), int(cfg["parent"]), float(cfg["interval"])
     hdr, last = follower.hdr, time.monotonic()
     while not hdr[index("quit")]:

@@ -133,6 +133,24 @@ class ChildFeed:
         return self._word("max_fill")
 
     @property
+    def max_stall(self) -> float:
+        """The longest the child's looks waited at a record not stamped yet, in seconds:
+        a vCPU inside the record program that the host did not run meanwhile (records
+        after it wait too, and the ring fills however often the child looks)."""
+        return self._word("max_stall_ns") / 1e9
+
+    @property
+    def scheduling(self) -> str:
+        """How the child is scheduled: ``SCHED_FIFO``, ``normal (why)``, or ``unknown``
+        before it has asked."""
+        sched = self._word("sched")
+        if sched == ringchild.SCHED_FIFO:
+            return "SCHED_FIFO"
+        if sched == ringchild.SCHED_NORMAL:
+            return f"normal ({os.strerror(self._word('sched_errno'))} for SCHED_FIFO)"
+        return "unknown"
+
+    @property
     def looks(self) -> int:
         """The child's looks at the ring."""
         return self._word("looks")
