@@ -268,7 +268,8 @@ class Quiescence:
         """Let the guest run until nothing can be inside kernel text ``ranges`` (each
         ``[lo, hi)``) that no new execution enters after ``since`` (what optimized jumps go over):
         no vCPU's RIP inside, and under the rule in force every vCPU (or every task that
-        may have been interrupted inside) seen out since. None when so; else, after
+        may have been interrupted inside them, or inside a slot, whose copies may end
+        inside them) seen out since. None when so; else, after
         ``timeout`` seconds or at once under the ``never`` rule, why not."""
         deadline = time.monotonic() + timeout
         tasks: TasksGrace | None = None
@@ -294,15 +295,24 @@ class Quiescence:
                     running = self._running_tasks()
                     if running is not None:
                         tasks.observe(running)
-            over = tasks.grace_over(since) if tasks is not None else self.grace_over(since)
+            if tasks is not None:
+                # a task switched out in a slot (one freed since, too) goes on to where
+                # the slot's copies end, which may be inside these bytes: it holds too
+                assert self.tasks is not None
+                in_slots = self.tasks.grace_over(since)
+                over = tasks.grace_over(since) and in_slots
+            else:
+                over = self.grace_over(since)
             if not rips and over:
                 return None
             if time.monotonic() > deadline:
                 if rips:
                     return "vCPUs inside the jump's bytes: " + ", ".join(f"{r:#x}" for r in rips)
                 if tasks is not None:
-                    held = "; ".join(map(str, tasks.holders(since))) or "none now"
-                    return f"tasks may be inside the jump's bytes: {held}"
+                    assert self.tasks is not None
+                    held = "; ".join(map(str, [*tasks.holders(since),
+                                               *self.tasks.holders(since)])) or "none now"
+                    return f"tasks may be inside the jump's bytes or a slot: {held}"
                 return "some vCPU was never seen quiescent (user mode or idle)"
             self.target.resume()
             time.sleep(0.02)
