@@ -5,7 +5,7 @@ A freed slot (or record program) may still hold a vCPU that was interrupted insi
 On a kernel that does not preempt kernel code (``PREEMPT_NONE``/``VOLUNTARY``, or
 ``PREEMPT_DYNAMIC`` in those modes) it becomes reusable once no vCPU's RIP is inside it
 and every vCPU has been seen in a quiescent state since it was freed: in user mode, or
-halted in the idle loop (the byte before RIP is ``hlt``). Such a vCPU has no kernel
+halted in the idle loop (``sti; hlt`` right before RIP). Such a vCPU has no kernel
 context of its own left interrupted inside a slot. This is the ``vcpus`` rule.
 
 A kernel that preempts kernel code (``PREEMPT_RT``, ``preempt=full``) can switch a task
@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import GdbErrorReply, KprobeError, KprobeVMError
-from kprobevm.gdbstub.target import cpu_of_thread, vcpu_quiescent, vcpu_rips
+from kprobevm.errors import KprobeError, KprobeVMError
+from kprobevm.gdbstub.target import cpu_of_thread, halted_in_idle, vcpu_quiescent, vcpu_rips
 from kprobevm.kernel.preempt import PreemptionModel, preemption_model
 from kprobevm.kprobes.slots import SlotCache
 from kprobevm.trap.rcutasks import Region, RunningTask, TasksGrace
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["GraceRule", "GuestTasks", "Quiescence"]
 
 log = logging.getLogger(__name__)
-
-_HLT = 0xF4
-
 
 @dataclass(frozen=True)
 class GuestTasks:
@@ -193,10 +190,7 @@ class Quiescence:
         rip, user = regs["rip"], bool(regs["cs"] & 3)
         quiescent = user
         if not user and not self.ours(rip):
-            try:
-                quiescent = client.read_memory(rip - 1, 1)[0] == _HLT
-            except GdbErrorReply:
-                quiescent = False
+            quiescent = halted_in_idle(client, rip)
         guest = self.guest
         assert guest is not None and guest.layout is not None
         task = 0
