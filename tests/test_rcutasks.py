@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -340,3 +341,30 @@ def test_the_rule_comes_from_the_kernel() -> None:
     assert q.rule.name == "tasks"
     plain = b"Linux version 6.1.0 (gcc) #1 SMP Debian 6.1.192"
     assert not preemption_model(_rt_guest(guest, plain).memory, tasks.symbols).preemptible
+
+
+def test_a_jump_waits_for_a_task_preempted_in_a_slot_that_returns_inside_it() -> None:
+    """A slot that copied the instructions of an older jump (a site uncovered by a probe
+    inside it, or a freed one) goes back to the instruction after them, which may lie
+    inside a newer jump's bytes. A task preempted in such a slot holds that jump off:
+    no stack word of it points into the jump's bytes, but it will run into them."""
+    running, preempted = _task(1, words=[TEXT]), _task(2, words=[TEXT])
+    guest = Guest([[_task(0)], [running], [preempted]])
+    guest.ram.u64(PERCPU + CURRENT, running.addr)
+    client = _Client({"cs": 0x10, "rip": TEXT, "rsp": guest.stack_top(running) - 8,
+                      "gs_base": PERCPU, "k_gs_base": 0})  # fmt: skip
+    area = _Area()
+    q = Quiescence(_Target(client), ["p1.1"], ours=area.contains,  # type: ignore[arg-type]
+                   guest=_rt_guest(guest, RT_BANNER))  # fmt: skip
+    cache = q.slot_cache(area, 128, grace_seconds=0.0)  # type: ignore[arg-type]
+    old = cache.get_insn_slot()
+    preempted.words = [0, old.address + 0x10, TEXT]  # switched out among the copies
+    guest.place(preempted)
+    cache.free_insn_slot(old)
+    jump = [(TEXT + 0x100 + 1, TEXT + 0x100 + 6)]  # the old slot goes back to +3 of it
+    since = time.monotonic()
+    why = q.wait_until_out_of_text(jump, since, timeout=0.0)
+    assert why is not None and "t2[2]" in why, why
+    preempted.words = [TEXT]  # it ran on, out of the slot
+    guest.place(preempted)
+    assert q.wait_until_out_of_text(jump, since, timeout=0.0) is None

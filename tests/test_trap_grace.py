@@ -45,13 +45,23 @@ class _Target:
 def test_a_vcpu_at_the_start_of_a_page_after_a_hole_is_not_known_quiescent() -> None:
     client = _Client({
         "p1.1": {"cs": 0x10, "rip": PAGE},  # kernel mode, previous byte unmapped
-        "p1.2": {"cs": 0x10, "rip": 0xFFFFFFFF81001001},  # right after a hlt
+        "p1.2": {"cs": 0x10, "rip": 0xFFFFFFFF81001001},  # right after the idle sti; hlt
         "p1.3": {"cs": 0x33, "rip": 0x401000},  # user mode
-    }, {0xFFFFFFFF81001000: b"\xf4"})  # fmt: skip
+    }, {0xFFFFFFFF81000FFF: b"\xfb\xf4"})  # fmt: skip
     q = Quiescence(_Target(client), ["p1.1", "p1.2", "p1.3"])  # type: ignore[arg-type]
     q.observe()
     assert set(q.last_quiescent) == {"p1.2", "p1.3"}
     assert not q.grace_over(0.0)  # p1.1 was never seen quiescent
+
+
+def test_a_vcpu_after_an_instruction_ending_in_0xf4_is_not_idle() -> None:
+    """``mov %eax,-0xc(%rbp)`` (89 45 f4) ends in the hlt opcode: a vCPU stopped right
+    after it runs kernel code (one was seen so in path_init, inside an open)."""
+    client = _Client({"p1.1": {"cs": 0x10, "rip": 0xFFFFFFFF81001003}},
+                     {0xFFFFFFFF81001001: b"\x45\xf4", 0xFFFFFFFF81001002: b"\xf4"})  # fmt: skip
+    q = Quiescence(_Target(client), ["p1.1"])  # type: ignore[arg-type]
+    q.observe()
+    assert not q.last_quiescent
 
 
 def test_a_vcpu_in_our_own_code_is_never_quiescent_whatever_byte_precedes_it() -> None:

@@ -59,10 +59,12 @@ from kprobevm.gdbstub.packet import StopReply, parse_thread_id
 from kprobevm.gdbstub.transport import GdbTransport
 
 __all__ = [
+    "IDLE_HALT",
     "LossExplainer",
     "StopHandler",
     "Target",
     "cpu_of_thread",
+    "halted_in_idle",
     "vcpu_quiescent",
     "vcpu_rips",
 ]
@@ -89,7 +91,10 @@ def cpu_of_thread(thread: str | None) -> int:
     return max(parse_thread_id(thread)[1] - 1, 0)
 
 
-_HLT = b"\xf4"
+IDLE_HALT = b"\xfb\xf4"
+"""``sti; hlt``: how the kernel's idle loop halts (``safe_halt``). A 0xf4 alone before RIP
+is no proof: it ends many instructions (``mov %r12,%rsi``, a disp8 of -12), and a vCPU
+stopped right after one of those was taken for an idle one."""
 
 
 def vcpu_rips(client: GdbTransport) -> list[int]:
@@ -97,21 +102,26 @@ def vcpu_rips(client: GdbTransport) -> list[int]:
     return list(client.read_register_each("rip", client.threads()).values())
 
 
+def halted_in_idle(client: GdbTransport, rip: int) -> bool:
+    """The kernel-mode vCPU at ``rip`` sits right after the idle loop's ``sti; hlt``
+    (VM stopped). Bytes before RIP that cannot be read (RIP at the start of a page whose
+    predecessor is unmapped) mean "not known": False, never an error."""
+    try:
+        return client.read_memory(rip - len(IDLE_HALT), len(IDLE_HALT)) == IDLE_HALT
+    except GdbErrorReply:
+        return False
+
+
 def vcpu_quiescent(client: GdbTransport, thread: str, ours: Callable[[int], bool]) -> bool:
     """The vCPU ``thread`` holds no kernel context now (VM stopped): it runs user code,
-    or sits halted in the idle loop outside our code. A byte before RIP that cannot be
-    read (RIP at the start of a page whose predecessor is unmapped) means "not known":
-    not quiescent this time, never an error."""
+    or sits halted in the idle loop outside our code (:func:`halted_in_idle`)."""
     regs = client.read_registers(thread=thread, wide=False)
     rip = regs["rip"]
     if regs["cs"] & 3:
         return True
     if ours(rip):
         return False
-    try:
-        return client.read_memory(rip - 1, 1) == _HLT
-    except GdbErrorReply:
-        return False
+    return halted_in_idle(client, rip)
 
 
 class Target:

@@ -39,8 +39,10 @@ GRACE_TIMEOUT = 2.0
 stderr says they still have their int3 (the optimizer goes on trying)."""
 OPTIMIZE_BY_DEFAULT = False
 """Jumps are asked for (``optimizer.enabled = True``, ``--optimize``): once, in a whole
-test run on a loaded machine, a batch of stopping probes with one inside another's jump
-left a guest's text changed and the guest hung, and the cause is not found yet."""
+test run on a loaded machine, a 2-vCPU guest's vCPU 0 stopped taking interrupts after a
+stopping batch that had jumps (the next text_poke of the guest's own ftrace then hung
+on it, half done), and what stopped it is not found yet. The hit that batch lost, a
+watchpoint report QEMU folded into one of this thread's stops, is handled now."""
 
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""

@@ -101,6 +101,9 @@ class TrapStats:
     """Hot sites given a watchpoint of their own."""
     ring_stops: int = 0
     """Stops of the record ring's half-full watch (the guest asking for a drain)."""
+    folded: int = 0
+    """Hits found at a stop of our own (SMP): QEMU reported only the interrupt that
+    raced the vCPU's watched store."""
 
     def per_hit_us(self) -> dict[str, float]:
         """Mean microseconds per hit in each phase."""

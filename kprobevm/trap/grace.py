@@ -5,7 +5,7 @@ A freed slot (or record program) may still hold a vCPU that was interrupted insi
 On a kernel that does not preempt kernel code (``PREEMPT_NONE``/``VOLUNTARY``, or
 ``PREEMPT_DYNAMIC`` in those modes) it becomes reusable once no vCPU's RIP is inside it
 and every vCPU has been seen in a quiescent state since it was freed: in user mode, or
-halted in the idle loop (the byte before RIP is ``hlt``). Such a vCPU has no kernel
+halted in the idle loop (``sti; hlt`` right before RIP). Such a vCPU has no kernel
 context of its own left interrupted inside a slot. This is the ``vcpus`` rule.
 
 A kernel that preempts kernel code (``PREEMPT_RT``, ``preempt=full``) can switch a task
@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kprobevm.errors import GdbErrorReply, KprobeError, KprobeVMError
-from kprobevm.gdbstub.target import cpu_of_thread, vcpu_quiescent, vcpu_rips
+from kprobevm.errors import KprobeError, KprobeVMError
+from kprobevm.gdbstub.target import cpu_of_thread, halted_in_idle, vcpu_quiescent, vcpu_rips
 from kprobevm.kernel.preempt import PreemptionModel, preemption_model
 from kprobevm.kprobes.slots import SlotCache
 from kprobevm.trap.rcutasks import Region, RunningTask, TasksGrace
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["GraceRule", "GuestTasks", "Quiescence"]
 
 log = logging.getLogger(__name__)
-
-_HLT = 0xF4
-
 
 @dataclass(frozen=True)
 class GuestTasks:
@@ -193,10 +190,7 @@ class Quiescence:
         rip, user = regs["rip"], bool(regs["cs"] & 3)
         quiescent = user
         if not user and not self.ours(rip):
-            try:
-                quiescent = client.read_memory(rip - 1, 1)[0] == _HLT
-            except GdbErrorReply:
-                quiescent = False
+            quiescent = halted_in_idle(client, rip)
         guest = self.guest
         assert guest is not None and guest.layout is not None
         task = 0
@@ -268,7 +262,8 @@ class Quiescence:
         """Let the guest run until nothing can be inside kernel text ``ranges`` (each
         ``[lo, hi)``) that no new execution enters after ``since`` (what optimized jumps go over):
         no vCPU's RIP inside, and under the rule in force every vCPU (or every task that
-        may have been interrupted inside) seen out since. None when so; else, after
+        may have been interrupted inside them, or inside a slot, whose copies may end
+        inside them) seen out since. None when so; else, after
         ``timeout`` seconds or at once under the ``never`` rule, why not."""
         deadline = time.monotonic() + timeout
         tasks: TasksGrace | None = None
@@ -294,15 +289,24 @@ class Quiescence:
                     running = self._running_tasks()
                     if running is not None:
                         tasks.observe(running)
-            over = tasks.grace_over(since) if tasks is not None else self.grace_over(since)
+            if tasks is not None:
+                # a task switched out in a slot (one freed since, too) goes on to where
+                # the slot's copies end, which may be inside these bytes: it holds too
+                assert self.tasks is not None
+                in_slots = self.tasks.grace_over(since)
+                over = tasks.grace_over(since) and in_slots
+            else:
+                over = self.grace_over(since)
             if not rips and over:
                 return None
             if time.monotonic() > deadline:
                 if rips:
                     return "vCPUs inside the jump's bytes: " + ", ".join(f"{r:#x}" for r in rips)
                 if tasks is not None:
-                    held = "; ".join(map(str, tasks.holders(since))) or "none now"
-                    return f"tasks may be inside the jump's bytes: {held}"
+                    assert self.tasks is not None
+                    held = "; ".join(map(str, [*tasks.holders(since),
+                                               *self.tasks.holders(since)])) or "none now"
+                    return f"tasks may be inside the jump's bytes or a slot: {held}"
                 return "some vCPU was never seen quiescent (user mode or idle)"
             self.target.resume()
             time.sleep(0.02)

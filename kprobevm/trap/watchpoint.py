@@ -433,9 +433,11 @@ class WatchpointChannel(TrapChannel):
         late report of the same hit never sits at a store's end, so no hit runs twice.
         """
         watch = stop.watch
-        if watch is None:
-            return
         client = self.ctx.target.client
+        if watch is None:
+            if len(self.threads) > 1:
+                self._handle_folded(client, stop.thread or "")
+            return
         mailbox = self.pages.mailbox
         if self.recorder is not None and watch.address == self.recorder.layout.drain:
             self.stats.ring_stops += 1
@@ -521,13 +523,23 @@ class WatchpointChannel(TrapChannel):
         """A vCPU stopped after the kretprobe trampoline's store (or its TB break)."""
         return rip in (self.ret_store, self.ret_store + len(ooline.TB_BREAK))
 
-    def _handle_every_vcpu(self, client: GdbTransport, reported: str) -> None:
-        """SMP: every vCPU sitting after a watched store is a hit to handle now."""
+    def _handle_folded(self, client: GdbTransport, reported: str) -> None:
+        """SMP, a stop that names no watchpoint (our own interrupt): QEMU reports only the
+        interrupt when a vCPU's watched store races it, and that vCPU sits after the
+        store, unreported; a resume would run it on with its hit lost. Every such hit is
+        handled now. (Handled hits are always moved past their store under SMP, so a vCPU
+        found there is one nobody handled.)"""
+        self.stats.folded += self._handle_every_vcpu(client, reported)
+
+    def _handle_every_vcpu(self, client: GdbTransport, reported: str) -> int:
+        """SMP: every vCPU sitting after a watched store is a hit to handle now; how many."""
         rips = client.read_register_each("rip", self.threads)
         resume_writes: dict[str, int] = {}
+        handled = 0
         for t, rip in rips.items():
             if rip not in self.rip_map and not self._at_return_store(rip):
                 continue
+            handled += 1
             if t != reported:
                 self.stats.caught_pending += 1
             writes = self._handle(t, rip, _VcpuRegs(self, client, t), redirect=True)
@@ -541,6 +553,7 @@ class WatchpointChannel(TrapChannel):
             self.ctx.target.before_resume.extend(
                 client.register_write_packets(resume_writes, reported)
             )
+        return handled
 
     def _pre(self, site: ProbeSite, regs: PtRegs, *, redirect: bool) -> dict[str, int]:
         skip = self.ctx.handlers.run_pre_handlers(site, regs)
