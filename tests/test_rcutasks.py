@@ -285,10 +285,10 @@ def _rt_guest(guest: Guest, banner: bytes) -> GuestTasks:
 RT_BANNER = b"Linux version 6.1.0-57-rt-amd64 (gcc) #1 SMP PREEMPT_RT Debian 6.1.192-3"
 
 
-def test_a_slot_a_preempted_task_is_inside_is_not_reused_until_it_moves_on() -> None:
-    """The slot goes DIRTY; collections find the task (switched out, the slot's address
-    in its interrupt frame) and keep the slot dirty; once the task has run on, the
-    next collection cleans it and the slot is handed out again."""
+def _rt_vcpu_in_kernel() -> tuple[Guest, Task, _Area, Quiescence]:
+    """An RT guest whose one vCPU runs a task in the kernel, a second task switched out,
+    and the tasks rule over slot memory: the guest, the switched-out task, the slot
+    memory, the rule."""
     running, preempted = _task(1, words=[TEXT]), _task(2, words=[TEXT])
     guest = Guest([[_task(0)], [running], [preempted]])
     guest.ram.u64(PERCPU + CURRENT, running.addr)
@@ -297,6 +297,14 @@ def test_a_slot_a_preempted_task_is_inside_is_not_reused_until_it_moves_on() -> 
     area = _Area()
     q = Quiescence(_Target(client), ["p1.1"], ours=area.contains,  # type: ignore[arg-type]
                    guest=_rt_guest(guest, RT_BANNER))  # fmt: skip
+    return guest, preempted, area, q
+
+
+def test_a_slot_a_preempted_task_is_inside_is_not_reused_until_it_moves_on() -> None:
+    """The slot goes DIRTY; collections find the task (switched out, the slot's address
+    in its interrupt frame) and keep the slot dirty; once the task has run on, the
+    next collection cleans it and the slot is handed out again."""
+    guest, preempted, area, q = _rt_vcpu_in_kernel()
     assert q.rule.name == "tasks" and q.rule.model.name == "rt"
     cache = q.slot_cache(area, 128, grace_seconds=0.0)  # type: ignore[arg-type]
     slot = cache.get_insn_slot()
@@ -348,14 +356,7 @@ def test_a_jump_waits_for_a_task_preempted_in_a_slot_that_returns_inside_it() ->
     inside it, or a freed one) goes back to the instruction after them, which may lie
     inside a newer jump's bytes. A task preempted in such a slot holds that jump off:
     no stack word of it points into the jump's bytes, but it will run into them."""
-    running, preempted = _task(1, words=[TEXT]), _task(2, words=[TEXT])
-    guest = Guest([[_task(0)], [running], [preempted]])
-    guest.ram.u64(PERCPU + CURRENT, running.addr)
-    client = _Client({"cs": 0x10, "rip": TEXT, "rsp": guest.stack_top(running) - 8,
-                      "gs_base": PERCPU, "k_gs_base": 0})  # fmt: skip
-    area = _Area()
-    q = Quiescence(_Target(client), ["p1.1"], ours=area.contains,  # type: ignore[arg-type]
-                   guest=_rt_guest(guest, RT_BANNER))  # fmt: skip
+    guest, preempted, area, q = _rt_vcpu_in_kernel()
     cache = q.slot_cache(area, 128, grace_seconds=0.0)  # type: ignore[arg-type]
     old = cache.get_insn_slot()
     preempted.words = [0, old.address + 0x10, TEXT]  # switched out among the copies
