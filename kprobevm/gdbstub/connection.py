@@ -139,6 +139,7 @@ class RspConnection(RspLink):
                 self._outstanding.append(req)
             framed_all.append(framed)
         self.stats.packets_sent += len(framed_all)
+        self.stats.sends += 1
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
 
     def _resync(self) -> None:
@@ -152,6 +153,7 @@ class RspConnection(RspLink):
         self._outstanding.append(req)  # abandoned with the rest, should this fail
         self._abandoned = len(self._outstanding)
         self.stats.packets_sent += 1
+        self.stats.sends += 1
         self.stats.resyncs += 1
         self._send(req.framed, probe)
         deadline = time.monotonic() + self.timeout
@@ -481,6 +483,7 @@ class RspConnection(RspLink):
         data = self._pending_ack + data
         self._pending_ack = b""
         self.stats.packets_sent += n
+        self.stats.sends += 1
         got = b""
         try:
             self._sock.sendall(data)
