@@ -414,6 +414,18 @@ def test_a_reported_vcpus_registers_ride_with_every_rip() -> None:
     assert list(rips) == ["p01.01"]
 
 
+def test_ok_replies_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``OK`` (an ``Hg``'s reply) is no console output: a batch with one, or one
+    alone, is read on the fast path like any plain reply."""
+    c, _stub, _ = make()
+    fell_back: list[object] = []
+    monkeypatch.setattr(c, "_fast_fallback", lambda *args: fell_back.append(args))
+    c.read_registers_and_each("rip", ["p01.01", "p01.02"], "p01.02")
+    c.select_thread("g", "p01.01")
+    assert c.pipeline([b"Hgp01.02", b"Hgp01.01"]) == [b"OK", b"OK"]
+    assert not fell_back
+
+
 def test_queued_register_writes_carry_their_own_thread_selection() -> None:
     """Writes queued for the reported vCPU go out with the next resume, possibly after
     requests that selected other vCPUs: they lead with their own Hg, and the client
