@@ -391,6 +391,41 @@ def test_qemu_stops_as_its_behaviour_record_says(qemu_binary: str, tmp_path: Pat
             assert c.current_thread().startswith("p01.")
 
 
+def test_a_reported_vcpus_registers_ride_with_every_rip() -> None:
+    """An SMP stop's one round trip: each other vCPU's RIP (``Hg`` + ``p``), then the
+    reported vCPU's ``g``, selected last; its registers are remembered (unchanged
+    writes are skipped) and memory packets after it need no ``Hg``."""
+    c, stub, t = make()
+    before, sends = len(stub.received), c.stats.sends
+    values, rips = c.read_registers_and_each("rip", ["p01.01", "p01.02"], "p01.02")
+    assert stub.received[before:] == [b"Hgp01.01", b"p2", b"Hgp01.02", b"g"]
+    assert c.stats.sends == sends + 1
+    assert t.selected["g"] == "p01.02"
+    assert values["rip"] == 0xFFF0 and values["cr3"] == 0x5000
+    assert rips == {"p01.01": 0xFFF0, "p01.02": 0xFFF0}
+    assert c.register_write_packets(dict(values), "p01.02") == [b"Hgp01.02"]
+    before = len(stub.received)
+    replies = c.read_along([b"m%x,4" % RAM_BASE], "p01.02")
+    assert stub.received[before:] == [b"m%x,4" % RAM_BASE] and len(replies[0]) == 8
+    c.read_along([b"m%x,4" % RAM_BASE], "p01.01")
+    assert stub.received[before + 1:] == [b"Hgp01.01", b"m%x,4" % RAM_BASE]
+    # the reported vCPU need not be among the threads whose RIP is asked for
+    _, rips = c.read_registers_and_each("rip", ["p01.01"], "p01.02")
+    assert list(rips) == ["p01.01"]
+
+
+def test_ok_replies_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``OK`` (an ``Hg``'s reply) is no console output: a batch with one, or one
+    alone, is read on the fast path like any plain reply."""
+    c, _stub, _ = make()
+    fell_back: list[object] = []
+    monkeypatch.setattr(c, "_fast_fallback", lambda *args: fell_back.append(args))
+    c.read_registers_and_each("rip", ["p01.01", "p01.02"], "p01.02")
+    c.select_thread("g", "p01.01")
+    assert c.pipeline([b"Hgp01.02", b"Hgp01.01"]) == [b"OK", b"OK"]
+    assert not fell_back
+
+
 def test_queued_register_writes_carry_their_own_thread_selection() -> None:
     """Writes queued for the reported vCPU go out with the next resume, possibly after
     requests that selected other vCPUs: they lead with their own Hg, and the client

@@ -196,6 +196,9 @@ def test_client_setup_registers_and_register_packets(fake_gdb: tuple[str, Path])
         assert c.pipeline(packets) == [b"OK"]
         assert sent(log)[-1] == "-data-write-register-values x 3 0x1234"
         assert c.read_register("rip", thread="p01.02") == 0x1234
+        values, rips = c.read_registers_and_each("rip", ["p01.01", "p01.02"], "p01.02")
+        assert values["rip"] == 0x1234 and rips == {"p01.01": 0xFFF0, "p01.02": 0x1234}
+        assert c.read_along([b"Qqemu.PhyMemMode:0"], "p01.02") == [b"OK"]
         assert c.write_registers({"rax": 5, "rbx": 6}) == 2
         values, replies = c.read_registers_along([b"Qqemu.PhyMemMode:0"], "p01.02")
         assert values["rax"] == 5 and replies == [b"OK"]

@@ -46,6 +46,7 @@ def test_the_protocol_is_the_surface_the_package_uses() -> None:
         "interrupt", "poll_stop", "pipeline", "mode_packets", "memory_write_packets",
         "register_write_packets", "read_memory", "write_memory", "read_phys", "write_phys",
         "read_registers", "read_registers_along", "read_register", "read_register_each",
+        "read_along", "read_registers_and_each",
         "write_register", "write_registers", "threads", "select_thread",
         "insert_breakpoint", "remove_breakpoint",
     ])

@@ -153,6 +153,10 @@ class StoppingReads:
     quiet_read_us_median: float = 0.0
     """The same read of the last hit's stack, repeated on this thread after the run:
     the read path alone, without a stop's cold caches and wake-up."""
+    packets_per_hit: float = 0.0
+    """Packets sent to the gdbstub per hit (the resume's included)."""
+    sends_per_hit: float = 0.0
+    """Writes to the gdbstub per hit: a round trip each, but for the resume's."""
 
 
 def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
@@ -171,9 +175,13 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
 
     kp = Kprobe(symbol_name=HOT_FUNCTION, pre_handler=handler)
     vm.register_kprobe(kp)
+    stats = getattr(vm.target.client, "stats", None)
     try:
+        sent = (stats.packets_sent, stats.sends) if stats is not None else (0, 0)
         run = run_opens(vm, opens)
         hits = kp.nhit
+        if stats is not None:
+            sent = (stats.packets_sent - sent[0], stats.sends - sent[1])
     finally:
         vm.unregister_kprobe(kp)
     micros = sorted(t * 1e6 for t in times)
@@ -181,6 +189,7 @@ def measure_stopping_reads(vm: VM, opens: int) -> StoppingReads:
         hits=hits, hits_per_s=hits / run.seconds, read_us_median=statistics.median(micros),
         read_us_p90=micros[int(0.9 * (len(micros) - 1))],
         quiet_read_us_median=_quiet_read_us(vm, last_sp[0]) if last_sp else 0.0,
+        packets_per_hit=sent[0] / max(hits, 1), sends_per_hit=sent[1] / max(hits, 1),
     )  # fmt: skip
 
 

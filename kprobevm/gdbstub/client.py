@@ -267,6 +267,45 @@ class GdbClient(RspConnection):
             values[t] = int.from_bytes(data[: reg.size], "little")
         return values
 
+    def read_registers_and_each(
+        self, name: str, threads: Sequence[str], thread: str
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Every register of ``thread`` (no x87/xmm) and register ``name`` of each of
+        ``threads`` (``thread`` among them or not), in one round trip; ``thread`` is
+        selected last, so the memory packets that follow read as it sees memory.
+
+        A stop under SMP needs both: each vCPU's RIP, and the registers of the one
+        reported. ``Hg`` + ``p`` per other thread, then ``Hg`` + ``g``.
+        """
+        reg = self.layout[name]
+        payload = b"p%x" % reg.regnum
+        others = [t for t in threads if t != thread]
+        packets: list[bytes] = []
+        for t in others:
+            packets += [b"Hg" + t.encode(), payload]
+        packets += [b"Hg" + thread.encode(), b"g"]
+        replies = self.pipeline(packets)
+        self._selected("g", thread)
+        each = {}
+        for i, t in enumerate(others):
+            check_reply(packets[2 * i], replies[2 * i])
+            data = decode_hex(replies[2 * i + 1], payload)
+            each[t] = int.from_bytes(data[: reg.size], "little")
+        check_reply(packets[-2], replies[-2])
+        values = self._registers_from(replies[-1], False)
+        if thread in threads:
+            each[thread] = values[name]
+        return values, {t: each[t] for t in threads}
+
+    def read_along(self, packets: Sequence[bytes], thread: str | None = None) -> list[bytes]:
+        """``packets`` (virtual-memory reads, say) in one round trip, as ``thread`` sees
+        memory; their replies as they are (``Exx`` included)."""
+        mode = self.mode_packets(False)
+        replies = self._with_thread(thread, [*mode, *packets])
+        for p, r in zip(mode, replies, strict=False):
+            check_reply(p, r)
+        return replies[len(mode):]
+
     def register_write_packets(
         self, values: dict[str, int], thread: str | None = None
     ) -> list[bytes]:

@@ -71,7 +71,8 @@ _SPIN_READS = 200
 The VM is stopped while we wait for a reply, so QEMU's vCPU thread leaves a core free;
 not sleeping saves the wake-up of our thread on each of the reply's two writes."""
 _NOT_FAST = (b"T", b"S", b"W", b"X", b"O", b"")
-"""First bytes of replies the fast path hands to the general one (stops, console)."""
+"""First bytes of replies the fast path hands to the general one (stops, console), but
+for ``OK``: an ``Hg``'s reply is no console output."""
 _PLAIN_ONE = re.compile(rb"\+\$([^$#}*]*)#([0-9a-fA-F]{2})\Z")
 """One ack and one plain reply: no escape, no run-length, nothing after it."""
 _PLAIN_STOP = re.compile(rb"(\+?)\$([TSWX][0-9a-fA-F]{2}[^$#}*]*)#([0-9a-fA-F]{2})\Z")
@@ -139,6 +140,7 @@ class RspConnection(RspLink):
                 self._outstanding.append(req)
             framed_all.append(framed)
         self.stats.packets_sent += len(framed_all)
+        self.stats.sends += 1
         self._send(b"".join(framed_all), framed_all[-1] if framed_all else None)
 
     def _resync(self) -> None:
@@ -152,6 +154,7 @@ class RspConnection(RspLink):
         self._outstanding.append(req)  # abandoned with the rest, should this fail
         self._abandoned = len(self._outstanding)
         self.stats.packets_sent += 1
+        self.stats.sends += 1
         self.stats.resyncs += 1
         self._send(req.framed, probe)
         deadline = time.monotonic() + self.timeout
@@ -481,6 +484,7 @@ class RspConnection(RspLink):
         data = self._pending_ack + data
         self._pending_ack = b""
         self.stats.packets_sent += n
+        self.stats.sends += 1
         got = b""
         try:
             self._sock.sendall(data)
@@ -622,7 +626,8 @@ def _plain_replies(data: bytes, n: int) -> list[bytes] | None:
     if n == 1:
         # the usual case, '+$body#xx', in as few steps as possible
         m = _PLAIN_ONE.match(data)
-        if m is None or data[2:3] in _NOT_FAST or int(m[2], 16) != checksum(m[1]):
+        if (m is None or (data[2:3] in _NOT_FAST and m[1] != b"OK")
+                or int(m[2], 16) != checksum(m[1])):
             return None
         return [m[1]]
     replies = []
@@ -636,9 +641,9 @@ def _plain_replies(data: bytes, n: int) -> list[bytes] | None:
         if hash_at < 0 or hash_at + 3 > end:
             return None
         body = data[pos + 1 : hash_at]
-        if (body[:1] in _NOT_FAST or body.find(b"$") >= 0 or body.find(b"}") >= 0
-                or body.find(b"*") >= 0 or data[hash_at + 1 : hash_at + 3]
-                != b"%02x" % checksum(body)):
+        if ((body[:1] in _NOT_FAST and body != b"OK") or body.find(b"$") >= 0
+                or body.find(b"}") >= 0 or body.find(b"*") >= 0
+                or data[hash_at + 1 : hash_at + 3] != b"%02x" % checksum(body)):
             return None
         replies.append(body)
         pos = hash_at + 3

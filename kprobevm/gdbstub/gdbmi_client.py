@@ -162,6 +162,23 @@ class GdbMiClient(MiSession):
             self.select_thread("g", thread)
         return self.read_registers(wide=wide), self.pipeline(packets)
 
+    def read_along(self, packets: Sequence[bytes], thread: str | None = None) -> list[bytes]:
+        """``packets`` in ``thread`` (one command each)."""
+        if thread is not None:
+            self.select_thread("g", thread)
+        return self.pipeline(packets)
+
+    def read_registers_and_each(
+        self, name: str, threads: Sequence[str], thread: str
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """``name`` of each of ``threads``, then every register of ``thread`` (selected)."""
+        each = {t: self.read_register(name, thread=t) for t in threads if t != thread}
+        self.select_thread("g", thread)
+        values = self.read_registers(wide=False)
+        if thread in threads:
+            each[thread] = values[name]
+        return values, {t: each[t] for t in threads}
+
     def read_register(self, name: str, thread: str | None = None) -> int:
         """One register by gdb name."""
         res = self.command(f"-data-list-register-values{self._thread_opt(thread)}"

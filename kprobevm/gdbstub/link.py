@@ -73,6 +73,8 @@ class ClientStats:
     """Counters for the conversation (mutable: the client updates them as it goes)."""
 
     packets_sent: int = 0
+    sends: int = 0
+    """Writes that carried packets: a round trip each, but for a resume's."""
     replies: int = 0
     naks_sent: int = 0
     naks_received: int = 0

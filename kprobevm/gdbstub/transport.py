@@ -127,6 +127,15 @@ class GdbTransport(Protocol):
     ) -> tuple[dict[str, int], list[bytes]]:
         """:meth:`read_registers`, and the replies to ``packets`` sent with it."""
 
+    def read_along(self, packets: Sequence[bytes], thread: str | None = None) -> list[bytes]:
+        """The replies to ``packets`` (memory reads), run as ``thread`` sees memory."""
+
+    def read_registers_and_each(
+        self, name: str, threads: Sequence[str], thread: str
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Every register of ``thread`` (no x87/xmm) and ``name`` of each of ``threads``;
+        ``thread`` is left selected."""
+
     def read_register(self, name: str, thread: str | None = None) -> int:
         """One register by gdb name."""
 

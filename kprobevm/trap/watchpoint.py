@@ -9,7 +9,9 @@ register as at the probe. Under TCG, QEMU flushes its whole translation cache at
 A hot site's store has a mailbox byte and watchpoint of its own (:mod:`.hotsites`), so
 on one vCPU its hit costs one stop and one ``c``: registers are read only when a handler
 asks (other sites cost a ``p`` of RIP too), and written back, with the ``c``, only when
-a handler changed them. The slot then runs the displaced instruction and jumps back.
+a handler changed them. Under SMP a stop reads every vCPU's RIP, and the reported
+vCPU's registers come in that same round trip. The slot then runs the displaced
+instruction and jumps back.
 Without a host (killed), the watched stores are plain stores and every probe still runs
 its instruction: the guest never sees an unknown int3. A recorded site's slot jumps to
 a record program instead and never stops the guest (:mod:`kprobevm.kprobes.recorder`).
@@ -448,7 +450,7 @@ class WatchpointChannel(TrapChannel):
             else:
                 self.flush_records()
             if len(self.threads) > 1:  # QEMU may have folded other vCPUs' hits into it
-                self._handle_every_vcpu(client, stop.thread or "")
+                self._handle_every_vcpu(client, stop.thread or "", hit=False)
             return
         site = self.hot.site_of(watch.address)
         if site is None and watch.address not in (mailbox, mailbox + RETURN_WATCH):
@@ -529,20 +531,42 @@ class WatchpointChannel(TrapChannel):
         store, unreported; a resume would run it on with its hit lost. Every such hit is
         handled now. (Handled hits are always moved past their store under SMP, so a vCPU
         found there is one nobody handled.)"""
-        self.stats.folded += self._handle_every_vcpu(client, reported)
+        self.stats.folded += self._handle_every_vcpu(client, reported, hit=False)
 
-    def _handle_every_vcpu(self, client: GdbTransport, reported: str) -> int:
-        """SMP: every vCPU sitting after a watched store is a hit to handle now; how many."""
-        rips = client.read_register_each("rip", self.threads)
+    def _handle_every_vcpu(self, client: GdbTransport, reported: str, *,
+                           hit: bool = True) -> int:
+        """SMP: every vCPU sitting after a watched store is a hit to handle now; how many.
+
+        For a ``hit``, the reported vCPU's registers come in the round trip of the
+        RIPs (its ``g`` for the others' ``p``): a handler almost always reads them, and
+        the stop then costs one round trip before the resume, not two.
+
+        Each vCPU's handlers run with that vCPU selected, since the gdbstub reads
+        virtual memory (user memory above all) as the selected vCPU sees it: the
+        reported one first (the round trip left it selected), then each other one
+        found after a watched store, selected before its handlers run.
+        """
+        known: dict[str, int] | None = None
+        if hit and reported in self.threads:
+            t0 = time.perf_counter_ns()
+            known, rips = client.read_registers_and_each("rip", self.threads, reported)
+            self._regs_ns += time.perf_counter_ns() - t0
+        else:
+            rips = client.read_register_each("rip", self.threads)
         resume_writes: dict[str, int] = {}
         handled = 0
-        for t, rip in rips.items():
+        order = sorted(rips, key=lambda t: t != reported)  # the reported vCPU first
+        for t in order:
+            rip = rips[t]
             if rip not in self.rip_map and not self._at_return_store(rip):
                 continue
             handled += 1
             if t != reported:
                 self.stats.caught_pending += 1
-            writes = self._handle(t, rip, _VcpuRegs(self, client, t), redirect=True)
+            if known is None or t != reported:
+                client.select_thread("g", t)
+            load = _VcpuRegs(self, client, t, known if t == reported else None)
+            writes = self._handle(t, rip, load, redirect=True)
             if t == reported:
                 resume_writes = writes
             elif writes:
@@ -635,13 +659,15 @@ class WatchpointChannel(TrapChannel):
 
 class _VcpuRegs:
     """One stopped vCPU's registers at a hit: one timed ``g`` at most (no x87/xmm
-    decoding on the hot path), alone or with other packets in its round trip."""
+    decoding on the hot path), alone or with other packets in its round trip; none
+    when they came with the stop's RIPs (``known``)."""
 
     __slots__ = ("_channel", "_client", "_thread", "_values")
 
-    def __init__(self, channel: WatchpointChannel, client: GdbTransport, thread: str | None):
+    def __init__(self, channel: WatchpointChannel, client: GdbTransport, thread: str | None,
+                 known: dict[str, int] | None = None) -> None:
         self._channel, self._client, self._thread = channel, client, thread
-        self._values: dict[str, int] | None = None
+        self._values: dict[str, int] | None = known
 
     def __call__(self) -> dict[str, int]:
         if self._values is None:
@@ -651,6 +677,10 @@ class _VcpuRegs:
 
     def along(self, packets: Sequence[bytes]) -> tuple[dict[str, int], list[bytes]]:
         t = time.perf_counter_ns()
+        if self._values is not None:  # read already: the packets alone
+            replies = self._client.read_along(packets, self._thread) if packets else []
+            self._channel._regs_ns += time.perf_counter_ns() - t
+            return self._values, replies
         values, replies = self._client.read_registers_along(packets, self._thread)
         self._channel._regs_ns += time.perf_counter_ns() - t
         self._values = values
