@@ -88,7 +88,6 @@ _SIZE_ID = struct.Struct("<IH")  # a record's size and probe id, after its stamp
 MAX_BACKLOG = 64 << 20
 """Bytes of records copied out of the ring and not decoded yet, at most."""
 _CONTROL_TAIL = 64  # head and tail on separate cache lines
-_CONTROL_DRAIN = 128
 _CONTROL_BUSY = 256
 
 
@@ -96,11 +95,11 @@ def ring_pages_fitting(free_pages: int, *, keep: int) -> int:
     """The record ring's pages when ``free_pages`` of slot memory are left and ``keep`` of
     them must stay for slots and programs: the largest power of two up to RING_PAGES.
     Raises KprobeError when not even MIN_RING_PAGES fit."""
-    room = free_pages - keep - 1 - MAX_RECORD_IDS * 16 // PAGE_SIZE  # control, counters
+    room = free_pages - keep - 2 - MAX_RECORD_IDS * 16 // PAGE_SIZE  # control, drain, counters
     if room < MIN_RING_PAGES:
         raise KprobeError(
             f"slot memory has {free_pages} pages left: too few for a record ring of"
-            f" {MIN_RING_PAGES} pages with its control and counter pages, keeping {keep}"
+            f" {MIN_RING_PAGES} pages with its control, drain and counter pages, keeping {keep}"
             " for slots"
         )
     return 1 << (min(room, RING_PAGES).bit_length() - 1)
@@ -270,11 +269,17 @@ class Recorder:
         self.describe = describe
         self.area = area
         control = area.map_page(executable=False, writable=True)
+        # The drain byte carries a gdbstub watchpoint, and QEMU's TCG takes every access
+        # to a page holding one off its fast path: a load or store through a helper, an
+        # atomic (the head's cmpxchg, the busy byte's xchg) with every vCPU stopped. So
+        # the byte has a page of its own, which no hit touches until the ring is full;
+        # sharing the control page made a recorded hit cost the guest ~2 us more.
+        drain = area.map_page(executable=False, writable=True)
         counters = self._contiguous(MAX_RECORD_IDS * 16 // PAGE_SIZE, area)
         ring = self._contiguous(ring_pages, area)
         size = ring_pages * PAGE_SIZE
         self.layout = rec.RingLayout(
-            head=control, tail=control + _CONTROL_TAIL, drain=control + _CONTROL_DRAIN,
+            head=control, tail=control + _CONTROL_TAIL, drain=drain,
             busy=control + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=counters,
             ring=ring, ring_size=size, high_water=int(size * HIGH_WATER),
         )  # fmt: skip
@@ -741,7 +746,7 @@ class Recorder:
 
 _SOMEWHERE = 0xFFFFFFFFFE000000  # an address in the slot area's range, for a size only
 _SOME_RING = rec.RingLayout(
-    head=_SOMEWHERE, tail=_SOMEWHERE + _CONTROL_TAIL, drain=_SOMEWHERE + _CONTROL_DRAIN,
+    head=_SOMEWHERE, tail=_SOMEWHERE + _CONTROL_TAIL, drain=_SOMEWHERE - PAGE_SIZE,
     busy=_SOMEWHERE + _CONTROL_BUSY, max_cpus=MAX_CPUS, counters=_SOMEWHERE + PAGE_SIZE,
     ring=_SOMEWHERE + 8 * PAGE_SIZE, ring_size=RING_PAGES * PAGE_SIZE,
     high_water=int(RING_PAGES * PAGE_SIZE * HIGH_WATER),
