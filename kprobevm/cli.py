@@ -23,6 +23,7 @@ from kprobevm.errors import KprobeVMError, ProbeSyntaxError
 from kprobevm.gdbstub.transport import format_gdb_address, parse_gdb_address
 from kprobevm.guest.image import DEFAULT_MEMORY
 from kprobevm.kernel.stacktrace import DEFAULT_STACK_SIZE
+from kprobevm.kprobes.optimizer import OPTIMIZE_BY_DEFAULT
 from kprobevm.tracing.capture import DEFAULT_STRING_SIZE, MODES
 
 if TYPE_CHECKING:
@@ -529,10 +530,11 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
                         help="record: the guest records each hit, no stop (entry probes);"
                              " stop: the guest stops at each hit; auto (default): record"
                              " when every probe can be")
-    parser.add_argument("--optimize", action="store_true",
+    parser.add_argument("--optimize", action=argparse.BooleanOptionalAction,
+                        default=OPTIMIZE_BY_DEFAULT,
                         help="a jump instead of the int3 where the kernel's optprobe rules"
-                             " allow (the kernel's sysctl debug.kprobes-optimization=1;"
-                             " off by default for now)")
+                             " allow (the kernel's sysctl debug.kprobes-optimization;"
+                             f" default: {'on' if OPTIMIZE_BY_DEFAULT else 'off'})")
     parser.add_argument("--string-size", type=int, default=DEFAULT_STRING_SIZE, metavar="N",
                         help="bytes a recorded string keeps, NUL included (default"
                              f" {DEFAULT_STRING_SIZE}; 1..4096)")
