@@ -13,7 +13,7 @@ from kprobevm.guest.vm import VM
 from kprobevm.kprobes.aggregations import AggregateProbe, StackKey
 from kprobevm.pytest_plugin import ProbeSession
 from kprobevm.tracing.kernel_rules import kernel_rules
-from kprobevm.x86.orc_walk import CUT_DEPTH, CUT_OUTSIDE
+from kprobevm.x86.orc_walk import CUT_DEPTH, CUT_NO_ORC, CUT_OUTSIDE
 from tests._stack_hist import HIST_DEPTH, GuestHist, counts_between, our_callers
 
 pytestmark = pytest.mark.vm
@@ -63,7 +63,11 @@ def check_against_the_guests_hist(
     for key, n in counts_between(before, after).items():
         assert isinstance(key, StackKey) and key.frames[0] == m.kp.addr + 1  # type: ignore[operator]
         frames = [vm.symbols.describe(f) for f in key.frames]
-        assert key.cut in (0, CUT_DEPTH, CUT_OUTSIDE), (key.reason, frames)
+        assert key.cut in (0, CUT_DEPTH, CUT_OUTSIDE, CUT_NO_ORC), (key.reason, frames)
+        if key.cut == CUT_NO_ORC:
+            # an interrupt may land where the kernel keeps no ORC entry (6.12's retpoline
+            # thunks): the walk stops at that interrupted frame, compared on what it has
+            assert any(f.startswith("asm_") for f in frames[:-1]), frames
         if key.cut == CUT_DEPTH:
             assert len(frames) - 1 >= COMPARED, frames
         if key.cut == CUT_OUTSIDE:
