@@ -6,7 +6,6 @@ stamp is missed. The caller gets every register as the function left it."""
 
 from __future__ import annotations
 
-import random
 import struct
 
 from kprobevm.x86.aggregate import HEADER_SIZE, MapLayout
@@ -19,11 +18,10 @@ from kprobevm.x86.retrecord import (
     build_return_program,
 )
 from tests._gas import gas_text, needs_gas
-from tests._x86_unicorn import GPRS, Machine, unicorn
+from tests._x86_unicorn import Machine, unicorn
 from tests.test_x86_retrecord import (
     ACTIVES,
     BIT,
-    CALLER,
     COUNTERS,
     FUNCTION,
     HELPERS,
@@ -37,6 +35,8 @@ from tests.test_x86_retrecord import (
     STACK,
     TABLE,
     TRAMPOLINE,
+    as_returned,
+    call_through,
     return_machine,
 )
 
@@ -59,45 +59,19 @@ def _machine() -> Machine:
 
 
 def _call(m: Machine, seed: int, *, cycles: int = CYCLES) -> tuple[dict[str, int], dict[str, int]]:
-    """Enter the function at its probe with a random context; each ``rdtsc`` reads T0,
-    then T0 + ``cycles`` (edx:eax set right after it: unicorn reads the host's TSC); run
-    until the caller."""
-    rng = random.Random(seed)
-    regs = {r: rng.getrandbits(64) for r in GPRS if r != "rsp"}
-    sp = STACK - 0x100
-    regs.update(rsp=sp, eflags=0x246)
-    m.write(sp, struct.pack("<Q", CALLER))
-    m.set_regs(regs)
-    before = m.regs()
-    ours = (HIJACK, RETURN_PROGRAM, TRAMPOLINE, FUNCTION)
+    """:func:`call_through`, where each ``rdtsc`` reads T0, then T0 + ``cycles`` (edx:eax
+    set right after it: unicorn reads the host's TSC)."""
     reads = iter((T0, T0 + cycles))
     last = [0]
 
-    def hook(uc: object, addr: int, size: int, _data: object) -> None:
-        if not any(base <= addr < base + 0x1000 for base in ours):
-            m.uc.emu_stop()
-            return
+    def each(addr: int) -> None:
         if last[0] and m.read(last[0], 2) == RDTSC:
             tsc = next(reads)
             m.set_regs({"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32})
         last[0] = addr
 
-    handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
-    try:
-        m.uc.emu_start(HIJACK, 0, count=5000)
-    finally:
-        m.uc.hook_del(handle)
-    return before, m.regs()
-
-
-def _as_returned(before: dict[str, int], after: dict[str, int]) -> None:
-    assert after["rip"] == CALLER
-    assert after["rsp"] == before["rsp"] + 8
-    assert after["rax"] == 42
-    for name in GPRS:
-        if name not in ("rax", "rsp"):
-            assert after[name] == before[name], name
-    assert after["eflags"] & 0xCD5 == before["eflags"] & 0xCD5
+    before, after, _ = call_through(m, seed, max_insns=5000, each=each)
+    return before, after
 
 
 def _buckets(m: Machine, cpu: int) -> list[int]:
@@ -113,7 +87,7 @@ def _counters(m: Machine) -> tuple[int, int]:
 def test_a_call_is_counted_in_its_latency_bucket() -> None:
     m = _machine()
     before, after = _call(m, 1)
-    _as_returned(before, after)
+    as_returned(before, after)
     buckets = _buckets(m, CPU)
     # bucket 2 + k holds [2**k, 2**(k+1)); a second is 2**29.9 ns
     assert buckets[2 + 29] == 1 and sum(buckets) == 1
@@ -148,7 +122,7 @@ def test_a_return_without_a_stamp_is_missed() -> None:
     handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, drop_stamp)
     before, after = _call(m, 3)
     m.uc.hook_del(handle)
-    _as_returned(before, after)
+    as_returned(before, after)
     assert sum(_buckets(m, CPU)) == 0 and _counters(m) == (0, 1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
 
 from kprobevm.kprobes.recorder import decode_record
 from kprobevm.x86 import record as rec
@@ -92,8 +93,12 @@ def _machine() -> Machine:
     return return_machine(PROBE, RETURNS)
 
 
-def _call(m: Machine, seed: int) -> tuple[dict[str, int], dict[str, int], list[int]]:
-    """Enter the function at its probe with a random context; run until the caller."""
+def call_through(
+    m: Machine, seed: int, *, max_insns: int = 3000, each: Callable[[int], None] | None = None
+) -> tuple[dict[str, int], dict[str, int], list[int]]:
+    """Enter the function at its probe with a random context; run until the caller
+    (``each(addr)`` at every instruction on the way). The registers before and after,
+    and the addresses run."""
     rng = random.Random(seed)
     regs = {r: rng.getrandbits(64) for r in GPRS if r != "rsp"}
     sp = STACK - 0x100
@@ -109,16 +114,18 @@ def _call(m: Machine, seed: int) -> tuple[dict[str, int], dict[str, int], list[i
             m.uc.emu_stop()
             return
         seen.append(addr)
+        if each is not None:
+            each(addr)
 
     handle = m.uc.hook_add(unicorn.UC_HOOK_CODE, hook)
     try:
-        m.uc.emu_start(HIJACK, 0, count=3000)
+        m.uc.emu_start(HIJACK, 0, count=max_insns)
     finally:
         m.uc.hook_del(handle)
     return before, m.regs(), seen
 
 
-def _as_returned(before: dict[str, int], after: dict[str, int]) -> None:
+def as_returned(before: dict[str, int], after: dict[str, int]) -> None:
     """The caller sees the function's return: every register as it came but rax, and the
     stack popped."""
     assert after["rip"] == CALLER
@@ -132,8 +139,8 @@ def _as_returned(before: dict[str, int], after: dict[str, int]) -> None:
 
 def test_a_return_is_recorded_without_a_stop() -> None:
     m = _machine()
-    before, after, seen = _call(m, 1)
-    _as_returned(before, after)
+    before, after, seen = call_through(m, 1)
+    as_returned(before, after)
     assert any(TRAMPOLINE <= a < TRAMPOLINE + 0x1000 for a in seen)
     assert any(RETURN_PROGRAM <= a < RETURN_PROGRAM + 0x1000 for a in seen)
     slot = before["rsp"]
@@ -152,8 +159,8 @@ def test_a_return_is_recorded_without_a_stop() -> None:
 def test_past_maxactive_a_call_is_missed_and_returns_directly() -> None:
     m = _machine()
     m.write(ACTIVES + 8 * BIT, struct.pack("<Q", MAXACTIVE))  # two calls in flight
-    before, after, seen = _call(m, 2)
-    _as_returned(before, after)
+    before, after, seen = call_through(m, 2)
+    as_returned(before, after)
     assert not any(TRAMPOLINE <= a < TRAMPOLINE + 0x1000 for a in seen)
     assert m.u64(TABLE) == 0 and m.u64(ACTIVES + 8 * BIT) == MAXACTIVE
     assert struct.unpack("<QQ", m.read(COUNTERS + 16 * PROBE_ID, 16)) == (0, 1)
@@ -166,13 +173,13 @@ def test_a_stale_entry_at_the_slot_is_taken_over() -> None:
     m = _machine()
     slot = STACK - 0x100
     m.write(TABLE + ENTRY, struct.pack("<QQ", slot, 0xDEAD))
-    before, after, _ = _call(m, 3)
-    _as_returned(before, after)
+    before, after, _ = call_through(m, 3)
+    as_returned(before, after)
     assert m.u64(TABLE) == 0  # ours, taken and given back
     m2 = _machine()
     m2.write(TABLE, struct.pack("<QQ", slot, 0xDEAD))  # the stale one first
-    before, after, _ = _call(m2, 4)
-    _as_returned(before, after)
+    before, after, _ = call_through(m2, 4)
+    as_returned(before, after)
     assert m2.u64(TABLE) == 0  # taken over, then given back
 
 
