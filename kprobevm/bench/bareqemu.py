@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -47,6 +47,10 @@ class LoopMark:
     rounds: int
     at: float
     cpu: float = 0.0
+    printed_after: float | None = None
+    """For a mark :meth:`BareQemu.next_mark` waited for: when the host last looked and
+    did not see it yet (the line was printed between then and ``at``; a host that was
+    not scheduled for a while sees it late, and the guest's count has gone on)."""
 
 
 class BareQemu:
@@ -136,13 +140,15 @@ class BareQemu:
 
     def next_mark(self, after: int, timeout: float = 30.0) -> LoopMark:
         """Wait for a count past ``after`` and return it as soon as it is seen."""
-        deadline = time.monotonic() + timeout
+        looked = time.monotonic()
+        deadline = looked + timeout
         while (mark := self.mark()).rounds <= after:
             if time.monotonic() > deadline:
                 raise VMError(f"the guest's open loop stopped at {after} rounds"
                               f" ({timeout:g} s without a line)")  # fmt: skip
             time.sleep(0.005)
-        return mark
+            looked = time.monotonic()
+        return replace(mark, printed_after=looked)
 
     def window(self, seconds: float) -> tuple[LoopMark, LoopMark]:
         """Two marks about ``seconds`` apart, each taken as soon as the loop prints it."""
