@@ -276,7 +276,9 @@ class Optimizer:
             worker.join(timeout=GRACE_TIMEOUT + 1.0)
 
     def settle(self, timeout: float = 10.0) -> None:
-        """Wait until every site that may be optimized is (tests, benchmarks)."""
+        """Wait until every site that may be optimized is, and the optimizer's thread is
+        through: a look it had begun would stop the guest once more (tests and benchmarks
+        count the stops that follow)."""
         deadline = time.monotonic() + timeout
         while self._enabled and not self._attempt(timeout=max(deadline - time.monotonic(), 0)):
             if time.monotonic() > deadline:
@@ -284,3 +286,9 @@ class Optimizer:
                     f"{len(self._pending())} probe(s) not optimized after"
                     f" {timeout:g} s: {next(iter(self.why_not.values()), '')}"
                 )
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            # nothing is pending: its next look ends it without a stop
+            worker.join(timeout=max(deadline - time.monotonic(), 1.0))
+            if worker.is_alive():
+                raise KprobeError(f"the optimizer's thread still looks after {timeout:g} s")
