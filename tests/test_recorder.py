@@ -247,6 +247,7 @@ def test_steady_state_recording_stops_the_vm_only_when_the_ring_asks(vm: VM) -> 
                 record=RecordSpec())  # fmt: skip
     vm.register_kprobe(kp)
     try:
+        vm.kprobes.optimizer.settle()  # jumps in first: the optimizer's looks stop the guest
         channel = vm.kprobes.channel
         recorder = channel.recorder  # type: ignore[attr-defined]
         assert channel.drains_running  # type: ignore[attr-defined]

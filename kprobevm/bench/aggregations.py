@@ -42,6 +42,7 @@ def _probed_ns(vm: VM, n: int, place: Callable[[], AggregateProbe]) -> tuple[int
     """The loop under the map ``place()`` puts in: guest ns, the map's hits, VM stops
     while the loop ran (placing and removing excluded)."""
     with place() as placed:
+        vm.kprobes.optimizer.settle()  # jumps in first: the optimizer's looks stop the guest
         before = vm.target.stops
         ns = _dd_ns(vm, n)
         stops = vm.target.stops - before
