@@ -228,6 +228,13 @@ class ReturnRates:
         return self.recorded_return / self.recorded_entry if self.recorded_entry else 0.0
 
 
+def _steady(vm: VM) -> None:
+    """Before a timed run: retired probes judged (a stop each), and jumps in (until they
+    are, the optimizer's looks stop a busy guest)."""
+    vm.settle_records()
+    vm.kprobes.optimizer.settle()
+
+
 def measure_returns(vm: VM, opens: int, *, turns: int = 4) -> ReturnRates:
     """A recorded entry probe, a recorded return probe and a stopping return probe on
     the open loop's function, each with an empty handler; hits are what reached it. The
@@ -241,6 +248,7 @@ def measure_returns(vm: VM, opens: int, *, turns: int = 4) -> ReturnRates:
                        record=RecordSpec())  # fmt: skip
         vm.register_kprobe(entry)
         try:
+            _steady(vm)
             run = run_opens(vm, part)
             vm.flush_records()
             hits["entry"] += entry.nhit
@@ -251,7 +259,7 @@ def measure_returns(vm: VM, opens: int, *, turns: int = 4) -> ReturnRates:
                        record=RecordSpec())  # fmt: skip
         vm.register_kretprobe(rp)
         try:
-            vm.kprobes.optimizer.settle()  # jumps in first: the optimizer's looks stop the guest
+            _steady(vm)
             before = vm.target.stops
             run = run_opens(vm, part)
             stops += vm.target.stops - before
