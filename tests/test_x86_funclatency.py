@@ -1,7 +1,8 @@
 """A latency probe's call run in unicorn, entry to caller: the hijack stamps the call with
 its slot and the TSC, the return program takes the stamp and counts the call's latency
 (the TSC set to a known distance at the return) in this CPU's log2 bucket, with no
-record; an older stamp left at the same slot loses to the call's own; a return with no
+record; an older stamp left at the same slot loses to the call's own; a free entry whose
+stamp another call's return program has still to take is taken last; a return with no
 stamp is missed. The caller gets every register as the function left it."""
 
 from __future__ import annotations
@@ -108,6 +109,23 @@ def test_the_calls_own_stamp_wins_over_an_older_one_at_its_slot() -> None:
     _call(m, 2, cycles=3000)
     assert _buckets(m, CPU)[2 + 11] == 1  # 3000 ns: [2048, 4096)
     assert m.u64(STAMPS + 3 * STAMP) == 0 and m.u64(STAMPS + STAMP) == 0
+
+
+def test_a_free_entry_whose_stamp_waits_is_taken_last() -> None:
+    """Another call's return between its trampoline (entry 0 freed) and its return program
+    (stamp 0 not taken yet): this call takes entry 1 and leaves stamp 0 as it was. With
+    every free entry's stamp waiting, it takes the first one."""
+    m = _machine()
+    waiting = struct.pack("<QQ", STACK - 0x800, T0 - 5000)
+    m.write(STAMPS, waiting)
+    _call(m, 4, cycles=3000)
+    assert _buckets(m, CPU)[2 + 11] == 1 and _counters(m) == (1, 0)
+    assert m.read(STAMPS, STAMP) == waiting and m.u64(STAMPS + STAMP) == 0
+    m = _machine()
+    m.write(STAMPS, b"".join(struct.pack("<QQ", STACK - 0x800 - 16 * i, T0) for i in range(64)))
+    _call(m, 5, cycles=3000)
+    assert _buckets(m, CPU)[2 + 11] == 1 and _counters(m) == (1, 0)
+    assert m.u64(STAMPS) == 0  # taken by this call's return
 
 
 def test_a_return_without_a_stamp_is_missed() -> None:

@@ -111,6 +111,8 @@ def build_hijack_program(
     a.jcc("e", "leave")
     a.lea("rsi", mem("rsp", _HIJACK_SLOT))  # the slot: the entry's key
     end = returns.table + ENTRY * returns.entries
+    if any(p.latency is not None for p in probes):
+        _take_unstamped(a, returns, end)
     # Take the first entry that is free, or that a call which never came back left at
     # this very slot (the slot is a new call's now). The trampoline looks from the first
     # entry too, so a stale one after ours is never found before ours.
@@ -149,6 +151,29 @@ def build_hijack_program(
     a.popfq()
     a.jmp(cont)
     return a.assemble()
+
+
+def _take_unstamped(a: asm.Assembler, returns: ReturnTable, end: int) -> None:
+    """A hijack that stamps looks first for a free entry whose stamp no return program
+    still has to take: the trampoline frees a call's entry before its return program
+    takes the stamp beside it, and a stamp written over in between loses that call's
+    latency. A stamp nobody will take (its call returned through no latency program)
+    only sends the entry to the second look, :func:`build_hijack_program`'s."""
+    stamp = returns.stamps - returns.table
+    a.movabs("rcx", returns.table)
+    a.label("fresh")
+    a.cmp(mem("rcx"), "rsi")
+    a.jcc("e", "taken")
+    a.cmp(mem("rcx", stamp, size=8, disp32=True), 0)
+    a.jcc("ne", "fresh_next")  # its call's return program may not have taken it yet
+    a.xor("eax", "eax")
+    a.lock_cmpxchg(mem("rcx"), "rsi")
+    a.jcc("e", "taken")
+    a.label("fresh_next")
+    a.add("rcx", ENTRY)
+    a.lea("rax", rip(end))
+    a.cmp("rcx", "rax")
+    a.jcc("b", "fresh")
 
 
 def build_return_program(
