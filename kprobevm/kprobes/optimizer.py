@@ -40,9 +40,9 @@ stderr says they still have their int3 (the optimizer goes on trying)."""
 OPTIMIZE_BY_DEFAULT = False
 """Jumps are asked for (``optimizer.enabled = True``, ``--optimize``), unlike the kernel's
 sysctl ``debug.kprobes-optimization``: with them on by default, two whole test runs lost a
-PREEMPT_RT guest. The cause found since (a vCPU trapping for ever on an int3 that QEMU
-still ran after the guest had patched it back: :mod:`kprobevm.trap.retranslate`) is
-handled; the default stays off until whole runs with jumps on show nothing else."""
+PREEMPT_RT guest (6.1 once, 6.12 once: its shell stopped answering while the guest took
+its own ftrace-based kprobe off a function with our jump in), and neither was reproduced
+alone or under load; with the int3 no run ever did."""
 
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""
