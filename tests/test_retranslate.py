@@ -22,7 +22,7 @@ from kprobevm.x86.asm import INT3
 pytestmark = pytest.mark.vm
 
 IF = 0x200
-KERNEL_BUSY = "dd if=/dev/zero of=/dev/null bs=64k count=200000"
+KERNEL_BUSY = "dd if=/dev/zero of=/dev/null bs=1 count=3000000 2>/dev/null"
 
 
 def test_a_vanished_int3_is_retranslated_and_the_vcpu_goes_on(vm: VM) -> None:
@@ -32,8 +32,7 @@ def test_a_vanished_int3_is_retranslated_and_the_vcpu_goes_on(vm: VM) -> None:
         channel = vm.kprobes.channel
         assert isinstance(channel, WatchpointChannel)
         before = channel.stats.retranslated
-        vm.run(f"{KERNEL_BUSY} </dev/null >/dev/null 2>&1 & echo $! > /tmp/busy.pid",
-               check=True)  # fmt: skip
+        vm.run(f"{KERNEL_BUSY} </dev/null >/dev/null 2>&1 &", check=True)
         try:
             at = _fake_a_vanished_int3(vm, channel)
             deadline = time.monotonic() + 10
@@ -41,7 +40,7 @@ def test_a_vanished_int3_is_retranslated_and_the_vcpu_goes_on(vm: VM) -> None:
                 time.sleep(0.05)
             assert channel.stats.retranslated == before + 1, vm.symbols.describe(at)
         finally:
-            vm.run("kill $(cat /tmp/busy.pid) 2>/dev/null; rm -f /tmp/busy.pid", check=True)
+            vm.run(f"pkill -f '{KERNEL_BUSY.split(' 2>')[0]}' || true")
         assert vm.run("echo alive", timeout=30).stdout == "alive\n"
     finally:
         vm.unregister_kprobe(kp)
@@ -50,7 +49,7 @@ def test_a_vanished_int3_is_retranslated_and_the_vcpu_goes_on(vm: VM) -> None:
 def _fake_a_vanished_int3(vm: VM, channel: WatchpointChannel) -> int:
     """Stop the guest until its vCPU runs kernel code of the guest's own, then send it
     into the stub as a #BP at its RIP would have; that RIP."""
-    for _ in range(1000):
+    for _ in range(200):
         with vm.target.stopped() as client:
             thread = client.threads()[0]
             regs = client.read_registers(thread=thread)

@@ -9,7 +9,7 @@ PREEMPT_RT guest, under host load): the vCPU then trapped, re-executed and trapp
 for ever, with interrupts off, and every other vCPU soon waited on it. A byte written
 through the gdbstub drops translations only where QEMU still counts the page as
 holding code, so a stale one may survive it; a software breakpoint put in and taken out
-again flushes every translation (QEMU 7.2 flushes on any breakpoint change). It costs a
+again flushes every translation (QEMU flushes on any breakpoint change). It costs a
 re-translation of the guest's hot code, tens of milliseconds, once per vanished int3.
 """
 
@@ -30,10 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def retranslate(client: GdbTransport, addr: int, symbols: KernelSymbols) -> None:
-    """Make QEMU translate ``addr`` anew from memory before a vCPU runs it (VM stopped).
-    The byte is written back as it is first: through gdb, which sends a breakpoint to
-    the stub only when the guest resumes, that write is what reaches QEMU."""
-    client.write_memory(addr, client.read_memory(addr, 1))
+    """Make QEMU translate ``addr`` anew from memory before a vCPU runs it (VM stopped)."""
     client.insert_breakpoint(BreakpointKind.SOFTWARE, addr, 1)
     client.remove_breakpoint(BreakpointKind.SOFTWARE, addr, 1)
     log.info("an int3 at %s went away under a vCPU: QEMU's translations flushed",
