@@ -14,7 +14,6 @@ from kprobevm.x86.stub import (
     EMPTY,
     ENTRY_SIZE,
     TOMBSTONE,
-    WENT_AWAY,
     build_int3_stub,
     probe_sequence,
     stub_hash,
@@ -28,7 +27,6 @@ SLOTS = 16
 REAL = 0xFFFFFFFF81F00000  # stands for asm_exc_int3
 TEXT = 0xFFFFFFFF81000000
 SLOT_PAGE = 0xFFFFFFFFA0200000
-MAILBOX = 0xFFFFFFFFA0300000
 STACK = 0xFFFFC90000004000
 GDT = 0xFFFFFFFFFF000000
 ENTRY_FLAGS = 0x2 | 0x1 | 0x40 | 0x80 | 0x800  # CF ZF SF OF set, IF clear (interrupt gate)
@@ -100,14 +98,10 @@ def test_stub_disassembles_to_the_intended_instructions() -> None:
 class StubWorld:
     """A machine with the stub, its table, kernel text and a #BP frame on the stack."""
 
-    def __init__(
-        self, entries: dict[int, int], raw_table: bytes | None = None, *, went_away: bool = False
-    ) -> None:
-        self.stub = build_int3_stub(STUB, table=TABLE, table_slots=SLOTS, real_handler=REAL,
-                                    went_away=MAILBOX if went_away else None)  # fmt: skip
+    def __init__(self, entries: dict[int, int], raw_table: bytes | None = None) -> None:
+        self.stub = build_int3_stub(STUB, table=TABLE, table_slots=SLOTS, real_handler=REAL)
         m = Machine()
         m.map(STUB, 0x1000, b"\xcc")
-        m.map(MAILBOX, 0x1000)
         m.map(TABLE, SLOTS * ENTRY_SIZE)
         m.map(TEXT, 0x2000, b"\x90")
         m.map(REAL, 0x1000, b"\xf4")
@@ -180,26 +174,6 @@ def test_not_found_and_int3_gone_reexecutes_the_address() -> None:
     assert after["rip"] == TEXT + 0x40
     assert after["rsp"] == world.frame_rsp
     world.assert_untouched(after)
-
-
-def test_a_vanished_int3_is_told_to_the_host_before_it_is_reexecuted() -> None:
-    """With a watched byte, the re-execution stores WENT_AWAY there first, with the
-    address in rax and the vCPU at ``went_away_end`` (where the host's stop lands)."""
-    world = StubWorld({TEXT + 0x500: SLOT_PAGE}, went_away=True)
-    end = STUB + world.stub.offsets["went_away_end"]
-    told: list[int] = []
-
-    def at_end(uc: object, addr: int, size: int, _data: object) -> None:
-        if addr == end:
-            told.append(world.m.regs()["rax"])
-
-    world.m.uc.hook_add(unicorn.UC_HOOK_CODE, at_end)
-    after = world.trap(TEXT + 0x40, byte=0x55)
-    assert told == [TEXT + 0x40] and world.m.read(MAILBOX, 1) == bytes((WENT_AWAY,))
-    assert after["rip"] == TEXT + 0x40 and after["rsp"] == world.frame_rsp
-    world.assert_untouched(after)
-    after = world.trap(TEXT + 0x80)  # still there, not ours: nothing told
-    assert after["rip"] == REAL and len(told) == 1
 
 
 def test_not_ours_goes_to_the_real_handler_with_every_register_as_delivered() -> None:

@@ -104,9 +104,6 @@ class TrapStats:
     folded: int = 0
     """Hits found at a stop of our own (SMP): QEMU reported only the interrupt that
     raced the vCPU's watched store."""
-    retranslated: int = 0
-    """Vanished int3s whose address QEMU was made to translate anew
-    (:mod:`kprobevm.trap.retranslate`)."""
 
     def per_hit_us(self) -> dict[str, float]:
         """Mean microseconds per hit in each phase."""

@@ -37,7 +37,6 @@ from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
 from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
 from kprobevm.trap.optjump import arm_jump
-from kprobevm.trap.retranslate import retranslate
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
 from kprobevm.x86 import asm, ooline
 from kprobevm.x86.addrspace import AddressSpace
@@ -53,7 +52,7 @@ from kprobevm.x86.idt import (
 from kprobevm.x86.pagetable import la57_enabled
 from kprobevm.x86.ptregs import PtRegs
 from kprobevm.x86.slotmap import SlotArea, flush_tlbs
-from kprobevm.x86.stub import ENTRY_SIZE, Int3Stub, build_int3_stub
+from kprobevm.x86.stub import ENTRY_SIZE, build_int3_stub
 
 if TYPE_CHECKING:
     from kprobevm.gdbstub.packet import StopReply
@@ -130,7 +129,6 @@ class WatchpointChannel(TrapChannel):
         gate_seq: int,
         returns: ReturnProbes,
         task_layout: Callable[[], TaskLayout | None],
-        stub: Int3Stub,
     ) -> None:
         """Use :meth:`install`: this takes what it has already put in the guest."""
         super().__init__(ctx, threads)
@@ -142,10 +140,6 @@ class WatchpointChannel(TrapChannel):
         self.ret_store = returns.store_end
         """RIP after the kretprobe trampoline's watched store."""
         self.task_layout = task_layout
-        went_away = stub.base + stub.offsets["went_away_end"]
-        self.went_away_rips = (went_away, went_away + len(ooline.TB_BREAK))
-        """RIP after the stub's store for a vanished int3 (and after its TB break)."""
-        self._stub_redirect = stub.base + stub.offsets["redirect"]
         self.quiescence = Quiescence(
             ctx.target, threads, ours=area.contains,
             guest=GuestTasks(ctx.memory, ctx.symbols, task_layout()),
@@ -207,8 +201,9 @@ class WatchpointChannel(TrapChannel):
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
-            stub = build_int3_stub(pages.stub, table=pages.table, table_slots=TABLE_SLOTS,
-                                   real_handler=real_handler, went_away=pages.mailbox)  # fmt: skip
+            stub = build_int3_stub(
+                pages.stub, table=pages.table, table_slots=TABLE_SLOTS, real_handler=real_handler
+            )
             memory.write_phys(area.phys(pages.stub), stub.code)
             client.insert_breakpoint(WATCH, pages.mailbox, 1)
             client.insert_breakpoint(WATCH, pages.mailbox + RETURN_WATCH, 1)
@@ -219,7 +214,7 @@ class WatchpointChannel(TrapChannel):
             faults.kill_point("idt_gate")
             memory.write(gate.addr, gate.replacement)
         channel = cls(ctx, threads, area=area, pages=pages, gate=gate, gate_seq=seq,
-                      returns=returns, task_layout=task_layout, stub=stub)  # fmt: skip
+                      returns=returns, task_layout=task_layout)  # fmt: skip
         channel.quiescence.rule  # noqa: B018 (read from the kernel now, and logged)
         return channel
 
@@ -506,10 +501,6 @@ class WatchpointChannel(TrapChannel):
         again, so it stays put and costs no register write.
         """
         self._handler_end = time.perf_counter_ns()
-        if rip in self.went_away_rips:
-            retranslate(self.ctx.target.client, load()["rax"], self.ctx.symbols)
-            self.stats.retranslated += 1
-            return {"rip": self._stub_redirect} if redirect else {}
         if self._at_return_store(rip):
             # a copy: the client keeps the dict it returned to skip unchanged writes
             gregs = dict(load())
@@ -567,8 +558,7 @@ class WatchpointChannel(TrapChannel):
         order = sorted(rips, key=lambda t: t != reported)  # the reported vCPU first
         for t in order:
             rip = rips[t]
-            if (rip not in self.rip_map and not self._at_return_store(rip)
-                    and rip not in self.went_away_rips):  # fmt: skip
+            if rip not in self.rip_map and not self._at_return_store(rip):
                 continue
             handled += 1
             if t != reported:

@@ -26,7 +26,6 @@ __all__ = [
     "ENTRY_SIZE",
     "HASH_MULTIPLIER",
     "TOMBSTONE",
-    "WENT_AWAY",
     "Int3Stub",
     "build_int3_stub",
     "probe_sequence",
@@ -41,8 +40,6 @@ ENTRY_SIZE = 16
 EMPTY = 0
 #: A deleted entry: lookups continue past it, inserts may reuse it.
 TOMBSTONE = 1
-WENT_AWAY = 4
-"""The byte the stub stores to its watched byte before re-executing a vanished int3."""
 
 # The stub's stack while it works: pushfq, then rax rcx rdx rsi, then the CPU's frame.
 _SAVED = ("rax", "rcx", "rdx", "rsi")
@@ -106,20 +103,12 @@ class Int3Stub:
         return self.base + self.offsets["real_handler_ptr"]
 
 
-def build_int3_stub(
-    base: int, *, table: int, table_slots: int, real_handler: int, went_away: int | None = None
-) -> Int3Stub:
+def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: int) -> Int3Stub:
     """Assemble the #BP stub to run at ``base``.
 
     ``table`` is the address of ``table_slots`` 16-byte entries (u64 key = probe
     address, u64 value = slot entry); ``real_handler`` the guest's ``asm_exc_int3``.
     Both are reached by absolute address, so the stub works at any distance from them.
-    ``went_away``: a watched byte the stub stores :data:`WENT_AWAY` to, with the
-    address in rax, before it sends a vCPU back to an int3 that is no longer in memory
-    (label ``went_away_end`` follows the store). QEMU's TCG can still hold a translation
-    of that address with the int3 in it (seen: a guest static key's NOP in
-    ``__schedule``, patched back by the guest, trapping on for ever with interrupts
-    off); the host then drops the translation before the vCPU goes on.
     """
     shift = 64 - _log2(table_slots)
     a = asm.Assembler(base)
@@ -166,20 +155,13 @@ def build_int3_stub(
     a.iretq()  # the frame's RFLAGS, RSP and SS are the interrupted context's
     a.label("not_found")
     a.cmp(mem("rax", size=1), asm.INT3)
-    # the int3 went away: re-execute the original at addr
-    a.jcc("ne", "redirect" if went_away is None else "went_away")
+    a.jcc("ne", "redirect")  # the int3 went away: re-execute the original at addr
     a.label("forward")
     for reg in reversed(_SAVED):
         a.pop(reg)
     a.label("forward_flags")
     a.popfq()
     a.jmp(rip("real_handler_ptr"))
-    if went_away is not None:
-        a.label("went_away")
-        a.mov(rip(went_away, size=1), WENT_AWAY)
-        a.label("went_away_end")
-        a.jmp_next()  # a late stop still lands in the stub (see ooline.TB_BREAK)
-        a.jmp("redirect")
     a.align(8, asm.INT3)  # never executed
     a.label("real_handler_ptr")
     a.quad(real_handler)
