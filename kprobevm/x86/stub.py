@@ -4,9 +4,9 @@ IDT vector 3 points here. The stub does in a few instructions what the kernel's
 ``kprobe_int3_handler`` does: look the int3 address up in a hash table the host keeps
 in guest memory; found, rewrite the exception frame's RIP to the probe's slot and
 ``iretq`` (the slot's watched store then stops the vCPU for the host, or, with no host,
-the probe simply runs on); not found, go on to the guest's own ``asm_exc_int3`` with
-every register and flag as the CPU delivered them (its handler re-executes an int3 that
-went away, and emulates one it is patching). The host fills the table with :func:`stub_hash`, the
+the probe simply runs on); not found and the int3 is gone, return to re-execute the
+address; otherwise go on to the guest's own ``asm_exc_int3`` with every register and
+flag as the CPU delivered them. The host fills the table with :func:`stub_hash`, the
 same hash the stub computes.
 """
 
@@ -153,13 +153,9 @@ def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: in
         a.pop(reg)
     a.popfq()
     a.iretq()  # the frame's RFLAGS, RSP and SS are the interrupted context's
-    # Not ours, or ours no longer: the guest's own handler decides, even when the byte
-    # is no int3 any more. Its text_poke_bp emulates an instruction it is patching for as
-    # long as the patch is under way; re-executing it here instead, the 6.12 RT guest was
-    # seen losing a vCPU that trapped at a static key for ever, interrupts off, while the
-    # patching vCPU waited for it. A vanished int3 the kernel knows nothing of (one of
-    # ours, removed) it re-executes itself (kprobe_int3_handler).
     a.label("not_found")
+    a.cmp(mem("rax", size=1), asm.INT3)
+    a.jcc("ne", "redirect")  # the int3 went away: re-execute the original at addr
     a.label("forward")
     for reg in reversed(_SAVED):
         a.pop(reg)
