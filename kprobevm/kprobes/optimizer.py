@@ -41,9 +41,8 @@ OPTIMIZE_BY_DEFAULT = False
 """Jumps are asked for (``optimizer.enabled = True``, ``--optimize``), unlike the kernel's
 sysctl ``debug.kprobes-optimization``: with them on by default a CI run lost a PREEMPT_RT
 guest, and a loop of that test (``scripts/optprobe-stress --batch hist``) lost it about
-once in 900 rounds, a vCPU trapping for ever at a static key the guest was patching. The
-#BP stub now leaves such int3s to the guest's own handler; until longer runs show the
-loss gone, jumps stay asked for."""
+once in 900 rounds, a vCPU trapping for ever at a static key the guest had patched back.
+The cause is not known; a whole run with jumps off lost a guest once too."""
 
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""
