@@ -110,23 +110,13 @@ def build_hijack_program(
     a.test("rdx", "rdx")
     a.jcc("e", "leave")
     a.lea("rsi", mem("rsp", _HIJACK_SLOT))  # the slot: the entry's key
-    end = returns.table + ENTRY * returns.entries
-    if any(p.latency is not None for p in probes):
-        _take_unstamped(a, returns, end)
+    stamping = any(p.latency is not None for p in probes)
+    if stamping:
+        _take_loop(a, returns, "fresh", skip_waiting_stamps=True)
     # Take the first entry that is free, or that a call which never came back left at
     # this very slot (the slot is a new call's now). The trampoline looks from the first
     # entry too, so a stale one after ours is never found before ours.
-    a.movabs("rcx", returns.table)
-    a.label("take")
-    a.cmp(mem("rcx"), "rsi")
-    a.jcc("e", "taken")
-    a.xor("eax", "eax")
-    a.lock_cmpxchg(mem("rcx"), "rsi")
-    a.jcc("e", "taken")
-    a.add("rcx", ENTRY)
-    a.lea("rax", rip(end))
-    a.cmp("rcx", "rax")
-    a.jcc("b", "take")
+    _take_loop(a, returns, "take", skip_waiting_stamps=False)
     # No free entry: the instances go back, each hit is missed.
     for p in probes:
         _if_bit(a, p, f"n{p.bit}", mask="rdx")
@@ -141,7 +131,7 @@ def build_hijack_program(
     a.mov(mem("rcx", info, disp32=True), "rdx")
     a.lea("rax", rip(program))
     a.mov(mem("rcx", info + 8, disp32=True), "rax")
-    if any(p.latency is not None for p in probes):
+    if stamping:
         emit_stamp(a, returns)
     a.lea("rax", rip(returns.trampoline))
     a.mov(mem("rsi"), "rax")  # the hijack, last: the entry is complete
@@ -153,27 +143,34 @@ def build_hijack_program(
     return a.assemble()
 
 
-def _take_unstamped(a: asm.Assembler, returns: ReturnTable, end: int) -> None:
-    """A hijack that stamps looks first for a free entry whose stamp no return program
-    still has to take: the trampoline frees a call's entry before its return program
-    takes the stamp beside it, and a stamp written over in between loses that call's
-    latency. A stamp nobody will take (its call returned through no latency program)
-    only sends the entry to the second look, :func:`build_hijack_program`'s."""
-    stamp = returns.stamps - returns.table
+def _take_loop(a: asm.Assembler, returns: ReturnTable, name: str, *,
+               skip_waiting_stamps: bool) -> None:
+    """One look through the guest's entries for the call (slot in rsi): an entry already
+    at this slot, or a free one taken with ``lock cmpxchg``; found, to ``taken`` with rcx
+    the entry, else on past the loop.
+
+    ``skip_waiting_stamps``: the first look of a hijack that stamps passes over a free
+    entry whose stamp a return program still has to take (the trampoline frees a call's
+    entry before its return program takes the stamp beside it, and a stamp written over
+    in between loses that call's latency). A stamp nobody will take (its call returned
+    through no latency program) only sends the entry to the second look."""
+    end = returns.table + ENTRY * returns.entries
     a.movabs("rcx", returns.table)
-    a.label("fresh")
+    a.label(name)
     a.cmp(mem("rcx"), "rsi")
     a.jcc("e", "taken")
-    a.cmp(mem("rcx", stamp, size=8, disp32=True), 0)
-    a.jcc("ne", "fresh_next")  # its call's return program may not have taken it yet
+    if skip_waiting_stamps:
+        a.cmp(mem("rcx", returns.stamps - returns.table, size=8, disp32=True), 0)
+        a.jcc("ne", f"{name}_next")  # its call's return program may not have taken it yet
     a.xor("eax", "eax")
     a.lock_cmpxchg(mem("rcx"), "rsi")
     a.jcc("e", "taken")
-    a.label("fresh_next")
+    if skip_waiting_stamps:
+        a.label(f"{name}_next")
     a.add("rcx", ENTRY)
     a.lea("rax", rip(end))
     a.cmp("rcx", "rax")
-    a.jcc("b", "fresh")
+    a.jcc("b", name)
 
 
 def build_return_program(
