@@ -50,7 +50,8 @@ _LOW_TEXT = 0x81000000  # above 2 GiB: return addresses that do not sign-extend
 
 
 def _stub(base: int, table: int, slots: int, real: int) -> Built:
-    stub = build_int3_stub(base, table=table, table_slots=slots, real_handler=real)
+    stub = build_int3_stub(base, table=table, table_slots=slots, real_handler=real,
+                           vanished=base + 0x3FF8)  # fmt: skip
     return Built({"code": stub.code.hex(), "offsets": dict(stub.offsets)}, stub.listing)
 
 

@@ -50,7 +50,7 @@ class Machine:
             self.uc.mem_write(table + index * 8, struct.pack("<Q", entry))
         return int(entry) & ~0xFFF
 
-    def map(self, va: int, size: int, fill: bytes = b"\x00") -> None:
+    def map(self, va: int, size: int, fill: bytes = b"\x00", *, writable: bool = True) -> None:
         """Map [va, va + size) (page-rounded), filled with ``fill`` repeated."""
         for page in range(va & ~0xFFF, va + size, 0x1000):
             if page in self._pages:
@@ -59,7 +59,8 @@ class Machine:
             for shift in (39, 30, 21):
                 table = self._walk(table, (page >> shift) & 511)
             phys = self._alloc()
-            self.uc.mem_write(table + ((page >> 12) & 511) * 8, struct.pack("<Q", phys | 0x3))
+            pte = phys | 0x1 | (0x2 if writable else 0)
+            self.uc.mem_write(table + ((page >> 12) & 511) * 8, struct.pack("<Q", pte))
             self.uc.mem_write(phys, (fill * 0x1000)[:0x1000])
             self._pages[page] = phys
 
@@ -69,6 +70,10 @@ class Machine:
             n = min(size, 0x1000 - off)
             yield self._pages[page] + off, n, va
             va, size = va + n, size - n
+
+    def phys(self, va: int) -> int:
+        """Where ``va`` is in unicorn's memory (what its memory hooks report)."""
+        return self._pages[va & ~0xFFF] + (va & 0xFFF)
 
     def write(self, va: int, data: bytes) -> None:
         pos = 0

@@ -176,6 +176,14 @@ def _every_form(a: asm.Assembler) -> None:
         shift(reg, count)
     a.bts("r8", 63)
     a.bts("eax", 3)
+    a.bt("rcx", 23)
+    a.btr("rcx", 16)
+    a.btr("r9d", 1)
+    for gpr, cr in (("rdx", "cr0"), ("r9", "cr4"), ("rax", "cr8"), ("r11", "cr3")):
+        a.mov(gpr, cr)
+        a.mov(cr, gpr)
+    a.lock_or(asm.mem("rax", size=1), 0)
+    a.lock_or(asm.mem("r13", 5, size=1), 0x80)
     for reg in ("rax", "r8", "r15", "rsp"):
         a.push(reg)
         a.pop(reg)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
 
 import capstone
 import pytest
 import unicorn
+import unicorn.x86_const as ux
 
 from kprobevm.errors import KprobeError
 from kprobevm.x86.stub import (
     EMPTY,
     ENTRY_SIZE,
     TOMBSTONE,
+    Int3Stub,
     build_int3_stub,
     probe_sequence,
     stub_hash,
@@ -27,10 +30,18 @@ SLOTS = 16
 REAL = 0xFFFFFFFF81F00000  # stands for asm_exc_int3
 TEXT = 0xFFFFFFFF81000000
 SLOT_PAGE = 0xFFFFFFFFA0200000
+VANISHED = 0xFFFFFFFFA0103FF8
 STACK = 0xFFFFC90000004000
 GDT = 0xFFFFFFFFFF000000
 ENTRY_FLAGS = 0x2 | 0x1 | 0x40 | 0x80 | 0x800  # CF ZF SF OF set, IF clear (interrupt gate)
 FRAME_FLAGS = 0x246
+CR0_WP = 1 << 16
+CR4_CET = 1 << 23
+
+
+def _stub(slots: int = SLOTS) -> Int3Stub:
+    return build_int3_stub(STUB, table=TABLE, table_slots=slots, real_handler=REAL,
+                           vanished=VANISHED)  # fmt: skip
 
 
 def _disasm(code: bytes, base: int) -> list[capstone.CsInsn]:
@@ -49,7 +60,7 @@ def test_hash_is_the_top_bits_of_a_fibonacci_product() -> None:
 @pytest.mark.parametrize("slots", [0, 1, 3, 12, 1 << 31])
 def test_table_size_must_be_a_power_of_two(slots: int) -> None:
     with pytest.raises(KprobeError, match="power of two"):
-        build_int3_stub(STUB, table=TABLE, table_slots=slots, real_handler=REAL)
+        _stub(slots)
 
 
 def test_table_image_places_keys_on_their_probe_sequence() -> None:
@@ -71,7 +82,7 @@ def test_table_image_places_keys_on_their_probe_sequence() -> None:
 
 
 def test_stub_disassembles_to_the_intended_instructions() -> None:
-    stub = build_int3_stub(STUB, table=TABLE, table_slots=SLOTS, real_handler=REAL)
+    stub = _stub()
     code = stub.code[: stub.offsets["real_handler_ptr"]].rstrip(b"\xcc")  # drop the padding
     insns = _disasm(code, STUB)
     assert sum(i.size for i in insns) == len(code), "every byte decodes"
@@ -83,11 +94,11 @@ def test_stub_disassembles_to_the_intended_instructions() -> None:
     assert f"movabs rsi, {TABLE:#x}" in text
     assert "cmp qword ptr [rsi + rcx*8], rax" in text
     assert "cmp byte ptr [rax], 0xcc" in text
+    assert "lock or byte ptr [rax], 0" in text
     assert text.count("iretq") == 1
-    last = insns[-1]
-    assert last.mnemonic == "jmp" and last.bytes[:2] == b"\xff\x25"  # jmp *disp(%rip)
-    disp = struct.unpack_from("<i", last.bytes, 2)[0]
-    assert last.address + last.size + disp == stub.real_handler_ptr
+    (far,) = [i for i in insns if i.bytes[:2] == b"\xff\x25"]  # jmp *disp(%rip)
+    disp = struct.unpack_from("<i", far.bytes, 2)[0]
+    assert far.address + far.size + disp == stub.real_handler_ptr
     assert stub.real_handler_ptr % 8 == 0
     assert struct.unpack_from("<Q", stub.code, stub.offsets["real_handler_ptr"])[0] == REAL
 
@@ -96,18 +107,21 @@ def test_stub_disassembles_to_the_intended_instructions() -> None:
 
 
 class StubWorld:
-    """A machine with the stub, its table, kernel text and a #BP frame on the stack."""
+    """A machine with the stub, its table, kernel text (read-only, CR0.WP set, as in a
+    kernel) and a #BP frame on the stack."""
 
     def __init__(self, entries: dict[int, int], raw_table: bytes | None = None) -> None:
-        self.stub = build_int3_stub(STUB, table=TABLE, table_slots=SLOTS, real_handler=REAL)
+        self.stub = _stub()
         m = Machine()
         m.map(STUB, 0x1000, b"\xcc")
         m.map(TABLE, SLOTS * ENTRY_SIZE)
-        m.map(TEXT, 0x2000, b"\x90")
+        m.map(VANISHED, 8)
+        m.map(TEXT, 0x2000, b"\x90", writable=False)
         m.map(REAL, 0x1000, b"\xf4")
         m.map(SLOT_PAGE, 0x1000, b"\xf4")
         m.map(STACK - 0x2000, 0x3000)
         m.start_paging(GDT)
+        m.uc.reg_write(ux.UC_X86_REG_CR0, m.uc.reg_read(ux.UC_X86_REG_CR0) | CR0_WP)
         m.write(STUB, self.stub.code)
         m.write(TABLE, raw_table if raw_table is not None else table_image(entries, SLOTS))
         self.m = m
@@ -168,12 +182,49 @@ def test_full_table_without_the_key_ends_after_one_lap() -> None:
     assert len(world.executed) < 20 * SLOTS
 
 
-def test_not_found_and_int3_gone_reexecutes_the_address() -> None:
+def _stores_to(world: StubWorld, addr: int, run: Callable[[], object]) -> list[int]:
+    """The values ``run`` stored to the byte at ``addr``."""
+    stored: list[int] = []
+    phys = world.m.phys(addr)
+
+    def hook(_uc: object, _access: int, at: int, _size: int, value: int, _data: object) -> None:
+        if at == phys:
+            stored.append(value)
+
+    handle = world.m.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, hook)
+    try:
+        run()
+    finally:
+        world.m.uc.hook_del(handle)
+    return stored
+
+
+def test_not_found_and_int3_gone_reexecutes_the_address_after_storing_its_byte() -> None:
+    # The store of the byte as it is (what makes QEMU drop a translation that still
+    # holds the int3) goes through read-only text with CR0.WP cleared just for it.
     world = StubWorld({TEXT + 0x500: SLOT_PAGE})
-    after = world.trap(TEXT + 0x40, byte=0x55)  # the int3 was removed meanwhile
+    world.m.write(TEXT + 0x40, b"\x55")
+    cr0 = world.m.uc.reg_read(ux.UC_X86_REG_CR0)
+    stored = _stores_to(world, TEXT + 0x40, lambda: world.trap(TEXT + 0x40, byte=0x55))
+    after = world.m.regs()
+    assert stored == [0x55]
+    assert world.m.read(TEXT + 0x40, 1) == b"\x55"
+    assert world.m.u64(VANISHED) == 1
+    assert world.m.uc.reg_read(ux.UC_X86_REG_CR0) == cr0
     assert after["rip"] == TEXT + 0x40
     assert after["rsp"] == world.frame_rsp
+    assert after["eflags"] & 0xFFF == FRAME_FLAGS & 0xFFF
     world.assert_untouched(after)
+
+
+def test_with_cet_on_a_vanished_int3_is_reexecuted_with_no_store() -> None:
+    world = StubWorld({TEXT + 0x500: SLOT_PAGE})
+    world.m.uc.reg_write(ux.UC_X86_REG_CR4, world.m.uc.reg_read(ux.UC_X86_REG_CR4) | CR4_CET)
+    if not world.m.uc.reg_read(ux.UC_X86_REG_CR4) & CR4_CET:
+        pytest.skip("this unicorn keeps CR4.CET clear")
+    stored = _stores_to(world, TEXT + 0x40, lambda: world.trap(TEXT + 0x40, byte=0x55))
+    assert stored == []
+    assert world.m.regs()["rip"] == TEXT + 0x40
 
 
 def test_not_ours_goes_to_the_real_handler_with_every_register_as_delivered() -> None:

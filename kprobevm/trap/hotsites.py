@@ -25,6 +25,8 @@ MAILBOX_BYTES = 4096
 """The mailbox page: byte 0 takes the pre and post stores of most sites, byte
 ``RETURN_WATCH`` the kretprobe trampoline's, the others belong to hot sites."""
 RETURN_WATCH = 1
+VANISHED = MAILBOX_BYTES - 8
+"""A u64 the #BP stub counts the int3s it found gone in (unwatched, far from the rest)."""
 SITE_WATCHES = 64
 """Hot sites with a watchpoint of their own, at most."""
 PROMOTE_AFTER = 8

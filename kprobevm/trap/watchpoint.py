@@ -35,7 +35,7 @@ from kprobevm.kprobes.retrecord import ReturnRecords
 from kprobevm.kprobes.ringfollow import RingFollower
 from kprobevm.trap.channel import ChannelContext, ReturnProbes, TrapChannel
 from kprobevm.trap.grace import GuestTasks, Quiescence
-from kprobevm.trap.hotsites import RETURN_WATCH, HotSites
+from kprobevm.trap.hotsites import RETURN_WATCH, VANISHED, HotSites
 from kprobevm.trap.optjump import arm_jump
 from kprobevm.trap.stubtable import TABLE_SLOTS, StubTable
 from kprobevm.x86 import asm, ooline
@@ -201,9 +201,9 @@ class WatchpointChannel(TrapChannel):
             memory.write_phys(area.phys(pages.trampoline), code)
             journal.note(kretprobe_table=pages.return_table, trampoline=pages.trampoline)
             threads = client.threads()
-            stub = build_int3_stub(
-                pages.stub, table=pages.table, table_slots=TABLE_SLOTS, real_handler=real_handler
-            )
+            stub = build_int3_stub(pages.stub, table=pages.table, table_slots=TABLE_SLOTS,
+                                   real_handler=real_handler,
+                                   vanished=pages.mailbox + VANISHED)  # fmt: skip
             memory.write_phys(area.phys(pages.stub), stub.code)
             client.insert_breakpoint(WATCH, pages.mailbox, 1)
             client.insert_breakpoint(WATCH, pages.mailbox + RETURN_WATCH, 1)
@@ -221,6 +221,12 @@ class WatchpointChannel(TrapChannel):
     @property
     def grace_rule(self) -> GraceRule:
         return self.quiescence.rule
+
+    def vanished_int3s(self) -> int:
+        """Traps the stub found no int3 at any more (a probe just removed, a patch of the
+        guest's own just done), each re-executed after a store that has QEMU translate
+        the address anew: read from the guest."""
+        return self.ctx.memory.u64(self.pages.mailbox + VANISHED)
 
     # -- sites -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from kprobevm.errors import KprobeError
 from kprobevm.x86.encoder import Encoder, Operand, Program, rel32, to_u64
 from kprobevm.x86.operands import (
+    CONTROL,
     REG64,
     SEGMENTS,
     Mem,
@@ -228,6 +229,10 @@ class Assembler(Encoder):
         """``mov dst, src`` (a 64-bit immediate that does not sign-extend needs :meth:`movabs`)."""
         if isinstance(src, int):
             self._mov_imm(dst, src)
+        elif isinstance(src, str) and src in CONTROL and isinstance(dst, str):  # mov r64, crN
+            self._encode("mov", [dst, src], b"\x0f\x20", rm=_reg64(dst), reg=CONTROL[src])
+        elif isinstance(dst, str) and dst in CONTROL:  # mov crN, r64
+            self._encode("mov", [dst, src], b"\x0f\x22", rm=_reg64(str(src)), reg=CONTROL[dst])
         elif isinstance(src, str) and src in SEGMENTS:
             rm = _rm(dst)  # mov r16, Sreg: the segment register goes in the reg field
             self._encode("mov", [dst, src], b"\x8c", rm=rm, reg=SEGMENTS[src], size=2)
@@ -362,6 +367,15 @@ class Assembler(Encoder):
         """``dec dst``."""
         self._unary("dec", 1, dst)
 
+    def lock_or(self, dst: Mem, value: int) -> None:
+        """``lock or [mem], imm8``: a read-modify-write no other CPU can split."""
+        rm = _rm(dst)
+        size = _width(rm)
+        if size != 1:
+            raise KprobeError(f"lock or: a {size}-byte operand (only bytes are used)")
+        self._encode("lock or", [dst, value], b"\x80", rm=rm, reg=1, size=1,
+                     imm=_imm(value, 1), prefix=b"\xf0")  # fmt: skip
+
     def lock_inc(self, dst: Mem) -> None:
         """``lock inc [mem]``: an increment no other CPU can split."""
         self._unary("lock inc", 0, dst, prefix=b"\xf0")
@@ -417,13 +431,25 @@ class Assembler(Encoder):
             opcode, field = (b"\xc0" if size == 1 else b"\xc1"), bytes((count,))
         self._encode(mnemonic, [dst, count], opcode, rm=rm, reg=ext, size=size, imm=field)
 
+    def bt(self, dst: str | Mem, bit: int) -> None:
+        """``bt dst, bit``: CF gets one bit."""
+        self._bit("bt", 4, dst, bit)
+
     def bts(self, dst: str | Mem, bit: int) -> None:
         """``bts dst, bit``: set one bit (CF gets its old value)."""
+        self._bit("bts", 5, dst, bit)
+
+    def btr(self, dst: str | Mem, bit: int) -> None:
+        """``btr dst, bit``: clear one bit (CF gets its old value)."""
+        self._bit("btr", 6, dst, bit)
+
+    def _bit(self, mnemonic: str, ext: int, dst: str | Mem, bit: int) -> None:
         rm = _rm(dst)
         size = _width(rm)
         if size == 1 or not 0 <= bit < 8 * size:
-            raise KprobeError(f"bts: bit {bit} of a {size}-byte operand")
-        self._encode("bts", [dst, bit], b"\x0f\xba", rm=rm, reg=5, size=size, imm=bytes((bit,)))
+            raise KprobeError(f"{mnemonic}: bit {bit} of a {size}-byte operand")
+        self._encode(mnemonic, [dst, bit], b"\x0f\xba", rm=rm, reg=ext, size=size,
+                     imm=bytes((bit,)))  # fmt: skip
 
     # -- branches
 

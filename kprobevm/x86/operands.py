@@ -15,6 +15,7 @@ from kprobevm.errors import KprobeError
 from kprobevm.x86.constants import MASK64
 
 __all__ = [
+    "CONTROL",
     "REG64",
     "SEGMENTS",
     "Mem",
@@ -42,6 +43,8 @@ _GPR8 = ("al", "cl", "dl", "bl", "spl", "bpl", "sil", "dil", *(f"{r}b" for r in 
 REG64 = {name: num for num, name in enumerate(_GPR64)}
 #: Segment registers by their number in a ModRM reg field (``mov r16, Sreg``).
 SEGMENTS = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
+CONTROL = {"cr0": 0, "cr2": 2, "cr3": 3, "cr4": 4, "cr8": 8}
+"""The control registers ``mov`` reaches (ring 0 only), by number."""
 _SEGMENT_PREFIX = {"es": 0x26, "cs": 0x2E, "ss": 0x36, "ds": 0x3E, "fs": 0x64, "gs": 0x65}
 _SIZE_NAMES = {1: "byte", 2: "word", 4: "dword", 8: "qword"}
 
@@ -93,7 +96,7 @@ def reg(name: str) -> Reg:
 
 def is_reg(name: str) -> bool:
     """True when ``name`` names a general or segment register (so it is not a label)."""
-    return name in _REGS or name in SEGMENTS or name == "rip"
+    return name in _REGS or name in SEGMENTS or name in CONTROL or name == "rip"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,19 @@ the probe simply runs on); not found and the int3 is gone, return to re-execute 
 address; otherwise go on to the guest's own ``asm_exc_int3`` with every register and
 flag as the CPU delivered them. The host fills the table with :func:`stub_hash`, the
 same hash the stub computes.
+
+An int3 that is gone from memory may still be in QEMU's translation of the address.
+Under TCG with more than one vCPU, a vCPU that translates the code while another is
+between QEMU's dropping of the old translations and its store of the new byte keeps a
+translation of the old byte, and nothing drops it later: a ``text_poke_bp`` of the
+guest's own (a static key) then leaves behind an int3 that only this vCPU still runs,
+and re-executing it traps again for ever, interrupts off, while the poking vCPU waits
+for it. x86 asks a CPU to serialize before it runs code another CPU changed, and the
+kernel does (an IPI to every CPU), but a serializing instruction drops nothing in TCG;
+a store to the byte does. So before it sends a vCPU back, the stub rewrites the byte
+with a locked ``or`` of 0, which changes nothing in memory and no other CPU's store can
+split, but makes QEMU drop every translation holding it. Kernel text is read-only: the
+store is made with CR0.WP clear (interrupts are off), unless CR4.CET pins WP.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ TOMBSTONE = 1
 # The stub's stack while it works: pushfq, then rax rcx rdx rsi, then the CPU's frame.
 _SAVED = ("rax", "rcx", "rdx", "rsi")
 _FRAME = 8 * (1 + len(_SAVED))  # offset of the frame's RIP from %rsp after the saves
+_CR0_WP = 16  # supervisor writes honour read-only pages
+_CR4_CET = 23  # control-flow enforcement: CR0.WP may not be cleared while it is set
 
 
 def _log2(table_slots: int) -> int:
@@ -86,8 +101,9 @@ class Int3Stub:
 
     base: int
     code: bytes
-    #: Offset of each part: ``entry``, ``lookup``, ``probe``, ``found``, ``not_found``,
-    #: ``forward``, ``forward_flags`` (the user-mode path), ``real_handler_ptr``.
+    #: Offset of each part: ``entry``, ``lookup``, ``probe``, ``found``, ``redirect``,
+    #: ``not_found``, ``forward``, ``forward_flags`` (the user-mode path), ``went_away``,
+    #: ``real_handler_ptr``.
     offsets: Mapping[str, int]
     #: The stub as GNU as source (:class:`~kprobevm.x86.asm.Assembler`).
     listing: str = ""
@@ -103,12 +119,16 @@ class Int3Stub:
         return self.base + self.offsets["real_handler_ptr"]
 
 
-def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: int) -> Int3Stub:
+def build_int3_stub(
+    base: int, *, table: int, table_slots: int, real_handler: int, vanished: int
+) -> Int3Stub:
     """Assemble the #BP stub to run at ``base``.
 
     ``table`` is the address of ``table_slots`` 16-byte entries (u64 key = probe
     address, u64 value = slot entry); ``real_handler`` the guest's ``asm_exc_int3``.
     Both are reached by absolute address, so the stub works at any distance from them.
+    ``vanished`` is a u64 in data memory within rel32 reach that counts the int3s found
+    gone (outside a code page: a store there would drop the stub's own translations).
     """
     shift = 64 - _log2(table_slots)
     a = asm.Assembler(base)
@@ -155,13 +175,25 @@ def build_int3_stub(base: int, *, table: int, table_slots: int, real_handler: in
     a.iretq()  # the frame's RFLAGS, RSP and SS are the interrupted context's
     a.label("not_found")
     a.cmp(mem("rax", size=1), asm.INT3)
-    a.jcc("ne", "redirect")  # the int3 went away: re-execute the original at addr
+    a.jcc("ne", "went_away")
     a.label("forward")
     for reg in reversed(_SAVED):
         a.pop(reg)
     a.label("forward_flags")
     a.popfq()
     a.jmp(rip("real_handler_ptr"))
+    a.label("went_away")  # re-execute the original at addr, translated anew (see above)
+    a.lock_inc(rip(vanished, size=8))
+    a.mov("rcx", "cr4")
+    a.bt("rcx", _CR4_CET)
+    a.jcc("c", "redirect")  # WP cannot be cleared (no TCG has CET: never the case there)
+    a.mov("rdx", "cr0")
+    a.mov("rsi", "rdx")
+    a.btr("rsi", _CR0_WP)
+    a.mov("cr0", "rsi")
+    a.lock_or(mem("rax", size=1), 0)
+    a.mov("cr0", "rdx")
+    a.jmp("redirect")
     a.align(8, asm.INT3)  # never executed
     a.label("real_handler_ptr")
     a.quad(real_handler)
