@@ -151,7 +151,7 @@ def test_a_probe_inside_a_jump_takes_it_away(vm: VM, text: bytes) -> None:
         vm.unregister_kprobe(outer)
 
 
-def test_no_jumps_by_default_and_jumps_with_optimize_on_the_command_line(
+def test_jumps_by_default_and_none_with_no_optimize_on_the_command_line(
     vm: VM, text: bytes, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kprobevm import cli
@@ -168,10 +168,10 @@ def test_no_jumps_by_default_and_jumps_with_optimize_on_the_command_line(
     monkeypatch.setattr(cli, "_guest", lambda args: contextlib.nullcontext(vm))
     # an idle second first: the optimizer may have to wait for the guest to be quiet
     argv = ["count", "--boot", FUNC, "--", f"sleep 1; {DD.format(n=10)}"]
-    assert not OPTIMIZE_BY_DEFAULT and cli.main(argv) == cli.EXIT_OK
-    assert not jumped and not vm.kprobes.optimizer.enabled
-    assert cli.main([argv[0], "--optimize", *argv[1:]]) == cli.EXIT_OK
+    assert OPTIMIZE_BY_DEFAULT and cli.main(argv) == cli.EXIT_OK
     assert jumped == [vm.symbols[FUNC] + 5] and vm.kprobes.optimizer.enabled
+    assert cli.main([argv[0], "--no-optimize", *argv[1:]]) == cli.EXIT_OK
+    assert len(jumped) == 1 and not vm.kprobes.optimizer.enabled
     counts = [int(line.split(": ")[1]) for line in capsys.readouterr().out.splitlines()]
     assert len(counts) == 2 and min(counts) >= 10, counts
 

@@ -37,12 +37,10 @@ POST_HANDLER_KEEPS_INT3 = "a post_handler runs after the probed instruction alon
 GRACE_TIMEOUT = 2.0
 """Seconds sites may wait for the guest to leave the bytes their jumps cover before
 stderr says they still have their int3 (the optimizer goes on trying)."""
-OPTIMIZE_BY_DEFAULT = False
-"""Jumps are asked for (``optimizer.enabled = True``, ``--optimize``), unlike the kernel's
-sysctl ``debug.kprobes-optimization``: with them on by default a CI run lost a PREEMPT_RT
-guest, and a loop of that test (``scripts/optprobe-stress --batch hist``) lost it about
-once in 900 rounds, a vCPU trapping for ever at a static key the guest had patched back.
-The cause is not known; a whole run with jumps off lost a guest once too."""
+OPTIMIZE_BY_DEFAULT = True
+"""Jumps go in where the optprobe rules allow, as the kernel's sysctl
+``debug.kprobes-optimization`` is on by default; ``optimizer.enabled = False`` (or
+``--no-optimize``) keeps every probe on its int3."""
 
 RETRY_INTERVAL = 0.05
 """Seconds between the optimizer thread's looks at the guest."""
