@@ -37,7 +37,6 @@ from kprobevm.kernel.blacklist import Blacklist
 from kprobevm.kernel.kaslr import slide_from_idt
 from kprobevm.kernel.patchsites import FTRACE_NOP
 from kprobevm.kernel.vmlinux import Vmlinux
-from kprobevm.kprobes.aggregations import Bucket
 from kprobevm.kprobes.kretprobes import Kretprobe
 from kprobevm.kprobes.recover import recover
 from kprobevm.tracing import differential as diff
@@ -234,14 +233,17 @@ def test_kretprobe_sees_enoent(variant: Variant) -> None:
 
 
 def test_funclatency_on_every_vcpu(variant: Variant) -> None:
-    """Latencies counted in the guest: 10 ms sleeps in [8M, 16M) ns, every one of dd's
-    reads timed, none missed (on 6.12, vfs_read has a sealed ENDBR), the text as it was."""
+    """Latencies counted in the guest: 10 ms sleeps in [8M, 16M) ns or above (a loaded
+    host can wake the guest late, never early), every one of dd's reads timed, none
+    missed (on 6.12, vfs_read has a sealed ENDBR), the text as it was."""
     vm = variant.vm
     before = vm.read(vm.symbols["hrtimer_nanosleep"], 64)
     with vm.funclatency("hrtimer_nanosleep") as slept, vm.funclatency("vfs_read") as rd:
         sleeps = "for i in 1 2 3 4; do sleep 0.01; done"
         vm.run(f"{sleeps}; dd if=/dev/zero of=/dev/null bs=1 count=500 2>/dev/null", check=True)
-    assert [b for b in slept.read().buckets if b.count] == [Bucket(8 << 20, 16 << 20, 4)]
+    slept_buckets = [b for b in slept.read().buckets if b.count]
+    assert sum(b.count for b in slept_buckets) == 4, slept_buckets
+    assert all(b.lo >= 8 << 20 and b.hi <= 1 << 30 for b in slept_buckets), slept_buckets
     assert rd.read().total >= 500 and rd.missed() == slept.missed() == 0
     assert vm.read(vm.symbols["hrtimer_nanosleep"], 64) == before
 
