@@ -243,7 +243,8 @@ def test_funclatency_on_every_vcpu(variant: Variant) -> None:
         vm.run(f"{sleeps}; dd if=/dev/zero of=/dev/null bs=1 count=500 2>/dev/null", check=True)
     slept_buckets = [b for b in slept.read().buckets if b.count]
     assert sum(b.count for b in slept_buckets) == 4, slept_buckets
-    assert all(b.lo >= 8 << 20 and b.hi <= 1 << 30 for b in slept_buckets), slept_buckets
+    assert all(b.lo is not None and b.lo >= 8 << 20 and b.hi is not None and b.hi <= 1 << 30
+               for b in slept_buckets), slept_buckets  # fmt: skip
     assert rd.read().total >= 500 and rd.missed() == slept.missed() == 0
     assert vm.read(vm.symbols["hrtimer_nanosleep"], 64) == before
 
