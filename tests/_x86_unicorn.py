@@ -66,9 +66,8 @@ class Machine:
 
     def _chunks(self, va: int, size: int) -> Iterable[tuple[int, int, int]]:
         while size:
-            page, off = va & ~0xFFF, va & 0xFFF
-            n = min(size, 0x1000 - off)
-            yield self._pages[page] + off, n, va
+            n = min(size, 0x1000 - (va & 0xFFF))
+            yield self.phys(va), n, va
             va, size = va + n, size - n
 
     def phys(self, va: int) -> int:

@@ -184,6 +184,7 @@ def _every_form(a: asm.Assembler) -> None:
         a.mov(cr, gpr)
     a.lock_or(asm.mem("rax", size=1), 0)
     a.lock_or(asm.mem("r13", 5, size=1), 0x80)
+    a.lock_or(asm.mem("rbx", 8, size=4), 1)
     for reg in ("rax", "r8", "r15", "rsp"):
         a.push(reg)
         a.pop(reg)

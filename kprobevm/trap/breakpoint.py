@@ -121,8 +121,7 @@ class BreakpointChannel(TrapChannel):
         self, client: GdbTransport, thread: str, addr: int, cs: int, rsp: int, rflags: int
     ) -> None:
         """A trap of someone else's goes to the guest's handler; a vanished int3 retries."""
-        byte = self.ctx.memory.read(addr, 1)
-        if not cs & 3 and byte != INT3_BYTE:
+        if not cs & 3 and (byte := self.ctx.memory.read(addr, 1)) != INT3_BYTE:
             # the kernel-mode int3 went away (a probe just removed, a patch of the guest's
             # own done): re-run the instruction. The byte written back as it is has QEMU
             # drop a translation that may still hold the int3 (a breakpoint stop flushes

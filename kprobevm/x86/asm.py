@@ -322,10 +322,15 @@ class Assembler(Encoder):
         """``cmp dst, src``: flags of dst - src."""
         self._alu("cmp", dst, src, imm32)
 
-    def _alu(self, mnemonic: str, dst: str | Mem, src: Operand, imm32: bool) -> None:
+    def _alu(
+        self, mnemonic: str, dst: str | Mem, src: Operand, imm32: bool, *, lock: bool = False
+    ) -> None:
         op = _ALU[mnemonic]
+        prefix = b"\xf0" if lock else b""
+        if lock:
+            mnemonic = f"lock {mnemonic}"
         if not isinstance(src, int):
-            self._binary(mnemonic, 8 * op, dst, src)
+            self._binary(mnemonic, 8 * op, dst, src, prefix=prefix)
             return
         rm = _rm(dst)
         size = _width(rm)
@@ -340,9 +345,8 @@ class Assembler(Encoder):
             return
         else:
             opcode = b"\x80" if size == 1 else b"\x81"
-        self._encode(
-            mnemonic, [dst, shown], opcode, rm=rm, reg=op, size=size, imm=field, wide_imm=wide
-        )
+        self._encode(mnemonic, [dst, shown], opcode, rm=rm, reg=op, size=size, imm=field,
+                     wide_imm=wide, prefix=prefix)  # fmt: skip
 
     def test(self, dst: str | Mem, src: str | int) -> None:
         """``test dst, src``: flags of dst & src."""
@@ -368,13 +372,8 @@ class Assembler(Encoder):
         self._unary("dec", 1, dst)
 
     def lock_or(self, dst: Mem, value: int) -> None:
-        """``lock or [mem], imm8``: a read-modify-write no other CPU can split."""
-        rm = _rm(dst)
-        size = _width(rm)
-        if size != 1:
-            raise KprobeError(f"lock or: a {size}-byte operand (only bytes are used)")
-        self._encode("lock or", [dst, value], b"\x80", rm=rm, reg=1, size=1,
-                     imm=_imm(value, 1), prefix=b"\xf0")  # fmt: skip
+        """``lock or [mem], imm``: a read-modify-write no other CPU can split."""
+        self._alu("or", dst, value, False, lock=True)
 
     def lock_inc(self, dst: Mem) -> None:
         """``lock inc [mem]``: an increment no other CPU can split."""
